@@ -1,0 +1,276 @@
+"""One decoder for the Llama family (Llama 1-3, Mistral), configured from a Hugging Face config.json,
+and the LoRALinear wrapper. Parameter names follow Hugging Face's, so checkpoints load without renaming."""
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        config = dict(config)
+        if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {config.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        # transformers 5 moved rope_theta and rope_scaling into rope_parameters.
+        rope = config.pop("rope_parameters", None) or {}
+        if "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            config["rope_scaling"] = rope
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in names})
+        args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        return args
+
+
+def rope_frequencies(args: ModelArgs) -> mx.array:
+    """The rotary wavelengths / 2pi (what mx.fast.rope takes as freqs), with Hugging Face's scaling kinds."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    return mx.array(1.0 / inv_freq, dtype=mx.float32)
+
+
+def dequantized_weight(layer, dtype):
+    return mx.dequantize(
+        layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, dtype=dtype
+    )
+
+
+# MLX's CPU quantized matmul runs at about 1.5 GFLOP/s, against 90-200 for fp32 BLAS: on the CPU a
+# quantized layer dequantizes its weight for each product, keeping the model 4-bit at rest.
+class QuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x):
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        y = x @ dequantized_weight(self, x.dtype).T
+        return y + self.bias if "bias" in self else y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x):
+        if mx.default_device() != mx.cpu:
+            return super().as_linear(x)
+        return x @ dequantized_weight(self, x.dtype).T
+
+
+def quantize(model: nn.Module, layer_params):
+    """Quantize the Linear and Embedding layers for which layer_params(path, module) gives
+    {"group_size", "bits"} (None leaves a layer as it is)."""
+    replaced = []
+    for path, module in model.named_modules():
+        params = layer_params(path, module)
+        if params is None:
+            continue
+        if isinstance(module, nn.Linear):
+            replaced.append((path, QuantizedLinear.from_linear(module, **params)))
+        elif isinstance(module, nn.Embedding):
+            replaced.append((path, QuantizedEmbedding.from_embedding(module, **params)))
+    model.update_modules(tree_unflatten(replaced))
+
+
+class KVCache:
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update(self, keys, values):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        self.offset = keys.shape[2]
+        return keys, values
+
+
+def attention_mask(length: int, offset: int, window: Optional[int]):
+    """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window."""
+    if window is None or offset + length <= window:
+        return "causal" if length > 1 else None
+    query = mx.arange(offset, offset + length)[:, None]
+    key = mx.arange(offset + length)[None]
+    return (key <= query) & (key > query - window)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self._rope_freqs = rope_frequencies(args)
+
+    def rope(self, x, offset):
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
+                            offset=offset, freqs=self._rope_freqs)
+
+    def __call__(self, x, mask, cache=None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, mask, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DecoderStack(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def hidden_states(self, inputs, cache=None):
+        """The final normed hidden states; `cache` is a list of KVCache, one per layer, or None."""
+        h = self.model.embed_tokens(inputs)
+        offset = cache[0].offset if cache else 0
+        mask = attention_mask(h.shape[1], offset, self.args.sliding_window)
+        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, mask, layer_cache)
+        return self.model.norm(h)
+
+    def logits(self, h):
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs, cache=None):
+        return self.logits(self.hidden_states(inputs, cache))
+
+    def make_cache(self):
+        return [KVCache() for _ in self.layers]
+
+
+class LoRALinear(nn.Module):
+    """y = linear(x) + scale * dropout(x) @ lora_a @ lora_b, over a frozen nn.Linear or nn.QuantizedLinear.
+    lora_b starts at zero, so an untrained adapter changes nothing."""
+
+    @staticmethod
+    def from_linear(linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        output_dims, input_dims = linear.weight.shape
+        if isinstance(linear, nn.QuantizedLinear):
+            input_dims = input_dims * 32 // linear.bits
+        lora = LoRALinear(input_dims, output_dims, rank, scale, dropout)
+        lora.linear = linear
+        return lora
+
+    def __init__(self, input_dims, output_dims, rank=8, scale=20.0, dropout=0.0, bias=False):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
+        self.lora_b = mx.zeros((rank, output_dims))
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + self.scale * z
+
+    def to_linear(self):
+        """The merged layer: W + scale * (lora_a @ lora_b).T, re-quantized like the base if it was."""
+        linear = self.linear
+        quantized = isinstance(linear, nn.QuantizedLinear)
+        weight = dequantized_weight(linear, linear.scales.dtype) if quantized else linear.weight
+        delta = self.scale * (self.lora_a @ self.lora_b).T
+        output_dims, input_dims = weight.shape
+        fused = nn.Linear(input_dims, output_dims, bias="bias" in linear)
+        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        if "bias" in linear:
+            fused.bias = linear.bias
+        if quantized:
+            return QuantizedLinear.from_linear(fused, linear.group_size, linear.bits)
+        return fused

@@ -1,0 +1,275 @@
+"""Loading models (Hugging Face folders, hub repos, GGUF files), saving them, adapters, and generation."""
+import glob
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+import models
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print it as one line, never a traceback."""
+
+
+def compute_dtype(config: dict):
+    """float32 on the CPU, where MLX's bf16/fp16 matmuls are slow; the checkpoint's own dtype elsewhere."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float16"
+    return getattr(mx, name, mx.float16)
+
+
+def quantization_of(weights: dict, path: str, module):
+    """Bits and group size of a layer stored quantized (weight, scales and biases), read off the shapes."""
+    scales = weights.get(f"{path}.scales")
+    if scales is None:
+        return None
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return None
+    input_dims = module.weight.shape[1]
+    packed = weights[f"{path}.weight"].shape[-1]
+    return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
+
+
+def build_model(config: dict, weights: dict) -> models.Model:
+    """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
+    try:
+        args = models.ModelArgs.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config.json: {e}") from None
+    model = models.Model(args)
+    models.quantize(model, lambda path, module: quantization_of(weights, path, module))
+    dtype = compute_dtype(config)
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases")) else v
+        for k, v in weights.items()
+        if "rotary_emb.inv_freq" not in k
+    }
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:
+        raise UserError(f"the weights do not fit the config: {e}") from None
+    mx.eval(model.parameters())
+    return model
+
+
+def hub_snapshot(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub client raises many kinds (offline, not found, gated, no token)
+        raise UserError(f"cannot fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder or .gguf file") from None
+
+
+def load(path_or_repo: str):
+    """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path_or_repo)
+    if path.suffix == ".gguf":
+        return load_gguf(path)
+    if not path.exists():
+        if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/")):
+            raise UserError(f"--model {path_or_repo}: no such file or folder")
+        path = hub_snapshot(path_or_repo)
+    if not (path / "config.json").exists():
+        raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(f))
+    model = build_model(config, weights)
+    return model, AutoTokenizer.from_pretrained(path), config
+
+
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def gguf_config(meta: dict, weights: dict) -> dict:
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        return value.item() if isinstance(value, mx.array) else value
+
+    heads = get("attention.head_count")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": get("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "hidden_act": "silu",
+    }
+    if get("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    for name in ("bos", "eos", "padding"):
+        if f"tokenizer.ggml.{name}_token_id" in meta:
+            key = "pad_token_id" if name == "padding" else f"{name}_token_id"
+            config[key] = meta[f"tokenizer.ggml.{name}_token_id"].item()
+    return config
+
+
+def load_gguf(path: Path):
+    """A GGUF file of the llama architecture; quantized tensors (Q4_0, Q4_1, Q8_0) stay quantized."""
+    from transformers import AutoTokenizer
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    weights, meta = mx.load(str(path), return_metadata=True)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
+    config = gguf_config(meta, weights)
+    renamed = {}
+    for name, value in weights.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        elif parts[0] in GGUF_NAMES:
+            hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            continue  # rope_freqs and other llama.cpp extras
+        # llama.cpp permutes q/k rows for its interleaved rope; undo it (rows of scales/biases too).
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if parts[2] == "attn_q" else config["num_key_value_heads"]
+            rows, rest = value.shape[0], value.shape[1:]
+            value = value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+        renamed[hf] = value
+    config["dtype"] = "float16"
+    model = build_model(config, renamed)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer, config
+
+
+def atomic_write(path: Path, write):
+    """write(tmp_path) then rename, so an interrupted save never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 << 30):
+    """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    shards, size = [{}], 0
+    for name, value in weights.items():
+        if size + value.nbytes > shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    index = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(path / name, lambda f: mx.save_safetensors(f, shard, metadata={"format": "pt"}))
+        index.update({k: name for k in shard})
+    if len(shards) > 1:
+        total = sum(v.nbytes for v in weights.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(path))
+
+
+def adapter_config_path(adapter_file) -> Path:
+    return Path(adapter_file).with_name("adapter_config.json")
+
+
+def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
+    """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside."""
+    adapter_file = Path(adapter_file)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    if adapter_file.suffix == ".npz":
+        atomic_write(adapter_file, lambda f: mx.savez(f, **weights))
+    else:
+        atomic_write(adapter_file, lambda f: mx.save_safetensors(f, weights, metadata={"format": "mlx"}))
+    atomic_write(adapter_config_path(adapter_file),
+                 lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2)))
+
+
+def load_adapters(model: nn.Module, adapter_file, scale=None, dropout=0.0):
+    """Wrap the layers the adapter file has weights for in LoRALinear and load them. Layers, targets and
+    rank come from the file's keys; the scale from adapter_config.json beside it (else `scale`)."""
+    adapter_file = Path(adapter_file)
+    if not adapter_file.exists():
+        raise UserError(f"--adapter-file {adapter_file}: no such file")
+    weights = mx.load(str(adapter_file))
+    config_path = adapter_config_path(adapter_file)
+    if config_path.exists():
+        params = json.loads(config_path.read_text()).get("lora_parameters", {})
+        scale = params.get("scale", scale)
+    if scale is None:
+        raise UserError(f"{config_path}: missing; give --lora-scale for {adapter_file}")
+    paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
+    if not paths:
+        raise UserError(f"{adapter_file}: holds no LoRA weights (*.lora_a / *.lora_b)")
+    modules = dict(model.named_modules())
+    wrapped = []
+    for path in paths:
+        if path not in modules:
+            raise UserError(f"{adapter_file}: layer {path} does not exist in this model")
+        wrapped.append((path, models.LoRALinear.from_linear(
+            modules[path], rank=weights[f"{path}.lora_a"].shape[1], scale=scale, dropout=dropout)))
+    model.update_modules(tree_unflatten(wrapped))
+    try:
+        model.load_weights(list(weights.items()), strict=False)
+        mx.eval(model.parameters())
+        for path, lora in wrapped:
+            if lora.lora_a.shape != weights[f"{path}.lora_a"].shape or lora.lora_b.shape != weights[f"{path}.lora_b"].shape:
+                raise ValueError(f"{path}: shapes differ from the model's")
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{adapter_file}: does not fit this model: {e}") from None
+    return model
+
+
+def sample(logits: mx.array, temp: float, top_p: float) -> mx.array:
+    if temp == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / temp
+    if top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose probability reaches top_p (the first token always)
+        outside = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+        choice = mx.random.categorical(mx.where(outside, -mx.inf, sorted_logits))
+        return mx.take_along_axis(order, choice[..., None], axis=-1)[..., 0]
+    return mx.random.categorical(logits)
+
+
+def generate(model: models.Model, prompt: list, temp: float = 0.0, top_p: float = 1.0):
+    """Yield token ids one at a time, without end; the caller stops at EOS or a length."""
+    cache = model.make_cache()
+    tokens = mx.array(prompt)[None]
+    while True:
+        token = sample(model(tokens, cache)[:, -1, :].astype(mx.float32), temp, top_p)
+        mx.eval(token)
+        yield token.item()
+        tokens = token[None]
