@@ -84,10 +84,15 @@ def dequantized_weight(layer, dtype):
 
 
 # MLX's CPU quantized matmul runs at about 1.5 GFLOP/s, against 90-200 for fp32 BLAS: on the CPU a
-# quantized layer dequantizes its weight for each product, keeping the model 4-bit at rest.
+# quantized layer dequantizes its weight for products over many rows (training, prompts), keeping the model
+# 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two.
+def dequantizes(x):
+    return mx.default_device() == mx.cpu and x.size // x.shape[-1] > 8
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x):
-        if mx.default_device() != mx.cpu:
+        if not dequantizes(x):
             return super().__call__(x)
         y = x @ dequantized_weight(self, x.dtype).T
         return y + self.bias if "bias" in self else y
@@ -95,7 +100,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x):
-        if mx.default_device() != mx.cpu:
+        if not dequantizes(x):
             return super().as_linear(x)
         return x @ dequantized_weight(self, x.dtype).T
 
@@ -112,6 +117,24 @@ def quantize(model: nn.Module, layer_params):
             replaced.append((path, QuantizedLinear.from_linear(module, **params)))
         elif isinstance(module, nn.Embedding):
             replaced.append((path, QuantizedEmbedding.from_embedding(module, **params)))
+    model.update_modules(tree_unflatten(replaced))
+
+
+def dequantize(model: nn.Module, dtype=mx.float32):
+    """Replace every quantized layer by its float equivalent (for export, or a float reference)."""
+    replaced = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            output_dims = module.weight.shape[0]
+            linear = nn.Linear(module.scales.shape[-1] * module.group_size, output_dims, bias="bias" in module)
+            linear.update({k: v for k, v in module.items() if k == "bias"})
+            linear.weight = dequantized_weight(module, dtype)
+            replaced.append((path, linear))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = dequantized_weight(module, dtype)
+            embedding = nn.Embedding(*weight.shape)
+            embedding.weight = weight
+            replaced.append((path, embedding))
     model.update_modules(tree_unflatten(replaced))
 
 
@@ -274,3 +297,29 @@ class LoRALinear(nn.Module):
         if quantized:
             return QuantizedLinear.from_linear(fused, linear.group_size, linear.bits)
         return fused
+
+
+def linear_layers(layer: nn.Module) -> list:
+    """Module paths of the linear layers inside a decoder layer: the possible LoRA targets."""
+    return [path for path, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+
+
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0):
+    """Wrap the `targets` (paths such as self_attn.q_proj, or their last part) of the last `num_layers`
+    decoder layers (-1: all) in LoRALinear."""
+    total = len(model.layers)
+    if num_layers == -1:
+        num_layers = total
+    if not 0 < num_layers <= total:
+        raise ValueError(f"--lora-layers {num_layers}: the model has {total} layers")
+    choices = linear_layers(model.layers[0])
+    for target in targets:
+        if not any(path == target or path.endswith("." + target) for path in choices):
+            raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
+    for layer in model.layers[total - num_layers:]:
+        wrapped = [
+            (path, LoRALinear.from_linear(module, rank, scale, dropout))
+            for path, module in layer.named_modules()
+            if path in choices and any(path == t or path.endswith("." + t) for t in targets)
+        ]
+        layer.update_modules(tree_unflatten(wrapped))

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,6 +10,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 import models
+
+
+def use_openblas():
+    """MLX's Linux CPU wheel links a reference BLAS (4-6 GFLOP/s for fp32 matmuls); Debian's OpenBLAS
+    (apt-get install libopenblas0-pthread) runs them at 90-200. Re-execute once with it preloaded.
+    LORA_NO_OPENBLAS=1 turns this off."""
+    if (sys.platform != "linux" or os.environ.get("LORA_NO_OPENBLAS") or mx.default_device() != mx.cpu
+            or "openblas" in os.environ.get("LD_PRELOAD", "")):
+        return
+    found = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3")
+    if found:
+        preload = " ".join(filter(None, [found[0], os.environ.get("LD_PRELOAD")]))
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ, LD_PRELOAD=preload))
 
 
 class UserError(Exception):
@@ -214,7 +228,7 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
                  lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2)))
 
 
-def load_adapters(model: nn.Module, adapter_file, scale=None, dropout=0.0):
+def load_adapters(model: nn.Module, adapter_file, scale=20.0, dropout=0.0):
     """Wrap the layers the adapter file has weights for in LoRALinear and load them. Layers, targets and
     rank come from the file's keys; the scale from adapter_config.json beside it (else `scale`)."""
     adapter_file = Path(adapter_file)
@@ -225,8 +239,6 @@ def load_adapters(model: nn.Module, adapter_file, scale=None, dropout=0.0):
     if config_path.exists():
         params = json.loads(config_path.read_text()).get("lora_parameters", {})
         scale = params.get("scale", scale)
-    if scale is None:
-        raise UserError(f"{config_path}: missing; give --lora-scale for {adapter_file}")
     paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
     if not paths:
         raise UserError(f"{adapter_file}: holds no LoRA weights (*.lora_a / *.lora_b)")

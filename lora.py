@@ -1,0 +1,262 @@
+"""LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
+import argparse
+import json
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+import models
+import utils
+from utils import UserError
+
+DEFAULT_ADAPTER_FILE = "adapters.safetensors"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="LoRA or QLoRA fine-tuning.")
+    p.add_argument("--model", default="mlx_model",
+                   help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
+    # Generation
+    p.add_argument("--max-tokens", "-m", type=int, default=100, help="Tokens to generate.")
+    p.add_argument("--temp", type=float, default=0.8, help="Sampling temperature (0: greedy).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling: keep this probability mass.")
+    p.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
+    # Training
+    p.add_argument("--train", action="store_true", help="Train the adapters.")
+    p.add_argument("--add-eos-token", type=int, default=1, help="Append EOS to each example (0: don't).")
+    p.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="Longer examples are truncated.")
+    p.add_argument("--lora-layers", type=int, default=16, help="Adapt the last N layers (-1: all).")
+    p.add_argument("--lora-targets", nargs="+", default=["self_attn.q_proj", "self_attn.v_proj"],
+                   help="Module paths inside a layer to adapt, e.g. self_attn.q_proj mlp.down_proj.")
+    p.add_argument("--lora-rank", type=int, default=8, help="Rank of the adapters.")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--lora-scale", type=float, default=20.0, help="Scale of the adapter's output.")
+    scale.add_argument("--lora-alpha", type=float, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the adapters' input.")
+    p.add_argument("--batch-size", type=int, default=4, help="Minibatch size.")
+    p.add_argument("--iters", type=int, default=1000, help="Iterations to train for.")
+    p.add_argument("--val-batches", type=int, default=25, help="Validation batches (-1: the whole set).")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate.")
+    p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
+    p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
+    p.add_argument("--resume-adapter-file", help="Continue training this adapter file.")
+    p.add_argument("--adapter-file", help=f"Adapter weights to save or load, .safetensors or .npz "
+                                          f"(default {DEFAULT_ADAPTER_FILE}).")
+    p.add_argument("--save-every", type=int, default=100, help="Save the adapters every N iterations.")
+    p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
+    p.add_argument("--test-batches", type=int, default=500, help="Test batches (-1: the whole set).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random number generators.")
+    return p
+
+
+def load_dataset(data_dir, split):
+    """The "text" of each line of DIR/split.jsonl, checked before any model is loaded."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f'{path}:{number}: no "text" string')
+            texts.append(record["text"])
+    if not texts:
+        raise UserError(f"{path}: no examples")
+    return texts
+
+
+def tokenize(texts, tokenizer, add_eos, max_length, name):
+    rows = []
+    for text in texts:
+        tokens = tokenizer.encode(text)
+        if add_eos and tokens[-1:] != [tokenizer.eos_token_id]:
+            tokens.append(tokenizer.eos_token_id)
+        rows.append(tokens)
+    long = sum(len(r) > max_length for r in rows)
+    if long:
+        print(f"[WARNING] {long} of {len(rows)} {name} examples are longer than --max-seq-length "
+              f"{max_length} tokens and were truncated.")
+    return [r[:max_length] for r in rows]
+
+
+def iterate_batches(dataset, batch_size, train=False):
+    """(inputs, targets, lengths) batches, padded to a multiple of 8 to bound the number of distinct shapes.
+    Training shuffles each epoch and repeats forever; evaluation covers the set once."""
+    while True:
+        order = np.random.permutation(len(dataset)) if train else np.arange(len(dataset))
+        last = len(order) - batch_size + 1 if train else len(order)
+        for i in range(0, last, batch_size):
+            rows = [dataset[j] for j in order[i:i + batch_size]]
+            lengths = [len(r) for r in rows]
+            batch = np.zeros((len(rows), -(-max(lengths) // 8) * 8 + 1), np.int32)
+            for k, row in enumerate(rows):
+                batch[k, :len(row)] = row
+            # a row of n tokens gives n - 1 (input, target) pairs
+            yield mx.array(batch[:, :-1]), mx.array(batch[:, 1:]), mx.array(lengths) - 1
+        if not train:
+            return
+
+
+def loss_fn(model, inputs, targets, lengths):
+    """Mean cross-entropy over the real (unpadded) target tokens, and their count."""
+    logits = model(inputs).astype(mx.float32)
+    mask = mx.arange(inputs.shape[1])[None, :] < lengths[:, None]
+    ntoks = mask.sum()
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum() / ntoks, ntoks
+
+
+def evaluate(model, dataset, batch_size, num_batches):
+    total, ntoks = mx.array(0.0), mx.array(0)
+    for n, batch in enumerate(iterate_batches(dataset, batch_size)):
+        if n == num_batches:
+            break
+        loss, count = loss_fn(model, *batch)
+        total, ntoks = total + loss * count, ntoks + count
+    return (total / ntoks).item()
+
+
+def train(model, train_set, valid_set, args, adapter_file, adapter_config):
+    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets, lengths):
+        (loss, ntoks), grads = loss_and_grad(model, inputs, targets, lengths)
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    losses, ntokens, total_tokens = [], 0, 0
+    tic = start = time.perf_counter()
+    batches = iterate_batches(train_set, args.batch_size, train=True)
+    for it in range(1, args.iters + 1):
+        if it == 1 or it % args.steps_per_eval == 0:
+            model.eval()
+            val_start = time.perf_counter()
+            val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+            model.train()
+            print(f"Iter {it}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - val_start:.3f}s",
+                  flush=True)
+            tic += time.perf_counter() - val_start  # keep validation out of the training speed
+            start += time.perf_counter() - val_start
+        loss, ntoks = step(*next(batches))
+        mx.eval(state, loss, ntoks)
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise UserError(f"iteration {it}: the loss is {loss}; stopping (the adapters saved last are kept "
+                            f"in {adapter_file}). Try a lower --learning-rate.")
+        losses.append(loss)
+        ntokens += ntoks.item()
+        if it % args.steps_per_report == 0 or it == args.iters:
+            now = time.perf_counter()
+            total_tokens += ntokens
+            eta = (now - start) / it * (args.iters - it)
+            print(f"Iter {it}: Train loss {np.mean(losses):.3f}, It/sec {len(losses) / (now - tic):.3f}, "
+                  f"Tokens/sec {ntokens / (now - tic):.1f}, Trained tokens {total_tokens}, "
+                  f"Peak mem {mx.get_peak_memory() / 1e9:.2f} GB, ETA {eta:.0f}s", flush=True)
+            losses, ntokens, tic = [], 0, time.perf_counter()
+        if it % args.save_every == 0:
+            utils.save_adapters(adapter_file, model, adapter_config)
+            print(f"Iter {it}: Saved adapter weights to {adapter_file}.", flush=True)
+    utils.save_adapters(adapter_file, model, adapter_config)
+    print(f"Saved adapter weights to {adapter_file}.", flush=True)
+
+
+def generate(model, tokenizer, config, args):
+    eos = {tokenizer.eos_token_id}
+    config_eos = config.get("eos_token_id")
+    eos.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    prompt = tokenizer.encode(args.prompt)
+    print(args.prompt, end="", flush=True)
+    tokens, printed = [], ""
+    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
+        if token in eos:
+            break
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print(tokenizer.decode(tokens)[len(printed):], flush=True)
+
+
+def main(args):
+    np.random.seed(args.seed)
+    mx.random.seed(args.seed)
+    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
+    if adapter_file.suffix not in (".safetensors", ".npz"):
+        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz")
+    scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+    if not (args.train or args.test or args.prompt is not None):
+        raise UserError("nothing to do: give --train, --test and/or --prompt")
+    # Data errors come before the model is loaded, which can take minutes.
+    splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
+    texts = {split: load_dataset(args.data, split) for split in splits}
+
+    print(f"Loading pretrained model {args.model}", flush=True)
+    model, tokenizer, config = utils.load(args.model)
+    data = {split: tokenize(t, tokenizer, args.add_eos_token, args.max_seq_length, split)
+            for split, t in texts.items()}
+    model.freeze()
+    if args.train:
+        if args.resume_adapter_file:
+            print(f"Resuming from {args.resume_adapter_file}", flush=True)
+            utils.load_adapters(model, args.resume_adapter_file, scale, args.lora_dropout)
+        else:
+            try:
+                models.linear_to_lora_layers(model, args.lora_targets, args.lora_layers, args.lora_rank,
+                                             scale, args.lora_dropout)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        if len(data["train"]) < args.batch_size:
+            raise UserError(f"{args.data}/train.jsonl: {len(data['train'])} examples, fewer than --batch-size")
+        lora_params = {path: m for path, m in model.named_modules() if isinstance(m, models.LoRALinear)}
+        first = next(iter(lora_params.values()))
+        adapter_config = {
+            "base_model": args.model,
+            "fine_tune_type": "lora",
+            "num_layers": len({p.split(".")[2] for p in lora_params}),
+            "lora_parameters": {"rank": first.lora_a.shape[1], "scale": first.scale,
+                                "dropout": args.lora_dropout,
+                                "keys": sorted({p.split(".", 3)[3] for p in lora_params})},
+        }
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+        print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
+              f"({100 * trainable / total:.3f}%)", flush=True)
+        print("Training", flush=True)
+        train(model, data["train"], data["valid"], args, adapter_file, adapter_config)
+    elif adapter_file.exists() or args.adapter_file:
+        utils.load_adapters(model, adapter_file, scale)
+    else:
+        print(f"No adapter file ({adapter_file}): using the base model.", flush=True)
+    model.eval()
+
+    if args.test:
+        test_loss = evaluate(model, data["test"], args.batch_size, args.test_batches)
+        print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
+    if args.prompt is not None:
+        generate(model, tokenizer, config, args)
+
+
+if __name__ == "__main__":
+    utils.use_openblas()
+    try:
+        main(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"lora.py: error: {e}")
