@@ -117,7 +117,8 @@ def loss_fn(model, inputs, targets, lengths):
     logits = model(inputs).astype(mx.float32)
     mask = mx.arange(inputs.shape[1])[None, :] < lengths[:, None]
     ntoks = mask.sum()
-    return (nn.losses.cross_entropy(logits, targets) * mask).sum() / ntoks, ntoks
+    token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (token_losses * mask).sum() / ntoks, ntoks
 
 
 def evaluate(model, dataset, batch_size, num_batches):

@@ -138,6 +138,56 @@ def dequantize(model: nn.Module, dtype=mx.float32):
     model.update_modules(tree_unflatten(replaced))
 
 
+# MLX's Linux CPU wheel evaluates exp one element at a time, at about 12 ns (sigmoid, softmax and logsumexp
+# with it): a quarter of a SmolLM2 training step. On the CPU, exp is instead 2^x from a degree-6 polynomial
+# and the exponent's bits (relative error < 1e-5), which mx.compile fuses with its neighbours: 4x faster.
+@mx.custom_function
+def polynomial_exp(x):
+    x = mx.clip(x * 1.4426950408889634, -126.0, 126.0)
+    n = mx.floor(x)
+    f = x - n
+    p = 1.0 + f * (0.6931471805599453 + f * (0.2402265069591007 + f * (0.05550410866482158 + f * (
+        0.009618129107628477 + f * (0.0013333558146428443 + f * 0.00015403530393381606)))))
+    return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32).astype(p.dtype)
+
+
+@polynomial_exp.vjp
+def polynomial_exp_vjp(primals, cotangent, output):
+    return cotangent * output
+
+
+def exp(x):
+    return polynomial_exp(x) if mx.default_device() == mx.cpu else mx.exp(x)
+
+
+def silu(x):
+    return nn.silu(x) if mx.default_device() != mx.cpu else x / (1.0 + exp(-x))
+
+
+def logsumexp(x):
+    """Over the last axis."""
+    if mx.default_device() != mx.cpu:
+        return mx.logsumexp(x, axis=-1)
+    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    return mx.log(exp(x - top).sum(axis=-1)) + top[..., 0]
+
+
+def attention(q, k, v, scale, mask):
+    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array."""
+    if mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    k_heads, length = k.shape[1], k.shape[2]
+    scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
+    if isinstance(mask, str):
+        mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return (weights @ v[:, :, None]).reshape(B, H, L, D)
+
+
 class KVCache:
     def __init__(self):
         self.keys = self.values = None
@@ -186,7 +236,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        out = attention(q, k, v, self.head_dim**-0.5, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -199,7 +249,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
