@@ -146,21 +146,11 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     tic = start = time.perf_counter()
     batches = iterate_batches(train_set, args.batch_size, train=True)
     for it in range(1, args.iters + 1):
-        if it == 1 or it % args.steps_per_eval == 0:
-            model.eval()
-            val_start = time.perf_counter()
-            val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
-            model.train()
-            print(f"Iter {it}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - val_start:.3f}s",
-                  flush=True)
-            tic += time.perf_counter() - val_start  # keep validation out of the training speed
-            start += time.perf_counter() - val_start
         loss, ntoks = step(*next(batches))
         mx.eval(state, loss, ntoks)
         loss = loss.item()
         if not math.isfinite(loss):
-            raise UserError(f"iteration {it}: the loss is {loss}; stopping (the adapters saved last are kept "
-                            f"in {adapter_file}). Try a lower --learning-rate.")
+            diverged(it, f"the loss is {loss}", adapter_file)
         losses.append(loss)
         ntokens += ntoks.item()
         if it % args.steps_per_report == 0 or it == args.iters:
@@ -171,11 +161,27 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                   f"Tokens/sec {ntokens / (now - tic):.1f}, Trained tokens {total_tokens}, "
                   f"Peak mem {mx.get_peak_memory() / 1e9:.2f} GB, ETA {eta:.0f}s", flush=True)
             losses, ntokens, tic = [], 0, time.perf_counter()
-        if it % args.save_every == 0:
+        # after the update, as the reference does: iteration 1 has taken one step
+        if it == 1 or it % args.steps_per_eval == 0:
+            model.eval()
+            val_start = time.perf_counter()
+            val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+            model.train()
+            print(f"Iter {it}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - val_start:.3f}s",
+                  flush=True)
+            tic += time.perf_counter() - val_start  # keep validation out of the training speed
+            start += time.perf_counter() - val_start
+        if it % args.save_every == 0 or it == args.iters:
+            # the update after a finite loss can still overflow: never save weights that are not finite
+            if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+                diverged(it, "the adapter weights are not finite", adapter_file)
             utils.save_adapters(adapter_file, model, adapter_config)
             print(f"Iter {it}: Saved adapter weights to {adapter_file}.", flush=True)
-    utils.save_adapters(adapter_file, model, adapter_config)
-    print(f"Saved adapter weights to {adapter_file}.", flush=True)
+
+
+def diverged(it, what, adapter_file):
+    kept = f"the adapters saved last are kept in {adapter_file}" if adapter_file.exists() else "nothing was saved"
+    raise UserError(f"iteration {it}: {what}; training stopped ({kept}). Try a lower --learning-rate.")
 
 
 def generate(model, tokenizer, config, args):

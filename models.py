@@ -45,7 +45,7 @@ class ModelArgs:
         if "rope_theta" in rope:
             config["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            config["rope_scaling"] = rope
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
         names = {f.name for f in fields(cls)}
@@ -351,7 +351,8 @@ class LoRALinear(nn.Module):
 
 def linear_layers(layer: nn.Module) -> list:
     """Module paths of the linear layers inside a decoder layer: the possible LoRA targets."""
-    return [path for path, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    paths = [path for path, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    return paths[::-1]  # named_modules() lists the last defined first
 
 
 def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0):

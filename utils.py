@@ -12,19 +12,26 @@ from mlx.utils import tree_flatten, tree_unflatten
 import models
 
 
-def use_openblas():
-    """On the Linux CPU, re-execute once with two changes that each make training several times faster:
-    Debian's OpenBLAS preloaded (apt-get install libopenblas0-pthread), since MLX's wheel links a reference
-    BLAS (4-6 GFLOP/s for fp32 matmuls, against 90-200); and glibc's malloc told to keep freed memory,
-    since it otherwise maps and unmaps every large array, and page faults then cost more than the arithmetic.
-    LORA_NO_OPENBLAS=1 turns this off."""
+def cpu_environment():
+    """On the Linux CPU, the environment to re-execute in, with two changes that each make training several
+    times faster: Debian's OpenBLAS preloaded (apt-get install libopenblas0-pthread), since MLX's wheel links
+    a reference BLAS (4-6 GFLOP/s for fp32 matmuls, against 90-200); and glibc's malloc told to keep freed
+    memory, since it otherwise maps and unmaps every large array, and page faults then cost more than the
+    arithmetic. None where there is nothing to change, or LORA_NO_OPENBLAS=1."""
     if (sys.platform != "linux" or os.environ.get("LORA_NO_OPENBLAS") or mx.default_device() != mx.cpu
             or "openblas" in os.environ.get("LD_PRELOAD", "")):
-        return
+        return None
     found = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3")
-    if found:
-        env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [found[0], os.environ.get("LD_PRELOAD")])),
-                   MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+    if not found:
+        return None
+    return dict(os.environ, LD_PRELOAD=" ".join(filter(None, [found[0], os.environ.get("LD_PRELOAD")])),
+                MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+
+
+def use_openblas():
+    """Re-execute this process in cpu_environment(), where it has changes to make."""
+    env = cpu_environment()
+    if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 

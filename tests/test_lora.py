@@ -1,0 +1,178 @@
+"""LoRALinear, adapter files, and lora.py end to end on a tiny random model."""
+import json
+import math
+import re
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import lora
+import models
+import utils
+from conftest import ROOT, sql_texts, write_jsonl
+
+
+def lora_layer(quantized, rank=4):
+    linear = nn.Linear(64, 48, bias=True)
+    if quantized:
+        linear = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=4)
+    return models.LoRALinear.from_linear(linear, rank=rank, scale=2.0)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_untrained_adapter_changes_nothing(quantized):
+    layer = lora_layer(quantized)
+    x = mx.random.normal((3, 64))
+    assert mx.array_equal(layer(x), layer.linear(x))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_to_linear_equals_the_wrapped_forward(quantized):
+    layer = lora_layer(quantized)
+    layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    x = mx.random.normal((3, 64))
+    fused = layer.to_linear()
+    if not quantized:
+        assert type(fused) is nn.Linear
+        assert np.abs(np.array(fused(x) - layer(x))).max() < 1e-5
+        return
+    # the merged weight is quantized again with the base's own bits and group size: off by at most
+    # one quantization step per weight (what mx.quantize itself guarantees)
+    assert isinstance(fused, nn.QuantizedLinear) and (fused.bits, fused.group_size) == (4, 32)
+    exact = models.dequantized_weight(layer.linear, mx.float32) + layer.scale * (layer.lora_a @ layer.lora_b).T
+    step = mx.abs(mx.repeat(fused.scales, 32, axis=-1))
+    assert (mx.abs(models.dequantized_weight(fused, mx.float32) - exact) <= step * 1.001).all()
+    assert np.abs(np.array(fused(x) - layer(x))).max() < 0.5
+
+
+def test_only_lora_parameters_train_and_are_saved(tiny_llama, tmp_path):
+    model, _, _ = utils.load(str(tiny_llama))
+    model.freeze()
+    models.linear_to_lora_layers(model, ["self_attn.q_proj", "v_proj"], 2, rank=4)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert sorted(trainable) == sorted(f"model.layers.{i}.self_attn.{p}_proj.lora_{ab}"
+                                       for i in (2, 3) for p in "qv" for ab in "ab")
+    for name in ("adapters.safetensors", "adapters.npz"):
+        utils.save_adapters(tmp_path / name, model, {"lora_parameters": {"scale": 20.0}})
+        assert sorted(mx.load(str(tmp_path / name))) == sorted(trainable)
+
+
+def test_adapters_load_back(tiny_llama, tmp_path):
+    model, _, _ = utils.load(str(tiny_llama))
+    model.freeze()
+    models.linear_to_lora_layers(model, ["q_proj", "v_proj"], 2, rank=4, scale=3.0)
+    for _, lora_layer_ in model.named_modules():
+        if isinstance(lora_layer_, models.LoRALinear):
+            lora_layer_.lora_b = mx.random.normal(lora_layer_.lora_b.shape)
+    utils.save_adapters(tmp_path / "a.safetensors", model, {"lora_parameters": {"scale": 3.0}})
+    tokens = mx.array([[5, 6, 7, 8, 9]])
+    fresh, _, _ = utils.load(str(tiny_llama))
+    assert not np.allclose(fresh(tokens), model(tokens), atol=1e-3)
+    utils.load_adapters(fresh, tmp_path / "a.safetensors")
+    assert np.abs(np.array(fresh(tokens) - model(tokens))).max() < 1e-5
+
+
+def test_linear_to_lora_layers_rejects_unknown_targets(tiny_llama):
+    model, _, _ = utils.load(str(tiny_llama))
+    with pytest.raises(ValueError, match="matches no layer; choices: self_attn.q_proj"):
+        models.linear_to_lora_layers(model, ["qkv_proj"], 2)
+    with pytest.raises(ValueError, match="the model has 4 layers"):
+        models.linear_to_lora_layers(model, ["q_proj"], 5)
+
+
+def run_lora(capsys, *flags):
+    lora.main(lora.build_parser().parse_args([str(f) for f in flags]))
+    return capsys.readouterr().out
+
+
+def val_losses(out):
+    return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
+
+
+def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
+    adapters = tmp_path / "run" / "adapters.safetensors"
+    common = ["--model", tiny_llama, "--data", data_dir, "--batch-size", 4, "--learning-rate", 1e-2,
+              "--lora-layers", -1, "--lora-rank", 4, "--steps-per-report", 10, "--val-batches", -1]
+    out = run_lora(capsys, *common, "--train", "--iters", 40, "--steps-per-eval", 40,
+                   "--adapter-file", adapters, "--lora-alpha", 16,
+                   "--lora-targets", "self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    losses = val_losses(out)
+    assert losses[40] < losses[1] - 0.5, out
+    assert re.search(r"Iter 10: Train loss [\d.]+, It/sec [\d.]+, Tokens/sec [\d.]+", out)
+    config = json.loads((adapters.parent / "adapter_config.json").read_text())
+    assert config["base_model"] == str(tiny_llama) and config["num_layers"] == 4
+    assert config["lora_parameters"] == {"rank": 4, "scale": 4.0, "dropout": 0.0,
+                                         "keys": ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]}
+
+    # resuming starts where the first run ended, and goes on lowering the loss
+    resumed = tmp_path / "resumed.npz"
+    out = run_lora(capsys, *common, "--train", "--iters", 40, "--steps-per-eval", 40,
+                   "--resume-adapter-file", adapters, "--adapter-file", resumed)
+    again = val_losses(out)
+    assert again[1] < losses[1] - 0.3 and again[40] < losses[40], out
+    assert sorted(np.load(resumed)) == sorted(mx.load(str(adapters)))
+
+    # --test and --prompt rebuild the model from the adapter file and its config alone
+    out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--adapter-file", resumed, "--test",
+                   "--prompt", "Q: the team when year is 7\nA:", "--temp", 0, "--max-tokens", 12)
+    loss, ppl = map(float, re.search(r"Test loss (\d+\.\d+), Test ppl (\d+\.\d+)", out).groups())
+    assert math.isclose(ppl, math.exp(loss), rel_tol=1e-3) and loss < losses[1]
+    assert "SELECT" in out.split("A:", 1)[1], out
+
+    # an adapter file that was named but is missing is an error, not a silent fallback to the base model
+    with pytest.raises(utils.UserError, match="no such file"):
+        run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test",
+                 "--adapter-file", tmp_path / "missing.safetensors")
+
+
+def test_no_adapter_uses_the_base_model(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test", "--test-batches", 1)
+    assert "using the base model" in out and "Test ppl" in out
+
+
+@pytest.mark.parametrize("content, error", [
+    (None, r"train.jsonl: no such file"),
+    ("", r"train.jsonl: no examples"),
+    ('{"text": "fine"}\n{"text": "cut\n', r"train.jsonl:2: not valid JSON"),
+    ('{"text": "fine"}\n\n{"prompt": "a", "completion": "b"}\n', r'train.jsonl:3: no "text" string'),
+    ('["text"]\n', r'train.jsonl:1: no "text" string'),
+])
+def test_bad_data_is_one_error_before_loading(tmp_path, content, error):
+    write_jsonl(tmp_path / "valid.jsonl", ["ok"])
+    if content is not None:
+        (tmp_path / "train.jsonl").write_text(content)
+    # the model does not exist: the data error must come first
+    args = lora.build_parser().parse_args(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--train"])
+    with pytest.raises(utils.UserError, match=error):
+        lora.main(args)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "--data", str(tmp_path), "--train"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == f"lora.py: error: {tmp_path / 'train.jsonl'}: no such file\n"
+
+
+def test_long_examples_are_truncated_with_one_warning(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "test.jsonl", sql_texts(6) + ["word " * 300, "word " * 400])
+    out = run_lora(capsys, "--model", tiny_llama, "--data", tmp_path, "--test", "--max-seq-length", 64)
+    assert out.count("[WARNING]") == 1
+    assert "2 of 8 test examples are longer than --max-seq-length 64 tokens" in out
+
+
+def test_divergence_stops_with_the_iteration(tiny_llama, data_dir, tmp_path):
+    args = lora.build_parser().parse_args([
+        "--model", str(tiny_llama), "--data", str(data_dir), "--train", "--iters", "10", "--learning-rate", "nan", "--lora-layers", "2",
+        "--adapter-file", str(tmp_path / "adapters.safetensors"), "--save-every", "1"])
+    with pytest.raises(utils.UserError, match=r"iteration 1: the adapter weights are not finite; training "
+                                              r"stopped \(nothing was saved\)"):
+        lora.main(args)
+    assert not (tmp_path / "adapters.safetensors").exists()

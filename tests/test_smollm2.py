@@ -1,0 +1,59 @@
+"""The real SmolLM2-135M-Instruct, from its Q4_1 GGUF (skipped where the wheel cannot be fetched)."""
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import lora
+import models
+import utils
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return utils.load(str(smollm2_gguf))
+
+
+def test_greedy_answer_names_paris(smollm2):
+    model, tokenizer, _ = smollm2
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.encode(chat, add_special_tokens=False)
+    answer = []
+    for token, _ in zip(utils.generate(model, prompt, temp=0.0), range(30)):
+        if token == tokenizer.eos_token_id:
+            break
+        answer.append(token)
+    assert "Paris" in tokenizer.decode(answer)
+
+
+def test_logits_match_transformers_on_the_dequantized_weights(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, config = smollm2
+    tokens = tokenizer.encode("table: 1-10015132-16\ncolumns: Player, No., Nationality\nQ: What is terrence "
+                              "ross' nationality\nA: SELECT Nationality FROM 1-10015132-16")
+    quantized_logits = np.array(model(mx.array([tokens])))
+    models.dequantize(model)
+    utils.save_model(tmp_path, model, tokenizer, dict(config, dtype="float32"))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens])).logits.numpy()
+    # 30 layers in fp32 with logits of magnitude ~20: agreement to a few 1e-4
+    assert np.abs(np.array(model(mx.array([tokens]))) - expected).max() < 1e-3
+    # the 4-bit model at rest computes with the same (dequantized) weights
+    assert np.abs(quantized_logits - expected).max() < 1e-3
+
+
+def test_short_lora_run_lowers_the_validation_loss(smollm2_gguf, tmp_path, capsys):
+    args = lora.build_parser().parse_args([
+        "--model", str(smollm2_gguf), "--data", str(ROOT / "data"), "--train", "--iters", "16",
+        "--learning-rate", "2e-4", "--steps-per-eval", "16", "--val-batches", "4", "--steps-per-report", "8",
+        "--adapter-file", str(tmp_path / "adapters.safetensors")])
+    lora.main(args)
+    out = capsys.readouterr().out
+    val = {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
+    assert val[16] < val[1] - 0.2, out
