@@ -243,7 +243,10 @@ def main(args):
                                 "keys": sorted({p.split(".", 3)[3] for p in lora_params})},
         }
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+        # a quantized weight counts its values, not the 32-bit words they are packed in
+        total = sum(v.size * 32 // m.bits if k == "weight" and hasattr(m, "bits") else v.size
+                    for _, m in model.named_modules() for k, v in m.items()
+                    if isinstance(v, mx.array) and k not in ("scales", "biases"))
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)

@@ -67,9 +67,11 @@ def build_model(config: dict, weights: dict) -> models.Model:
         raise UserError(f"config.json: {e}") from None
     model = models.Model(args)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
+    # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
+    # fp16, slower than the matmul it feeds
     dtype = compute_dtype(config)
     weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases")) else v
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in weights.items()
         if "rotary_emb.inv_freq" not in k
     }
