@@ -160,8 +160,6 @@ def gguf_config(meta: dict, weights: dict) -> dict:
 
 def load_gguf(path: Path):
     """A GGUF file of the llama architecture; quantized tensors (Q4_0, Q4_1, Q8_0) stay quantized."""
-    from transformers import AutoTokenizer
-
     if not path.exists():
         raise UserError(f"{path}: no such file")
     weights, meta = mx.load(str(path), return_metadata=True)
@@ -186,8 +184,32 @@ def load_gguf(path: Path):
         renamed[hf] = value
     config["dtype"] = "float16"
     model = build_model(config, renamed)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer, config
+    return model, gguf_tokenizer(meta), config
+
+
+def gguf_tokenizer(meta: dict):
+    """The tokenizer a GGUF file describes in its metadata. transformers' own GGUF reader needs torch, so
+    this hands the metadata MLX read to transformers' converter directly."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                           convert_gguf_tokenizer)
+    except ImportError:  # transformers 4
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    fields = {
+        group: {name: value.tolist() if isinstance(value, mx.array) else value
+                for key, name in renames.items() if (value := meta.get(f"tokenizer.{key}")) is not None}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, tokenizer_config = fields["tokenizer"], fields["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+    backend, _ = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    special = {f"{name}_token": tokenizer["tokens"][tokenizer[f"{name}_token_id"]]
+               for name in ("bos", "eos", "unk", "pad") if f"{name}_token_id" in tokenizer}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special, **tokenizer_config)
 
 
 def atomic_write(path: Path, write):

@@ -57,3 +57,19 @@ def test_short_lora_run_lowers_the_validation_loss(smollm2_gguf, tmp_path, capsy
     out = capsys.readouterr().out
     val = {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
     assert val[16] < val[1] - 0.2, out
+
+
+def test_tokenizer_matches_transformers_gguf_reader(smollm2, smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    ours = smollm2[1]
+    reference = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    for text in ["What is the capital of France?", "  two spaces, ünïcödé and 日本語\n\tSELECT * FROM t;",
+                 "<|im_start|>user\nhi<|im_end|>"]:
+        assert ours.encode(text) == reference.encode(text)
+        assert ours.decode(ours.encode(text)) == text
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert (ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (reference.bos_token, reference.eos_token,
+                                                                reference.pad_token)
