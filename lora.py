@@ -128,6 +128,7 @@ def evaluate(model, dataset, batch_size, num_batches):
             break
         loss, count = loss_fn(model, *batch)
         total, ntoks = total + loss * count, ntoks + count
+        mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
     return (total / ntoks).item()
 
 

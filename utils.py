@@ -11,6 +11,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import models
 
+# transformers is here for its tokenizers alone: its advice that PyTorch is missing is noise
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 
 def cpu_environment():
     """On the Linux CPU, the environment to re-execute in, with two changes that each make training several

@@ -176,3 +176,14 @@ def test_divergence_stops_with_the_iteration(tiny_llama, data_dir, tmp_path):
                                               r"stopped \(nothing was saved\)"):
         lora.main(args)
     assert not (tmp_path / "adapters.safetensors").exists()
+
+
+def test_evaluation_memory_does_not_grow_with_the_set(tiny_llama):
+    model, _, _ = utils.load(str(tiny_llama))
+    rows = [list(range(3, 250))] * 40
+    mx.reset_peak_memory()
+    lora.evaluate(model, rows, 4, 1)
+    one_batch = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    lora.evaluate(model, rows, 4, -1)
+    assert mx.get_peak_memory() < 1.5 * one_batch
