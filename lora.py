@@ -266,7 +266,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.use_openblas()
+    utils.reexec_in_cpu_environment()
     try:
         main(build_parser().parse_args())
     except UserError as e:

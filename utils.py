@@ -31,7 +31,7 @@ def cpu_environment():
                 MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
 
 
-def use_openblas():
+def reexec_in_cpu_environment():
     """Re-execute this process in cpu_environment(), where it has changes to make."""
     env = cpu_environment()
     if env is not None:

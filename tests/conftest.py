@@ -20,7 +20,7 @@ def pytest_configure(config):
     """Re-execute pytest in the environment the scripts use (OpenBLAS), once its output capture is undone."""
     if utils.cpu_environment() is not None:
         config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
-        utils.use_openblas()
+        utils.reexec_in_cpu_environment()
 
 # On a GPU, MLX runs fp32 matrix products as TF32 (10-bit mantissa): parity there is to about 1e-3.
 FP32_ATOL = 1e-4 if mx.default_device() == mx.cpu else 1e-2

@@ -77,3 +77,16 @@ def test_cpu_math_matches_mlx():
     for mask in (None, "causal", (mx.random.uniform(shape=(10, 10)) > 0.3) | mx.eye(10, dtype=mx.bool_)):
         expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
         assert np.allclose(models.attention(q, k, v, 0.25, mask), expected, atol=1e-5)
+
+
+def test_dequantize_keeps_what_each_layer_computes():
+    module = nn.Module()
+    module.linear = models.QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), group_size=32, bits=4)
+    module.embedding = models.QuantizedEmbedding.from_embedding(nn.Embedding(50, 64), group_size=32, bits=8)
+    x, ids = mx.random.normal((3, 64)), mx.array([[1, 7, 49]])
+    before = [module.linear(x), module.embedding(ids), module.embedding.as_linear(x)]
+    models.dequantize(module)
+    assert type(module.linear) is nn.Linear and type(module.embedding) is nn.Embedding
+    after = [module.linear(x), module.embedding(ids), module.embedding.as_linear(x)]
+    for b, a in zip(before, after):
+        assert np.abs(np.array(a - b)).max() < FP32_ATOL
