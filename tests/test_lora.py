@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 import lora
 import models
 import utils
-from conftest import FP32_ATOL, ROOT, sql_texts, write_jsonl
+from conftest import FP32_ATOL, ROOT, run_lora, sql_texts, val_losses, write_jsonl
 
 
 def lora_layer(quantized, rank=4):
@@ -83,15 +83,6 @@ def test_linear_to_lora_layers_rejects_unknown_targets(tiny_llama):
         models.linear_to_lora_layers(model, ["qkv_proj"], 2)
     with pytest.raises(ValueError, match="the model has 4 layers"):
         models.linear_to_lora_layers(model, ["q_proj"], 5)
-
-
-def run_lora(capsys, *flags):
-    lora.main(lora.build_parser().parse_args([str(f) for f in flags]))
-    return capsys.readouterr().out
-
-
-def val_losses(out):
-    return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
 
 
 def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, capsys):

@@ -1,15 +1,12 @@
 """The real SmolLM2-135M-Instruct, from its Q4_1 GGUF (skipped where the wheel cannot be fetched)."""
-import re
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
-import lora
 import models
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_lora, val_losses
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +46,10 @@ def test_logits_match_transformers_on_the_dequantized_weights(smollm2, tmp_path)
 
 
 def test_short_lora_run_lowers_the_validation_loss(smollm2_gguf, tmp_path, capsys):
-    args = lora.build_parser().parse_args([
-        "--model", str(smollm2_gguf), "--data", str(ROOT / "data"), "--train", "--iters", "16",
-        "--learning-rate", "2e-4", "--steps-per-eval", "16", "--val-batches", "4", "--steps-per-report", "8",
-        "--adapter-file", str(tmp_path / "adapters.safetensors")])
-    lora.main(args)
-    out = capsys.readouterr().out
-    val = {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
+    out = run_lora(capsys, "--model", smollm2_gguf, "--data", ROOT / "data", "--train", "--iters", 16,
+                   "--learning-rate", 2e-4, "--steps-per-eval", 16, "--val-batches", 4, "--steps-per-report", 8,
+                   "--adapter-file", tmp_path / "adapters.safetensors")
+    val = val_losses(out)
     assert val[16] < val[1] - 0.2, out
 
 

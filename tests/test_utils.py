@@ -53,18 +53,15 @@ def write_gguf(path, folder, reference, qtype):
             n = heads if parts[-2] == "q_proj" else kv_heads
             stored = value.reshape(n, 2, value.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(value.shape)
         kind = qtype if value.ndim == 2 else T.F32  # norms stay F32, as llama.cpp keeps them
+        # blocks run along rows, so quantizing the rows in Hugging Face's order gives the file's values
+        # without undoing the permutation here (that is the loader's job, under test)
         if kind in (T.F32, T.F16):
-            data = stored.astype(np.float32 if kind == T.F32 else np.float16)
-            writer.add_tensor(gguf_name, data)
-            as_stored[name] = data.astype(np.float32)
+            writer.add_tensor(gguf_name, stored.astype(np.float32 if kind == T.F32 else np.float16))
+            as_stored[name] = value.astype(np.float32 if kind == T.F32 else np.float16).astype(np.float32)
         else:
             packed = gguf.quants.quantize(stored, kind)
             writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=kind)
-            as_stored[name] = gguf.quants.dequantize(packed, kind)
-        if parts[-2] in ("q_proj", "k_proj"):  # back to Hugging Face's row order for the reference
-            n = heads if parts[-2] == "q_proj" else kv_heads
-            rows = as_stored[name]
-            as_stored[name] = rows.reshape(n, rows.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
+            as_stored[name] = gguf.quants.dequantize(gguf.quants.quantize(value, kind), kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
