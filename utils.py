@@ -88,6 +88,12 @@ def build_model(config: dict, weights: dict) -> models.Model:
     return model
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face repo id (owner/name) rather than a local path."""
+    return (not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not name.endswith(".gguf"))
+
+
 def hub_snapshot(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -96,31 +102,48 @@ def hub_snapshot(repo: str) -> Path:
             repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]))
     except Exception as e:  # the hub client raises many kinds (offline, not found, gated, no token)
         raise UserError(f"cannot fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder or .gguf file") from None
+                        f"{first_line(e)}); pass a local folder or .gguf file") from None
 
 
-def load(path_or_repo: str):
-    """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
+def read_checkpoint(path_or_repo: str, flag: str = "--model"):
+    """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
+    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated."""
     from transformers import AutoTokenizer
 
     path = Path(path_or_repo)
-    if path.suffix == ".gguf":
-        return load_gguf(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return read_gguf(path)
     if not path.exists():
-        if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/")):
-            raise UserError(f"--model {path_or_repo}: no such file or folder")
+        if not is_repo_id(path_or_repo):
+            raise UserError(f"{flag} {path_or_repo}: no such file or folder")
         path = hub_snapshot(path_or_repo)
     if not (path / "config.json").exists():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
     weights = {}
     for f in files:
         weights.update(mx.load(f))
-    model = build_model(config, weights)
-    return model, AutoTokenizer.from_pretrained(path), config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
+        raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+    return config, weights, tokenizer
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
+def load(path_or_repo: str):
+    """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
+    config, weights, tokenizer = read_checkpoint(path_or_repo)
+    return build_model(config, weights), tokenizer, config
 
 
 GGUF_NAMES = {
@@ -161,10 +184,9 @@ def gguf_config(meta: dict, weights: dict) -> dict:
     return config
 
 
-def load_gguf(path: Path):
-    """A GGUF file of the llama architecture; quantized tensors (Q4_0, Q4_1, Q8_0) stay quantized."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
+def read_gguf(path: Path):
+    """(config, weights, tokenizer) of a GGUF file of the llama architecture, with Hugging Face's names;
+    quantized tensors (Q4_0, Q4_1, Q8_0) stay quantized, as MLX's weight, scales and biases."""
     weights, meta = mx.load(str(path), return_metadata=True)
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -186,8 +208,7 @@ def load_gguf(path: Path):
             value = value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
         renamed[hf] = value
     config["dtype"] = "float16"
-    model = build_model(config, renamed)
-    return model, gguf_tokenizer(meta), config
+    return config, renamed, gguf_tokenizer(meta)
 
 
 def gguf_tokenizer(meta: dict):
@@ -224,28 +245,43 @@ def atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 << 30):
+def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
+    """Write (name, array) pairs as safetensors shards of at most shard_bytes with their index, in Hugging
+    Face's naming. The arrays are evaluated one at a time as they come, so that lazily read or converted
+    weights are never all in memory: at most a shard is."""
+    folder = Path(folder)
+    shards, where, shard, size, total = [], {}, {}, 0, 0
+
+    def write_shard():
+        shards.append(folder / f".shard-{len(shards)}.tmp.safetensors")
+        mx.save_safetensors(str(shards[-1]), shard, metadata={"format": "pt"})
+        where.update({name: len(shards) - 1 for name in shard})
+        shard.clear()
+        mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
+
+    for name, value in tensors:
+        mx.eval(value)
+        if shard and size + value.nbytes > shard_bytes:
+            write_shard()
+            size = 0
+        shard[name] = value
+        size += value.nbytes
+        total += value.nbytes
+    write_shard()
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for tmp, name in zip(shards, names):
+        os.replace(tmp, folder / name)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in where.items()}}
+    atomic_write(folder / "model.safetensors.index.json", lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+
+
+def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
     """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    shards, size = [{}], 0
-    for name, value in weights.items():
-        if size + value.nbytes > shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    index = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        atomic_write(path / name, lambda f: mx.save_safetensors(f, shard, metadata={"format": "pt"}))
-        index.update({k: name for k in shard})
-    if len(shards) > 1:
-        total = sum(v.nbytes for v in weights.values())
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_weights(path, tree_flatten(model.parameters()), shard_bytes)
+    atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
     tokenizer.save_pretrained(str(path))
 
 

@@ -1,5 +1,4 @@
 """utils.py: GGUF files of each tensor type, the hub, sampling."""
-import json
 
 import mlx.core as mx
 import numpy as np
@@ -7,67 +6,7 @@ import pytest
 import torch
 
 import utils
-from conftest import FP32_ATOL
-
-GGUF_NAMES = {v: k for k, v in utils.GGUF_NAMES.items()}
-
-
-def write_gguf(path, folder, reference, qtype):
-    """Write the tiny checkpoint as llama.cpp's converter does: llama names, q/k rows permuted for its rope,
-    the tokenizer in the metadata. Returns the weights as the file holds them, dequantized (HF names)."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    config = json.loads((folder / "config.json").read_text())
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(str(path), "llama")
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda kv: kv[1])
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([3 if token.startswith("<") else 1 for token, _ in vocab])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    as_stored = {}
-    for name, tensor in reference.state_dict().items():
-        value = tensor.numpy()
-        parts = name.split(".")
-        if parts[0] == "lm_head":
-            gguf_name = "output.weight"
-        elif parts[1] != "layers":
-            gguf_name = f"{GGUF_NAMES['model.' + parts[1]]}.{parts[2]}"
-        else:
-            gguf_name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-        stored = value
-        if parts[-2] in ("q_proj", "k_proj"):
-            n = heads if parts[-2] == "q_proj" else kv_heads
-            stored = value.reshape(n, 2, value.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(value.shape)
-        kind = qtype if value.ndim == 2 else T.F32  # norms stay F32, as llama.cpp keeps them
-        # blocks run along rows, so quantizing the rows in Hugging Face's order gives the file's values
-        # without undoing the permutation here (that is the loader's job, under test)
-        if kind in (T.F32, T.F16):
-            writer.add_tensor(gguf_name, stored.astype(np.float32 if kind == T.F32 else np.float16))
-            as_stored[name] = value.astype(np.float32 if kind == T.F32 else np.float16).astype(np.float32)
-        else:
-            packed = gguf.quants.quantize(stored, kind)
-            writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=kind)
-            as_stored[name] = gguf.quants.dequantize(gguf.quants.quantize(value, kind), kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return as_stored
-
+from conftest import FP32_ATOL, write_gguf
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_loads_with_matching_logits(make_checkpoint, tmp_path, qtype):

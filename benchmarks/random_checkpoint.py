@@ -1,0 +1,85 @@
+"""Write a checkpoint of a named shape with random weights, in the Hugging Face layout, so that
+benchmarks and memory measurements run anywhere without a download:
+
+    python benchmarks/random_checkpoint.py llama-1b /tmp/llama-1b --max-shard-size 1
+
+The weights are generated one at a time as the shards are written (memory stays near one shard). The
+tokenizer is a byte-level BPE trained on data/train.jsonl: its ids fit any of the shapes' vocabularies.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import models  # noqa: E402
+import utils  # noqa: E402
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+         "bos_token_id": 1, "eos_token_id": 2}
+SHAPES = {
+    "llama-7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5,
+                     max_position_embeddings=4096),
+    "mistral-7b": dict(LLAMA, model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, sliding_window=4096,
+                       max_position_embeddings=32768),
+    "llama-1b": dict(LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                     rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "smollm2-135m": dict(LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+}
+
+
+def train_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0):
+    config = dict(SHAPES[shape], torch_dtype=dtype)
+    # never evaluated: gives the parameters' names and shapes at no cost
+    model = models.Model(models.ModelArgs.from_config(config))
+    mx.random.seed(seed)
+
+    def weights():
+        for name, value in tree_flatten(model.parameters()):
+            if value.ndim == 1:  # norms
+                yield name, mx.ones(value.shape, getattr(mx, dtype))
+            else:
+                yield name, (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    utils.save_weights(path, weights(), shard_bytes)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
+    train_tokenizer(texts, min(4000, config["vocab_size"])).save_pretrained(str(path))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write a random-weight checkpoint of a named shape.")
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("path", help="Folder to write.")
+    p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="Largest shard, in GB.")
+    args = p.parse_args()
+    write(args.path, args.shape, args.dtype, int(args.max_shard_size * 1e9))

@@ -1,0 +1,205 @@
+"""Convert a Hugging Face checkpoint (folder, hub repo id or GGUF file) into an MLX model folder in the
+Hugging Face layout, optionally quantized for QLoRA (-q), and optionally upload it (--upload-name)."""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+import models
+import utils
+from utils import UserError
+
+DTYPES = ("float16", "bfloat16", "float32")
+BITS = (2, 3, 4, 5, 6, 8)
+# They lose the most to quantization (every token passes through them, and the output layer's errors go
+# straight into the logits), and are a small part of the weights: llama.cpp and PEFT's QLoRA spare them too.
+EMBEDDING_LAYERS = ("model.embed_tokens", "lm_head")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Convert a Hugging Face model to MLX, optionally quantized.")
+    p.add_argument("--hf-path", required=True,
+                   help="Hugging Face model folder, hub repo id, or .gguf file to convert.")
+    p.add_argument("--mlx-path", default="mlx_model", help="Folder to write the MLX model to.")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="Type of the float weights (default: the checkpoint's own, else float16).")
+    p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights (for QLoRA).")
+    p.add_argument("--q-bits", type=int, default=4, choices=BITS, help="Bits per weight.")
+    p.add_argument("--q-embedding-bits", type=int, default=8, choices=BITS,
+                   help="Bits per weight of the token embedding and the output layer (lm_head).")
+    p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="Weights sharing one scale and bias.")
+    p.add_argument("--upload-name", help="Upload the converted model to this Hugging Face repo, "
+                                         "e.g. mlx-community/Mistral-7B-v0.1-4bit.")
+    p.add_argument("--max-shard-size", type=float, default=5.0,
+                   help="Largest weight file, in GB; conversion holds about one in memory.")
+    p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists and is not empty.")
+    return p
+
+
+def converted_weights(config: dict, weights: dict, dtype, quantization, embedding_bits=None):
+    """The output weights as (name, array) pairs, computed lazily one at a time; the quantization of each
+    quantized layer (the token embedding and output layer at embedding_bits); and the number of linear
+    layers left in dtype. Quantized inputs are dequantized first. Checks, before anything is computed,
+    that the weights are those the config describes."""
+    try:
+        model = models.Model(models.ModelArgs.from_config(config))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config.json: {e}") from None
+    # The model's parameters are never evaluated: they cost no memory, and give the names and shapes.
+    modules = dict(model.named_modules())
+    expected = tree_flatten(model.parameters())
+    source = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if model.args.tie_word_embeddings:
+        for key in ("weight", "scales", "biases"):
+            source.pop(f"lm_head.{key}", None)
+    for path, module in modules.items():
+        params = utils.quantization_of(source, path, module)
+        if params:
+            # in float32 (MLX computes in the scales' type): 16-bit scales times integers are not 16-bit numbers
+            scales, biases = (source.pop(f"{path}.{k}").astype(mx.float32) for k in ("scales", "biases"))
+            source[f"{path}.weight"] = mx.dequantize(source.pop(f"{path}.weight"), scales, biases, **params)
+    missing = [name for name, _ in expected if name not in source]
+    unexpected = sorted(set(source) - {name for name, _ in expected})
+    wrong = [f"{name} {tuple(source[name].shape)} (expected {tuple(v.shape)})"
+             for name, v in expected if name in source and source[name].shape != v.shape]
+    for problem, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise UserError(f"the weights do not fit config.json: {problem}: {', '.join(names[:3])}{more}")
+
+    layers = {path for path, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))}
+    quantized = {}  # path: {"group_size", "bits"}
+    for path in sorted(layers) if quantization else []:
+        if source[f"{path}.weight"].shape[-1] % quantization["group_size"] == 0:
+            bits = embedding_bits if path in EMBEDDING_LAYERS else quantization["bits"]
+            quantized[path] = dict(quantization, bits=bits)
+    if quantization and not quantized:
+        raise UserError(f"--q-group-size {quantization['group_size']}: no layer's input size is a multiple of it")
+
+    def tensors():
+        for name, _ in tqdm(expected, desc="Converting", unit="tensor", file=sys.stdout):
+            value = source.pop(name)  # dropped once written
+            path, leaf = name.rsplit(".", 1)
+            if leaf == "weight" and path in quantized:
+                weight, scales, biases = mx.quantize(value, **quantized[path])
+                yield from ((name, weight), (f"{path}.scales", scales.astype(dtype)),
+                            (f"{path}.biases", biases.astype(dtype)))
+            else:
+                yield name, value.astype(dtype)
+
+    return tensors(), quantized, len(layers) - len(quantized)
+
+
+def describe(args) -> str:
+    if not args.quantize:
+        return args.dtype
+    embedding = (f" (embedding and output layer {args.q_embedding_bits}-bit)"
+                 if args.q_embedding_bits != args.q_bits else "")
+    return f"{args.q_bits}-bit{embedding}, group size {args.q_group_size}, {args.dtype} scales"
+
+
+def model_card(args) -> str:
+    source = args.hf_path
+    link = f"[{source}](https://huggingface.co/{source})" if utils.is_repo_id(source) else f"`{source}`"
+    header = "---\nlibrary_name: mlx\ntags:\n- mlx\n" + (f"base_model: {source}\n" if utils.is_repo_id(source) else "")
+    name = args.upload_name or args.mlx_path
+    return (f"{header}---\n\n# {name}\n\nConverted to MLX ({describe(args)}) from {link} with `convert.py`.\n\n"
+            f"```\npython lora.py --model {name} --prompt \"Hello\"\n```\n")
+
+
+def hub_client(repo: str):
+    """The hub client, once it is known that it has a token and reaches the hub."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    api = HfApi()
+    try:
+        api.whoami()
+    except LocalTokenNotFoundError:
+        raise UserError(f"--upload-name {repo}: no Hugging Face token; log in with `hf auth login` "
+                        f"or set HF_TOKEN") from None
+    except Exception as e:  # no network, or a token the hub refuses
+        raise UserError(f"--upload-name {repo}: the Hugging Face hub cannot be reached or refuses the token "
+                        f"({type(e).__name__}: {utils.first_line(e)})") from None
+    return api
+
+
+def output_folder(args) -> Path:
+    out = Path(args.mlx_path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--mlx-path {out}: is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if Path(args.hf_path).exists() and out.resolve() == Path(args.hf_path).resolve():
+            raise UserError(f"--mlx-path {out}: is the folder being converted")
+        if not args.force:
+            raise UserError(f"--mlx-path {out}: exists and is not empty (pass --force to replace it)")
+    return out
+
+
+def convert(args):
+    """Write the converted model to --mlx-path: into a temporary folder beside it, renamed at the end, so
+    that a failed or interrupted conversion leaves nothing half-written."""
+    out = output_folder(args)
+    api = hub_client(args.upload_name) if args.upload_name else None
+    config, weights, tokenizer = utils.read_checkpoint(args.hf_path, "--hf-path")
+    if args.dtype is None:
+        own = config.get("dtype") or config.get("torch_dtype")
+        args.dtype = own if own in DTYPES else "float16"
+    quantization = {"group_size": args.q_group_size, "bits": args.q_bits} if args.quantize else None
+    tensors, quantized, unquantized = converted_weights(config, weights, getattr(mx, args.dtype), quantization,
+                                                        args.q_embedding_bits)
+    del weights  # a source tensor, once read, would stay in memory as long as anything refers to it
+
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["dtype" if "dtype" in config else "torch_dtype"] = args.dtype
+    if quantization:
+        # mlx-lm's layout: the common settings, and the layers that differ by their path
+        config["quantization"] = dict(quantization, mode="affine", **{
+            path: dict(params, mode="affine") for path, params in quantized.items() if params != quantization})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        utils.save_weights(tmp, tensors, int(args.max_shard_size * 1e9))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(args))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"Wrote {out} ({describe(args)})", flush=True)
+    if quantization and unquantized:
+        print(f"{unquantized} layers stay {args.dtype}: their input size is not a multiple of the group size",
+              flush=True)
+
+    if api is not None:
+        try:
+            api.create_repo(repo_id=args.upload_name, repo_type="model", exist_ok=True)
+            api.upload_folder(folder_path=str(out), repo_id=args.upload_name, repo_type="model",
+                              commit_message=f"Upload {args.upload_name}, converted from {args.hf_path}")
+        except Exception as e:
+            raise UserError(f"--upload-name {args.upload_name}: upload failed ({type(e).__name__}: "
+                            f"{utils.first_line(e)}); the converted model is in {out}") from None
+        print(f"Uploaded to https://huggingface.co/{args.upload_name}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        convert(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"convert.py: error: {e}")
