@@ -2,10 +2,7 @@
 Hugging Face layout, optionally quantized for QLoRA (-q), and optionally upload it (--upload-name)."""
 import argparse
 import json
-import os
-import shutil
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -106,49 +103,11 @@ def describe(args) -> str:
     return f"{args.q_bits}-bit{embedding}, group size {args.q_group_size}, {args.dtype} scales"
 
 
-def model_card(args) -> str:
-    source = args.hf_path
-    link = f"[{source}](https://huggingface.co/{source})" if utils.is_repo_id(source) else f"`{source}`"
-    header = "---\nlibrary_name: mlx\ntags:\n- mlx\n" + (f"base_model: {source}\n" if utils.is_repo_id(source) else "")
-    name = args.upload_name or args.mlx_path
-    return (f"{header}---\n\n# {name}\n\nConverted to MLX ({describe(args)}) from {link} with `convert.py`.\n\n"
-            f"```\npython lora.py --model {name} --prompt \"Hello\"\n```\n")
-
-
-def hub_client(repo: str):
-    """The hub client, once it is known that it has a token and reaches the hub."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import LocalTokenNotFoundError
-
-    api = HfApi()
-    try:
-        api.whoami()
-    except LocalTokenNotFoundError:
-        raise UserError(f"--upload-name {repo}: no Hugging Face token; log in with `hf auth login` "
-                        f"or set HF_TOKEN") from None
-    except Exception as e:  # no network, or a token the hub refuses
-        raise UserError(f"--upload-name {repo}: the Hugging Face hub cannot be reached or refuses the token "
-                        f"({type(e).__name__}: {utils.first_line(e)})") from None
-    return api
-
-
-def output_folder(args) -> Path:
-    out = Path(args.mlx_path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--mlx-path {out}: is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if Path(args.hf_path).exists() and out.resolve() == Path(args.hf_path).resolve():
-            raise UserError(f"--mlx-path {out}: is the folder being converted")
-        if not args.force:
-            raise UserError(f"--mlx-path {out}: exists and is not empty (pass --force to replace it)")
-    return out
-
-
 def convert(args):
     """Write the converted model to --mlx-path: into a temporary folder beside it, renamed at the end, so
     that a failed or interrupted conversion leaves nothing half-written."""
-    out = output_folder(args)
-    api = hub_client(args.upload_name) if args.upload_name else None
+    out = utils.output_folder(args.mlx_path, "--mlx-path", args.force, source=args.hf_path)
+    api = utils.hub_client(args.upload_name) if args.upload_name else None
     config, weights, tokenizer = utils.read_checkpoint(args.hf_path, "--hf-path")
     if args.dtype is None:
         own = config.get("dtype") or config.get("torch_dtype")
@@ -161,41 +120,23 @@ def convert(args):
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["dtype" if "dtype" in config else "torch_dtype"] = args.dtype
     if quantization:
-        # mlx-lm's layout: the common settings, and the layers that differ by their path
-        config["quantization"] = dict(quantization, mode="affine", **{
-            path: dict(params, mode="affine") for path, params in quantized.items() if params != quantization})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        utils.save_weights(tmp, tensors, int(args.max_shard_size * 1e9))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(model_card(args))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        config["quantization"] = utils.quantization_entry(quantized)
+
+    def write(folder):
+        utils.save_weights(folder, tensors, int(args.max_shard_size * 1e9))
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(folder))
+        (folder / "README.md").write_text(utils.model_card(args.upload_name or args.mlx_path, args.hf_path,
+                                                           f"converted to MLX ({describe(args)})"))
+
+    utils.write_folder(out, write)
     print(f"Wrote {out} ({describe(args)})", flush=True)
     if quantization and unquantized:
         print(f"{unquantized} layers stay {args.dtype}: their input size is not a multiple of the group size",
               flush=True)
 
     if api is not None:
-        try:
-            api.create_repo(repo_id=args.upload_name, repo_type="model", exist_ok=True)
-            api.upload_folder(folder_path=str(out), repo_id=args.upload_name, repo_type="model",
-                              commit_message=f"Upload {args.upload_name}, converted from {args.hf_path}")
-        except Exception as e:
-            raise UserError(f"--upload-name {args.upload_name}: upload failed ({type(e).__name__}: "
-                            f"{utils.first_line(e)}); the converted model is in {out}") from None
-        print(f"Uploaded to https://huggingface.co/{args.upload_name}", flush=True)
+        utils.upload(api, out, args.upload_name, f"converted from {args.hf_path}")
 
 
 if __name__ == "__main__":

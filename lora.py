@@ -48,9 +48,9 @@ def build_parser():
     p.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate.")
     p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
     p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
-    p.add_argument("--resume-adapter-file", help="Continue training this adapter file.")
-    p.add_argument("--adapter-file", help=f"Adapter weights to save or load, .safetensors or .npz "
-                                          f"(default {DEFAULT_ADAPTER_FILE}).")
+    p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
+    p.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
+                                          f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
     p.add_argument("--save-every", type=int, default=100, help="Save the adapters every N iterations.")
     p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
     p.add_argument("--test-batches", type=int, default=500, help="Test batches (-1: the whole set).")
@@ -207,8 +207,9 @@ def main(args):
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
-    if adapter_file.suffix not in (".safetensors", ".npz"):
-        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz")
+    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
+        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
+                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
     scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")

@@ -54,13 +54,17 @@ class ModelArgs:
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         return args
 
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
 
 def rope_frequencies(args: ModelArgs) -> mx.array:
     """The rotary wavelengths / 2pi (what mx.fast.rope takes as freqs), with Hugging Face's scaling kinds."""
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    scaling, kind = args.rope_scaling or {}, args.rope_type
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":

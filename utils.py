@@ -1,8 +1,12 @@
 """Loading models (Hugging Face folders, hub repos, GGUF files), saving them, adapters, and generation."""
 import glob
 import json
+import math
 import os
+import re
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -236,6 +240,81 @@ def gguf_tokenizer(meta: dict):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special, **tokenizer_config)
 
 
+def gguf_vocabulary(args: models.ModelArgs, tokenizer):
+    """(tokens, types, merges) for a GGUF file of this model, or a UserError saying why it cannot be written."""
+    if args.model_type not in ("llama", "mistral"):
+        raise UserError(f"--export-gguf: model_type {args.model_type!r} is not written (llama, mistral)")
+    if args.rope_type not in ("default", "linear"):
+        raise UserError(f"--export-gguf: rope scaling {args.rope_type!r} is not written (default, linear)")
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())
+    if vocab["model"]["type"] != "BPE" or vocab["model"].get("byte_fallback"):
+        raise UserError("--export-gguf: only byte-level BPE tokenizers are written (GPT-2's kind: Llama 3, "
+                        "SmolLM, Qwen), not SentencePiece ones")
+    special = {t["id"] for t in vocab["added_tokens"] if t["special"]}
+    ids = {**vocab["model"]["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
+    tokens = [f"[PAD{i}]" for i in range(max(args.vocab_size, max(ids.values()) + 1))]
+    for token, i in ids.items():
+        tokens[i] = token
+    types = [3 if i in special else 1 for i in range(len(tokens))]  # 3: control
+    return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
+
+
+def write_gguf(path, model: models.Model, tokenizer):
+    """A float16 GGUF file of a llama-family model, in llama.cpp's layout (q/k rows permuted for its rope,
+    norms in float32), with the tokenizer in its metadata."""
+    import gguf
+    import numpy as np
+
+    args = model.args
+    tokens, types, merges = gguf_vocabulary(args, tokenizer)
+    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()}
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_block_count(args.num_hidden_layers)
+        writer.add_context_length(args.max_position_embeddings)
+        writer.add_embedding_length(args.hidden_size)
+        writer.add_feed_forward_length(args.intermediate_size)
+        writer.add_head_count(args.num_attention_heads)
+        writer.add_head_count_kv(args.num_key_value_heads)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+        writer.add_rope_freq_base(args.rope_theta)
+        if args.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(args.rope_scaling["factor"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        for name in ("bos", "eos", "pad"):
+            if getattr(tokenizer, f"{name}_token_id", None) is not None:
+                getattr(writer, f"add_{name}_token_id")(getattr(tokenizer, f"{name}_token_id"))
+        writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
+        if isinstance(tokenizer.chat_template, str):
+            writer.add_chat_template(tokenizer.chat_template)
+        for name, value in tree_flatten(model.parameters()):
+            parts = name.split(".")
+            if parts[1] == "layers":
+                layer, module = parts[2], ".".join(parts[3:-1])
+                gguf_name = f"blk.{layer}.{to_gguf[module]}.{parts[-1]}"
+            else:
+                gguf_name = f"{to_gguf[name.rsplit('.', 1)[0]]}.{parts[-1]}"
+            if parts[-2] in ("q_proj", "k_proj"):  # the inverse of read_gguf's permutation
+                heads = args.num_attention_heads if parts[-2] == "q_proj" else args.num_key_value_heads
+                rows, rest = value.shape[0], value.shape[1:]
+                value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+            writer.add_tensor(gguf_name, np.array(value.astype(mx.float16 if value.ndim == 2 else mx.float32)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(Path(path), write)
+
+
 def atomic_write(path: Path, write):
     """write(tmp_path) then rename, so an interrupted save never leaves a truncated file."""
     path = Path(path)
@@ -277,12 +356,94 @@ def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
 
 
 def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
-    """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer."""
+    """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer.
+    Float weights are saved in the config's type (the model may compute in another: float32 on the CPU)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_weights(path, tree_flatten(model.parameters()), shard_bytes)
+    dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
+    weights = ((k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+               for k, v in tree_flatten(model.parameters()))
+    save_weights(path, weights, shard_bytes)
     atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
     tokenizer.save_pretrained(str(path))
+
+
+def quantization_entry(layers: dict) -> dict:
+    """config.json's "quantization" for layers quantized with {path: {"group_size", "bits"}}, in mlx-lm's
+    layout: the most common settings, and the layers that differ listed by their path."""
+    common = dict(Counter(tuple(sorted(p.items())) for p in layers.values()).most_common(1)[0][0])
+    return dict(common, mode="affine",
+                **{path: dict(params, mode="affine") for path, params in layers.items() if params != common})
+
+
+def output_folder(path, flag: str, force: bool, source=None) -> Path:
+    """The folder a script is to write, checked before any work: refused if it is a file, the source, or a
+    folder that is not empty (unless force)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
+            raise UserError(f"{flag} {out}: is the folder being converted")
+        if not force:
+            raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
+    return out
+
+
+def write_folder(out: Path, write):
+    """write(folder) into a temporary folder beside `out`, renamed to `out` once complete, so that a failed
+    or interrupted write leaves nothing half-written; an existing `out` is replaced only then."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hub_client(repo: str):
+    """The hub client, once it is known that it has a token and reaches the hub (before any long work)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    api = HfApi()
+    try:
+        api.whoami()
+    except LocalTokenNotFoundError:
+        raise UserError(f"--upload-name {repo}: no Hugging Face token; log in with `hf auth login` "
+                        f"or set HF_TOKEN") from None
+    except Exception as e:  # no network, or a token the hub refuses
+        raise UserError(f"--upload-name {repo}: the Hugging Face hub cannot be reached or refuses the token "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    return api
+
+
+def upload(api, folder: Path, repo: str, what: str):
+    try:
+        api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                          commit_message=f"Upload {repo}, {what}")
+    except Exception as e:  # the hub client raises many kinds
+        raise UserError(f"--upload-name {repo}: upload failed ({type(e).__name__}: {first_line(e)}); "
+                        f"the model is in {folder}") from None
+    print(f"Uploaded to https://huggingface.co/{repo}", flush=True)
+
+
+def model_card(name: str, source: str, what: str) -> str:
+    """A short README.md for a model folder, naming its source (linked, and as base_model, if a hub repo)."""
+    hub = is_repo_id(source)
+    link = f"[{source}](https://huggingface.co/{source})" if hub else f"`{source}`"
+    header = "---\nlibrary_name: mlx\ntags:\n- mlx\n" + (f"base_model: {source}\n" if hub else "") + "---\n"
+    return f"{header}\n# {name}\n\nMade from {link}: {what}.\n\n```\npython lora.py --model {name} --prompt \"Hello\"\n```\n"
 
 
 def adapter_config_path(adapter_file) -> Path:
@@ -301,37 +462,124 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
                  lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2)))
 
 
-def load_adapters(model: nn.Module, adapter_file, scale=20.0, dropout=0.0):
-    """Wrap the layers the adapter file has weights for in LoRALinear and load them. Layers, targets and
-    rank come from the file's keys; the scale from adapter_config.json beside it (else `scale`)."""
-    adapter_file = Path(adapter_file)
-    if not adapter_file.exists():
-        raise UserError(f"--adapter-file {adapter_file}: no such file")
-    weights = mx.load(str(adapter_file))
-    config_path = adapter_config_path(adapter_file)
-    if config_path.exists():
-        params = json.loads(config_path.read_text()).get("lora_parameters", {})
-        scale = params.get("scale", scale)
+# PEFT names a layer's adapter base_model.model.<layer>.lora_A.weight (rank x input) and lora_B (output x rank)
+PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_adapters(adapter_path, scale=20.0):
+    """(weights named <layer>.lora_a / <layer>.lora_b as LoRALinear holds them, scale) of an adapter file
+    (.safetensors or .npz, with or without adapter_config.json beside it), an adapter folder of mlx-lm or
+    this toolkit (adapters.safetensors + adapter_config.json), or a PEFT LoRA folder."""
+    path = Path(adapter_path)
+    if not path.exists():
+        raise UserError(f"--adapter-file {path}: no such file or folder")
+    if path.is_dir():
+        config_path = path / "adapter_config.json"
+        if not config_path.exists():
+            raise UserError(f"{path}: no adapter_config.json (an adapter folder needs its config)")
+        config = read_json(config_path)
+        if "peft_type" in config:
+            return read_peft(path, config)
+        path = path / "adapters.safetensors"
+        if not path.exists():
+            raise UserError(f"{path.parent}: no adapters.safetensors (mlx-lm) or adapter_model.safetensors (PEFT)")
+    else:
+        config_path = adapter_config_path(path)
+        config = read_json(config_path) if config_path.exists() else {}
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise UserError(f"{config_path}: fine_tune_type {config['fine_tune_type']!r} is not supported (lora)")
+    return mx.load(str(path)), config.get("lora_parameters", {}).get("scale", scale)
+
+
+def read_peft(folder: Path, config: dict):
+    config_path = folder / "adapter_config.json"
+    if config["peft_type"] != "LORA":
+        raise UserError(f"{config_path}: PEFT adapters of type {config['peft_type']} are not supported (LORA)")
+    for key, supported in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, supported) != supported:
+            raise UserError(f"{config_path}: {key} = {config[key]!r} is not supported (only {supported!r})")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
+        if config.get(key):
+            raise UserError(f"{config_path}: {key} is not supported")
+    path = folder / "adapter_model.safetensors"
+    if not path.exists():
+        raise UserError(f"{folder}: no adapter_model.safetensors (an adapter_model.bin is not read: "
+                        f"save it with safe_serialization=True)")
+    weights = {}
+    for key, value in mx.load(str(path)).items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise UserError(f"{path}: {key} is not a LoRA weight of a linear layer")
+        weights[f"{match[1]}.lora_{match[2].lower()}"] = value.T
+    rank, alpha = config["r"], config.get("lora_alpha", 8)
+    return weights, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def load_adapters(model: nn.Module, adapter_path, scale=20.0, dropout=0.0):
+    """Wrap the layers that the adapters (see read_adapters) have weights for in LoRALinear and load them.
+    Layers, targets and rank come from the weights; the scale from the config (else `scale`)."""
+    weights, scale = read_adapters(adapter_path, scale)
     paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
     if not paths:
-        raise UserError(f"{adapter_file}: holds no LoRA weights (*.lora_a / *.lora_b)")
+        raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
     modules = dict(model.named_modules())
     wrapped = []
     for path in paths:
         if path not in modules:
-            raise UserError(f"{adapter_file}: layer {path} does not exist in this model")
+            raise UserError(f"{adapter_path}: layer {path} does not exist in this model (made for another base?)")
+        if not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
+            raise UserError(f"{adapter_path}: layer {path} is not a linear layer")
         wrapped.append((path, models.LoRALinear.from_linear(
             modules[path], rank=weights[f"{path}.lora_a"].shape[1], scale=scale, dropout=dropout)))
+    for path, lora in wrapped:
+        for name in ("lora_a", "lora_b"):
+            stored = weights.get(f"{path}.{name}")
+            if stored is None or stored.shape != lora[name].shape:
+                raise UserError(f"{adapter_path}: does not fit this model: {path}.{name} has shape "
+                                f"{None if stored is None else tuple(stored.shape)}, the model's is {tuple(lora[name].shape)}")
     model.update_modules(tree_unflatten(wrapped))
-    try:
-        model.load_weights(list(weights.items()), strict=False)
-        mx.eval(model.parameters())
-        for path, lora in wrapped:
-            if lora.lora_a.shape != weights[f"{path}.lora_a"].shape or lora.lora_b.shape != weights[f"{path}.lora_b"].shape:
-                raise ValueError(f"{path}: shapes differ from the model's")
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{adapter_file}: does not fit this model: {e}") from None
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
     return model
+
+
+def lora_layers(model: nn.Module) -> dict:
+    return {path: m for path, m in model.named_modules() if isinstance(m, models.LoRALinear)}
+
+
+def save_peft(folder, model: nn.Module, base_model: str, dropout: float = 0.0):
+    """The model's LoRA adapters as a PEFT folder (adapter_model.safetensors, adapter_config.json), which
+    peft.PeftModel.from_pretrained loads on the transformers model of the same base."""
+    layers = lora_layers(model)
+    ranks, scales = {m.lora_a.shape[1] for m in layers.values()}, {m.scale for m in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise UserError(f"PEFT holds one rank and one scale for all layers; these adapters have ranks "
+                        f"{sorted(ranks)} and scales {sorted(scales)}")
+    (rank,), (scale,) = ranks, scales
+    weights = {}
+    for path, m in layers.items():
+        weights[f"base_model.model.{path}.lora_A.weight"] = m.lora_a.T
+        weights[f"base_model.model.{path}.lora_B.weight"] = m.lora_b.T
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": scale * rank, "lora_dropout": dropout, "use_rslora": False,
+        # the exact layers, matched whole (PEFT's re.fullmatch of a string)
+        "target_modules": "|".join(re.escape(path) for path in sorted(layers)),
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "inference_mode": True,
+    }
+
+    def write(tmp):
+        mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    write_folder(Path(folder), write)
 
 
 def sample(logits: mx.array, temp: float, top_p: float) -> mx.array:

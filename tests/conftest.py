@@ -64,6 +64,23 @@ def val_losses(out):
     return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): Val loss ([\d.]+)", out)}
 
 
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records the calls and what the folder held when uploaded."""
+    calls = []
+
+    def whoami(self):
+        self.calls.append(("whoami",))
+        return {"name": "me"}
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        self.calls.append(("upload_folder", kwargs, sorted(p.name for p in folder.iterdir()),
+                           (folder / "README.md").read_text()))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer of a few hundred tokens, trained on the synthetic set."""

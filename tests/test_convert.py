@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import FP32_ATOL, ROOT, random_checkpoint, sql_texts, val_losses, write_gguf
+from conftest import FP32_ATOL, ROOT, FakeHub, random_checkpoint, sql_texts, val_losses, write_gguf
 from mlx import nn
 from mlx.utils import tree_flatten
 
@@ -183,23 +183,6 @@ def test_qlora_on_a_converted_model_trains_adapters_only(sharded, tmp_path, caps
     assert saved and all(k.endswith((".lora_a", ".lora_b")) for k in saved)
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records the calls and what the folder held when uploaded."""
-    calls = []
-
-    def whoami(self):
-        self.calls.append(("whoami",))
-        return {"name": "me"}
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        self.calls.append(("upload_folder", kwargs, sorted(p.name for p in folder.iterdir()),
-                           (folder / "README.md").read_text()))
-
-
 def test_upload(sharded, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
@@ -244,7 +227,7 @@ def test_failed_upload_keeps_the_converted_model(sharded, tmp_path, monkeypatch)
             raise ConnectionError("connection reset")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FailingHub)
-    with pytest.raises(UserError, match=r"upload failed .*the converted model is in"):
+    with pytest.raises(UserError, match=r"upload failed .*the model is in"):
         run_convert("--hf-path", sharded[0], "--mlx-path", tmp_path / "out", "--upload-name", "me/x")
     assert utils.load(str(tmp_path / "out"))
 

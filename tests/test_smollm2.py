@@ -14,8 +14,8 @@ def smollm2(smollm2_gguf):
     return utils.load(str(smollm2_gguf))
 
 
-def test_greedy_answer_names_paris(smollm2):
-    model, tokenizer, _ = smollm2
+def france(model, tokenizer):
+    """The greedy answer to "What is the capital of France?"."""
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          add_generation_prompt=True, tokenize=False)
     prompt = tokenizer.encode(chat, add_special_tokens=False)
@@ -24,7 +24,11 @@ def test_greedy_answer_names_paris(smollm2):
         if token == tokenizer.eos_token_id:
             break
         answer.append(token)
-    assert "Paris" in tokenizer.decode(answer)
+    return tokenizer.decode(answer)
+
+
+def test_greedy_answer_names_paris(smollm2):
+    assert "Paris" in france(smollm2[0], smollm2[1])
 
 
 def test_logits_match_transformers_on_the_dequantized_weights(smollm2, tmp_path):
@@ -67,3 +71,39 @@ def test_tokenizer_matches_transformers_gguf_reader(smollm2, smollm2_gguf):
             == reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (reference.bos_token, reference.eos_token,
                                                                 reference.pad_token)
+
+
+def test_trained_adapters_in_peft_fused_and_in_gguf(smollm2_gguf, tmp_path, capsys):
+    """Adapters trained by lora.py on the dequantized base: PEFT loads them on transformers' model with the
+    same logits; fused (a folder, a GGUF file), the model answers the France prompt as it did unfused."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import convert
+    import fuse
+
+    base = tmp_path / "base"
+    convert.convert(convert.build_parser().parse_args(["--hf-path", str(smollm2_gguf), "--mlx-path", str(base),
+                                                       "--dtype", "float32"]))
+    adapters = tmp_path / "adapters.safetensors"
+    run_lora(capsys, "--model", base, "--data", ROOT / "data", "--train", "--iters", 4, "--learning-rate", 2e-4,
+             "--lora-targets", "q_proj", "v_proj", "down_proj", "--val-batches", 1, "--adapter-file", adapters)
+    for flags in (["--export-peft", tmp_path / "peft"], ["--save-path", tmp_path / "fused"],
+                  ["--export-gguf", tmp_path / "fused.gguf"]):
+        fuse.fuse(fuse.build_parser().parse_args(["--model", str(base), "--adapter-file", str(adapters),
+                                                  *map(str, flags)]))
+
+    model, tokenizer, _ = utils.load(str(base))
+    utils.load_adapters(model, adapters)
+    tokens = tokenizer.encode("table: 1-10015132-16\ncolumns: Player, No., Nationality\nQ: What is terrence "
+                              "ross' nationality\nA: SELECT Nationality FROM 1-10015132-16")
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([tokens])).logits.numpy()
+    assert np.abs(np.array(model(mx.array([tokens]))) - expected).max() < 1e-3
+
+    answer = france(model, tokenizer)
+    assert "Paris" in answer
+    assert france(*utils.load(str(tmp_path / "fused"))[:2]) == answer
+    assert france(*utils.load(str(tmp_path / "fused.gguf"))[:2]) == answer

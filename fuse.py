@@ -1,0 +1,94 @@
+"""Merge LoRA adapters into the base model's weights and save the result in the Hugging Face layout or as
+a GGUF file, or export the adapters as a PEFT folder; optionally upload the fused model."""
+import argparse
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_unflatten
+
+import models
+import utils
+from utils import UserError
+
+DEFAULT_SAVE_PATH = "lora_fused_model"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Fuse LoRA adapters into the model, or export them to PEFT.")
+    p.add_argument("--model", default="mlx_model",
+                   help="Base model: folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
+    p.add_argument("--adapter-file", help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT "
+                                          "folder (default adapters.safetensors, else adapters.npz).")
+    p.add_argument("--save-path", help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; "
+                                       f"with --export-peft, none unless given).")
+    p.add_argument("--de-quantize", action="store_true", help="Save a quantized base's fused model in float16.")
+    p.add_argument("--export-peft", metavar="DIR", help="Write the adapters, unfused, as a PEFT folder.")
+    p.add_argument("--export-gguf", metavar="PATH", help="Write the fused model as a float16 GGUF file (llama family).")
+    p.add_argument("--upload-name", help="Upload the fused model to this Hugging Face repo.")
+    p.add_argument("--hf-path", "--hf-repo", dest="hf_path",
+                   help="The base model's Hugging Face repo, named in the model card and the PEFT config.")
+    p.add_argument("--force", action="store_true", help="Replace --save-path / --export-peft if not empty.")
+    return p
+
+
+def fuse(args):
+    if args.adapter_file is None:
+        args.adapter_file = next((f for f in ("adapters.safetensors", "adapters.npz") if Path(f).exists()),
+                                 "adapters.safetensors")
+    save_path = args.save_path or (None if args.export_peft or args.export_gguf else DEFAULT_SAVE_PATH)
+    if args.upload_name and not save_path:
+        raise UserError("--upload-name uploads the fused model: give --save-path too")
+    # every check that can fail comes before the model is loaded
+    out = utils.output_folder(save_path, "--save-path", args.force) if save_path else None
+    if args.export_peft:
+        utils.output_folder(args.export_peft, "--export-peft", args.force)
+    if args.export_gguf and Path(args.export_gguf).exists() and not args.force:
+        raise UserError(f"--export-gguf {args.export_gguf}: exists (pass --force to replace it)")
+    api = utils.hub_client(args.upload_name) if args.upload_name else None
+    utils.read_adapters(args.adapter_file)
+
+    model, tokenizer, config = utils.load(args.model)
+    model.freeze()
+    if args.export_gguf:
+        utils.gguf_vocabulary(model.args, tokenizer)
+    utils.load_adapters(model, args.adapter_file)
+    base = args.hf_path or args.model
+    if args.export_peft:
+        utils.save_peft(args.export_peft, model, base)
+        print(f"Wrote the adapters as a PEFT folder to {args.export_peft}", flush=True)
+    if out is None and not args.export_gguf:
+        return
+
+    model.update_modules(tree_unflatten([(path, m.to_linear()) for path, m in utils.lora_layers(model).items()]))
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if args.de_quantize:
+        models.dequantize(model, mx.float16)
+        config["dtype" if "dtype" in config else "torch_dtype"] = "float16"
+    quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    if quantized:
+        config["quantization"] = utils.quantization_entry(quantized)
+
+    def write(folder):
+        utils.save_model(folder, model, tokenizer, config)
+        (folder / "README.md").write_text(utils.model_card(
+            args.upload_name or str(out), base, f"the base with LoRA adapters `{args.adapter_file}` fused in"))
+
+    if out is not None:
+        utils.write_folder(out, write)
+        print(f"Wrote the fused model to {out}", flush=True)
+    if args.export_gguf:
+        models.dequantize(model, mx.float16)
+        utils.write_gguf(args.export_gguf, model, tokenizer)
+        print(f"Wrote the fused model as GGUF to {args.export_gguf}", flush=True)
+    if api is not None:
+        utils.upload(api, out, args.upload_name, f"{base} with LoRA adapters fused in")
+
+
+if __name__ == "__main__":
+    try:
+        fuse(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"fuse.py: error: {e}")

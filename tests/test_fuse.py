@@ -1,0 +1,246 @@
+"""fuse.py and adapter interoperability: fused models in transformers, adapters to and from PEFT, mlx-lm
+adapter folders, and bad adapters."""
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import FP32_ATOL, FakeHub, run_lora
+from mlx import nn
+
+import convert
+import fuse
+import models
+import utils
+from utils import UserError
+
+PROMPT = "Q: the team when year is 7\nA: SELECT team FROM t WHERE year = 7"
+ALL_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, scale=2.0):
+    """Adapters with random (non-zero) lora_b on `base`, saved as lora.py saves them; the adapted model."""
+    model, _, _ = utils.load(str(base))
+    model.freeze()
+    models.linear_to_lora_layers(model, targets, layers, rank, scale)
+    mx.random.seed(1)
+    for lora in utils.lora_layers(model).values():
+        lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
+    utils.save_adapters(adapter_file, model, {"fine_tune_type": "lora", "lora_parameters": {"rank": rank, "scale": scale}})
+    return model
+
+
+def run_fuse(*flags):
+    fuse.fuse(fuse.build_parser().parse_args([str(f) for f in flags]))
+
+
+def logits(model, tokens):
+    return np.array(model(mx.array([tokens])).astype(mx.float32))
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits.float().numpy()
+
+
+def copy_of(reference):
+    """PEFT wraps the model it is given in place: give it a copy of the shared one."""
+    model = type(reference)(reference.config)
+    model.load_state_dict(reference.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base(make_checkpoint):
+    folder, reference = make_checkpoint("llama")
+    tokens = utils.load(str(folder))[1].encode(PROMPT)
+    return folder, reference, tokens
+
+
+def test_fused_model_loads_in_transformers_with_the_adapters_logits(base, tmp_path):
+    import transformers
+
+    folder, reference, tokens = base
+    adapted = random_adapter(folder, tmp_path / "adapters.safetensors")
+    expected = logits(adapted, tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 0.1  # the adapters matter
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
+             "--save-path", tmp_path / "fused")
+    fused = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32)
+    assert np.abs(torch_logits(fused, tokens) - expected).max() <= FP32_ATOL
+    ours, _, _ = utils.load(str(tmp_path / "fused"))
+    assert not utils.lora_layers(ours) and np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
+
+
+def test_fusing_into_a_quantized_base(base, tmp_path):
+    """Re-quantized with the base's own bits and group size, or saved in float16 with --de-quantize."""
+    import transformers
+
+    folder, _, tokens = base
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q8"), "-q", "--q-bits", "8", "--q-group-size", "32"]))
+    adapted = random_adapter(tmp_path / "q8", tmp_path / "adapters.safetensors")
+    expected = logits(adapted, tokens)
+    run_fuse("--model", tmp_path / "q8", "--adapter-file", tmp_path / "adapters.safetensors",
+             "--save-path", tmp_path / "fused")
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    fused, _, _ = utils.load(str(tmp_path / "fused"))
+    assert isinstance(fused.layers[3].self_attn.q_proj, nn.QuantizedLinear)
+    base_error = np.abs(logits(utils.load(str(tmp_path / "q8"))[0], tokens) - expected).max()
+    assert np.abs(logits(fused, tokens) - expected).max() < 0.1 * base_error  # 8-bit rounding of the sum
+
+    run_fuse("--model", tmp_path / "q8", "--adapter-file", tmp_path / "adapters.safetensors",
+             "--save-path", tmp_path / "fp16", "--de-quantize")
+    assert "quantization" not in json.loads((tmp_path / "fp16" / "config.json").read_text())
+    fp16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp16", dtype=torch.float32)
+    assert next(iter(mx.load(str(tmp_path / "fp16" / "model.safetensors")).values())).dtype == mx.float16
+    assert np.abs(torch_logits(fp16, tokens) - expected).max() < 0.1 * base_error
+
+
+def test_export_to_peft(base, tmp_path):
+    from peft import PeftModel
+
+    folder, reference, tokens = base
+    adapted = random_adapter(folder, tmp_path / "adapters.safetensors", rank=4, scale=2.0)
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
+             "--export-peft", tmp_path / "peft", "--hf-path", "someone/tiny")
+    assert not (tmp_path / "lora_fused_model").exists()  # only the export was asked for
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, "someone/tiny")
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapters_load_here(base, tmp_path, data_dir, capsys, rslora):
+    """A PEFT LoRA on some layers and all kinds of targets: same logits here, and lora.py tests, resumes
+    and fuse.py fuses with it."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, reference, tokens = base
+    model = copy_of(reference)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"],
+                        layers_to_transform=[1, 3], use_rslora=rslora, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = torch_logits(peft_model, tokens)
+
+    ours, _, _ = utils.load(str(folder))
+    utils.load_adapters(ours, tmp_path / "peft")
+    assert len(utils.lora_layers(ours)) == 14
+    assert np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
+
+    out = run_lora(capsys, "--model", folder, "--adapter-file", tmp_path / "peft", "--data", data_dir, "--test")
+    assert "Test loss" in out
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "peft", "--save-path", tmp_path / "fused")
+    assert np.abs(logits(utils.load(str(tmp_path / "fused"))[0], tokens) - expected).max() <= FP32_ATOL
+    out = run_lora(capsys, "--model", folder, "--resume-adapter-file", tmp_path / "peft", "--train",
+                   "--data", data_dir, "--iters", 2, "--adapter-file", tmp_path / "resumed.safetensors")
+    assert set(mx.load(str(tmp_path / "resumed.safetensors"))) == {
+        f"model.layers.{i}.{t}.lora_{ab}" for i in (1, 3) for t in ALL_TARGETS for ab in "ab"}
+
+
+def test_mlx_lm_adapter_folder(base, tmp_path):
+    """mlx-lm saves adapters.safetensors (the same names and layout as ours) with adapter_config.json in
+    a folder; --adapter-file takes the folder."""
+    folder, _, tokens = base
+    adapted = random_adapter(folder, tmp_path / "mine.safetensors", scale=10.0)
+    (tmp_path / "mlx_lm").mkdir()
+    shutil.copy(tmp_path / "mine.safetensors", tmp_path / "mlx_lm" / "adapters.safetensors")
+    (tmp_path / "mlx_lm" / "adapter_config.json").write_text(json.dumps({
+        "model": "someone/tiny", "fine_tune_type": "lora", "num_layers": 2,
+        "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 10.0}}))
+    ours, _, _ = utils.load(str(folder))
+    utils.load_adapters(ours, tmp_path / "mlx_lm")
+    assert np.abs(logits(ours, tokens) - logits(adapted, tokens)).max() == 0
+
+
+def test_bad_adapters_are_one_line_errors_leaving_nothing(base, make_checkpoint, tmp_path):
+    folder, _, _ = base
+    wider, _ = make_checkpoint("llama", hidden_size=128, intermediate_size=256)
+    random_adapter(wider, tmp_path / "wider.safetensors", layers=1)
+    deeper, _ = make_checkpoint("llama", num_hidden_layers=6)
+    random_adapter(deeper, tmp_path / "deeper.safetensors", layers=1)
+    (tmp_path / "no_config").mkdir()
+    shutil.copy(tmp_path / "wider.safetensors", tmp_path / "no_config" / "adapters.safetensors")
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    cases = [
+        (tmp_path / "wider.safetensors", r"does not fit this model: model.layers.3.mlp.down_proj.lora_a has shape \(256, 4\), the model.s is \(128, 4\)"),
+        (tmp_path / "deeper.safetensors", r"layer model.layers.5.mlp.down_proj does not exist in this model \(made for another base\?\)"),
+        (tmp_path / "no_config", "no adapter_config.json"),
+        (ia3, "PEFT adapters of type IA3 are not supported"),
+        (dora, "use_dora = True is not supported"),
+        (tmp_path / "missing.safetensors", "no such file or folder"),
+    ]
+    for adapter, message in cases:
+        with pytest.raises(UserError, match=message):
+            run_fuse("--model", folder, "--adapter-file", adapter, "--save-path", tmp_path / "out",
+                     "--export-peft", tmp_path / "peft_out")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "peft_out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_gguf(base, tmp_path):
+    """An fp16 GGUF of the fused model: the gguf package reads it as llama.cpp's converter would write it,
+    and utils.load gives the adapted model's logits back (to fp16 rounding) and the same tokenizer."""
+    import gguf
+
+    folder, _, tokens = base
+    adapted = random_adapter(folder, tmp_path / "adapters.safetensors")
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf",
+             tmp_path / "fused.gguf")
+    assert not (tmp_path / "lora_fused_model").exists()
+    reader = gguf.GGUFReader(tmp_path / "fused.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 4
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == 300
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert len(kinds) == 4 * 9 + 3
+
+    loaded, tokenizer, _ = utils.load(str(tmp_path / "fused.gguf"))
+    assert tokenizer.encode(PROMPT) == tokens
+    expected = logits(adapted, tokens)
+    error = np.abs(logits(loaded, tokens) - expected).max()
+    assert error < 0.02 < np.abs(logits(utils.load(str(folder))[0], tokens) - expected).max()
+
+
+def test_export_gguf_refuses_what_it_cannot_write(make_checkpoint, tmp_path):
+    folder, _ = make_checkpoint("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    random_adapter(folder, tmp_path / "adapters.safetensors")
+    with pytest.raises(UserError, match="--export-gguf: rope scaling 'llama3' is not written"):
+        run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf",
+                 tmp_path / "fused.gguf", "--save-path", tmp_path / "fused")
+    assert not (tmp_path / "fused.gguf").exists() and not (tmp_path / "fused").exists()
+
+
+def test_upload_names_the_base(base, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, _, _ = base
+    random_adapter(folder, tmp_path / "adapters.safetensors")
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.chdir(tmp_path)  # the default adapters.safetensors and lora_fused_model/
+    run_fuse("--model", folder, "--upload-name", "me/tiny-sql", "--hf-repo", "someone/tiny-llama")
+    assert [c[0] for c in FakeHub.calls] == ["whoami", "create_repo", "upload_folder"]
+    _, upload, files, card = FakeHub.calls[2]
+    assert upload["folder_path"] == "lora_fused_model" and upload["repo_id"] == "me/tiny-sql"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert "base_model: someone/tiny-llama" in card
