@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import FP32_ATOL, FakeHub, run_lora
 from mlx import nn
+from mlx.utils import tree_flatten
 
 import convert
 import fuse
@@ -150,21 +151,6 @@ def test_peft_adapters_load_here(base, tmp_path, data_dir, capsys, rslora):
         f"model.layers.{i}.{t}.lora_{ab}" for i in (1, 3) for t in ALL_TARGETS for ab in "ab"}
 
 
-def test_mlx_lm_adapter_folder(base, tmp_path):
-    """mlx-lm saves adapters.safetensors (the same names and layout as ours) with adapter_config.json in
-    a folder; --adapter-file takes the folder."""
-    folder, _, tokens = base
-    adapted = random_adapter(folder, tmp_path / "mine.safetensors", scale=10.0)
-    (tmp_path / "mlx_lm").mkdir()
-    shutil.copy(tmp_path / "mine.safetensors", tmp_path / "mlx_lm" / "adapters.safetensors")
-    (tmp_path / "mlx_lm" / "adapter_config.json").write_text(json.dumps({
-        "model": "someone/tiny", "fine_tune_type": "lora", "num_layers": 2,
-        "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 10.0}}))
-    ours, _, _ = utils.load(str(folder))
-    utils.load_adapters(ours, tmp_path / "mlx_lm")
-    assert np.abs(logits(ours, tokens) - logits(adapted, tokens)).max() == 0
-
-
 def test_bad_adapters_are_one_line_errors_leaving_nothing(base, make_checkpoint, tmp_path):
     folder, _, _ = base
     wider, _ = make_checkpoint("llama", hidden_size=128, intermediate_size=256)
@@ -244,3 +230,39 @@ def test_upload_names_the_base(base, tmp_path, monkeypatch):
     assert upload["folder_path"] == "lora_fused_model" and upload["repo_id"] == "me/tiny-sql"
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     assert "base_model: someone/tiny-llama" in card
+
+
+def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
+    """Adapters trained by lora.py load in mlx-lm, and mlx-lm's load here, with the same logits."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+
+    folder, _, tokens = base
+    (tmp_path / "ours").mkdir()
+    run_lora(capsys, "--model", folder, "--train", "--data", data_dir, "--iters", 3, "--learning-rate", 1e-2,
+             "--lora-layers", 2, "--lora-targets", "q_proj", "v_proj", "down_proj",
+             "--adapter-file", tmp_path / "ours" / "adapters.safetensors")
+    ours, _, _ = utils.load(str(folder))
+    utils.load_adapters(ours, tmp_path / "ours")
+    theirs, _ = mlx_lm.load(str(folder))
+    load_adapters(theirs, str(tmp_path / "ours"))
+    expected = logits(ours, tokens)
+    assert np.abs(expected - logits(utils.load(str(folder))[0], tokens)).max() > 1e-2  # trained: not zero
+    assert np.abs(logits(theirs, tokens) - expected).max() <= FP32_ATOL
+
+    theirs, _ = mlx_lm.load(str(folder))
+    theirs.freeze()
+    params = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "mlp.up_proj"]}
+    linear_to_lora_layers(theirs, 3, params)
+    mx.random.seed(3)
+    for layer in theirs.model.layers[1:]:
+        for lora in (layer.self_attn.k_proj, layer.mlp.up_proj):
+            lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
+    (tmp_path / "theirs").mkdir()
+    mx.save_safetensors(str(tmp_path / "theirs" / "adapters.safetensors"),
+                        dict(tree_flatten(theirs.trainable_parameters())))
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 3, "lora_parameters": params}))
+    ours, _, _ = utils.load(str(folder))
+    utils.load_adapters(ours, tmp_path / "theirs")
+    assert np.abs(logits(ours, tokens) - logits(theirs, tokens)).max() <= FP32_ATOL
