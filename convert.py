@@ -117,10 +117,7 @@ def convert(args):
                                                         args.q_embedding_bits)
     del weights  # a source tensor, once read, would stay in memory as long as anything refers to it
 
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    config["dtype" if "dtype" in config else "torch_dtype"] = args.dtype
-    if quantization:
-        config["quantization"] = utils.quantization_entry(quantized)
+    config = utils.output_config(config, args.dtype, quantized)
 
     def write(folder):
         utils.save_weights(folder, tensors, int(args.max_shard_size * 1e9))

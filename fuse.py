@@ -47,13 +47,13 @@ def fuse(args):
     if args.export_gguf and Path(args.export_gguf).exists() and not args.force:
         raise UserError(f"--export-gguf {args.export_gguf}: exists (pass --force to replace it)")
     api = utils.hub_client(args.upload_name) if args.upload_name else None
-    utils.read_adapters(args.adapter_file)
+    adapters = utils.read_adapters(args.adapter_file)
 
     model, tokenizer, config = utils.load(args.model)
     model.freeze()
     if args.export_gguf:
         utils.gguf_vocabulary(model.args, tokenizer)
-    utils.load_adapters(model, args.adapter_file)
+    utils.apply_adapters(model, *adapters, args.adapter_file)
     base = args.hf_path or args.model
     if args.export_peft:
         utils.save_peft(args.export_peft, model, base)
@@ -62,14 +62,11 @@ def fuse(args):
         return
 
     model.update_modules(tree_unflatten([(path, m.to_linear()) for path, m in utils.lora_layers(model).items()]))
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if args.de_quantize:
         models.dequantize(model, mx.float16)
-        config["dtype" if "dtype" in config else "torch_dtype"] = "float16"
     quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
-    if quantized:
-        config["quantization"] = utils.quantization_entry(quantized)
+    config = utils.output_config(config, "float16" if args.de_quantize else None, quantized)
 
     def write(folder):
         utils.save_model(folder, model, tokenizer, config)

@@ -234,7 +234,7 @@ def main(args):
                 raise UserError(str(e)) from None
         if len(data["train"]) < args.batch_size:
             raise UserError(f"{args.data}/train.jsonl: {len(data['train'])} examples, fewer than --batch-size")
-        lora_params = {path: m for path, m in model.named_modules() if isinstance(m, models.LoRALinear)}
+        lora_params = utils.lora_layers(model)
         first = next(iter(lora_params.values()))
         adapter_config = {
             "base_model": args.model,

@@ -123,10 +123,7 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model"):
         path = hub_snapshot(path_or_repo)
     if not (path / "config.json").exists():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    config = read_json(path / "config.json")
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
@@ -138,6 +135,13 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model"):
     except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
         raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
     return config, weights, tokenizer
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def first_line(error: Exception) -> str:
@@ -368,6 +372,17 @@ def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int
     tokenizer.save_pretrained(str(path))
 
 
+def output_config(config: dict, dtype=None, quantized=None) -> dict:
+    """The config.json of a written model: the source's, with its float type set to `dtype` (if given) and
+    its quantization that of the `quantized` layers ({path: {"group_size", "bits"}}), if any."""
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if dtype is not None:
+        config["dtype" if "dtype" in config else "torch_dtype"] = dtype
+    if quantized:
+        config["quantization"] = quantization_entry(quantized)
+    return config
+
+
 def quantization_entry(layers: dict) -> dict:
     """config.json's "quantization" for layers quantized with {path: {"group_size", "bits"}}, in mlx-lm's
     layout: the most common settings, and the layers that differ listed by their path."""
@@ -466,13 +481,6 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_adapters(adapter_path, scale=20.0):
     """(weights named <layer>.lora_a / <layer>.lora_b as LoRALinear holds them, scale) of an adapter file
     (.safetensors or .npz, with or without adapter_config.json beside it), an adapter folder of mlx-lm or
@@ -525,7 +533,11 @@ def read_peft(folder: Path, config: dict):
 def load_adapters(model: nn.Module, adapter_path, scale=20.0, dropout=0.0):
     """Wrap the layers that the adapters (see read_adapters) have weights for in LoRALinear and load them.
     Layers, targets and rank come from the weights; the scale from the config (else `scale`)."""
-    weights, scale = read_adapters(adapter_path, scale)
+    return apply_adapters(model, *read_adapters(adapter_path, scale), adapter_path, dropout)
+
+
+def apply_adapters(model: nn.Module, weights: dict, scale: float, adapter_path, dropout=0.0):
+    """load_adapters on adapters already read (read_adapters); adapter_path names them in errors."""
     paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
     if not paths:
         raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
