@@ -18,6 +18,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 # They lose the most to quantization (every token passes through them, and the output layer's errors go
 # straight into the logits), and are a small part of the weights: llama.cpp and PEFT's QLoRA spare them too.
 EMBEDDING_LAYERS = ("model.embed_tokens", "lm_head")
+# Mixtral's router: a few numbers per token decide which experts run; AutoAWQ and bitsandbytes QLoRA keep it
+# unquantized too, and it is a tiny part of the weights.
+UNQUANTIZED = ".block_sparse_moe.gate"
 
 
 def build_parser():
@@ -46,10 +49,8 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     quantized layer (the token embedding and output layer at embedding_bits); and the number of linear
     layers left in dtype. Quantized inputs are dequantized first. Checks, before anything is computed,
     that the weights are those the config describes."""
-    try:
-        model = models.Model(models.ModelArgs.from_config(config))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config.json: {e}") from None
+    model = models.Model(utils.model_args(config))
+    model.keep(weights)
     # The model's parameters are never evaluated: they cost no memory, and give the names and shapes.
     modules = dict(model.named_modules())
     expected = tree_flatten(model.parameters())
@@ -72,7 +73,8 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             raise UserError(f"the weights do not fit config.json: {problem}: {', '.join(names[:3])}{more}")
 
-    layers = {path for path, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))}
+    layers = {path for path, m in modules.items()
+              if isinstance(m, (nn.Linear, nn.Embedding)) and not path.endswith(UNQUANTIZED)}
     quantized = {}  # path: {"group_size", "bits"}
     for path in sorted(layers) if quantization else []:
         if source[f"{path}.weight"].shape[-1] % quantization["group_size"] == 0:

@@ -4,7 +4,6 @@ import json
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,8 +34,12 @@ def build_parser():
     p.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
     p.add_argument("--max-seq-length", type=int, default=2048, help="Longer examples are truncated.")
     p.add_argument("--lora-layers", type=int, default=16, help="Adapt the last N layers (-1: all).")
-    p.add_argument("--lora-targets", nargs="+", default=["self_attn.q_proj", "self_attn.v_proj"],
-                   help="Module paths inside a layer to adapt, e.g. self_attn.q_proj mlp.down_proj.")
+    p.add_argument("--lora-targets", nargs="+",
+                   help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
+                        "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
+                        "Phi-3: self_attn.qkv_proj). See --list-targets.")
+    p.add_argument("--list-targets", metavar="MODEL",
+                   help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
     p.add_argument("--lora-rank", type=int, default=8, help="Rank of the adapters.")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=float, default=20.0, help="Scale of the adapter's output.")
@@ -137,11 +140,13 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs, targets, lengths):
         (loss, ntoks), grads = loss_and_grad(model, inputs, targets, lengths)
         optimizer.update(model, grads)
         return loss, ntoks
+
+    if not model.args.num_local_experts:  # experts route on the host (models.SparseMoE): not compilable
+        step = mx.compile(step, inputs=state, outputs=state)
 
     losses, ntokens, total_tokens = [], 0, 0
     tic = start = time.perf_counter()
@@ -203,7 +208,21 @@ def generate(model, tokenizer, config, args):
     print(tokenizer.decode(tokens)[len(printed):], flush=True)
 
 
+def list_targets(path):
+    config, _, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
+    model = models.Model(utils.model_args(config))  # never evaluated: names and shapes only
+    default = models.default_lora_targets(model)
+    print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, each with these linear layers "
+          f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
+    modules = dict(model.layers[0].named_modules())
+    for target in models.linear_layers(model.layers[0]):
+        output_dims, input_dims = modules[target].weight.shape
+        print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
+
+
 def main(args):
+    if args.list_targets:
+        return list_targets(args.list_targets)
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
@@ -228,8 +247,9 @@ def main(args):
             utils.load_adapters(model, args.resume_adapter_file, scale, args.lora_dropout)
         else:
             try:
-                models.linear_to_lora_layers(model, args.lora_targets, args.lora_layers, args.lora_rank,
-                                             scale, args.lora_dropout)
+                targets = args.lora_targets or models.default_lora_targets(model)
+                models.linear_to_lora_layers(model, targets, args.lora_layers, args.lora_rank, scale,
+                                             args.lora_dropout)
             except ValueError as e:
                 raise UserError(str(e)) from None
         if len(data["train"]) < args.batch_size:

@@ -1,5 +1,7 @@
-"""One decoder for the Llama family (Llama 1-3, Mistral), configured from a Hugging Face config.json,
-and the LoRALinear wrapper. Parameter names follow Hugging Face's, so checkpoints load without renaming."""
+"""One decoder for Llama, Mistral, Mixtral, Qwen2, Gemma, Phi-2 and Phi-3 (and Phi-3-vision's language model),
+configured from a Hugging Face config.json, and the LoRALinear wrapper. Parameter names follow Hugging Face's,
+so checkpoints load, fuse and export without renaming."""
+import fnmatch
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -9,7 +11,22 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# model_type: the switches that set a family apart from Llama (ModelArgs' defaults); config.json sets the rest.
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "mixtral": {"mlp": "sparse_moe"},
+    "qwen2": {"qkv_bias": True},
+    "gemma": {"norm": "rms_offset", "scale_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+              "tie_word_embeddings": True},
+    "phi": {"norm": "layer", "parallel": True, "mlp": "fc", "attention_bias": True, "mlp_bias": True,
+            "lm_head_bias": True, "hidden_act": "gelu_new", "partial_rotary_factor": 0.5,
+            "output_proj": "dense", "final_norm": "final_layernorm"},
+    "phi3": {"fused": True},
+    "phi3_v": {"fused": True, "kept_prefix": "model.vision_embed_tokens."},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
 
 
 @dataclass
@@ -21,35 +38,67 @@ class ModelArgs:
     num_attention_heads: int
     vocab_size: int
     rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-5
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
+    partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 2048
+    original_max_position_embeddings: Optional[int] = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None  # "full_attention" or "sliding_attention", per layer
     hidden_act: str = "silu"
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    # family switches (FAMILIES)
+    norm: str = "rms"  # rms, rms_offset (Gemma: weight + 1), layer (LayerNorm with bias)
+    mlp: str = "gated"  # gated (gate, up, down), fc (fc1, fc2), sparse_moe (Mixtral's experts)
+    fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
+    parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
+    qkv_bias: bool = False
+    lm_head_bias: bool = False
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    output_proj: str = "o_proj"
+    final_norm: str = "norm"
+    kept_prefix: Optional[str] = None  # weights kept as they are, unused (Phi-3-vision's image encoder)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         config = dict(config)
-        if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        family = FAMILIES.get(config.get("model_type"))
+        if family is None:
             raise ValueError(
                 f"model_type {config.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        # transformers 5 moved rope_theta and rope_scaling into rope_parameters.
-        rope = config.pop("rope_parameters", None) or {}
-        if "rope_theta" in rope:
-            config["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
+        # transformers 5 moved rope_theta, rope_scaling and partial_rotary_factor into rope_parameters.
+        rope = config.pop("rope_parameters", None) or config.get("rope_scaling") or {}
+        for key in ROPE_PARAMETERS:
+            if rope.get(key) is not None:
+                config[key] = rope[key]
+        scaling = {k: v for k, v in rope.items() if k not in ROPE_PARAMETERS}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        config["rope_scaling"] = scaling if kind != "default" else None
+        if config["model_type"] == "gemma":  # transformers reads hidden_activation (else tanh-gelu), not hidden_act
+            config["hidden_act"] = config.get("hidden_activation") or family["hidden_act"]
+        if config["model_type"] == "qwen2":
+            layers, window = config.get("num_hidden_layers", 0), config.get("max_window_layers", 0)
+            if not config.get("use_sliding_window"):
+                config["sliding_window"] = None
+            elif config.get("layer_types") is None:
+                config["layer_types"] = ["sliding_attention" if i >= window else "full_attention"
+                                         for i in range(layers)]
+        if config.get("qk_layernorm"):
+            raise ValueError("qk_layernorm is not supported")
         names = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in names})
+        given = {k: v for k, v in config.items() if k in names and v is not None}
+        args = cls(**{**family, **given})
+        if args.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {args.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         return args
@@ -57,28 +106,59 @@ class ModelArgs:
     @property
     def rope_type(self) -> str:
         scaling = self.rope_scaling or {}
-        return scaling.get("rope_type", scaling.get("type", "default"))
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        return "longrope" if kind == "su" else kind  # Phi-3's configs call it su
 
 
-def rope_frequencies(args: ModelArgs) -> mx.array:
-    """The rotary wavelengths / 2pi (what mx.fast.rope takes as freqs), with Hugging Face's scaling kinds."""
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling, kind = args.rope_scaling or {}, args.rope_type
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        inv_freq = np.where(medium, smoothed, scaled)
-    elif kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
-    return mx.array(1.0 / inv_freq, dtype=mx.float32)
+def silu(x):
+    return nn.silu(x) if mx.default_device() != mx.cpu else x / (1.0 + exp(-x))
+
+
+ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx}
+
+
+class RoPE(nn.Module):
+    """Rotary embedding of the first head_dim * partial_rotary_factor features, with Hugging Face's scaling
+    kinds: linear, llama3, and Phi-3's longrope (long-context frequencies once the sequence is longer than
+    the original context, and a gain on the rotated features)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dims = int(args.head_dim * args.partial_rotary_factor)
+        inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims))
+        scaling, kind = args.rope_scaling or {}, args.rope_type
+        self.original_context, self._long_freqs, self._gain = None, None, None
+        if kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+            old_context = scaling["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+            smooth = (old_context / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+            inv_freq = np.where(medium, smoothed, scaled)
+        elif kind == "longrope":
+            self.original_context = (scaling.get("original_max_position_embeddings")
+                                     or args.original_max_position_embeddings or args.max_position_embeddings)
+            factor = scaling.get("factor") or args.max_position_embeddings / self.original_context
+            gain = scaling.get("attention_factor") or (
+                math.sqrt(1 + math.log(factor) / math.log(self.original_context)) if factor > 1 else 1.0)
+            if gain != 1.0:  # on cos and sin in transformers: on the rotated features of q and k here
+                self._gain = mx.array([gain] * self.dims + [1.0] * (args.head_dim - self.dims))
+            self._long_freqs = mx.array(np.array(scaling["long_factor"]) / inv_freq, dtype=mx.float32)
+            inv_freq = inv_freq / np.array(scaling["short_factor"])
+        elif kind != "default":
+            raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3, longrope)")
+        self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)  # wavelengths / 2pi, as mx.fast.rope takes
+
+    def __call__(self, x, offset: int):
+        long = self._long_freqs is not None and offset + x.shape[2] > self.original_context
+        if self._gain is not None:
+            x = x * self._gain.astype(x.dtype)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                            freqs=self._long_freqs if long else self._freqs)
 
 
 def dequantized_weight(layer, dtype):
@@ -166,10 +246,6 @@ def exp(x):
     return polynomial_exp(x) if mx.default_device() == mx.cpu else mx.exp(x)
 
 
-def silu(x):
-    return nn.silu(x) if mx.default_device() != mx.cpu else x / (1.0 + exp(-x))
-
-
 def logsumexp(x):
     """Over the last axis."""
     if mx.default_device() != mx.cpu:
@@ -222,53 +298,122 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
-        self._rope_freqs = rope_frequencies(args)
-
-    def rope(self, x, offset):
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
-                            offset=offset, freqs=self._rope_freqs)
+        dim, q_dims, kv_dims = args.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        bias = args.attention_bias or args.qkv_bias
+        if args.fused:
+            self.qkv_proj = nn.Linear(dim, q_dims + 2 * kv_dims, bias=bias)
+        else:
+            self.q_proj = nn.Linear(dim, q_dims, bias=bias)
+            self.k_proj = nn.Linear(dim, kv_dims, bias=bias)
+            self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
+        self.output_proj = args.output_proj
+        self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias)
+        self.rope = RoPE(args)
 
     def __call__(self, x, mask, cache=None):
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:
+            q_dims, kv_dims = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_dims, q_dims + kv_dims], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, self.head_dim**-0.5, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self[self.output_proj](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """down(act(gate(x)) * up(x)), with gate and up in one layer if fused (Phi-3); down(act(up(x))) without
+    a gate (Phi-2). The layers' names are the checkpoint's."""
+
+    def __init__(self, args: ModelArgs, gate="gate_proj", up="up_proj", down="down_proj"):
         super().__init__()
         dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate, self.up, self.down = gate, up, down
+        if args.fused:
+            self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
+        else:
+            if gate is not None:
+                self[gate] = nn.Linear(dim, hidden, bias=bias)
+            self[up] = nn.Linear(dim, hidden, bias=bias)
+        self[down] = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def __call__(self, x):
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            return self[self.down](self.act(gate) * up)
+        if self.gate is None:
+            return self[self.down](self.act(self[self.up](x)))
+        return self[self.down](self.act(self[self.gate](x)) * self[self.up](x))
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's mixture of experts: each token goes through the num_experts_per_tok experts that the
+    router (gate) scores highest, weighted by the softmax of those scores."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
+        self.experts = [MLP(args, gate="w1", up="w3", down="w2") for _ in range(args.num_local_experts)]
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores = self.gate(x).astype(mx.float32)
+        chosen = mx.stop_gradient(mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, :self.top_k])
+        weights = mx.softmax(mx.take_along_axis(scores, chosen, axis=-1), axis=-1).astype(x.dtype)
+        # Each expert computes only its tokens: the routing is read back to the host, so a model with experts
+        # trains uncompiled (lora.py); the alternative, every expert on every token, costs experts / top_k
+        # times the MLP's work.
+        chosen = np.array(chosen)
+        y = mx.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tokens, slots = (mx.array(i) for i in np.nonzero(chosen == e))
+            if tokens.size:
+                y = y.at[tokens].add(expert(x[tokens]) * weights[tokens, slots][:, None])
+        return y.reshape(shape)
+
+
+def norm(args: ModelArgs):
+    if args.norm == "layer":
+        return nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+    return (OffsetRMSNorm if args.norm == "rms_offset" else nn.RMSNorm)(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class OffsetRMSNorm(nn.RMSNorm):
+    """Gemma's RMSNorm, which scales by 1 + weight."""
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if args.mlp == "sparse_moe":
+            self.block_sparse_moe = SparseMoE(args)
+        else:
+            self.mlp = MLP(args, gate=None, up="fc1", down="fc2") if args.mlp == "fc" else MLP(args)
+        self.input_layernorm = norm(args)
+        if not args.parallel:
+            self.post_attention_layernorm = norm(args)
 
     def __call__(self, x, mask, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        mlp = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
+        h = self.input_layernorm(x)
+        if "post_attention_layernorm" not in self:  # parallel
+            return x + self.self_attn(h, mask, cache) + mlp(h)
+        h = x + self.self_attn(h, mask, cache)
+        return h + mlp(self.post_attention_layernorm(h))
 
 
 class DecoderStack(nn.Module):
@@ -276,7 +421,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self[args.final_norm] = norm(args)
 
 
 class Model(nn.Module):
@@ -285,20 +430,43 @@ class Model(nn.Module):
         self.args = args
         self.model = DecoderStack(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
+        types = args.layer_types or ["sliding_attention"] * args.num_hidden_layers
+        self._layer_windows = [args.sliding_window if t == "sliding_attention" else None for t in types]
 
     @property
     def layers(self):
         return self.model.layers
 
+    def keep(self, weights: dict):
+        """Hold the weights under args.kept_prefix (which this decoder does not use) as parameters, so that
+        they are written back with the model; returns their names."""
+        def modules(tree):  # nested modules rather than dicts, so that freezing reaches every array
+            if isinstance(tree, list):
+                return [modules(v) for v in tree]
+            if not isinstance(tree, dict):
+                return tree
+            module = nn.Module()
+            for key, value in tree.items():
+                module[key] = modules(value)
+            return module
+
+        prefix = self.args.kept_prefix
+        kept = [(k[len(prefix):], v) for k, v in weights.items() if prefix and k.startswith(prefix)]
+        if kept:
+            self.model[prefix.split(".")[1]] = modules(tree_unflatten(kept))
+        return [prefix + k for k, _ in kept]
+
     def hidden_states(self, inputs, cache=None):
         """The final normed hidden states; `cache` is a list of KVCache, one per layer, or None."""
         h = self.model.embed_tokens(inputs)
+        if self.args.scale_embeddings:
+            h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
         offset = cache[0].offset if cache else 0
-        mask = attention_mask(h.shape[1], offset, self.args.sliding_window)
-        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, mask, layer_cache)
-        return self.model.norm(h)
+        masks = {w: attention_mask(h.shape[1], offset, w) for w in set(self._layer_windows)}
+        for layer, window, layer_cache in zip(self.layers, self._layer_windows, cache or [None] * len(self.layers)):
+            h = layer(h, masks[window], layer_cache)
+        return self.model[self.args.final_norm](h)
 
     def logits(self, h):
         if self.args.tie_word_embeddings:
@@ -361,25 +529,33 @@ def linear_layers(layer: nn.Module) -> list:
     return paths[::-1]  # named_modules() lists the last defined first
 
 
+def default_lora_targets(model: Model) -> list:
+    """The reference's q_proj and v_proj; Phi-3's fused qkv_proj, as its tutorial adapts."""
+    if "self_attn.qkv_proj" in linear_layers(model.layers[0]):
+        return ["self_attn.qkv_proj"]
+    return ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def target_matches(path: str, target: str) -> bool:
+    """A target names a layer by its path, the end of its path (v_proj) or a pattern (experts.*.w1)."""
+    return fnmatch.fnmatchcase(path, target) or fnmatch.fnmatchcase(path, "*." + target)
+
+
 def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0):
-    """Wrap the `targets` (paths such as self_attn.q_proj, or their last part) of the last `num_layers`
-    decoder layers (-1: all) in LoRALinear."""
+    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear."""
     total = len(model.layers)
     if num_layers == -1:
         num_layers = total
     if not 0 < num_layers <= total:
         raise ValueError(f"--lora-layers {num_layers}: the model has {total} layers")
-    def matches(path, target):
-        return path == target or path.endswith("." + target)
-
     choices = linear_layers(model.layers[0])
     for target in targets:
-        if not any(matches(path, target) for path in choices):
+        if not any(target_matches(path, target) for path in choices):
             raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
     for layer in model.layers[total - num_layers:]:
         wrapped = [
             (path, LoRALinear.from_linear(module, rank, scale, dropout))
             for path, module in layer.named_modules()
-            if path in choices and any(matches(path, t) for t in targets)
+            if path in choices and any(target_matches(path, t) for t in targets)
         ]
         layer.update_modules(tree_unflatten(wrapped))

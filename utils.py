@@ -66,13 +66,18 @@ def quantization_of(weights: dict, path: str, module):
     return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
 
 
-def build_model(config: dict, weights: dict) -> models.Model:
-    """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
+def model_args(config: dict) -> models.ModelArgs:
     try:
-        args = models.ModelArgs.from_config(config)
+        return models.ModelArgs.from_config(config)
     except (ValueError, TypeError) as e:
         raise UserError(f"config.json: {e}") from None
+
+
+def build_model(config: dict, weights: dict) -> models.Model:
+    """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
+    args = model_args(config)
     model = models.Model(args)
+    model.keep(weights)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
     # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
     # fp16, slower than the matmul it feeds
@@ -109,9 +114,10 @@ def hub_snapshot(repo: str) -> Path:
                         f"{first_line(e)}); pass a local folder or .gguf file") from None
 
 
-def read_checkpoint(path_or_repo: str, flag: str = "--model"):
+def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
     """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
-    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated."""
+    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
+    tokenizer=False skips the tokenizer (None)."""
     from transformers import AutoTokenizer
 
     path = Path(path_or_repo)
@@ -130,6 +136,8 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model"):
     weights = {}
     for f in files:
         weights.update(mx.load(f))
+    if not tokenizer:
+        return config, weights, None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer

@@ -7,51 +7,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import FP32_ATOL, FakeHub, run_lora
+from conftest import ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits
 from mlx import nn
 from mlx.utils import tree_flatten
 
 import convert
-import fuse
-import models
 import utils
 from utils import UserError
 
 PROMPT = "Q: the team when year is 7\nA: SELECT team FROM t WHERE year = 7"
-ALL_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, scale=2.0):
-    """Adapters with random (non-zero) lora_b on `base`, saved as lora.py saves them; the adapted model."""
-    model, _, _ = utils.load(str(base))
-    model.freeze()
-    models.linear_to_lora_layers(model, targets, layers, rank, scale)
-    mx.random.seed(1)
-    for lora in utils.lora_layers(model).values():
-        lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
-    utils.save_adapters(adapter_file, model, {"fine_tune_type": "lora", "lora_parameters": {"rank": rank, "scale": scale}})
-    return model
-
-
-def run_fuse(*flags):
-    fuse.fuse(fuse.build_parser().parse_args([str(f) for f in flags]))
-
-
-def logits(model, tokens):
-    return np.array(model(mx.array([tokens])).astype(mx.float32))
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits.float().numpy()
-
-
-def copy_of(reference):
-    """PEFT wraps the model it is given in place: give it a copy of the shared one."""
-    model = type(reference)(reference.config)
-    model.load_state_dict(reference.state_dict())
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

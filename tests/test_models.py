@@ -13,6 +13,9 @@ from conftest import FP32_ATOL
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+# Phi-3's longrope: short factors up to the original context, long ones beyond (8 per head of 16 features)
+PHI3_ROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
+             "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -21,13 +24,33 @@ CONFIGS = {
     "llama-head-dim-bias": ("llama", {"head_dim": 32, "attention_bias": True, "mlp_bias": True}),
     "mistral": ("mistral", {"rope_theta": 1e6}),
     "mistral-sliding-window": ("mistral", {"sliding_window": 24}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6}),
+    "qwen2-sliding-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 2}),
+    "gemma": ("gemma", {"head_dim": 32}),
+    "phi-2": ("phi", {"partial_rotary_factor": 0.4, "layer_norm_eps": 1e-5}),
+    "phi3": ("phi3", {"sliding_window": 24}),
+    "phi3-longrope": ("phi3", {"rope_scaling": PHI3_ROPE, "original_max_position_embeddings": 32}),
+    "phi3-longrope-partial": ("phi3", {"rope_scaling": dict(PHI3_ROPE, short_factor=[1.0, 1.2, 1.5, 2.0],
+                                                            long_factor=[1.0, 2.0, 4.0, 8.0]),
+                                       "partial_rotary_factor": 0.5, "original_max_position_embeddings": 32}),
 }
-LENGTH = 60  # beyond the sliding window and the llama3 rope's original context
+LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
 
-def reference_logits(model, tokens):
+def reference_logits(model, tokens, prompt=None):
+    """transformers' logits of the whole sequence at once, or (prompt) of the prompt, then one token at a
+    time with its KV cache."""
     with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
+        if prompt is None:
+            return model(torch.tensor(tokens)).logits.numpy()
+        out = model(torch.tensor(tokens)[:, :prompt], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for i in range(prompt, len(tokens[0])):
+            out = model(torch.tensor(tokens)[:, i:i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+        return torch.cat(steps, dim=1).numpy()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -39,29 +62,44 @@ def test_forward_matches_transformers(make_checkpoint, name):
     expected = reference_logits(reference, tokens)
     assert np.abs(np.array(model(mx.array(tokens))) - expected).max() <= FP32_ATOL
 
-    # with the KV cache: a prompt, then one token at a time
+    # with the KV cache: a prompt, then one token at a time (Phi-3's longrope switches frequencies on the
+    # way, for the new tokens only, so transformers runs the same way)
     cache = model.make_cache()
-    steps = [model(mx.array(tokens)[:, :40], cache)]
-    steps += [model(mx.array(tokens)[:, i:i + 1], cache) for i in range(40, LENGTH)]
+    steps = [model(mx.array(tokens)[:, :PROMPT], cache)]
+    steps += [model(mx.array(tokens)[:, i:i + 1], cache) for i in range(PROMPT, LENGTH)]
+    expected = reference_logits(reference, tokens, PROMPT)
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
 
 
-def test_config_layouts_read_alike(make_checkpoint):
-    """transformers 5 writes rope_parameters; transformers 4 (most hub checkpoints) rope_theta/rope_scaling."""
-    path, _ = make_checkpoint("llama", rope_scaling=LLAMA3_ROPE, rope_theta=50000.0)
+@pytest.mark.parametrize("name", ["llama3-rope", "phi-2", "phi3-longrope-partial"])
+def test_config_layouts_read_alike(make_checkpoint, name):
+    """transformers 5 writes rope_parameters; transformers 4 (most hub checkpoints) rope_theta,
+    partial_rotary_factor and original_max_position_embeddings at the top, the rest in rope_scaling, where
+    Phi-3's longrope was called su."""
+    path, _ = make_checkpoint(CONFIGS[name][0], **CONFIGS[name][1])
     v5 = json.loads((path / "config.json").read_text())
-    assert "rope_parameters" in v5
-    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "partial_rotary_factor")}
     rope = dict(v5["rope_parameters"])
     v4["rope_theta"] = rope.pop("rope_theta")
-    v4["rope_scaling"] = rope
+    v4["partial_rotary_factor"] = rope.pop("partial_rotary_factor", 1.0)
+    if rope.get("rope_type") == "longrope":
+        rope = dict(rope, type="su")
+        v4["original_max_position_embeddings"] = rope.pop("original_max_position_embeddings")
+        del rope["rope_type"]
+    v4["rope_scaling"] = rope if rope.get("rope_type", rope.get("type")) != "default" else None
     a, b = models.ModelArgs.from_config(v5), models.ModelArgs.from_config(v4)
-    assert a == b and a.rope_theta == 50000.0 and a.rope_scaling["rope_type"] == "llama3"
-    assert np.allclose(models.rope_frequencies(a), models.rope_frequencies(b))
+    factor = CONFIGS[name][1].get("partial_rotary_factor", 1.0)
+    assert a.rope_theta == b.rope_theta and a.partial_rotary_factor == b.partial_rotary_factor == factor
+    assert a.rope_type == b.rope_type == {"llama3-rope": "llama3", "phi-2": "default"}.get(name, "longrope")
+    ropes = models.RoPE(a), models.RoPE(b)
+    assert ropes[0].dims == ropes[1].dims and ropes[0].original_context == ropes[1].original_context
+    for key in ("_freqs", "_long_freqs", "_gain"):
+        x, y = (getattr(r, key) for r in ropes)
+        assert (x is None and y is None) or np.array_equal(x, y)
 
 
 def test_unknown_model_type_names_the_supported_ones():
-    with pytest.raises(ValueError, match="supported: llama, mistral"):
+    with pytest.raises(ValueError, match="supported: llama, mistral, mixtral, qwen2, gemma, phi, phi3, phi3_v$"):
         models.ModelArgs.from_config({"model_type": "bert", "hidden_size": 8})
 
 
