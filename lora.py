@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 import models
 import utils
@@ -33,6 +33,8 @@ def build_parser():
     p.add_argument("--add-eos-token", type=int, default=1, help="Append EOS to each example (0: don't).")
     p.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
     p.add_argument("--max-seq-length", type=int, default=2048, help="Longer examples are truncated.")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
     p.add_argument("--lora-layers", type=int, default=16, help="Adapt the last N layers (-1: all).")
     p.add_argument("--lora-targets", nargs="+",
                    help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
@@ -48,7 +50,15 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=4, help="Minibatch size.")
     p.add_argument("--iters", type=int, default=1000, help="Iterations to train for.")
     p.add_argument("--val-batches", type=int, default=25, help="Validation batches (-1: the whole set).")
-    p.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate.")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="Peak learning rate.")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="Adam, or AdamW (weight decay).")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
+    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a cosine.")
+    p.add_argument("--warmup", type=int, default=0, help="Iterations of linear warmup from 0.")
+    p.add_argument("--grad-accumulation-steps", type=int, default=1,
+                   help="Batches per update: the effective batch is this times --batch-size.")
+    p.add_argument("--max-grad-norm", type=float, help="Clip the gradient to this global L2 norm.")
     p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
     p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
     p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
@@ -58,15 +68,61 @@ def build_parser():
     p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
     p.add_argument("--test-batches", type=int, default=500, help="Test batches (-1: the whole set).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random number generators.")
+    p.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
+                                    "train: true, ...); flags given on the command line win.")
     return p
 
 
+def parse_args(argv=None):
+    """The command line, over the flags of --config's YAML file."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(args.config).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {args.config}: {utils.first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config {args.config}: expected a mapping of flags to values")
+    actions = {a.dest: a for a in parser._actions}
+    flags = []
+    for key, value in config.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            flags += [flag] if value else []
+        else:  # as if typed: argparse checks the type and the choices
+            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
+
+
+def example_format(record):
+    """"text", "completion" ({"prompt", "completion"}) or "chat" ({"messages"[, "tools"]}); None if neither."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        return "text"
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return "completion"
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        return "chat"
+    return None
+
+
 def load_dataset(data_dir, split):
-    """The "text" of each line of DIR/split.jsonl, checked before any model is loaded."""
+    """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
+    is loaded."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    texts = []
+    examples, first = [], None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -75,50 +131,86 @@ def load_dataset(data_dir, split):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f'{path}:{number}: no "text" string')
-            texts.append(record["text"])
-    if not texts:
+            kind = example_format(record)
+            if kind is None:
+                raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
+                                f'or {{"messages"}} (a list of {{"role", "content"}})')
+            if first is None:
+                first = (kind, number)
+            elif kind != first[0]:
+                raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
+                                f"(one format per file)")
+            examples.append(record)
+    if not examples:
         raise UserError(f"{path}: no examples")
-    return texts
+    return examples
 
 
-def tokenize(texts, tokenizer, add_eos, max_length, name):
-    rows = []
-    for text in texts:
-        tokens = tokenizer.encode(text)
-        if add_eos and tokens[-1:] != [tokenizer.eos_token_id]:
-            tokens.append(tokenizer.eos_token_id)
-        rows.append(tokens)
-    long = sum(len(r) > max_length for r in rows)
+def encode(record, tokenizer, add_eos):
+    """(tokens, prompt length): the prompt is the part --mask-prompt leaves out of the loss. Chat examples
+    are rendered with the tokenizer's chat template; the prompt is then all but the last message."""
+    if "messages" in record:
+        def render(messages, **kwargs):
+            text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **kwargs)
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        messages = record["messages"]
+        return render(messages), len(render(messages[:-1], add_generation_prompt=True)) if len(messages) > 1 else 0
+    if "prompt" in record:
+        prompt = tokenizer.encode(record["prompt"])
+        tokens = prompt + tokenizer.encode(record["completion"], add_special_tokens=False)
+    else:
+        tokens, prompt = tokenizer.encode(record["text"]), []
+    if add_eos and tokens[-1:] != [tokenizer.eos_token_id]:
+        tokens.append(tokenizer.eos_token_id)
+    return tokens, len(prompt)
+
+
+def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
+    """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token."""
+    if mask_prompt and "text" in examples[0]:
+        raise UserError(f"--mask-prompt: the {name} examples are plain text; it needs {{\"prompt\", "
+                        f"\"completion\"}} or {{\"messages\"}} examples")
+    if "messages" in examples[0] and not tokenizer.chat_template:
+        raise UserError(f"the {name} examples are chats, and the model's tokenizer has no chat template")
+    rows = [encode(e, tokenizer, add_eos) for e in examples]
+    long = sum(len(tokens) > max_length for tokens, _ in rows)
     if long:
         print(f"[WARNING] {long} of {len(rows)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
-    return [r[:max_length] for r in rows]
+    rows = [(tokens[:max_length], max(prompt - 1, 0) if mask_prompt else 0) for tokens, prompt in rows]
+    kept = [(tokens, start) for tokens, start in rows if start < len(tokens) - 1]
+    if len(kept) < len(rows):
+        print(f"[WARNING] {len(rows) - len(kept)} {name} examples have no token to train on (their prompt "
+              f"fills --max-seq-length) and were left out.")
+    return kept
 
 
 def iterate_batches(dataset, batch_size, train=False):
-    """(inputs, targets, lengths) batches, padded to a multiple of 8 to bound the number of distinct shapes.
-    Training shuffles each epoch and repeats forever; evaluation covers the set once."""
+    """(inputs, targets, starts, lengths) batches, padded to a multiple of 8 to bound the number of distinct
+    shapes; the targets of a row that count are those from start to length. Training shuffles each epoch
+    and repeats forever; evaluation covers the set once."""
     while True:
         order = np.random.permutation(len(dataset)) if train else np.arange(len(dataset))
         last = len(order) - batch_size + 1 if train else len(order)
         for i in range(0, last, batch_size):
             rows = [dataset[j] for j in order[i:i + batch_size]]
-            lengths = [len(r) for r in rows]
+            lengths = [len(tokens) for tokens, _ in rows]
             batch = np.zeros((len(rows), -(-max(lengths) // 8) * 8 + 1), np.int32)
-            for k, row in enumerate(rows):
-                batch[k, :len(row)] = row
+            for k, (tokens, _) in enumerate(rows):
+                batch[k, :len(tokens)] = tokens
             # a row of n tokens gives n - 1 (input, target) pairs
-            yield mx.array(batch[:, :-1]), mx.array(batch[:, 1:]), mx.array(lengths) - 1
+            yield (mx.array(batch[:, :-1]), mx.array(batch[:, 1:]), mx.array([start for _, start in rows]),
+                   mx.array(lengths) - 1)
         if not train:
             return
 
 
-def loss_fn(model, inputs, targets, lengths):
-    """Mean cross-entropy over the real (unpadded) target tokens, and their count."""
+def loss_fn(model, inputs, targets, starts, lengths):
+    """Mean cross-entropy over the targets that count (not padding, not a masked prompt), and their count."""
     logits = model(inputs).astype(mx.float32)
-    mask = mx.arange(inputs.shape[1])[None, :] < lengths[:, None]
+    positions = mx.arange(inputs.shape[1])[None, :]
+    mask = (positions >= starts[:, None]) & (positions < lengths[:, None])
     ntoks = mask.sum()
     token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return (token_losses * mask).sum() / ntoks, ntoks
@@ -135,24 +227,56 @@ def evaluate(model, dataset, batch_size, num_batches):
     return (total / ntoks).item()
 
 
+def learning_rate_schedule(args):
+    """The learning rate at each update: a linear warmup from 0, then constant or decaying to 0 at --iters."""
+    rate, warmup = args.learning_rate, min(args.warmup, args.iters)
+    decay = max(args.iters - warmup, 1)
+    schedule = {"constant": lambda step: mx.array(rate, mx.float32),
+                "linear": optim.linear_schedule(rate, 0.0, decay),
+                "cosine": optim.cosine_decay(rate, decay, 0.0)}[args.lr_schedule]
+    return optim.join_schedules([optim.linear_schedule(0.0, rate, warmup), schedule], [warmup]) if warmup else schedule
+
+
+def build_optimizer(args):
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=learning_rate_schedule(args), weight_decay=args.weight_decay)
+    return optim.Adam(learning_rate=learning_rate_schedule(args))
+
+
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
-    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    optimizer = build_optimizer(args)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step(inputs, targets, lengths):
-        (loss, ntoks), grads = loss_and_grad(model, inputs, targets, lengths)
+    def gradient(inputs, targets, starts, lengths):
+        """Loss and gradient of the batch, both summed over its tokens, and their count."""
+        (loss, ntoks), grads = loss_and_grad(model, inputs, targets, starts, lengths)
+        return loss * ntoks, ntoks, tree_map(lambda g: g * ntoks, grads)
+
+    def update(grads, ntoks):
+        grads = tree_map(lambda g: g / ntoks, grads)
+        if args.max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
         optimizer.update(model, grads)
-        return loss, ntoks
 
     if not model.args.num_local_experts:  # experts route on the host (models.SparseMoE): not compilable
-        step = mx.compile(step, inputs=state, outputs=state)
+        gradient = mx.compile(gradient, inputs=state, outputs=state)
+        update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(batches):
+        """One update on the token-weighted mean gradient of --grad-accumulation-steps batches."""
+        loss, ntoks, grads = gradient(*next(batches))
+        for _ in range(args.grad_accumulation_steps - 1):
+            more = gradient(*next(batches))
+            loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
+        update(grads, ntoks)
+        return loss / ntoks, ntoks
 
     losses, ntokens, total_tokens = [], 0, 0
     tic = start = time.perf_counter()
     batches = iterate_batches(train_set, args.batch_size, train=True)
     for it in range(1, args.iters + 1):
-        loss, ntoks = step(*next(batches))
+        loss, ntoks = step(batches)
         mx.eval(state, loss, ntoks)
         loss = loss.item()
         if not math.isfinite(loss):
@@ -165,7 +289,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             eta = (now - start) / it * (args.iters - it)
             print(f"Iter {it}: Train loss {np.mean(losses):.3f}, It/sec {len(losses) / (now - tic):.3f}, "
                   f"Tokens/sec {ntokens / (now - tic):.1f}, Trained tokens {total_tokens}, "
-                  f"Peak mem {mx.get_peak_memory() / 1e9:.2f} GB, ETA {eta:.0f}s", flush=True)
+                  f"Learning rate {optimizer.learning_rate.item():.2e}, Peak mem {mx.get_peak_memory() / 1e9:.2f} GB, ETA {eta:.0f}s", flush=True)
             losses, ntokens, tic = [], 0, time.perf_counter()
         # after the update, as the reference does: iteration 1 has taken one step
         if it == 1 or it % args.steps_per_eval == 0:
@@ -230,16 +354,20 @@ def main(args):
         raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
                         f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
     scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+    if args.weight_decay and args.optimizer != "adamw":
+        raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
+    if args.grad_accumulation_steps < 1:
+        raise UserError(f"--grad-accumulation-steps {args.grad_accumulation_steps}: must be at least 1")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
-    texts = {split: load_dataset(args.data, split) for split in splits}
+    examples = {split: load_dataset(args.data, split) for split in splits}
 
     print(f"Loading pretrained model {args.model}", flush=True)
     model, tokenizer, config = utils.load(args.model)
-    data = {split: tokenize(t, tokenizer, args.add_eos_token, args.max_seq_length, split)
-            for split, t in texts.items()}
+    data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
+            for split, e in examples.items()}
     model.freeze()
     if args.train:
         if args.resume_adapter_file:
@@ -289,6 +417,6 @@ def main(args):
 if __name__ == "__main__":
     utils.reexec_in_cpu_environment()
     try:
-        main(build_parser().parse_args())
+        main(parse_args())
     except UserError as e:
         sys.exit(f"lora.py: error: {e}")

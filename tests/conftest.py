@@ -59,7 +59,7 @@ def run_lora(capsys, *flags):
     """lora.py in this process, with these flags; what it printed."""
     import lora
 
-    lora.main(lora.build_parser().parse_args([str(f) for f in flags]))
+    lora.main(lora.parse_args([str(f) for f in flags]))
     return capsys.readouterr().out
 
 

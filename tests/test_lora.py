@@ -131,8 +131,11 @@ def test_no_adapter_uses_the_base_model(tiny_llama, data_dir, tmp_path, capsys, 
     (None, r"train.jsonl: no such file"),
     ("", r"train.jsonl: no examples"),
     ('{"text": "fine"}\n{"text": "cut\n', r"train.jsonl:2: not valid JSON"),
-    ('{"text": "fine"}\n\n{"prompt": "a", "completion": "b"}\n', r'train.jsonl:3: no "text" string'),
-    ('["text"]\n', r'train.jsonl:1: no "text" string'),
+    ('{"text": "fine"}\n\n{"prompt": "a", "completion": "b"}\n',
+     r"train.jsonl:3: a completion example, but line 1 is a text example \(one format per file\)"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', r"train.jsonl:2: not an example: expected"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": []}\n', r"train.jsonl:2: not an example"),
+    ('["text"]\n', r'train.jsonl:1: not an example'),
 ])
 def test_bad_data_is_one_error_before_loading(tmp_path, content, error):
     write_jsonl(tmp_path / "valid.jsonl", ["ok"])
@@ -171,7 +174,7 @@ def test_divergence_stops_with_the_iteration(tiny_llama, data_dir, tmp_path):
 
 def test_evaluation_memory_does_not_grow_with_the_set(tiny_llama):
     model, _, _ = utils.load(str(tiny_llama))
-    rows = [list(range(3, 250))] * 40
+    rows = [(list(range(3, 250)), 0)] * 40
     mx.reset_peak_memory()
     lora.evaluate(model, rows, 4, 1)
     one_batch = mx.get_peak_memory()

@@ -1,0 +1,100 @@
+"""Data formats: {"text"}, {"prompt", "completion"} and {"messages"} (with the tokenizer's chat template),
+and --mask-prompt."""
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import run_lora, sql_texts, val_losses
+from transformers import AutoTokenizer
+
+import lora
+import utils
+
+# ChatML with tools, as Qwen2 and SmolLM2 templates render them
+CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "run_sql", "parameters": {"type": "object"}}}]
+
+
+def pairs(n, seed):
+    return [dict(zip(("prompt", "completion"), t.split("A: ", 1))) for t in sql_texts(n, seed)]
+
+
+def chats(n, seed):
+    return [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}],
+             **({"tools": TOOLS} if i % 2 else {})} for i, p in enumerate(pairs(n, seed))]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_llama, tmp_path_factory):
+    """The tiny model with a chat template in its tokenizer."""
+    folder = tmp_path_factory.mktemp("chat_model")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write(folder, name, examples):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+
+
+def test_chats_render_as_transformers_does(chat_model):
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    for example in chats(4, 0):
+        tokens, prompt = lora.encode(example, tokenizer, add_eos=True)
+        expected = tokenizer.apply_chat_template(example["messages"], tools=example.get("tools"), tokenize=True)
+        assert tokens == list(getattr(expected, "input_ids", expected))
+        head = tokenizer.apply_chat_template(example["messages"][:1], tools=example.get("tools"), tokenize=True,
+                                             add_generation_prompt=True)
+        assert prompt == len(getattr(head, "input_ids", head)) and tokens[:prompt] == list(getattr(head, "input_ids", head))
+        assert ("run_sql" in tokenizer.decode(tokens)) == ("tools" in example)
+
+
+def test_masked_prompt_tokens_carry_no_loss(tiny_llama):
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    examples = pairs(4, 0)
+    masked = lora.tokenize(examples, tokenizer, True, 256, "test", mask_prompt=True)
+    whole = lora.tokenize(examples, tokenizer, True, 256, "test")
+    for (tokens, start), example, (same, zero) in zip(masked, examples, whole):
+        assert tokens == same and zero == 0
+        assert start == len(tokenizer.encode(example["prompt"])) - 1  # the target of that input is the completion's first
+    inputs, targets, starts, lengths = next(lora.iterate_batches(masked, 4))
+    loss, ntoks = lora.loss_fn(model, inputs, targets, starts, lengths)
+    assert ntoks.item() == sum(len(t) - 1 - s for t, s in masked)
+    rng = np.random.default_rng(0)
+    changed = np.array(targets)
+    for row, start in enumerate(np.array(starts)):
+        changed[row, :start] = rng.integers(3, 300, start)  # other prompt targets: the same loss
+    assert lora.loss_fn(model, inputs, mx.array(changed), starts, lengths)[0].item() == loss.item()
+    changed[0, int(starts[0])] = (changed[0, int(starts[0])] + 1) % 300  # another completion target: another loss
+    assert lora.loss_fn(model, inputs, mx.array(changed), starts, lengths)[0].item() != loss.item()
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_training_on_completions_lowers_their_loss(kind, chat_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    make = pairs if kind == "completion" else chats
+    for split, n, seed in [("train", 64, 1), ("valid", 16, 2)]:
+        write(data, split, make(n, seed))
+    out = run_lora(capsys, "--model", chat_model, "--data", data, "--train", "--mask-prompt", "--iters", 30,
+                   "--learning-rate", 1e-2, "--lora-layers", -1, "--lora-alpha", 16, "--lora-rank", 4,
+                   "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file", tmp_path / "a.safetensors")
+    losses = val_losses(out)
+    assert losses[30] < losses[1] - 0.5, out
+
+
+def test_format_errors(tiny_llama, tmp_path, capsys):
+    data = tmp_path / "data"
+    write(data, "test", [{"text": t} for t in sql_texts(4)])
+    with pytest.raises(utils.UserError, match=r"--mask-prompt: the test examples are plain text"):
+        run_lora(capsys, "--model", tiny_llama, "--data", data, "--test", "--mask-prompt")
+    write(data, "test", chats(4, 0))
+    with pytest.raises(utils.UserError, match=r"the test examples are chats, and the model's tokenizer has no chat template"):
+        run_lora(capsys, "--model", tiny_llama, "--data", data, "--test")
