@@ -9,7 +9,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-import models
 import utils
 from utils import UserError
 
@@ -49,9 +48,7 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     quantized layer (the token embedding and output layer at embedding_bits); and the number of linear
     layers left in dtype. Quantized inputs are dequantized first. Checks, before anything is computed,
     that the weights are those the config describes."""
-    model = models.Model(utils.model_args(config))
-    model.keep(weights)
-    # The model's parameters are never evaluated: they cost no memory, and give the names and shapes.
+    model = utils.model_skeleton(config, weights)  # never evaluated: no memory, only names and shapes
     modules = dict(model.named_modules())
     expected = tree_flatten(model.parameters())
     source = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -93,7 +93,7 @@ def parse_args(argv=None):
         action = actions.get(str(key).replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
             raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
-        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        flag = next(s for s in action.option_strings if s.startswith("--"))
         if isinstance(action, argparse._StoreTrueAction):
             flags += [flag] if value else []
         else:  # as if typed: argparse checks the type and the choices
@@ -333,8 +333,8 @@ def generate(model, tokenizer, config, args):
 
 
 def list_targets(path):
-    config, _, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
-    model = models.Model(utils.model_args(config))  # never evaluated: names and shapes only
+    config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
+    model = utils.model_skeleton(config, weights)
     default = models.default_lora_targets(model)
     print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, each with these linear layers "
           f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")

@@ -80,9 +80,7 @@ class ModelArgs:
         for key in ROPE_PARAMETERS:
             if rope.get(key) is not None:
                 config[key] = rope[key]
-        scaling = {k: v for k, v in rope.items() if k not in ROPE_PARAMETERS}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        config["rope_scaling"] = scaling if kind != "default" else None
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k not in ROPE_PARAMETERS} or None
         if config["model_type"] == "gemma":  # transformers reads hidden_activation (else tanh-gelu), not hidden_act
             config["hidden_act"] = config.get("hidden_activation") or family["hidden_act"]
         if config["model_type"] == "qwen2":
@@ -440,7 +438,7 @@ class Model(nn.Module):
 
     def keep(self, weights: dict):
         """Hold the weights under args.kept_prefix (which this decoder does not use) as parameters, so that
-        they are written back with the model; returns their names."""
+        they are written back with the model."""
         def modules(tree):  # nested modules rather than dicts, so that freezing reaches every array
             if isinstance(tree, list):
                 return [modules(v) for v in tree]
@@ -455,7 +453,6 @@ class Model(nn.Module):
         kept = [(k[len(prefix):], v) for k, v in weights.items() if prefix and k.startswith(prefix)]
         if kept:
             self.model[prefix.split(".")[1]] = modules(tree_unflatten(kept))
-        return [prefix + k for k, _ in kept]
 
     def hidden_states(self, inputs, cache=None):
         """The final normed hidden states; `cache` is a list of KVCache, one per layer, or None."""

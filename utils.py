@@ -66,18 +66,20 @@ def quantization_of(weights: dict, path: str, module):
     return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
 
 
-def model_args(config: dict) -> models.ModelArgs:
+def model_skeleton(config: dict, weights: dict) -> models.Model:
+    """The model config.json describes, holding the weights it keeps as they are (models.Model.keep). Its
+    other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free."""
     try:
-        return models.ModelArgs.from_config(config)
+        model = models.Model(models.ModelArgs.from_config(config))
     except (ValueError, TypeError) as e:
         raise UserError(f"config.json: {e}") from None
+    model.keep(weights)
+    return model
 
 
 def build_model(config: dict, weights: dict) -> models.Model:
     """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
-    args = model_args(config)
-    model = models.Model(args)
-    model.keep(weights)
+    model = model_skeleton(config, weights)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
     # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
     # fp16, slower than the matmul it feeds
@@ -87,7 +89,7 @@ def build_model(config: dict, weights: dict) -> models.Model:
         for k, v in weights.items()
         if "rotary_emb.inv_freq" not in k
     }
-    if args.tie_word_embeddings:
+    if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     try:
         model.load_weights(list(weights.items()))
