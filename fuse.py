@@ -1,5 +1,6 @@
-"""Merge LoRA adapters into the base model's weights and save the result in the Hugging Face layout or as
-a GGUF file, or export the adapters as a PEFT folder; optionally upload the fused model."""
+"""Merge LoRA or DoRA adapters (or load fully fine-tuned layers) into the base model's weights and save the
+result in the Hugging Face layout or as a GGUF file, or export the adapters as a PEFT folder; optionally
+upload the fused model."""
 import argparse
 import sys
 from pathlib import Path
@@ -13,10 +14,13 @@ import utils
 from utils import UserError
 
 DEFAULT_SAVE_PATH = "lora_fused_model"
+# what the model card and upload say was fused in, by fine_tune_type
+FUSED = {"lora": "LoRA adapters", "dora": "DoRA adapters", "full": "fine-tuned weights"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Fuse LoRA adapters into the model, or export them to PEFT.")
+    p = argparse.ArgumentParser(description="Fuse LoRA or DoRA adapters (or fully fine-tuned weights) into the "
+                                            "model, or export the adapters to PEFT.")
     p.add_argument("--model", default="mlx_model",
                    help="Base model: folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
     p.add_argument("--adapter-file", help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT "
@@ -48,6 +52,9 @@ def fuse(args):
         raise UserError(f"--export-gguf {args.export_gguf}: exists (pass --force to replace it)")
     api = utils.hub_client(args.upload_name) if args.upload_name else None
     adapters = utils.read_adapters(args.adapter_file)
+    if args.export_peft and adapters.fine_tune_type == "full":
+        raise UserError(f"--export-peft: {args.adapter_file} holds fully fine-tuned weights (fine_tune_type "
+                        f"\"full\"), not adapters PEFT can hold; fuse them with --save-path instead")
 
     model, tokenizer, config = utils.load(args.model)
     model.freeze()
@@ -71,7 +78,8 @@ def fuse(args):
     def write(folder):
         utils.save_model(folder, model, tokenizer, config)
         (folder / "README.md").write_text(utils.model_card(
-            args.upload_name or str(out), base, f"the base with LoRA adapters `{args.adapter_file}` fused in"))
+            args.upload_name or str(out), base, f"the base with {FUSED[adapters.fine_tune_type]} "
+                                                f"`{args.adapter_file}` fused in"))
 
     if out is not None:
         utils.write_folder(out, write)
@@ -81,7 +89,7 @@ def fuse(args):
         utils.write_gguf(args.export_gguf, model, tokenizer)
         print(f"Wrote the fused model as GGUF to {args.export_gguf}", flush=True)
     if api is not None:
-        utils.upload(api, out, args.upload_name, f"{base} with LoRA adapters fused in")
+        utils.upload(api, out, args.upload_name, f"{base} with {FUSED[adapters.fine_tune_type]} fused in")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 import argparse
 import json
 import math
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from tqdm import tqdm
 
 import models
 import utils
@@ -35,7 +38,10 @@ def build_parser():
     p.add_argument("--max-seq-length", type=int, default=2048, help="Longer examples are truncated.")
     p.add_argument("--mask-prompt", action="store_true",
                    help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
-    p.add_argument("--lora-layers", type=int, default=16, help="Adapt the last N layers (-1: all).")
+    p.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
+                   help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
+                        "fine-tuning of every weight of the last --lora-layers layers.")
+    p.add_argument("--lora-layers", type=int, default=16, help="Adapt (or, with full, train) the last N layers (-1: all).")
     p.add_argument("--lora-targets", nargs="+",
                    help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
                         "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
@@ -59,14 +65,28 @@ def build_parser():
     p.add_argument("--grad-accumulation-steps", type=int, default=1,
                    help="Batches per update: the effective batch is this times --batch-size.")
     p.add_argument("--max-grad-norm", type=float, help="Clip the gradient to this global L2 norm.")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="Recompute each layer's activations in the backward pass instead of keeping them: less "
+                        "memory, about a third more compute.")
     p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
     p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
     p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
     p.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
                                           f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
-    p.add_argument("--save-every", type=int, default=100, help="Save the adapters every N iterations.")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="Save the adapters, and a checkpoint to resume from, every N iterations.")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="Checkpoints to keep, the latest (0: all).")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="Continue a run exactly from a checkpoint folder (CHECKPOINTS/step-N), with the run's flags.")
+    p.add_argument("--report-to", choices=("wandb", "tensorboard"),
+                   help="Also send the metrics to Weights & Biases or TensorBoard (its package installed).")
     p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
     p.add_argument("--test-batches", type=int, default=500, help="Test batches (-1: the whole set).")
+    p.add_argument("--generate-eval", type=int, default=0, metavar="N",
+                   help="With --test: generate the completions of the first N test examples (greedy) and report "
+                        "the exact-match accuracy.")
+    p.add_argument("--completion-marker", help='With --generate-eval on {"text"} examples: the completion is what '
+                                              'follows the last occurrence of this marker, e.g. "A: ".')
     p.add_argument("--seed", type=int, default=0, help="Seed of the random number generators.")
     p.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
                                     "train: true, ...); flags given on the command line win.")
@@ -186,14 +206,16 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     return kept
 
 
-def iterate_batches(dataset, batch_size, train=False):
+def iterate_batches(dataset, batch_size, train=False, seed=0, start=0):
     """(inputs, targets, starts, lengths) batches, padded to a multiple of 8 to bound the number of distinct
     shapes; the targets of a row that count are those from start to length. Training shuffles each epoch
-    and repeats forever; evaluation covers the set once."""
+    and repeats forever, from its `start`-th batch: an epoch's order depends on the seed and the epoch
+    alone, so that a resumed run sees the batches the whole run would have. Evaluation covers the set once."""
+    epoch, skip = divmod(start, len(dataset) // batch_size) if train else (0, 0)
     while True:
-        order = np.random.permutation(len(dataset)) if train else np.arange(len(dataset))
+        order = np.random.default_rng([seed, epoch]).permutation(len(dataset)) if train else np.arange(len(dataset))
         last = len(order) - batch_size + 1 if train else len(order)
-        for i in range(0, last, batch_size):
+        for i in range(skip * batch_size, last, batch_size):
             rows = [dataset[j] for j in order[i:i + batch_size]]
             lengths = [len(tokens) for tokens, _ in rows]
             batch = np.zeros((len(rows), -(-max(lengths) // 8) * 8 + 1), np.int32)
@@ -204,6 +226,7 @@ def iterate_batches(dataset, batch_size, train=False):
                    mx.array(lengths) - 1)
         if not train:
             return
+        epoch, skip = epoch + 1, 0
 
 
 def loss_fn(model, inputs, targets, starts, lengths):
@@ -243,8 +266,9 @@ def build_optimizer(args):
     return optim.Adam(learning_rate=learning_rate_schedule(args))
 
 
-def train(model, train_set, valid_set, args, adapter_file, adapter_config):
-    optimizer = build_optimizer(args)
+def make_step(model, optimizer, args):
+    """step(batches) -> (loss, tokens): one update on the token-weighted mean gradient of
+    --grad-accumulation-steps batches, its model and optimizer state evaluated."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -264,60 +288,205 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         update = mx.compile(update, inputs=state, outputs=state)
 
     def step(batches):
-        """One update on the token-weighted mean gradient of --grad-accumulation-steps batches."""
         loss, ntoks, grads = gradient(*next(batches))
         for _ in range(args.grad_accumulation_steps - 1):
             more = gradient(*next(batches))
             loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
         update(grads, ntoks)
-        return loss / ntoks, ntoks
+        loss = loss / ntoks
+        mx.eval(state, loss, ntoks)
+        return loss.item(), ntoks.item()
 
+    return step
+
+
+def save_checkpoint(folder, it, model, optimizer, adapter_config, args):
+    """CHECKPOINTS/step-N: the adapters (an adapter folder, as --adapter-file and fuse.py read it), the optimizer
+    state and trainer_state.json; written whole or not at all. Only the last --keep-checkpoints are kept."""
+    def write(tmp):
+        utils.save_adapters(tmp / "adapters.safetensors", model, adapter_config)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        # the data order and the dropout masks are functions of the seed and the position (iterate_batches,
+        # train): these numbers are all it takes to go on exactly
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"iteration": it, "batches": it * args.grad_accumulation_steps, "seed": args.seed, "args": vars(args)},
+            indent=2))
+
+    path = folder / f"step-{it:07d}"
+    utils.write_folder(path, write)
+    if args.keep_checkpoints > 0:
+        for old in sorted(folder.glob("step-*"))[:-args.keep_checkpoints]:
+            shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(path, model, optimizer, args):
+    """Load a checkpoint (save_checkpoint) into the model as the flags set it up and the optimizer; its iteration."""
+    path = Path(path)
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise UserError(f"--resume {path}: not a checkpoint folder (no trainer_state.json)")
+    state = utils.read_json(state_file)
+    weights = mx.load(str(path / "adapters.safetensors"))
+    expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
+    if {k: v.shape for k, v in weights.items()} != expected:
+        raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
+                        f"--lora-targets and --lora-rank set up; resume with the flags of the run that saved it")
+    for flag in ("seed", "batch_size", "grad_accumulation_steps"):
+        if state["args"][flag] != getattr(args, flag):
+            print(f"[WARNING] --resume {path}: the run was saved with --{flag.replace('_', '-')} "
+                  f"{state['args'][flag]}; going on with {getattr(args, flag)} changes the data order.")
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    return state["iteration"]
+
+
+def metrics_log(path, start, args):
+    """log(record): append the record to metrics.jsonl (which a resumed run keeps up to its start) and
+    send it to --report-to; and close()."""
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= start] \
+        if start and path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    sinks, closers = [], []
+    if args.report_to == "wandb":
+        import wandb
+
+        run = wandb.init(project="lora-mlx", config=vars(args), resume="allow")
+        sinks.append(lambda record: run.log(record, step=record["iteration"]))
+        closers.append(run.finish)
+    elif args.report_to == "tensorboard":
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(path.parent / "runs"))
+        sinks.append(lambda record: [writer.add_scalar(k, v, record["iteration"])
+                                     for k, v in record.items() if k != "iteration"])
+        closers.append(writer.close)
+
+    def log(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in sinks:
+            sink(record)
+
+    log.close = lambda: [close() for close in closers]
+    return log
+
+
+def plot_losses(metrics_path, png_path):
+    """The training and validation loss curves of metrics.jsonl, as a PNG (if matplotlib is installed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"[INFO] pip install matplotlib to get the loss curves in {png_path}.")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+    ax.set(xlabel="iteration", ylabel="loss", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    utils.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def say(line):
+    """A line of the log, printed above the progress bar."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def train(model, train_set, valid_set, args, adapter_file, adapter_config):
+    """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
+    checkpoint and raise KeyboardInterrupt."""
+    out = adapter_file.parent
+    checkpoints, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = build_optimizer(args)
+    first = load_checkpoint(args.resume, model, optimizer, args) + 1 if args.resume else 1
+    if first > 1:
+        say(f"Resuming from {args.resume} at iteration {first}")
+    step = make_step(model, optimizer, args)
+    log = metrics_log(metrics_path, first - 1, args)
+    batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,
+                              start=(first - 1) * args.grad_accumulation_steps)
+    interrupted, checkpoint = [], None
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     losses, ntokens, total_tokens = [], 0, 0
     tic = start = time.perf_counter()
-    batches = iterate_batches(train_set, args.batch_size, train=True)
-    for it in range(1, args.iters + 1):
-        loss, ntoks = step(batches)
-        mx.eval(state, loss, ntoks)
-        loss = loss.item()
-        if not math.isfinite(loss):
-            diverged(it, f"the loss is {loss}", adapter_file)
-        losses.append(loss)
-        ntokens += ntoks.item()
-        if it % args.steps_per_report == 0 or it == args.iters:
-            now = time.perf_counter()
-            total_tokens += ntokens
-            eta = (now - start) / it * (args.iters - it)
-            print(f"Iter {it}: Train loss {np.mean(losses):.3f}, It/sec {len(losses) / (now - tic):.3f}, "
-                  f"Tokens/sec {ntokens / (now - tic):.1f}, Trained tokens {total_tokens}, "
-                  f"Learning rate {optimizer.learning_rate.item():.2e}, Peak mem {mx.get_peak_memory() / 1e9:.2f} GB, ETA {eta:.0f}s", flush=True)
-            losses, ntokens, tic = [], 0, time.perf_counter()
-        # after the update, as the reference does: iteration 1 has taken one step
-        if it == 1 or it % args.steps_per_eval == 0:
-            model.eval()
-            val_start = time.perf_counter()
-            val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
-            model.train()
-            print(f"Iter {it}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - val_start:.3f}s",
-                  flush=True)
-            tic += time.perf_counter() - val_start  # keep validation out of the training speed
-            start += time.perf_counter() - val_start
-        if it % args.save_every == 0 or it == args.iters:
-            # the update after a finite loss can still overflow: never save weights that are not finite
-            if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
-                diverged(it, "the adapter weights are not finite", adapter_file)
-            utils.save_adapters(adapter_file, model, adapter_config)
-            print(f"Iter {it}: Saved adapter weights to {adapter_file}.", flush=True)
+    bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None, unit="it",
+               dynamic_ncols=True)
+    try:
+        for it in bar:
+            mx.random.seed((args.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
+            loss, ntoks = step(batches)
+            if not math.isfinite(loss):
+                diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
+            losses.append(loss)
+            ntokens += ntoks
+            if it % args.steps_per_report == 0 or it == args.iters:
+                now = time.perf_counter()
+                total_tokens += ntokens
+                record = {"iteration": it, "train_loss": float(np.mean(losses)),
+                          "learning_rate": optimizer.learning_rate.item(),
+                          "iterations_per_second": len(losses) / (now - tic),
+                          "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
+                          "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                log(record)
+                say(f"Iter {it}: Train loss {record['train_loss']:.3f}, It/sec {record['iterations_per_second']:.3f}, "
+                    f"Tokens/sec {record['tokens_per_second']:.1f}, Trained tokens {total_tokens}, "
+                    f"Learning rate {record['learning_rate']:.2e}, Peak mem {record['peak_memory_gb']:.2f} GB, "
+                    f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
+                bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
+                                    f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
+                losses, ntokens, tic = [], 0, time.perf_counter()
+            # after the update, as the reference does: iteration 1 has taken one step
+            if it == 1 or it % args.steps_per_eval == 0:
+                model.eval()
+                val_start = time.perf_counter()
+                val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+                model.train()
+                val_time = time.perf_counter() - val_start
+                log({"iteration": it, "val_loss": val_loss, "val_time": val_time})
+                say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
+                tic += val_time  # keep validation out of the training speed
+                start += val_time
+            if it % args.save_every == 0 or it == args.iters or interrupted:
+                # the update after a finite loss can still overflow: never save weights that are not finite
+                if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+                    diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
+                utils.save_adapters(adapter_file, model, adapter_config)
+                checkpoint = save_checkpoint(checkpoints, it, model, optimizer, adapter_config, args)
+                say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
+            if interrupted:
+                say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
+                raise KeyboardInterrupt
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+        log.close()
+        plot_losses(metrics_path, out / "loss.png")
 
 
-def diverged(it, what, adapter_file):
+def diverged(it, what, adapter_file, checkpoint):
     kept = f"the adapters saved last are kept in {adapter_file}" if adapter_file.exists() else "nothing was saved"
+    if checkpoint is not None:
+        kept += f", the last good checkpoint is {checkpoint}"
     raise UserError(f"iteration {it}: {what}; training stopped ({kept}). Try a lower --learning-rate.")
 
 
-def generate(model, tokenizer, config, args):
-    eos = {tokenizer.eos_token_id}
+def eos_ids(tokenizer, config):
     config_eos = config.get("eos_token_id")
-    eos.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
+
+
+def generate(model, tokenizer, config, args):
+    eos = eos_ids(tokenizer, config)
     prompt = tokenizer.encode(args.prompt)
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
@@ -332,6 +501,38 @@ def generate(model, tokenizer, config, args):
     print(tokenizer.decode(tokens)[len(printed):], flush=True)
 
 
+def completion_example(record, marker, where):
+    """The example as {"prompt", "completion"} (or a chat, whose completion is its last message): a {"text"}
+    example is split after the last `marker`."""
+    if "text" not in record:
+        return record
+    if not marker:
+        raise UserError('--generate-eval: the test examples are {"text"}: give --completion-marker, the text '
+                        'that ends each prompt (e.g. "A: ")')
+    # whitespace after the marker goes with the completion: a prompt ending in a space tokenizes unlike the
+    # text the model was trained on (" SELECT" is one token, " " + "SELECT" two)
+    head, found, tail = record["text"].rpartition(marker.rstrip())
+    if not found:
+        raise UserError(f"--completion-marker {marker!r}: not in {where}")
+    return {"prompt": head + found, "completion": tail}
+
+
+def generation_accuracy(model, tokenizer, config, examples, add_eos):
+    """Exact matches among the greedy completions of these examples (completion_example). A completion matches if its text is the expected one's, end-of-sequence (or a chat template's end of turn)
+    included: a model that goes on past the answer has not given it."""
+    eos, matches = eos_ids(tokenizer, config), 0
+    for record in tqdm(examples, desc="Generating", disable=None):
+        tokens, prompt_length = encode(record, tokenizer, add_eos)
+        expected = tokens[prompt_length:]
+        generated = []
+        for token, _ in zip(utils.generate(model, tokens[:prompt_length]), expected):
+            generated.append(token)
+            if token in eos:
+                break
+        matches += tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
+    return matches
+
+
 def list_targets(path):
     config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
     model = utils.model_skeleton(config, weights)
@@ -344,25 +545,78 @@ def list_targets(path):
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
 
 
-def main(args):
-    if args.list_targets:
-        return list_targets(args.list_targets)
-    np.random.seed(args.seed)
-    mx.random.seed(args.seed)
-    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
-    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
-        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
-                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
-    scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+def check_flags(args):
+    """Errors in the flags, before any data or model is read."""
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
     if args.grad_accumulation_steps < 1:
         raise UserError(f"--grad-accumulation-steps {args.grad_accumulation_steps}: must be at least 1")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
+    if args.generate_eval and not args.test:
+        raise UserError("--generate-eval evaluates the test set: give --test too")
+    if args.resume and args.resume_adapter_file:
+        raise UserError("--resume continues a checkpoint's whole state: leave out --resume-adapter-file")
+    if args.resume and not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such checkpoint folder")
+    if args.report_to:
+        package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
+        try:
+            __import__(package)
+        except ImportError:
+            raise UserError(f"--report-to {args.report_to}: the {package} package is not installed "
+                            f"(pip install {package})") from None
+
+
+def set_up_training(model, args, scale):
+    """Make the model's trainable part (adapters or, with --fine-tune-type full, whole layers); the
+    adapter_config.json that describes it."""
+    kind = args.fine_tune_type
+    if args.resume_adapter_file:
+        print(f"Resuming from {args.resume_adapter_file}", flush=True)
+        adapters = utils.read_adapters(args.resume_adapter_file, scale)
+        utils.apply_adapters(model, *adapters, args.resume_adapter_file, args.lora_dropout)
+        kind = adapters.fine_tune_type
+    elif kind == "full":
+        trained = model.layers[-args.lora_layers:] if args.lora_layers != -1 else model.layers
+        if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
+            raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
+                            "(QLoRA), or convert it without -q")
+        for layer in trained:
+            layer.unfreeze()
+    else:
+        try:
+            targets = args.lora_targets or models.default_lora_targets(model)
+            models.linear_to_lora_layers(model, targets, args.lora_layers, args.lora_rank, scale,
+                                         args.lora_dropout, dora=kind == "dora")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
+    config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
+    if kind == "full":
+        return config
+    adapters = utils.lora_layers(model)
+    first = next(iter(adapters.values()))
+    return {**config, "lora_parameters": {"rank": first.lora_a.shape[1], "scale": first.scale,
+                                          "dropout": args.lora_dropout,
+                                          "keys": sorted({p.split(".", 3)[3] for p in adapters})}}
+
+
+def main(args):
+    if args.list_targets:
+        return list_targets(args.list_targets)
+    mx.random.seed(args.seed)
+    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
+    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
+        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
+                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
+    scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+    check_flags(args)
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
     examples = {split: load_dataset(args.data, split) for split in splits}
+    generation_tests = [completion_example(record, args.completion_marker, f"{args.data}/test.jsonl example {number}")
+                        for number, record in enumerate(examples["test"][:args.generate_eval], 1)] if args.test else []
 
     print(f"Loading pretrained model {args.model}", flush=True)
     model, tokenizer, config = utils.load(args.model)
@@ -370,28 +624,10 @@ def main(args):
             for split, e in examples.items()}
     model.freeze()
     if args.train:
-        if args.resume_adapter_file:
-            print(f"Resuming from {args.resume_adapter_file}", flush=True)
-            utils.load_adapters(model, args.resume_adapter_file, scale, args.lora_dropout)
-        else:
-            try:
-                targets = args.lora_targets or models.default_lora_targets(model)
-                models.linear_to_lora_layers(model, targets, args.lora_layers, args.lora_rank, scale,
-                                             args.lora_dropout)
-            except ValueError as e:
-                raise UserError(str(e)) from None
         if len(data["train"]) < args.batch_size:
             raise UserError(f"{args.data}/train.jsonl: {len(data['train'])} examples, fewer than --batch-size")
-        lora_params = utils.lora_layers(model)
-        first = next(iter(lora_params.values()))
-        adapter_config = {
-            "base_model": args.model,
-            "fine_tune_type": "lora",
-            "num_layers": len({p.split(".")[2] for p in lora_params}),
-            "lora_parameters": {"rank": first.lora_a.shape[1], "scale": first.scale,
-                                "dropout": args.lora_dropout,
-                                "keys": sorted({p.split(".", 3)[3] for p in lora_params})},
-        }
+        adapter_config = set_up_training(model, args, scale)
+        model.grad_checkpoint = args.grad_checkpoint
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         # a quantized weight counts its values, not the 32-bit words they are packed in
         total = sum(v.size * 32 // m.bits if k == "weight" and hasattr(m, "bits") else v.size
@@ -401,6 +637,7 @@ def main(args):
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
         train(model, data["train"], data["valid"], args, adapter_file, adapter_config)
+        model.grad_checkpoint = False
     elif adapter_file.exists() or args.adapter_file:
         utils.load_adapters(model, adapter_file, scale)
     else:
@@ -410,6 +647,10 @@ def main(args):
     if args.test:
         test_loss = evaluate(model, data["test"], args.batch_size, args.test_batches)
         print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
+        if generation_tests:
+            matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
+            print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
+                  f"greedy.", flush=True)
     if args.prompt is not None:
         generate(model, tokenizer, config, args)
 
@@ -420,3 +661,5 @@ if __name__ == "__main__":
         main(parse_args())
     except UserError as e:
         sys.exit(f"lora.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,6 +1,6 @@
 """One decoder for Llama, Mistral, Mixtral, Qwen2, Gemma, Phi-2 and Phi-3 (and Phi-3-vision's language model),
-configured from a Hugging Face config.json, and the LoRALinear wrapper. Parameter names follow Hugging Face's,
-so checkpoints load, fuse and export without renaming."""
+configured from a Hugging Face config.json, and the LoRALinear and DoRALinear wrappers. Parameter names follow
+Hugging Face's, so checkpoints load, fuse and export without renaming."""
 import fnmatch
 import math
 from dataclasses import dataclass, fields
@@ -422,6 +422,16 @@ class DecoderStack(nn.Module):
         self[args.final_norm] = norm(args)
 
 
+def checkpointed(layer: nn.Module, mask):
+    """layer(h, mask) as a function of (its trainable parameters, h) that keeps none of its activations for the
+    backward pass, where they are computed again: memory for compute."""
+    def call(parameters, h):
+        layer.update(parameters)
+        return layer(h, mask)
+
+    return mx.checkpoint(call)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -431,6 +441,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
         types = args.layer_types or ["sliding_attention"] * args.num_hidden_layers
         self._layer_windows = [args.sliding_window if t == "sliding_attention" else None for t in types]
+        self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
 
     @property
     def layers(self):
@@ -462,7 +473,10 @@ class Model(nn.Module):
         offset = cache[0].offset if cache else 0
         masks = {w: attention_mask(h.shape[1], offset, w) for w in set(self._layer_windows)}
         for layer, window, layer_cache in zip(self.layers, self._layer_windows, cache or [None] * len(self.layers)):
-            h = layer(h, masks[window], layer_cache)
+            if self.grad_checkpoint and cache is None:
+                h = checkpointed(layer, masks[window])(layer.trainable_parameters(), h)
+            else:
+                h = layer(h, masks[window], layer_cache)
         return self.model[self.args.final_norm](h)
 
     def logits(self, h):
@@ -481,12 +495,12 @@ class LoRALinear(nn.Module):
     """y = linear(x) + scale * dropout(x) @ lora_a @ lora_b, over a frozen nn.Linear or nn.QuantizedLinear.
     lora_b starts at zero, so an untrained adapter changes nothing."""
 
-    @staticmethod
-    def from_linear(linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    @classmethod
+    def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
         output_dims, input_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
             input_dims = input_dims * 32 // linear.bits
-        lora = LoRALinear(input_dims, output_dims, rank, scale, dropout)
+        lora = cls(input_dims, output_dims, rank, scale, dropout)
         lora.linear = linear
         return lora
 
@@ -500,24 +514,63 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((rank, output_dims))
 
     def __call__(self, x):
-        y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return y + self.scale * z
+        return self.linear(x) + self.scale * self.lora_output(x)
+
+    def lora_output(self, x):
+        """dropout(x) @ lora_a @ lora_b: the adapter's output before scale."""
+        return (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+
+    def base_weight(self):
+        """The frozen weight, dequantized if the base is quantized."""
+        linear = self.linear
+        if isinstance(linear, nn.QuantizedLinear):
+            return dequantized_weight(linear, linear.scales.dtype)
+        return linear.weight
+
+    def merged_weight(self):
+        """W + scale * (lora_a @ lora_b).T, in float32."""
+        return self.base_weight().astype(mx.float32) + self.scale * (self.lora_a @ self.lora_b).T
 
     def to_linear(self):
-        """The merged layer: W + scale * (lora_a @ lora_b).T, re-quantized like the base if it was."""
+        """The merged layer (merged_weight), re-quantized like the base if it was."""
         linear = self.linear
         quantized = isinstance(linear, nn.QuantizedLinear)
-        weight = dequantized_weight(linear, linear.scales.dtype) if quantized else linear.weight
-        delta = self.scale * (self.lora_a @ self.lora_b).T
+        weight = self.merged_weight()
         output_dims, input_dims = weight.shape
         fused = nn.Linear(input_dims, output_dims, bias="bias" in linear)
-        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        fused.weight = weight.astype(linear.scales.dtype if quantized else linear.weight.dtype)
         if "bias" in linear:
             fused.bias = linear.bias
         if quantized:
             return QuantizedLinear.from_linear(fused, linear.group_size, linear.bits)
         return fused
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024): LoRA's merged weight W + scale * (lora_a @ lora_b).T with each output row
+    rescaled to a trainable magnitude m, so that training sets a row's direction and length apart:
+    y = m / ||W + ΔW||_row * (W x + scale * dropout(x) @ lora_a @ lora_b) + bias. m starts at ||W||_row, so
+    an untrained adapter changes nothing. Named as mlx-lm's DoRALinear (lora_a, lora_b, m)."""
+
+    @classmethod
+    def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        dora = super().from_linear(linear, rank, scale, dropout)
+        dora.m = mx.linalg.norm(dora.base_weight().astype(mx.float32), axis=1)
+        return dora
+
+    def __call__(self, x):
+        weight = self.base_weight()
+        # The norm is a constant to the gradient, as in the paper's section 4.3 and PEFT: it saves the
+        # memory of its backward pass at a negligible cost in accuracy.
+        norm = mx.stop_gradient(mx.linalg.norm(super().merged_weight(), axis=1))
+        # The base weight is needed whole for the norm anyway, so the product uses it dequantized.
+        y = (self.m / norm).astype(x.dtype) * (x @ weight.astype(x.dtype).T + self.scale * self.lora_output(x))
+        return y + self.linear.bias if "bias" in self.linear else y
+
+    def merged_weight(self):
+        """m / ||W + ΔW||_row * (W + ΔW), in float32."""
+        weight = super().merged_weight()
+        return (self.m / mx.linalg.norm(weight, axis=1))[:, None] * weight
 
 
 def linear_layers(layer: nn.Module) -> list:
@@ -538,8 +591,9 @@ def target_matches(path: str, target: str) -> bool:
     return fnmatch.fnmatchcase(path, target) or fnmatch.fnmatchcase(path, "*." + target)
 
 
-def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0):
-    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear."""
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
+    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear
+    (DoRALinear if dora)."""
     total = len(model.layers)
     if num_layers == -1:
         num_layers = total
@@ -551,7 +605,7 @@ def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=
             raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
     for layer in model.layers[total - num_layers:]:
         wrapped = [
-            (path, LoRALinear.from_linear(module, rank, scale, dropout))
+            (path, (DoRALinear if dora else LoRALinear).from_linear(module, rank, scale, dropout))
             for path, module in layer.named_modules()
             if path in choices and any(target_matches(path, t) for t in targets)
         ]

@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -487,14 +488,27 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
                  lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2)))
 
 
-# PEFT names a layer's adapter base_model.model.<layer>.lora_A.weight (rank x input) and lora_B (output x rank)
-PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# PEFT's names for a layer's adapter weights, base_model.model.<layer>.<name>: lora_A (rank x input) and
+# lora_B (output x rank) are lora_a and lora_b transposed; DoRA's magnitude vector is m (.T leaves it as it is).
+PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "m": "lora_magnitude_vector"}
+PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\.({'|'.join(map(re.escape, PEFT_NAMES.values()))})")
+# mlx-lm's adapter_config.json "fine_tune_type": the weights each kind holds, per layer (none: full weights)
+ADAPTER_WEIGHTS = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m"), "full": ()}
 
 
-def read_adapters(adapter_path, scale=20.0):
-    """(weights named <layer>.lora_a / <layer>.lora_b as LoRALinear holds them, scale) of an adapter file
-    (.safetensors or .npz, with or without adapter_config.json beside it), an adapter folder of mlx-lm or
-    this toolkit (adapters.safetensors + adapter_config.json), or a PEFT LoRA folder."""
+class Adapters(NamedTuple):
+    """Adapters as read_adapters reads them: weights named as the model holds them (<layer>.lora_a,
+    <layer>.lora_b and DoRA's <layer>.m; or, for "full", Hugging Face-named weights of decoder layers),
+    the LoRA scale, and the fine_tune_type (ADAPTER_WEIGHTS)."""
+    weights: dict
+    scale: float
+    fine_tune_type: str
+
+
+def read_adapters(adapter_path, scale=20.0) -> Adapters:
+    """The adapters of an adapter file (.safetensors or .npz, with or without adapter_config.json beside it;
+    without, LoRA), an adapter folder of mlx-lm or this toolkit (adapters.safetensors + adapter_config.json),
+    or a PEFT LoRA or DoRA folder."""
     path = Path(adapter_path)
     if not path.exists():
         raise UserError(f"--adapter-file {path}: no such file or folder")
@@ -511,16 +525,18 @@ def read_adapters(adapter_path, scale=20.0):
     else:
         config_path = adapter_config_path(path)
         config = read_json(config_path) if config_path.exists() else {}
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"{config_path}: fine_tune_type {config['fine_tune_type']!r} is not supported (lora)")
-    return mx.load(str(path)), config.get("lora_parameters", {}).get("scale", scale)
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type not in ADAPTER_WEIGHTS:
+        raise UserError(f"{config_path}: fine_tune_type {fine_tune_type!r} is not supported "
+                        f"({', '.join(ADAPTER_WEIGHTS)})")
+    return Adapters(mx.load(str(path)), config.get("lora_parameters", {}).get("scale", scale), fine_tune_type)
 
 
-def read_peft(folder: Path, config: dict):
+def read_peft(folder: Path, config: dict) -> Adapters:
     config_path = folder / "adapter_config.json"
     if config["peft_type"] != "LORA":
         raise UserError(f"{config_path}: PEFT adapters of type {config['peft_type']} are not supported (LORA)")
-    for key, supported in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    for key, supported in (("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, supported) != supported:
             raise UserError(f"{config_path}: {key} = {config[key]!r} is not supported (only {supported!r})")
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
@@ -530,27 +546,38 @@ def read_peft(folder: Path, config: dict):
     if not path.exists():
         raise UserError(f"{folder}: no adapter_model.safetensors (an adapter_model.bin is not read: "
                         f"save it with safe_serialization=True)")
+    ours = {theirs: name for name, theirs in PEFT_NAMES.items()}
     weights = {}
     for key, value in mx.load(str(path)).items():
         match = PEFT_KEY.fullmatch(key)
         if match is None:
-            raise UserError(f"{path}: {key} is not a LoRA weight of a linear layer")
-        weights[f"{match[1]}.lora_{match[2].lower()}"] = value.T
+            raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer")
+        weights[f"{match[1]}.{ours[match[2]]}"] = value.T
     rank, alpha = config["r"], config.get("lora_alpha", 8)
-    return weights, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return Adapters(weights, scale, "dora" if config.get("use_dora") else "lora")
 
 
 def load_adapters(model: nn.Module, adapter_path, scale=20.0, dropout=0.0):
-    """Wrap the layers that the adapters (see read_adapters) have weights for in LoRALinear and load them.
-    Layers, targets and rank come from the weights; the scale from the config (else `scale`)."""
+    """Wrap the layers that the adapters (see read_adapters) have weights for in LoRALinear (DoRALinear for
+    DoRA) and load them; layers, targets and rank come from the weights, the scale from the config (else
+    `scale`). Full weights are loaded over the model's own, and made trainable (as adapters are)."""
     return apply_adapters(model, *read_adapters(adapter_path, scale), adapter_path, dropout)
 
 
-def apply_adapters(model: nn.Module, weights: dict, scale: float, adapter_path, dropout=0.0):
+def apply_adapters(model: nn.Module, weights: dict, scale: float, fine_tune_type: str, adapter_path, dropout=0.0):
     """load_adapters on adapters already read (read_adapters); adapter_path names them in errors."""
+    if fine_tune_type == "full":
+        return load_full_weights(model, weights, adapter_path)
+    names = ADAPTER_WEIGHTS[fine_tune_type]
+    for key in sorted(weights):
+        if key.rsplit(".", 1)[-1] not in names:
+            raise UserError(f"{adapter_path}: {key} is not a weight of {fine_tune_type} adapters "
+                            f"({', '.join(names)}); is adapter_config.json's fine_tune_type right?")
     paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
     if not paths:
         raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
+    layer_class = models.DoRALinear if fine_tune_type == "dora" else models.LoRALinear
     modules = dict(model.named_modules())
     wrapped = []
     for path in paths:
@@ -558,43 +585,68 @@ def apply_adapters(model: nn.Module, weights: dict, scale: float, adapter_path, 
             raise UserError(f"{adapter_path}: layer {path} does not exist in this model (made for another base?)")
         if not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
             raise UserError(f"{adapter_path}: layer {path} is not a linear layer")
-        wrapped.append((path, models.LoRALinear.from_linear(
+        wrapped.append((path, layer_class.from_linear(
             modules[path], rank=weights[f"{path}.lora_a"].shape[1], scale=scale, dropout=dropout)))
     for path, lora in wrapped:
-        for name in ("lora_a", "lora_b"):
-            stored = weights.get(f"{path}.{name}")
-            if stored is None or stored.shape != lora[name].shape:
-                raise UserError(f"{adapter_path}: does not fit this model: {path}.{name} has shape "
-                                f"{None if stored is None else tuple(stored.shape)}, the model's is {tuple(lora[name].shape)}")
+        for name in names:
+            check_fits(adapter_path, f"{path}.{name}", weights.get(f"{path}.{name}"), lora[name])
     model.update_modules(tree_unflatten(wrapped))
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return model
 
 
+def load_full_weights(model: nn.Module, weights: dict, adapter_path):
+    """Fully fine-tuned weights (fine_tune_type "full") over the model's own, in its dtype, made trainable."""
+    params = dict(tree_flatten(model.parameters()))
+    modules = dict(model.named_modules())
+    for name, value in sorted(weights.items()):
+        path = name.rsplit(".", 1)[0]
+        if isinstance(modules.get(path), (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            raise UserError(f"{adapter_path}: holds full weights for {path}, which is quantized in this model "
+                            f"(full weights load on a float base)")
+        if name not in params:
+            raise UserError(f"{adapter_path}: {name} does not exist in this model (made for another base?)")
+        check_fits(adapter_path, name, value, params[name])
+    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
+    for name in weights:  # trainable, as the layers of loaded adapters are
+        path, key = name.rsplit(".", 1)
+        modules[path].unfreeze(recurse=False, keys=[key])
+    mx.eval(model.parameters())
+    return model
+
+
+def check_fits(adapter_path, name: str, stored, expected: mx.array):
+    if stored is None or stored.shape != expected.shape:
+        raise UserError(f"{adapter_path}: does not fit this model: {name} has shape "
+                        f"{None if stored is None else tuple(stored.shape)}, the model's is {tuple(expected.shape)}")
+
+
 def lora_layers(model: nn.Module) -> dict:
+    """The LoRALinear layers (DoRALinear too) by path."""
     return {path: m for path, m in model.named_modules() if isinstance(m, models.LoRALinear)}
 
 
 def save_peft(folder, model: nn.Module, base_model: str, dropout: float = 0.0):
-    """The model's LoRA adapters as a PEFT folder (adapter_model.safetensors, adapter_config.json), which
-    peft.PeftModel.from_pretrained loads on the transformers model of the same base."""
+    """The model's LoRA or DoRA adapters as a PEFT folder (adapter_model.safetensors, adapter_config.json),
+    which peft.PeftModel.from_pretrained loads on the transformers model of the same base."""
     layers = lora_layers(model)
     ranks, scales = {m.lora_a.shape[1] for m in layers.values()}, {m.scale for m in layers.values()}
     if len(ranks) != 1 or len(scales) != 1:
         raise UserError(f"PEFT holds one rank and one scale for all layers; these adapters have ranks "
                         f"{sorted(ranks)} and scales {sorted(scales)}")
     (rank,), (scale,) = ranks, scales
-    weights = {}
-    for path, m in layers.items():
-        weights[f"base_model.model.{path}.lora_A.weight"] = m.lora_a.T
-        weights[f"base_model.model.{path}.lora_B.weight"] = m.lora_b.T
+    dora = {isinstance(m, models.DoRALinear) for m in layers.values()}
+    if len(dora) != 1:
+        raise UserError("PEFT holds LoRA or DoRA for all layers; these adapters mix both")
+    weights = {f"base_model.model.{path}.{theirs}": m[name].T
+               for path, m in layers.items() for name, theirs in PEFT_NAMES.items() if name in m}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": scale * rank, "lora_dropout": dropout, "use_rslora": False,
         # the exact layers, matched whole (PEFT's re.fullmatch of a string)
         "target_modules": "|".join(re.escape(path) for path in sorted(layers)),
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "inference_mode": True,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": dora.pop(), "inference_mode": True,
     }
 
     def write(tmp):

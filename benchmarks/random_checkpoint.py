@@ -4,7 +4,8 @@ benchmarks and memory measurements run anywhere without a download:
     python benchmarks/random_checkpoint.py llama-1b /tmp/llama-1b --max-shard-size 1
 
 The weights are generated one at a time as the shards are written (memory stays near one shard). The
-tokenizer is a byte-level BPE trained on data/train.jsonl: its ids fit any of the shapes' vocabularies.
+tokenizer is a byte-level BPE trained on data/train.jsonl, whose ids fit any of the shapes' vocabularies,
+or a real one copied with --tokenizer DIR.
 """
 import argparse
 import json
@@ -40,6 +41,25 @@ SHAPES = {
 }
 
 
+# ample for a data set's own words, and within every shape's vocabulary
+TOKENIZER_VOCAB = 4000
+
+
+def fitting_tokenizer(folder, vocab_size: int):
+    """The tokenizer in `folder`, checked to give ids below vocab_size."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
+        raise utils.UserError(f"--tokenizer {folder}: cannot load it ({type(e).__name__}: "
+                              f"{utils.first_line(e)})") from None
+    if len(tokenizer) > vocab_size:
+        raise utils.UserError(f"--tokenizer {folder}: {len(tokenizer)} tokens, more than the model's vocabulary "
+                              f"({vocab_size})")
+    return tokenizer
+
+
 def train_tokenizer(texts, vocab_size: int):
     from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers.models import BPE
@@ -54,25 +74,31 @@ def train_tokenizer(texts, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0):
-    config = dict(SHAPES[shape], torch_dtype=dtype)
+def random_weights(config: dict, dtype: str, seed: int = 0):
+    """(name, array) pairs of random weights for the model `config` describes, each computed when evaluated."""
     # never evaluated: gives the parameters' names and shapes at no cost
     model = models.Model(models.ModelArgs.from_config(config))
     mx.random.seed(seed)
+    for name, value in tree_flatten(model.parameters()):
+        if value.ndim == 1:  # norms
+            yield name, mx.ones(value.shape, getattr(mx, dtype))
+        else:
+            yield name, (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
 
-    def weights():
-        for name, value in tree_flatten(model.parameters()):
-            if value.ndim == 1:  # norms
-                yield name, mx.ones(value.shape, getattr(mx, dtype))
-            else:
-                yield name, (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
 
+def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0, tokenizer=None):
+    """The checkpoint, with `tokenizer` (a folder) or else one trained on data/train.jsonl."""
+    config = dict(SHAPES[shape], torch_dtype=dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    utils.save_weights(path, weights(), shard_bytes)
+    utils.save_weights(path, random_weights(config, dtype, seed), shard_bytes)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
-    train_tokenizer(texts, min(4000, config["vocab_size"])).save_pretrained(str(path))
+    if tokenizer is None:
+        texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
+        tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, config["vocab_size"]))
+    else:
+        tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
+    tokenizer.save_pretrained(str(path))
 
 
 if __name__ == "__main__":
@@ -81,5 +107,9 @@ if __name__ == "__main__":
     p.add_argument("path", help="Folder to write.")
     p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--max-shard-size", type=float, default=5.0, help="Largest shard, in GB.")
+    p.add_argument("--tokenizer", help="Copy this tokenizer (a folder) instead of training one on data/train.jsonl.")
     args = p.parse_args()
-    write(args.path, args.shape, args.dtype, int(args.max_shard_size * 1e9))
+    try:
+        write(args.path, args.shape, args.dtype, int(args.max_shard_size * 1e9), tokenizer=args.tokenizer)
+    except utils.UserError as e:
+        sys.exit(f"random_checkpoint.py: error: {e}")

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,15 +73,43 @@ ALL_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, scale=2.0):
-    """Adapters with random (non-zero) lora_b on `base`, saved as lora.py saves them; the adapted model."""
+def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, scale=2.0, dora=False):
+    """Adapters with random (non-zero) lora_b (and, for DoRA, magnitudes m off the base's norms) on `base`,
+    saved as lora.py saves them, with a config mlx-lm reads too; the adapted model."""
     model, _, _ = utils.load(str(base))
     model.freeze()
-    models.linear_to_lora_layers(model, targets, layers, rank, scale)
+    models.linear_to_lora_layers(model, targets, layers, rank, scale, dora=dora)
     mx.random.seed(1)
     for lora in utils.lora_layers(model).values():
         lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
-    utils.save_adapters(adapter_file, model, {"fine_tune_type": "lora", "lora_parameters": {"rank": rank, "scale": scale}})
+        if dora:
+            lora.m = lora.m * (1 + 0.2 * mx.random.normal(lora.m.shape))
+    utils.save_adapters(adapter_file, model, {
+        "fine_tune_type": "dora" if dora else "lora", "num_layers": layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(targets)}})
+    return model
+
+
+def mlx_lm_adapter(base, folder, dora=False):
+    """Adapters made by mlx-lm on `base` (k_proj and up_proj of the last 3 layers, random non-zero lora_b and,
+    for DoRA, m off the base's norms), saved in `folder` as its trainer saves them; mlx-lm's adapted model."""
+    import mlx_lm
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(str(base))
+    model.freeze()
+    params = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "mlp.up_proj"]}
+    linear_to_lora_layers(model, 3, params, use_dora=dora)
+    mx.random.seed(3)
+    for layer in model.model.layers[1:]:
+        for lora in (layer.self_attn.k_proj, layer.mlp.up_proj):
+            lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
+            if dora:
+                lora.m = lora.m * (1 + 0.2 * mx.random.normal(lora.m.shape))
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "dora" if dora else "lora", "num_layers": 3, "lora_parameters": params}))
     return model
 
 

@@ -98,3 +98,51 @@ def test_format_errors(tiny_llama, tmp_path, capsys):
     write(data, "test", chats(4, 0))
     with pytest.raises(utils.UserError, match=r"the test examples are chats, and the model's tokenizer has no chat template"):
         run_lora(capsys, "--model", tiny_llama, "--data", data, "--test")
+
+
+@pytest.mark.parametrize("kind", ["text", "completion", "chat"])
+def test_generate_eval_counts_exact_completions(kind, chat_model, tmp_path, capsys):
+    """Expected completions are what the trained model generates itself (to its end of sequence) for half of
+    the test prompts, and something else for the other half: the accuracy must be one half."""
+    if kind == "chat":  # turns that end in the end-of-sequence token, which a tiny model learns fast
+        chat_model = shutil.copytree(chat_model, tmp_path / "model")
+        tokenizer = AutoTokenizer.from_pretrained(chat_model)
+        tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+                                   "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+        tokenizer.save_pretrained(chat_model)
+    data = tmp_path / "data"
+    make = {"text": lambda n, seed: [{"text": t} for t in sql_texts(n, seed)], "completion": pairs, "chat": chats}[kind]
+    for split, n, seed in [("train", 64, 1), ("valid", 4, 2)]:
+        write(data, split, make(n, seed))
+    adapters = tmp_path / "a.safetensors"
+    run_lora(capsys, "--model", chat_model, "--data", data, "--train", "--iters", 200 if kind == "chat" else 100, "--learning-rate", 1e-2,
+             "--fine-tune-type", "full", "--lora-layers", -1, "--steps-per-eval", 100, "--val-batches", 1,
+             "--adapter-file", adapters)
+    model, tokenizer, config = utils.load(str(chat_model))
+    utils.load_adapters(model, adapters)
+    tests = []
+    for i, pair in enumerate(pairs(8, 3)):
+        record = {"messages": [{"role": "user", "content": pair["prompt"]}]} if kind == "chat" else pair
+        if kind == "chat":
+            prompt = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=True)
+            prompt = list(getattr(prompt, "input_ids", prompt))
+        else:
+            prompt = tokenizer.encode(pair["prompt"] + ("A:" if kind == "text" else ""))
+        generated = tokenizer.decode([t for t, _ in zip(utils.generate(model, prompt), range(40))])
+        assert tokenizer.eos_token in generated, generated  # trained: it ends its answers
+        completion = generated.split(tokenizer.eos_token)[0] + ("" if i % 2 else " WHERE")
+        tests.append({"text": pair["prompt"] + "A:" + completion} if kind == "text" else
+                     {"prompt": pair["prompt"], "completion": completion} if kind == "completion" else
+                     {"messages": record["messages"] + [{"role": "assistant", "content": completion}]})
+    write(data, "test", tests)
+    marker = ["--completion-marker", "A: "] if kind == "text" else []
+    out = run_lora(capsys, "--model", chat_model, "--data", data, "--adapter-file", adapters, "--test",
+                   "--generate-eval", 8, *marker)
+    assert "Test exact match 4/8 (50.0%)" in out, out
+
+    if kind == "text":
+        with pytest.raises(utils.UserError, match="give --completion-marker"):
+            run_lora(capsys, "--model", chat_model, "--data", data, "--test", "--generate-eval", 2)
+        with pytest.raises(utils.UserError, match=r"--completion-marker 'B:': not in .*test.jsonl example 1"):
+            run_lora(capsys, "--model", chat_model, "--data", data, "--test", "--generate-eval", 2,
+                     "--completion-marker", "B:")

@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits
+from conftest import (ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, mlx_lm_adapter, random_adapter, run_fuse,
+                      run_lora, torch_logits)
 from mlx import nn
-from mlx.utils import tree_flatten
 
 import convert
 import utils
@@ -126,15 +126,15 @@ def test_bad_adapters_are_one_line_errors_leaving_nothing(base, make_checkpoint,
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
-    dora = tmp_path / "dora"
-    dora.mkdir()
-    (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    transposed = tmp_path / "fan_in_fan_out"
+    transposed.mkdir()
+    (transposed / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "fan_in_fan_out": True}))
     cases = [
         (tmp_path / "wider.safetensors", r"does not fit this model: model.layers.3.mlp.down_proj.lora_a has shape \(256, 4\), the model.s is \(128, 4\)"),
         (tmp_path / "deeper.safetensors", r"layer model.layers.5.mlp.down_proj does not exist in this model \(made for another base\?\)"),
         (tmp_path / "no_config", "no adapter_config.json"),
         (ia3, "PEFT adapters of type IA3 are not supported"),
-        (dora, "use_dora = True is not supported"),
+        (transposed, "fan_in_fan_out = True is not supported"),
         (tmp_path / "missing.safetensors", "no such file or folder"),
     ]
     for adapter, message in cases:
@@ -199,7 +199,7 @@ def test_upload_names_the_base(base, tmp_path, monkeypatch):
 def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
     """Adapters trained by lora.py load in mlx-lm, and mlx-lm's load here, with the same logits."""
     mlx_lm = pytest.importorskip("mlx_lm")
-    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.tuner.utils import load_adapters
 
     folder, _, tokens = base
     (tmp_path / "ours").mkdir()
@@ -214,19 +214,7 @@ def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
     assert np.abs(expected - logits(utils.load(str(folder))[0], tokens)).max() > 1e-2  # trained: not zero
     assert np.abs(logits(theirs, tokens) - expected).max() <= FP32_ATOL
 
-    theirs, _ = mlx_lm.load(str(folder))
-    theirs.freeze()
-    params = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "mlp.up_proj"]}
-    linear_to_lora_layers(theirs, 3, params)
-    mx.random.seed(3)
-    for layer in theirs.model.layers[1:]:
-        for lora in (layer.self_attn.k_proj, layer.mlp.up_proj):
-            lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
-    (tmp_path / "theirs").mkdir()
-    mx.save_safetensors(str(tmp_path / "theirs" / "adapters.safetensors"),
-                        dict(tree_flatten(theirs.trainable_parameters())))
-    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 3, "lora_parameters": params}))
+    theirs = mlx_lm_adapter(folder, tmp_path / "theirs")
     ours, _, _ = utils.load(str(folder))
     utils.load_adapters(ours, tmp_path / "theirs")
     assert np.abs(logits(ours, tokens) - logits(theirs, tokens)).max() <= FP32_ATOL

@@ -17,11 +17,12 @@ import utils
 from conftest import FP32_ATOL, ROOT, run_lora, sql_texts, val_losses, write_jsonl
 
 
-def lora_layer(quantized, rank=4):
+def lora_layer(quantized, rank=4, layer_class=models.LoRALinear):
     linear = nn.Linear(64, 48, bias=True)
     if quantized:
         linear = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=4)
-    return models.LoRALinear.from_linear(linear, rank=rank, scale=2.0)
+    linear.freeze()  # as the model's layers are when wrapped
+    return layer_class.from_linear(linear, rank=rank, scale=2.0)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -35,16 +36,20 @@ def test_untrained_adapter_changes_nothing(quantized):
 def test_to_linear_equals_the_wrapped_forward(quantized):
     layer = lora_layer(quantized)
     layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    assert_fuses(layer, layer.base_weight() + layer.scale * (layer.lora_a @ layer.lora_b).T)
+
+
+def assert_fuses(layer, exact):
+    """layer.to_linear() gives the layer's outputs, with `exact` (the merged weight) as its weight; over a
+    quantized base, quantized again with the base's own bits and group size: off by at most one quantization
+    step per weight (what mx.quantize itself guarantees)."""
     x = mx.random.normal((3, 64))
     fused = layer.to_linear()
-    if not quantized:
-        assert type(fused) is nn.Linear
+    if not isinstance(layer.linear, nn.QuantizedLinear):
+        assert type(fused) is nn.Linear and np.abs(np.array(fused.weight - exact)).max() < 1e-6
         assert np.abs(np.array(fused(x) - layer(x))).max() < FP32_ATOL / 10
         return
-    # the merged weight is quantized again with the base's own bits and group size: off by at most
-    # one quantization step per weight (what mx.quantize itself guarantees)
     assert isinstance(fused, nn.QuantizedLinear) and (fused.bits, fused.group_size) == (4, 32)
-    exact = models.dequantized_weight(layer.linear, mx.float32) + layer.scale * (layer.lora_a @ layer.lora_b).T
     step = mx.abs(mx.repeat(fused.scales, 32, axis=-1))
     assert (mx.abs(models.dequantized_weight(fused, mx.float32) - exact) <= step * 1.001).all()
     assert np.abs(np.array(fused(x) - layer(x))).max() < 0.5

@@ -80,3 +80,45 @@ def test_config_file(tiny_llama, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's own one-line error, naming the flag and the choices
         run_lora(capsys, "--config", config)
     assert "--lr-schedule: invalid choice: 'exponential'" in capsys.readouterr().err
+
+
+def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
+    """Attention on the CPU keeps a (heads x length x length) array per layer for the backward pass:
+    recomputing the layers instead keeps only their inputs."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import models
+    import utils
+
+    folder, _ = make_checkpoint("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=12,
+                                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    model, _, _ = utils.load(str(folder))
+    model.freeze()
+    models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+    for layer in utils.lora_layers(model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    tokens = mx.random.randint(3, 300, (4, 257))
+    batch = (tokens[:, :-1], tokens[:, 1:], mx.zeros(4, mx.int32), mx.full(4, 256, mx.int32))
+    loss_and_grad = nn.value_and_grad(model, lora.loss_fn)
+    results, peaks = [], []
+    for checkpoint in (False, True):
+        model.grad_checkpoint = checkpoint
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        (loss, _), grads = loss_and_grad(model, *batch)
+        mx.eval(loss, grads)
+        peaks.append(mx.get_peak_memory())
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    assert abs(loss - loss_checkpointed) < 1e-5
+    assert all(np.allclose(grads[k], grads_checkpointed[k], atol=1e-5) for k in grads) and len(grads) == 48
+    assert peaks[1] < 0.5 * peaks[0], peaks
+
+
+def test_grad_checkpoint_flag_trains_alike(tiny_llama, data_dir, tmp_path, capsys):
+    plain, _ = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "plain.safetensors", "--iters", 4,
+                              "--learning-rate", 1e-3)
+    checkpointed, _ = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "ckpt.safetensors", "--iters", 4,
+                                     "--learning-rate", 1e-3, "--grad-checkpoint")
+    assert all(np.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)

@@ -1,0 +1,163 @@
+"""The training benchmark: a lora.py recipe (its own flags) run for --warmup-steps untimed and --steps timed
+steps, on a model (--model) or on random weights of a named shape built in memory (--shape), so that the
+same command runs anywhere. Prints one JSON line to stdout: trained tokens/s (real tokens: no padding, no
+masked prompt), steps/s, peak memory, the final loss, and the arithmetic floor; progress goes to stderr.
+
+    python benchmarks/bench.py --shape smollm2-135m --data ../shared/data/wikisql
+    python benchmarks/bench.py --shape llama-7b --seq-length 1024 --batch-size 4 --peak-tflops 989
+"""
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import convert  # noqa: E402
+import lora  # noqa: E402
+import random_checkpoint  # noqa: E402
+import utils  # noqa: E402
+from utils import UserError  # noqa: E402
+
+
+def build_parser():
+    p = lora.build_parser()
+    p.description = "Benchmark training: lora.py's flags give the recipe; prints one JSON line."
+    p.add_argument("--shape", choices=sorted(random_checkpoint.SHAPES),
+                   help="Instead of --model, random weights of this shape, built in memory (bf16, or float32 on "
+                        "the CPU).")
+    p.add_argument("--tokenizer", help="Tokenizer folder (default: --model's; with --shape, a byte-level BPE "
+                                       "trained on --data).")
+    p.add_argument("--warmup-steps", type=int, default=5, help="Untimed steps first (compilation, allocation).")
+    p.add_argument("--steps", type=int, default=20, help="Timed steps.")
+    p.add_argument("--seq-length", type=int, help="Train on rows of this many random tokens instead of --data "
+                                                  "(--batch-size rows a batch; not cut to --max-seq-length).")
+    p.add_argument("--peak-tflops", type=float, help="The device's peak TFLOP/s, for the floor's tokens/s.")
+    # convert.py's quantization flags, as they are there: -q quantizes the model in memory as convert.py -q would
+    flags = {a.dest: a for a in convert.build_parser()._actions}
+    for dest in ("quantize", "q_bits", "q_group_size", "q_embedding_bits"):
+        p._add_action(flags[dest])
+    return p
+
+
+def load_model(args):
+    """(model, tokenizer or None, config): --shape's random weights or --model's, quantized with -q."""
+    if args.shape:
+        config = dict(random_checkpoint.SHAPES[args.shape], torch_dtype="bfloat16")
+        weights, tokenizer = dict(random_checkpoint.random_weights(config, "bfloat16")), None
+    else:
+        config, weights, tokenizer = utils.read_checkpoint(args.model)
+    if args.quantize:
+        dtype = utils.compute_dtype(config)  # the scales' type: the one the model computes in
+        tensors, quantized, _ = convert.converted_weights(
+            config, weights, dtype, {"group_size": args.q_group_size, "bits": args.q_bits}, args.q_embedding_bits)
+        weights, config = dict(tensors), utils.output_config(config, quantized=quantized)
+    return utils.build_model(config, weights), tokenizer, config
+
+
+def training_set(args, examples, tokenizer, vocab_size):
+    """(tokens, first scored target) rows: --data's, tokenized as lora.py does, or rows of --seq-length random
+    tokens (the model reads all of them; all but the last have a target)."""
+    if args.seq_length:
+        rows = np.random.default_rng(args.seed).integers(0, vocab_size, (8 * args.batch_size, args.seq_length))
+        return [(row.tolist(), 0) for row in rows]
+    if args.tokenizer:
+        tokenizer = random_checkpoint.fitting_tokenizer(args.tokenizer, vocab_size)
+    elif tokenizer is None:
+        texts = [e.get("text") or e.get("prompt", "") + e.get("completion", "") for e in examples]
+        tokenizer = random_checkpoint.train_tokenizer(texts, min(random_checkpoint.TOKENIZER_VOCAB, vocab_size))
+    return lora.tokenize(examples, tokenizer, args.add_eos_token, args.max_seq_length, "train", args.mask_prompt)
+
+
+def flops_per_token(config, first_trained, length, full):
+    """The floor: FLOPs a training step needs per token. A weight costs 2 (a multiply-add) in the forward pass,
+    and 2 more in the backward pass for the gradient of its input if its layer is at or above the first trained
+    one (the output layer always): back-propagation stops below. Full fine-tuning adds 2 per trained weight for
+    its own gradient. Attention adds, per layer, 2 * length * its width forward (scores and weighted sum, each
+    2 * length/2 per token: causal) and twice that backward. Left out: the adapters (rank << width), norms,
+    activations, the loss; sliding windows; a mixture of experts counts all its experts, not the routed ones."""
+    model = utils.model_skeleton(config, {})  # unevaluated, unquantized: the weights' shapes at no cost
+    args = model.args
+    layers = [sum(m.weight.size for _, m in layer.named_modules() if isinstance(m, nn.Linear))
+              for layer in model.layers]
+    trained, head = layers[first_trained:], args.vocab_size * args.hidden_size
+    attention = 2 * length * args.num_attention_heads * args.head_dim
+    forward = 2 * (sum(layers) + head) + attention * len(layers)
+    backward = 2 * (sum(trained) + head) + 2 * attention * len(trained) + (2 * sum(trained) if full else 0)
+    return forward + backward
+
+
+def run(args):
+    if args.config:
+        raise UserError("--config is lora.py's alone: give the recipe's flags on the command line")
+    if args.warmup_steps < 0 or args.steps < 1:
+        raise UserError("--warmup-steps must be at least 0 and --steps at least 1")
+    args.train = True  # for lora.check_flags: what it checks of a training run holds here
+    lora.check_flags(args)
+    examples = None if args.seq_length else lora.load_dataset(args.data, "train")  # data errors first
+
+    print(f"Loading {'random ' + args.shape if args.shape else args.model}", flush=True)
+    model, tokenizer, config = load_model(args)
+    dataset = training_set(args, examples, tokenizer, model.args.vocab_size)
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{args.data}/train.jsonl: {len(dataset)} examples, fewer than --batch-size")
+    mx.random.seed(args.seed)
+    model.freeze()
+    adapter_config = lora.set_up_training(
+        model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
+    model.grad_checkpoint = args.grad_checkpoint
+    step = lora.make_step(model, lora.build_optimizer(args), args)
+    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed)
+
+    for i in range(args.warmup_steps):
+        loss, _ = step(batches)
+        print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
+    mx.reset_peak_memory()
+    trained_tokens, start = 0, time.perf_counter()
+    for i in range(args.steps):
+        loss, ntoks = step(batches)
+        trained_tokens += ntoks
+        print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
+              f"tokens/s", flush=True)
+    seconds = time.perf_counter() - start
+
+    rows = args.steps * args.grad_accumulation_steps * args.batch_size
+    first_trained = 0 if args.lora_layers == -1 else len(model.layers) - args.lora_layers
+    flops = flops_per_token(config, first_trained, trained_tokens / rows, args.fine_tune_type == "full")
+    info = mx.device_info()
+    return {
+        "model": None if args.shape else args.model, "shape": args.shape,
+        "device": f"{mx.default_device().type.name}: {info.get('device_name', '?')}",
+        "dtype": str(utils.compute_dtype(config)).rsplit(".", 1)[-1],
+        "quantization": {"bits": args.q_bits, "group_size": args.q_group_size,
+                         "embedding_bits": args.q_embedding_bits} if args.quantize else None,
+        "data": None if args.seq_length else args.data, "seq_length": args.seq_length,
+        "batch_size": args.batch_size, "grad_accumulation_steps": args.grad_accumulation_steps,
+        "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
+        "grad_checkpoint": args.grad_checkpoint, "optimizer": args.optimizer, "learning_rate": args.learning_rate,
+        **{k: v for k, v in adapter_config.items() if k != "base_model"},
+        "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        "warmup_steps": args.warmup_steps, "steps": args.steps,
+        "tokens_per_second": trained_tokens / seconds, "steps_per_second": args.steps / seconds,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "final_loss": loss,
+        "trained_tokens": trained_tokens, "seconds": seconds,
+        "floor": {"flops_per_token": flops, "peak_tflops": args.peak_tflops,
+                  "tokens_per_second": args.peak_tflops * 1e12 / flops if args.peak_tflops else None},
+        "mlx": mx.__version__,
+    }
+
+
+if __name__ == "__main__":
+    utils.reexec_in_cpu_environment()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # what lora.py and convert.py print is progress
+            result = run(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"bench.py: error: {e}")
+    print(json.dumps(result), flush=True)

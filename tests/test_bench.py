@@ -1,0 +1,59 @@
+"""benchmarks/bench.py as a user runs it: one JSON line on stdout, its numbers consistent with the batches."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, random_checkpoint
+from transformers import AutoTokenizer
+
+import lora
+from utils import UserError
+
+
+def bench(*flags):
+    """bench.py's JSON line (it inherits the tests' OpenBLAS environment, so it does not re-execute)."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), *map(str, flags)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1, run.stdout  # progress goes to stderr
+    result = json.loads(lines[0])
+    assert math.isfinite(result["final_loss"])
+    assert math.isclose(result["tokens_per_second"] * result["seconds"], result["trained_tokens"], rel_tol=1e-6)
+    assert math.isclose(result["steps_per_second"] * result["seconds"], result["steps"], rel_tol=1e-6)
+    return result
+
+
+def test_data(tiny_llama, data_dir):
+    result = bench("--model", tiny_llama, "--data", data_dir, "--lora-layers", 2, "--lora-rank", 4,
+                   "--warmup-steps", 2, "--steps", 3, "--peak-tflops", 1)
+    # the targets that count (not padding) of the batches after the warm-up's, as lora.py draws them
+    dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), AutoTokenizer.from_pretrained(tiny_llama), 1,
+                            2048, "train")
+    batches = lora.iterate_batches(dataset, 4, train=True, seed=0)
+    timed = [next(batches) for _ in range(5)][2:]
+    assert result["trained_tokens"] == sum((lengths - starts).sum().item() for _, _, starts, lengths in timed)
+    assert (result["model"], result["shape"], result["batch_size"], result["num_layers"]) == (str(tiny_llama), None, 4, 2)
+    assert result["lora_parameters"]["rank"] == 4 and result["trainable_parameters"] > 0
+    assert result["peak_memory_gb"] > 0 and result["device"].startswith(("cpu", "gpu"))
+    floor = result["floor"]
+    assert floor["flops_per_token"] > 0
+    assert math.isclose(floor["tokens_per_second"], 1e12 / floor["flops_per_token"])
+
+
+def test_shape_synthetic_quantized():
+    """A named shape's random model, quantized in memory, on full rows of random tokens."""
+    result = bench("--shape", "smollm2-135m", "-q", "--seq-length", 16, "--batch-size", 2, "--warmup-steps", 1,
+                   "--steps", 2)
+    assert result["trained_tokens"] == 2 * 2 * 15  # a row of 16 tokens has 15 targets
+    assert (result["shape"], result["model"], result["data"]) == ("smollm2-135m", None, None)
+    assert result["quantization"] == {"bits": 4, "group_size": 64, "embedding_bits": 8}
+    assert result["floor"]["tokens_per_second"] is None
+
+
+def test_tokenizer_must_fit(tokenizer_dir):
+    """--tokenizer's ids must be the model's: a larger vocabulary is a one-line error, not an index error later."""
+    with pytest.raises(UserError, match="300 tokens, more than the model's vocabulary"):
+        random_checkpoint.fitting_tokenizer(tokenizer_dir, 256)

@@ -1,0 +1,153 @@
+"""Checkpoints and exact resume, Ctrl-C, divergence, metrics.jsonl, the loss plot and --report-to."""
+import json
+import signal
+import struct
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ROOT, run_lora
+
+import lora
+from utils import UserError
+
+# dropout, a schedule with warmup and accumulation over an epoch's end (64 examples: 16 batches of 4) all
+# carry state that an exact resume must restore
+RECIPE = ["--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--lora-dropout", 0.1, "--learning-rate", 3e-3,
+          "--lr-schedule", "cosine", "--warmup", 3, "--grad-accumulation-steps", 3, "--steps-per-eval", 1000,
+          "--val-batches", 1, "--steps-per-report", 1, "--seed", 7]
+
+
+def train_flags(model, data, folder, iters, *more):
+    return ["--model", model, "--data", data, "--train", *RECIPE, "--iters", iters,
+            "--adapter-file", folder / "adapters.safetensors", *more]
+
+
+def weights(path):
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a), max(np.abs(a[k] - b[k]).max() for k in a)
+
+
+def test_resume_from_a_checkpoint_is_exact(tiny_llama, data_dir, tmp_path, capsys):
+    whole = tmp_path / "whole"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, whole, 10, "--save-every", 5))
+    checkpoint = whole / "checkpoints" / "step-0000005"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "optimizer.safetensors", "trainer_state.json"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["iteration"] == 5 and state["batches"] == 15
+
+    resumed = tmp_path / "resumed"
+    out = run_lora(capsys, *train_flags(tiny_llama, data_dir, resumed, 10, "--resume", checkpoint))
+    assert "Resuming from" in out and "Iter 5:" not in out and "Iter 6: Train loss" in out
+    assert_same(weights(resumed / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
+    # what is restored matters: the same five steps from fresh adapters end elsewhere
+    fresh = tmp_path / "fresh"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, fresh, 5))
+    assert not np.allclose(weights(fresh / "adapters.safetensors")["model.layers.3.self_attn.q_proj.lora_b"],
+                           weights(whole / "adapters.safetensors")["model.layers.3.self_attn.q_proj.lora_b"])
+
+    # a checkpoint is an adapter folder: --adapter-file reads it
+    out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test", "--adapter-file", checkpoint)
+    assert "Test ppl" in out
+    with pytest.raises(UserError, match="do not fit the model"):
+        run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", checkpoint,
+                                      "--lora-rank", 8))
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", tmp_path))
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_llama, data_dir, tmp_path, capsys):
+    whole = tmp_path / "whole"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, whole, 200, "--save-every", 1000))
+
+    stopped = tmp_path / "stopped"
+    child = subprocess.Popen([sys.executable, str(ROOT / "lora.py"),
+                              *map(str, train_flags(tiny_llama, data_dir, stopped, 200, "--save-every", 1000))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in child.stdout:
+        if line.startswith("Iter 3: Train loss"):
+            child.send_signal(signal.SIGINT)
+            break
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    interrupted = int(out.split("Interrupted at iteration ")[1].split(".")[0])
+    assert 3 <= interrupted < 200
+    checkpoint = stopped / "checkpoints" / f"step-{interrupted:07d}"
+    assert f"--resume {checkpoint}" in out and (stopped / "adapters.safetensors").exists()
+
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, stopped, 200, "--save-every", 1000, "--resume", checkpoint))
+    assert_same(weights(stopped / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
+    # metrics.jsonl holds each iteration once, the resumed run's after the interrupted one's
+    iterations = [r["iteration"] for r in map(json.loads, (stopped / "metrics.jsonl").read_text().splitlines())
+                  if "train_loss" in r]
+    assert iterations == list(range(1, 201))
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
+    """A learning rate poisoned from the third update on: the loss of iteration 4 is NaN."""
+    schedule = lora.learning_rate_schedule
+    monkeypatch.setattr(lora, "learning_rate_schedule",
+                        lambda args: lambda step: mx.where(step < 2, schedule(args)(step), mx.nan))
+    folder = tmp_path / "run"
+    with pytest.raises(UserError, match=r"iteration 4: the loss is nan; training stopped \(the adapters saved last "
+                                        r"are kept in .*adapters.safetensors, the last good checkpoint is "
+                                        r".*step-0000002\)"):
+        run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, "--save-every", 2))
+    for path in (folder / "adapters.safetensors", folder / "checkpoints" / "step-0000002" / "adapters.safetensors"):
+        assert all(np.isfinite(v).all() for v in weights(path).values())
+    assert not (folder / "checkpoints" / "step-0000004").exists()
+
+
+def test_metrics_plot_and_kept_checkpoints(tiny_llama, data_dir, tmp_path, capsys):
+    import matplotlib.image
+
+    folder = tmp_path / "run"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 12, "--save-every", 2, "--keep-checkpoints", 2,
+                                  "--steps-per-report", 4, "--steps-per-eval", 6))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["iteration"] for r in train] == [4, 8, 12] and [r["iteration"] for r in val] == [1, 6, 12]
+    assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 and r["learning_rate"] > 0 for r in train)
+    assert train[-1]["trained_tokens"] > train[0]["trained_tokens"] > 0
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-0000010", "step-0000012"]
+    image = matplotlib.image.imread(folder / "loss.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image[..., :3].std() > 0.05  # curves, not a blank
+
+
+def tensorboard_scalars(folder):
+    """{tag: [(step, value)]} from the event files under folder (TFRecord framing of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event.FromString(data[12:12 + length])
+            data = data[12 + length + 4:]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_report_to(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "run"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 4, "--steps-per-report", 2, "--report-to",
+                                  "tensorboard"))
+    scalars = tensorboard_scalars(folder / "runs")
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert scalars["train_loss"] == [(r["iteration"], pytest.approx(r["train_loss"])) for r in logged if "train_loss" in r]
+    assert [step for step, _ in scalars["val_loss"]] == [1]
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(UserError, match=r"--report-to wandb: the wandb package is not installed \(pip install wandb\)"):
+        run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 4, "--report-to", "wandb"))
