@@ -20,6 +20,7 @@ import utils
 from utils import UserError
 
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
+LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 
 
 def build_parser():
@@ -65,6 +66,11 @@ def build_parser():
     p.add_argument("--grad-accumulation-steps", type=int, default=1,
                    help="Batches per update: the effective batch is this times --batch-size.")
     p.add_argument("--max-grad-norm", type=float, help="Clip the gradient to this global L2 norm.")
+    p.add_argument("--pack", action="store_true",
+                   help="Concatenate each batch's examples into one row, attention kept within each example: "
+                        "no padding.")
+    p.add_argument("--sort-by-length", action="store_true",
+                   help="Batch examples of similar lengths together (batches still come in random order): less padding.")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer's activations in the backward pass instead of keeping them: less "
                         "memory, about a third more compute.")
@@ -206,37 +212,79 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     return kept
 
 
-def iterate_batches(dataset, batch_size, train=False, seed=0, start=0):
-    """(inputs, targets, starts, lengths) batches, padded to a multiple of 8 to bound the number of distinct
-    shapes; the targets of a row that count are those from start to length. Training shuffles each epoch
-    and repeats forever, from its `start`-th batch: an epoch's order depends on the seed and the epoch
-    alone, so that a resumed run sees the batches the whole run would have. Evaluation covers the set once."""
+def batch_order(dataset, batch_size, train, seed, epoch, sort):
+    """The examples of each batch, in the order batches come. Training shuffles each epoch (the order depends
+    on the seed and the epoch alone, so that a resumed run sees the batches the whole run would have) and
+    leaves out the last partial batch. With sort, batches hold examples of similar lengths (sorted within
+    windows of 64 batches), in shuffled order: less padding."""
+    if not train:
+        return [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(dataset))
+    batches = len(order) // batch_size
+    if sort:
+        window = 64 * batch_size
+        order = np.concatenate([sorted(order[i:i + window], key=lambda j: len(dataset[j][0]))
+                                for i in range(0, len(order), window)])
+        return [order[i * batch_size:(i + 1) * batch_size].tolist() for i in rng.permutation(batches)]
+    return [order[i * batch_size:(i + 1) * batch_size].tolist() for i in range(batches)]
+
+
+def make_batch(rows, pack):
+    """(inputs, targets, mask) for rows of (tokens, first scored target); mask says which targets count. With
+    pack, the rows are concatenated into one, and a fourth array gives each position its example (-1:
+    padding), within which attention stays (models.Model): no padding between examples. Rows are padded to
+    a multiple of 8 tokens, a packed row to a multiple of 64: each new shape is compiled anew (on a GPU, a
+    first compilation takes seconds), and a batch's one packed row takes the padding once."""
+    pairs = [(tokens[:-1], tokens[1:], np.arange(len(tokens) - 1) >= start) for tokens, start in rows]
+    if pack:
+        segments = np.concatenate([np.full(len(inputs), i) for i, (inputs, _, _) in enumerate(pairs)])
+        pairs = [tuple(np.concatenate(parts) for parts in zip(*pairs))]
+    multiple = 64 if pack else 8
+    width = -(-max(len(inputs) for inputs, _, _ in pairs) // multiple) * multiple
+    inputs, targets, mask = np.zeros((3, len(pairs), width), np.int32)
+    for k, row in enumerate(pairs):
+        for array, values in zip((inputs, targets, mask), row):
+            array[k, :len(values)] = values
+    batch = (mx.array(inputs), mx.array(targets), mx.array(mask.astype(bool)))
+    if pack:
+        return (*batch, mx.array(np.pad(segments, (0, width - len(segments)), constant_values=-1)[None]))
+    return batch
+
+
+def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False):
+    """Batches (make_batch) of the examples in order (batch_order); training repeats forever from its
+    `start`-th batch, evaluation covers the set once."""
     epoch, skip = divmod(start, len(dataset) // batch_size) if train else (0, 0)
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(dataset)) if train else np.arange(len(dataset))
-        last = len(order) - batch_size + 1 if train else len(order)
-        for i in range(skip * batch_size, last, batch_size):
-            rows = [dataset[j] for j in order[i:i + batch_size]]
-            lengths = [len(tokens) for tokens, _ in rows]
-            batch = np.zeros((len(rows), -(-max(lengths) // 8) * 8 + 1), np.int32)
-            for k, (tokens, _) in enumerate(rows):
-                batch[k, :len(tokens)] = tokens
-            # a row of n tokens gives n - 1 (input, target) pairs
-            yield (mx.array(batch[:, :-1]), mx.array(batch[:, 1:]), mx.array([start for _, start in rows]),
-                   mx.array(lengths) - 1)
+        for rows in batch_order(dataset, batch_size, train, seed, epoch, sort)[skip:]:
+            yield make_batch([dataset[j] for j in rows], pack)
         if not train:
             return
         epoch, skip = epoch + 1, 0
 
 
-def loss_fn(model, inputs, targets, starts, lengths):
-    """Mean cross-entropy over the targets that count (not padding, not a masked prompt), and their count."""
-    logits = model(inputs).astype(mx.float32)
-    positions = mx.arange(inputs.shape[1])[None, :]
-    mask = (positions >= starts[:, None]) & (positions < lengths[:, None])
+def token_loss_sum(model, targets, mask):
+    """f(hidden states): the summed cross-entropy of these targets that count, from float32 logits;
+    checkpointed, so that the logits are computed again in the backward pass rather than kept."""
+    def loss_sum(h):
+        logits = model.logits(h).astype(mx.float32)
+        token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return (token_losses * mask).sum()
+
+    return mx.checkpoint(loss_sum)
+
+
+def loss_fn(model, inputs, targets, mask, segments=None):
+    """Mean cross-entropy over the targets that count (not padding, not a masked prompt), and their count.
+    The logits (batch x length x vocabulary, in float32) never exist whole: LOSS_CHUNK rows at a time."""
+    h = model.hidden_states(inputs, segments=segments)
+    h, targets, mask = h.reshape(-1, h.shape[-1]), targets.reshape(-1), mask.reshape(-1)
+    chunks = range(0, h.shape[0], LOSS_CHUNK)
+    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], mask[i:i + LOSS_CHUNK])(h[i:i + LOSS_CHUNK])
+                for i in chunks)
     ntoks = mask.sum()
-    token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return (token_losses * mask).sum() / ntoks, ntoks
+    return total / ntoks, ntoks
 
 
 def evaluate(model, dataset, batch_size, num_batches):
@@ -266,15 +314,16 @@ def build_optimizer(args):
     return optim.Adam(learning_rate=learning_rate_schedule(args))
 
 
-def make_step(model, optimizer, args):
+def make_step(model, optimizer, args, compiled=True):
     """step(batches) -> (loss, tokens): one update on the token-weighted mean gradient of
-    --grad-accumulation-steps batches, its model and optimizer state evaluated."""
+    --grad-accumulation-steps batches, its model and optimizer state evaluated; compiled unless told not
+    to (or the model has experts)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def gradient(inputs, targets, starts, lengths):
+    def gradient(*batch):
         """Loss and gradient of the batch, both summed over its tokens, and their count."""
-        (loss, ntoks), grads = loss_and_grad(model, inputs, targets, starts, lengths)
+        (loss, ntoks), grads = loss_and_grad(model, *batch)
         return loss * ntoks, ntoks, tree_map(lambda g: g * ntoks, grads)
 
     def update(grads, ntoks):
@@ -283,17 +332,24 @@ def make_step(model, optimizer, args):
             grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
         optimizer.update(model, grads)
 
-    if not model.args.num_local_experts:  # experts route on the host (models.SparseMoE): not compilable
-        gradient = mx.compile(gradient, inputs=state, outputs=state)
-        update = mx.compile(update, inputs=state, outputs=state)
+    def update_on(*batch):
+        loss, ntoks, grads = gradient(*batch)
+        update(grads, ntoks)
+        return loss / ntoks, ntoks
+
+    if compiled and not model.args.num_local_experts:  # experts route on the host (models.SparseMoE)
+        gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches):
-        loss, ntoks, grads = gradient(*next(batches))
-        for _ in range(args.grad_accumulation_steps - 1):
-            more = gradient(*next(batches))
-            loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
-        update(grads, ntoks)
-        loss = loss / ntoks
+        if args.grad_accumulation_steps == 1:  # one compiled function for the whole step
+            loss, ntoks = update_on(*next(batches))
+        else:
+            loss, ntoks, grads = gradient(*next(batches))
+            for _ in range(args.grad_accumulation_steps - 1):
+                more = gradient(*next(batches))
+                loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
+            update(grads, ntoks)
+            loss = loss / ntoks
         mx.eval(state, loss, ntoks)
         return loss.item(), ntoks.item()
 
@@ -414,7 +470,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     step = make_step(model, optimizer, args)
     log = metrics_log(metrics_path, first - 1, args)
     batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,
-                              start=(first - 1) * args.grad_accumulation_steps)
+                              start=(first - 1) * args.grad_accumulation_steps, pack=args.pack, sort=args.sort_by_length)
     interrupted, checkpoint = [], None
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     losses, ntokens, total_tokens = [], 0, 0

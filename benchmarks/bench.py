@@ -3,8 +3,8 @@ steps, on a model (--model) or on random weights of a named shape built in memor
 same command runs anywhere. Prints one JSON line to stdout: trained tokens/s (real tokens: no padding, no
 masked prompt), steps/s, peak memory, the final loss, and the arithmetic floor; progress goes to stderr.
 
-    python benchmarks/bench.py --shape smollm2-135m --data ../shared/data/wikisql
-    python benchmarks/bench.py --shape llama-7b --seq-length 1024 --batch-size 4 --peak-tflops 989
+    python benchmarks/bench.py --shape smollm2-135m --data data/
+    python benchmarks/bench.py --shape llama-7b --seq-length 1024 --batch-size 4 --peak-tflops 989  # on a GPU
 """
 import contextlib
 import json
@@ -113,7 +113,8 @@ def run(args):
         model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
     model.grad_checkpoint = args.grad_checkpoint
     step = lora.make_step(model, lora.build_optimizer(args), args)
-    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed)
+    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
+                                   sort=args.sort_by_length)
 
     for i in range(args.warmup_steps):
         loss, _ = step(batches)
@@ -135,11 +136,13 @@ def run(args):
         "model": None if args.shape else args.model, "shape": args.shape,
         "device": f"{mx.default_device().type.name}: {info.get('device_name', '?')}",
         "dtype": str(utils.compute_dtype(config)).rsplit(".", 1)[-1],
-        "quantization": {"bits": args.q_bits, "group_size": args.q_group_size,
-                         "embedding_bits": args.q_embedding_bits} if args.quantize else None,
+        # -q's or the checkpoint's own (a quantized GGUF file, a folder convert.py -q wrote)
+        "quantization": sorted({f"{m.bits}-bit, group size {m.group_size}"
+                                for _, m in model.named_modules() if hasattr(m, "bits")}) or None,
         "data": None if args.seq_length else args.data, "seq_length": args.seq_length,
         "batch_size": args.batch_size, "grad_accumulation_steps": args.grad_accumulation_steps,
-        "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
+        "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt, "pack": args.pack,
+        "sort_by_length": args.sort_by_length,
         "grad_checkpoint": args.grad_checkpoint, "optimizer": args.optimizer, "learning_rate": args.learning_rate,
         **{k: v for k, v in adapter_config.items() if k != "base_model"},
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),

@@ -89,15 +89,15 @@ def random_weights(config: dict, dtype: str, seed: int = 0):
 def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0, tokenizer=None):
     """The checkpoint, with `tokenizer` (a folder) or else one trained on data/train.jsonl."""
     config = dict(SHAPES[shape], torch_dtype=dtype)
+    if tokenizer is None:
+        texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
+        tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, config["vocab_size"]))
+    else:  # checked before the weights, which can take minutes
+        tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     utils.save_weights(path, random_weights(config, dtype, seed), shard_bytes)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is None:
-        texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
-        tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, config["vocab_size"]))
-    else:
-        tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
     tokenizer.save_pretrained(str(path))
 
 

@@ -65,16 +65,17 @@ def test_masked_prompt_tokens_carry_no_loss(tiny_llama):
     for (tokens, start), example, (same, zero) in zip(masked, examples, whole):
         assert tokens == same and zero == 0
         assert start == len(tokenizer.encode(example["prompt"])) - 1  # the target of that input is the completion's first
-    inputs, targets, starts, lengths = next(lora.iterate_batches(masked, 4))
-    loss, ntoks = lora.loss_fn(model, inputs, targets, starts, lengths)
+    inputs, targets, mask = next(lora.iterate_batches(masked, 4))
+    loss, ntoks = lora.loss_fn(model, inputs, targets, mask)
     assert ntoks.item() == sum(len(t) - 1 - s for t, s in masked)
     rng = np.random.default_rng(0)
     changed = np.array(targets)
-    for row, start in enumerate(np.array(starts)):
+    starts = [start for _, start in masked]
+    for row, start in enumerate(starts):
         changed[row, :start] = rng.integers(3, 300, start)  # other prompt targets: the same loss
-    assert lora.loss_fn(model, inputs, mx.array(changed), starts, lengths)[0].item() == loss.item()
-    changed[0, int(starts[0])] = (changed[0, int(starts[0])] + 1) % 300  # another completion target: another loss
-    assert lora.loss_fn(model, inputs, mx.array(changed), starts, lengths)[0].item() != loss.item()
+    assert lora.loss_fn(model, inputs, mx.array(changed), mask)[0].item() == loss.item()
+    changed[0, starts[0]] = (changed[0, starts[0]] + 1) % 300  # another completion target: another loss
+    assert lora.loss_fn(model, inputs, mx.array(changed), mask)[0].item() != loss.item()
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])

@@ -2,9 +2,11 @@
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import run_lora
+from mlx.utils import tree_flatten
 
 import lora
 from utils import UserError
@@ -85,8 +87,6 @@ def test_config_file(tiny_llama, data_dir, tmp_path, capsys):
 def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
     """Attention on the CPU keeps a (heads x length x length) array per layer for the backward pass:
     recomputing the layers instead keeps only their inputs."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
 
     import models
     import utils
@@ -99,7 +99,7 @@ def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
     for layer in utils.lora_layers(model).values():
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     tokens = mx.random.randint(3, 300, (4, 257))
-    batch = (tokens[:, :-1], tokens[:, 1:], mx.zeros(4, mx.int32), mx.full(4, 256, mx.int32))
+    batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((4, 256), mx.bool_))
     loss_and_grad = nn.value_and_grad(model, lora.loss_fn)
     results, peaks = [], []
     for checkpoint in (False, True):
@@ -122,3 +122,96 @@ def test_grad_checkpoint_flag_trains_alike(tiny_llama, data_dir, tmp_path, capsy
     checkpointed, _ = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "ckpt.safetensors", "--iters", 4,
                                      "--learning-rate", 1e-3, "--grad-checkpoint")
     assert all(np.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)
+
+
+def test_compiled_step_gives_the_same_loss_curve(tiny_llama, data_dir):
+    import utils
+
+    dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), utils.load(str(tiny_llama))[1], 1, 2048, "train")
+    args = lora.build_parser().parse_args(["--learning-rate", "1e-2", "--grad-accumulation-steps", "1"])
+    curves = []
+    for compiled in (True, False):
+        model = utils.load(str(tiny_llama))[0]
+        model.freeze()
+        mx.random.seed(0)
+        lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+        step = lora.make_step(model, lora.build_optimizer(args), args, compiled=compiled)
+        batches = lora.iterate_batches(dataset, 4, train=True)
+        curves.append([step(batches)[0] for _ in range(8)])
+    assert curves[0][-1] < curves[0][0] - 0.3
+    assert np.allclose(*curves, atol=1e-4), curves
+
+
+def test_packing_and_sorting_keep_each_tokens_loss(tiny_llama, data_dir):
+    """Packed rows (attention within each example) and length-sorted batches change the batches, not the
+    loss of any token."""
+    import utils
+
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:12]
+
+    def token_losses(batch):
+        inputs, targets, mask, *segments = batch
+        logits = model(inputs, segments=segments[0] if segments else None)
+        losses = nn.losses.cross_entropy(logits, targets, reduction="none")
+        return np.array(losses)[np.array(mask)]
+
+    plain = np.concatenate([token_losses(b) for b in lora.iterate_batches(dataset, 4)])
+    packed_batches = list(lora.iterate_batches(dataset, 4, pack=True))
+    sizes = [sum(len(t) - 1 for t, _ in dataset[i:i + 4]) for i in range(0, 12, 4)]
+    assert [b[0].shape for b in packed_batches] == [(1, -(-size // 64) * 64) for size in sizes]
+    packed = np.concatenate([token_losses(b) for b in packed_batches])
+    assert len(packed) == len(plain) == sum(len(t) - 1 for t, _ in dataset)
+    assert np.abs(packed - plain).max() < 1e-4
+    # and the packed mean loss is the unpacked one
+    assert abs(lora.evaluate(model, dataset, 4, -1) - float(packed.mean())) < 1e-5
+
+    # sorted batches: each example once an epoch, less padding than shuffled ones
+    sorted_order = lora.batch_order(dataset * 8, 4, True, 0, 0, sort=True)
+    shuffled_order = lora.batch_order(dataset * 8, 4, True, 0, 0, sort=False)
+    assert sorted(sum(sorted_order, [])) == sorted(sum(shuffled_order, [])) == list(range(96))
+    padding = [sum(max(len(dataset[j % 12][0]) for j in b) * len(b) for b in order) for order in (sorted_order, shuffled_order)]
+    assert padding[0] < padding[1]
+
+
+def test_chunked_loss_is_the_whole_loss(tiny_llama, monkeypatch):
+    """The loss and its gradient from logits computed a chunk of tokens at a time are those of the whole."""
+    import utils
+
+    model, _, _ = utils.load(str(tiny_llama))
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+    for layer in utils.lora_layers(model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    tokens = mx.random.randint(3, 300, (3, 41))
+    mask = mx.random.uniform(shape=(3, 40)) > 0.3
+    loss_and_grad = nn.value_and_grad(model, lora.loss_fn)
+    results = []
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(lora, "LOSS_CHUNK", chunk)
+        (loss, ntoks), grads = loss_and_grad(model, tokens[:, :-1], tokens[:, 1:], mask)
+        results.append((loss.item(), ntoks.item(), dict(tree_flatten(grads))))
+    logits = model(tokens[:, :-1])
+    expected = (nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="none") * mask).sum() / mask.sum()
+    (whole, n, grads), (chunked, n_chunked, grads_chunked) = results
+    assert n == n_chunked == mask.sum().item()
+    assert abs(whole - expected.item()) < 1e-5 and abs(chunked - whole) < 1e-5
+    assert all(np.allclose(grads[k], grads_chunked[k], atol=1e-6) for k in grads)
+
+
+def test_dequantized_products_give_the_quantized_layers_gradient():
+    """On the CPU a quantized layer multiplies by its dequantized weight, dequantized again for the backward
+    pass: the gradient is that of the float layer with the dequantized weight."""
+    import models
+
+    layer = models.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
+    x = mx.random.normal((4, 16, 64))
+    weight = models.dequantized_weight(layer, mx.float32)
+
+    def through(f):
+        return mx.grad(lambda x: (f(x) ** 2).sum())(x)
+
+    expected = through(lambda x: x @ weight.T + layer.bias)
+    assert np.abs(np.array(layer(x) - (x @ weight.T + layer.bias))).max() < 1e-5
+    assert np.abs(np.array(through(layer) - expected)).max() < 1e-4
+    assert np.abs(np.array(expected)).max() > 0
