@@ -73,7 +73,7 @@ def build_parser():
                    help="Batch examples of similar lengths together (batches still come in random order): less padding.")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer's activations in the backward pass instead of keeping them: less "
-                        "memory, about a third more compute.")
+                        "memory, more compute.")
     p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
     p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
     p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
@@ -574,8 +574,9 @@ def completion_example(record, marker, where):
 
 
 def generation_accuracy(model, tokenizer, config, examples, add_eos):
-    """Exact matches among the greedy completions of these examples (completion_example). A completion matches if its text is the expected one's, end-of-sequence (or a chat template's end of turn)
-    included: a model that goes on past the answer has not given it."""
+    """Exact matches among the greedy completions of these examples (completion_example). A completion
+    matches if its text is the expected one's, end-of-sequence (or a chat template's end of turn) included:
+    a model that goes on past the answer has not given it."""
     eos, matches = eos_ids(tokenizer, config), 0
     for record in tqdm(examples, desc="Generating", disable=None):
         tokens, prompt_length = encode(record, tokenizer, add_eos)
@@ -634,7 +635,10 @@ def set_up_training(model, args, scale):
         utils.apply_adapters(model, *adapters, args.resume_adapter_file, args.lora_dropout)
         kind = adapters.fine_tune_type
     elif kind == "full":
-        trained = model.layers[-args.lora_layers:] if args.lora_layers != -1 else model.layers
+        try:
+            trained = models.last_layers(model, args.lora_layers)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
             raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
                             "(QLoRA), or convert it without -q")

@@ -624,19 +624,25 @@ def target_matches(path: str, target: str) -> bool:
     return fnmatch.fnmatchcase(path, target) or fnmatch.fnmatchcase(path, "*." + target)
 
 
-def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
-    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear
-    (DoRALinear if dora)."""
+def last_layers(model: Model, num_layers: int) -> list:
+    """The last `num_layers` decoder layers (-1: all), the ones --lora-layers adapts or trains."""
     total = len(model.layers)
     if num_layers == -1:
         num_layers = total
     if not 0 < num_layers <= total:
         raise ValueError(f"--lora-layers {num_layers}: the model has {total} layers")
+    return model.layers[total - num_layers:]
+
+
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
+    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear
+    (DoRALinear if dora)."""
+    adapted = last_layers(model, num_layers)
     choices = linear_layers(model.layers[0])
     for target in targets:
         if not any(target_matches(path, target) for path in choices):
             raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
-    for layer in model.layers[total - num_layers:]:
+    for layer in adapted:
         wrapped = [
             (path, (DoRALinear if dora else LoRALinear).from_linear(module, rank, scale, dropout))
             for path, module in layer.named_modules()

@@ -246,3 +246,9 @@ def test_full_fine_tuning_trains_the_last_layers_and_resumes(tiny_llama, data_di
     more = mx.load(str(tmp_path / "more.safetensors"))
     assert sorted(more) == sorted(saved) and not np.allclose(more["model.layers.3.mlp.up_proj.weight"],
                                                              saved["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_full_fine_tuning_checks_the_layer_count(tiny_llama, data_dir, tmp_path, capsys):
+    with pytest.raises(UserError, match="--lora-layers 0: the model has 4 layers"):
+        run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--fine-tune-type", "full",
+                 "--lora-layers", 0, "--adapter-file", tmp_path / "full.safetensors")
