@@ -1,12 +1,15 @@
 """LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
 import argparse
+import functools
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +24,7 @@ from utils import UserError
 
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
+PREFIX_BATCH_TOKENS = 8192  # positions frozen_prefix computes at once
 
 
 def build_parser():
@@ -71,6 +75,10 @@ def build_parser():
                         "no padding.")
     p.add_argument("--sort-by-length", action="store_true",
                    help="Batch examples of similar lengths together (batches still come in random order): less padding.")
+    p.add_argument("--cache-frozen-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="Compute what the frozen layers below the first trained one give each training and "
+                        "validation example once, rather than at every step of every epoch, if that takes under "
+                        "a tenth of the memory: the same results, faster (default: on).")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer's activations in the backward pass instead of keeping them: less "
                         "memory, more compute.")
@@ -122,6 +130,8 @@ def parse_args(argv=None):
         flag = next(s for s in action.option_strings if s.startswith("--"))
         if isinstance(action, argparse._StoreTrueAction):
             flags += [flag] if value else []
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            flags += [flag if value else "--no-" + flag[2:]]
         else:  # as if typed: argparse checks the type and the choices
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
     return parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
@@ -231,12 +241,16 @@ def batch_order(dataset, batch_size, train, seed, epoch, sort):
 
 
 def make_batch(rows, pack):
-    """(inputs, targets, mask) for rows of (tokens, first scored target); mask says which targets count. With
+    """(inputs, targets, mask) for rows of (tokens, first scored target[, first state]); mask says which targets
+    count. With a third item (frozen_prefix), inputs are the positions' rows in a FrozenPrefix, not tokens. With
     pack, the rows are concatenated into one, and a fourth array gives each position its example (-1:
     padding), within which attention stays (models.Model): no padding between examples. Rows are padded to
     a multiple of 8 tokens, a packed row to a multiple of 64: each new shape is compiled anew (on a GPU, a
     first compilation takes seconds), and a batch's one packed row takes the padding once."""
-    pairs = [(tokens[:-1], tokens[1:], np.arange(len(tokens) - 1) >= start) for tokens, start in rows]
+    pairs = []
+    for tokens, start, *first_state in rows:
+        inputs = np.arange(first_state[0], first_state[0] + len(tokens) - 1) if first_state else tokens[:-1]
+        pairs.append((inputs, tokens[1:], np.arange(len(tokens) - 1) >= start))
     if pack:
         segments = np.concatenate([np.full(len(inputs), i) for i, (inputs, _, _) in enumerate(pairs)])
         pairs = [tuple(np.concatenate(parts) for parts in zip(*pairs))]
@@ -264,35 +278,118 @@ def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=Fals
         epoch, skip = epoch + 1, 0
 
 
-def token_loss_sum(model, targets, mask):
-    """f(hidden states): the summed cross-entropy of these targets that count, from float32 logits;
-    checkpointed, so that the logits are computed again in the backward pass rather than kept."""
+class FrozenPrefix(NamedTuple):
+    """The hidden states entering the first trained layer at every input position of a set of examples, one row
+    a position: what the frozen layers below it compute, computed once instead of at every step."""
+    layer: int
+    states: mx.array
+
+
+def first_trained_layer(model):
+    return min(int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+               for name, _ in tree_flatten(model.trainable_parameters()))
+
+
+def memory_size():
+    """Bytes of memory the device has: a GPU's own (Metal's unified memory_size, CUDA's total_memory), else
+    the machine's."""
+    info = mx.device_info()
+    return (info.get("memory_size") or info.get("total_memory")
+            or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def frozen_prefix(model, datasets):
+    """(FrozenPrefix, datasets) where the frozen layers below the first trained one are some and their output
+    for every example of `datasets` takes under a tenth of the device's memory, the datasets' rows then each
+    with its first row of the prefix's states (make_batch); else (None, datasets)."""
+    layer, rows = first_trained_layer(model), [row for dataset in datasets for row in dataset]
+    lengths = np.array([len(tokens) - 1 for tokens, _ in rows])
+    size = lengths.sum() * model.args.hidden_size * model.model[model.args.final_norm].weight.dtype.size
+    if layer == 0 or size > memory_size() / 10:
+        return None, datasets
+    say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
+    # similar lengths together, PREFIX_BATCH_TOKENS positions at a time: little padding, large products
+    groups, group = [], []
+    for i in np.argsort(lengths, kind="stable"):
+        if group and (len(group) + 1) * lengths[i] > PREFIX_BATCH_TOKENS:
+            groups.append(group)
+            group = []
+        group.append(i)
+    groups.append(group)
+    batches = []
+    for group in groups:
+        inputs = np.zeros((len(group), lengths[group[-1]]), np.int32)
+        for k, i in enumerate(group):
+            inputs[k, :lengths[i]] = rows[i][0][:-1]
+        batches.append(model.embed(mx.array(inputs)))
+    # a layer at a time, dequantized if quantized (models.dequantized_copy); each batch evaluated on its
+    # own, as a GPU holds every intermediate of what it runs at once
+    for i in tqdm(range(layer), desc="Frozen layers", disable=None):
+        quantized = model.layers[i]
+        model.layers[i] = models.dequantized_copy(quantized)
+        for k, h in enumerate(batches):
+            batches[k] = model.run_layers(h, i, i + 1)
+            mx.eval(batches[k])
+        model.layers[i] = quantized
+    pieces = [None] * len(rows)
+    for group, h in zip(groups, batches):
+        for k, i in enumerate(group):
+            pieces[i] = h[k, :lengths[i]]
+    states = mx.concatenate(pieces)
+    mx.eval(states)
+    firsts = iter(np.cumsum(lengths) - lengths)
+    return FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+
+
+def release_frozen_weights(model, layer):
+    """Free the weights that only the layers below `layer` use (theirs, and the input embedding unless it is
+    the output layer too), for which a FrozenPrefix stands in while training; their names, for
+    utils.reload_weights. They become empty arrays: anything that still used them would fail, not go wrong."""
+    used_by = [f"model.layers.{i}." for i in range(layer)] + ([] if model.args.tie_word_embeddings
+                                                              else ["model.embed_tokens."])
+    params = dict(tree_flatten(model.parameters()))
+    names = [k for k in params if k.startswith(tuple(used_by))]
+    model.update(tree_unflatten([(k, mx.zeros((0,), params[k].dtype)) for k in names]))
+    del params  # the last references to the weights
+    mx.clear_cache()
+    return names
+
+
+def token_loss_sum(model, targets, mask, checkpoint):
+    """f(hidden states): the summed cross-entropy of these targets that count, from float32 logits; if
+    checkpoint, the logits are computed again in the backward pass rather than kept."""
     def loss_sum(h):
         logits = model.logits(h).astype(mx.float32)
         token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return (token_losses * mask).sum()
 
-    return mx.checkpoint(loss_sum)
+    return mx.checkpoint(loss_sum) if checkpoint else loss_sum
 
 
-def loss_fn(model, inputs, targets, mask, segments=None):
+def loss_fn(model, inputs, targets, mask, segments=None, prefix=None):
     """Mean cross-entropy over the targets that count (not padding, not a masked prompt), and their count.
-    The logits (batch x length x vocabulary, in float32) never exist whole: LOSS_CHUNK rows at a time."""
-    h = model.hidden_states(inputs, segments=segments)
+    With a FrozenPrefix, inputs are rows of its states (make_batch). The logits (batch x length x vocabulary,
+    in float32) never exist whole: LOSS_CHUNK rows at a time."""
+    if prefix is None:
+        h = model.hidden_states(inputs, segments=segments)
+    else:
+        h = model.hidden_states(prefix.states[inputs], segments=segments, first_layer=prefix.layer)
     h, targets, mask = h.reshape(-1, h.shape[-1]), targets.reshape(-1), mask.reshape(-1)
     chunks = range(0, h.shape[0], LOSS_CHUNK)
-    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], mask[i:i + LOSS_CHUNK])(h[i:i + LOSS_CHUNK])
-                for i in chunks)
+    # the last chunk's logits are kept, not computed again: one chunk's memory more, and a batch of one
+    # chunk (WikiSQL's of 4 are) computes its logits once
+    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], mask[i:i + LOSS_CHUNK], i != chunks[-1])(
+        h[i:i + LOSS_CHUNK]) for i in chunks)
     ntoks = mask.sum()
     return total / ntoks, ntoks
 
 
-def evaluate(model, dataset, batch_size, num_batches):
+def evaluate(model, dataset, batch_size, num_batches, prefix=None):
     total, ntoks = mx.array(0.0), mx.array(0)
     for n, batch in enumerate(iterate_batches(dataset, batch_size)):
         if n == num_batches:
             break
-        loss, count = loss_fn(model, *batch)
+        loss, count = loss_fn(model, *batch, prefix=prefix)
         total, ntoks = total + loss * count, ntoks + count
         mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
     return (total / ntoks).item()
@@ -314,11 +411,11 @@ def build_optimizer(args):
     return optim.Adam(learning_rate=learning_rate_schedule(args))
 
 
-def make_step(model, optimizer, args, compiled=True):
+def make_step(model, optimizer, args, compiled=True, prefix=None):
     """step(batches) -> (loss, tokens): one update on the token-weighted mean gradient of
-    --grad-accumulation-steps batches, its model and optimizer state evaluated; compiled unless told not
-    to (or the model has experts)."""
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    --grad-accumulation-steps batches (of a FrozenPrefix's rows if given), its model and optimizer state
+    evaluated; compiled unless told not to (or the model has experts)."""
+    loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, prefix=prefix))
     state = [model.state, optimizer.state, mx.random.state]
 
     def gradient(*batch):
@@ -459,7 +556,8 @@ def say(line):
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
-    checkpoint and raise KeyboardInterrupt."""
+    checkpoint and raise KeyboardInterrupt. Returns the names of the frozen weights released while training
+    (release_frozen_weights)."""
     out = adapter_file.parent
     checkpoints, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -467,7 +565,13 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     first = load_checkpoint(args.resume, model, optimizer, args) + 1 if args.resume else 1
     if first > 1:
         say(f"Resuming from {args.resume} at iteration {first}")
-    step = make_step(model, optimizer, args)
+    if args.val_batches >= 0:  # the validation examples evaluate() reads
+        valid_set = valid_set[:args.val_batches * args.batch_size]
+    prefix, released = None, []
+    if args.cache_frozen_layers:
+        prefix, (train_set, valid_set) = frozen_prefix(model, [train_set, valid_set])
+        released = release_frozen_weights(model, prefix.layer) if prefix else []
+    step = make_step(model, optimizer, args, prefix=prefix)
     log = metrics_log(metrics_path, first - 1, args)
     batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,
                               start=(first - 1) * args.grad_accumulation_steps, pack=args.pack, sort=args.sort_by_length)
@@ -505,7 +609,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             if it == 1 or it % args.steps_per_eval == 0:
                 model.eval()
                 val_start = time.perf_counter()
-                val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+                val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches, prefix)
                 model.train()
                 val_time = time.perf_counter() - val_start
                 log({"iteration": it, "val_loss": val_loss, "val_time": val_time})
@@ -527,6 +631,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         signal.signal(signal.SIGINT, previous_handler)
         log.close()
         plot_losses(metrics_path, out / "loss.png")
+    return released
 
 
 def diverged(it, what, adapter_file, checkpoint):
@@ -696,8 +801,10 @@ def main(args):
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
-        train(model, data["train"], data["valid"], args, adapter_file, adapter_config)
+        released = train(model, data["train"], data["valid"], args, adapter_file, adapter_config)
         model.grad_checkpoint = False
+        if released and (args.test or args.prompt is not None):
+            utils.reload_weights(model, args.model, released)
     elif adapter_file.exists() or args.adapter_file:
         utils.load_adapters(model, adapter_file, scale)
     else:

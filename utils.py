@@ -82,14 +82,7 @@ def build_model(config: dict, weights: dict) -> models.Model:
     """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
     model = model_skeleton(config, weights)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
-    # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
-    # fp16, slower than the matmul it feeds
-    dtype = compute_dtype(config)
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-        if "rotary_emb.inv_freq" not in k
-    }
+    weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     try:
@@ -98,6 +91,20 @@ def build_model(config: dict, weights: dict) -> models.Model:
         raise UserError(f"the weights do not fit the config: {e}") from None
     mx.eval(model.parameters())
     return model
+
+
+def in_compute_dtype(config: dict, weights: dict) -> dict:
+    # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
+    # fp16, slower than the matmul it feeds
+    dtype = compute_dtype(config)
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def reload_weights(model: models.Model, path_or_repo: str, names):
+    """Read the weights `names` of the checkpoint `model` was loaded from (load) into it again."""
+    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
+    model.update(tree_unflatten(list(in_compute_dtype(config, {k: weights[k] for k in names}).items())))
+    mx.eval(model.parameters())
 
 
 def is_repo_id(name: str) -> bool:

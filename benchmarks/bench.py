@@ -75,8 +75,9 @@ def training_set(args, examples, tokenizer, vocab_size):
     return lora.tokenize(examples, tokenizer, args.add_eos_token, args.max_seq_length, "train", args.mask_prompt)
 
 
-def flops_per_token(config, first_trained, length, full):
-    """The floor: FLOPs a training step needs per token. A weight costs 2 (a multiply-add) in the forward pass,
+def flops_per_token(config, first_trained, length, full, first_computed=0):
+    """The floor: FLOPs a training step needs per token. A weight of the layers the step runs (from
+    first_computed: those below are cached, lora.frozen_prefix) costs 2 (a multiply-add) in the forward pass,
     and 2 more in the backward pass for the gradient of its input if its layer is at or above the first trained
     one (the output layer always): back-propagation stops below. Full fine-tuning adds 2 per trained weight for
     its own gradient. Attention adds, per layer, 2 * length * its width forward (scores and weighted sum, each
@@ -86,9 +87,9 @@ def flops_per_token(config, first_trained, length, full):
     args = model.args
     layers = [sum(m.weight.size for _, m in layer.named_modules() if isinstance(m, nn.Linear))
               for layer in model.layers]
-    trained, head = layers[first_trained:], args.vocab_size * args.hidden_size
+    computed, trained, head = layers[first_computed:], layers[first_trained:], args.vocab_size * args.hidden_size
     attention = 2 * length * args.num_attention_heads * args.head_dim
-    forward = 2 * (sum(layers) + head) + attention * len(layers)
+    forward = 2 * (sum(computed) + head) + attention * len(computed)
     backward = 2 * (sum(trained) + head) + 2 * attention * len(trained) + (2 * sum(trained) if full else 0)
     return forward + backward
 
@@ -112,13 +113,19 @@ def run(args):
     adapter_config = lora.set_up_training(
         model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
     model.grad_checkpoint = args.grad_checkpoint
-    step = lora.make_step(model, lora.build_optimizer(args), args)
+    start = time.perf_counter()
+    prefix, (dataset,) = lora.frozen_prefix(model, [dataset]) if args.cache_frozen_layers else (None, [dataset])
+    if prefix:
+        lora.release_frozen_weights(model, prefix.layer)
+    prefix_seconds = time.perf_counter() - start
+    step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
     batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                    sort=args.sort_by_length)
 
     for i in range(args.warmup_steps):
         loss, _ = step(batches)
         print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
+    setup_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
     trained_tokens, start = 0, time.perf_counter()
     for i in range(args.steps):
@@ -129,8 +136,8 @@ def run(args):
     seconds = time.perf_counter() - start
 
     rows = args.steps * args.grad_accumulation_steps * args.batch_size
-    first_trained = 0 if args.lora_layers == -1 else len(model.layers) - args.lora_layers
-    flops = flops_per_token(config, first_trained, trained_tokens / rows, args.fine_tune_type == "full")
+    flops = flops_per_token(config, lora.first_trained_layer(model), trained_tokens / rows,
+                            args.fine_tune_type == "full", prefix.layer if prefix else 0)
     info = mx.device_info()
     return {
         "model": None if args.shape else args.model, "shape": args.shape,
@@ -149,6 +156,13 @@ def run(args):
         "warmup_steps": args.warmup_steps, "steps": args.steps,
         "tokens_per_second": trained_tokens / seconds, "steps_per_second": args.steps / seconds,
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "final_loss": loss,
+        # the peak before the timed steps: loading, the frozen layers' pass, warm-up
+        "setup_peak_memory_gb": setup_peak / 1e9,
+        "frozen_prefix": prefix and {"layers": prefix.layer, "seconds": prefix_seconds,
+                                     "gb": prefix.states.nbytes / 1e9},
+        # trained tokens/s over a whole run of --iters steps, the frozen layers' pass included
+        "run_tokens_per_second": trained_tokens / args.steps * args.iters / (
+            seconds / args.steps * args.iters + (prefix_seconds if prefix else 0)),
         "trained_tokens": trained_tokens, "seconds": seconds,
         "floor": {"flops_per_token": flops, "peak_tflops": args.peak_tflops,
                   "tokens_per_second": args.peak_tflops * 1e12 / flops if args.peak_tflops else None},

@@ -43,6 +43,13 @@ def test_data(tiny_llama, data_dir):
     floor = result["floor"]
     assert floor["flops_per_token"] > 0
     assert math.isclose(floor["tokens_per_second"], 1e12 / floor["flops_per_token"])
+    # layers 0-1 computed once, up front: over the 1000 steps of a whole run, slower than a step alone
+    assert result["frozen_prefix"]["layers"] == 2 and result["frozen_prefix"]["gb"] > 0
+    assert result["run_tokens_per_second"] < result["tokens_per_second"]
+    uncached = bench("--model", tiny_llama, "--data", data_dir, "--lora-layers", 2, "--lora-rank", 4,
+                     "--warmup-steps", 2, "--steps", 3, "--peak-tflops", 1, "--no-cache-frozen-layers")
+    assert uncached["frozen_prefix"] is None and uncached["trained_tokens"] == result["trained_tokens"]
+    assert uncached["floor"]["flops_per_token"] > floor["flops_per_token"]
 
 
 def test_shape_synthetic_quantized():

@@ -215,3 +215,82 @@ def test_dequantized_products_give_the_quantized_layers_gradient():
     assert np.abs(np.array(layer(x) - (x @ weight.T + layer.bias))).max() < 1e-5
     assert np.abs(np.array(through(layer) - expected)).max() < 1e-4
     assert np.abs(np.array(expected)).max() > 0
+
+
+def test_cached_frozen_layers_give_the_same_training(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
+    """The frozen layers' output computed once (frozen_prefix) trains and validates as computing it at every
+    step does: the same losses, packed or not, and the same adapters from the command line."""
+    import utils
+
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    splits = [lora.tokenize(lora.load_dataset(data_dir, s), tokenizer, 1, 2048, s) for s in ("train", "valid")]
+    args = lora.build_parser().parse_args(["--learning-rate", "1e-2"])
+    for pack in (False, True):
+        curves = []
+        for cached in (False, True):
+            model = utils.load(str(tiny_llama))[0]
+            model.freeze()
+            mx.random.seed(0)
+            lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], 2, rank=4)
+            prefix, (train, valid) = lora.frozen_prefix(model, splits) if cached else (None, splits)
+            assert (prefix is not None) == cached and (not cached or prefix.layer == 2)
+            step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
+            batches = lora.iterate_batches(train, 4, train=True, pack=pack)
+            curves.append([step(batches)[0] for _ in range(8)] + [lora.evaluate(model, valid, 4, -1, prefix)])
+        assert curves[0][7] < curves[0][0] - 0.3
+        assert np.allclose(*curves, atol=1e-4), curves
+
+    # the weights only the frozen layers use are released while training, and read back for --test after it
+    cached, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "cached.safetensors", "--iters", 6,
+                                 "--lora-layers", 2, "--learning-rate", 1e-3, "--test", "--test-batches", 2)
+    assert "Computing the frozen layers 0-1 once for 68 examples" in out  # 64 train, --val-batches 1 of 4
+    test_loss = re.search(r"Test loss (\d+\.\d+)", out).group(1)
+    out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--adapter-file", tmp_path / "cached.safetensors",
+                   "--test", "--test-batches", 2)
+    assert re.search(r"Test loss (\d+\.\d+)", out).group(1) == test_loss
+    plain, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "plain.safetensors", "--iters", 6,
+                                "--lora-layers", 2, "--learning-rate", 1e-3, "--no-cache-frozen-layers")
+    assert "frozen layers" not in out
+    assert all(np.allclose(plain[k], cached[k], atol=1e-5) for k in plain)
+    monkeypatch.setattr(lora, "memory_size", lambda: 1000)  # too little memory: not cached
+    _, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "small.safetensors", "--iters", 1,
+                            "--lora-layers", 2)
+    assert "frozen layers" not in out
+
+
+def test_released_frozen_weights_free_memory_and_read_back(tiny_llama):
+    import utils
+
+    model = utils.load(str(tiny_llama))[0]
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj"], 1)
+    before = dict(tree_flatten(model.parameters()))
+    memory = mx.get_active_memory()
+    names = lora.release_frozen_weights(model, 3)
+    freed = sum(before[k].nbytes for k in names)
+    assert sorted(names) == sorted(k for k in before if k.startswith(("model.layers.0.", "model.layers.1.",
+                                                                       "model.layers.2.", "model.embed_tokens.")))
+    assert all(model.layers[i].input_layernorm.weight.size == 0 for i in range(3))
+    assert model.layers[3].input_layernorm.weight.size > 0 and model.lm_head.weight.size > 0
+    del before
+    assert mx.get_active_memory() <= memory - freed + 1024  # the empty arrays in their place
+    utils.reload_weights(model, str(tiny_llama), names)
+    reloaded, fresh = (dict(tree_flatten(m.parameters())) for m in (model, utils.load(str(tiny_llama))[0]))
+    assert all(np.array_equal(reloaded[k], fresh[k]) for k in names)
+
+
+def test_frozen_prefix_of_a_quantized_model(tiny_llama, data_dir):
+    """Quantized frozen layers are dequantized for the pass (a copy: the model stays quantized), which gives
+    the states the quantized layers give."""
+    import utils
+
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    lora.models.quantize(model, lambda path, m: {"group_size": 32, "bits": 4} if isinstance(m, nn.Linear) else None)
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj"], 1)
+    rows = lora.tokenize(lora.load_dataset(data_dir, "valid"), tokenizer, 1, 2048, "valid")
+    prefix, (cached,) = lora.frozen_prefix(model, [rows])
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    for tokens, _, first in cached[:3]:
+        expected = model.run_layers(model.embed(mx.array(tokens[:-1])[None]), 0, 3)[0]
+        assert np.abs(np.array(prefix.states[first:first + len(tokens) - 1] - expected)).max() < 1e-4
