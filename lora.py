@@ -77,8 +77,9 @@ def build_parser():
                    help="Batch examples of similar lengths together (batches still come in random order): less padding.")
     p.add_argument("--cache-frozen-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="Compute what the frozen layers below the first trained one give each training and "
-                        "validation example once, rather than at every step of every epoch, if that takes under "
-                        "a tenth of the memory: the same results, faster (default: on).")
+                        "validation example once, rather than at every step of every epoch, if the run goes "
+                        "through the training set at least once and that takes under a tenth of the memory: the "
+                        "same results, faster (default: on).")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer's activations in the backward pass instead of keeping them: less "
                         "memory, more compute.")
@@ -296,6 +297,12 @@ def memory_size():
     info = mx.device_info()
     return (info.get("memory_size") or info.get("total_memory")
             or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def caches_frozen_layers(args, iterations, train_size):
+    """Whether to compute the frozen layers once (frozen_prefix): asked to, and the run goes through the
+    training set at least once, without which the pass would compute more than the steps it saves."""
+    return args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= train_size
 
 
 def frozen_prefix(model, datasets):
@@ -568,7 +575,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     if args.val_batches >= 0:  # the validation examples evaluate() reads
         valid_set = valid_set[:args.val_batches * args.batch_size]
     prefix, released = None, []
-    if args.cache_frozen_layers:
+    if caches_frozen_layers(args, args.iters - first + 1, len(train_set)):
         prefix, (train_set, valid_set) = frozen_prefix(model, [train_set, valid_set])
         released = release_frozen_weights(model, prefix.layer) if prefix else []
     step = make_step(model, optimizer, args, prefix=prefix)

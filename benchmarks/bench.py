@@ -114,7 +114,8 @@ def run(args):
         model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
     model.grad_checkpoint = args.grad_checkpoint
     start = time.perf_counter()
-    prefix, (dataset,) = lora.frozen_prefix(model, [dataset]) if args.cache_frozen_layers else (None, [dataset])
+    prefix, (dataset,) = lora.frozen_prefix(model, [dataset]) if lora.caches_frozen_layers(
+        args, args.iters, len(dataset)) else (None, [dataset])
     if prefix:
         lora.release_frozen_weights(model, prefix.layer)
     prefix_seconds = time.perf_counter() - start

@@ -241,19 +241,23 @@ def test_cached_frozen_layers_give_the_same_training(tiny_llama, data_dir, tmp_p
         assert np.allclose(*curves, atol=1e-4), curves
 
     # the weights only the frozen layers use are released while training, and read back for --test after it
-    cached, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "cached.safetensors", "--iters", 6,
+    cached, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "cached.safetensors", "--iters", 16,
                                  "--lora-layers", 2, "--learning-rate", 1e-3, "--test", "--test-batches", 2)
     assert "Computing the frozen layers 0-1 once for 68 examples" in out  # 64 train, --val-batches 1 of 4
     test_loss = re.search(r"Test loss (\d+\.\d+)", out).group(1)
     out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--adapter-file", tmp_path / "cached.safetensors",
                    "--test", "--test-batches", 2)
     assert re.search(r"Test loss (\d+\.\d+)", out).group(1) == test_loss
-    plain, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "plain.safetensors", "--iters", 6,
+    plain, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "plain.safetensors", "--iters", 16,
                                 "--lora-layers", 2, "--learning-rate", 1e-3, "--no-cache-frozen-layers")
     assert "frozen layers" not in out
     assert all(np.allclose(plain[k], cached[k], atol=1e-5) for k in plain)
+    # a run shorter than an epoch (15 batches of 4 < 64 examples) would compute more than it saves
+    _, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "short.safetensors", "--iters", 15,
+                            "--lora-layers", 2)
+    assert "frozen layers" not in out
     monkeypatch.setattr(lora, "memory_size", lambda: 1000)  # too little memory: not cached
-    _, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "small.safetensors", "--iters", 1,
+    _, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "small.safetensors", "--iters", 16,
                             "--lora-layers", 2)
     assert "frozen layers" not in out
 
