@@ -299,12 +299,6 @@ def memory_size():
             or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def caches_frozen_layers(args, iterations, train_size):
-    """Whether to compute the frozen layers once (frozen_prefix): asked to, and the run goes through the
-    training set at least once, without which the pass would compute more than the steps it saves."""
-    return args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= train_size
-
-
 def frozen_prefix(model, datasets):
     """(FrozenPrefix, datasets) where the frozen layers below the first trained one are some and their output
     for every example of `datasets` takes under a tenth of the device's memory, the datasets' rows then each
@@ -360,6 +354,17 @@ def release_frozen_weights(model, layer):
     del params  # the last references to the weights
     mx.clear_cache()
     return names
+
+
+def cache_frozen_layers(model, datasets, args, iterations):
+    """(FrozenPrefix or None, datasets, names of the released weights): the frozen layers computed once
+    (frozen_prefix) and their weights released (release_frozen_weights), if --cache-frozen-layers and a run
+    of `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would
+    compute more than its steps save."""
+    if not args.cache_frozen_layers or iterations * args.batch_size * args.grad_accumulation_steps < len(datasets[0]):
+        return None, datasets, []
+    prefix, datasets = frozen_prefix(model, datasets)
+    return prefix, datasets, release_frozen_weights(model, prefix.layer) if prefix else []
 
 
 def token_loss_sum(model, targets, mask, checkpoint):
@@ -574,10 +579,8 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         say(f"Resuming from {args.resume} at iteration {first}")
     if args.val_batches >= 0:  # the validation examples evaluate() reads
         valid_set = valid_set[:args.val_batches * args.batch_size]
-    prefix, released = None, []
-    if caches_frozen_layers(args, args.iters - first + 1, len(train_set)):
-        prefix, (train_set, valid_set) = frozen_prefix(model, [train_set, valid_set])
-        released = release_frozen_weights(model, prefix.layer) if prefix else []
+    prefix, (train_set, valid_set), released = cache_frozen_layers(model, [train_set, valid_set], args,
+                                                                   args.iters - first + 1)
     step = make_step(model, optimizer, args, prefix=prefix)
     log = metrics_log(metrics_path, first - 1, args)
     batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,

@@ -114,10 +114,7 @@ def run(args):
         model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
     model.grad_checkpoint = args.grad_checkpoint
     start = time.perf_counter()
-    prefix, (dataset,) = lora.frozen_prefix(model, [dataset]) if lora.caches_frozen_layers(
-        args, args.iters, len(dataset)) else (None, [dataset])
-    if prefix:
-        lora.release_frozen_weights(model, prefix.layer)
+    prefix, (dataset,), _ = lora.cache_frozen_layers(model, [dataset], args, args.iters)
     prefix_seconds = time.perf_counter() - start
     step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
     batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
