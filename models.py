@@ -170,8 +170,8 @@ def dequantized_weight(layer, dtype):
 # quantized layer dequantizes its weight for products over many rows (training, prompts), keeping the model
 # 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two. On an
 # H100 the same trained a 4-bit Llama-7B at 7.7k tokens/s instead of 4.1k, but with a peak of 15.9 GB
-# instead of 8.6 (MLX dequantizes the weights ahead of their products): QLoRA is for memory, so GPUs keep
-# the quantized matmul.
+# instead of 8.6 (a GPU holds every intermediate of what it runs at once, every layer's float weight
+# included): QLoRA is for memory, so GPUs keep the quantized matmul in training steps.
 def dequantizes(x):
     return mx.default_device() == mx.cpu and x.size // x.shape[-1] > 8
 
