@@ -120,14 +120,15 @@ def run(args):
     batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                    sort=args.sort_by_length)
 
-    for i in range(args.warmup_steps):
-        loss, _ = step(batches)
+    def launch(i):
+        return step(batches)
+
+    for i, _, (loss, _) in lora.pipelined(launch, range(args.warmup_steps)):
         print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
     setup_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
     trained_tokens, start = 0, time.perf_counter()
-    for i in range(args.steps):
-        loss, ntoks = step(batches)
+    for i, _, (loss, ntoks) in lora.pipelined(launch, range(args.steps)):
         trained_tokens += ntoks
         print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
               f"tokens/s", flush=True)

@@ -9,6 +9,7 @@ from conftest import run_lora
 from mlx.utils import tree_flatten
 
 import lora
+import models
 from utils import UserError
 
 COMMON = ["--batch-size", 4, "--lora-layers", -1, "--lora-rank", 4, "--lora-alpha", 8, "--steps-per-eval", 1000,
@@ -137,7 +138,7 @@ def test_compiled_step_gives_the_same_loss_curve(tiny_llama, data_dir):
         lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
         step = lora.make_step(model, lora.build_optimizer(args), args, compiled=compiled)
         batches = lora.iterate_batches(dataset, 4, train=True)
-        curves.append([step(batches)[0] for _ in range(8)])
+        curves.append([step(batches)[0].item() for _ in range(8)])
     assert curves[0][-1] < curves[0][0] - 0.3
     assert np.allclose(*curves, atol=1e-4), curves
 
@@ -236,7 +237,7 @@ def test_cached_frozen_layers_give_the_same_training(tiny_llama, data_dir, tmp_p
             assert (prefix is not None) == cached and (not cached or prefix.layer == 2)
             step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
             batches = lora.iterate_batches(train, 4, train=True, pack=pack)
-            curves.append([step(batches)[0] for _ in range(8)] + [lora.evaluate(model, valid, 4, -1, prefix)])
+            curves.append([step(batches)[0].item() for _ in range(8)] + [lora.evaluate(model, valid, 4, -1, prefix)])
         assert curves[0][7] < curves[0][0] - 0.3
         assert np.allclose(*curves, atol=1e-4), curves
 
@@ -298,3 +299,29 @@ def test_frozen_prefix_of_a_quantized_model(tiny_llama, data_dir):
     for tokens, _, first in cached[:3]:
         expected = model.run_layers(model.embed(mx.array(tokens[:-1])[None]), 0, 3)[0]
         assert np.abs(np.array(prefix.states[first:first + len(tokens) - 1] - expected)).max() < 1e-4
+
+
+def test_pipelined_reads_a_step_after_launching_the_next_except_where_synced():
+    events = []
+
+    def launch(it):
+        events.append(("launch", it))
+        return [mx.array(it) * 2]
+
+    for it, latest, (value,) in lora.pipelined(launch, range(1, 6), synced=lambda it: it == 3):
+        assert value == 2 * it
+        events.append(("read", it, latest))
+    assert events == [("launch", 1), ("launch", 2), ("read", 1, False), ("launch", 3), ("read", 2, False),
+                      ("read", 3, True), ("launch", 4), ("launch", 5), ("read", 4, False), ("read", 5, True)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_dequantized_is_mx_dequantize(bits):
+    weight = mx.random.normal((3, 64, 256), key=mx.random.key(bits))
+    for dtype in (mx.float32, mx.bfloat16, mx.float16):
+        for group_size in (32, 64, 128):
+            quantized = mx.quantize(weight.astype(dtype), group_size, bits)
+            for out in (dtype, mx.float32):
+                expected = mx.dequantize(*quantized, group_size, bits, dtype=out)
+                got = models.dequantized(*quantized, group_size, bits, out)
+                assert got.dtype == out and mx.array_equal(got, expected).item(), (dtype, group_size, out)
