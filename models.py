@@ -186,9 +186,9 @@ def unpacked(w, scales, biases, group_size, bits):
 # MLX's CPU quantized matmul runs at about 1.5 GFLOP/s, against 90-200 for fp32 BLAS: on the CPU a
 # quantized layer dequantizes its weight for products over many rows (training, prompts), keeping the model
 # 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two. CUDA
-# does the same: an H100 trains a 4-bit Llama-7B at 9.7k tokens/s instead of 5.6k-6.0k, with a peak of
-# 8.2 GB against 7.0 (given the smaller graphs utils sets: MLX_MAX_MB_PER_BUFFER). Metal keeps its
-# quantized matmul: not measured against this.
+# does the same: an H100 trains a 4-bit Llama-7B at 9.7k tokens/s (the quantized matmul: 5.6k-6.0k, on other
+# machines), with a peak of 8.2 GB against 7.0 (given the smaller graphs utils sets: MLX_MAX_MB_PER_BUFFER).
+# Metal keeps its quantized matmul: not measured against this.
 def dequantizes(x):
     return (mx.default_device() == mx.cpu or mx.cuda.is_available()) and x.size // x.shape[-1] > 8
 

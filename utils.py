@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # MLX's CUDA backend runs work in graphs of up to 400 MB of inputs (on an H100) and frees what a graph read
 # only after it has run, with up to ten graphs in flight. QLoRA's steps dequantize each weight for its
 # product (models.dequantizes): that held most layers' float weights at once (a 4-bit Llama-7B peaked at
-# 11-15 GB, above bf16 LoRA's 9.7). Graphs of 200 MB bring it to 8.2 GB (100 MB: 6.6 GB, 15% slower); bf16
+# 11-15 GB, above bf16 LoRA's 9.7). Graphs of 200 MB bring it to 8.2 GB (100 MB: 6.6 GB, 9-17% slower); bf16
 # LoRA's speed did not change. Read when MLX first runs on the GPU.
 if mx.cuda.is_available():
     os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "200")
