@@ -143,13 +143,25 @@ def test_compiled_step_gives_the_same_loss_curve(tiny_llama, data_dir):
     assert np.allclose(*curves, atol=1e-4), curves
 
 
-def test_packing_and_sorting_keep_each_tokens_loss(tiny_llama, data_dir):
-    """Packed rows (attention within each example) and length-sorted batches change the batches, not the
-    loss of any token."""
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, data_dir):
+    """Packed rows (attention within each example, by a mask over the row or on the examples laid out as rows
+    of their own) and length-sorted batches change the batches, not the loss of any token, nor the gradient.
+    Mistral's sliding window (16 here) is shorter than the examples."""
     import utils
 
-    model, tokenizer, _ = utils.load(str(tiny_llama))
+    path = make_checkpoint(model_type, sliding_window=16)[0] if model_type == "mistral" else make_checkpoint()[0]
+    model, tokenizer, _ = utils.load(str(path))
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+    for layer in utils.lora_layers(model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:12]
+    # the longest of a batch a multiple of 8, and one filling its packed row but for the padding it must have
+    dataset[1] = ((list(dataset[1][0]) + list(dataset[2][0]))[:33], 0)
+    total = sum(len(t) - 1 for t, _ in dataset[4:8])
+    dataset[4] = (dataset[4][0][:len(dataset[4][0]) - (total + 1) % 16], 0)
+    assert max(len(t) - 1 for t, _ in dataset[:4]) == 32 and (sum(len(t) - 1 for t, _ in dataset[4:8]) + 1) % 16 == 0
 
     def token_losses(batch):
         inputs, targets, mask, *segments = batch
@@ -158,12 +170,20 @@ def test_packing_and_sorting_keep_each_tokens_loss(tiny_llama, data_dir):
         return np.array(losses)[np.array(mask)]
 
     plain = np.concatenate([token_losses(b) for b in lora.iterate_batches(dataset, 4)])
-    packed_batches = list(lora.iterate_batches(dataset, 4, pack=True))
-    sizes = [sum(len(t) - 1 for t, _ in dataset[i:i + 4]) for i in range(0, 12, 4)]
-    assert [b[0].shape for b in packed_batches] == [(1, -(-size // 64) * 64) for size in sizes]
-    packed = np.concatenate([token_losses(b) for b in packed_batches])
-    assert len(packed) == len(plain) == sum(len(t) - 1 for t, _ in dataset)
-    assert np.abs(packed - plain).max() < 1e-4
+    loss_and_grad = nn.value_and_grad(model, lora.loss_fn)
+    for by_example, multiple in ((True, 16), (False, 64)):
+        packed_batches = [lora.make_batch(dataset[i:i + 4], True, by_example) for i in range(0, 12, 4)]
+        sizes = [sum(len(t) - 1 for t, _ in dataset[i:i + 4]) for i in range(0, 12, 4)]
+        assert [b[0].shape for b in packed_batches] == [(1, -(-(size + 1) // multiple) * multiple) for size in sizes]
+        packed = np.concatenate([token_losses(b) for b in packed_batches])
+        assert len(packed) == len(plain) == sum(len(t) - 1 for t, _ in dataset)
+        assert np.abs(packed - plain).max() < 1e-4
+        for i, batch in zip(range(0, 12, 4), packed_batches):
+            (loss, _), grads = loss_and_grad(model, *batch)
+            (expected_loss, _), expected = loss_and_grad(model, *lora.make_batch(dataset[i:i + 4], False))
+            assert abs(loss.item() - expected_loss.item()) < 1e-5
+            for (name, g), (_, e) in zip(tree_flatten(grads), tree_flatten(expected)):
+                assert np.abs(np.array(g - e)).max() < 1e-5 * max(1, np.abs(np.array(e)).max()), name
     # and the packed mean loss is the unpacked one
     assert abs(lora.evaluate(model, dataset, 4, -1) - float(packed.mean())) < 1e-5
 
