@@ -1,6 +1,5 @@
 """Convert a Hugging Face checkpoint (folder, hub repo id or GGUF file) into an MLX model folder in the
 Hugging Face layout, optionally quantized for QLoRA (-q), and optionally upload it (--upload-name)."""
-import argparse
 import json
 import sys
 
@@ -23,7 +22,7 @@ UNQUANTIZED = ".block_sparse_moe.gate"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Convert a Hugging Face model to MLX, optionally quantized.")
+    p = utils.ArgumentParser(description="Convert a Hugging Face model to MLX, optionally quantized.")
     p.add_argument("--hf-path", required=True,
                    help="Hugging Face model folder, hub repo id, or .gguf file to convert.")
     p.add_argument("--mlx-path", default="mlx_model", help="Folder to write the MLX model to.")
@@ -37,17 +36,17 @@ def build_parser():
                    help="Weights sharing one scale and bias.")
     p.add_argument("--upload-name", help="Upload the converted model to this Hugging Face repo, "
                                          "e.g. mlx-community/Mistral-7B-v0.1-4bit.")
-    p.add_argument("--max-shard-size", type=float, default=5.0,
+    p.add_argument("--max-shard-size", type=utils.POSITIVE, default=5.0,
                    help="Largest weight file, in GB; conversion holds about one in memory.")
     p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists and is not empty.")
     return p
 
 
-def converted_weights(config: dict, weights: dict, dtype, quantization, embedding_bits=None):
+def converted_weights(config: dict, weights: dict, dtype, quantization, embedding_bits=None, where="the model"):
     """The output weights as (name, array) pairs, computed lazily one at a time; the quantization of each
     quantized layer (the token embedding and output layer at embedding_bits); and the number of linear
     layers left in dtype. Quantized inputs are dequantized first. Checks, before anything is computed,
-    that the weights are those the config describes."""
+    that the weights are those the config describes (of the model `where`, named in errors)."""
     model = utils.model_skeleton(config, weights)  # never evaluated: no memory, only names and shapes
     modules = dict(model.named_modules())
     expected = tree_flatten(model.parameters())
@@ -68,7 +67,7 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     for problem, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
         if names:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise UserError(f"the weights do not fit config.json: {problem}: {', '.join(names[:3])}{more}")
+            raise UserError(f"{where}: the weights do not fit its config: {problem}: {', '.join(names[:3])}{more}")
 
     layers = {path for path, m in modules.items()
               if isinstance(m, (nn.Linear, nn.Embedding)) and not path.endswith(UNQUANTIZED)}
@@ -105,7 +104,12 @@ def describe(args) -> str:
 def convert(args):
     """Write the converted model to --mlx-path: into a temporary folder beside it, renamed at the end, so
     that a failed or interrupted conversion leaves nothing half-written."""
-    out = utils.output_folder(args.mlx_path, "--mlx-path", args.force, source=args.hf_path)
+    out = utils.output_folder(args.mlx_path, "--mlx-path", args.force, sources=[args.hf_path])
+    with utils.exclusive(out, "--mlx-path", out.parent / f".{out.name}.lock"):
+        write_converted(args, out)
+
+
+def write_converted(args, out):
     api = utils.hub_client(args.upload_name) if args.upload_name else None
     config, weights, tokenizer = utils.read_checkpoint(args.hf_path, "--hf-path")
     if args.dtype is None:
@@ -113,7 +117,7 @@ def convert(args):
         args.dtype = own if own in DTYPES else "float16"
     quantization = {"group_size": args.q_group_size, "bits": args.q_bits} if args.quantize else None
     tensors, quantized, unquantized = converted_weights(config, weights, getattr(mx, args.dtype), quantization,
-                                                        args.q_embedding_bits)
+                                                        args.q_embedding_bits, args.hf_path)
     del weights  # a source tensor, once read, would stay in memory as long as anything refers to it
 
     config = utils.output_config(config, args.dtype, quantized)
@@ -136,7 +140,4 @@ def convert(args):
 
 
 if __name__ == "__main__":
-    try:
-        convert(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"convert.py: error: {e}")
+    utils.run_main("convert.py", lambda: convert(build_parser().parse_args()))

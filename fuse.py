@@ -1,8 +1,7 @@
 """Merge LoRA or DoRA adapters (or load fully fine-tuned layers) into the base model's weights and save the
 result in the Hugging Face layout or as a GGUF file, or export the adapters as a PEFT folder; optionally
 upload the fused model."""
-import argparse
-import sys
+import contextlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +18,7 @@ FUSED = {"lora": "LoRA adapters", "dora": "DoRA adapters", "full": "fine-tuned w
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Fuse LoRA or DoRA adapters (or fully fine-tuned weights) into the "
+    p = utils.ArgumentParser(description="Fuse LoRA or DoRA adapters (or fully fine-tuned weights) into the "
                                             "model, or export the adapters to PEFT.")
     p.add_argument("--model", default="mlx_model",
                    help="Base model: folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
@@ -45,11 +44,25 @@ def fuse(args):
     if args.upload_name and not save_path:
         raise UserError("--upload-name uploads the fused model: give --save-path too")
     # every check that can fail comes before the model is loaded
-    out = utils.output_folder(save_path, "--save-path", args.force) if save_path else None
+    sources = [args.model, args.adapter_file]
+    out = utils.output_folder(save_path, "--save-path", args.force, sources) if save_path else None
+    outputs = [(out, "--save-path")] if out else []
     if args.export_peft:
-        utils.output_folder(args.export_peft, "--export-peft", args.force)
-    if args.export_gguf and Path(args.export_gguf).exists() and not args.force:
-        raise UserError(f"--export-gguf {args.export_gguf}: exists (pass --force to replace it)")
+        outputs.append((utils.output_folder(args.export_peft, "--export-peft", args.force, sources), "--export-peft"))
+    if args.export_gguf:
+        gguf = Path(args.export_gguf)
+        if gguf.is_dir() or any(Path(s).exists() and utils.is_within(Path(s), gguf) for s in sources):
+            raise UserError(f"--export-gguf {gguf}: is {'a folder' if gguf.is_dir() else 'a file fuse.py reads'}")
+        if gguf.exists() and not args.force:
+            raise UserError(f"--export-gguf {gguf}: exists (pass --force to replace it)")
+        outputs.append((gguf, "--export-gguf"))
+    with contextlib.ExitStack() as locks:  # two runs writing the same output: the second is refused
+        for path, flag in outputs:
+            locks.enter_context(utils.exclusive(path, flag, path.parent / f".{path.name}.lock"))
+        write_fused(args, out)
+
+
+def write_fused(args, out):
     api = utils.hub_client(args.upload_name) if args.upload_name else None
     adapters = utils.read_adapters(args.adapter_file)
     if args.export_peft and adapters.fine_tune_type == "full":
@@ -93,7 +106,4 @@ def fuse(args):
 
 
 if __name__ == "__main__":
-    try:
-        fuse(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"fuse.py: error: {e}")
+    utils.run_main("fuse.py", lambda: fuse(build_parser().parse_args()))

@@ -1,5 +1,6 @@
 """LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -28,48 +29,49 @@ PREFIX_BATCH_TOKENS = 8192  # positions frozen_prefix computes at once
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="LoRA or QLoRA fine-tuning.")
+    p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning.")
     p.add_argument("--model", default="mlx_model",
                    help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
     # Generation
-    p.add_argument("--max-tokens", "-m", type=int, default=100, help="Tokens to generate.")
-    p.add_argument("--temp", type=float, default=0.8, help="Sampling temperature (0: greedy).")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling: keep this probability mass.")
+    p.add_argument("--max-tokens", "-m", type=utils.POSITIVE_INT, default=100, help="Tokens to generate.")
+    p.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
+    p.add_argument("--top-p", type=utils.TOP_P, default=1.0, help="Nucleus sampling: keep this probability mass.")
     p.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
     # Training
     p.add_argument("--train", action="store_true", help="Train the adapters.")
-    p.add_argument("--add-eos-token", type=int, default=1, help="Append EOS to each example (0: don't).")
+    p.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1, help="Append EOS to each example (0: don't).")
     p.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
-    p.add_argument("--max-seq-length", type=int, default=2048, help="Longer examples are truncated.")
+    p.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"), default=2048, help="Longer examples are truncated.")
     p.add_argument("--mask-prompt", action="store_true",
                    help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
     p.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
                    help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
                         "fine-tuning of every weight of the last --lora-layers layers.")
-    p.add_argument("--lora-layers", type=int, default=16, help="Adapt (or, with full, train) the last N layers (-1: all).")
+    p.add_argument("--lora-layers", type=utils.POSITIVE_INT_OR_ALL, default=16, help="Adapt (or, with full, train) the last N layers (-1: all).")
     p.add_argument("--lora-targets", nargs="+",
                    help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
                         "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
                         "Phi-3: self_attn.qkv_proj). See --list-targets.")
     p.add_argument("--list-targets", metavar="MODEL",
                    help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
-    p.add_argument("--lora-rank", type=int, default=8, help="Rank of the adapters.")
+    p.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--lora-scale", type=float, default=20.0, help="Scale of the adapter's output.")
-    scale.add_argument("--lora-alpha", type=float, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the adapters' input.")
-    p.add_argument("--batch-size", type=int, default=4, help="Minibatch size.")
-    p.add_argument("--iters", type=int, default=1000, help="Iterations to train for.")
-    p.add_argument("--val-batches", type=int, default=25, help="Validation batches (-1: the whole set).")
-    p.add_argument("--learning-rate", type=float, default=1e-5, help="Peak learning rate.")
+    scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
+    scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
+    p.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
+    p.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
+    p.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
+    p.add_argument("--val-batches", type=utils.flag_type(int, lambda v: v >= -1, "an integer of at least 0, or -1 for all"),
+                   default=25, help="Validation batches (-1: the whole set; 0: no validation, no valid.jsonl).")
+    p.add_argument("--learning-rate", type=utils.POSITIVE, default=1e-5, help="Peak learning rate.")
     p.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="Adam, or AdamW (weight decay).")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
+    p.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0, help="AdamW's decoupled weight decay.")
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                    help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a cosine.")
-    p.add_argument("--warmup", type=int, default=0, help="Iterations of linear warmup from 0.")
-    p.add_argument("--grad-accumulation-steps", type=int, default=1,
+    p.add_argument("--warmup", type=utils.NON_NEGATIVE_INT, default=0, help="Iterations of linear warmup from 0.")
+    p.add_argument("--grad-accumulation-steps", type=utils.POSITIVE_INT, default=1,
                    help="Batches per update: the effective batch is this times --batch-size.")
-    p.add_argument("--max-grad-norm", type=float, help="Clip the gradient to this global L2 norm.")
+    p.add_argument("--max-grad-norm", type=utils.POSITIVE, help="Clip the gradient to this global L2 norm.")
     p.add_argument("--pack", action="store_true",
                    help="Concatenate each batch's examples into one row, attention kept within each example: "
                         "no padding.")
@@ -83,26 +85,28 @@ def build_parser():
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer's activations in the backward pass instead of keeping them: less "
                         "memory, more compute.")
-    p.add_argument("--steps-per-report", type=int, default=10, help="Iterations between loss reports.")
-    p.add_argument("--steps-per-eval", type=int, default=200, help="Iterations between validations.")
+    p.add_argument("--steps-per-report", type=utils.POSITIVE_INT, default=10, help="Iterations between loss reports.")
+    p.add_argument("--steps-per-eval", type=utils.POSITIVE_INT, default=200, help="Iterations between validations.")
     p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
     p.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
                                           f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
-    p.add_argument("--save-every", type=int, default=100,
+    p.add_argument("--save-every", type=utils.POSITIVE_INT, default=100,
                    help="Save the adapters, and a checkpoint to resume from, every N iterations.")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="Checkpoints to keep, the latest (0: all).")
+    p.add_argument("--keep-checkpoints", type=utils.NON_NEGATIVE_INT, default=3, help="Checkpoints to keep, the latest (0: all).")
     p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="Continue a run exactly from a checkpoint folder (CHECKPOINTS/step-N), with the run's flags.")
+                   help="Continue a run exactly from a checkpoint folder (runs/N/step-M), with the run's flags.")
+    p.add_argument("--accept-flag-changes", action="store_true",
+                   help="With --resume: go on although flags that change the result differ from the checkpoint's.")
     p.add_argument("--report-to", choices=("wandb", "tensorboard"),
                    help="Also send the metrics to Weights & Biases or TensorBoard (its package installed).")
     p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
-    p.add_argument("--test-batches", type=int, default=500, help="Test batches (-1: the whole set).")
-    p.add_argument("--generate-eval", type=int, default=0, metavar="N",
+    p.add_argument("--test-batches", type=utils.POSITIVE_INT_OR_ALL, default=500, help="Test batches (-1: the whole set).")
+    p.add_argument("--generate-eval", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
                    help="With --test: generate the completions of the first N test examples (greedy) and report "
                         "the exact-match accuracy.")
     p.add_argument("--completion-marker", help='With --generate-eval on {"text"} examples: the completion is what '
                                               'follows the last occurrence of this marker, e.g. "A: ".')
-    p.add_argument("--seed", type=int, default=0, help="Seed of the random number generators.")
+    p.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
     p.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
                                     "train: true, ...); flags given on the command line win.")
     return p
@@ -113,13 +117,14 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is None:
+        check_flags(args)
         return args
     import yaml
 
     try:
-        config = yaml.safe_load(Path(args.config).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"--config {args.config}: {utils.first_line(e)}") from None
+        config = yaml.safe_load(utils.read_text(args.config))
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {args.config}: not valid YAML ({utils.first_line(e)})") from None
     if not isinstance(config, dict):
         raise UserError(f"--config {args.config}: expected a mapping of flags to values")
     actions = {a.dest: a for a in parser._actions}
@@ -135,7 +140,9 @@ def parse_args(argv=None):
             flags += [flag if value else "--no-" + flag[2:]]
         else:  # as if typed: argparse checks the type and the choices
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
+    check_flags(args)
+    return args
 
 
 def example_format(record):
@@ -147,40 +154,67 @@ def example_format(record):
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return "completion"
     messages = record.get("messages")
-    if isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+    if isinstance(messages, list) and messages and isinstance(record.get("tools") or [], list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and (isinstance(m.get("content"), (str, list)) or m.get("content") is None and m.get("tool_calls"))
+            for m in messages):
         return "chat"
     return None
 
 
-def load_dataset(data_dir, split):
+class Examples(list):
+    """The records of a .jsonl file, and the line each came from (for errors found later)."""
+
+    def __init__(self, records, path, lines):
+        super().__init__(records)
+        self.path, self.lines = path, lines
+
+    def where(self, i):
+        return f"{self.path}:{self.lines[i]}"
+
+
+def load_dataset(data_dir, split, mask_prompt=False):
     """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
-    is loaded."""
+    is loaded; with mask_prompt, of a format that has a prompt."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    examples, first = [], None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            kind = example_format(record)
-            if kind is None:
-                raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
-                                f'or {{"messages"}} (a list of {{"role", "content"}})')
-            if first is None:
-                first = (kind, number)
-            elif kind != first[0]:
-                raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
-                                f"(one format per file)")
-            examples.append(record)
+    examples, lines, first = [], [], None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+        kind = example_format(record)
+        if kind is None:
+            raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
+                            f'or {{"messages"}} (a list of {{"role", "content"}}, content a string)')
+        if first is None:
+            first = (kind, number)
+        elif kind != first[0]:
+            raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
+                            f"(one format per file)")
+        examples.append(record)
+        lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
-    return examples
+    if mask_prompt and first[0] == "text":
+        raise UserError(f'--mask-prompt: {path} holds plain text examples; it needs {{"prompt", "completion"}} '
+                        f'or {{"messages"}} examples')
+    return Examples(examples, path, lines)
 
 
 def encode(record, tokenizer, add_eos):
@@ -205,12 +239,18 @@ def encode(record, tokenizer, add_eos):
 
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token."""
-    if mask_prompt and "text" in examples[0]:
-        raise UserError(f"--mask-prompt: the {name} examples are plain text; it needs {{\"prompt\", "
-                        f"\"completion\"}} or {{\"messages\"}} examples")
     if "messages" in examples[0] and not tokenizer.chat_template:
-        raise UserError(f"the {name} examples are chats, and the model's tokenizer has no chat template")
-    rows = [encode(e, tokenizer, add_eos) for e in examples]
+        raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
+                        f"{tokenizer.name_or_path} has no chat template")
+    where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
+    rows = []
+    for i, record in enumerate(examples):
+        try:
+            rows.append(encode(record, tokenizer, add_eos))
+        except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
+            what = f"the chat template of {tokenizer.name_or_path} fails on it" if "messages" in record else \
+                "cannot be tokenized"
+            raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
     long = sum(len(tokens) > max_length for tokens, _ in rows)
     if long:
         print(f"[WARNING] {long} of {len(rows)} {name} examples are longer than --max-seq-length "
@@ -511,12 +551,24 @@ def pipelined(launch, iterations, synced=lambda it: False):
         yield read(pending, True)
 
 
-def save_checkpoint(folder, it, model, optimizer, adapter_config, args):
-    """CHECKPOINTS/step-N: the adapters (an adapter folder, as --adapter-file and fuse.py read it), the optimizer
-    state and trainer_state.json; written whole or not at all. Only the last --keep-checkpoints are kept."""
+def new_run_folder(runs: Path) -> Path:
+    """runs/N for the next N: each training run writes its checkpoints and metrics in a folder of its own, so
+    that it never touches another run's (the caller holds the output folder's lock)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    for folder in runs.iterdir():
+        utils.remove_leftovers(folder)
+    folder = runs / str(max((int(p.name) for p in runs.iterdir() if p.name.isdigit()), default=0) + 1)
+    folder.mkdir()
+    return folder
+
+
+def save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved):
+    """FOLDER/step-N: the adapters (an adapter folder, as --adapter-file and fuse.py read it), the optimizer
+    state and trainer_state.json; written whole or not at all. `saved` lists this run's checkpoints: only the
+    last --keep-checkpoints of them are kept."""
     def write(tmp):
         utils.save_adapters(tmp / "adapters.safetensors", model, adapter_config)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        utils.save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)), {})
         # the data order and the dropout masks are functions of the seed and the position (iterate_batches,
         # train): these numbers are all it takes to go on exactly
         (tmp / "trainer_state.json").write_text(json.dumps(
@@ -525,39 +577,101 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, args):
 
     path = folder / f"step-{it:07d}"
     utils.write_folder(path, write)
+    saved.append(path)
     if args.keep_checkpoints > 0:
-        for old in sorted(folder.glob("step-*"))[:-args.keep_checkpoints]:
+        for old in saved[:-args.keep_checkpoints]:
             shutil.rmtree(old)
+        del saved[:-args.keep_checkpoints]
     return path
 
 
-def load_checkpoint(path, model, optimizer, args):
-    """Load a checkpoint (save_checkpoint) into the model as the flags set it up and the optimizer; its iteration."""
-    path = Path(path)
-    state_file = path / "trainer_state.json"
+# The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
+# decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
+RESULT_FLAGS = ("model", "data", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank", "lora_dropout",
+                "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
+                "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
+                "sort_by_length", "seed")
+
+
+def changed_flags(saved: dict, args) -> list:
+    """The flags of RESULT_FLAGS that differ from those a checkpoint was saved with (vars(args) then)."""
+    now = vars(args)
+    keys = RESULT_FLAGS + (("iters",) if args.lr_schedule != "constant" else ())
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in keys if k in saved and saved[k] != now[k]]
+    if "lora_scale" in saved and lora_scale(saved) != lora_scale(now):
+        changed.append(f"the LoRA scale {lora_scale(saved)} (now {lora_scale(now)})")
+    return changed
+
+
+def checkpoint_state(path) -> dict:
+    """The trainer_state.json of a checkpoint folder (save_checkpoint)."""
+    state_file = Path(path) / "trainer_state.json"
     if not state_file.is_file():
         raise UserError(f"--resume {path}: not a checkpoint folder (no trainer_state.json)")
     state = utils.read_json(state_file)
-    weights = mx.load(str(path / "adapters.safetensors"))
+    it = state.get("iteration")
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0 or not isinstance(state.get("args"), dict):
+        raise UserError(f"{state_file}: expected the iteration (a whole number) and the run's flags (args)")
+    return state
+
+
+def check_resume(args):
+    """Before anything is loaded: --resume's checkpoint is one, before --iters, and the flags that change the
+    result are its own (else an error listing them, unless --accept-flag-changes)."""
+    state = checkpoint_state(args.resume)
+    if state["iteration"] >= args.iters:
+        raise UserError(f"--iters {args.iters}: the checkpoint {args.resume} is at iteration {state['iteration']} "
+                        f"already; give more --iters to go on")
+    changed = changed_flags(state["args"], args)
+    if changed and not args.accept_flag_changes:
+        raise UserError(f"--resume {args.resume}: the run was trained with other flags: {', '.join(changed)}; "
+                        f"resume with its flags, or pass --accept-flag-changes to go on with these")
+    if changed:
+        print(f"[WARNING] --resume {args.resume}: going on with other flags than the run's: {', '.join(changed)}.")
+
+
+def load_checkpoint(path, model, optimizer):
+    """Load a checkpoint (save_checkpoint) into the model as the flags set it up and the optimizer; its iteration."""
+    path = Path(path)
+    it = checkpoint_state(path)["iteration"]
+    weights = utils.read_arrays(path / "adapters.safetensors")
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     if {k: v.shape for k, v in weights.items()} != expected:
         raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
                         f"--lora-targets and --lora-rank set up; resume with the flags of the run that saved it")
-    for flag in ("seed", "batch_size", "grad_accumulation_steps"):
-        if state["args"][flag] != getattr(args, flag):
-            print(f"[WARNING] --resume {path}: the run was saved with --{flag.replace('_', '-')} "
-                  f"{state['args'][flag]}; going on with {getattr(args, flag)} changes the data order.")
+    moments = utils.read_arrays(path / "optimizer.safetensors")
+    if "step" not in moments or any(moments.get(f"{k}.{m}") is None or moments[f"{k}.{m}"].shape != shape
+                                    for k, shape in expected.items() for m in ("m", "v")):
+        raise UserError(f"{path / 'optimizer.safetensors'}: does not hold Adam's state for these adapters")
     model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    return state["iteration"]
+    optimizer.state = tree_unflatten(list(moments.items()))
+    return it
 
 
-def metrics_log(path, start, args):
-    """log(record): append the record to metrics.jsonl (which a resumed run keeps up to its start) and
-    send it to --report-to; and close()."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= start] \
-        if start and path.exists() else []
-    path.write_text("".join(line + "\n" for line in kept))
+def read_metrics(path: Path) -> list:
+    """The records of a metrics.jsonl file."""
+    records = []
+    for number, line in enumerate(utils.read_text(path).splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            raise UserError(f"{path}:{number}: not a record of an iteration")
+        records.append(record)
+    return records
+
+
+def resumed_metrics(args, start) -> list:
+    """The records of the run that --resume continues, up to its checkpoint's iteration `start`."""
+    previous = Path(args.resume).parent / "metrics.jsonl" if args.resume else None
+    return [r for r in read_metrics(previous) if r["iteration"] <= start] if previous and previous.exists() else []
+
+
+def metrics_log(path, kept, args):
+    """log(record): append the record to metrics.jsonl, which starts with the records `kept`, and send it to
+    --report-to; and close()."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     sinks, closers = [], []
     if args.report_to == "wandb":
         import wandb
@@ -568,14 +682,17 @@ def metrics_log(path, start, args):
     elif args.report_to == "tensorboard":
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(str(path.parent / "runs"))
+        writer = SummaryWriter(str(path.parent / "tensorboard"))
         sinks.append(lambda record: [writer.add_scalar(k, v, record["iteration"])
                                      for k, v in record.items() if k != "iteration"])
         closers.append(writer.close)
 
     def log(record):
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"{path}: cannot be written ({e.strerror or e})") from None
         for sink in sinks:
             sink(record)
 
@@ -593,7 +710,7 @@ def plot_losses(metrics_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         points = [(r["iteration"], r[key]) for r in records if key in r]
@@ -616,19 +733,19 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
     checkpoint and raise KeyboardInterrupt. Returns the names of the frozen weights released while training
     (release_frozen_weights)."""
-    out = adapter_file.parent
-    checkpoints, metrics_path = out / "checkpoints", out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
     optimizer = build_optimizer(args)
-    first = load_checkpoint(args.resume, model, optimizer, args) + 1 if args.resume else 1
-    if first > 1:
-        say(f"Resuming from {args.resume} at iteration {first}")
-    if args.val_batches >= 0:  # the validation examples evaluate() reads
+    first = load_checkpoint(args.resume, model, optimizer) + 1 if args.resume else 1
+    kept = resumed_metrics(args, first - 1)
+    folder = new_run_folder(adapter_file.parent / "runs")
+    metrics_path, saved = folder / "metrics.jsonl", []
+    say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
+        + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
+    if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
         valid_set = valid_set[:args.val_batches * args.batch_size]
     prefix, (train_set, valid_set), released = cache_frozen_layers(model, [train_set, valid_set], args,
                                                                    args.iters - first + 1)
     step = make_step(model, optimizer, args, prefix=prefix)
-    log = metrics_log(metrics_path, first - 1, args)
+    log = metrics_log(metrics_path, kept, args)
     batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,
                               start=(first - 1) * args.grad_accumulation_steps, pack=args.pack, sort=args.sort_by_length)
     interrupted, checkpoint = [], None
@@ -643,7 +760,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         return (*step(batches), optimizer.learning_rate)
 
     def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
-        return it == 1 or it % args.steps_per_eval == 0
+        return args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0)
 
     def saves(it):
         return it % args.save_every == 0 or it == args.iters
@@ -686,7 +803,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
                     diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
                 utils.save_adapters(adapter_file, model, adapter_config)
-                checkpoint = save_checkpoint(checkpoints, it, model, optimizer, adapter_config, args)
+                checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
                 say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
             if stop:
                 say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
@@ -695,7 +812,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
         log.close()
-        plot_losses(metrics_path, out / "loss.png")
+        plot_losses(metrics_path, folder / "loss.png")
     return released
 
 
@@ -773,11 +890,19 @@ def list_targets(path):
 
 
 def check_flags(args):
-    """Errors in the flags, before any data or model is read."""
+    """Errors in how the flags go together, before any data or model is read (each flag's own range is its
+    argparse type's)."""
+    if args.list_targets:
+        return
+    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
+    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
+        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
+                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
+    if args.train and Path(args.model).exists() and utils.is_within(adapter_file, Path(args.model)):
+        raise UserError(f"--adapter-file {adapter_file}: is inside --model {args.model}, which training must not "
+                        f"write into; save the adapters elsewhere")
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
-    if args.grad_accumulation_steps < 1:
-        raise UserError(f"--grad-accumulation-steps {args.grad_accumulation_steps}: must be at least 1")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     if args.generate_eval and not args.test:
@@ -786,6 +911,8 @@ def check_flags(args):
         raise UserError("--resume continues a checkpoint's whole state: leave out --resume-adapter-file")
     if args.resume and not Path(args.resume).is_dir():
         raise UserError(f"--resume {args.resume}: no such checkpoint folder")
+    if args.accept_flag_changes and not args.resume:
+        raise UserError("--accept-flag-changes goes with --resume")
     if args.report_to:
         package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
         try:
@@ -832,22 +959,31 @@ def set_up_training(model, args, scale):
                                           "keys": sorted({p.split(".", 3)[3] for p in adapters})}}
 
 
+def lora_scale(flags: dict) -> float:
+    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
+    return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
+
+
 def main(args):
     if args.list_targets:
         return list_targets(args.list_targets)
-    mx.random.seed(args.seed)
     adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
-    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
-        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
-                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
-    scale = args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank
-    check_flags(args)
     # Data errors come before the model is loaded, which can take minutes.
-    splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
-    examples = {split: load_dataset(args.data, split) for split in splits}
-    generation_tests = [completion_example(record, args.completion_marker, f"{args.data}/test.jsonl example {number}")
-                        for number, record in enumerate(examples["test"][:args.generate_eval], 1)] if args.test else []
+    splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
+    examples = {split: load_dataset(args.data, split, args.mask_prompt) for split in splits}
+    generation_tests = [completion_example(record, args.completion_marker, examples["test"].where(i))
+                        for i, record in enumerate(examples["test"][:args.generate_eval])] if args.test else []
+    if args.resume:
+        check_resume(args)
+    # So is an output folder that cannot be written, or that another run is writing.
+    out = adapter_file.parent
+    with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if args.train else contextlib.nullcontext():
+        run(args, adapter_file, examples, generation_tests)
 
+
+def run(args, adapter_file, examples, generation_tests):
+    mx.random.seed(args.seed)
+    scale = lora_scale(vars(args))
     print(f"Loading pretrained model {args.model}", flush=True)
     model, tokenizer, config = utils.load(args.model)
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
@@ -866,7 +1002,7 @@ def main(args):
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
-        released = train(model, data["train"], data["valid"], args, adapter_file, adapter_config)
+        released = train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config)
         model.grad_checkpoint = False
         if released and (args.test or args.prompt is not None):
             utils.reload_weights(model, args.model, released)
@@ -889,9 +1025,4 @@ def main(args):
 
 if __name__ == "__main__":
     utils.reexec_in_cpu_environment()
-    try:
-        main(parse_args())
-    except UserError as e:
-        sys.exit(f"lora.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    utils.run_main("lora.py", lambda: main(parse_args()))

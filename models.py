@@ -4,7 +4,8 @@ Hugging Face's, so checkpoints load, fuse and export without renaming."""
 import copy
 import fnmatch
 import math
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
 import mlx.core as mx
@@ -78,6 +79,8 @@ class ModelArgs:
             )
         # transformers 5 moved rope_theta, rope_scaling and partial_rotary_factor into rope_parameters.
         rope = config.pop("rope_parameters", None) or config.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_scaling is {rope!r}, expected an object")
         for key in ROPE_PARAMETERS:
             if rope.get(key) is not None:
                 config[key] = rope[key]
@@ -95,11 +98,18 @@ class ModelArgs:
             raise ValueError("qk_layernorm is not supported")
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in config.items() if k in names and v is not None}
+        check_types(given)
         args = cls(**{**family, **given})
         if args.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {args.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        if args.num_attention_heads % args.num_key_value_heads or args.head_dim == 0:
+            raise ValueError(f"{args.num_attention_heads} attention heads cannot share {args.num_key_value_heads} "
+                             f"key-value heads of {args.head_dim} features")
+        if args.layer_types is not None and len(args.layer_types) != args.num_hidden_layers:
+            raise ValueError(f"layer_types lists {len(args.layer_types)} layers, not num_hidden_layers "
+                             f"{args.num_hidden_layers}")
         return args
 
     @property
@@ -107,6 +117,25 @@ class ModelArgs:
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         return "longrope" if kind == "su" else kind  # Phi-3's configs call it su
+
+
+def check_types(config: dict):
+    """Each of ModelArgs' fields in `config` of its type and, if a number, positive (num_local_experts: at least
+    0); the fields without a default present."""
+    missing = [f.name for f in fields(ModelArgs) if f.default is MISSING and f.name not in config]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing")
+    for f in fields(ModelArgs):
+        value = config.get(f.name)
+        kind = next(t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None))
+        if value is None:
+            continue
+        number = kind in (int, float)
+        if (not isinstance(value, (int, float) if kind is float else kind)
+                or number and isinstance(value, bool)):
+            raise ValueError(f"{f.name} is {value!r}, expected {'a number' if kind is float else kind.__name__}")
+        if number and (value < 0 if f.name == "num_local_experts" else value <= 0):
+            raise ValueError(f"{f.name} is {value!r}, expected a positive number")
 
 
 def silu(x):

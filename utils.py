@@ -1,4 +1,7 @@
-"""Loading models (Hugging Face folders, hub repos, GGUF files), saving them, adapters, and generation."""
+"""Loading models (Hugging Face folders, hub repos, GGUF files), saving them, adapters, and generation; the
+scripts' flag types, and the safe reading and writing of files."""
+import argparse
+import contextlib
 import glob
 import json
 import math
@@ -6,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -54,6 +58,50 @@ class UserError(Exception):
     """Bad input from the user: the scripts print it as one line, never a traceback."""
 
 
+def run_main(prog: str, main):
+    """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
+    stderr naming what is at fault, never a traceback; Ctrl-C exits with 130."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
+    except OSError as e:
+        sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: an error in the flags is one line (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_type(kind, check, requirement):
+    """An argparse type: the flag's value as `kind`, refused unless finite and check(value) holds."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, not {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = flag_type(int, lambda v: v >= 1, "an integer of at least 1")
+NON_NEGATIVE_INT = flag_type(int, lambda v: v >= 0, "an integer of at least 0")
+POSITIVE_INT_OR_ALL = flag_type(int, lambda v: v >= 1 or v == -1, "an integer of at least 1, or -1 for all")
+SEED = flag_type(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295")
+POSITIVE = flag_type(float, lambda v: v > 0, "a number above 0")
+NON_NEGATIVE = flag_type(float, lambda v: v >= 0, "a number of at least 0")
+DROPOUT = flag_type(float, lambda v: 0 <= v < 1, "a probability from 0 to below 1")
+TOP_P = flag_type(float, lambda v: 0 < v <= 1, "a probability above 0, up to 1")
+
+
 def compute_dtype(config: dict):
     """float32 on the CPU, where MLX's bf16/fp16 matmuls are slow; the checkpoint's own dtype elsewhere."""
     if mx.default_device() == mx.cpu:
@@ -76,17 +124,26 @@ def quantization_of(weights: dict, path: str, module):
 
 def model_skeleton(config: dict, weights: dict) -> models.Model:
     """The model config.json describes, holding the weights it keeps as they are (models.Model.keep). Its
-    other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free."""
-    try:
-        model = models.Model(models.ModelArgs.from_config(config))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config.json: {e}") from None
+    other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free.
+    The config is one that check_config accepted."""
+    model = models.Model(models.ModelArgs.from_config(config))
     model.keep(weights)
     return model
 
 
-def build_model(config: dict, weights: dict) -> models.Model:
-    """A model from a Hugging Face config and Hugging Face-named weights; quantized layers stay quantized."""
+def check_config(config: dict, where):
+    """An error naming `where` unless the config describes a model that models.py builds."""
+    try:
+        models.RoPE(models.ModelArgs.from_config(config))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+    except KeyError as e:
+        raise UserError(f"{where}: {e} missing") from None
+
+
+def build_model(config: dict, weights: dict, source="the model") -> models.Model:
+    """A model from a Hugging Face config and Hugging Face-named weights (of `source`, named in errors);
+    quantized layers stay quantized."""
     model = model_skeleton(config, weights)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
     weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
@@ -95,7 +152,7 @@ def build_model(config: dict, weights: dict) -> models.Model:
     try:
         model.load_weights(list(weights.items()))
     except ValueError as e:
-        raise UserError(f"the weights do not fit the config: {e}") from None
+        raise UserError(f"{source}: the weights do not fit its config: {e}") from None
     mx.eval(model.parameters())
     return model
 
@@ -144,29 +201,136 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
         if not is_repo_id(path_or_repo):
             raise UserError(f"{flag} {path_or_repo}: no such file or folder")
         path = hub_snapshot(path_or_repo)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
     config = read_json(path / "config.json")
+    check_config(config, path / "config.json")
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
     weights = {}
     for f in files:
-        weights.update(mx.load(f))
+        weights.update(read_arrays(f))
     if not tokenizer:
         return config, weights, None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():  # their damage named here: transformers' errors do not name the file
+            read_json(path / name)
+    try:  # code shipped in a model folder (auto_map) is never run
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{path}: its tokenizer needs code from the model folder (auto_map in "
+                            f"tokenizer_config.json or config.json), which is never run") from None
         raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
     return config, weights, tokenizer
 
 
-def read_json(path: Path) -> dict:
+def read_text(path) -> str:
+    """The UTF-8 text of a file the user gave, or an error naming it."""
     try:
-        return json.loads(path.read_text())
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def read_json(path) -> dict:
+    """The JSON object in a file, or an error naming the file."""
+    try:
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def read_arrays(path, return_metadata=False):
+    """mx.load of a .safetensors, .npz or .gguf file; a damaged one is an error naming it."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        check_gguf(path)
+    try:
+        return mx.load(str(path), return_metadata=return_metadata)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot be read ({first_line(e)})") from None
+
+
+# GGUF's value types: struct formats of the fixed-size ones (8 is a string, 9 an array)
+GGUF_VALUES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def check_gguf(path: Path):
+    """MLX's GGUF reader crashes the process on some damaged files (a valid magic over random bytes): check
+    that the header, the metadata and the tensors' extents fit in the file first. (gguf's GGUFReader checks
+    this too, but builds every metadata value, which takes seconds for a vocabulary.)"""
+    import mmap
+    import struct
+
+    import gguf
+
+    def fail(what):
+        raise UserError(f"{path}: not a readable GGUF file ({what})")
+
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+    def read(fmt):
+        nonlocal pos
+        if pos + struct.calcsize(fmt) > len(data):
+            fail("it ends inside its header: truncated?")
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return values[0]
+
+    def skip_value(kind):
+        nonlocal pos
+        if kind == 8:
+            length = read("Q")  # (read moves pos: not pos += read(...))
+            pos += length
+        elif kind == 9:
+            element, count = read("I"), read("Q")
+            if element in GGUF_VALUES:
+                pos += count * struct.calcsize(GGUF_VALUES[element])
+            else:
+                for _ in range(count):
+                    skip_value(element)
+        elif kind in GGUF_VALUES:
+            read(GGUF_VALUES[kind])
+        else:
+            fail(f"metadata value of unknown type {kind}")
+        if pos > len(data):
+            fail("it ends inside its metadata: truncated?")
+
+    if len(data) < 8 or data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
+        fail("no GGUF magic and version 2 or 3")
+    pos = 8
+    tensors, keys = read("Q"), read("Q")
+    alignment = 32
+    for _ in range(keys):
+        key_length = read("Q")
+        key = bytes(data[pos:pos + key_length])
+        pos += key_length
+        kind = read("I")
+        if key == b"general.alignment" and kind == 4:
+            alignment = struct.unpack_from("<I", data, pos)[0] or 32
+        skip_value(kind)
+    extents = []
+    for _ in range(tensors):
+        skip_value(8)  # the name
+        dims = [read("Q") for _ in range(read("I"))]
+        kind, offset = read("I"), read("Q")
+        if kind not in gguf.GGML_QUANT_SIZES:
+            fail(f"tensor of unknown type {kind}")
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        extents.append(offset + math.prod(dims) // block * size)
+    start = -(-pos // alignment) * alignment
+    if start + max(extents, default=0) > len(data):
+        fail("its tensors extend past its end: truncated?")
 
 
 def first_line(error: Exception) -> str:
@@ -176,7 +340,7 @@ def first_line(error: Exception) -> str:
 def load(path_or_repo: str):
     """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
     config, weights, tokenizer = read_checkpoint(path_or_repo)
-    return build_model(config, weights), tokenizer, config
+    return build_model(config, weights, path_or_repo), tokenizer, config
 
 
 GGUF_NAMES = {
@@ -190,13 +354,13 @@ GGUF_NAMES = {
 def gguf_config(meta: dict, weights: dict) -> dict:
     def get(key, default=None):
         value = meta.get(f"llama.{key}", default)
-        return value.item() if isinstance(value, mx.array) else value
+        return value.item() if isinstance(value, mx.array) and value.size == 1 else value
 
     heads = get("attention.head_count")
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": get("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "vocab_size": get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
         "hidden_size": get("embedding_length"),
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),
@@ -220,17 +384,20 @@ def gguf_config(meta: dict, weights: dict) -> dict:
 def read_gguf(path: Path):
     """(config, weights, tokenizer) of a GGUF file of the llama architecture, with Hugging Face's names;
     quantized tensors (Q4_0, Q4_1, Q8_0) stay quantized, as MLX's weight, scales and biases."""
-    weights, meta = mx.load(str(path), return_metadata=True)
+    weights, meta = read_arrays(path, return_metadata=True)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
     config = gguf_config(meta, weights)
+    check_config(config, path)
     renamed = {}
     for name, value in weights.items():
         parts = name.split(".")
         if parts[0] == "blk":
+            if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in GGUF_NAMES:
+                raise UserError(f"{path}: tensor {name} is not one of a llama model's")
             hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-        elif parts[0] in GGUF_NAMES:
+        elif parts[0] in GGUF_NAMES and len(parts) == 2:
             hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
         else:
             continue  # rope_freqs and other llama.cpp extras
@@ -238,10 +405,16 @@ def read_gguf(path: Path):
         if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if parts[2] == "attn_q" else config["num_key_value_heads"]
             rows, rest = value.shape[0], value.shape[1:]
+            if rows % (2 * heads):
+                raise UserError(f"{path}: tensor {name} has {rows} rows, not a whole number of {heads} heads")
             value = value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
         renamed[hf] = value
     config["dtype"] = "float16"
-    return config, renamed, gguf_tokenizer(meta)
+    try:
+        tokenizer = gguf_tokenizer(meta)
+    except Exception as e:  # the converter raises KeyError, ValueError or others on odd metadata
+        raise UserError(f"{path}: cannot read its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+    return config, renamed, tokenizer
 
 
 def gguf_tokenizer(meta: dict):
@@ -341,16 +514,34 @@ def write_gguf(path, model: models.Model, tokenizer):
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write(Path(path), write)
-
-
-def atomic_write(path: Path, write):
-    """write(tmp_path) then rename, so an interrupted save never leaves a truncated file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(str(tmp))
-    os.replace(tmp, path)
+    with staged(path) as tmp:
+        write(str(tmp / path.name))
+        os.replace(tmp / path.name, path)
+
+
+def atomic_write(path, write):
+    """write(f) to a new binary file that becomes `path` once complete and on disk, so that an interrupted or
+    failed save leaves the old file as it was; written in a private folder (staged), never through a path
+    that someone else could have made a link."""
+    path = Path(path)
+    with staged(path) as tmp:
+        with open(tmp / path.name, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp / path.name, path)
+
+
+def save_safetensors(path, arrays: dict, metadata: dict):
+    """A new safetensors file, written through a file object: MLX's own file writes do not report errors
+    (a full disk)."""
+    with open(path, "xb") as f:
+        mx.save_safetensors(f, arrays, metadata=metadata)
+
+
+def write_json(path, value):
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
 
 
 def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
@@ -362,7 +553,7 @@ def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
 
     def write_shard():
         shards.append(folder / f".shard-{len(shards)}.tmp.safetensors")
-        mx.save_safetensors(str(shards[-1]), shard, metadata={"format": "pt"})
+        save_safetensors(shards[-1], shard, {"format": "pt"})
         where.update({name: len(shards) - 1 for name in shard})
         shard.clear()
         mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
@@ -381,7 +572,7 @@ def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
     for tmp, name in zip(shards, names):
         os.replace(tmp, folder / name)
     index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in where.items()}}
-    atomic_write(folder / "model.safetensors.index.json", lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+    write_json(folder / "model.safetensors.index.json", index)
 
 
 def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
@@ -393,7 +584,7 @@ def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int
     weights = ((k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in tree_flatten(model.parameters()))
     save_weights(path, weights, shard_bytes)
-    atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
+    write_json(path / "config.json", config)
     tokenizer.save_pretrained(str(path))
 
 
@@ -416,38 +607,117 @@ def quantization_entry(layers: dict) -> dict:
                 **{path: dict(params, mode="affine") for path, params in layers.items() if params != common})
 
 
-def output_folder(path, flag: str, force: bool, source=None) -> Path:
-    """The folder a script is to write, checked before any work: refused if it is a file, the source, or a
-    folder that is not empty (unless force)."""
+def output_folder(path, flag: str, force: bool, sources=()) -> Path:
+    """The folder a script is to write, checked before any work: refused if it is a file, or a folder that is
+    not empty (unless force); never one that holds a source the script reads, or the current folder."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: is a file")
     if out.is_dir() and any(out.iterdir()):
-        if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
-            raise UserError(f"{flag} {out}: is the folder being converted")
+        for source in [*sources, "."]:
+            if source is not None and Path(source).exists() and is_within(Path(source), out):
+                what = "the current folder" if source == "." else source
+                raise UserError(f"{flag} {out}: holds {what}, which replacing it would delete")
         if not force:
             raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
     return out
 
 
-def write_folder(out: Path, write):
-    """write(folder) into a temporary folder beside `out`, renamed to `out` once complete, so that a failed
-    or interrupted write leaves nothing half-written; an existing `out` is replaced only then."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+# Temporary files and folders are named .NAME.tmp-PID-RANDOM: the process that made them can be told to be gone
+TEMPORARY = re.compile(r"\..+\.tmp-(\d+)-[^.]+")
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """A new folder beside `out` that only this process writes in (mkdtemp: unique, private, no link followed),
+    removed whatever happens; an error of the file system while writing is one UserError naming `out`."""
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot be written ({e.strerror or e})") from None
+    try:
+        yield tmp
+    except OSError as e:
+        raise UserError(f"{out}: cannot be written ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(out: Path, write):
+    """write(folder) into a temporary folder beside `out` (staged), renamed to `out` once complete, so that a
+    failed or interrupted write leaves nothing half-written; an existing `out` is replaced only then."""
+    with staged(out) as tmp:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private: the result is not
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
+
+
+def remove_leftovers(folder: Path):
+    """Remove the temporary folders (staged) that killed processes left in `folder`."""
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        match = TEMPORARY.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not process_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, flag: str, lock: Path):
+    """Hold the lock file `lock` (flock, which the system releases if the process dies) while the block writes
+    `out`, so that two runs never write the same files; another run holding it is an error. Taking it also
+    shows that the folder can be written, before anything is loaded. The temporary leftovers of killed runs
+    in the lock's folder are then removed."""
+    import fcntl
+
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"{flag} {out}: another run (process {holder}) is writing it; wait for it to end "
+                                f"or write elsewhere") from None
+            # the run before may have removed the file between our open and flock: hold the one at `lock`
+            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot be written ({e.strerror or e})") from None
+    try:
+        remove_leftovers(lock.parent)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def hub_client(repo: str):
@@ -498,8 +768,7 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
         atomic_write(adapter_file, lambda f: mx.savez(f, **weights))
     else:
         atomic_write(adapter_file, lambda f: mx.save_safetensors(f, weights, metadata={"format": "mlx"}))
-    atomic_write(adapter_config_path(adapter_file),
-                 lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2)))
+    write_json(adapter_config_path(adapter_file), adapter_config)
 
 
 # PEFT's names for a layer's adapter weights, base_model.model.<layer>.<name>: lora_A (rank x input) and
@@ -540,14 +809,45 @@ def read_adapters(adapter_path, scale=20.0) -> Adapters:
         config_path = adapter_config_path(path)
         config = read_json(config_path) if config_path.exists() else {}
     fine_tune_type = config.get("fine_tune_type", "lora")
-    if fine_tune_type not in ADAPTER_WEIGHTS:
+    if not isinstance(fine_tune_type, str) or fine_tune_type not in ADAPTER_WEIGHTS:
         raise UserError(f"{config_path}: fine_tune_type {fine_tune_type!r} is not supported "
                         f"({', '.join(ADAPTER_WEIGHTS)})")
-    return Adapters(mx.load(str(path)), config.get("lora_parameters", {}).get("scale", scale), fine_tune_type)
+    params = config.get("lora_parameters", {})
+    if not isinstance(params, dict):
+        raise UserError(f"{config_path}: lora_parameters is {params!r}, expected an object")
+    scale, rank = params.get("scale", scale), params.get("rank")
+    if not is_number(scale):
+        raise UserError(f"{config_path}: lora_parameters.scale is {scale!r}, expected a number")
+    weights = adapter_weights(path)
+    check_rank(weights, rank, config_path)
+    return Adapters(weights, scale, fine_tune_type)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def adapter_weights(path: Path) -> dict:
+    """The arrays of an adapter file, each of a float type."""
+    weights = read_arrays(path)
+    for name, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise UserError(f"{path}: {name} holds {value.dtype} values, not floating point ones")
+    return weights
+
+
+def check_rank(weights: dict, rank, config_path):
+    """The rank adapter_config.json records is the weights' own: a wrong one would change the scale that is
+    derived from it (PEFT's alpha / r) or the layers built from it."""
+    found = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 2})
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or found and found != [rank]):
+        raise UserError(f"{config_path}: says rank {rank!r}, but the weights' rank is "
+                        f"{', '.join(map(str, found)) or 'unknown'}")
 
 
 def read_peft(folder: Path, config: dict) -> Adapters:
     config_path = folder / "adapter_config.json"
+    rank, alpha = config.get("r"), config.get("lora_alpha", 8)
     if config["peft_type"] != "LORA":
         raise UserError(f"{config_path}: PEFT adapters of type {config['peft_type']} are not supported (LORA)")
     for key, supported in (("fan_in_fan_out", False), ("bias", "none")):
@@ -562,12 +862,15 @@ def read_peft(folder: Path, config: dict) -> Adapters:
                         f"save it with safe_serialization=True)")
     ours = {theirs: name for name, theirs in PEFT_NAMES.items()}
     weights = {}
-    for key, value in mx.load(str(path)).items():
+    for key, value in adapter_weights(path).items():
         match = PEFT_KEY.fullmatch(key)
         if match is None:
             raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer")
         weights[f"{match[1]}.{ours[match[2]]}"] = value.T
-    rank, alpha = config["r"], config.get("lora_alpha", 8)
+    check_rank(weights, rank, config_path)
+    if rank is None or rank < 1 or not is_number(alpha):
+        raise UserError(f"{config_path}: r is {rank!r} and lora_alpha {alpha!r}; expected a rank of at least 1 "
+                        f"and a number")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return Adapters(weights, scale, "dora" if config.get("use_dora") else "lora")
 
@@ -599,6 +902,9 @@ def apply_adapters(model: nn.Module, weights: dict, scale: float, fine_tune_type
             raise UserError(f"{adapter_path}: layer {path} does not exist in this model (made for another base?)")
         if not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
             raise UserError(f"{adapter_path}: layer {path} is not a linear layer")
+        if weights[f"{path}.lora_a"].ndim != 2:
+            raise UserError(f"{adapter_path}: {path}.lora_a has shape {tuple(weights[f'{path}.lora_a'].shape)}, "
+                            f"not (inputs, rank)")
         wrapped.append((path, layer_class.from_linear(
             modules[path], rank=weights[f"{path}.lora_a"].shape[1], scale=scale, dropout=dropout)))
     for path, lora in wrapped:
@@ -664,7 +970,7 @@ def save_peft(folder, model: nn.Module, base_model: str, dropout: float = 0.0):
     }
 
     def write(tmp):
-        mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
+        save_safetensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     write_folder(Path(folder), write)

@@ -34,11 +34,11 @@ def build_parser():
                         "the CPU).")
     p.add_argument("--tokenizer", help="Tokenizer folder (default: --model's; with --shape, a byte-level BPE "
                                        "trained on --data).")
-    p.add_argument("--warmup-steps", type=int, default=5, help="Untimed steps first (compilation, allocation).")
-    p.add_argument("--steps", type=int, default=20, help="Timed steps.")
-    p.add_argument("--seq-length", type=int, help="Train on rows of this many random tokens instead of --data "
+    p.add_argument("--warmup-steps", type=utils.NON_NEGATIVE_INT, default=5, help="Untimed steps first (compilation, allocation).")
+    p.add_argument("--steps", type=utils.POSITIVE_INT, default=20, help="Timed steps.")
+    p.add_argument("--seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"), help="Train on rows of this many random tokens instead of --data "
                                                   "(--batch-size rows a batch; not cut to --max-seq-length).")
-    p.add_argument("--peak-tflops", type=float, help="The device's peak TFLOP/s, for the floor's tokens/s.")
+    p.add_argument("--peak-tflops", type=utils.POSITIVE, help="The device's peak TFLOP/s, for the floor's tokens/s.")
     # convert.py's quantization flags, as they are there: -q quantizes the model in memory as convert.py -q would
     flags = {a.dest: a for a in convert.build_parser()._actions}
     for dest in ("quantize", "q_bits", "q_group_size", "q_embedding_bits"):
@@ -97,11 +97,9 @@ def flops_per_token(config, first_trained, length, full, first_computed=0):
 def run(args):
     if args.config:
         raise UserError("--config is lora.py's alone: give the recipe's flags on the command line")
-    if args.warmup_steps < 0 or args.steps < 1:
-        raise UserError("--warmup-steps must be at least 0 and --steps at least 1")
     args.train = True  # for lora.check_flags: what it checks of a training run holds here
     lora.check_flags(args)
-    examples = None if args.seq_length else lora.load_dataset(args.data, "train")  # data errors first
+    examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt)  # data errors first
 
     print(f"Loading {'random ' + args.shape if args.shape else args.model}", flush=True)
     model, tokenizer, config = load_model(args)
@@ -169,11 +167,12 @@ def run(args):
     }
 
 
+def main():
+    with contextlib.redirect_stdout(sys.stderr):  # what lora.py and convert.py print is progress
+        result = run(build_parser().parse_args())
+    print(json.dumps(result), flush=True)
+
+
 if __name__ == "__main__":
     utils.reexec_in_cpu_environment()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # what lora.py and convert.py print is progress
-            result = run(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"bench.py: error: {e}")
-    print(json.dumps(result), flush=True)
+    utils.run_main("bench.py", main)

@@ -7,7 +7,6 @@ The weights are generated one at a time as the shards are written (memory stays 
 tokenizer is a byte-level BPE trained on data/train.jsonl, whose ids fit any of the shapes' vocabularies,
 or a real one copied with --tokenizer DIR.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -94,22 +93,22 @@ def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**
         tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, config["vocab_size"]))
     else:  # checked before the weights, which can take minutes
         tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    utils.save_weights(path, random_weights(config, dtype, seed), shard_bytes)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(path))
+
+    def write_checkpoint(folder):
+        utils.save_weights(folder, random_weights(config, dtype, seed), shard_bytes)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(folder))
+
+    utils.write_folder(Path(path), write_checkpoint)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Write a random-weight checkpoint of a named shape.")
+    p = utils.ArgumentParser(description="Write a random-weight checkpoint of a named shape.")
     p.add_argument("shape", choices=sorted(SHAPES))
     p.add_argument("path", help="Folder to write.")
     p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--max-shard-size", type=float, default=5.0, help="Largest shard, in GB.")
+    p.add_argument("--max-shard-size", type=utils.POSITIVE, default=5.0, help="Largest shard, in GB.")
     p.add_argument("--tokenizer", help="Copy this tokenizer (a folder) instead of training one on data/train.jsonl.")
     args = p.parse_args()
-    try:
-        write(args.path, args.shape, args.dtype, int(args.max_shard_size * 1e9), tokenizer=args.tokenizer)
-    except utils.UserError as e:
-        sys.exit(f"random_checkpoint.py: error: {e}")
+    utils.run_main("random_checkpoint.py", lambda: write(args.path, args.shape, args.dtype,
+                                                         int(args.max_shard_size * 1e9), tokenizer=args.tokenizer))

@@ -111,13 +111,20 @@ def download(url=URL):
         return response.read()
 
 
+def count(text):
+    """argparse's type for a number of examples (this script needs only the standard library, not utils')."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Make WikiSQL jsonl files for lora.py.")
     parser.add_argument("--out", default="data/wikisql", help="output folder")
     parser.add_argument("--source", type=Path, help="downloaded data.tar.bz2 or its extracted folder")
-    parser.add_argument("--num-train", type=int, default=1000)
-    parser.add_argument("--num-valid", type=int, default=100)
-    parser.add_argument("--num-test", type=int, default=100)
+    parser.add_argument("--num-train", type=count, default=1000)
+    parser.add_argument("--num-valid", type=count, default=100)
+    parser.add_argument("--num-test", type=count, default=100)
     parser.add_argument("--seed", type=int, help="sample questions at random instead of taking the first ones")
     args = parser.parse_args(argv)
 

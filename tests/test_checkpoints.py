@@ -37,7 +37,7 @@ def assert_same(a, b):
 def test_resume_from_a_checkpoint_is_exact(tiny_llama, data_dir, tmp_path, capsys):
     whole = tmp_path / "whole"
     run_lora(capsys, *train_flags(tiny_llama, data_dir, whole, 10, "--save-every", 5))
-    checkpoint = whole / "checkpoints" / "step-0000005"
+    checkpoint = whole / "runs" / "1" / "step-0000005"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "adapter_config.json", "adapters.safetensors", "optimizer.safetensors", "trainer_state.json"]
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -45,7 +45,7 @@ def test_resume_from_a_checkpoint_is_exact(tiny_llama, data_dir, tmp_path, capsy
 
     resumed = tmp_path / "resumed"
     out = run_lora(capsys, *train_flags(tiny_llama, data_dir, resumed, 10, "--resume", checkpoint))
-    assert "Resuming from" in out and "Iter 5:" not in out and "Iter 6: Train loss" in out
+    assert "resuming from" in out and "Iter 5:" not in out and "Iter 6: Train loss" in out
     assert_same(weights(resumed / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
     # what is restored matters: the same five steps from fresh adapters end elsewhere
     fresh = tmp_path / "fresh"
@@ -56,9 +56,14 @@ def test_resume_from_a_checkpoint_is_exact(tiny_llama, data_dir, tmp_path, capsy
     # a checkpoint is an adapter folder: --adapter-file reads it
     out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test", "--adapter-file", checkpoint)
     assert "Test ppl" in out
+    # flags that change the result are the checkpoint's, or knowingly accepted
+    with pytest.raises(UserError, match=r"trained with other flags: --lora-rank 4 \(now 8\), --learning-rate "
+                                        r"0.003 \(now 0.01\); .*--accept-flag-changes"):
+        run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", checkpoint,
+                                      "--lora-rank", 8, "--learning-rate", 0.01))
     with pytest.raises(UserError, match="do not fit the model"):
         run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", checkpoint,
-                                      "--lora-rank", 8))
+                                      "--lora-rank", 8, "--accept-flag-changes"))
     with pytest.raises(UserError, match="not a checkpoint folder"):
         run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", tmp_path))
 
@@ -80,13 +85,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_llama, data_dir, tm
     assert "Traceback" not in err
     interrupted = int(out.split("Interrupted at iteration ")[1].split(".")[0])
     assert 3 <= interrupted < 200
-    checkpoint = stopped / "checkpoints" / f"step-{interrupted:07d}"
+    checkpoint = stopped / "runs" / "1" / f"step-{interrupted:07d}"
     assert f"--resume {checkpoint}" in out and (stopped / "adapters.safetensors").exists()
 
     run_lora(capsys, *train_flags(tiny_llama, data_dir, stopped, 200, "--save-every", 1000, "--resume", checkpoint))
     assert_same(weights(stopped / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
-    # metrics.jsonl holds each iteration once, the resumed run's after the interrupted one's
-    iterations = [r["iteration"] for r in map(json.loads, (stopped / "metrics.jsonl").read_text().splitlines())
+    # the resumed run's metrics.jsonl holds each iteration once, the interrupted run's then its own
+    iterations = [r["iteration"] for r in lora.read_metrics(stopped / "runs" / "2" / "metrics.jsonl")
                   if "train_loss" in r]
     assert iterations == list(range(1, 201))
 
@@ -101,24 +106,24 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny_llama, data_dir, tmp_pat
                                         r"are kept in .*adapters.safetensors, the last good checkpoint is "
                                         r".*step-0000002\)"):
         run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, "--save-every", 2))
-    for path in (folder / "adapters.safetensors", folder / "checkpoints" / "step-0000002" / "adapters.safetensors"):
+    for path in (folder / "adapters.safetensors", folder / "runs" / "1" / "step-0000002" / "adapters.safetensors"):
         assert all(np.isfinite(v).all() for v in weights(path).values())
-    assert not (folder / "checkpoints" / "step-0000004").exists()
+    assert not (folder / "runs" / "1" / "step-0000004").exists()
 
 
 def test_metrics_plot_and_kept_checkpoints(tiny_llama, data_dir, tmp_path, capsys):
     import matplotlib.image
 
-    folder = tmp_path / "run"
-    run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 12, "--save-every", 2, "--keep-checkpoints", 2,
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path, 12, "--save-every", 2, "--keep-checkpoints", 2,
                                   "--steps-per-report", 4, "--steps-per-eval", 6))
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    folder = tmp_path / "runs" / "1"
+    records = lora.read_metrics(folder / "metrics.jsonl")
     train = [r for r in records if "train_loss" in r]
     val = [r for r in records if "val_loss" in r]
     assert [r["iteration"] for r in train] == [4, 8, 12] and [r["iteration"] for r in val] == [1, 6, 12]
     assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 and r["learning_rate"] > 0 for r in train)
     assert train[-1]["trained_tokens"] > train[0]["trained_tokens"] > 0
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-0000010", "step-0000012"]
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-0000010", "step-0000012"]
     image = matplotlib.image.imread(folder / "loss.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image[..., :3].std() > 0.05  # curves, not a blank
 
@@ -143,8 +148,8 @@ def test_report_to(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "run"
     run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 4, "--steps-per-report", 2, "--report-to",
                                   "tensorboard"))
-    scalars = tensorboard_scalars(folder / "runs")
-    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(folder / "runs" / "1" / "tensorboard")
+    logged = lora.read_metrics(folder / "runs" / "1" / "metrics.jsonl")
     assert scalars["train_loss"] == [(r["iteration"], pytest.approx(r["train_loss"])) for r in logged if "train_loss" in r]
     assert [step for step, _ in scalars["val_loss"]] == [1]
 

@@ -256,7 +256,7 @@ def test_bad_inputs_are_one_line_errors_leaving_nothing(sharded, tmp_path):
         ((no_config,), "no config.json"),
         ((no_weights,), r"no \*.safetensors weights"),
         ((unknown,), "model_type 'gpt_neox' is not supported; supported: llama, mistral"),
-        ((misfit,), r"do not fit config.json: of the wrong shape: model.layers.0.mlp.gate_proj.weight \(128, 64\)"),
+        ((misfit,), r"misfit: the weights do not fit its config: of the wrong shape: model.layers.0.mlp.gate_proj.weight \(128, 64\)"),
         ((tmp_path / "nowhere",), "--hf-path .*nowhere: no such file or folder"),
     ]
     for flags, message in cases:
@@ -288,8 +288,11 @@ def test_existing_output_needs_force(sharded, tmp_path):
     assert (out / "keep.txt").exists()
     run_convert("--hf-path", source, "--mlx-path", out, "--force")
     assert not (out / "keep.txt").exists() and (out / "config.json").exists() and not leftovers(tmp_path)
-    with pytest.raises(UserError, match="is the folder being converted"):
-        run_convert("--hf-path", out, "--mlx-path", out, "--force")
+    # --force never replaces the source, a folder holding it, or the current folder
+    for source, target in ((out, out), (out, tmp_path)):
+        with pytest.raises(UserError, match=f"--mlx-path {target}: holds {source}, which replacing it would delete"):
+            run_convert("--hf-path", source, "--mlx-path", target, "--force")
+    assert (out / "config.json").exists()
 
 
 def test_interrupted_conversion_leaves_nothing(sharded, tmp_path, monkeypatch):

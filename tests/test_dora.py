@@ -249,6 +249,6 @@ def test_full_fine_tuning_trains_the_last_layers_and_resumes(tiny_llama, data_di
 
 
 def test_full_fine_tuning_checks_the_layer_count(tiny_llama, data_dir, tmp_path, capsys):
-    with pytest.raises(UserError, match="--lora-layers 0: the model has 4 layers"):
+    with pytest.raises(UserError, match="--lora-layers 5: the model has 4 layers"):
         run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--fine-tune-type", "full",
-                 "--lora-layers", 0, "--adapter-file", tmp_path / "full.safetensors")
+                 "--lora-layers", 5, "--adapter-file", tmp_path / "full.safetensors")

@@ -65,8 +65,9 @@ def phi3_vision(make_checkpoint, tmp_path_factory):
 def test_lora_lowers_the_loss(family, data_dir, tmp_path, capsys):
     folder, _, targets, _ = family
     adapters = tmp_path / "adapters.safetensors"
+    # 5e-3: at 1e-2 the validation loss of one family's random model (Qwen2, tied embeddings) stalls
     out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 30, "--batch-size", 4,
-                   "--learning-rate", 1e-2, "--lora-layers", 2, "--lora-rank", 4, "--lora-alpha", 8,
+                   "--learning-rate", 5e-3, "--lora-layers", 2, "--lora-rank", 4, "--lora-alpha", 8,
                    "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file", adapters,
                    "--lora-targets", *targets)
     losses = val_losses(out)

@@ -1,0 +1,777 @@
+"""Bad input as a user meets it: each case runs lora.py, convert.py or fuse.py in a subprocess on one bad flag,
+data file, model folder, GGUF file, adapter, checkpoint, YAML config or output path, and expects
+
+  1. a non-zero exit code (and no hang: a timeout);
+  2. on stderr, one line (tqdm's progress bars aside), "<script>.py: error: ...";
+  3. no traceback on stdout or stderr;
+  4. that line naming the flag or file at fault;
+  5. every file the case was given, and every file of the shared inputs, left as it was (a lock file,
+     ".*.lock", may come and go).
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ROOT, sql_texts, write_gguf, write_jsonl
+
+TIMEOUT = 120  # s per script run; a hang fails the case
+# one short training run, whose adapters, checkpoints and metrics.jsonl the adapter and resume cases damage
+TRAIN_RUN = ["--train", "--iters", 4, "--save-every", 2, "--lora-layers", 2, "--batch-size", 4, "--lora-rank", 4,
+             "--steps-per-eval", 1000, "--val-batches", 1]
+RUN_ADAPTERS = "run/adapters.safetensors"  # relative to the cwd: a copied run is resumed with the same flags
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def script(name, *flags, cwd):
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, flags)], cwd=cwd, capture_output=True,
+                          text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def chats(n, content="a question"):
+    return [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": t}]}
+            for t in sql_texts(n)]
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+class World:
+    """The inputs cases share, made once: a tiny llama folder (and a copy with a chat template), data, GGUF
+    files; the short training run (and its PEFT export and .npz copy) on first use. Cases read these and
+    copy what they damage."""
+
+    def __init__(self, root, folder, reference):
+        from gguf import GGMLQuantizationType as T
+
+        self.root = root
+        self.model = root / "model"
+        shutil.copytree(folder, self.model)
+        self.data = root / "data"
+        self.data.mkdir()
+        for split, n, seed in [("train", 64, 1), ("valid", 16, 2), ("test", 16, 3)]:
+            write_jsonl(self.data / f"{split}.jsonl", sql_texts(n, seed))
+        self.chat_model = root / "chat_model"
+        shutil.copytree(self.model, self.chat_model)
+        edit_json(self.chat_model / "tokenizer_config.json", lambda c: dict(c, chat_template=CHAT_TEMPLATE))
+        self.chat_data = root / "chat_data"
+        self.chat_data.mkdir()
+        for split in ("train", "valid", "test"):
+            write_records(self.chat_data / f"{split}.jsonl", chats(16))
+
+        import gguf
+
+        class WithWeird(gguf.GGUFWriter):  # one more tensor, whose name the loader does not know
+            def write_header_to_file(self, *args, **kwargs):
+                self.add_tensor("blk.0.attn_weird.weight", np.zeros((4, 64), np.float32))
+                super().write_header_to_file(*args, **kwargs)
+
+        class Gpt2(gguf.GGUFWriter):  # general.architecture "gpt2" (and its keys gpt2.*)
+            def __init__(self, path, arch, *args, **kwargs):
+                super().__init__(path, "gpt2", *args, **kwargs)
+
+        self.gguf = root / "tiny.gguf"
+        write_gguf(self.gguf, self.model, reference, T.F16)
+        self.gguf_weird, self.gguf_gpt2 = root / "weird_tensor.gguf", root / "gpt2_arch.gguf"
+        for path, writer in ((self.gguf_weird, WithWeird), (self.gguf_gpt2, Gpt2)):  # conftest's write_gguf, altered
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(gguf, "GGUFWriter", writer)
+                write_gguf(path, self.model, reference, T.F16)
+        self._trained = None
+
+    def trained(self):
+        """The training run's folder (run/), its PEFT export (peft/) and its adapters as .npz (npz/)."""
+        if self._trained is None:
+            self._trained = "failed"
+            result = script("lora.py", "--model", self.model, "--data", self.data, *TRAIN_RUN,
+                            "--adapter-file", RUN_ADAPTERS, cwd=self.root)
+            assert result.returncode == 0, result.stderr[-2000:]
+            run = self.root / "run"
+            result = script("fuse.py", "--model", self.model, "--adapter-file", run / "adapters.safetensors",
+                            "--export-peft", self.root / "peft", cwd=self.root)
+            assert result.returncode == 0, result.stderr[-2000:]
+            (self.root / "npz").mkdir()
+            mx.savez(str(self.root / "npz" / "adapters.npz"), **mx.load(str(run / "adapters.safetensors")))
+            shutil.copy(run / "adapter_config.json", self.root / "npz")
+            self._trained = run
+        assert self._trained != "failed", "the training run failed (see the first case that needed it)"
+        return self._trained
+
+    @property
+    def adapters(self):
+        return self.trained() / "adapters.safetensors"
+
+    @property
+    def peft(self):
+        self.trained()
+        return self.root / "peft"
+
+    @property
+    def npz(self):
+        self.trained()
+        return self.root / "npz"
+
+
+@pytest.fixture(scope="session")
+def world(make_checkpoint, tmp_path_factory):
+    folder, reference = make_checkpoint("llama")
+    return World(tmp_path_factory.mktemp("world"), folder, reference)
+
+
+# --- damage -------------------------------------------------------------------------------------------------
+
+def edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def random_bytes(path, n=4096):
+    path.write_bytes(random.Random(0).randbytes(n))
+
+
+def copy(src, dst):
+    (shutil.copytree if Path(src).is_dir() else shutil.copy)(src, dst)
+    return dst
+
+
+def rewrite_weights(folder, change):
+    """model.safetensors rewritten with change(weights) (a dict of name: array)."""
+    path = folder / "model.safetensors"
+    weights = dict(mx.load(str(path)))
+    change(weights)
+    mx.save_safetensors(str(path), weights, metadata={"format": "pt"})
+
+
+# --- the command lines --------------------------------------------------------------------------------------
+
+def train(w, d, *more, model=None, data=None):
+    """A short training run into d/out; `more` comes last, so that a flag given there wins."""
+    return ["--model", model or w.model, "--data", data or w.data, "--train", "--iters", 2, "--batch-size", 4,
+            "--lora-layers", 2, "--lora-rank", 4, "--steps-per-eval", 1000, "--val-batches", 1,
+            "--adapter-file", d / "out" / "adapters.safetensors", *more]
+
+
+def on_test_set(w, d, *more, model=None, adapter=None):
+    """--test on one batch (with --adapter-file if given, else the base model)."""
+    return ["--model", model or w.model, "--data", w.data, "--test", "--test-batches", 1,
+            *(["--adapter-file", adapter] if adapter else []), *more]
+
+
+def prompt(w, d, *more, model=None, adapter=None):
+    return ["--model", model or w.model, "--prompt", "Q: the", "--max-tokens", 4,
+            *(["--adapter-file", adapter] if adapter else []), *more]
+
+
+def nowhere(d):
+    """A --model that does not exist: a flag's error must come before any model is read."""
+    return d / "no_model"
+
+
+# --- A. flags -----------------------------------------------------------------------------------------------
+
+# (id, mode, flag, value, the model missing): each value out of range for its flag
+FLAGS = [
+    ("batch-size-zero", train, "--batch-size", 0, True),
+    ("batch-size-negative", train, "--batch-size", -1, False),
+    ("batch-size-not-a-number", train, "--batch-size", "four", True),
+    ("iters-zero", train, "--iters", 0, False),
+    ("iters-negative", train, "--iters", -5, True),
+    ("lora-rank-zero", train, "--lora-rank", 0, False),
+    ("lora-layers-zero", train, "--lora-layers", 0, True),
+    ("lora-layers-negative", train, "--lora-layers", -2, False),
+    ("lora-layers-more-than-the-model", train, "--lora-layers", 9, False),  # the model has 4
+    ("learning-rate-negative", train, "--learning-rate", -1, True),
+    ("learning-rate-zero", train, "--learning-rate", 0, False),
+    ("learning-rate-nan", train, "--learning-rate", "nan", True),
+    ("save-every-zero", train, "--save-every", 0, False),
+    ("steps-per-report-zero", train, "--steps-per-report", 0, True),
+    ("steps-per-eval-zero", train, "--steps-per-eval", 0, False),
+    ("val-batches-negative", train, "--val-batches", -2, True),
+    ("test-batches-zero", on_test_set, "--test-batches", 0, False),
+    ("max-seq-length-zero", train, "--max-seq-length", 0, True),
+    ("lora-dropout-above-one", train, "--lora-dropout", 1.5, False),
+    ("lora-dropout-negative", train, "--lora-dropout", -0.1, True),
+    ("lora-scale-zero", train, "--lora-scale", 0, False),
+    ("lora-alpha-negative", train, "--lora-alpha", -1, True),
+    ("temp-negative", prompt, "--temp", -1, False),
+    ("top-p-zero", prompt, "--top-p", 0, True),
+    ("top-p-above-one", prompt, "--top-p", 1.5, False),
+    ("max-tokens-zero", prompt, "--max-tokens", 0, False),
+    ("warmup-negative", train, "--warmup", -1, True),
+    ("grad-accumulation-steps-zero", train, "--grad-accumulation-steps", 0, False),
+    ("max-grad-norm-zero", train, "--max-grad-norm", 0, True),
+    ("keep-checkpoints-negative", train, "--keep-checkpoints", -1, False),
+    ("weight-decay-negative", train, "--weight-decay", -1, True),  # with --optimizer adamw, below
+    ("seed-negative", train, "--seed", -1, False),
+    ("generate-eval-negative", on_test_set, "--generate-eval", -1, True),  # with --completion-marker, below
+    ("add-eos-token-two", train, "--add-eos-token", 2, False),
+    ("unknown-flag", train, "--lora-rnk", 4, True),
+]
+# what else the flag needs, so that its value is the only fault
+NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "]}
+
+
+@dataclass
+class Case:
+    id: str
+    script: str
+    args: Callable  # (world, case folder) -> the flags; it makes (damaged copies of) the inputs there
+    expect: str  # the error line names this: the flag or file at fault
+    never: tuple = ()  # files (in the case folder) that must never appear
+
+
+def flag_case(name, mode, flag, value, missing):
+    def args(w, d):
+        return mode(w, d, flag, value, *NEEDS.get(flag, []), model=nowhere(d) if missing else None)
+
+    return Case(f"flag-{name}", "lora.py", args, flag)
+
+
+CASES = [flag_case(*row) for row in FLAGS] + [
+    Case("flag-convert-max-shard-size-zero", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", d / "out", "--max-shard-size", 0], "--max-shard-size"),
+    Case("flag-convert-max-shard-size-negative", "convert.py",
+         lambda w, d: ["--hf-path", nowhere(d), "--mlx-path", d / "out", "--max-shard-size", -1], "--max-shard-size"),
+    Case("flag-convert-max-shard-size-nan", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", d / "out", "--max-shard-size", "nan"], "--max-shard-size"),
+    Case("flag-convert-q-bits-7", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", d / "out", "-q", "--q-bits", 7], "--q-bits"),
+    Case("flag-convert-q-group-size-16", "convert.py",
+         lambda w, d: ["--hf-path", nowhere(d), "--mlx-path", d / "out", "-q", "--q-group-size", 16],
+         "--q-group-size"),
+    Case("flag-convert-dtype-float64", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", d / "out", "--dtype", "float64"], "--dtype"),
+    Case("flag-fuse-unknown-flag", "fuse.py",
+         lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--save-pth", d / "out"], "--save-pth"),
+]
+
+
+# --- B. data files ------------------------------------------------------------------------------------------
+
+def data(train_content, valid=True, flags=(), chat=False):
+    """A short training run on --data d/data, whose train.jsonl holds train_content (bytes, str or a function
+    of the path), with good valid and test sets (no valid.jsonl for valid=False); chats on the model with a
+    chat template."""
+    def args(w, d):
+        folder = d / "data"
+        folder.mkdir()
+        for split in ("valid", "test") if valid else ("test",):
+            if chat:
+                write_records(folder / f"{split}.jsonl", chats(8))
+            else:
+                write_jsonl(folder / f"{split}.jsonl", sql_texts(8, 5))
+        path = folder / "train.jsonl"
+        if callable(train_content):
+            train_content(path)
+        elif isinstance(train_content, bytes):
+            path.write_bytes(train_content)
+        else:
+            path.write_text(train_content)
+        return train(w, d, *flags, data=folder, model=w.chat_model if chat else None)
+
+    return args
+
+
+def bad_test_set(w, d):
+    folder = copy(w.data, d / "data")
+    (folder / "test.jsonl").write_text('{"text": \n')
+    return on_test_set(w, d, "--data", folder)
+
+
+GOOD = "".join(json.dumps({"text": t}) + "\n" for t in sql_texts(8))
+GOOD_CHATS = "".join(json.dumps(c) + "\n" for c in chats(8))
+
+
+def chat_line(messages):
+    return GOOD_CHATS + json.dumps({"messages": messages}) + "\n"
+
+
+CASES += [
+    Case("data-train-not-utf8", "lora.py", data(GOOD.encode() + b'{"text": "caf\xff\xfe"}\n'), "train.jsonl"),
+    Case("data-train-invalid-json-line-3", "lora.py",
+         data("\n".join(GOOD.splitlines()[:2] + ['{"text": "unterminated'] + GOOD.splitlines()[2:]) + "\n"),
+         "train.jsonl:3"),
+    Case("data-train-json-array-line-2", "lora.py",
+         data(GOOD.splitlines()[0] + '\n["Q: a", "A: b"]\n' + GOOD), "train.jsonl:2"),
+    Case("data-train-json-string-line", "lora.py", data(GOOD + '"just a string"\n'), "train.jsonl"),
+    Case("data-train-text-not-a-string", "lora.py", data(GOOD + '{"text": 5}\n'), "train.jsonl"),
+    Case("data-train-empty", "lora.py", data(""), "train.jsonl"),
+    Case("data-train-blank-lines-only", "lora.py", data("\n\n   \n\t\n"), "train.jsonl"),
+    Case("data-train-random-bytes", "lora.py", data(random_bytes), "train.jsonl"),
+    Case("data-train-mixed-formats-line-2", "lora.py",
+         data(GOOD.splitlines()[0] + "\n" + json.dumps({"prompt": "Q", "completion": "A"}) + "\n" + GOOD),
+         "train.jsonl:2"),
+    Case("data-train-completion-not-a-string", "lora.py",
+         data("".join(json.dumps({"prompt": "Q", "completion": c}) + "\n" for c in ["A", "B", "C", "D", None])),
+         "train.jsonl"),
+    Case("data-chat-content-a-number", "lora.py",
+         data(chat_line([{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]), chat=True),
+         "train.jsonl"),
+    Case("data-chat-content-null", "lora.py",
+         data(chat_line([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]), chat=True),
+         "train.jsonl"),
+    Case("data-chat-message-without-role", "lora.py",
+         data(chat_line([{"content": "q"}, {"role": "assistant", "content": "x"}]), chat=True), "train.jsonl"),
+    Case("data-train-is-a-folder", "lora.py", data(lambda p: p.mkdir()), "train.jsonl"),
+    Case("data-valid-missing", "lora.py", data(GOOD, valid=False), "valid.jsonl"),
+    Case("data-mask-prompt-on-text", "lora.py", data(GOOD, flags=["--mask-prompt"]), "train.jsonl"),
+    Case("data-test-invalid-json", "lora.py", bad_test_set, "test.jsonl"),
+]
+
+
+# --- C. model folders ---------------------------------------------------------------------------------------
+
+def damaged(w, d, damage, source="model"):
+    """A copy of the tiny model (or of the one with a chat template) in d/damaged_model, damaged by
+    damage(folder, d)."""
+    folder = copy(getattr(w, source), d / "damaged_model")
+    damage(folder, d)
+    return folder
+
+
+def model(damage, source="model", data=None):
+    """A short training run into d/out on a damaged copy of the model (see damaged)."""
+    def args(w, d):
+        return train(w, d, model=damaged(w, d, damage, source), data=getattr(w, data) if data else None)
+
+    return args
+
+
+def text_file_model(w, d):
+    (d / "model.txt").write_text("not a model")
+    return train(w, d, model=d / "model.txt")
+
+
+def convert_truncated(w, d):
+    return ["--hf-path", damaged(w, d, lambda f, d: truncate(f / "model.safetensors")), "--mlx-path", d / "out"]
+
+
+def fuse_bad_config(w, d):
+    folder = damaged(w, d, lambda f, d: (f / "config.json").write_text("{"))
+    return ["--model", folder, "--adapter-file", w.adapters, "--save-path", d / "fused"]
+
+
+def config(change):
+    return lambda folder, d: edit_json(folder / "config.json", change)
+
+
+def without(key):
+    return lambda c: {k: v for k, v in c.items() if k != key}
+
+
+EVIL = """import pathlib
+pathlib.Path({marker!r}).write_text("code from the model folder ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def evil_tokenizer(folder, d):
+    """Remote code in the folder: loading the tokenizer must not run it."""
+    (folder / "evil.py").write_text(EVIL.format(marker=str(d / "MARKER")))
+    edit_json(folder / "tokenizer_config.json",
+              lambda c: dict(c, tokenizer_class="EvilTokenizer",
+                             auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}))
+
+
+CASES += [
+    Case("model-no-config", "lora.py", model(lambda f, d: (f / "config.json").unlink()), "config.json"),
+    Case("model-config-invalid-json", "lora.py",
+         model(lambda f, d: (f / "config.json").write_text('{"model_type": "llama",')), "config.json"),
+    Case("model-config-json-list", "lora.py", model(config(lambda c: [c])), "config.json"),
+    Case("model-config-not-utf8", "lora.py",
+         model(lambda f, d: (f / "config.json").write_bytes(b'{"model_type": "ll\xff\xfeama"}')), "config.json"),
+    Case("model-config-hidden-size-a-string", "lora.py", model(config(lambda c: dict(c, hidden_size="big"))),
+         "config.json"),
+    Case("model-config-no-num-hidden-layers", "lora.py", model(config(without("num_hidden_layers"))), "config.json"),
+    Case("model-config-num-hidden-layers-negative", "lora.py",
+         model(config(lambda c: dict(c, num_hidden_layers=-1))), "config.json"),
+    Case("model-config-unsupported-model-type", "lora.py", model(config(lambda c: dict(c, model_type="bert"))),
+         "config.json"),
+    Case("model-weights-truncated", "lora.py", model(lambda f, d: truncate(f / "model.safetensors")),
+         "model.safetensors"),
+    Case("model-weights-empty", "lora.py", model(lambda f, d: (f / "model.safetensors").write_bytes(b"")),
+         "model.safetensors"),
+    Case("model-weights-random-bytes", "lora.py", model(lambda f, d: random_bytes(f / "model.safetensors")),
+         "model.safetensors"),
+    Case("model-weight-missing", "lora.py",
+         model(lambda f, d: rewrite_weights(f, lambda weights: weights.pop("model.layers.1.mlp.down_proj.weight"))),
+         "damaged_model"),
+    Case("model-weight-wrong-shape", "lora.py",
+         model(lambda f, d: rewrite_weights(
+             f, lambda weights: weights.update({"model.layers.1.mlp.down_proj.weight": mx.zeros((64, 127))}))),
+         "damaged_model"),
+    Case("model-tokenizer-json-corrupt", "lora.py",
+         model(lambda f, d: (f / "tokenizer.json").write_text('{"version": "1.0", "model": {')), "tokenizer.json"),
+    Case("model-tokenizer-remote-code", "lora.py", model(evil_tokenizer), "damaged_model", never=("MARKER",)),
+    Case("model-chat-template-escapes-the-sandbox", "lora.py",
+         model(lambda f, d: edit_json(f / "tokenizer_config.json",
+                                      lambda c: dict(c, chat_template="{{ ''.__class__.__mro__ }}" + CHAT_TEMPLATE)),
+               source="chat_model", data="chat_data"), "damaged_model"),
+    Case("model-does-not-exist", "lora.py", lambda w, d: train(w, d, model=d / "missing_model"), "missing_model"),
+    Case("model-is-a-text-file", "lora.py", text_file_model, "model.txt"),
+    Case("model-convert-weights-truncated", "convert.py", convert_truncated, "model.safetensors"),
+    Case("model-fuse-config-invalid-json", "fuse.py", fuse_bad_config, "config.json"),
+]
+
+
+# --- D. GGUF files ------------------------------------------------------------------------------------------
+
+def gguf_file(name, make, script_args):
+    """d/name made by make(path, world); script_args(world, d, path): the flags, with it as the model."""
+    def args(w, d):
+        path = d / name
+        make(path, w)
+        return script_args(w, d, path)
+
+    return args
+
+
+def gguf_train(w, d, path):
+    return train(w, d, model=path)
+
+
+CASES += [
+    Case("gguf-truncated", "lora.py", gguf_file("tiny.gguf", lambda p, w: truncate(copy(w.gguf, p)), gguf_train),
+         "tiny.gguf"),
+    Case("gguf-random-bytes", "lora.py", gguf_file("random.gguf", lambda p, w: random_bytes(p), gguf_train),
+         "random.gguf"),
+    Case("gguf-empty", "lora.py", gguf_file("empty.gguf", lambda p, w: p.write_bytes(b""), gguf_train), "empty.gguf"),
+    Case("gguf-unknown-tensor", "lora.py",
+         gguf_file("weird_tensor.gguf", lambda p, w: copy(w.gguf_weird, p), gguf_train), "weird_tensor.gguf"),
+    Case("gguf-architecture-gpt2", "lora.py",
+         gguf_file("gpt2_arch.gguf", lambda p, w: copy(w.gguf_gpt2, p), gguf_train), "gpt2_arch.gguf"),
+    Case("gguf-convert-truncated", "convert.py",
+         gguf_file("tiny.gguf", lambda p, w: truncate(copy(w.gguf, p)),
+                   lambda w, d, p: ["--hf-path", p, "--mlx-path", d / "out"]), "tiny.gguf"),
+    Case("gguf-fuse-truncated", "fuse.py",
+         gguf_file("tiny.gguf", lambda p, w: truncate(copy(w.gguf, p)),
+                   lambda w, d, p: ["--model", p, "--adapter-file", w.adapters, "--save-path", d / "fused"]),
+         "tiny.gguf"),
+]
+
+
+# --- E. adapters --------------------------------------------------------------------------------------------
+
+def lora_test(w, d, adapter):
+    return on_test_set(w, d, adapter=adapter)
+
+
+def lora_prompt(w, d, adapter):
+    return prompt(w, d, adapter=adapter)
+
+
+def fuse_into(w, d, adapter):
+    return ["--model", w.model, "--adapter-file", adapter, "--save-path", d / "fused"]
+
+
+def lora_resume_adapters(w, d, adapter):
+    return train(w, d, "--resume-adapter-file", adapter)
+
+
+def adapters(damage, run, source="mlx"):
+    """The trained adapters copied to d/adapters (source "mlx": adapters.safetensors and adapter_config.json;
+    "peft": fuse.py's PEFT export; "npz": adapters.npz), damaged by damage(folder); run(world, d, adapter), the
+    adapter being the file (mlx, npz) or the folder (peft)."""
+    def args(w, d):
+        folder = d / "adapters"
+        if source == "mlx":
+            folder.mkdir()
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                shutil.copy(w.trained() / name, folder)
+        else:
+            copy(w.peft if source == "peft" else w.npz, folder)
+        damage(folder)
+        name = {"mlx": "adapters.safetensors", "npz": "adapters.npz", "peft": ""}[source]
+        return run(w, d, folder / name if name else folder)
+
+    return args
+
+
+def adapter_config(change):
+    return lambda folder: edit_json(folder / "adapter_config.json", change)
+
+
+def lora_parameters(**values):
+    return adapter_config(lambda c: dict(c, lora_parameters={**c["lora_parameters"], **values}))
+
+
+CASES += [
+    Case("adapters-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.safetensors"), lora_test),
+         "adapters.safetensors"),
+    Case("adapters-empty", "lora.py",
+         adapters(lambda f: (f / "adapters.safetensors").write_bytes(b""), lora_prompt), "adapters.safetensors"),
+    Case("adapters-random-bytes", "fuse.py", adapters(lambda f: random_bytes(f / "adapters.safetensors"), fuse_into),
+         "adapters.safetensors"),
+    Case("adapters-truncated-resume-adapter-file", "lora.py",
+         adapters(lambda f: truncate(f / "adapters.safetensors"), lora_resume_adapters), "adapters.safetensors"),
+    Case("adapters-missing", "fuse.py", lambda w, d: fuse_into(w, d, d / "missing.safetensors"),
+         "missing.safetensors"),
+    Case("adapter-config-invalid-json", "lora.py",
+         adapters(lambda f: (f / "adapter_config.json").write_text('{"fine_tune_type": '), lora_test),
+         "adapter_config.json"),
+    Case("adapter-config-json-list", "fuse.py", adapters(adapter_config(lambda c: [c]), fuse_into),
+         "adapter_config.json"),
+    Case("adapter-config-lora-parameters-a-string", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, lora_parameters="x")), fuse_into), "adapter_config.json"),
+    Case("adapter-config-scale-a-string", "fuse.py", adapters(lora_parameters(rank=4, scale="big"), fuse_into),
+         "adapter_config.json"),
+    Case("adapter-config-rank-disagrees-with-weights", "lora.py", adapters(lora_parameters(rank=8), lora_test),
+         "adapter_config.json"),
+    Case("adapter-config-fine-tune-type-weird", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, fine_tune_type="weird")), fuse_into), "adapter_config.json"),
+    Case("adapters-peft-r-disagrees-with-weights", "lora.py",
+         adapters(adapter_config(lambda c: dict(c, r=8)), lora_test, source="peft"), "adapter_config.json"),
+    Case("adapters-peft-r-disagrees-with-weights-fuse", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, r=8)), fuse_into, source="peft"), "adapter_config.json"),
+    Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
+         "adapters.npz"),
+]
+
+
+# --- F. checkpoints and resume ------------------------------------------------------------------------------
+
+def resume(damage, *more):
+    """The training run copied to d/run (as `run`, relative to the cwd: the flags are the run's own), damaged
+    by damage(checkpoint, run folder), then resumed from its checkpoint of iteration 2 with `more` flags."""
+    def args(w, d):
+        run = copy(w.trained(), d / "run")
+        # where the checkpoints are, in either layout: run/checkpoints/step-N or run/runs/<n>/step-N
+        checkpoint = next(p for p in run.glob("**/step-*") if p.name == "step-0000002")
+        damage(checkpoint, run)
+        return ["--model", w.model, "--data", w.data, *TRAIN_RUN, "--adapter-file", RUN_ADAPTERS,
+                "--resume", checkpoint.relative_to(d), *more]
+
+    return args
+
+
+def as_saved(checkpoint, run):
+    pass
+
+
+def in_checkpoint(name, damage):
+    return lambda checkpoint, run: damage(checkpoint / name)
+
+
+def state(change):
+    return in_checkpoint("trainer_state.json", lambda p: edit_json(p, change))
+
+
+def damage_metrics(checkpoint, run):
+    path = next(run.glob("**/metrics.jsonl"))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + ["{not json"] + lines[1:]) + "\n")
+
+
+def resume_a_file(w, d):
+    (d / "ckpt.txt").write_text("not a checkpoint")
+    return train(w, d, "--resume", d / "ckpt.txt")
+
+
+CASES += [
+    Case("resume-trainer-state-missing", "lora.py", resume(in_checkpoint("trainer_state.json", Path.unlink)),
+         "trainer_state.json"),
+    Case("resume-trainer-state-invalid-json", "lora.py",
+         resume(in_checkpoint("trainer_state.json", lambda p: p.write_text('{"iteration": 2,'))), "trainer_state.json"),
+    Case("resume-trainer-state-json-list", "lora.py", resume(state(lambda s: [s])), "trainer_state.json"),
+    Case("resume-trainer-state-iteration-a-string", "lora.py", resume(state(lambda s: dict(s, iteration="ten"))),
+         "trainer_state.json"),
+    Case("resume-trainer-state-without-args", "lora.py", resume(state(without("args"))), "trainer_state.json"),
+    Case("resume-optimizer-truncated", "lora.py", resume(in_checkpoint("optimizer.safetensors", truncate)),
+         "optimizer.safetensors"),
+    Case("resume-optimizer-missing", "lora.py", resume(in_checkpoint("optimizer.safetensors", Path.unlink)),
+         "optimizer.safetensors"),
+    Case("resume-adapters-truncated", "lora.py", resume(in_checkpoint("adapters.safetensors", truncate)),
+         "adapters.safetensors"),
+    Case("resume-other-learning-rate", "lora.py", resume(as_saved, "--learning-rate", 1e-3),
+         "--learning-rate"),
+    Case("resume-other-lora-rank", "lora.py", resume(as_saved, "--lora-rank", 8), "--lora-rank"),
+    # nothing left to train: an error, not a new run folder and exit 0
+    Case("resume-iters-below-the-checkpoint", "lora.py", resume(as_saved, "--iters", 1), "--iters"),
+    Case("resume-metrics-damaged", "lora.py", resume(damage_metrics), "metrics.jsonl"),
+    Case("resume-a-file", "lora.py", resume_a_file, "--resume"),
+]
+
+
+# --- G. YAML --config ---------------------------------------------------------------------------------------
+
+def yaml_file(content, *flags):
+    """--config d/flags.yaml holding content (str or bytes), over a short training run's flags (`flags`, or
+    train's: a flag on the command line wins over the file)."""
+    def args(w, d):
+        path = d / "flags.yaml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        base = list(flags) if flags else train(w, d)
+        return [*base, "--config", path]
+
+    return args
+
+
+def bare(w, d):
+    return ["--model", w.model, "--data", w.data, "--adapter-file", d / "out" / "adapters.safetensors"]
+
+
+def yaml_without_batch_size(content):
+    def args(w, d):
+        return yaml_file(content, *bare(w, d))(w, d)
+
+    return args
+
+
+CASES += [
+    Case("yaml-invalid", "lora.py", yaml_file("lora_layers: [1, 2\nbatch_size: 4\n"), "flags.yaml"),
+    Case("yaml-a-list", "lora.py", yaml_file("- lora_layers\n- 2\n"), "flags.yaml"),
+    Case("yaml-not-utf8", "lora.py", yaml_file(b"lora_layers: 2\nseed: \xff\xfe\n"), "flags.yaml"),
+    Case("yaml-unknown-key", "lora.py", yaml_file("lora_layers: 2\nbatch_sise: 4\n"), "flags.yaml"),
+    Case("yaml-missing-file", "lora.py",
+         lambda w, d: [*train(w, d), "--config", d / "no_flags.yaml"], "no_flags.yaml"),
+    Case("yaml-batch-size-zero", "lora.py",
+         yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: 0\n"), "--batch-size"),
+    Case("yaml-batch-size-not-a-number", "lora.py",
+         yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: four\n"), "--batch-size"),
+]
+
+
+# --- H. outputs ---------------------------------------------------------------------------------------------
+
+def under_a_file(w, d):
+    (d / "somefile.txt").write_text("a file, not a folder")
+    return train(w, d, "--adapter-file", d / "somefile.txt" / "adapters.safetensors")
+
+
+def read_only_folder(w, d):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (d / "ro").mkdir(mode=0o555)
+    return train(w, d, "--adapter-file", d / "ro" / "adapters.safetensors")
+
+
+def onto_model_weights(w, d):
+    """Training would write its adapters over the model's own weights."""
+    base = copy(w.model, d / "base")
+    return train(w, d, "--adapter-file", base / "model.safetensors", model=base)
+
+
+def convert_onto_a_file(w, d):
+    (d / "existing.txt").write_text("mine")
+    return ["--hf-path", w.model, "--mlx-path", d / "existing.txt"]
+
+
+def convert_into_itself(w, d):
+    source = copy(w.model, d / "src")
+    return ["--hf-path", source, "--mlx-path", source, "--force"]
+
+
+def convert_into_its_parent(w, d):
+    source = copy(w.model, d / "parent" / "src")
+    return ["--hf-path", source, "--mlx-path", d / "parent", "--force"]
+
+
+def fuse_into_the_model(w, d):
+    base = copy(w.model, d / "base")
+    return ["--model", base, "--adapter-file", w.adapters, "--save-path", base, "--force"]
+
+
+def fuse_into_the_adapters_folder(w, d):
+    folder = d / "ad"
+    folder.mkdir()
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        shutil.copy(w.trained() / name, folder)
+    return ["--model", w.model, "--adapter-file", folder / "adapters.safetensors", "--save-path", folder, "--force"]
+
+
+def gguf_onto_itself(w, d):
+    source = copy(w.gguf, d / "tiny.gguf")
+    return ["--model", source, "--adapter-file", w.adapters, "--export-gguf", source, "--force"]
+
+
+def peft_onto_itself(w, d):
+    source = copy(w.peft, d / "peft")
+    return ["--model", w.model, "--adapter-file", source, "--export-peft", source, "--force"]
+
+
+CASES += [
+    Case("out-adapter-file-under-a-file", "lora.py", under_a_file, "--adapter-file"),
+    Case("out-adapter-file-in-a-read-only-folder", "lora.py", read_only_folder, "--adapter-file"),
+    Case("out-adapter-file-wrong-extension", "lora.py",
+         lambda w, d: train(w, d, "--adapter-file", d / "adapters.txt"), "--adapter-file"),
+    Case("out-adapter-file-onto-the-model-weights", "lora.py", onto_model_weights, "--adapter-file"),
+    Case("out-convert-mlx-path-a-file", "convert.py", convert_onto_a_file, "--mlx-path"),
+    Case("out-convert-mlx-path-is-the-source-force", "convert.py", convert_into_itself, "--mlx-path"),
+    Case("out-convert-mlx-path-holds-the-source-force", "convert.py", convert_into_its_parent, "--mlx-path"),
+    Case("out-fuse-save-path-is-the-model-force", "fuse.py", fuse_into_the_model, "--save-path"),
+    Case("out-fuse-save-path-holds-the-adapters-force", "fuse.py", fuse_into_the_adapters_folder, "--save-path"),
+    Case("out-fuse-export-gguf-onto-the-source-force", "fuse.py", gguf_onto_itself, "--export-gguf"),
+    Case("out-fuse-export-peft-onto-the-adapters-force", "fuse.py", peft_onto_itself, "--export-peft"),
+]
+
+
+# --- the runner ---------------------------------------------------------------------------------------------
+
+def snapshot(*roots):
+    """{path: sha256} of every file under the roots, lock files (".*.lock") aside: they may come and go."""
+    files = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file() and not path.name.endswith(".lock"):
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def error_lines(stderr):
+    """stderr's lines, less tqdm's progress bars (each line as its last carriage return left it) and blanks."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in stderr.split("\n")]
+    return [line for line in lines if line and not ("|" in line and "it/s" in line or "%|" in line)]
+
+
+def compare(before, after):
+    changed = sorted(p for p in before.keys() & after.keys() if before[p] != after[p])
+    added, removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
+    return [f"{what}: {', '.join(paths)}" for what, paths in
+            (("changed", changed), ("added", added), ("removed", removed)) if paths]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, world, tmp_path):
+    d = tmp_path / "case"
+    d.mkdir()
+    flags = case.args(world, d)
+    before = snapshot(d, world.root)
+    start = time.perf_counter()
+    try:
+        result = script(case.script, *flags, cwd=d)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{case.script} hung (no exit in {TIMEOUT} s)")
+    took = time.perf_counter() - start
+    lines = error_lines(result.stderr)
+    problems = []
+    if result.returncode == 0:
+        problems.append("1: exit code 0")
+    if len(lines) != 1 or not lines[0].startswith(f"{case.script}: error: "):
+        problems.append(f"2: stderr is not one line '{case.script}: error: ...' ({len(lines)} lines)")
+    if "Traceback" in result.stdout + result.stderr:
+        problems.append("3: a traceback")
+    if not lines or case.expect not in lines[-1]:
+        problems.append(f"4: the error line does not name {case.expect!r}")
+    problems += [f"5: files {change}" for change in compare(before, snapshot(d, world.root))]
+    problems += [f"marker: {name} appeared" for name in case.never if (d / name).exists()]
+    assert not problems, (f"{case.script} exit {result.returncode} after {took:.1f} s\n" + "\n".join(problems)
+                          + "\n--- stderr (last lines) ---\n" + "\n".join(result.stderr.splitlines()[-8:]))
