@@ -29,86 +29,115 @@ PREFIX_BATCH_TOKENS = 8192  # positions frozen_prefix computes at once
 
 
 def build_parser():
-    p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning.")
-    p.add_argument("--model", default="mlx_model",
-                   help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
-    # Generation
-    p.add_argument("--max-tokens", "-m", type=utils.POSITIVE_INT, default=100, help="Tokens to generate.")
-    p.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
-    p.add_argument("--top-p", type=utils.TOP_P, default=1.0, help="Nucleus sampling: keep this probability mass.")
-    p.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
-    # Training
-    p.add_argument("--train", action="store_true", help="Train the adapters.")
-    p.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1, help="Append EOS to each example (0: don't).")
-    p.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
-    p.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"), default=2048, help="Longer examples are truncated.")
-    p.add_argument("--mask-prompt", action="store_true",
-                   help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
-    p.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
-                   help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
-                        "fine-tuning of every weight of the last --lora-layers layers.")
-    p.add_argument("--lora-layers", type=utils.POSITIVE_INT_OR_ALL, default=16, help="Adapt (or, with full, train) the last N layers (-1: all).")
-    p.add_argument("--lora-targets", nargs="+",
-                   help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
-                        "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
-                        "Phi-3: self_attn.qkv_proj). See --list-targets.")
-    p.add_argument("--list-targets", metavar="MODEL",
-                   help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
-    p.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
-    scale = p.add_mutually_exclusive_group()
+    p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning: --train, --test and/or --prompt.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="mlx_model",
+                       help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
+    model.add_argument("--list-targets", metavar="MODEL",
+                       help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
+    model.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
+                                        "train: true, ...); flags given on the command line win.")
+    model.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+    data.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
+                      default=2048, help="Longer examples are truncated.")
+    data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
+                      help="Append EOS to each example (0: don't).")
+    data.add_argument("--mask-prompt", action="store_true",
+                      help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
+    data.add_argument("--pack", action="store_true",
+                      help="Concatenate each batch's examples into one row, attention kept within each example: "
+                           "no padding.")
+    data.add_argument("--sort-by-length", action="store_true",
+                      help="Batch examples of similar lengths together (batches still come in random order): less "
+                           "padding.")
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--train", action="store_true", help="Train the adapters.")
+    lora.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
+                      help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
+                           "fine-tuning of every weight of the last --lora-layers layers.")
+    lora.add_argument("--lora-layers", type=utils.POSITIVE_INT_OR_ALL, default=16,
+                      help="Adapt (or, with full, train) the last N layers (-1: all).")
+    lora.add_argument("--lora-targets", nargs="+",
+                      help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
+                           "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
+                           "Phi-3: self_attn.qkv_proj). See --list-targets.")
+    lora.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
+    scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
-    p.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
-    p.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
-    p.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
-    p.add_argument("--val-batches", type=utils.flag_type(int, lambda v: v >= -1, "an integer of at least 0, or -1 for all"),
-                   default=25, help="Validation batches (-1: the whole set; 0: no validation, no valid.jsonl).")
-    p.add_argument("--learning-rate", type=utils.POSITIVE, default=1e-5, help="Peak learning rate.")
-    p.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="Adam, or AdamW (weight decay).")
-    p.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0, help="AdamW's decoupled weight decay.")
-    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
-                   help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a cosine.")
-    p.add_argument("--warmup", type=utils.NON_NEGATIVE_INT, default=0, help="Iterations of linear warmup from 0.")
-    p.add_argument("--grad-accumulation-steps", type=utils.POSITIVE_INT, default=1,
-                   help="Batches per update: the effective batch is this times --batch-size.")
-    p.add_argument("--max-grad-norm", type=utils.POSITIVE, help="Clip the gradient to this global L2 norm.")
-    p.add_argument("--pack", action="store_true",
-                   help="Concatenate each batch's examples into one row, attention kept within each example: "
-                        "no padding.")
-    p.add_argument("--sort-by-length", action="store_true",
-                   help="Batch examples of similar lengths together (batches still come in random order): less padding.")
-    p.add_argument("--cache-frozen-layers", action=argparse.BooleanOptionalAction, default=True,
-                   help="Compute what the frozen layers below the first trained one give each training and "
-                        "validation example once, rather than at every step of every epoch, if the run goes "
-                        "through the training set at least once and that takes under a tenth of the memory: the "
-                        "same results, faster (default: on).")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="Recompute each layer's activations in the backward pass instead of keeping them: less "
-                        "memory, more compute.")
-    p.add_argument("--steps-per-report", type=utils.POSITIVE_INT, default=10, help="Iterations between loss reports.")
-    p.add_argument("--steps-per-eval", type=utils.POSITIVE_INT, default=200, help="Iterations between validations.")
-    p.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
-    p.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
-                                          f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
-    p.add_argument("--save-every", type=utils.POSITIVE_INT, default=100,
-                   help="Save the adapters, and a checkpoint to resume from, every N iterations.")
-    p.add_argument("--keep-checkpoints", type=utils.NON_NEGATIVE_INT, default=3, help="Checkpoints to keep, the latest (0: all).")
-    p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="Continue a run exactly from a checkpoint folder (runs/N/step-M), with the run's flags.")
-    p.add_argument("--accept-flag-changes", action="store_true",
-                   help="With --resume: go on although flags that change the result differ from the checkpoint's.")
-    p.add_argument("--report-to", choices=("wandb", "tensorboard"),
-                   help="Also send the metrics to Weights & Biases or TensorBoard (its package installed).")
-    p.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
-    p.add_argument("--test-batches", type=utils.POSITIVE_INT_OR_ALL, default=500, help="Test batches (-1: the whole set).")
-    p.add_argument("--generate-eval", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
-                   help="With --test: generate the completions of the first N test examples (greedy) and report "
-                        "the exact-match accuracy.")
-    p.add_argument("--completion-marker", help='With --generate-eval on {"text"} examples: the completion is what '
-                                              'follows the last occurrence of this marker, e.g. "A: ".')
-    p.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
-    p.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
-                                    "train: true, ...); flags given on the command line win.")
+    lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
+    lora.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
+                                             f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
+    lora.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
+
+    optimisation = p.add_argument_group("optimisation")
+    optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
+    optimisation.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
+    optimisation.add_argument("--learning-rate", type=utils.POSITIVE, default=1e-5, help="Peak learning rate.")
+    optimisation.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+                              help="Adam, or AdamW (weight decay).")
+    optimisation.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0,
+                              help="AdamW's decoupled weight decay.")
+    optimisation.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                              help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a "
+                                   "cosine.")
+    optimisation.add_argument("--warmup", type=utils.NON_NEGATIVE_INT, default=0,
+                              help="Iterations of linear warmup from 0.")
+    optimisation.add_argument("--grad-accumulation-steps", type=utils.POSITIVE_INT, default=1,
+                              help="Batches per update: the effective batch is this times --batch-size.")
+    optimisation.add_argument("--max-grad-norm", type=utils.POSITIVE, help="Clip the gradient to this global L2 norm.")
+    optimisation.add_argument("--grad-checkpoint", action="store_true",
+                              help="Recompute each layer's activations in the backward pass instead of keeping "
+                                   "them: less memory, more compute.")
+    optimisation.add_argument("--cache-frozen-layers", action=argparse.BooleanOptionalAction, default=True,
+                              help="Compute what the frozen layers below the first trained one give each training "
+                                   "and validation example once, rather than at every step of every epoch, if the "
+                                   "run goes through the training set at least once and that takes under a tenth "
+                                   "of the memory: the same results, faster (default: on).")
+
+    checkpoints = p.add_argument_group("checkpoints and reports")
+    checkpoints.add_argument("--save-every", type=utils.POSITIVE_INT, default=100,
+                             help="Save the adapters, and a checkpoint to resume from, every N iterations.")
+    checkpoints.add_argument("--keep-checkpoints", type=utils.NON_NEGATIVE_INT, default=3,
+                             help="The run's checkpoints to keep, the latest (0: all).")
+    checkpoints.add_argument("--resume", metavar="CHECKPOINT",
+                             help="Continue a run exactly from a checkpoint folder (runs/N/step-M), with the run's "
+                                  "flags.")
+    checkpoints.add_argument("--accept-flag-changes", action="store_true",
+                             help="With --resume: go on although flags that change the result differ from the "
+                                  "checkpoint's.")
+    checkpoints.add_argument("--steps-per-report", type=utils.POSITIVE_INT, default=10,
+                             help="Iterations between loss reports.")
+    checkpoints.add_argument("--report-to", choices=("wandb", "tensorboard"),
+                             help="Also send the metrics to Weights & Biases or TensorBoard (its package installed).")
+
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument("--steps-per-eval", type=utils.POSITIVE_INT, default=200,
+                            help="Iterations between validations.")
+    evaluation.add_argument("--val-batches", type=utils.flag_type(int, lambda v: v >= -1,
+                                                                  "an integer of at least 0, or -1 for all"),
+                            default=25, help="Validation batches (-1: the whole set; 0: no validation, no "
+                                             "valid.jsonl).")
+    evaluation.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
+    evaluation.add_argument("--test-batches", type=utils.POSITIVE_INT_OR_ALL, default=500,
+                            help="Test batches (-1: the whole set).")
+    evaluation.add_argument("--generate-eval", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
+                            help="With --test: generate the completions of the first N test examples (greedy) and "
+                                 "report the exact-match accuracy.")
+    evaluation.add_argument("--completion-marker", help='With --generate-eval on {"text"} examples: the completion '
+                                                        'is what follows the last occurrence of this marker, e.g. '
+                                                        '"A: ".')
+
+    generation = p.add_argument_group("generation")
+    generation.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
+    generation.add_argument("--max-tokens", "-m", type=utils.POSITIVE_INT, default=100, help="Tokens to generate.")
+    generation.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
+    generation.add_argument("--top-p", type=utils.TOP_P, default=1.0,
+                            help="Nucleus sampling: keep this probability mass.")
     return p
 
 

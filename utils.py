@@ -31,20 +31,89 @@ if mx.cuda.is_available():
     os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "200")
 
 
+def blas_libraries() -> dict:
+    """{name: path} of the fast BLAS libraries here that can stand in, preloaded, for the reference BLAS that
+    MLX's Linux wheel links: Intel's MKL from its pip wheel (requirements.txt), Debian's OpenBLAS."""
+    import site
+
+    found = {}
+    mkl = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so.*"))
+                 + glob.glob(os.path.join(site.getuserbase(), "lib", "libmkl_rt.so.*")))
+    if mkl:
+        found["mkl"] = mkl[0]
+    openblas = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
+    if openblas:
+        found["openblas"] = openblas[0]
+    return found
+
+
+def cpu_info() -> tuple:
+    """(vendor, flags) of the processor, from /proc/cpuinfo."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
+
+
+# OpenBLAS's kernels for each x86 feature level, the best first. A build that does not know the processor
+# picks older ones (Debian 12's took a Sapphire Rapids for a Prescott: SSE3, a sixth of the speed): where it
+# picked one from before AVX2 on a processor that has it, it is told the right one.
+OPENBLAS_CORES = (("avx512_bf16", "Cooperlake"), ("avx512bw", "SkylakeX"), ("avx2", "Haswell"))
+OPENBLAS_AVX2_CORES = ("haswell", "zen", "skylakex", "cooperlake", "sapphirerapids")
+
+
+def blas_settings(name: str, library: str) -> dict:
+    """The environment a BLAS needs here: OpenBLAS the kernels of the processor's feature level where it would
+    pick older ones itself (unless OPENBLAS_CORETYPE is set)."""
+    if name != "openblas" or os.environ.get("OPENBLAS_CORETYPE"):
+        return {}
+    import ctypes
+
+    get_corename = ctypes.CDLL(library).openblas_get_corename
+    get_corename.restype = ctypes.c_char_p
+    _, flags = cpu_info()
+    best = next((core for flag, core in OPENBLAS_CORES if flag in flags), None)
+    return {"OPENBLAS_CORETYPE": best} if best and get_corename().decode().lower() not in OPENBLAS_AVX2_CORES else {}
+
+
+def preferred_blas(found: dict):
+    """The BLAS to preload of those found (LORA_BLAS=mkl|openblas|none chooses): on AMD processors OpenBLAS,
+    whose AVX-512 kernels run there at twice MKL's speed (MKL keeps its own for Intel's); elsewhere MKL, as
+    fast quiet and faster with other processes running (benchmarks/blas.py)."""
+    choice = os.environ.get("LORA_BLAS")
+    if choice:
+        return choice if choice in found else None
+    order = ("openblas", "mkl") if cpu_info()[0] == "AuthenticAMD" else ("mkl", "openblas")
+    return next((name for name in order if name in found), None)
+
+
 def cpu_environment():
     """On the Linux CPU, the environment to re-execute in, with two changes that each make training several
-    times faster: Debian's OpenBLAS preloaded (apt-get install libopenblas0-pthread), since MLX's wheel links
-    a reference BLAS (4-6 GFLOP/s for fp32 matmuls, against 90-200); and glibc's malloc told to keep freed
-    memory, since it otherwise maps and unmaps every large array, and page faults then cost more than the
-    arithmetic. None where there is nothing to change, or LORA_NO_OPENBLAS=1."""
-    if (sys.platform != "linux" or os.environ.get("LORA_NO_OPENBLAS") or mx.default_device() != mx.cpu
-            or "openblas" in os.environ.get("LD_PRELOAD", "")):
+    times faster: a fast BLAS preloaded (preferred_blas), since MLX's wheel links a reference BLAS that runs
+    fp32 products at a few GFLOP/s, against hundreds; and glibc's malloc told to keep freed memory, since it
+    otherwise maps and unmaps every large array, and page faults then cost more than the arithmetic. None
+    where there is nothing to change (it is in force already). Without a fast BLAS, one warning with the fix."""
+    if sys.platform != "linux" or mx.default_device() != mx.cpu or "LORA_CPU_ENVIRONMENT" in os.environ:
         return None
-    found = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3")
-    if not found:
-        return None
-    return dict(os.environ, LD_PRELOAD=" ".join(filter(None, [found[0], os.environ.get("LD_PRELOAD")])),
-                MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+    found = blas_libraries()
+    name = preferred_blas(found)
+    env = dict(os.environ, LORA_CPU_ENVIRONMENT=name or "bundled", MALLOC_MMAP_MAX_="0",
+               MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+    # A core is left to the rest of the step (MLX's elementwise work, one thread) and to other processes: with
+    # every core in the BLAS, one busy process elsewhere halves training, as the BLAS's threads wait for the
+    # one it has preempted; without one, a quiet machine loses a little.
+    if not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+        threads = str(max(1, len(os.sched_getaffinity(0)) - 1))
+        env.update(OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if name is None:
+        if os.environ.get("LORA_BLAS") != "none":
+            print("[WARNING] No fast BLAS found: MLX's own runs the CPU's products at a few GFLOP/s, and training "
+                  "is tens of times slower. pip install mkl (or apt-get install libopenblas0-pthread).", flush=True)
+        return env
+    return dict(env, LD_PRELOAD=" ".join(filter(None, [found[name], os.environ.get("LD_PRELOAD")])),
+                **blas_settings(name, found[name]))
 
 
 def reexec_in_cpu_environment():
