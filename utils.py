@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -101,11 +102,11 @@ def cpu_environment():
     name = preferred_blas(found)
     env = dict(os.environ, LORA_CPU_ENVIRONMENT=name or "bundled", MALLOC_MMAP_MAX_="0",
                MALLOC_TRIM_THRESHOLD_=str(1 << 40))
-    # A core is left to the rest of the step (MLX's elementwise work, one thread) and to other processes: with
-    # every core in the BLAS, one busy process elsewhere halves training, as the BLAS's threads wait for the
-    # one it has preempted; without one, a quiet machine loses a little.
+    # The BLAS gets the cores that other processes leave idle: a thread on a core that another process keeps
+    # busy is preempted, and the BLAS's other threads wait for it (beside one busy process, two threads on two
+    # cores trained at under half the speed of one thread)
     if not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
-        threads = str(max(1, len(os.sched_getaffinity(0)) - 1))
+        threads = str(idle_cores())
         env.update(OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     if name is None:
         if os.environ.get("LORA_BLAS") != "none":
@@ -114,6 +115,21 @@ def cpu_environment():
         return env
     return dict(env, LD_PRELOAD=" ".join(filter(None, [found[name], os.environ.get("LD_PRELOAD")])),
                 **blas_settings(name, found[name]))
+
+
+def idle_cores(seconds=0.2) -> int:
+    """The cores this process may use that other processes leave idle, over a moment (/proc/stat); at least 1."""
+    def sample():  # the jiffies of all cores: in total, and idle or waiting for I/O
+        jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(jiffies), jiffies[3] + jiffies[4]
+
+    cores = len(os.sched_getaffinity(0))
+    try:
+        (total, idle), _, (total_after, idle_after) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return cores
+    idle_share = (idle_after - idle) / max(total_after - total, 1)
+    return max(1, min(cores, round(idle_share * (os.cpu_count() or cores))))
 
 
 def reexec_in_cpu_environment():
