@@ -84,6 +84,8 @@ def preferred_blas(found: dict):
     whose AVX-512 kernels run there at twice MKL's speed (MKL keeps its own for Intel's); elsewhere MKL, as
     fast quiet and faster with other processes running (benchmarks/blas.py)."""
     choice = os.environ.get("LORA_BLAS")
+    if choice and choice not in found and choice != "none":
+        print(f"[WARNING] LORA_BLAS={choice}: no such BLAS here (found: {', '.join(found) or 'none'}).", flush=True)
     if choice:
         return choice if choice in found else None
     order = ("openblas", "mkl") if cpu_info()[0] == "AuthenticAMD" else ("mkl", "openblas")
@@ -109,7 +111,7 @@ def cpu_environment():
         threads = str(idle_cores())
         env.update(OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     if name is None:
-        if os.environ.get("LORA_BLAS") != "none":
+        if not found:
             print("[WARNING] No fast BLAS found: MLX's own runs the CPU's products at a few GFLOP/s, and training "
                   "is tens of times slower. pip install mkl (or apt-get install libopenblas0-pthread).", flush=True)
         return env

@@ -222,6 +222,12 @@ FLAGS = [
     ("add-eos-token-two", train, "--add-eos-token", 2, False),
     ("unknown-flag", train, "--lora-rnk", 4, True),
 ]
+# flags that are wrong together
+CASES_TOGETHER = [
+    ("accept-flag-changes-without-resume", ["--accept-flag-changes"], "--accept-flag-changes"),
+    ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
+    ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
+]
 # what else the flag needs, so that its value is the only fault
 NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "]}
 
@@ -243,6 +249,8 @@ def flag_case(name, mode, flag, value, missing):
 
 
 CASES = [flag_case(*row) for row in FLAGS] + [
+    Case(f"flags-{name}", "lora.py", lambda w, d, more=more: train(w, d, *more, model=nowhere(d)), expect)
+    for name, more, expect in CASES_TOGETHER] + [
     Case("flag-convert-max-shard-size-zero", "convert.py",
          lambda w, d: ["--hf-path", w.model, "--mlx-path", d / "out", "--max-shard-size", 0], "--max-shard-size"),
     Case("flag-convert-max-shard-size-negative", "convert.py",

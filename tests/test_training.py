@@ -65,6 +65,17 @@ def test_clipping_and_weight_decay(tiny_llama, data_dir, tmp_path, capsys):
         run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--weight-decay", 0.1)
 
 
+def test_no_validation(tiny_llama, data_dir, tmp_path, capsys):
+    """--val-batches 0 trains without valid.jsonl and validates nothing; validation needs the file."""
+    (data_dir / "valid.jsonl").unlink()
+    flags = ["--iters", 4, "--learning-rate", 1e-2, "--cache-frozen-layers"]
+    silent, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "a.safetensors", *flags, "--val-batches", 0)
+    assert "Val loss" not in out and "Iter 4: Train loss" in out
+    assert not any("val_loss" in r for r in lora.read_metrics(tmp_path / "runs" / "1" / "metrics.jsonl"))
+    with pytest.raises(UserError, match="valid.jsonl: no such file"):
+        adapters_after(capsys, tiny_llama, data_dir, tmp_path / "b.safetensors", *flags)
+
+
 def test_config_file(tiny_llama, data_dir, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny_llama}\ndata: {data_dir}\ntrain: true\niters: 4\nlora-layers: 2\n"
