@@ -59,3 +59,29 @@ def test_sampling():
     assert set(nucleus) == {1, 2}  # 0.6 + 0.3 reach 0.8; the tail is never drawn
     everything = [utils.sample(logits, temp=1.0, top_p=1.0).item() for _ in range(400)]
     assert set(everything) == {0, 1, 2, 3}
+
+
+def test_blas_choice(monkeypatch):
+    """OpenBLAS on AMD processors, MKL elsewhere; OpenBLAS told the processor's kernels where it would pick
+    ones from before AVX2 (as Debian 12's did on a Sapphire Rapids), left alone where it picks right or
+    OPENBLAS_CORETYPE is set."""
+    import ctypes
+
+    found = {"mkl": "libmkl_rt.so.3", "openblas": "libblas.so.3"}
+    monkeypatch.delenv("LORA_BLAS", raising=False)
+    for vendor, flags, picked, blas, settings in [
+            ("GenuineIntel", {"avx2", "avx512bw"}, "Prescott", "mkl", {"OPENBLAS_CORETYPE": "SkylakeX"}),
+            ("AuthenticAMD", {"avx2", "avx512bw", "avx512_bf16"}, "Cooperlake", "openblas", {}),
+            ("AuthenticAMD", {"avx2"}, "Nehalem", "openblas", {"OPENBLAS_CORETYPE": "Haswell"}),
+            ("GenuineIntel", {"sse3"}, "Prescott", "mkl", {})]:
+        monkeypatch.setattr(utils, "cpu_info", lambda: (vendor, flags))
+        monkeypatch.setattr(ctypes, "CDLL", lambda path: type("Lib", (), {
+            "openblas_get_corename": type("Fn", (), {"__call__": lambda self: picked.encode()})()})())
+        monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+        assert utils.preferred_blas(found) == blas
+        assert utils.blas_settings("openblas", found["openblas"]) == settings
+        monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+        assert utils.blas_settings("openblas", found["openblas"]) == {}
+    assert utils.preferred_blas({"openblas": "libblas.so.3"}) == "openblas"
+    monkeypatch.setenv("LORA_BLAS", "none")
+    assert utils.preferred_blas(found) is None
