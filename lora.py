@@ -209,24 +209,7 @@ def load_dataset(data_dir, split, mask_prompt=False):
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     examples, lines, first = [], [], None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
-    for number, line in enumerate(data.splitlines(), 1):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+    for number, record in utils.read_jsonl(path):
         kind = example_format(record)
         if kind is None:
             raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
@@ -680,11 +663,7 @@ def load_checkpoint(path, model, optimizer):
 def read_metrics(path: Path) -> list:
     """The records of a metrics.jsonl file."""
     records = []
-    for number, line in enumerate(utils.read_text(path).splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, record in utils.read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
             raise UserError(f"{path}:{number}: not a record of an iteration")
         records.append(record)

@@ -134,10 +134,11 @@ def idle_cores(seconds=0.2) -> int:
     return max(1, min(cores, round(idle_share * (os.cpu_count() or cores))))
 
 
-def reexec_in_cpu_environment():
-    """Re-execute this process in cpu_environment(), where it has changes to make."""
+def reexec_in_cpu_environment(before=lambda: None):
+    """Re-execute this process in cpu_environment(), where it has changes to make (calling before() first)."""
     env = cpu_environment()
     if env is not None:
+        before()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
@@ -334,6 +335,27 @@ def read_json(path) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object, not {type(value).__name__}")
     return value
+
+
+def read_jsonl(path) -> list:
+    """(line number, JSON value) of each line of a .jsonl file that is not blank; an error names the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    values = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            line = line.decode("utf-8")
+            if line.strip():
+                values.append((number, json.loads(line)))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+    return values
 
 
 def read_arrays(path, return_metadata=False):

@@ -24,10 +24,8 @@ import utils  # noqa: E402
 
 
 def pytest_configure(config):
-    """Re-execute pytest in the environment the scripts use (OpenBLAS), once its output capture is undone."""
-    if utils.cpu_environment() is not None:
-        config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
-        utils.reexec_in_cpu_environment()
+    """Re-execute pytest in the environment the scripts use (a fast BLAS), once its output capture is undone."""
+    utils.reexec_in_cpu_environment(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
 
 # On a GPU, MLX runs fp32 matrix products as TF32 (10-bit mantissa): parity there is to about 1e-3 relative,
 # and Gemma's logits (embeddings times sqrt(hidden_size)) reach 0.012 off.
