@@ -110,7 +110,8 @@ def convert(args):
 
 
 def write_converted(args, out):
-    api = utils.hub_client(args.upload_name) if args.upload_name else None
+    with utils.naming_flag("--upload-name"):
+        api = utils.hub_client(args.upload_name) if args.upload_name else None
     config, weights, tokenizer = utils.read_checkpoint(args.hf_path, "--hf-path")
     if args.dtype is None:
         own = config.get("dtype") or config.get("torch_dtype")
@@ -136,8 +137,10 @@ def write_converted(args, out):
               flush=True)
 
     if api is not None:
-        utils.upload(api, out, args.upload_name, f"converted from {args.hf_path}")
+        with utils.naming_flag("--upload-name"):
+            utils.upload(api, out, args.upload_name, f"converted from {args.hf_path}")
 
 
 if __name__ == "__main__":
+    utils.set_up_process()
     utils.run_main("convert.py", lambda: convert(build_parser().parse_args()))

@@ -63,8 +63,10 @@ def fuse(args):
 
 
 def write_fused(args, out):
-    api = utils.hub_client(args.upload_name) if args.upload_name else None
-    adapters = utils.read_adapters(args.adapter_file)
+    with utils.naming_flag("--upload-name"):
+        api = utils.hub_client(args.upload_name) if args.upload_name else None
+    with utils.naming_flag("--adapter-file"):
+        adapters = utils.read_adapters(args.adapter_file)
     if args.export_peft and adapters.fine_tune_type == "full":
         raise UserError(f"--export-peft: {args.adapter_file} holds fully fine-tuned weights (fine_tune_type "
                         f"\"full\"), not adapters PEFT can hold; fuse them with --save-path instead")
@@ -72,16 +74,17 @@ def write_fused(args, out):
     model, tokenizer, config = utils.load(args.model)
     model.freeze()
     if args.export_gguf:
-        utils.gguf_vocabulary(model.args, tokenizer)
-    utils.apply_adapters(model, *adapters, args.adapter_file)
+        with utils.naming_flag("--export-gguf"):
+            utils.gguf_vocabulary(model.args, tokenizer)
+    utils.apply_adapters(model, adapters, args.adapter_file)
     base = args.hf_path or args.model
     if args.export_peft:
-        utils.save_peft(args.export_peft, model, base)
+        utils.save_peft(args.export_peft, model, base, adapters.config)
         print(f"Wrote the adapters as a PEFT folder to {args.export_peft}", flush=True)
     if out is None and not args.export_gguf:
         return
 
-    model.update_modules(tree_unflatten([(path, m.to_linear()) for path, m in utils.lora_layers(model).items()]))
+    model.update_modules(tree_unflatten([(path, m.to_linear()) for path, m in models.lora_layers(model).items()]))
     if args.de_quantize:
         models.dequantize(model, mx.float16)
     quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
@@ -102,8 +105,10 @@ def write_fused(args, out):
         utils.write_gguf(args.export_gguf, model, tokenizer)
         print(f"Wrote the fused model as GGUF to {args.export_gguf}", flush=True)
     if api is not None:
-        utils.upload(api, out, args.upload_name, f"{base} with {FUSED[adapters.fine_tune_type]} fused in")
+        with utils.naming_flag("--upload-name"):
+            utils.upload(api, out, args.upload_name, f"{base} with {FUSED[adapters.fine_tune_type]} fused in")
 
 
 if __name__ == "__main__":
+    utils.set_up_process()
     utils.run_main("fuse.py", lambda: fuse(build_parser().parse_args()))

@@ -1,7 +1,6 @@
 """LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -10,7 +9,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +24,9 @@ from utils import UserError
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 PREFIX_BATCH_TOKENS = 8192  # positions frozen_prefix computes at once
+
+
+# Arguments
 
 
 def build_parser():
@@ -174,6 +175,47 @@ def parse_args(argv=None):
     return args
 
 
+def check_flags(args):
+    """Errors in how the flags go together, before any data or model is read (each flag's own range is its
+    argparse type's)."""
+    if args.list_targets:
+        return
+    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
+    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
+        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
+                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
+    if args.train and Path(args.model).exists() and utils.is_within(adapter_file, Path(args.model)):
+        raise UserError(f"--adapter-file {adapter_file}: is inside --model {args.model}, which training must not "
+                        f"write into; save the adapters elsewhere")
+    if args.weight_decay and args.optimizer != "adamw":
+        raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
+    if not (args.train or args.test or args.prompt is not None):
+        raise UserError("nothing to do: give --train, --test and/or --prompt")
+    if args.generate_eval and not args.test:
+        raise UserError("--generate-eval evaluates the test set: give --test too")
+    if args.resume and args.resume_adapter_file:
+        raise UserError("--resume continues a checkpoint's whole state: leave out --resume-adapter-file")
+    if args.resume and not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such checkpoint folder")
+    if args.accept_flag_changes and not args.resume:
+        raise UserError("--accept-flag-changes goes with --resume")
+    if args.report_to:
+        package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
+        try:
+            __import__(package)
+        except ImportError:
+            raise UserError(f"--report-to {args.report_to}: the {package} package is not installed "
+                            f"(pip install {package})") from None
+
+
+def lora_scale(flags: dict) -> float:
+    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
+    return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
+
+
+# Data
+
+
 def example_format(record):
     """"text", "completion" ({"prompt", "completion"}) or "chat" ({"messages"[, "tools"]}); None if neither."""
     if not isinstance(record, dict):
@@ -275,6 +317,9 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     return kept
 
 
+# Batches
+
+
 def batch_order(dataset, batch_size, train, seed, epoch, sort):
     """The examples of each batch, in the order batches come. Training shuffles each epoch (the order depends
     on the seed and the epoch alone, so that a resumed run sees the batches the whole run would have) and
@@ -294,51 +339,27 @@ def batch_order(dataset, batch_size, train, seed, epoch, sort):
 
 
 def make_batch(rows, pack, by_example=None):
-    """(inputs, targets, mask) for rows of (tokens, first scored target[, first state]); mask says which targets
-    count. With a third item (frozen_prefix), inputs are the positions' rows in a FrozenPrefix, not tokens.
-
-    With pack, the rows are concatenated into one, ending with padding, and a fourth item says where each
-    example is, for attention to stay within it (models.attention_mask). On a GPU it gives each position its
-    example (-1: padding), for a mask over the packed row. On the CPU (or by_example) attention over the
-    packed row costs more than the padding saves (with the mask, packing gained nothing over unpacked rows;
-    products on the packed row and attention on the examples' own rows: 300 tokens/s against 275), so it is
-    (slots, order): each example's positions in the packed row, one example a row (padded), and each
-    position's place in those rows, read row after row. Each layout's padding is mapped onto the other's,
-    so that each undoes the other wherever a gradient flows (models.permuted).
-
-    Rows are padded to a multiple of 8 tokens, a packed row to a multiple of 64 on a GPU, 16 on the CPU:
-    each new shape is compiled anew, which takes 0.1-0.3 s on an H100 (against steps of 25 ms) and 0.15 s
-    on the CPU (against 1.2 s)."""
-    by_example = mx.default_device() == mx.cpu if by_example is None else by_example
+    """(inputs, targets, scored[, packing]) for rows of (tokens, first scored target[, first state]): scored
+    says which targets count. With a first state (frozen_layers_cached), the inputs are the positions' rows in
+    the model's frozen_prefix, not tokens. With pack, the rows are concatenated into one and `packing` says
+    where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens: each new shape
+    is compiled anew."""
     pairs = []
     for tokens, start, *first_state in rows:
         inputs = np.arange(first_state[0], first_state[0] + len(tokens) - 1) if first_state else tokens[:-1]
         pairs.append((inputs, tokens[1:], np.arange(len(tokens) - 1) >= start))
-    lengths = np.array([len(inputs) for inputs, _, _ in pairs])
+    lengths = [len(inputs) for inputs, _, _ in pairs]
     if pack:
+        width, packing = models.packed_layout(lengths, by_example)
         pairs = [tuple(np.concatenate(parts) for parts in zip(*pairs))]
-        multiple = 16 if by_example else 64
-        width = -(-(lengths.sum() + 1) // multiple) * multiple
     else:
-        width = -(-lengths.max() // 8) * 8
-    inputs, targets, mask = np.zeros((3, len(pairs), width), np.int32)
+        width = -(-max(lengths) // 8) * 8
+    inputs, targets, scored = np.zeros((3, len(pairs), width), np.int32)
     for k, row in enumerate(pairs):
-        for array, values in zip((inputs, targets, mask), row):
+        for array, values in zip((inputs, targets, scored), row):
             array[k, :len(values)] = values
-    batch = (mx.array(inputs), mx.array(targets), mx.array(mask.astype(bool)))
-    if not pack:
-        return batch
-    if not by_example:
-        examples = np.full(width, -1, np.int32)
-        examples[:lengths.sum()] = np.repeat(np.arange(len(lengths)), lengths)
-        return (*batch, mx.array(examples[None]))
-    longest = -(-(lengths.max() + 1) // 8) * 8
-    slots = np.full((len(lengths), longest), width - 1, np.int32)
-    order = np.full(width, lengths.argmax() * longest + longest - 1, np.int32)
-    for k, (first, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
-        slots[k, :n] = np.arange(first, first + n)
-        order[first:first + n] = np.arange(k * longest, k * longest + n)
-    return (*batch, (mx.array(slots), mx.array(order)))
+    batch = (mx.array(inputs), mx.array(targets), mx.array(scored.astype(bool)))
+    return (*batch, packing) if pack else batch
 
 
 def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False):
@@ -353,11 +374,7 @@ def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=Fals
         epoch, skip = epoch + 1, 0
 
 
-class FrozenPrefix(NamedTuple):
-    """The hidden states entering the first trained layer at every input position of a set of examples, one row
-    a position: what the frozen layers below it compute, computed once instead of at every step."""
-    layer: int
-    states: mx.array
+# The frozen layers below the trained ones, computed once
 
 
 def first_trained_layer(model):
@@ -374,9 +391,9 @@ def memory_size():
 
 
 def frozen_prefix(model, datasets):
-    """(FrozenPrefix, datasets) where the frozen layers below the first trained one are some and their output
-    for every example of `datasets` takes under a tenth of the device's memory, the datasets' rows then each
-    with its first row of the prefix's states (make_batch); else (None, datasets)."""
+    """(models.FrozenPrefix, datasets) where the frozen layers below the first trained one are some and their
+    output for every example of `datasets` takes under a tenth of the device's memory, the datasets' rows then
+    each with its first row of the prefix's states (make_batch); else (None, datasets)."""
     layer, rows = first_trained_layer(model), [row for dataset in datasets for row in dataset]
     lengths = np.array([len(tokens) - 1 for tokens, _ in rows])
     size = lengths.sum() * model.args.hidden_size * model.model[model.args.final_norm].weight.dtype.size
@@ -413,7 +430,7 @@ def frozen_prefix(model, datasets):
     states = mx.concatenate(pieces)
     mx.eval(states)
     firsts = iter(np.cumsum(lengths) - lengths)
-    return FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+    return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
 
 
 def release_frozen_weights(model, layer):
@@ -430,55 +447,60 @@ def release_frozen_weights(model, layer):
     return names
 
 
-def cache_frozen_layers(model, datasets, args, iterations):
-    """(FrozenPrefix or None, datasets, names of the released weights): the frozen layers computed once
-    (frozen_prefix) and their weights released (release_frozen_weights), if --cache-frozen-layers and a run
-    of `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would
-    compute more than its steps save."""
-    if not args.cache_frozen_layers or iterations * args.batch_size * args.grad_accumulation_steps < len(datasets[0]):
-        return None, datasets, []
-    prefix, datasets = frozen_prefix(model, datasets)
-    return prefix, datasets, release_frozen_weights(model, prefix.layer) if prefix else []
+@contextlib.contextmanager
+def frozen_layers_cached(model, datasets, args, iterations, source):
+    """Inside, the frozen layers below the first trained one are computed once for every example of `datasets`
+    (frozen_prefix), the model holds their output (Model.frozen_prefix) and the weights only they use are
+    released (release_frozen_weights); it gives the datasets, their rows reading that output. On the way out,
+    however it is left, the weights are read back from `source` (the model's checkpoint; None leaves them
+    released, for a caller done with the model). Done if --cache-frozen-layers and a run of
+    `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would compute
+    more than its steps save; else it gives the datasets as they are."""
+    prefix = None
+    if args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= len(datasets[0]):
+        prefix, datasets = frozen_prefix(model, datasets)
+    if prefix is None:
+        yield datasets
+        return
+    released = release_frozen_weights(model, prefix.layer)
+    model.frozen_prefix = prefix
+    try:
+        yield datasets
+    finally:
+        model.frozen_prefix = None
+        if source is not None:
+            utils.reload_weights(model, source, released)
 
 
-def token_loss_sum(model, targets, mask, checkpoint):
+# Loss
+
+
+def token_loss_sum(model, targets, scored, checkpoint):
     """f(hidden states): the summed cross-entropy of these targets that count, from float32 logits; if
     checkpoint, the logits are computed again in the backward pass rather than kept."""
     def loss_sum(h):
         logits = model.logits(h).astype(mx.float32)
         token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return (token_losses * mask).sum()
+        return (token_losses * scored).sum()
 
     return mx.checkpoint(loss_sum) if checkpoint else loss_sum
 
 
-def loss_fn(model, inputs, targets, mask, segments=None, prefix=None):
-    """Mean cross-entropy over the targets that count (not padding, not a masked prompt), and their count.
-    With a FrozenPrefix, inputs are rows of its states (make_batch). The logits (batch x length x vocabulary,
-    in float32) never exist whole: LOSS_CHUNK rows at a time."""
-    if prefix is None:
-        h = model.hidden_states(inputs, segments=segments)
-    else:
-        h = model.hidden_states(prefix.states[inputs], segments=segments, first_layer=prefix.layer)
-    h, targets, mask = h.reshape(-1, h.shape[-1]), targets.reshape(-1), mask.reshape(-1)
+def loss_fn(model, inputs, targets, scored, packing=None):
+    """Mean cross-entropy over the targets that count (scored: not padding, not a masked prompt), and their
+    count. The logits (batch x length x vocabulary, in float32) never exist whole: LOSS_CHUNK rows at a time."""
+    h = model.hidden_states(inputs, packing=packing)
+    h, targets, scored = h.reshape(-1, h.shape[-1]), targets.reshape(-1), scored.reshape(-1)
     chunks = range(0, h.shape[0], LOSS_CHUNK)
     # the last chunk's logits are kept, not computed again: one chunk's memory more, and a batch of one
-    # chunk (WikiSQL's of 4 are) computes its logits once
-    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], mask[i:i + LOSS_CHUNK], i != chunks[-1])(
+    # chunk computes its logits once
+    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], scored[i:i + LOSS_CHUNK], i != chunks[-1])(
         h[i:i + LOSS_CHUNK]) for i in chunks)
-    ntoks = mask.sum()
+    ntoks = scored.sum()
     return total / ntoks, ntoks
 
 
-def evaluate(model, dataset, batch_size, num_batches, prefix=None):
-    total, ntoks = mx.array(0.0), mx.array(0)
-    for n, batch in enumerate(iterate_batches(dataset, batch_size)):
-        if n == num_batches:
-            break
-        loss, count = loss_fn(model, *batch, prefix=prefix)
-        total, ntoks = total + loss * count, ntoks + count
-        mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
-    return (total / ntoks).item()
+# Step
 
 
 def learning_rate_schedule(args):
@@ -497,12 +519,12 @@ def build_optimizer(args):
     return optim.Adam(learning_rate=learning_rate_schedule(args))
 
 
-def make_step(model, optimizer, args, compiled=True, prefix=None):
+def make_step(model, optimizer, args, compiled=True):
     """step(batches) -> (loss, tokens), arrays: one update on the token-weighted mean gradient of
-    --grad-accumulation-steps batches (of a FrozenPrefix's rows if given), its model and optimizer state
+    --grad-accumulation-steps batches, its model and optimizer state
     being evaluated (mx.async_eval: the call returns before the device is done); compiled unless told not to
     (or the model has experts)."""
-    loss_and_grad = nn.value_and_grad(model, functools.partial(loss_fn, prefix=prefix))
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
     def gradient(*batch):
@@ -543,8 +565,8 @@ def make_step(model, optimizer, args, compiled=True, prefix=None):
 def pipelined(launch, iterations, synced=lambda it: False):
     """(it, latest, values) for each iteration: launch(it) starts a step (make_step) and gives its arrays,
     values are them read as numbers. A step's values are read once the next step is launched, so that the
-    device has work queued while the host launches the next (on an H100, launching a step of 384 tokens
-    takes about as long as running it: 14.3k -> 17.6k tokens/s). latest says no later step was launched.
+    device has work queued while the host launches the next (on a GPU, launching a small step takes about as
+    long as running it). latest says no later step was launched.
     After a step where synced(it) the next one waits, as evaluating and saving need the model as that step
     left it."""
     def read(launched, latest):
@@ -561,6 +583,128 @@ def pipelined(launch, iterations, synced=lambda it: False):
             pending = None
     if pending:
         yield read(pending, True)
+
+
+# Training
+
+
+def set_up_training(model, args, scale):
+    """Make the model's trainable part (adapters or, with --fine-tune-type full, whole layers); the
+    adapter_config.json that describes it."""
+    kind, params = args.fine_tune_type, {"rank": args.lora_rank, "scale": scale, "dropout": args.lora_dropout}
+    if args.resume_adapter_file:
+        print(f"Resuming from {args.resume_adapter_file}", flush=True)
+        with utils.naming_flag("--resume-adapter-file"):
+            adapters = utils.read_adapters(args.resume_adapter_file, scale)
+            utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout)
+        kind = adapters.fine_tune_type
+        params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
+    elif kind == "full":
+        with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
+            trained = models.last_layers(model, args.lora_layers)
+        if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
+            raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
+                            "(QLoRA), or convert it without -q")
+        for layer in trained:
+            layer.unfreeze()
+    else:
+        with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
+            models.last_layers(model, args.lora_layers)
+        with utils.naming_flag("--lora-targets"):
+            models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
+                                         args.lora_layers, **params, dora=kind == "dora")
+    layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
+    config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
+    if kind == "full":
+        return config
+    keys = sorted({path.split(".", 3)[3] for path in models.lora_layers(model)})
+    return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
+                                          "dropout": params["dropout"], "keys": keys}}
+
+
+def train(model, train_set, valid_set, args, adapter_file, adapter_config):
+    """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
+    checkpoint and raise KeyboardInterrupt."""
+    optimizer = build_optimizer(args)
+    first = load_checkpoint(args.resume, model, optimizer) + 1 if args.resume else 1
+    kept = resumed_metrics(args, first - 1)
+    folder = new_run_folder(adapter_file.parent / "runs")
+    say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
+        + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
+    if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
+        valid_set = valid_set[:args.val_batches * args.batch_size]
+    iterations = args.iters - first + 1
+    with frozen_layers_cached(model, [train_set, valid_set], args, iterations, args.model) as (train_set, valid_set):
+        step = make_step(model, optimizer, args)
+        metrics_path, saved = folder / "metrics.jsonl", []
+        log = metrics_log(metrics_path, kept, args)
+        batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
+                                  start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length)
+        interrupted, checkpoint = [], None
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        losses, ntokens, total_tokens = [], 0, 0
+        tic = start = time.perf_counter()
+        bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None, unit="it",
+                   dynamic_ncols=True)
+
+        def launch(it):
+            mx.random.seed((args.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
+            return (*step(batches), optimizer.learning_rate)
+
+        def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
+            return args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0)
+
+        def saves(it):
+            return it % args.save_every == 0 or it == args.iters
+
+        try:
+            for it, latest, (loss, ntoks, learning_rate) in pipelined(
+                    launch, bar, lambda it: evaluates(it) or saves(it) or interrupted):
+                if not math.isfinite(loss):
+                    diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
+                losses.append(loss)
+                ntokens += ntoks
+                if it % args.steps_per_report == 0 or it == args.iters:
+                    now = time.perf_counter()
+                    total_tokens += ntokens
+                    record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
+                              "iterations_per_second": len(losses) / (now - tic),
+                              "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
+                              "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                    log(record)
+                    say(f"Iter {it}: Train loss {record['train_loss']:.3f}, "
+                        f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, Trained tokens {total_tokens}, "
+                        f"Learning rate {record['learning_rate']:.2e}, Peak mem {record['peak_memory_gb']:.2f} GB, "
+                        f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
+                    bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
+                                        f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
+                    losses, ntokens, tic = [], 0, time.perf_counter()
+                if evaluates(it):
+                    model.eval()
+                    val_start = time.perf_counter()
+                    val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+                    model.train()
+                    val_time = time.perf_counter() - val_start
+                    log({"iteration": it, "val_loss": val_loss, "val_time": val_time})
+                    say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
+                    tic += val_time  # keep validation out of the training speed
+                    start += val_time
+                stop = interrupted and latest  # Ctrl-C: stop at the step the model is at
+                if saves(it) or stop:
+                    # the update after a finite loss can still overflow: never save weights that are not finite
+                    if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+                        diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
+                    utils.save_adapters(adapter_file, model, adapter_config)
+                    checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
+                    say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
+                if stop:
+                    say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous_handler)
+            log.close()
+            plot_losses(metrics_path, folder / "loss.png")
 
 
 def new_run_folder(runs: Path) -> Path:
@@ -737,93 +881,6 @@ def say(line):
     sys.stdout.flush()
 
 
-def train(model, train_set, valid_set, args, adapter_file, adapter_config):
-    """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
-    checkpoint and raise KeyboardInterrupt. Returns the names of the frozen weights released while training
-    (release_frozen_weights)."""
-    optimizer = build_optimizer(args)
-    first = load_checkpoint(args.resume, model, optimizer) + 1 if args.resume else 1
-    kept = resumed_metrics(args, first - 1)
-    folder = new_run_folder(adapter_file.parent / "runs")
-    metrics_path, saved = folder / "metrics.jsonl", []
-    say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
-        + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
-    if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
-        valid_set = valid_set[:args.val_batches * args.batch_size]
-    prefix, (train_set, valid_set), released = cache_frozen_layers(model, [train_set, valid_set], args,
-                                                                   args.iters - first + 1)
-    step = make_step(model, optimizer, args, prefix=prefix)
-    log = metrics_log(metrics_path, kept, args)
-    batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed,
-                              start=(first - 1) * args.grad_accumulation_steps, pack=args.pack, sort=args.sort_by_length)
-    interrupted, checkpoint = [], None
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    losses, ntokens, total_tokens = [], 0, 0
-    tic = start = time.perf_counter()
-    bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None, unit="it",
-               dynamic_ncols=True)
-
-    def launch(it):
-        mx.random.seed((args.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
-        return (*step(batches), optimizer.learning_rate)
-
-    def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
-        return args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0)
-
-    def saves(it):
-        return it % args.save_every == 0 or it == args.iters
-
-    try:
-        for it, latest, (loss, ntoks, learning_rate) in pipelined(
-                launch, bar, lambda it: evaluates(it) or saves(it) or interrupted):
-            if not math.isfinite(loss):
-                diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
-            losses.append(loss)
-            ntokens += ntoks
-            if it % args.steps_per_report == 0 or it == args.iters:
-                now = time.perf_counter()
-                total_tokens += ntokens
-                record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
-                          "iterations_per_second": len(losses) / (now - tic),
-                          "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
-                          "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                log(record)
-                say(f"Iter {it}: Train loss {record['train_loss']:.3f}, It/sec {record['iterations_per_second']:.3f}, "
-                    f"Tokens/sec {record['tokens_per_second']:.1f}, Trained tokens {total_tokens}, "
-                    f"Learning rate {record['learning_rate']:.2e}, Peak mem {record['peak_memory_gb']:.2f} GB, "
-                    f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
-                bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
-                                    f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
-                losses, ntokens, tic = [], 0, time.perf_counter()
-            if evaluates(it):
-                model.eval()
-                val_start = time.perf_counter()
-                val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches, prefix)
-                model.train()
-                val_time = time.perf_counter() - val_start
-                log({"iteration": it, "val_loss": val_loss, "val_time": val_time})
-                say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
-                tic += val_time  # keep validation out of the training speed
-                start += val_time
-            stop = interrupted and latest  # Ctrl-C: stop at the step the model is at
-            if saves(it) or stop:
-                # the update after a finite loss can still overflow: never save weights that are not finite
-                if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
-                    diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
-                utils.save_adapters(adapter_file, model, adapter_config)
-                checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
-                say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
-            if stop:
-                say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
-                raise KeyboardInterrupt
-    finally:
-        bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
-        log.close()
-        plot_losses(metrics_path, folder / "loss.png")
-    return released
-
-
 def diverged(it, what, adapter_file, checkpoint):
     kept = f"the adapters saved last are kept in {adapter_file}" if adapter_file.exists() else "nothing was saved"
     if checkpoint is not None:
@@ -831,25 +888,18 @@ def diverged(it, what, adapter_file, checkpoint):
     raise UserError(f"iteration {it}: {what}; training stopped ({kept}). Try a lower --learning-rate.")
 
 
-def eos_ids(tokenizer, config):
-    config_eos = config.get("eos_token_id")
-    return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
+# Evaluation
 
 
-def generate(model, tokenizer, config, args):
-    eos = eos_ids(tokenizer, config)
-    prompt = tokenizer.encode(args.prompt)
-    print(args.prompt, end="", flush=True)
-    tokens, printed = [], ""
-    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
-        if token in eos:
+def evaluate(model, dataset, batch_size, num_batches):
+    total, ntoks = mx.array(0.0), mx.array(0)
+    for n, batch in enumerate(iterate_batches(dataset, batch_size)):
+        if n == num_batches:
             break
-        tokens.append(token)
-        text = tokenizer.decode(tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-    print(tokenizer.decode(tokens)[len(printed):], flush=True)
+        loss, count = loss_fn(model, *batch)
+        total, ntoks = total + loss * count, ntoks + count
+        mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
+    return (total / ntoks).item()
 
 
 def completion_example(record, marker, where):
@@ -885,6 +935,33 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos):
     return matches
 
 
+# Generation
+
+
+def eos_ids(tokenizer, config):
+    config_eos = config.get("eos_token_id")
+    return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
+
+
+def generate(model, tokenizer, config, args):
+    eos = eos_ids(tokenizer, config)
+    prompt = tokenizer.encode(args.prompt)
+    print(args.prompt, end="", flush=True)
+    tokens, printed = [], ""
+    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
+        if token in eos:
+            break
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print(tokenizer.decode(tokens)[len(printed):], flush=True)
+
+
+# Main
+
+
 def list_targets(path):
     config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
     model = utils.model_skeleton(config, weights)
@@ -895,81 +972,6 @@ def list_targets(path):
     for target in models.linear_layers(model.layers[0]):
         output_dims, input_dims = modules[target].weight.shape
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
-
-
-def check_flags(args):
-    """Errors in how the flags go together, before any data or model is read (each flag's own range is its
-    argparse type's)."""
-    if args.list_targets:
-        return
-    adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
-    if adapter_file.suffix not in (".safetensors", ".npz") and (args.train or not adapter_file.is_dir()):
-        raise UserError(f"--adapter-file {adapter_file}: the extension must be .safetensors or .npz "
-                        f"(without --train, an adapter folder of mlx-lm or PEFT is read too)")
-    if args.train and Path(args.model).exists() and utils.is_within(adapter_file, Path(args.model)):
-        raise UserError(f"--adapter-file {adapter_file}: is inside --model {args.model}, which training must not "
-                        f"write into; save the adapters elsewhere")
-    if args.weight_decay and args.optimizer != "adamw":
-        raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
-    if not (args.train or args.test or args.prompt is not None):
-        raise UserError("nothing to do: give --train, --test and/or --prompt")
-    if args.generate_eval and not args.test:
-        raise UserError("--generate-eval evaluates the test set: give --test too")
-    if args.resume and args.resume_adapter_file:
-        raise UserError("--resume continues a checkpoint's whole state: leave out --resume-adapter-file")
-    if args.resume and not Path(args.resume).is_dir():
-        raise UserError(f"--resume {args.resume}: no such checkpoint folder")
-    if args.accept_flag_changes and not args.resume:
-        raise UserError("--accept-flag-changes goes with --resume")
-    if args.report_to:
-        package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
-        try:
-            __import__(package)
-        except ImportError:
-            raise UserError(f"--report-to {args.report_to}: the {package} package is not installed "
-                            f"(pip install {package})") from None
-
-
-def set_up_training(model, args, scale):
-    """Make the model's trainable part (adapters or, with --fine-tune-type full, whole layers); the
-    adapter_config.json that describes it."""
-    kind = args.fine_tune_type
-    if args.resume_adapter_file:
-        print(f"Resuming from {args.resume_adapter_file}", flush=True)
-        adapters = utils.read_adapters(args.resume_adapter_file, scale)
-        utils.apply_adapters(model, *adapters, args.resume_adapter_file, args.lora_dropout)
-        kind = adapters.fine_tune_type
-    elif kind == "full":
-        try:
-            trained = models.last_layers(model, args.lora_layers)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
-            raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
-                            "(QLoRA), or convert it without -q")
-        for layer in trained:
-            layer.unfreeze()
-    else:
-        try:
-            targets = args.lora_targets or models.default_lora_targets(model)
-            models.linear_to_lora_layers(model, targets, args.lora_layers, args.lora_rank, scale,
-                                         args.lora_dropout, dora=kind == "dora")
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
-    config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
-    if kind == "full":
-        return config
-    adapters = utils.lora_layers(model)
-    first = next(iter(adapters.values()))
-    return {**config, "lora_parameters": {"rank": first.lora_a.shape[1], "scale": first.scale,
-                                          "dropout": args.lora_dropout,
-                                          "keys": sorted({p.split(".", 3)[3] for p in adapters})}}
-
-
-def lora_scale(flags: dict) -> float:
-    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
-    return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
 
 
 def main(args):
@@ -1010,12 +1012,11 @@ def run(args, adapter_file, examples, generation_tests):
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
-        released = train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config)
+        train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config)
         model.grad_checkpoint = False
-        if released and (args.test or args.prompt is not None):
-            utils.reload_weights(model, args.model, released)
     elif adapter_file.exists() or args.adapter_file:
-        utils.load_adapters(model, adapter_file, scale)
+        with utils.naming_flag("--adapter-file"):
+            utils.load_adapters(model, adapter_file, scale)
     else:
         print(f"No adapter file ({adapter_file}): using the base model.", flush=True)
     model.eval()
@@ -1032,5 +1033,5 @@ def run(args, adapter_file, examples, generation_tests):
 
 
 if __name__ == "__main__":
-    utils.reexec_in_cpu_environment()
+    utils.set_up_process()
     utils.run_main("lora.py", lambda: main(parse_args()))

@@ -1,6 +1,7 @@
 """One decoder for Llama, Mistral, Mixtral, Qwen2, Gemma, Phi-2 and Phi-3 (and Phi-3-vision's language model),
 configured from a Hugging Face config.json, and the LoRALinear and DoRALinear wrappers. Parameter names follow
-Hugging Face's, so checkpoints load, fuse and export without renaming."""
+Hugging Face's, so checkpoints load, fuse and export without renaming. In this order: the configuration, the
+decoder and its parts, LoRA and DoRA, then the kernels and device-specific paths."""
 import copy
 import fnmatch
 import math
@@ -12,6 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
+
+
+# Configuration
 
 # model_type: the switches that set a family apart from Llama (ModelArgs' defaults); config.json sets the rest.
 FAMILIES = {
@@ -138,11 +142,7 @@ def check_types(config: dict):
             raise ValueError(f"{f.name} is {value!r}, expected a positive number")
 
 
-def silu(x):
-    return nn.silu(x) if mx.default_device() != mx.cpu else x / (1.0 + exp(-x))
-
-
-ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx}
+# The decoder
 
 
 class RoPE(nn.Module):
@@ -189,185 +189,6 @@ class RoPE(nn.Module):
                             freqs=self._long_freqs if long else self._freqs)
 
 
-def dequantized_weight(layer, dtype):
-    return dequantized(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, dtype)
-
-
-def dequantized(w, scales, biases, group_size, bits, dtype):
-    """mx.dequantize's result, the same bits, from one fused elementwise kernel where it can: for a 4-bit
-    4096 x 11008 weight, 50 ms against 220 on the CPU, 107 us against 261 on an H100."""
-    if biases is None or 32 % bits or dtype != scales.dtype:
-        return mx.dequantize(w, scales, biases, group_size, bits, dtype=dtype)
-    return unpacked(w, scales, biases, group_size, bits)
-
-
-@mx.compile
-def unpacked(w, scales, biases, group_size, bits):
-    """scale * q + bias in the scales' type for each `bits`-bit q packed in w's 32-bit words, lowest bits
-    first. The words are viewed as (groups, words a group, 1) so that every step broadcasts and fuses."""
-    groups = scales.shape[-1]
-    words = w.reshape(*w.shape[:-1], groups, group_size * bits // 32, 1)
-    q = (words >> mx.arange(0, 32, bits, dtype=mx.uint32)) & ((1 << bits) - 1)
-    weight = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
-    return weight.reshape(*w.shape[:-1], groups * group_size)
-
-
-# MLX's CPU quantized matmul runs at about 1.5 GFLOP/s, against 90-200 for fp32 BLAS: on the CPU a
-# quantized layer dequantizes its weight for products over many rows (training, prompts), keeping the model
-# 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two. CUDA
-# does the same: an H100 trains a 4-bit Llama-7B at 9.7k tokens/s (the quantized matmul: 5.6k-6.0k, on other
-# machines), with a peak of 8.2 GB against 7.0 (given the smaller graphs utils sets: MLX_MAX_MB_PER_BUFFER).
-# Metal keeps its quantized matmul: not measured against this.
-def dequantizes(x):
-    return (mx.default_device() == mx.cpu or mx.cuda.is_available()) and x.size // x.shape[-1] > 8
-
-
-def dequantized_product(layer, x):
-    """x @ W.T for the quantized weight W of `layer`, dequantized for the product; the backward pass
-    dequantizes it again rather than keeping the float copy (the memory QLoRA saves)."""
-    def weight(after):
-        # made to wait for `after`: MLX would otherwise dequantize every layer's weight up front, as
-        # nothing else comes before it, and hold them all
-        arrays = [layer.weight, layer.scales] + ([layer.biases] if "biases" in layer else [])
-        w, scales, *biases = mx.depends(arrays, [after])
-        return dequantized(w, scales, biases[0] if biases else None, layer.group_size, layer.bits, after.dtype)
-
-    @mx.custom_function
-    def product(x):
-        return x @ weight(x).T
-
-    @product.vjp
-    def product_vjp(primals, cotangent, output):
-        return (cotangent @ weight(cotangent),)
-
-    return product(x)
-
-
-class QuantizedLinear(nn.QuantizedLinear):
-    def __call__(self, x):
-        if not dequantizes(x):
-            return super().__call__(x)
-        y = dequantized_product(self, x)
-        return y + self.bias if "bias" in self else y
-
-
-class QuantizedEmbedding(nn.QuantizedEmbedding):
-    def as_linear(self, x):
-        if not dequantizes(x):
-            return super().as_linear(x)
-        return dequantized_product(self, x)
-
-
-def dequantized_copy(module: nn.Module) -> nn.Module:
-    """The module, or if it holds quantized layers a copy with them dequantized (to their scales' type): for
-    products over many rows at once, faster than MLX's quantized matmul (on an H100, 8192 rows by a 4-bit
-    4096 x 11008 weight: 1.3 ms against 6.0)."""
-    scales = [m.scales.dtype for _, m in module.named_modules() if isinstance(m, nn.QuantizedLinear)]
-    if not scales:
-        return module
-    module = copy.deepcopy(module)
-    dequantize(module, scales[0])
-    return module
-
-
-def quantize(model: nn.Module, layer_params):
-    """Quantize the Linear and Embedding layers for which layer_params(path, module) gives
-    {"group_size", "bits"} (None leaves a layer as it is)."""
-    replaced = []
-    for path, module in model.named_modules():
-        params = layer_params(path, module)
-        if params is None:
-            continue
-        if isinstance(module, nn.Linear):
-            replaced.append((path, QuantizedLinear.from_linear(module, **params)))
-        elif isinstance(module, nn.Embedding):
-            replaced.append((path, QuantizedEmbedding.from_embedding(module, **params)))
-    model.update_modules(tree_unflatten(replaced))
-
-
-def dequantize(model: nn.Module, dtype=mx.float32):
-    """Replace every quantized layer by its float equivalent (for export, or a float reference)."""
-    replaced = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            output_dims = module.weight.shape[0]
-            linear = nn.Linear(module.scales.shape[-1] * module.group_size, output_dims, bias="bias" in module)
-            linear.weight = dequantized_weight(module, dtype)
-            if "bias" in module:
-                linear.bias = module.bias
-            replaced.append((path, linear))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            weight = dequantized_weight(module, dtype)
-            embedding = nn.Embedding(*weight.shape)
-            embedding.weight = weight
-            replaced.append((path, embedding))
-    model.update_modules(tree_unflatten(replaced))
-
-
-# MLX's Linux CPU wheel evaluates exp one element at a time, at about 12 ns (sigmoid, softmax and logsumexp
-# with it): 0.75 s of a 2.5 s SmolLM2 training step. On the CPU, exp is instead 2^x from a degree-6
-# polynomial and the exponent's bits (relative error < 4e-6), which mx.compile fuses with its neighbours:
-# 5x faster.
-@mx.custom_function
-def polynomial_exp(x):
-    x = mx.clip(x * 1.4426950408889634, -126.0, 126.0)
-    n = (x + 12582912.0) - 12582912.0  # x rounded to an integer (1.5 * 2^23 drops the fraction): |f| <= 1/2
-    f = x - n
-    p = 1.0 + f * (0.6931471805599453 + f * (0.2402265069591007 + f * (0.05550410866482158 + f * (
-        0.009618129107628477 + f * (0.0013333558146428443 + f * 0.00015403530393381606)))))
-    return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32).astype(p.dtype)
-
-
-@polynomial_exp.vjp
-def polynomial_exp_vjp(primals, cotangent, output):
-    return cotangent * output
-
-
-def exp(x):
-    return polynomial_exp(x) if mx.default_device() == mx.cpu else mx.exp(x)
-
-
-def logsumexp(x):
-    """Over the last axis."""
-    if mx.default_device() != mx.cpu:
-        return mx.logsumexp(x, axis=-1)
-    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    return mx.log(exp(x - top).sum(axis=-1)) + top[..., 0]
-
-
-def permuted(x, index, inverse):
-    """x[index], where index and inverse undo each other at every position whose gradient is not zero
-    (lora.make_batch): the gradient is then gathered back through inverse rather than scattered, as MLX
-    would (scattered, a layer's attention took 15 ms forward and backward on the CPU, against 10 unpacked)."""
-    @mx.custom_function
-    def gather(x):
-        return x[index]
-
-    @gather.vjp
-    def gather_vjp(primals, cotangent, output):
-        return (cotangent[inverse],)
-
-    return gather(x)
-
-
-def attention(q, k, v, scale, mask):
-    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array."""
-    if mx.default_device() != mx.cpu:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    B, H, L, D = q.shape
-    k_heads, length = k.shape[1], k.shape[2]
-    scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
-    if isinstance(mask, str):
-        mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None]
-    if mask is not None:
-        if mask.ndim == 4:  # batch x 1 x queries x keys: a group axis for the grouped heads
-            mask = mask[:, :, None]
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    weights = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    weights = weights / weights.sum(axis=-1, keepdims=True)
-    return (weights @ v[:, :, None]).reshape(B, H, L, D)
-
-
 class KVCache:
     def __init__(self):
         self.keys = self.values = None
@@ -382,24 +203,44 @@ class KVCache:
         return keys, values
 
 
-def attention_mask(length: int, offset: int, window: Optional[int], segments=None):
-    """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window. For rows
-    that pack several examples, segments say where each example is (lora.make_batch): either each position's
-    example (batch x length), to which the mask then limits each query (batch x 1 x length x length), or
-    (slots, order), which lay the examples out as rows of their own for attention (Attention), each with its
-    own mask. With the mask, packed examples keep their positions in the row: rotary attention depends on
-    relative positions alone."""
-    if isinstance(segments, tuple):
-        slots, order = segments
-        return slots, order, attention_mask(slots.shape[1], 0, window)
-    if segments is None and (window is None or offset + length <= window):
+def attention_mask(length: int, offset: int, window: Optional[int], examples=None):
+    """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window; for rows
+    packing several examples, also to each query's own example (`examples`: each position's, batch x length)."""
+    if examples is None and (window is None or offset + length <= window):
         return "causal" if length > 1 else None
     query = mx.arange(offset, offset + length)[:, None]
     key = mx.arange(offset + length)[None]
     mask = key <= query if window is None else (key <= query) & (key > query - window)
-    if segments is None:
+    if examples is None:
         return mask
-    return mask & (segments[:, None, :, None] == segments[:, None, None, :])
+    return mask & (examples[:, None, :, None] == examples[:, None, None, :])
+
+
+def packed_layout(lengths, by_example=None):
+    """(width, packing) of one row that packs examples of these lengths, padded at its end to `width`:
+    `packing` says where each example is, for attention to stay within it (Model.run_layers). Packed examples
+    keep their positions in the row: rotary attention depends on relative positions alone.
+
+    On a GPU it is {"examples": each position's example (-1: padding)}, for one mask over the row. On the
+    CPU (or by_example), where attention over the whole row costs more than packing saves, it is {"slots",
+    "order"}: each example's positions in the row, one example a row (padded), and each position's place in
+    those rows read row after row. Each layout's padding maps onto the other's, so that each undoes the other
+    wherever a gradient flows (permuted). Widths are rounded up, as each new shape is compiled anew."""
+    by_example = mx.default_device() == mx.cpu if by_example is None else by_example
+    lengths = np.asarray(lengths)
+    multiple = 16 if by_example else 64
+    width = -(-(lengths.sum() + 1) // multiple) * multiple
+    if not by_example:
+        examples = np.full(width, -1, np.int32)
+        examples[:lengths.sum()] = np.repeat(np.arange(len(lengths)), lengths)
+        return width, {"examples": mx.array(examples[None])}
+    longest = -(-(lengths.max() + 1) // 8) * 8
+    slots = np.full((len(lengths), longest), width - 1, np.int32)
+    order = np.full(width, lengths.argmax() * longest + longest - 1, np.int32)
+    for k, (first, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
+        slots[k, :n] = np.arange(first, first + n)
+        order[first:first + n] = np.arange(k * longest, k * longest + n)
+    return width, {"slots": mx.array(slots), "order": mx.array(order)}
 
 
 class Attention(nn.Module):
@@ -419,14 +260,15 @@ class Attention(nn.Module):
         self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias)
         self.rope = RoPE(args)
 
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
         if "qkv_proj" in self:
             q_dims, kv_dims = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = mx.split(self.qkv_proj(x), [q_dims, q_dims + kv_dims], axis=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if isinstance(mask, tuple):  # a row packing several examples, laid out one example a row for attention
-            slots, order, mask = mask
+        if example_rows is not None:
+            slots, order = example_rows["slots"], example_rows["order"]
             index = slots.reshape(-1)
             q, k, v = (permuted(y[0], index, order).reshape(*slots.shape, -1) for y in (q, k, v))
             out = self.attend(q, k, v, mask, cache)
@@ -525,12 +367,12 @@ class DecoderLayer(nn.Module):
         if not args.parallel:
             self.post_attention_layernorm = norm(args)
 
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, mask, cache=None, example_rows=None):
         mlp = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
         h = self.input_layernorm(x)
         if "post_attention_layernorm" not in self:  # parallel
-            return x + self.self_attn(h, mask, cache) + mlp(h)
-        h = x + self.self_attn(h, mask, cache)
+            return x + self.self_attn(h, mask, cache, example_rows) + mlp(h)
+        h = x + self.self_attn(h, mask, cache, example_rows)
         return h + mlp(self.post_attention_layernorm(h))
 
 
@@ -542,14 +384,22 @@ class DecoderStack(nn.Module):
         self[args.final_norm] = norm(args)
 
 
-def checkpointed(layer: nn.Module, mask):
-    """layer(h, mask) as a function of (its trainable parameters, h) that keeps none of its activations for the
+def checkpointed(layer: nn.Module, mask, example_rows):
+    """layer(h, ...) as a function of (its trainable parameters, h) that keeps none of its activations for the
     backward pass, where they are computed again: memory for compute."""
     def call(parameters, h):
         layer.update(parameters)
-        return layer(h, mask)
+        return layer(h, mask, None, example_rows)
 
     return mx.checkpoint(call)
+
+
+@dataclass
+class FrozenPrefix:
+    """The hidden states entering decoder layer `layer` at every input position of a set of examples, one row
+    a position: what the frozen layers below it compute, computed once rather than at every step."""
+    layer: int
+    states: mx.array
 
 
 class Model(nn.Module):
@@ -562,6 +412,8 @@ class Model(nn.Module):
         types = args.layer_types or ["sliding_attention"] * args.num_hidden_layers
         self._layer_windows = [args.sliding_window if t == "sliding_attention" else None for t in types]
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
+        # While set (lora.frozen_layers_cached), the inputs are rows of its states, not token ids.
+        self.frozen_prefix: Optional[FrozenPrefix] = None
 
     @property
     def layers(self):
@@ -585,12 +437,15 @@ class Model(nn.Module):
         if kept:
             self.model[prefix.split(".")[1]] = modules(tree_unflatten(kept))
 
-    def hidden_states(self, inputs, cache=None, segments=None, first_layer=0):
-        """The final normed hidden states; `inputs` are token ids or, with first_layer, the hidden states entering
-        that layer (run_layers). `cache` is a list of KVCache, one per layer, or None; `segments` the example
-        of each position of rows that pack several (attention_mask)."""
-        h = self.embed(inputs) if first_layer == 0 else inputs
-        return self.model[self.args.final_norm](self.run_layers(h, first_layer, len(self.layers), cache, segments))
+    def hidden_states(self, inputs, cache=None, packing=None):
+        """The final normed hidden states of `inputs` (token ids, or rows of frozen_prefix's states); `cache`
+        is a list of KVCache, one per layer, or None; `packing` says where the examples of a packed row are
+        (packed_layout)."""
+        if self.frozen_prefix is None:
+            h, first = self.embed(inputs), 0
+        else:
+            h, first = self.frozen_prefix.states[inputs], self.frozen_prefix.layer
+        return self.model[self.args.final_norm](self.run_layers(h, first, len(self.layers), cache, packing))
 
     def embed(self, inputs):
         h = self.model.embed_tokens(inputs)
@@ -598,17 +453,22 @@ class Model(nn.Module):
             h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
         return h
 
-    def run_layers(self, h, start, stop, cache=None, segments=None):
+    def run_layers(self, h, start, stop, cache=None, packing=None):
         """The hidden states h entering decoder layer number `start` through the layers up to `stop`."""
         offset = cache[0].offset if cache else 0
         windows = self._layer_windows[start:stop]
-        masks = {w: attention_mask(h.shape[1], offset, w, segments) for w in set(windows)}
+        packing = packing or {}
+        example_rows = packing if "slots" in packing else None
+        if example_rows:  # attention sees one example a row
+            masks = {w: attention_mask(packing["slots"].shape[1], 0, w) for w in set(windows)}
+        else:
+            masks = {w: attention_mask(h.shape[1], offset, w, packing.get("examples")) for w in set(windows)}
         caches = cache[start:stop] if cache else [None] * len(windows)
         for layer, window, layer_cache in zip(self.layers[start:stop], windows, caches):
             if self.grad_checkpoint and cache is None:
-                h = checkpointed(layer, masks[window])(layer.trainable_parameters(), h)
+                h = checkpointed(layer, masks[window], example_rows)(layer.trainable_parameters(), h)
             else:
-                h = layer(h, masks[window], layer_cache)
+                h = layer(h, masks[window], layer_cache, example_rows)
         return h
 
     def logits(self, h):
@@ -616,11 +476,14 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def __call__(self, inputs, cache=None, segments=None):
-        return self.logits(self.hidden_states(inputs, cache, segments))
+    def __call__(self, inputs, cache=None, packing=None):
+        return self.logits(self.hidden_states(inputs, cache, packing))
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
+
+
+# LoRA and DoRA
 
 
 class LoRALinear(nn.Module):
@@ -724,27 +587,229 @@ def target_matches(path: str, target: str) -> bool:
 
 
 def last_layers(model: Model, num_layers: int) -> list:
-    """The last `num_layers` decoder layers (-1: all), the ones --lora-layers adapts or trains."""
+    """The last `num_layers` decoder layers (-1: all)."""
     total = len(model.layers)
     if num_layers == -1:
         num_layers = total
     if not 0 < num_layers <= total:
-        raise ValueError(f"--lora-layers {num_layers}: the model has {total} layers")
+        raise ValueError(f"the model has {total} layers")
     return model.layers[total - num_layers:]
 
 
-def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
-    """Wrap the `targets` (see target_matches) of the last `num_layers` decoder layers (-1: all) in LoRALinear
-    (DoRALinear if dora)."""
-    adapted = last_layers(model, num_layers)
+def target_paths(model: Model, targets, num_layers: int) -> list:
+    """The paths (model.layers.N....) of the linear layers that `targets` name (target_matches) in the last
+    `num_layers` decoder layers (-1: all)."""
     choices = linear_layers(model.layers[0])
     for target in targets:
         if not any(target_matches(path, target) for path in choices):
-            raise ValueError(f"--lora-targets {target} matches no layer; choices: {', '.join(choices)}")
-    for layer in adapted:
-        wrapped = [
-            (path, (DoRALinear if dora else LoRALinear).from_linear(module, rank, scale, dropout))
-            for path, module in layer.named_modules()
-            if path in choices and any(target_matches(path, t) for t in targets)
-        ]
-        layer.update_modules(tree_unflatten(wrapped))
+            raise ValueError(f"{target} matches no layer; choices: {', '.join(choices)}")
+    first = len(model.layers) - len(last_layers(model, num_layers))
+    # in named_modules' order, the last defined first: the order the adapters draw their random starts in
+    return [f"model.layers.{i}.{path}" for i in range(first, len(model.layers))
+            for path in reversed(choices) if any(target_matches(path, t) for t in targets)]
+
+
+def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, dora=False):
+    """Wrap the linear layers at these paths in LoRALinear (DoRALinear if dora): for training new adapters
+    and for loading saved ones alike."""
+    modules = dict(model.named_modules())
+    kind = DoRALinear if dora else LoRALinear
+    model.update_modules(tree_unflatten([(p, kind.from_linear(modules[p], rank, scale, dropout)) for p in paths]))
+
+
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
+    """New adapters on the `targets` of the last `num_layers` decoder layers (target_paths)."""
+    wrap_lora_layers(model, target_paths(model, targets, num_layers), rank, scale, dropout, dora)
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """The LoRALinear layers (DoRALinear too) by path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# Kernels and device-specific paths
+#
+# MLX's fused operations where they are fast, composed ones where a backend
+# lacks them (measured in benchmarks/README.md), and the quantized layers' products.
+
+
+def silu(x):
+    return nn.silu(x) if mx.default_device() != mx.cpu else x / (1.0 + exp(-x))
+
+
+ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx}
+
+
+# MLX's Linux CPU wheel evaluates exp one element at a time, slowly (benchmarks/README.md, "Linux CPU"): on the
+# CPU, exp is instead 2^x from a degree-6 polynomial and the exponent's bits (relative error < 4e-6), which
+# mx.compile fuses with its neighbours.
+@mx.custom_function
+def polynomial_exp(x):
+    x = mx.clip(x * 1.4426950408889634, -126.0, 126.0)
+    n = (x + 12582912.0) - 12582912.0  # x rounded to an integer (1.5 * 2^23 drops the fraction): |f| <= 1/2
+    f = x - n
+    p = 1.0 + f * (0.6931471805599453 + f * (0.2402265069591007 + f * (0.05550410866482158 + f * (
+        0.009618129107628477 + f * (0.0013333558146428443 + f * 0.00015403530393381606)))))
+    return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32).astype(p.dtype)
+
+
+@polynomial_exp.vjp
+def polynomial_exp_vjp(primals, cotangent, output):
+    return cotangent * output
+
+
+def exp(x):
+    return polynomial_exp(x) if mx.default_device() == mx.cpu else mx.exp(x)
+
+
+def logsumexp(x):
+    """Over the last axis."""
+    if mx.default_device() != mx.cpu:
+        return mx.logsumexp(x, axis=-1)
+    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    return mx.log(exp(x - top).sum(axis=-1)) + top[..., 0]
+
+
+def permuted(x, index, inverse):
+    """x[index], where index and inverse undo each other at every position whose gradient is not zero
+    (lora.make_batch): the gradient is then gathered back through inverse rather than scattered, as MLX
+    would: a scatter is the slower of the two on the CPU."""
+    @mx.custom_function
+    def gather(x):
+        return x[index]
+
+    @gather.vjp
+    def gather_vjp(primals, cotangent, output):
+        return (cotangent[inverse],)
+
+    return gather(x)
+
+
+def attention(q, k, v, scale, mask):
+    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array."""
+    if mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    k_heads, length = k.shape[1], k.shape[2]
+    scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
+    if isinstance(mask, str):
+        mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None]
+    if mask is not None:
+        if mask.ndim == 4:  # batch x 1 x queries x keys: a group axis for the grouped heads
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return (weights @ v[:, :, None]).reshape(B, H, L, D)
+
+
+def dequantized_weight(layer, dtype):
+    return dequantized(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, dtype)
+
+
+def dequantized(w, scales, biases, group_size, bits, dtype):
+    """mx.dequantize's result, the same bits, from one fused elementwise kernel where it can: for a 4-bit
+    (benchmarks/README.md: several times faster, on the CPU and CUDA)."""
+    if biases is None or 32 % bits or dtype != scales.dtype:
+        return mx.dequantize(w, scales, biases, group_size, bits, dtype=dtype)
+    return unpacked(w, scales, biases, group_size, bits)
+
+
+@mx.compile
+def unpacked(w, scales, biases, group_size, bits):
+    """scale * q + bias in the scales' type for each `bits`-bit q packed in w's 32-bit words, lowest bits
+    first. The words are viewed as (groups, words a group, 1) so that every step broadcasts and fuses."""
+    groups = scales.shape[-1]
+    words = w.reshape(*w.shape[:-1], groups, group_size * bits // 32, 1)
+    q = (words >> mx.arange(0, 32, bits, dtype=mx.uint32)) & ((1 << bits) - 1)
+    weight = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
+    return weight.reshape(*w.shape[:-1], groups * group_size)
+
+
+# On the CPU and CUDA, MLX's quantized matmul is slower than dequantizing the weight and a float product, for
+# products over many rows (training, prompts): a quantized layer then dequantizes its weight, keeping the model
+# 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two. Metal
+# keeps its quantized matmul: not measured against this. Figures: benchmarks/README.md, "QLoRA against LoRA".
+def dequantizes(x):
+    return (mx.default_device() == mx.cpu or mx.cuda.is_available()) and x.size // x.shape[-1] > 8
+
+
+def dequantized_product(layer, x):
+    """x @ W.T for the quantized weight W of `layer`, dequantized for the product; the backward pass
+    dequantizes it again rather than keeping the float copy (the memory QLoRA saves)."""
+    def weight(after):
+        # made to wait for `after`: MLX would otherwise dequantize every layer's weight up front, as
+        # nothing else comes before it, and hold them all
+        arrays = [layer.weight, layer.scales] + ([layer.biases] if "biases" in layer else [])
+        w, scales, *biases = mx.depends(arrays, [after])
+        return dequantized(w, scales, biases[0] if biases else None, layer.group_size, layer.bits, after.dtype)
+
+    @mx.custom_function
+    def product(x):
+        return x @ weight(x).T
+
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        return (cotangent @ weight(cotangent),)
+
+    return product(x)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x):
+        if not dequantizes(x):
+            return super().__call__(x)
+        y = dequantized_product(self, x)
+        return y + self.bias if "bias" in self else y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x):
+        if not dequantizes(x):
+            return super().as_linear(x)
+        return dequantized_product(self, x)
+
+
+def dequantized_copy(module: nn.Module) -> nn.Module:
+    """The module, or if it holds quantized layers a copy with them dequantized (to their scales' type): for
+    products over many rows at once, faster than MLX's quantized matmul (dequantizes)."""
+    scales = [m.scales.dtype for _, m in module.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    if not scales:
+        return module
+    module = copy.deepcopy(module)
+    dequantize(module, scales[0])
+    return module
+
+
+def quantize(model: nn.Module, layer_params):
+    """Quantize the Linear and Embedding layers for which layer_params(path, module) gives
+    {"group_size", "bits"} (None leaves a layer as it is)."""
+    replaced = []
+    for path, module in model.named_modules():
+        params = layer_params(path, module)
+        if params is None:
+            continue
+        if isinstance(module, nn.Linear):
+            replaced.append((path, QuantizedLinear.from_linear(module, **params)))
+        elif isinstance(module, nn.Embedding):
+            replaced.append((path, QuantizedEmbedding.from_embedding(module, **params)))
+    model.update_modules(tree_unflatten(replaced))
+
+
+def dequantize(model: nn.Module, dtype=mx.float32):
+    """Replace every quantized layer by its float equivalent (for export, or a float reference)."""
+    replaced = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            output_dims = module.weight.shape[0]
+            linear = nn.Linear(module.scales.shape[-1] * module.group_size, output_dims, bias="bias" in module)
+            linear.weight = dequantized_weight(module, dtype)
+            if "bias" in module:
+                linear.bias = module.bias
+            replaced.append((path, linear))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = dequantized_weight(module, dtype)
+            embedding = nn.Embedding(*weight.shape)
+            embedding.weight = weight
+            replaced.append((path, embedding))
+    model.update_modules(tree_unflatten(replaced))

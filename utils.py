@@ -1,5 +1,5 @@
-"""Loading models (Hugging Face folders, hub repos, GGUF files), saving them, adapters, and generation; the
-scripts' flag types, and the safe reading and writing of files."""
+"""What the scripts share, in this order: the process's set-up, errors and flags, reading files, loading models
+(Hugging Face folders, hub repos, GGUF files), writing files safely, saving models, adapters, generation."""
 import argparse
 import contextlib
 import glob
@@ -21,15 +21,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import models
 
-# transformers is here for its tokenizers alone: its advice that PyTorch is missing is noise
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-# MLX's CUDA backend runs work in graphs of up to 400 MB of inputs (on an H100) and frees what a graph read
-# only after it has run, with up to ten graphs in flight. QLoRA's steps dequantize each weight for its
-# product (models.dequantizes): that held most layers' float weights at once (a 4-bit Llama-7B peaked at
-# 11-15 GB, above bf16 LoRA's 9.7). Graphs of 200 MB bring it to 8.2 GB (100 MB: 6.6 GB, 9-17% slower); bf16
-# LoRA's speed did not change. Read when MLX first runs on the GPU.
-if mx.cuda.is_available():
-    os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "200")
+
+# Process set-up
 
 
 def blas_libraries() -> dict:
@@ -62,6 +55,8 @@ def cpu_info() -> tuple:
 # picks older ones (Debian 12's took a Sapphire Rapids for a Prescott: SSE3, a sixth of the speed): where it
 # picked one from before AVX2 on a processor that has it, it is told the right one.
 OPENBLAS_CORES = (("avx512_bf16", "Cooperlake"), ("avx512bw", "SkylakeX"), ("avx2", "Haswell"))
+
+
 OPENBLAS_AVX2_CORES = ("haswell", "zen", "skylakex", "cooperlake", "sapphirerapids")
 
 
@@ -134,16 +129,38 @@ def idle_cores(seconds=0.2) -> int:
     return max(1, min(cores, round(idle_share * (os.cpu_count() or cores))))
 
 
-def reexec_in_cpu_environment(before=lambda: None):
-    """Re-execute this process in cpu_environment(), where it has changes to make (calling before() first)."""
+def set_up_process(before_reexec=lambda: None):
+    """What a script sets before it does anything: its environment, and on the Linux CPU a re-execution in
+    cpu_environment() where that has changes to make (calling before_reexec() first)."""
+    # transformers is here for its tokenizers alone: its advice that PyTorch is missing is noise
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # MLX's CUDA backend frees what a graph of work read only once it has run, with several graphs in flight:
+    # QLoRA's steps, which dequantize each weight for its product (models.dequantizes), then held most layers'
+    # float weights at once. Smaller graphs keep its peak below LoRA's at the same speed (benchmarks/README.md,
+    # "QLoRA against LoRA"). MLX reads it when it first runs on the GPU.
+    if mx.cuda.is_available():
+        os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "200")
     env = cpu_environment()
     if env is not None:
-        before()
+        before_reexec()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+# Errors and flags
 
 
 class UserError(Exception):
     """Bad input from the user: the scripts print it as one line, never a traceback."""
+
+
+@contextlib.contextmanager
+def naming_flag(flag: str):
+    """Errors of bad input raised inside (UserError, ValueError), as a UserError that starts with the flag (and
+    value) they concern: the code below the scripts describes a problem, the scripts name the flag."""
+    try:
+        yield
+    except (UserError, ValueError) as e:
+        raise UserError(f"{flag}: {e}") from None
 
 
 def run_main(prog: str, main):
@@ -157,6 +174,10 @@ def run_main(prog: str, main):
         sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -181,137 +202,27 @@ def flag_type(kind, check, requirement):
 
 
 POSITIVE_INT = flag_type(int, lambda v: v >= 1, "an integer of at least 1")
+
 NON_NEGATIVE_INT = flag_type(int, lambda v: v >= 0, "an integer of at least 0")
+
 POSITIVE_INT_OR_ALL = flag_type(int, lambda v: v >= 1 or v == -1, "an integer of at least 1, or -1 for all")
+
 SEED = flag_type(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295")
+
 POSITIVE = flag_type(float, lambda v: v > 0, "a number above 0")
+
 NON_NEGATIVE = flag_type(float, lambda v: v >= 0, "a number of at least 0")
+
 DROPOUT = flag_type(float, lambda v: 0 <= v < 1, "a probability from 0 to below 1")
+
 TOP_P = flag_type(float, lambda v: 0 < v <= 1, "a probability above 0, up to 1")
 
 
-def compute_dtype(config: dict):
-    """float32 on the CPU, where MLX's bf16/fp16 matmuls are slow; the checkpoint's own dtype elsewhere."""
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    name = config.get("dtype") or config.get("torch_dtype") or "float16"
-    return getattr(mx, name, mx.float16)
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def quantization_of(weights: dict, path: str, module):
-    """Bits and group size of a layer stored quantized (weight, scales and biases), read off the shapes."""
-    scales = weights.get(f"{path}.scales")
-    if scales is None:
-        return None
-    if not isinstance(module, (nn.Linear, nn.Embedding)):
-        return None
-    input_dims = module.weight.shape[1]
-    packed = weights[f"{path}.weight"].shape[-1]
-    return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
-
-
-def model_skeleton(config: dict, weights: dict) -> models.Model:
-    """The model config.json describes, holding the weights it keeps as they are (models.Model.keep). Its
-    other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free.
-    The config is one that check_config accepted."""
-    model = models.Model(models.ModelArgs.from_config(config))
-    model.keep(weights)
-    return model
-
-
-def check_config(config: dict, where):
-    """An error naming `where` unless the config describes a model that models.py builds."""
-    try:
-        models.RoPE(models.ModelArgs.from_config(config))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{where}: {e}") from None
-    except KeyError as e:
-        raise UserError(f"{where}: {e} missing") from None
-
-
-def build_model(config: dict, weights: dict, source="the model") -> models.Model:
-    """A model from a Hugging Face config and Hugging Face-named weights (of `source`, named in errors);
-    quantized layers stay quantized."""
-    model = model_skeleton(config, weights)
-    models.quantize(model, lambda path, module: quantization_of(weights, path, module))
-    weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
-    if model.args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    try:
-        model.load_weights(list(weights.items()))
-    except ValueError as e:
-        raise UserError(f"{source}: the weights do not fit its config: {e}") from None
-    mx.eval(model.parameters())
-    return model
-
-
-def in_compute_dtype(config: dict, weights: dict) -> dict:
-    # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
-    # fp16, slower than the matmul it feeds
-    dtype = compute_dtype(config)
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-
-
-def reload_weights(model: models.Model, path_or_repo: str, names):
-    """Read the weights `names` of the checkpoint `model` was loaded from (load) into it again."""
-    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
-    model.update(tree_unflatten(list(in_compute_dtype(config, {k: weights[k] for k in names}).items())))
-    mx.eval(model.parameters())
-
-
-def is_repo_id(name: str) -> bool:
-    """Whether `name` reads as a Hugging Face repo id (owner/name) rather than a local path."""
-    return (not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and not name.endswith(".gguf"))
-
-
-def hub_snapshot(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(
-            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]))
-    except Exception as e:  # the hub client raises many kinds (offline, not found, gated, no token)
-        raise UserError(f"cannot fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{first_line(e)}); pass a local folder or .gguf file") from None
-
-
-def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
-    """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
-    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
-    tokenizer=False skips the tokenizer (None)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path_or_repo)
-    if path.suffix == ".gguf" and path.is_file():
-        return read_gguf(path)
-    if not path.exists():
-        if not is_repo_id(path_or_repo):
-            raise UserError(f"{flag} {path_or_repo}: no such file or folder")
-        path = hub_snapshot(path_or_repo)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
-    config = read_json(path / "config.json")
-    check_config(config, path / "config.json")
-    files = sorted(glob.glob(str(path / "*.safetensors")))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors weights")
-    weights = {}
-    for f in files:
-        weights.update(read_arrays(f))
-    if not tokenizer:
-        return config, weights, None
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (path / name).exists():  # their damage named here: transformers' errors do not name the file
-            read_json(path / name)
-    try:  # code shipped in a model folder (auto_map) is never run
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{path}: its tokenizer needs code from the model folder (auto_map in "
-                            f"tokenizer_config.json or config.json), which is never run") from None
-        raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
-    return config, weights, tokenizer
+# Reading files: each error names the file
 
 
 def read_text(path) -> str:
@@ -442,14 +353,137 @@ def check_gguf(path: Path):
         fail("its tensors extend past its end: truncated?")
 
 
-def first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+# Loading models: Hugging Face folders, hub repos, GGUF files
 
 
 def load(path_or_repo: str):
     """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
     config, weights, tokenizer = read_checkpoint(path_or_repo)
     return build_model(config, weights, path_or_repo), tokenizer, config
+
+
+def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
+    """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
+    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
+    tokenizer=False skips the tokenizer (None)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path_or_repo)
+    if path.suffix == ".gguf" and path.is_file():
+        return read_gguf(path)
+    if not path.exists():
+        if not is_repo_id(path_or_repo):
+            raise UserError(f"{flag} {path_or_repo}: no such file or folder")
+        path = hub_snapshot(path_or_repo)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
+    config = read_json(path / "config.json")
+    check_config(config, path / "config.json")
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        weights.update(read_arrays(f))
+    if not tokenizer:
+        return config, weights, None
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():  # their damage named here: transformers' errors do not name the file
+            read_json(path / name)
+    try:  # code shipped in a model folder (auto_map) is never run
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{path}: its tokenizer needs code from the model folder (auto_map in "
+                            f"tokenizer_config.json or config.json), which is never run") from None
+        raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+    return config, weights, tokenizer
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face repo id (owner/name) rather than a local path."""
+    return (not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not name.endswith(".gguf"))
+
+
+def hub_snapshot(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub client raises many kinds (offline, not found, gated, no token)
+        raise UserError(f"cannot fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{first_line(e)}); pass a local folder or .gguf file") from None
+
+
+def compute_dtype(config: dict):
+    """float32 on the CPU, where MLX's bf16/fp16 matmuls are slow; the checkpoint's own dtype elsewhere."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float16"
+    return getattr(mx, name, mx.float16)
+
+
+def quantization_of(weights: dict, path: str, module):
+    """Bits and group size of a layer stored quantized (weight, scales and biases), read off the shapes."""
+    scales = weights.get(f"{path}.scales")
+    if scales is None:
+        return None
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return None
+    input_dims = module.weight.shape[1]
+    packed = weights[f"{path}.weight"].shape[-1]
+    return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
+
+
+def model_skeleton(config: dict, weights: dict) -> models.Model:
+    """The model config.json describes, holding the weights it keeps as they are (models.Model.keep). Its
+    other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free.
+    The config is one that check_config accepted."""
+    model = models.Model(models.ModelArgs.from_config(config))
+    model.keep(weights)
+    return model
+
+
+def check_config(config: dict, where):
+    """An error naming `where` unless the config describes a model that models.py builds."""
+    try:
+        models.RoPE(models.ModelArgs.from_config(config))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+    except KeyError as e:
+        raise UserError(f"{where}: {e} missing") from None
+
+
+def build_model(config: dict, weights: dict, source="the model") -> models.Model:
+    """A model from a Hugging Face config and Hugging Face-named weights (of `source`, named in errors);
+    quantized layers stay quantized."""
+    model = model_skeleton(config, weights)
+    models.quantize(model, lambda path, module: quantization_of(weights, path, module))
+    weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
+    if model.args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:
+        raise UserError(f"{source}: the weights do not fit its config: {e}") from None
+    mx.eval(model.parameters())
+    return model
+
+
+def in_compute_dtype(config: dict, weights: dict) -> dict:
+    # scales and biases of quantized layers too: dequantizing with fp16 scales on the CPU runs in emulated
+    # fp16, slower than the matmul it feeds
+    dtype = compute_dtype(config)
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def reload_weights(model: models.Model, path_or_repo: str, names):
+    """Read the weights `names` of the checkpoint `model` was loaded from (load) into it again."""
+    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
+    model.update(tree_unflatten(list(in_compute_dtype(config, {k: weights[k] for k in names}).items())))
+    mx.eval(model.parameters())
 
 
 GGUF_NAMES = {
@@ -551,82 +585,7 @@ def gguf_tokenizer(meta: dict):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special, **tokenizer_config)
 
 
-def gguf_vocabulary(args: models.ModelArgs, tokenizer):
-    """(tokens, types, merges) for a GGUF file of this model, or a UserError saying why it cannot be written."""
-    if args.model_type not in ("llama", "mistral"):
-        raise UserError(f"--export-gguf: model_type {args.model_type!r} is not written (llama, mistral)")
-    if args.rope_type not in ("default", "linear"):
-        raise UserError(f"--export-gguf: rope scaling {args.rope_type!r} is not written (default, linear)")
-    vocab = json.loads(tokenizer.backend_tokenizer.to_str())
-    if vocab["model"]["type"] != "BPE" or vocab["model"].get("byte_fallback"):
-        raise UserError("--export-gguf: only byte-level BPE tokenizers are written (GPT-2's kind: Llama 3, "
-                        "SmolLM, Qwen), not SentencePiece ones")
-    special = {t["id"] for t in vocab["added_tokens"] if t["special"]}
-    ids = {**vocab["model"]["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
-    tokens = [f"[PAD{i}]" for i in range(max(args.vocab_size, max(ids.values()) + 1))]
-    for token, i in ids.items():
-        tokens[i] = token
-    types = [3 if i in special else 1 for i in range(len(tokens))]  # 3: control
-    return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
-
-
-def write_gguf(path, model: models.Model, tokenizer):
-    """A float16 GGUF file of a llama-family model, in llama.cpp's layout (q/k rows permuted for its rope,
-    norms in float32), with the tokenizer in its metadata."""
-    import gguf
-    import numpy as np
-
-    args = model.args
-    tokens, types, merges = gguf_vocabulary(args, tokenizer)
-    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()}
-
-    def write(tmp):
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_block_count(args.num_hidden_layers)
-        writer.add_context_length(args.max_position_embeddings)
-        writer.add_embedding_length(args.hidden_size)
-        writer.add_feed_forward_length(args.intermediate_size)
-        writer.add_head_count(args.num_attention_heads)
-        writer.add_head_count_kv(args.num_key_value_heads)
-        writer.add_rope_dimension_count(args.head_dim)
-        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-        writer.add_rope_freq_base(args.rope_theta)
-        if args.rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(args.rope_scaling["factor"])
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        for name in ("bos", "eos", "pad"):
-            if getattr(tokenizer, f"{name}_token_id", None) is not None:
-                getattr(writer, f"add_{name}_token_id")(getattr(tokenizer, f"{name}_token_id"))
-        writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
-        if isinstance(tokenizer.chat_template, str):
-            writer.add_chat_template(tokenizer.chat_template)
-        for name, value in tree_flatten(model.parameters()):
-            parts = name.split(".")
-            if parts[1] == "layers":
-                layer, module = parts[2], ".".join(parts[3:-1])
-                gguf_name = f"blk.{layer}.{to_gguf[module]}.{parts[-1]}"
-            else:
-                gguf_name = f"{to_gguf[name.rsplit('.', 1)[0]]}.{parts[-1]}"
-            if parts[-2] in ("q_proj", "k_proj"):  # the inverse of read_gguf's permutation
-                heads = args.num_attention_heads if parts[-2] == "q_proj" else args.num_key_value_heads
-                rows, rest = value.shape[0], value.shape[1:]
-                value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-            writer.add_tensor(gguf_name, np.array(value.astype(mx.float16 if value.ndim == 2 else mx.float32)))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-    path = Path(path)
-    with staged(path) as tmp:
-        write(str(tmp / path.name))
-        os.replace(tmp / path.name, path)
+# Writing files: whole or not at all, one writer at a time
 
 
 def atomic_write(path, write):
@@ -651,90 +610,6 @@ def save_safetensors(path, arrays: dict, metadata: dict):
 
 def write_json(path, value):
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
-
-
-def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
-    """Write (name, array) pairs as safetensors shards of at most shard_bytes with their index, in Hugging
-    Face's naming. The arrays are evaluated one at a time as they come, so that lazily read or converted
-    weights are never all in memory: at most a shard is."""
-    folder = Path(folder)
-    shards, where, shard, size, total = [], {}, {}, 0, 0
-
-    def write_shard():
-        shards.append(folder / f".shard-{len(shards)}.tmp.safetensors")
-        save_safetensors(shards[-1], shard, {"format": "pt"})
-        where.update({name: len(shards) - 1 for name in shard})
-        shard.clear()
-        mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
-
-    for name, value in tensors:
-        mx.eval(value)
-        if shard and size + value.nbytes > shard_bytes:
-            write_shard()
-            size = 0
-        shard[name] = value
-        size += value.nbytes
-        total += value.nbytes
-    write_shard()
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for tmp, name in zip(shards, names):
-        os.replace(tmp, folder / name)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in where.items()}}
-    write_json(folder / "model.safetensors.index.json", index)
-
-
-def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
-    """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer.
-    Float weights are saved in the config's type (the model may compute in another: float32 on the CPU)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
-    weights = ((k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-               for k, v in tree_flatten(model.parameters()))
-    save_weights(path, weights, shard_bytes)
-    write_json(path / "config.json", config)
-    tokenizer.save_pretrained(str(path))
-
-
-def output_config(config: dict, dtype=None, quantized=None) -> dict:
-    """The config.json of a written model: the source's, with its float type set to `dtype` (if given) and
-    its quantization that of the `quantized` layers ({path: {"group_size", "bits"}}), if any."""
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if dtype is not None:
-        config["dtype" if "dtype" in config else "torch_dtype"] = dtype
-    if quantized:
-        config["quantization"] = quantization_entry(quantized)
-    return config
-
-
-def quantization_entry(layers: dict) -> dict:
-    """config.json's "quantization" for layers quantized with {path: {"group_size", "bits"}}, in mlx-lm's
-    layout: the most common settings, and the layers that differ listed by their path."""
-    common = dict(Counter(tuple(sorted(p.items())) for p in layers.values()).most_common(1)[0][0])
-    return dict(common, mode="affine",
-                **{path: dict(params, mode="affine") for path, params in layers.items() if params != common})
-
-
-def output_folder(path, flag: str, force: bool, sources=()) -> Path:
-    """The folder a script is to write, checked before any work: refused if it is a file, or a folder that is
-    not empty (unless force); never one that holds a source the script reads, or the current folder."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file")
-    if out.is_dir() and any(out.iterdir()):
-        for source in [*sources, "."]:
-            if source is not None and Path(source).exists() and is_within(Path(source), out):
-                what = "the current folder" if source == "." else source
-                raise UserError(f"{flag} {out}: holds {what}, which replacing it would delete")
-        if not force:
-            raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
-    return out
-
-
-def is_within(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 # Temporary files and folders are named .NAME.tmp-PID-RANDOM: the process that made them can be told to be gone
@@ -829,6 +704,179 @@ def exclusive(out: Path, flag: str, lock: Path):
         os.close(fd)
 
 
+def output_folder(path, flag: str, force: bool, sources=()) -> Path:
+    """The folder a script is to write, checked before any work: refused if it is a file, or a folder that is
+    not empty (unless force); never one that holds a source the script reads, or the current folder."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file")
+    if out.is_dir() and any(out.iterdir()):
+        for source in [*sources, "."]:
+            if source is not None and Path(source).exists() and is_within(Path(source), out):
+                what = "the current folder" if source == "." else source
+                raise UserError(f"{flag} {out}: holds {what}, which replacing it would delete")
+        if not force:
+            raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
+    return out
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+# Saving models, and the hub
+
+
+def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
+    """Write (name, array) pairs as safetensors shards of at most shard_bytes with their index, in Hugging
+    Face's naming. The arrays are evaluated one at a time as they come, so that lazily read or converted
+    weights are never all in memory: at most a shard is."""
+    folder = Path(folder)
+    shards, where, shard, size, total = [], {}, {}, 0, 0
+
+    def write_shard():
+        shards.append(folder / f".shard-{len(shards)}.tmp.safetensors")
+        save_safetensors(shards[-1], shard, {"format": "pt"})
+        where.update({name: len(shards) - 1 for name in shard})
+        shard.clear()
+        mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
+
+    for name, value in tensors:
+        mx.eval(value)
+        if shard and size + value.nbytes > shard_bytes:
+            write_shard()
+            size = 0
+        shard[name] = value
+        size += value.nbytes
+        total += value.nbytes
+    write_shard()
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for tmp, name in zip(shards, names):
+        os.replace(tmp, folder / name)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in where.items()}}
+    write_json(folder / "model.safetensors.index.json", index)
+
+
+def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
+    """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer.
+    Float weights are saved in the config's type (the model may compute in another: float32 on the CPU)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
+    weights = ((k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+               for k, v in tree_flatten(model.parameters()))
+    save_weights(path, weights, shard_bytes)
+    write_json(path / "config.json", config)
+    tokenizer.save_pretrained(str(path))
+
+
+def output_config(config: dict, dtype=None, quantized=None) -> dict:
+    """The config.json of a written model: the source's, with its float type set to `dtype` (if given) and
+    its quantization that of the `quantized` layers ({path: {"group_size", "bits"}}), if any."""
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if dtype is not None:
+        config["dtype" if "dtype" in config else "torch_dtype"] = dtype
+    if quantized:
+        config["quantization"] = quantization_entry(quantized)
+    return config
+
+
+def quantization_entry(layers: dict) -> dict:
+    """config.json's "quantization" for layers quantized with {path: {"group_size", "bits"}}, in mlx-lm's
+    layout: the most common settings, and the layers that differ listed by their path."""
+    common = dict(Counter(tuple(sorted(p.items())) for p in layers.values()).most_common(1)[0][0])
+    return dict(common, mode="affine",
+                **{path: dict(params, mode="affine") for path, params in layers.items() if params != common})
+
+
+def gguf_vocabulary(args: models.ModelArgs, tokenizer):
+    """(tokens, types, merges) for a GGUF file of this model, or a UserError saying why it cannot be written."""
+    if args.model_type not in ("llama", "mistral"):
+        raise UserError(f"model_type {args.model_type!r} is not written as GGUF (llama, mistral)")
+    if args.rope_type not in ("default", "linear"):
+        raise UserError(f"rope scaling {args.rope_type!r} is not written as GGUF (default, linear)")
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())
+    if vocab["model"]["type"] != "BPE" or vocab["model"].get("byte_fallback"):
+        raise UserError("only byte-level BPE tokenizers are written as GGUF (GPT-2's kind: Llama 3, "
+                        "SmolLM, Qwen), not SentencePiece ones")
+    special = {t["id"] for t in vocab["added_tokens"] if t["special"]}
+    ids = {**vocab["model"]["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
+    tokens = [f"[PAD{i}]" for i in range(max(args.vocab_size, max(ids.values()) + 1))]
+    for token, i in ids.items():
+        tokens[i] = token
+    types = [3 if i in special else 1 for i in range(len(tokens))]  # 3: control
+    return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
+
+
+def write_gguf(path, model: models.Model, tokenizer):
+    """A float16 GGUF file of a llama-family model, in llama.cpp's layout (q/k rows permuted for its rope,
+    norms in float32), with the tokenizer in its metadata."""
+    import gguf
+    import numpy as np
+
+    args = model.args
+    tokens, types, merges = gguf_vocabulary(args, tokenizer)
+    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()}
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_block_count(args.num_hidden_layers)
+        writer.add_context_length(args.max_position_embeddings)
+        writer.add_embedding_length(args.hidden_size)
+        writer.add_feed_forward_length(args.intermediate_size)
+        writer.add_head_count(args.num_attention_heads)
+        writer.add_head_count_kv(args.num_key_value_heads)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+        writer.add_rope_freq_base(args.rope_theta)
+        if args.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(args.rope_scaling["factor"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        for name in ("bos", "eos", "pad"):
+            if getattr(tokenizer, f"{name}_token_id", None) is not None:
+                getattr(writer, f"add_{name}_token_id")(getattr(tokenizer, f"{name}_token_id"))
+        writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
+        if isinstance(tokenizer.chat_template, str):
+            writer.add_chat_template(tokenizer.chat_template)
+        for name, value in tree_flatten(model.parameters()):
+            parts = name.split(".")
+            if parts[1] == "layers":
+                layer, module = parts[2], ".".join(parts[3:-1])
+                gguf_name = f"blk.{layer}.{to_gguf[module]}.{parts[-1]}"
+            else:
+                gguf_name = f"{to_gguf[name.rsplit('.', 1)[0]]}.{parts[-1]}"
+            if parts[-2] in ("q_proj", "k_proj"):  # the inverse of read_gguf's permutation
+                heads = args.num_attention_heads if parts[-2] == "q_proj" else args.num_key_value_heads
+                rows, rest = value.shape[0], value.shape[1:]
+                value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+            writer.add_tensor(gguf_name, np.array(value.astype(mx.float16 if value.ndim == 2 else mx.float32)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    path = Path(path)
+    with staged(path) as tmp:
+        write(str(tmp / path.name))
+        os.replace(tmp / path.name, path)
+
+
+def model_card(name: str, source: str, what: str) -> str:
+    """A short README.md for a model folder, naming its source (linked, and as base_model, if a hub repo)."""
+    hub = is_repo_id(source)
+    link = f"[{source}](https://huggingface.co/{source})" if hub else f"`{source}`"
+    header = "---\nlibrary_name: mlx\ntags:\n- mlx\n" + (f"base_model: {source}\n" if hub else "") + "---\n"
+    return f"{header}\n# {name}\n\nMade from {link}: {what}.\n\n```\npython lora.py --model {name} --prompt \"Hello\"\n```\n"
+
+
 def hub_client(repo: str):
     """The hub client, once it is known that it has a token and reaches the hub (before any long work)."""
     from huggingface_hub import HfApi
@@ -838,10 +886,10 @@ def hub_client(repo: str):
     try:
         api.whoami()
     except LocalTokenNotFoundError:
-        raise UserError(f"--upload-name {repo}: no Hugging Face token; log in with `hf auth login` "
+        raise UserError(f"{repo}: no Hugging Face token; log in with `hf auth login` "
                         f"or set HF_TOKEN") from None
     except Exception as e:  # no network, or a token the hub refuses
-        raise UserError(f"--upload-name {repo}: the Hugging Face hub cannot be reached or refuses the token "
+        raise UserError(f"{repo}: the Hugging Face hub cannot be reached or refuses the token "
                         f"({type(e).__name__}: {first_line(e)})") from None
     return api
 
@@ -852,17 +900,12 @@ def upload(api, folder: Path, repo: str, what: str):
         api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
                           commit_message=f"Upload {repo}, {what}")
     except Exception as e:  # the hub client raises many kinds
-        raise UserError(f"--upload-name {repo}: upload failed ({type(e).__name__}: {first_line(e)}); "
+        raise UserError(f"{repo}: upload failed ({type(e).__name__}: {first_line(e)}); "
                         f"the model is in {folder}") from None
     print(f"Uploaded to https://huggingface.co/{repo}", flush=True)
 
 
-def model_card(name: str, source: str, what: str) -> str:
-    """A short README.md for a model folder, naming its source (linked, and as base_model, if a hub repo)."""
-    hub = is_repo_id(source)
-    link = f"[{source}](https://huggingface.co/{source})" if hub else f"`{source}`"
-    header = "---\nlibrary_name: mlx\ntags:\n- mlx\n" + (f"base_model: {source}\n" if hub else "") + "---\n"
-    return f"{header}\n# {name}\n\nMade from {link}: {what}.\n\n```\npython lora.py --model {name} --prompt \"Hello\"\n```\n"
+# Adapters
 
 
 def adapter_config_path(adapter_file) -> Path:
@@ -883,27 +926,35 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
 # PEFT's names for a layer's adapter weights, base_model.model.<layer>.<name>: lora_A (rank x input) and
 # lora_B (output x rank) are lora_a and lora_b transposed; DoRA's magnitude vector is m (.T leaves it as it is).
 PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+
 PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\.({'|'.join(map(re.escape, PEFT_NAMES.values()))})")
+
+
 # mlx-lm's adapter_config.json "fine_tune_type": the weights each kind holds, per layer (none: full weights)
 ADAPTER_WEIGHTS = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m"), "full": ()}
 
 
 class Adapters(NamedTuple):
     """Adapters as read_adapters reads them: weights named as the model holds them (<layer>.lora_a,
-    <layer>.lora_b and DoRA's <layer>.m; or, for "full", Hugging Face-named weights of decoder layers),
-    the LoRA scale, and the fine_tune_type (ADAPTER_WEIGHTS)."""
+    <layer>.lora_b and DoRA's <layer>.m; or, for "full", Hugging Face-named weights of decoder layers), and
+    the adapter_config.json that records them, as this toolkit writes it (fine_tune_type; for LoRA and DoRA,
+    lora_parameters: rank, scale, dropout), a PEFT config translated."""
     weights: dict
-    scale: float
-    fine_tune_type: str
+    config: dict
+
+    @property
+    def fine_tune_type(self) -> str:
+        return self.config["fine_tune_type"]
 
 
 def read_adapters(adapter_path, scale=20.0) -> Adapters:
     """The adapters of an adapter file (.safetensors or .npz, with or without adapter_config.json beside it;
-    without, LoRA), an adapter folder of mlx-lm or this toolkit (adapters.safetensors + adapter_config.json),
-    or a PEFT LoRA or DoRA folder."""
+    without, LoRA of the weights' rank and this scale), an adapter folder of mlx-lm or this toolkit
+    (adapters.safetensors + adapter_config.json), or a PEFT LoRA or DoRA folder."""
     path = Path(adapter_path)
     if not path.exists():
-        raise UserError(f"--adapter-file {path}: no such file or folder")
+        raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         config_path = path / "adapter_config.json"
         if not config_path.exists():
@@ -921,19 +972,19 @@ def read_adapters(adapter_path, scale=20.0) -> Adapters:
     if not isinstance(fine_tune_type, str) or fine_tune_type not in ADAPTER_WEIGHTS:
         raise UserError(f"{config_path}: fine_tune_type {fine_tune_type!r} is not supported "
                         f"({', '.join(ADAPTER_WEIGHTS)})")
+    weights = adapter_weights(path)
+    config = {**config, "fine_tune_type": fine_tune_type}
+    if fine_tune_type == "full":
+        return Adapters(weights, config)
     params = config.get("lora_parameters", {})
     if not isinstance(params, dict):
         raise UserError(f"{config_path}: lora_parameters is {params!r}, expected an object")
-    scale, rank = params.get("scale", scale), params.get("rank")
-    if not is_number(scale):
-        raise UserError(f"{config_path}: lora_parameters.scale is {scale!r}, expected a number")
-    weights = adapter_weights(path)
-    check_rank(weights, rank, config_path)
-    return Adapters(weights, scale, fine_tune_type)
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    params = {**params, "scale": params.get("scale", scale), "dropout": params.get("dropout", 0.0),
+              "rank": check_rank(weights, params.get("rank"), config_path)}
+    for key in ("scale", "dropout"):
+        if not is_number(params[key]):
+            raise UserError(f"{config_path}: lora_parameters.{key} is {params[key]!r}, expected a number")
+    return Adapters(weights, {**config, "lora_parameters": params})
 
 
 def adapter_weights(path: Path) -> dict:
@@ -945,18 +996,22 @@ def adapter_weights(path: Path) -> dict:
     return weights
 
 
-def check_rank(weights: dict, rank, config_path):
-    """The rank adapter_config.json records is the weights' own: a wrong one would change the scale that is
-    derived from it (PEFT's alpha / r) or the layers built from it."""
+def check_rank(weights: dict, rank, config_path) -> int:
+    """The adapters' rank: the one adapter_config.json records (None: not recorded), which must be the
+    weights' own, as the scale derived from it (PEFT's alpha / r) and the layers built from it would be
+    wrong."""
     found = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 2})
+    if rank is None and len(found) > 1:
+        raise UserError(f"{config_path}: the adapters' ranks differ ({', '.join(map(str, found))}); one is supported")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or found and found != [rank]):
         raise UserError(f"{config_path}: says rank {rank!r}, but the weights' rank is "
                         f"{', '.join(map(str, found)) or 'unknown'}")
+    return found[0] if rank is None and found else rank
 
 
 def read_peft(folder: Path, config: dict) -> Adapters:
     config_path = folder / "adapter_config.json"
-    rank, alpha = config.get("r"), config.get("lora_alpha", 8)
+    rank, alpha, dropout = config.get("r"), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
     if config["peft_type"] != "LORA":
         raise UserError(f"{config_path}: PEFT adapters of type {config['peft_type']} are not supported (LORA)")
     for key, supported in (("fan_in_fan_out", False), ("bias", "none")):
@@ -977,35 +1032,36 @@ def read_peft(folder: Path, config: dict) -> Adapters:
             raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer")
         weights[f"{match[1]}.{ours[match[2]]}"] = value.T
     check_rank(weights, rank, config_path)
-    if rank is None or rank < 1 or not is_number(alpha):
-        raise UserError(f"{config_path}: r is {rank!r} and lora_alpha {alpha!r}; expected a rank of at least 1 "
-                        f"and a number")
+    if rank is None or rank < 1 or not is_number(alpha) or not is_number(dropout):
+        raise UserError(f"{config_path}: r is {rank!r}, lora_alpha {alpha!r} and lora_dropout {dropout!r}; "
+                        f"expected a rank of at least 1 and numbers")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return Adapters(weights, scale, "dora" if config.get("use_dora") else "lora")
+    return Adapters(weights, {"base_model": config.get("base_model_name_or_path"),
+                              "fine_tune_type": "dora" if config.get("use_dora") else "lora",
+                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout}})
 
 
-def load_adapters(model: nn.Module, adapter_path, scale=20.0, dropout=0.0):
-    """Wrap the layers that the adapters (see read_adapters) have weights for in LoRALinear (DoRALinear for
-    DoRA) and load them; layers, targets and rank come from the weights, the scale from the config (else
-    `scale`). Full weights are loaded over the model's own, and made trainable (as adapters are)."""
-    return apply_adapters(model, *read_adapters(adapter_path, scale), adapter_path, dropout)
+def load_adapters(model: nn.Module, adapter_path, scale=20.0):
+    """Load the adapters of adapter_path (read_adapters; `scale` where nothing records it): apply_adapters."""
+    return apply_adapters(model, read_adapters(adapter_path, scale), adapter_path)
 
 
-def apply_adapters(model: nn.Module, weights: dict, scale: float, fine_tune_type: str, adapter_path, dropout=0.0):
-    """load_adapters on adapters already read (read_adapters); adapter_path names them in errors."""
-    if fine_tune_type == "full":
+def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None):
+    """Wrap the layers that the adapters have weights for (models.wrap_lora_layers) as their config says
+    (dropout: the config's unless given), and load them; full weights are loaded over the model's own, and
+    made trainable, as adapters are. adapter_path names them in errors."""
+    weights, kind = adapters.weights, adapters.fine_tune_type
+    if kind == "full":
         return load_full_weights(model, weights, adapter_path)
-    names = ADAPTER_WEIGHTS[fine_tune_type]
+    names = ADAPTER_WEIGHTS[kind]
     for key in sorted(weights):
         if key.rsplit(".", 1)[-1] not in names:
-            raise UserError(f"{adapter_path}: {key} is not a weight of {fine_tune_type} adapters "
+            raise UserError(f"{adapter_path}: {key} is not a weight of {kind} adapters "
                             f"({', '.join(names)}); is adapter_config.json's fine_tune_type right?")
     paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
     if not paths:
         raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
-    layer_class = models.DoRALinear if fine_tune_type == "dora" else models.LoRALinear
     modules = dict(model.named_modules())
-    wrapped = []
     for path in paths:
         if path not in modules:
             raise UserError(f"{adapter_path}: layer {path} does not exist in this model (made for another base?)")
@@ -1014,12 +1070,13 @@ def apply_adapters(model: nn.Module, weights: dict, scale: float, fine_tune_type
         if weights[f"{path}.lora_a"].ndim != 2:
             raise UserError(f"{adapter_path}: {path}.lora_a has shape {tuple(weights[f'{path}.lora_a'].shape)}, "
                             f"not (inputs, rank)")
-        wrapped.append((path, layer_class.from_linear(
-            modules[path], rank=weights[f"{path}.lora_a"].shape[1], scale=scale, dropout=dropout)))
-    for path, lora in wrapped:
+    params = adapters.config["lora_parameters"]
+    models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
+                            params["dropout"] if dropout is None else dropout, dora=kind == "dora")
+    modules = dict(model.named_modules())
+    for path in paths:
         for name in names:
-            check_fits(adapter_path, f"{path}.{name}", weights.get(f"{path}.{name}"), lora[name])
-    model.update_modules(tree_unflatten(wrapped))
+            check_fits(adapter_path, f"{path}.{name}", weights.get(f"{path}.{name}"), modules[path][name])
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return model
@@ -1051,31 +1108,22 @@ def check_fits(adapter_path, name: str, stored, expected: mx.array):
                         f"{None if stored is None else tuple(stored.shape)}, the model's is {tuple(expected.shape)}")
 
 
-def lora_layers(model: nn.Module) -> dict:
-    """The LoRALinear layers (DoRALinear too) by path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, models.LoRALinear)}
-
-
-def save_peft(folder, model: nn.Module, base_model: str, dropout: float = 0.0):
-    """The model's LoRA or DoRA adapters as a PEFT folder (adapter_model.safetensors, adapter_config.json),
-    which peft.PeftModel.from_pretrained loads on the transformers model of the same base."""
-    layers = lora_layers(model)
-    ranks, scales = {m.lora_a.shape[1] for m in layers.values()}, {m.scale for m in layers.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise UserError(f"PEFT holds one rank and one scale for all layers; these adapters have ranks "
-                        f"{sorted(ranks)} and scales {sorted(scales)}")
-    (rank,), (scale,) = ranks, scales
-    dora = {isinstance(m, models.DoRALinear) for m in layers.values()}
-    if len(dora) != 1:
-        raise UserError("PEFT holds LoRA or DoRA for all layers; these adapters mix both")
+def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
+    """The model's LoRA or DoRA adapters, which adapter_config describes, as a PEFT folder
+    (adapter_model.safetensors, adapter_config.json) that peft.PeftModel.from_pretrained loads on the
+    transformers model of the same base."""
+    layers = models.lora_layers(model)
+    params = adapter_config["lora_parameters"]
     weights = {f"base_model.model.{path}.{theirs}": m[name].T
                for path, m in layers.items() for name, theirs in PEFT_NAMES.items() if name in m}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": scale * rank, "lora_dropout": dropout, "use_rslora": False,
+        "r": params["rank"], "lora_alpha": params["scale"] * params["rank"], "lora_dropout": params["dropout"],
+        "use_rslora": False,
         # the exact layers, matched whole (PEFT's re.fullmatch of a string)
         "target_modules": "|".join(re.escape(path) for path in sorted(layers)),
-        "bias": "none", "fan_in_fan_out": False, "use_dora": dora.pop(), "inference_mode": True,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": adapter_config["fine_tune_type"] == "dora",
+        "inference_mode": True,
     }
 
     def write(tmp):
@@ -1083,6 +1131,9 @@ def save_peft(folder, model: nn.Module, base_model: str, dropout: float = 0.0):
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     write_folder(Path(folder), write)
+
+
+# Generation
 
 
 def sample(logits: mx.array, temp: float, top_p: float) -> mx.array:

@@ -94,6 +94,28 @@ def flops_per_token(config, first_trained, length, full, first_computed=0):
     return forward + backward
 
 
+def timed_steps(model, dataset, args):
+    """(last loss, trained tokens, seconds, peak memory before them) of --steps timed training steps after
+    --warmup-steps untimed ones."""
+    step = lora.make_step(model, lora.build_optimizer(args), args)
+    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
+                                   sort=args.sort_by_length)
+
+    def launch(i):
+        return step(batches)
+
+    for i, _, (loss, _) in lora.pipelined(launch, range(args.warmup_steps)):
+        print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
+    setup_peak = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    trained_tokens, start = 0, time.perf_counter()
+    for i, _, (loss, ntoks) in lora.pipelined(launch, range(args.steps)):
+        trained_tokens += ntoks
+        print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
+              f"tokens/s", flush=True)
+    return loss, trained_tokens, time.perf_counter() - start, setup_peak
+
+
 def run(args):
     if args.config:
         raise UserError("--config is lora.py's alone: give the recipe's flags on the command line")
@@ -112,26 +134,11 @@ def run(args):
         model, args, args.lora_scale if args.lora_alpha is None else args.lora_alpha / args.lora_rank)
     model.grad_checkpoint = args.grad_checkpoint
     start = time.perf_counter()
-    prefix, (dataset,), _ = lora.cache_frozen_layers(model, [dataset], args, args.iters)
-    prefix_seconds = time.perf_counter() - start
-    step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
-    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
-                                   sort=args.sort_by_length)
-
-    def launch(i):
-        return step(batches)
-
-    for i, _, (loss, _) in lora.pipelined(launch, range(args.warmup_steps)):
-        print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
-    setup_peak = mx.get_peak_memory()
-    mx.reset_peak_memory()
-    trained_tokens, start = 0, time.perf_counter()
-    for i, _, (loss, ntoks) in lora.pipelined(launch, range(args.steps)):
-        trained_tokens += ntoks
-        print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
-              f"tokens/s", flush=True)
-    seconds = time.perf_counter() - start
-
+    # the weights released for the frozen layers' pass are not read back: the model is not used after
+    with lora.frozen_layers_cached(model, [dataset], args, args.iters, source=None) as (dataset,):
+        prefix, prefix_seconds = model.frozen_prefix, time.perf_counter() - start
+        loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, args)
+        peak = mx.get_peak_memory()
     rows = args.steps * args.grad_accumulation_steps * args.batch_size
     flops = flops_per_token(config, lora.first_trained_layer(model), trained_tokens / rows,
                             args.fine_tune_type == "full", prefix.layer if prefix else 0)
@@ -152,7 +159,7 @@ def run(args):
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         "warmup_steps": args.warmup_steps, "steps": args.steps,
         "tokens_per_second": trained_tokens / seconds, "steps_per_second": args.steps / seconds,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "final_loss": loss,
+        "peak_memory_gb": peak / 1e9, "final_loss": loss,
         # the peak before the timed steps: loading, the frozen layers' pass, warm-up
         "setup_peak_memory_gb": setup_peak / 1e9,
         "frozen_prefix": prefix and {"layers": prefix.layer, "seconds": prefix_seconds,
@@ -174,5 +181,5 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.reexec_in_cpu_environment()
+    utils.set_up_process()
     utils.run_main("bench.py", main)

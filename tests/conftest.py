@@ -25,7 +25,7 @@ import utils  # noqa: E402
 
 def pytest_configure(config):
     """Re-execute pytest in the environment the scripts use (a fast BLAS), once its output capture is undone."""
-    utils.reexec_in_cpu_environment(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
+    utils.set_up_process(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
 
 # On a GPU, MLX runs fp32 matrix products as TF32 (10-bit mantissa): parity there is to about 1e-3 relative,
 # and Gemma's logits (embeddings times sqrt(hidden_size)) reach 0.012 off.
@@ -78,7 +78,7 @@ def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, sc
     model.freeze()
     models.linear_to_lora_layers(model, targets, layers, rank, scale, dora=dora)
     mx.random.seed(1)
-    for lora in utils.lora_layers(model).values():
+    for lora in models.lora_layers(model).values():
         lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
         if dora:
             lora.m = lora.m * (1 + 0.2 * mx.random.normal(lora.m.shape))

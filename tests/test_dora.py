@@ -78,7 +78,7 @@ def test_dora_forward_equals_peft(base, tmp_path):
     ours = random_adapter(folder, tmp_path / "adapters.safetensors", dora=True)  # rank 4, scale 2
     theirs = peft_dora(reference, [2, 3])
     with torch.no_grad():
-        for path, layer in utils.lora_layers(ours).items():
+        for path, layer in models.lora_layers(ours).items():
             peft_layer = theirs.base_model.model.get_submodule(path)
             peft_layer.lora_A["default"].weight.copy_(torch.from_numpy(np.array(layer.lora_a.T)))
             peft_layer.lora_B["default"].weight.copy_(torch.from_numpy(np.array(layer.lora_b.T)))
@@ -121,7 +121,7 @@ def test_peft_dora_adapters_load_here(base, tmp_path):
 
     ours, _, _ = utils.load(str(folder))
     utils.load_adapters(ours, tmp_path / "peft")
-    layers = utils.lora_layers(ours)
+    layers = models.lora_layers(ours)
     assert len(layers) == 14 and all(isinstance(m, models.DoRALinear) for m in layers.values())
     assert np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
 

@@ -116,7 +116,7 @@ def test_quantized_conversion_and_fuse(family, tmp_path):
     run_fuse("--model", tmp_path / "q8", "--adapter-file", tmp_path / "adapters.safetensors",
              "--save-path", tmp_path / "fused")
     fused, _, _ = utils.load(str(tmp_path / "fused"))
-    assert not utils.lora_layers(fused)
+    assert not models.lora_layers(fused)
     assert np.abs(logits(fused, tokens) - expected).mean() < 0.2 * np.abs(expected - logits(quantized, tokens)).mean()
 
 

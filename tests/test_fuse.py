@@ -12,6 +12,7 @@ from conftest import (ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, mlx_lm_a
 from mlx import nn
 
 import convert
+import models
 import utils
 from utils import UserError
 
@@ -37,7 +38,7 @@ def test_fused_model_loads_in_transformers_with_the_adapters_logits(base, tmp_pa
     fused = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32)
     assert np.abs(torch_logits(fused, tokens) - expected).max() <= FP32_ATOL
     ours, _, _ = utils.load(str(tmp_path / "fused"))
-    assert not utils.lora_layers(ours) and np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
+    assert not models.lora_layers(ours) and np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
 
 
 def test_fusing_into_a_quantized_base(base, tmp_path):
@@ -71,11 +72,16 @@ def test_export_to_peft(base, tmp_path):
 
     folder, reference, tokens = base
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", rank=4, scale=2.0)
+    # the export is what adapter_config.json records (the dropout it was trained with too)
+    recorded = json.loads((tmp_path / "adapter_config.json").read_text())
+    recorded["lora_parameters"]["dropout"] = 0.05
+    (tmp_path / "adapter_config.json").write_text(json.dumps(recorded))
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
              "--export-peft", tmp_path / "peft", "--hf-path", "someone/tiny")
     assert not (tmp_path / "lora_fused_model").exists()  # only the export was asked for
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, "someone/tiny")
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["base_model_name_or_path"]) == (
+        4, 8.0, 0.05, "someone/tiny")
     peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
     assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
 
@@ -102,7 +108,7 @@ def test_peft_adapters_load_here(base, tmp_path, data_dir, capsys, rslora):
 
     ours, _, _ = utils.load(str(folder))
     utils.load_adapters(ours, tmp_path / "peft")
-    assert len(utils.lora_layers(ours)) == 14
+    assert len(models.lora_layers(ours)) == 14
     assert np.abs(logits(ours, tokens) - expected).max() <= FP32_ATOL
 
     out = run_lora(capsys, "--model", folder, "--adapter-file", tmp_path / "peft", "--data", data_dir, "--test")

@@ -108,7 +108,7 @@ def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
     model, _, _ = utils.load(str(folder))
     model.freeze()
     models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
-    for layer in utils.lora_layers(model).values():
+    for layer in models.lora_layers(model).values():
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     tokens = mx.random.randint(3, 300, (4, 257))
     batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((4, 256), mx.bool_))
@@ -165,7 +165,7 @@ def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, 
     model, tokenizer, _ = utils.load(str(path))
     model.freeze()
     lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
-    for layer in utils.lora_layers(model).values():
+    for layer in models.lora_layers(model).values():
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:12]
     # the longest of a batch a multiple of 8, and one filling its packed row but for the padding it must have
@@ -175,8 +175,8 @@ def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, 
     assert max(len(t) - 1 for t, _ in dataset[:4]) == 32 and (sum(len(t) - 1 for t, _ in dataset[4:8]) + 1) % 16 == 0
 
     def token_losses(batch):
-        inputs, targets, mask, *segments = batch
-        logits = model(inputs, segments=segments[0] if segments else None)
+        inputs, targets, mask, *packing = batch
+        logits = model(inputs, packing=packing[0] if packing else None)
         losses = nn.losses.cross_entropy(logits, targets, reduction="none")
         return np.array(losses)[np.array(mask)]
 
@@ -213,7 +213,7 @@ def test_chunked_loss_is_the_whole_loss(tiny_llama, monkeypatch):
     model, _, _ = utils.load(str(tiny_llama))
     model.freeze()
     lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
-    for layer in utils.lora_layers(model).values():
+    for layer in models.lora_layers(model).values():
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     tokens = mx.random.randint(3, 300, (3, 41))
     mask = mx.random.uniform(shape=(3, 40)) > 0.3
@@ -264,11 +264,13 @@ def test_cached_frozen_layers_give_the_same_training(tiny_llama, data_dir, tmp_p
             model.freeze()
             mx.random.seed(0)
             lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], 2, rank=4)
-            prefix, (train, valid) = lora.frozen_prefix(model, splits) if cached else (None, splits)
-            assert (prefix is not None) == cached and (not cached or prefix.layer == 2)
-            step = lora.make_step(model, lora.build_optimizer(args), args, prefix=prefix)
-            batches = lora.iterate_batches(train, 4, train=True, pack=pack)
-            curves.append([step(batches)[0].item() for _ in range(8)] + [lora.evaluate(model, valid, 4, -1, prefix)])
+            args.cache_frozen_layers = cached
+            with lora.frozen_layers_cached(model, splits, args, 1000, str(tiny_llama)) as (train, valid):
+                prefix = model.frozen_prefix
+                assert (prefix is not None) == cached and (not cached or prefix.layer == 2)
+                step = lora.make_step(model, lora.build_optimizer(args), args)
+                batches = lora.iterate_batches(train, 4, train=True, pack=pack)
+                curves.append([step(batches)[0].item() for _ in range(8)] + [lora.evaluate(model, valid, 4, -1)])
         assert curves[0][7] < curves[0][0] - 0.3
         assert np.allclose(*curves, atol=1e-4), curves
 
@@ -313,6 +315,30 @@ def test_released_frozen_weights_free_memory_and_read_back(tiny_llama):
     utils.reload_weights(model, str(tiny_llama), names)
     reloaded, fresh = (dict(tree_flatten(m.parameters())) for m in (model, utils.load(str(tiny_llama))[0]))
     assert all(np.array_equal(reloaded[k], fresh[k]) for k in names)
+
+
+def test_frozen_layers_come_back_however_the_cache_is_left(tiny_llama, data_dir):
+    """Leaving frozen_layers_cached by an error (or Ctrl-C) gives the model its weights back, as leaving it
+    normally does: the model then gives the logits it gave before."""
+    import utils
+
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj"], 1)
+    rows = lora.tokenize(lora.load_dataset(data_dir, "valid"), tokenizer, 1, 2048, "valid")
+    args = lora.build_parser().parse_args([])
+    tokens = mx.array([rows[0][0]])
+    expected = model(tokens)
+    for error in (None, RuntimeError, KeyboardInterrupt):
+        try:
+            with lora.frozen_layers_cached(model, [rows], args, 1000, str(tiny_llama)):
+                assert model.frozen_prefix.layer == 3 and model.layers[0].input_layernorm.weight.size == 0
+                if error:
+                    raise error
+        except (RuntimeError, KeyboardInterrupt):
+            pass
+        assert model.frozen_prefix is None
+        assert np.array_equal(np.array(model(tokens)), np.array(expected))
 
 
 def test_frozen_prefix_of_a_quantized_model(tiny_llama, data_dir):
