@@ -364,14 +364,24 @@ def make_batch(rows, pack, by_example=None):
 
 def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False):
     """Batches (make_batch) of the examples in order (batch_order); training repeats forever from its
-    `start`-th batch, evaluation covers the set once."""
+    `start`-th batch, evaluation covers the set once. In a distributed run each rank makes its share of every
+    global batch (rank_share): None where that is no example (evaluation's last batch)."""
     epoch, skip = divmod(start, len(dataset) // batch_size) if train else (0, 0)
     while True:
         for rows in batch_order(dataset, batch_size, train, seed, epoch, sort)[skip:]:
-            yield make_batch([dataset[j] for j in rows], pack)
+            rows = rank_share(rows)
+            yield make_batch([dataset[j] for j in rows], pack) if rows else None
         if not train:
             return
         epoch, skip = epoch + 1, 0
+
+
+def rank_share(items):
+    """This rank's part of a global batch's items, the r-th of N consecutive parts (all of them outside a
+    distributed run)."""
+    group = mx.distributed.init()
+    n, r = group.size(), group.rank()
+    return items[len(items) * r // n:len(items) * (r + 1) // n]
 
 
 # The frozen layers below the trained ones, computed once
@@ -393,13 +403,39 @@ def memory_size():
 def frozen_prefix(model, datasets):
     """(models.FrozenPrefix, datasets) where the frozen layers below the first trained one are some and their
     output for every example of `datasets` takes under a tenth of the device's memory, the datasets' rows then
-    each with its first row of the prefix's states (make_batch); else (None, datasets)."""
+    each with its first row of the prefix's states (make_batch); else (None, datasets). In a distributed run
+    each rank computes the states of a share of the examples, and all ranks gather all of them."""
+    group = mx.distributed.init()
     layer, rows = first_trained_layer(model), [row for dataset in datasets for row in dataset]
     lengths = np.array([len(tokens) - 1 for tokens, _ in rows])
     size = lengths.sum() * model.args.hidden_size * model.model[model.args.final_norm].weight.dtype.size
-    if layer == 0 or size > memory_size() / 10:
+    fits = mx.distributed.all_min(mx.array(size <= memory_size() / 10), group=group).item()  # one choice for all
+    if layer == 0 or not fits:
         return None, datasets
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
+    n = group.size()
+    states = frozen_states(model, layer, [rows[i] for i in range(group.rank(), len(rows), n)])
+    if n > 1:  # the states of example i are at rank i % n's, in the order of its examples
+        counts = [lengths[r::n].sum() for r in range(n)]
+        padded = mx.pad(states, [(0, max(counts) - states.shape[0]), (0, 0)])
+        gathered = mx.distributed.all_gather(padded, group=group)
+        firsts = {}
+        for r in range(n):
+            for i, first in zip(range(r, len(rows), n), r * max(counts) + np.cumsum(lengths[r::n]) - lengths[r::n]):
+                firsts[i] = first
+        states = gathered[mx.array(np.concatenate([np.arange(firsts[i], firsts[i] + lengths[i])
+                                                   for i in range(len(rows))]))]
+        mx.eval(states)
+    firsts = iter(np.cumsum(lengths) - lengths)
+    return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+
+
+def frozen_states(model, layer, rows):
+    """The hidden states entering decoder layer `layer` at every input position of these rows, one after the
+    other."""
+    if not rows:  # a rank of a distributed run with more ranks than examples
+        return mx.zeros((0, model.args.hidden_size), model.model[model.args.final_norm].weight.dtype)
+    lengths = np.array([len(tokens) - 1 for tokens, _ in rows])
     # similar lengths together, PREFIX_BATCH_TOKENS positions at a time: little padding, large products
     groups, group = [], []
     for i in np.argsort(lengths, kind="stable"):
@@ -429,8 +465,7 @@ def frozen_prefix(model, datasets):
             pieces[i] = h[k, :lengths[i]]
     states = mx.concatenate(pieces)
     mx.eval(states)
-    firsts = iter(np.cumsum(lengths) - lengths)
-    return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+    return states
 
 
 def release_frozen_weights(model, layer):
@@ -520,10 +555,13 @@ def build_optimizer(args):
 
 
 def make_step(model, optimizer, args, compiled=True):
-    """step(batches) -> (loss, tokens), arrays: one update on the token-weighted mean gradient of
-    --grad-accumulation-steps batches, its model and optimizer state
-    being evaluated (mx.async_eval: the call returns before the device is done); compiled unless told not to
-    (or the model has experts)."""
+    """step(batches, stop) -> (loss, tokens, stop), arrays: one update on the token-weighted mean gradient of
+    --grad-accumulation-steps batches, its model and optimizer state being evaluated (mx.async_eval: the call
+    returns before the device is done); compiled unless told not to (or the model has experts). In a
+    distributed run the batches are this rank's shares of the global ones: the gradient, the loss, the tokens
+    and `stop` (a flag any rank may raise) are summed over the ranks, so that every rank makes the update one
+    process would make on the global batch."""
+    group = mx.distributed.init()
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -532,32 +570,36 @@ def make_step(model, optimizer, args, compiled=True):
         (loss, ntoks), grads = loss_and_grad(model, *batch)
         return loss * ntoks, ntoks, tree_map(lambda g: g * ntoks, grads)
 
-    def update(grads, ntoks):
-        grads = tree_map(lambda g: g / ntoks, grads)
+    def update(grads, ntoks, loss, stop):
+        if group.size() == 1:
+            grads = tree_map(lambda g: g / ntoks, grads)
+        else:  # the gradient in one all-reduce (of 32 MB pieces), the three numbers in another
+            loss, count, stop = mx.distributed.all_sum(mx.stack([loss, ntoks.astype(loss.dtype), stop]), group=group)
+            ntoks = count.astype(ntoks.dtype)
+            grads = tree_map(lambda g: g * (group.size() / count), nn.average_gradients(grads, group=group))
         if args.max_grad_norm:
             grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
         optimizer.update(model, grads)
+        return loss / ntoks, ntoks, stop
 
-    def update_on(*batch):
+    def update_on(stop, *batch):
         loss, ntoks, grads = gradient(*batch)
-        update(grads, ntoks)
-        return loss / ntoks, ntoks
+        return update(grads, ntoks, loss, stop)
 
     if compiled and not model.args.num_local_experts:  # experts route on the host (models.SparseMoE)
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
-    def step(batches):
+    def step(batches, stop=mx.array(0.0)):
         if args.grad_accumulation_steps == 1:  # one compiled function for the whole step
-            loss, ntoks = update_on(*next(batches))
+            loss, ntoks, stop = update_on(stop, *next(batches))
         else:
             loss, ntoks, grads = gradient(*next(batches))
             for _ in range(args.grad_accumulation_steps - 1):
                 more = gradient(*next(batches))
                 loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
-            update(grads, ntoks)
-            loss = loss / ntoks
-        mx.async_eval(state, loss, ntoks)
-        return loss, ntoks
+            loss, ntoks, stop = update(grads, ntoks, loss, stop)
+        mx.async_eval(state, loss, ntoks, stop)
+        return loss, ntoks, stop
 
     return step
 
@@ -624,11 +666,12 @@ def set_up_training(model, args, scale):
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
-    checkpoint and raise KeyboardInterrupt."""
+    checkpoint and raise KeyboardInterrupt. In a distributed run, rank 0 alone writes."""
+    group = mx.distributed.init()
+    writer = group.rank() == 0
     optimizer = build_optimizer(args)
     first = load_checkpoint(args.resume, model, optimizer) + 1 if args.resume else 1
-    kept = resumed_metrics(args, first - 1)
-    folder = new_run_folder(adapter_file.parent / "runs")
+    folder = new_run_folder(adapter_file.parent / "runs") if writer else None
     say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
         + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
     if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
@@ -636,20 +679,20 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     iterations = args.iters - first + 1
     with frozen_layers_cached(model, [train_set, valid_set], args, iterations, args.model) as (train_set, valid_set):
         step = make_step(model, optimizer, args)
-        metrics_path, saved = folder / "metrics.jsonl", []
-        log = metrics_log(metrics_path, kept, args)
+        metrics_path, saved = folder and folder / "metrics.jsonl", []
+        log = metrics_log(metrics_path, resumed_metrics(args, first - 1), args) if writer else metrics_log(None, [], args)
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                   start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length)
-        interrupted, checkpoint = [], None
+        interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         losses, ntokens, total_tokens = [], 0, 0
         tic = start = time.perf_counter()
-        bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None, unit="it",
-                   dynamic_ncols=True)
+        bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None if writer else True,
+                   unit="it", dynamic_ncols=True)
 
         def launch(it):
             mx.random.seed((args.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
-            return (*step(batches), optimizer.learning_rate)
+            return (*step(batches, mx.array(float(bool(interrupted)))), optimizer.learning_rate)
 
         def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
             return args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0)
@@ -658,8 +701,11 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             return it % args.save_every == 0 or it == args.iters
 
         try:
-            for it, latest, (loss, ntoks, learning_rate) in pipelined(
-                    launch, bar, lambda it: evaluates(it) or saves(it) or interrupted):
+            # every rank stops at the same step: the first read whose flag shows an interruption, or, if a later
+            # step was launched already, that one
+            for it, latest, (loss, ntoks, stop, learning_rate) in pipelined(
+                    launch, bar, lambda it: evaluates(it) or saves(it) or bool(stopping)):
+                stopping += [True] if stop else []
                 if not math.isfinite(loss):
                     diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
                 losses.append(loss)
@@ -670,7 +716,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
                               "iterations_per_second": len(losses) / (now - tic),
                               "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
-                              "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                              "peak_memory_gb": peak_memory(group) / 1e9}
                     log(record)
                     say(f"Iter {it}: Train loss {record['train_loss']:.3f}, "
                         f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, Trained tokens {total_tokens}, "
@@ -689,22 +735,29 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
                     tic += val_time  # keep validation out of the training speed
                     start += val_time
-                stop = interrupted and latest  # Ctrl-C: stop at the step the model is at
-                if saves(it) or stop:
+                halt = stopping and latest  # Ctrl-C: stop at the step the model is at
+                if saves(it) or halt:
                     # the update after a finite loss can still overflow: never save weights that are not finite
                     if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
                         diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
-                    utils.save_adapters(adapter_file, model, adapter_config)
-                    checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
+                    if writer:
+                        utils.save_adapters(adapter_file, model, adapter_config)
+                        checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
                     say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
-                if stop:
+                if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
                     raise KeyboardInterrupt
+        except RuntimeError as e:
+            if group.size() == 1:
+                raise
+            kept = f"; the last checkpoint is {checkpoint}" if checkpoint else ""
+            raise UserError(f"the distributed run lost a process ({utils.first_line(e)}){kept}") from None
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous_handler)
             log.close()
-            plot_losses(metrics_path, folder / "loss.png")
+            if writer:
+                plot_losses(metrics_path, folder / "loss.png")
 
 
 def new_run_folder(runs: Path) -> Path:
@@ -822,7 +875,11 @@ def resumed_metrics(args, start) -> list:
 
 def metrics_log(path, kept, args):
     """log(record): append the record to metrics.jsonl, which starts with the records `kept`, and send it to
-    --report-to; and close()."""
+    --report-to; and close(). Path None: a log that writes nothing (ranks of a distributed run but 0)."""
+    if path is None:
+        log = lambda record: None  # noqa: E731
+        log.close = lambda: None
+        return log
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     sinks, closers = [], []
     if args.report_to == "wandb":
@@ -881,6 +938,12 @@ def say(line):
     sys.stdout.flush()
 
 
+def peak_memory(group) -> float:
+    """The peak memory of this process, or in a distributed run the largest of the ranks'."""
+    peak = mx.get_peak_memory()
+    return peak if group.size() == 1 else mx.distributed.all_max(mx.array(float(peak)), group=group).item()
+
+
 def diverged(it, what, adapter_file, checkpoint):
     kept = f"the adapters saved last are kept in {adapter_file}" if adapter_file.exists() else "nothing was saved"
     if checkpoint is not None:
@@ -892,13 +955,20 @@ def diverged(it, what, adapter_file, checkpoint):
 
 
 def evaluate(model, dataset, batch_size, num_batches):
+    """The mean loss over the targets of the first num_batches batches (-1: all); in a distributed run each
+    rank evaluates its share of each batch, and the sums are summed."""
     total, ntoks = mx.array(0.0), mx.array(0)
     for n, batch in enumerate(iterate_batches(dataset, batch_size)):
         if n == num_batches:
             break
+        if batch is None:  # no example of this batch is this rank's
+            continue
         loss, count = loss_fn(model, *batch)
         total, ntoks = total + loss * count, ntoks + count
         mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
+    group = mx.distributed.init()
+    if group.size() > 1:
+        total, ntoks = mx.distributed.all_sum(mx.stack([total, ntoks.astype(total.dtype)]), group=group)
     return (total / ntoks).item()
 
 
@@ -985,10 +1055,34 @@ def main(args):
                         for i, record in enumerate(examples["test"][:args.generate_eval])] if args.test else []
     if args.resume:
         check_resume(args)
+    group = distributed(args)
     # So is an output folder that cannot be written, or that another run is writing.
     out = adapter_file.parent
-    with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if args.train else contextlib.nullcontext():
+    writes = args.train and group.rank() == 0
+    with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
         run(args, adapter_file, examples, generation_tests)
+
+
+def distributed(args):
+    """The group of processes that mlx.launch (or mpirun) started, each of them checked to make an equal share
+    of every batch; all but rank 0 print nothing."""
+    group = utils.distributed_group("lora.py")
+    n = group.size()
+    if n == 1:
+        return group
+    if args.train and args.batch_size % n:
+        raise UserError(f"--batch-size {args.batch_size}: must divide by the {n} processes of the distributed run "
+                        f"(each makes an equal share of every batch)")
+
+    def stopped(*_):  # mlx.launch ends the other ranks so when one ends
+        raise UserError("stopped by the launcher: another process of the distributed run ended")
+
+    signal.signal(signal.SIGTERM, stopped)
+    if group.rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    print(f"Data-parallel on {n} processes: each makes {args.batch_size // n} of the {args.batch_size} examples "
+          f"of every batch", flush=True)
+    return group
 
 
 def run(args, adapter_file, examples, generation_tests):
@@ -1024,11 +1118,11 @@ def run(args, adapter_file, examples, generation_tests):
     if args.test:
         test_loss = evaluate(model, data["test"], args.batch_size, args.test_batches)
         print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
-        if generation_tests:
+        if generation_tests and mx.distributed.init().rank() == 0:
             matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
-    if args.prompt is not None:
+    if args.prompt is not None and mx.distributed.init().rank() == 0:
         generate(model, tokenizer, config, args)
 
 

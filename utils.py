@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -101,9 +102,9 @@ def cpu_environment():
                MALLOC_TRIM_THRESHOLD_=str(1 << 40))
     # The BLAS gets the cores that other processes leave idle: a thread on a core that another process keeps
     # busy is preempted, and the BLAS's other threads wait for it (beside one busy process, two threads on two
-    # cores trained at under half the speed of one thread)
+    # cores trained at under half the speed of one thread); ranks of a distributed run share them
     if not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
-        threads = str(idle_cores())
+        threads = str(max(1, idle_cores() // local_ranks()))
         env.update(OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     if name is None:
         if not found:
@@ -127,6 +128,48 @@ def idle_cores(seconds=0.2) -> int:
         return cores
     idle_share = (idle_after - idle) / max(total_after - total, 1)
     return max(1, min(cores, round(idle_share * (os.cpu_count() or cores))))
+
+
+def local_ranks() -> int:
+    """How many ranks of a distributed run this machine runs (mlx.launch's ring hostfile, MPI's local size); 1
+    outside one."""
+    if os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "").isdigit():
+        return int(os.environ["OMPI_COMM_WORLD_LOCAL_SIZE"])
+    rank, hostfile = os.environ.get("MLX_RANK", ""), os.environ.get("MLX_HOSTFILE")
+    try:
+        hosts = [host[0].rsplit(":", 1)[0] for host in json.loads(Path(hostfile).read_text())]
+        return max(1, hosts.count(hosts[int(rank)]))
+    except (TypeError, OSError, ValueError, IndexError, KeyError, AttributeError):
+        return 1
+
+
+# A process that waits for `seconds`, says why on stderr and ends this one, unless it is ended first
+CONNECT_WATCH = ("import os, signal, sys, time; time.sleep(float(sys.argv[2])); sys.stderr.write(sys.argv[3]); "
+                 "os.kill(int(sys.argv[1]), signal.SIGTERM)")
+LAUNCHER_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def distributed_group(prog: str):
+    """MLX's group of the processes a launcher (mlx.launch, mpirun) started, or a group of one. MLX's backends
+    wait for ranks that never connect: past LORA_CONNECT_TIMEOUT seconds (default 120) this process ends with
+    one line instead."""
+    if not any(k in os.environ for k in LAUNCHER_VARIABLES):
+        return mx.distributed.init()
+    timeout = os.environ.get("LORA_CONNECT_TIMEOUT", "120")
+    try:
+        seconds = float(timeout)
+        assert seconds > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0") from None
+    message = (f"{prog}: error: the processes of the distributed run did not all connect within {timeout} s "
+               f"(LORA_CONNECT_TIMEOUT); is every rank started, and can each reach the others' hosts and ports?\n")
+    # MLX holds Python's lock while it waits: the watch is a process of its own
+    watch = subprocess.Popen([sys.executable, "-c", CONNECT_WATCH, str(os.getpid()), str(seconds), message])
+    try:
+        return mx.distributed.init()
+    finally:
+        watch.kill()
+        watch.wait()
 
 
 def set_up_process(before_reexec=lambda: None):
@@ -482,8 +525,9 @@ def in_compute_dtype(config: dict, weights: dict) -> dict:
 def reload_weights(model: models.Model, path_or_repo: str, names):
     """Read the weights `names` of the checkpoint `model` was loaded from (load) into it again."""
     config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
-    model.update(tree_unflatten(list(in_compute_dtype(config, {k: weights[k] for k in names}).items())))
-    mx.eval(model.parameters())
+    reloaded = in_compute_dtype(config, {k: weights[k] for k in names})
+    model.update(tree_unflatten(list(reloaded.items())))
+    mx.eval(reloaded)  # these alone: the others may wait on work that will not finish (a failed distributed step)
 
 
 GGUF_NAMES = {

@@ -104,12 +104,12 @@ def timed_steps(model, dataset, args):
     def launch(i):
         return step(batches)
 
-    for i, _, (loss, _) in lora.pipelined(launch, range(args.warmup_steps)):
+    for i, _, (loss, _, _) in lora.pipelined(launch, range(args.warmup_steps)):
         print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
     setup_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
     trained_tokens, start = 0, time.perf_counter()
-    for i, _, (loss, ntoks) in lora.pipelined(launch, range(args.steps)):
+    for i, _, (loss, ntoks, _) in lora.pipelined(launch, range(args.steps)):
         trained_tokens += ntoks
         print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
               f"tokens/s", flush=True)
@@ -121,6 +121,7 @@ def run(args):
         raise UserError("--config is lora.py's alone: give the recipe's flags on the command line")
     args.train = True  # for lora.check_flags: what it checks of a training run holds here
     lora.check_flags(args)
+    group = lora.distributed(args)  # under mlx.launch: data-parallel, as lora.py trains
     examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt)  # data errors first
 
     print(f"Loading {'random ' + args.shape if args.shape else args.model}", flush=True)
@@ -138,7 +139,7 @@ def run(args):
     with lora.frozen_layers_cached(model, [dataset], args, args.iters, source=None) as (dataset,):
         prefix, prefix_seconds = model.frozen_prefix, time.perf_counter() - start
         loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, args)
-        peak = mx.get_peak_memory()
+        peak = lora.peak_memory(group)
     rows = args.steps * args.grad_accumulation_steps * args.batch_size
     flops = flops_per_token(config, lora.first_trained_layer(model), trained_tokens / rows,
                             args.fine_tune_type == "full", prefix.layer if prefix else 0)
@@ -158,7 +159,9 @@ def run(args):
         **{k: v for k, v in adapter_config.items() if k != "base_model"},
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         "warmup_steps": args.warmup_steps, "steps": args.steps,
-        "tokens_per_second": trained_tokens / seconds, "steps_per_second": args.steps / seconds,
+        # all ranks' tokens, and what each rank's share of every batch gives (the ranks step together)
+        "ranks": group.size(), "tokens_per_second": trained_tokens / seconds,
+        "tokens_per_second_per_rank": trained_tokens / seconds / group.size(), "steps_per_second": args.steps / seconds,
         "peak_memory_gb": peak / 1e9, "final_loss": loss,
         # the peak before the timed steps: loading, the frozen layers' pass, warm-up
         "setup_peak_memory_gb": setup_peak / 1e9,
@@ -177,7 +180,8 @@ def run(args):
 def main():
     with contextlib.redirect_stdout(sys.stderr):  # what lora.py and convert.py print is progress
         result = run(build_parser().parse_args())
-    print(json.dumps(result), flush=True)
+    if mx.distributed.init().rank() == 0:  # one line for a distributed run
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

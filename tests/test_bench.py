@@ -66,3 +66,21 @@ def test_tokenizer_must_fit(tokenizer_dir):
     """--tokenizer's ids must be the model's: a larger vocabulary is a one-line error, not an index error later."""
     with pytest.raises(UserError, match="300 tokens, more than the model's vocabulary"):
         random_checkpoint.fitting_tokenizer(tokenizer_dir, 256)
+
+
+def test_under_mlx_launch(tiny_llama, data_dir):
+    """Two ranks of the same recipe: one line, from rank 0, with the tokens of both ranks' shares."""
+    from test_distributed import LAUNCH, free_ports
+
+    if LAUNCH is None:
+        pytest.skip("mlx.launch (MLX's launcher) is not installed")
+    flags = ["--model", tiny_llama, "--data", data_dir, "--lora-layers", 2, "--lora-rank", 4, "--warmup-steps", 2,
+             "--steps", 3, "--no-cache-frozen-layers"]
+    run = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+                          sys.executable, str(ROOT / "benchmarks" / "bench.py"), *map(str, flags)],
+                         capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1, run.stdout + run.stderr
+    result = json.loads(lines[0])
+    assert result["ranks"] == 2 and result["trained_tokens"] == bench(*flags)["trained_tokens"]
+    assert math.isclose(result["tokens_per_second_per_rank"] * 2, result["tokens_per_second"])

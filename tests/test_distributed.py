@@ -53,15 +53,18 @@ def files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if "tensorboard" not in p.parts)
 
 
-def assert_same_training(one, two, atol=2e-5):
-    """Adapters, losses and the files written: the same from one process and from two ranks."""
+def assert_same_training(one, two, learning_rate):
+    """Losses, adapters and the files written: the same from one process and from two ranks. The adapters
+    within a twentieth of a step: Adam divides by the gradient's root mean square, so that the float rounding
+    of sums taken in another order moves a weight whose gradient is near zero by up to a fraction of the
+    learning rate."""
+    for key in ("train_loss", "val_loss"):
+        x, y = ([r[key] for r in metrics(folder) if key in r] for folder in (one, two))
+        assert len(x) == len(y) and np.allclose(x, y, atol=1e-5), (key, x, y)
     a, b = (mx.load(str(folder / "adapters.safetensors")) for folder in (one, two))
     assert sorted(a) == sorted(b)
     for k in a:
-        assert np.allclose(np.array(a[k], np.float32), np.array(b[k], np.float32), atol=atol, rtol=1e-3), k
-    for key in ("train_loss", "val_loss"):
-        x, y = ([r[key] for r in metrics(folder) if key in r] for folder in (one, two))
-        assert len(x) == len(y) and np.allclose(x, y, atol=1e-4), (key, x, y)
+        assert np.abs(np.array(a[k], np.float32) - np.array(b[k], np.float32)).max() < learning_rate / 20, k
     assert files(one) == files(two)  # rank 1 wrote nothing of its own
 
 
@@ -90,7 +93,8 @@ RECIPES = {
                                      "--lr-schedule", "cosine", "--warmup", 1, "--optimizer", "adamw",
                                      "--weight-decay", 0.01],
     "pack-sort-accumulate": ["--pack", "--sort-by-length", "--grad-accumulation-steps", 2],
-    "frozen-layers-cached": ["--iters", 16, "--steps-per-eval", 8, "--val-batches", -1],
+    # 4 updates of 4 batches go through the 64 examples: the frozen layers are computed once
+    "frozen-layers-cached": ["--grad-accumulation-steps", 4, "--steps-per-eval", 2, "--val-batches", -1],
     "dora": ["--fine-tune-type", "dora"],
     "full": ["--fine-tune-type", "full", "--lora-layers", 1, "--learning-rate", 1e-3],
 }
@@ -105,7 +109,7 @@ def test_two_ranks_train_as_one_process(recipe, tiny_llama, data_dir, tmp_path):
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
     assert two.returncode == 0 and "Traceback" not in two.stderr, two.stdout + two.stderr
-    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert_same_training(tmp_path / "one", tmp_path / "two", 1e-3 if recipe == "full" else 1e-2)
     # rank 0 alone prints: each report once, with the tokens of both ranks
     reports = [line for line in two.stdout.splitlines() if ": Train loss" in line]
     assert len(reports) == len([line for line in one.stdout.splitlines() if ": Train loss" in line])
@@ -122,7 +126,7 @@ def test_two_ranks_of_a_quantized_model_with_masked_prompts(quantized_llama, com
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
     assert two.returncode == 0, two.stdout + two.stderr
-    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert_same_training(tmp_path / "one", tmp_path / "two", 1e-2)
 
 
 def test_resume_of_a_distributed_run(tiny_llama, data_dir, tmp_path):
@@ -139,7 +143,7 @@ def test_resume_of_a_distributed_run(tiny_llama, data_dir, tmp_path):
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         got = mx.load(str(tmp_path / name / "adapters.safetensors"))
         for k in expected:
-            assert np.allclose(np.array(got[k]), np.array(expected[k]), atol=2e-5, rtol=1e-3), (name, k)
+            assert np.abs(np.array(got[k]) - np.array(expected[k])).max() < 1e-2 / 20, (name, k)
 
 
 def test_batch_size_must_divide_by_the_ranks(tiny_llama, data_dir, tmp_path):
@@ -176,8 +180,15 @@ def test_a_killed_rank_ends_the_run_with_an_error(tiny_llama, data_dir, tmp_path
             time.sleep(0.2)
         assert list(out.glob("runs/1/step-*")), "no checkpoint within two minutes"
         os.kill(rank_process(1), signal.SIGKILL)
-        stdout, stderr = launched.communicate(timeout=90)  # a hang fails here
+        try:
+            stdout, stderr = launched.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+            os.kill(rank_process(0), signal.SIGKILL)
+            pytest.fail("rank 0 did not stop within 90 s of rank 1's end")
     assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("lora.py: error:")]
+    assert len(errors) == 1 and ("lost a process" in errors[0] or "another process" in errors[0]), stderr
     checkpoint = sorted(out.glob("runs/1/step-*"))[-1]
     assert mx.load(str(checkpoint / "adapters.safetensors"))
     assert mx.load(str(out / "adapters.safetensors"))

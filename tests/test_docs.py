@@ -9,8 +9,8 @@ import convert
 import fuse
 import lora
 
-# flags of other programs that the READMEs show (pip, NVIDIA's ncu)
-OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start"}
+# flags of other programs that the READMEs show (pip, NVIDIA's ncu, mlx.launch)
+OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start", "--backend", "--hostfile", "--starting-port"}
 
 
 def script_flags():
