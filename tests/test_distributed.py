@@ -207,3 +207,33 @@ def test_a_rank_that_cannot_connect_is_an_error_in_bounded_time(tiny_llama, data
     assert time.time() - start < 60
     assert done.returncode != 0 and done.stderr.startswith("lora.py: error:"), done.stderr
     assert "LORA_CONNECT_TIMEOUT" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step(tiny_llama, data_dir, tmp_path):
+    """SIGINT to one rank alone (the others go on): every rank stops at the same step, rank 0 saves a
+    checkpoint there, and resuming from it on two ranks goes on."""
+    out = tmp_path / "out"
+    flags = ["--model", str(tiny_llama), "--data", str(data_dir), "--train", "--batch-size", "4",
+             "--lora-layers", "2", "--save-every", "1000", "--val-batches", "0",
+             "--adapter-file", str(out / "adapters.safetensors")]
+    command = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--", sys.executable,
+               LORA, *flags, "--iters", "100000", "--steps-per-report", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as launched:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "runs" / "1" / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        time.sleep(2)  # some steps in
+        os.kill(rank_process(1), signal.SIGINT)
+        try:
+            stdout, stderr = launched.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+            pytest.fail("the ranks did not stop within 90 s of Ctrl-C")
+    assert "Traceback" not in stderr, stderr
+    checkpoints = list(out.glob("runs/1/step-*"))
+    assert len(checkpoints) == 1 and "Interrupted at iteration" in stdout, stdout + stderr
+    stopped = json.loads((checkpoints[0] / "trainer_state.json").read_text())["iteration"]
+    resumed = launch(2, *flags, "--iters", stopped + 2, "--resume", checkpoints[0])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads(sorted(out.glob("runs/2/step-*"))[-1].joinpath("trainer_state.json").read_text())[
+        "iteration"] == stopped + 2
