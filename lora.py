@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -666,7 +667,8 @@ def set_up_training(model, args, scale):
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
-    checkpoint and raise KeyboardInterrupt. In a distributed run, rank 0 alone writes."""
+    checkpoint and raise KeyboardInterrupt. In a distributed run, rank 0 alone writes. Returns the seconds
+    that each part of training took."""
     group = mx.distributed.init()
     writer = group.rank() == 0
     optimizer = build_optimizer(args)
@@ -676,8 +678,11 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
     if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
         valid_set = valid_set[:args.val_batches * args.batch_size]
-    iterations = args.iters - first + 1
-    with frozen_layers_cached(model, [train_set, valid_set], args, iterations, args.model) as (train_set, valid_set):
+    iterations, seconds, entered = args.iters - first + 1, Counter(), time.perf_counter()
+    # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
+    source = args.model if args.test or args.prompt is not None else None
+    with frozen_layers_cached(model, [train_set, valid_set], args, iterations, source) as (train_set, valid_set):
+        seconds["frozen-layer pass"] = time.perf_counter() - entered
         step = make_step(model, optimizer, args)
         metrics_path, saved = folder and folder / "metrics.jsonl", []
         log = metrics_log(metrics_path, resumed_metrics(args, first - 1), args) if writer else metrics_log(None, [], args)
@@ -686,7 +691,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         losses, ntokens, total_tokens = [], 0, 0
-        tic = start = time.perf_counter()
+        tic = start = began = time.perf_counter()
         bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None if writer else True,
                    unit="it", dynamic_ncols=True)
 
@@ -706,6 +711,8 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             for it, latest, (loss, ntoks, stop, learning_rate) in pipelined(
                     launch, bar, lambda it: evaluates(it) or saves(it) or bool(stopping)):
                 stopping += [True] if stop else []
+                if it == first:  # the first step's time is mostly compiling it
+                    seconds["first step"] = time.perf_counter() - began
                 if not math.isfinite(loss):
                     diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
                 losses.append(loss)
@@ -735,14 +742,17 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
                     tic += val_time  # keep validation out of the training speed
                     start += val_time
+                    seconds["validation"] += val_time
                 halt = stopping and latest  # Ctrl-C: stop at the step the model is at
                 if saves(it) or halt:
                     # the update after a finite loss can still overflow: never save weights that are not finite
                     if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
                         diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
                     if writer:
+                        saving = time.perf_counter()
                         utils.save_adapters(adapter_file, model, adapter_config)
                         checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
+                        seconds["saving"] += time.perf_counter() - saving
                     say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
                 if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
@@ -758,6 +768,10 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             log.close()
             if writer:
                 plot_losses(metrics_path, folder / "loss.png")
+        seconds["steps"] = time.perf_counter() - began - sum(seconds[k] for k in ("first step", "validation", "saving"))
+        left = time.perf_counter()
+    seconds["reloading weights"] = time.perf_counter() - left  # those the frozen layers' pass released
+    return seconds
 
 
 def new_run_folder(runs: Path) -> Path:
@@ -1089,9 +1103,12 @@ def run(args, adapter_file, examples, generation_tests):
     mx.random.seed(args.seed)
     scale = lora_scale(vars(args))
     print(f"Loading pretrained model {args.model}", flush=True)
+    began = time.perf_counter()
     model, tokenizer, config = utils.load(args.model)
+    seconds = {"loading": time.perf_counter() - began}
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
             for split, e in examples.items()}
+    seconds["tokenizing"] = time.perf_counter() - began - seconds["loading"]
     model.freeze()
     if args.train:
         if len(data["train"]) < args.batch_size:
@@ -1106,8 +1123,9 @@ def run(args, adapter_file, examples, generation_tests):
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
-        train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config)
+        seconds.update(train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config))
         model.grad_checkpoint = False
+        print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
     elif adapter_file.exists() or args.adapter_file:
         with utils.naming_flag("--adapter-file"):
             utils.load_adapters(model, adapter_file, scale)

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -400,24 +401,37 @@ def check_gguf(path: Path):
 
 
 def load(path_or_repo: str):
-    """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file."""
-    config, weights, tokenizer = read_checkpoint(path_or_repo)
-    return build_model(config, weights, path_or_repo), tokenizer, config
+    """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file.
+    The tokenizer loads in a thread while the weights are read: importing transformers takes seconds (where
+    PyTorch is installed, transformers imports it), and MLX lets other threads run while it reads."""
+    if Path(path_or_repo).suffix == ".gguf" and Path(path_or_repo).is_file():  # its tokenizer is in its metadata
+        config, weights, tokenizer = read_gguf(Path(path_or_repo))
+        return build_model(config, weights, path_or_repo), tokenizer, config
+    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
+    with ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(read_tokenizer, checkpoint_folder(path_or_repo))
+        model = build_model(config, weights, path_or_repo)
+        return model, tokenizer.result(), config
+
+
+def checkpoint_folder(path_or_repo: str, flag: str = "--model") -> Path:
+    """The folder of a Hugging Face checkpoint: the path, or a hub repo's snapshot."""
+    path = Path(path_or_repo)
+    if not path.exists():
+        if not is_repo_id(path_or_repo):
+            raise UserError(f"{flag} {path_or_repo}: no such file or folder")
+        path = hub_snapshot(path_or_repo)
+    return path
 
 
 def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
     """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
     with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
     tokenizer=False skips the tokenizer (None)."""
-    from transformers import AutoTokenizer
-
     path = Path(path_or_repo)
     if path.suffix == ".gguf" and path.is_file():
         return read_gguf(path)
-    if not path.exists():
-        if not is_repo_id(path_or_repo):
-            raise UserError(f"{flag} {path_or_repo}: no such file or folder")
-        path = hub_snapshot(path_or_repo)
+    path = checkpoint_folder(path_or_repo, flag)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
     config = read_json(path / "config.json")
@@ -428,19 +442,23 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
     weights = {}
     for f in files:
         weights.update(read_arrays(f))
-    if not tokenizer:
-        return config, weights, None
+    return config, weights, read_tokenizer(path) if tokenizer else None
+
+
+def read_tokenizer(path: Path):
+    """The tokenizer of a Hugging Face folder."""
+    from transformers import AutoTokenizer
+
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (path / name).exists():  # their damage named here: transformers' errors do not name the file
             read_json(path / name)
     try:  # code shipped in a model folder (auto_map) is never run
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError or others for a missing or odd tokenizer
         if "trust_remote_code" in str(e):
             raise UserError(f"{path}: its tokenizer needs code from the model folder (auto_map in "
                             f"tokenizer_config.json or config.json), which is never run") from None
         raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
-    return config, weights, tokenizer
 
 
 def is_repo_id(name: str) -> bool:

@@ -84,3 +84,24 @@ def test_under_mlx_launch(tiny_llama, data_dir):
     result = json.loads(lines[0])
     assert result["ranks"] == 2 and result["trained_tokens"] == bench(*flags)["trained_tokens"]
     assert math.isclose(result["tokens_per_second_per_rank"] * 2, result["tokens_per_second"])
+
+
+def test_wallclock_times_whole_runs(tiny_llama, data_dir, tmp_path):
+    """benchmarks/wallclock.py: each run's wall time, the ratio to the anchor, and lora.py's parts, which fit in
+    its wall time."""
+    anchor = (f"{sys.executable} {ROOT / 'lora.py'} --model {{model}} --data {{data}} --train --iters {{iters}} "
+              f"--batch-size {{batch_size}} --val-batches 0 --lora-layers 2 "
+              f"--adapter-file {tmp_path / 'anchor' / 'a.safetensors'}")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wallclock.py"), "--model", str(tiny_llama),
+                          "--data", str(data_dir), "--iters", "3", "--repeats", "2", "--logs", str(tmp_path / "logs"),
+                          "--anchor", anchor, "--", "--lora-layers", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert [len(result["runs"][k]) for k in ("lora.py", "anchor")] == [2, 2]
+    ours = result["runs"]["lora.py"]
+    assert all(r["seconds"] > 0 and r["peak_memory_gb"] is not None and r["max_rss_gb"] > 0 for r in ours)
+    assert math.isclose(result["anchor_over_ours"],
+                        result["median_seconds"]["anchor"] / result["median_seconds"]["lora.py"])
+    parts = result["lora_parts_median_seconds"]
+    assert {"loading", "steps"} <= set(parts) and sum(parts.values()) < result["median_seconds"]["lora.py"]
+    assert (tmp_path / "logs" / "lora.py-1.log").read_text().count("Seconds: ") == 1
