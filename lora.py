@@ -726,8 +726,9 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                               "peak_memory_gb": peak_memory(group) / 1e9}
                     log(record)
                     say(f"Iter {it}: Train loss {record['train_loss']:.3f}, "
-                        f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, Trained tokens {total_tokens}, "
-                        f"Learning rate {record['learning_rate']:.2e}, Peak mem {record['peak_memory_gb']:.2f} GB, "
+                        f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
+                        f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
+                        f"Peak mem {record['peak_memory_gb']:.2f} GB, "
                         f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
                     bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                         f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
