@@ -237,3 +237,13 @@ def test_ctrl_c_stops_every_rank_at_the_same_step(tiny_llama, data_dir, tmp_path
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert json.loads(sorted(out.glob("runs/2/step-*"))[-1].joinpath("trainer_state.json").read_text())[
         "iteration"] == stopped + 2
+
+
+def test_a_bad_connect_timeout_is_one_line(tiny_llama, data_dir, tmp_path):
+    env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(tmp_path / "hosts.json"), LORA_CONNECT_TIMEOUT="soon")
+    done = subprocess.run([sys.executable, LORA, "--model", str(tiny_llama), "--data", str(data_dir), "--train",
+                           "--adapter-file", str(tmp_path / "a.safetensors")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "lora.py: error: LORA_CONNECT_TIMEOUT=soon: expected a number of seconds above 0"], done.stderr
+    assert not (tmp_path / "runs").exists()
