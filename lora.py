@@ -414,18 +414,13 @@ def frozen_prefix(model, datasets):
     if layer == 0 or not fits:
         return None, datasets
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
-    n = group.size()
-    states = frozen_states(model, layer, [rows[i] for i in range(group.rank(), len(rows), n)])
-    if n > 1:  # the states of example i are at rank i % n's, in the order of its examples
-        counts = [lengths[r::n].sum() for r in range(n)]
+    states = frozen_states(model, layer, rank_share(rows))
+    if group.size() > 1:  # the ranks' shares are consecutive: their states, gathered (padded alike), in order
+        n = group.size()
+        counts = [lengths[len(rows) * r // n:len(rows) * (r + 1) // n].sum() for r in range(n)]
         padded = mx.pad(states, [(0, max(counts) - states.shape[0]), (0, 0)])
-        gathered = mx.distributed.all_gather(padded, group=group)
-        firsts = {}
-        for r in range(n):
-            for i, first in zip(range(r, len(rows), n), r * max(counts) + np.cumsum(lengths[r::n]) - lengths[r::n]):
-                firsts[i] = first
-        states = gathered[mx.array(np.concatenate([np.arange(firsts[i], firsts[i] + lengths[i])
-                                                   for i in range(len(rows))]))]
+        gathered = mx.distributed.all_gather(padded, group=group).reshape(n, max(counts), -1)
+        states = mx.concatenate([gathered[r, :count] for r, count in enumerate(counts)])
         mx.eval(states)
     firsts = iter(np.cumsum(lengths) - lengths)
     return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
@@ -642,20 +637,19 @@ def set_up_training(model, args, scale):
             utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout)
         kind = adapters.fine_tune_type
         params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
-    elif kind == "full":
-        with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
-            trained = models.last_layers(model, args.lora_layers)
-        if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
-            raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
-                            "(QLoRA), or convert it without -q")
-        for layer in trained:
-            layer.unfreeze()
     else:
         with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
-            models.last_layers(model, args.lora_layers)
-        with utils.naming_flag("--lora-targets"):
-            models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
-                                         args.lora_layers, **params, dora=kind == "dora")
+            trained = models.last_layers(model, args.lora_layers)
+        if kind == "full":
+            if any(isinstance(m, nn.QuantizedLinear) for layer in trained for _, m in layer.named_modules()):
+                raise UserError("--fine-tune-type full: the model is quantized; train LoRA or DoRA adapters on it "
+                                "(QLoRA), or convert it without -q")
+            for layer in trained:
+                layer.unfreeze()
+        else:
+            with utils.naming_flag("--lora-targets"):
+                models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
+                                             args.lora_layers, **params, dora=kind == "dora")
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
     if kind == "full":
@@ -685,7 +679,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         seconds["frozen-layer pass"] = time.perf_counter() - entered
         step = make_step(model, optimizer, args)
         metrics_path, saved = folder and folder / "metrics.jsonl", []
-        log = metrics_log(metrics_path, resumed_metrics(args, first - 1), args) if writer else metrics_log(None, [], args)
+        log = metrics_log(metrics_path, resumed_metrics(args, first - 1) if writer else [], args)
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                   start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length)
         interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)

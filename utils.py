@@ -159,9 +159,10 @@ def distributed_group(prog: str):
     timeout = os.environ.get("LORA_CONNECT_TIMEOUT", "120")
     try:
         seconds = float(timeout)
-        assert seconds > 0
-    except (ValueError, AssertionError):
-        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0") from None
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # NaN too
+        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0")
     message = (f"{prog}: error: the processes of the distributed run did not all connect within {timeout} s "
                f"(LORA_CONNECT_TIMEOUT); is every rank started, and can each reach the others' hosts and ports?\n")
     # MLX holds Python's lock while it waits: the watch is a process of its own
@@ -404,10 +405,9 @@ def load(path_or_repo: str):
     """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file.
     The tokenizer loads in a thread while the weights are read: importing transformers takes seconds (where
     PyTorch is installed, transformers imports it), and MLX lets other threads run while it reads."""
-    if Path(path_or_repo).suffix == ".gguf" and Path(path_or_repo).is_file():  # its tokenizer is in its metadata
-        config, weights, tokenizer = read_gguf(Path(path_or_repo))
+    config, weights, tokenizer = read_checkpoint(path_or_repo, tokenizer=False)
+    if tokenizer is not None:  # a GGUF file's, read from its metadata with the weights
         return build_model(config, weights, path_or_repo), tokenizer, config
-    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
     with ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(read_tokenizer, checkpoint_folder(path_or_repo))
         model = build_model(config, weights, path_or_repo)
@@ -427,7 +427,7 @@ def checkpoint_folder(path_or_repo: str, flag: str = "--model") -> Path:
 def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
     """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
     with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
-    tokenizer=False skips the tokenizer (None)."""
+    tokenizer=False skips a folder's tokenizer (None); a GGUF file's comes with its metadata anyway."""
     path = Path(path_or_repo)
     if path.suffix == ".gguf" and path.is_file():
         return read_gguf(path)
