@@ -1,6 +1,7 @@
 """LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,7 +25,12 @@ from utils import UserError
 
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
-PREFIX_BATCH_TOKENS = 8192  # positions frozen_prefix computes at once
+FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
+DEFAULT_BETA = 0.1  # TRL's, for DPO and ORPO
+# the numbers that --train-mode reports besides the loss, as TRL names them: means over the pairs
+METRICS = {"sft": [], "dpo": ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                              "logps/chosen", "logps/rejected"]}
+METRICS["orpo"] = METRICS["dpo"] + ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
 
 
 # Arguments
@@ -72,6 +78,13 @@ def build_parser():
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
+    lora.add_argument("--train-mode", choices=("sft", "dpo", "orpo"), default="sft",
+                      help="What the adapters learn: the examples' text (sft), or to prefer each pair's chosen "
+                           "response to its rejected one (DPO, ORPO: data of {\"prompt\", \"chosen\", "
+                           "\"rejected\"} pairs).")
+    lora.add_argument("--beta", type=utils.POSITIVE,
+                      help=f"DPO's beta (how far the adapted model may move from the base model), or ORPO's "
+                           f"weight of the odds-ratio term (TRL's beta for both; default {DEFAULT_BETA}).")
     lora.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
                                              f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
     lora.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
@@ -188,6 +201,8 @@ def check_flags(args):
     if args.train and Path(args.model).exists() and utils.is_within(adapter_file, Path(args.model)):
         raise UserError(f"--adapter-file {adapter_file}: is inside --model {args.model}, which training must not "
                         f"write into; save the adapters elsewhere")
+    if args.beta is not None and args.train_mode == "sft":
+        raise UserError("--beta goes with --train-mode dpo or orpo")
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
     if not (args.train or args.test or args.prompt is not None):
@@ -209,6 +224,11 @@ def check_flags(args):
                             f"(pip install {package})") from None
 
 
+def rows_per_example(args) -> int:
+    """A preference pair is two rows of a dataset (tokenize)."""
+    return 1 if args.train_mode == "sft" else 2
+
+
 def lora_scale(flags: dict) -> float:
     """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
     return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
@@ -217,21 +237,41 @@ def lora_scale(flags: dict) -> float:
 # Data
 
 
+def is_messages(value):
+    """A chat: a non-empty list of {"role", "content"} messages (content a string or a list of parts, or none
+    where the message calls tools)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and (isinstance(m.get("content"), (str, list)) or m.get("content") is None and m.get("tool_calls"))
+        for m in value)
+
+
 def example_format(record):
-    """"text", "completion" ({"prompt", "completion"}) or "chat" ({"messages"[, "tools"]}); None if neither."""
+    """"text", "completion" ({"prompt", "completion"}), "preference" ({"prompt", "chosen", "rejected"}: three
+    strings, or a chat and one assistant message each) or "chat" ({"messages"[, "tools"]}); None if neither."""
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("text"), str):
         return "text"
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+    prompt, pair = record.get("prompt"), (record.get("chosen"), record.get("rejected"))
+    if isinstance(prompt, str) and isinstance(record.get("completion"), str):
         return "completion"
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages and isinstance(record.get("tools") or [], list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and (isinstance(m.get("content"), (str, list)) or m.get("content") is None and m.get("tool_calls"))
-            for m in messages):
+    if isinstance(prompt, str) and all(isinstance(r, str) for r in pair) or is_messages(prompt) and all(
+            is_messages(r) and len(r) == 1 and r[0]["role"] == "assistant" for r in pair):
+        return "preference"
+    if is_messages(record.get("messages")) and isinstance(record.get("tools") or [], list):
         return "chat"
     return None
+
+
+def responses(record):
+    """The example as what encode() reads: a preference pair as two examples, the chosen response's then the
+    rejected one's, each the prompt and that response."""
+    if "chosen" not in record:
+        return [record]
+    if isinstance(record["prompt"], str):
+        return [{"prompt": record["prompt"], "completion": record[k]} for k in ("chosen", "rejected")]
+    return [{"messages": record["prompt"] + record[k], "tools": record.get("tools")} for k in ("chosen", "rejected")]
 
 
 class Examples(list):
@@ -245,18 +285,27 @@ class Examples(list):
         return f"{self.path}:{self.lines[i]}"
 
 
-def load_dataset(data_dir, split, mask_prompt=False):
+def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
     """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
-    is loaded; with mask_prompt, of a format that has a prompt."""
+    is loaded: preference pairs for --train-mode dpo or orpo, other examples for sft (with mask_prompt, of a
+    format that has a prompt)."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     examples, lines, first = [], [], None
     for number, record in utils.read_jsonl(path):
         kind = example_format(record)
+        if kind is None and train_mode != "sft":
+            raise UserError(f'{path}:{number}: not a preference pair: expected {{"prompt", "chosen", "rejected"}}, '
+                            f'three strings, or a list of messages and one assistant message each')
         if kind is None:
             raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
                             f'or {{"messages"}} (a list of {{"role", "content"}}, content a string)')
+        if (kind == "preference") != (train_mode != "sft"):
+            raise UserError(f"{path}:{number}: a preference pair; train on it with --train-mode dpo or orpo"
+                            if kind == "preference" else
+                            f'{path}:{number}: a {kind} example, but --train-mode {train_mode} learns from '
+                            f'preference pairs {{"prompt", "chosen", "rejected"}}')
         if first is None:
             first = (kind, number)
         elif kind != first[0]:
@@ -293,29 +342,33 @@ def encode(record, tokenizer, add_eos):
 
 
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
-    """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token."""
-    if "messages" in examples[0] and not tokenizer.chat_template:
+    """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token. A
+    preference pair gives two rows, its chosen response's then its rejected one's, each scored on the response
+    alone."""
+    chat = "messages" in examples[0] or isinstance(examples[0].get("prompt"), list)
+    if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
                         f"{tokenizer.name_or_path} has no chat template")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
-    rows = []
+    groups = []
     for i, record in enumerate(examples):
         try:
-            rows.append(encode(record, tokenizer, add_eos))
+            groups.append([encode(r, tokenizer, add_eos) for r in responses(record)])
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
-            what = f"the chat template of {tokenizer.name_or_path} fails on it" if "messages" in record else \
-                "cannot be tokenized"
+            what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
-    long = sum(len(tokens) > max_length for tokens, _ in rows)
+    long = sum(any(len(tokens) > max_length for tokens, _ in group) for group in groups)
     if long:
-        print(f"[WARNING] {long} of {len(rows)} {name} examples are longer than --max-seq-length "
+        print(f"[WARNING] {long} of {len(groups)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
-    rows = [(tokens[:max_length], max(prompt - 1, 0) if mask_prompt else 0) for tokens, prompt in rows]
-    kept = [(tokens, start) for tokens, start in rows if start < len(tokens) - 1]
-    if len(kept) < len(rows):
-        print(f"[WARNING] {len(rows) - len(kept)} {name} examples have no token to train on (their prompt "
+    masked = mask_prompt or "chosen" in examples[0]
+    groups = [[(tokens[:max_length], max(prompt - 1, 0) if masked else 0) for tokens, prompt in group]
+              for group in groups]
+    kept = [group for group in groups if all(start < len(tokens) - 1 for tokens, start in group)]
+    if len(kept) < len(groups):
+        print(f"[WARNING] {len(groups) - len(kept)} {name} examples have no token to train on (their prompt "
               f"fills --max-seq-length) and were left out.")
-    return kept
+    return [row for group in kept for row in group]
 
 
 # Batches
@@ -363,15 +416,37 @@ def make_batch(rows, pack, by_example=None):
     return (*batch, packing) if pack else batch
 
 
-def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False):
+def preference_batch(rows, reference, pack):
+    """make_batch's arrays for the rows of some preference pairs, the chosen responses' then the rejected
+    ones', with `owner` (which row each position is of) and `reference` (per pair, the reference model's
+    log-probabilities of its two responses) before packing's layout."""
+    inputs, targets, scored, *packing = make_batch(rows, pack)
+    if pack:
+        lengths = [len(tokens) - 1 for tokens, *_ in rows]
+        owner = np.zeros(inputs.shape, np.int32)
+        owner[0, :sum(lengths)] = np.repeat(np.arange(len(rows)), lengths)
+    else:
+        owner = np.broadcast_to(np.arange(len(rows), dtype=np.int32)[:, None], inputs.shape)
+    return (inputs, targets, scored, mx.array(owner), mx.array(reference), *packing)
+
+
+def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, reference=None):
     """Batches (make_batch) of the examples in order (batch_order); training repeats forever from its
-    `start`-th batch, evaluation covers the set once. In a distributed run each rank makes its share of every
-    global batch (rank_share): None where that is no example (evaluation's last batch)."""
-    epoch, skip = divmod(start, len(dataset) // batch_size) if train else (0, 0)
+    `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows are preference
+    pairs (tokenize) and a batch is of batch_size pairs (preference_batch). In a distributed run each rank
+    makes its share of every global batch (rank_share): None where that is no example (evaluation's last
+    batch)."""
+    examples = dataset if reference is None else dataset[::2]  # a pair's place in the order: its chosen row
+    epoch, skip = divmod(start, len(examples) // batch_size) if train else (0, 0)
     while True:
-        for rows in batch_order(dataset, batch_size, train, seed, epoch, sort)[skip:]:
-            rows = rank_share(rows)
-            yield make_batch([dataset[j] for j in rows], pack) if rows else None
+        for batch in batch_order(examples, batch_size, train, seed, epoch, sort)[skip:]:
+            batch = rank_share(batch)
+            if not batch:
+                yield None
+            elif reference is None:
+                yield make_batch([dataset[j] for j in batch], pack)
+            else:
+                yield preference_batch([dataset[2 * j + k] for k in (0, 1) for j in batch], reference[batch], pack)
         if not train:
             return
         epoch, skip = epoch + 1, 0
@@ -383,6 +458,19 @@ def rank_share(items):
     group = mx.distributed.init()
     n, r = group.size(), group.rank()
     return items[len(items) * r // n:len(items) * (r + 1) // n]
+
+
+def gathered(share, counts):
+    """The ranks' shares (rank_share) of some rows, `counts` rows from each rank in turn, gathered on every
+    rank: all of the rows, in order (the share itself outside a distributed run)."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return share
+    padded = mx.pad(share, [(0, max(counts) - share.shape[0])] + [(0, 0)] * (share.ndim - 1))  # alike for all
+    parts = mx.distributed.all_gather(padded, group=group).reshape(group.size(), max(counts), *share.shape[1:])
+    rows = mx.concatenate([parts[r, :count] for r, count in enumerate(counts)])
+    mx.eval(rows)
+    return rows
 
 
 # The frozen layers below the trained ones, computed once
@@ -414,16 +502,37 @@ def frozen_prefix(model, datasets):
     if layer == 0 or not fits:
         return None, datasets
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
-    states = frozen_states(model, layer, rank_share(rows))
-    if group.size() > 1:  # the ranks' shares are consecutive: their states, gathered (padded alike), in order
-        n = group.size()
-        counts = [lengths[len(rows) * r // n:len(rows) * (r + 1) // n].sum() for r in range(n)]
-        padded = mx.pad(states, [(0, max(counts) - states.shape[0]), (0, 0)])
-        gathered = mx.distributed.all_gather(padded, group=group).reshape(n, max(counts), -1)
-        states = mx.concatenate([gathered[r, :count] for r, count in enumerate(counts)])
-        mx.eval(states)
+    n = group.size()
+    states = gathered(frozen_states(model, layer, rank_share(rows)),
+                      [lengths[len(rows) * r // n:len(rows) * (r + 1) // n].sum() for r in range(n)])
     firsts = iter(np.cumsum(lengths) - lengths)
     return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+
+
+def length_groups(lengths, positions=FORWARD_BATCH_TOKENS):
+    """The indices of rows of these lengths, shortest first, in groups of up to `positions` positions (padded to
+    the group's longest row, its last): little padding and large products for the passes without a gradient."""
+    groups, group = [], []
+    for i in np.argsort(lengths, kind="stable"):
+        if group and (len(group) + 1) * lengths[i] > positions:
+            groups.append(group)
+            group = []
+        group.append(int(i))
+    return groups + [group] if group else groups
+
+
+def layer_at_a_time(model, batches, start, stop, desc):
+    """Batches of hidden states through the decoder layers start to stop - 1, a layer at a time over all of
+    them: each layer dequantized once if quantized (models.dequantized_copy), each batch evaluated on its own,
+    as a GPU holds every intermediate of what it runs at once."""
+    for i in tqdm(range(start, stop), desc=desc, disable=None):
+        layer = model.layers[i]
+        model.layers[i] = models.dequantized_copy(layer)
+        for k, h in enumerate(batches):
+            batches[k] = model.run_layers(h, i, i + 1)
+            mx.eval(batches[k])
+        model.layers[i] = layer
+    return batches
 
 
 def frozen_states(model, layer, rows):
@@ -432,29 +541,14 @@ def frozen_states(model, layer, rows):
     if not rows:  # a rank of a distributed run with more ranks than examples
         return mx.zeros((0, model.args.hidden_size), model.model[model.args.final_norm].weight.dtype)
     lengths = np.array([len(tokens) - 1 for tokens, _ in rows])
-    # similar lengths together, PREFIX_BATCH_TOKENS positions at a time: little padding, large products
-    groups, group = [], []
-    for i in np.argsort(lengths, kind="stable"):
-        if group and (len(group) + 1) * lengths[i] > PREFIX_BATCH_TOKENS:
-            groups.append(group)
-            group = []
-        group.append(i)
-    groups.append(group)
+    groups = length_groups(lengths)
     batches = []
     for group in groups:
         inputs = np.zeros((len(group), lengths[group[-1]]), np.int32)
         for k, i in enumerate(group):
             inputs[k, :lengths[i]] = rows[i][0][:-1]
         batches.append(model.embed(mx.array(inputs)))
-    # a layer at a time, dequantized if quantized (models.dequantized_copy); each batch evaluated on its
-    # own, as a GPU holds every intermediate of what it runs at once
-    for i in tqdm(range(layer), desc="Frozen layers", disable=None):
-        quantized = model.layers[i]
-        model.layers[i] = models.dequantized_copy(quantized)
-        for k, h in enumerate(batches):
-            batches[k] = model.run_layers(h, i, i + 1)
-            mx.eval(batches[k])
-        model.layers[i] = quantized
+    batches = layer_at_a_time(model, batches, 0, layer, "Frozen layers")
     pieces = [None] * len(rows)
     for group, h in zip(groups, batches):
         for k, i in enumerate(group):
@@ -487,8 +581,8 @@ def frozen_layers_cached(model, datasets, args, iterations, source):
     released, for a caller done with the model). Done if --cache-frozen-layers and a run of
     `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would compute
     more than its steps save; else it gives the datasets as they are."""
-    prefix = None
-    if args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= len(datasets[0]):
+    prefix, examples = None, len(datasets[0]) // rows_per_example(args)
+    if args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= examples:
         prefix, datasets = frozen_prefix(model, datasets)
     if prefix is None:
         yield datasets
@@ -506,29 +600,117 @@ def frozen_layers_cached(model, datasets, args, iterations, source):
 # Loss
 
 
-def token_loss_sum(model, targets, scored, checkpoint):
-    """f(hidden states): the summed cross-entropy of these targets that count, from float32 logits; if
-    checkpoint, the logits are computed again in the backward pass rather than kept."""
-    def loss_sum(h):
-        logits = model.logits(h).astype(mx.float32)
-        token_losses = models.logsumexp(logits) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return (token_losses * scored).sum()
+def token_losses(model, inputs, targets, scored, packing=None):
+    """The cross-entropy of each target (0 where it does not count), flat."""
+    return state_losses(model, model.hidden_states(inputs, packing=packing), targets, scored)
 
-    return mx.checkpoint(loss_sum) if checkpoint else loss_sum
+
+def state_losses(model, h, targets, scored):
+    """The cross-entropy of each target (0 where it does not count) from the final normed hidden states h,
+    through float32 logits, flat. The logits (batch x length x vocabulary) never exist whole: LOSS_CHUNK rows
+    at a time, each but the last computed again in the backward pass rather than kept (a batch of one chunk
+    computes its logits once)."""
+    h, targets, scored = h.reshape(-1, h.shape[-1]), targets.reshape(-1), scored.reshape(-1)
+
+    def chunk_losses(i):  # of the hidden states alone: the targets are not differentiated
+        def losses(h):
+            logits = model.logits(h).astype(mx.float32)
+            picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
+            return (models.logsumexp(logits) - picked) * scored[i:i + LOSS_CHUNK]
+        return losses if i == chunks[-1] else mx.checkpoint(losses)
+
+    chunks = range(0, h.shape[0], LOSS_CHUNK)
+    return mx.concatenate([chunk_losses(i)(h[i:i + LOSS_CHUNK]) for i in chunks])
 
 
 def loss_fn(model, inputs, targets, scored, packing=None):
     """Mean cross-entropy over the targets that count (scored: not padding, not a masked prompt), and their
-    count. The logits (batch x length x vocabulary, in float32) never exist whole: LOSS_CHUNK rows at a time."""
-    h = model.hidden_states(inputs, packing=packing)
-    h, targets, scored = h.reshape(-1, h.shape[-1]), targets.reshape(-1), scored.reshape(-1)
-    chunks = range(0, h.shape[0], LOSS_CHUNK)
-    # the last chunk's logits are kept, not computed again: one chunk's memory more, and a batch of one
-    # chunk computes its logits once
-    total = sum(token_loss_sum(model, targets[i:i + LOSS_CHUNK], scored[i:i + LOSS_CHUNK], i != chunks[-1])(
-        h[i:i + LOSS_CHUNK]) for i in chunks)
+    count."""
     ntoks = scored.sum()
-    return total / ntoks, ntoks
+    return token_losses(model, inputs, targets, scored, packing).sum() / ntoks, ntoks
+
+
+def sequence_logps(model, inputs, targets, scored, owner, rows, packing=None):
+    """Per row of a preference batch (preference_batch): the summed log-probability of its targets that count,
+    and their count."""
+    rows_of = (owner.reshape(-1, 1) == mx.arange(rows)).astype(mx.float32)  # positions x rows
+    logps = -token_losses(model, inputs, targets, scored, packing) @ rows_of
+    return logps, scored.reshape(-1).astype(mx.float32) @ rows_of
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, without the cancellation of either form where it loses digits."""
+    return mx.where(x < -math.log(2), mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
+
+
+def preference_loss(model, inputs, targets, scored, owner, reference, packing=None, *, dpo, beta):
+    """The mean DPO or ORPO loss of a batch of preference pairs, their count, and the sums over the pairs of
+    the trained tokens and of METRICS, as TRL computes them. DPO's reward of a response is beta times how much
+    more likely the model makes it than the reference did; ORPO's, beta times its mean log-probability."""
+    pairs = reference.shape[0]
+    logps, counts = sequence_logps(model, inputs, targets, scored, owner, 2 * pairs, packing)
+    chosen, rejected = logps[:pairs], logps[pairs:]
+    if dpo:
+        chosen_rewards, rejected_rewards = beta * (chosen - reference[:, 0]), beta * (rejected - reference[:, 1])
+        losses, extra = -nn.log_sigmoid(chosen_rewards - rejected_rewards), []
+    else:
+        chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = nn.log_sigmoid(log_odds)
+        losses = -chosen - beta * ratio  # the chosen response's NLL, and the odds-ratio term
+        chosen_rewards, rejected_rewards, extra = beta * chosen, beta * rejected, [-chosen, ratio, log_odds]
+    metrics = [chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards, chosen_rewards - rejected_rewards,
+               chosen, rejected, *extra]
+    sums = mx.stack([counts.sum()] + [mx.stop_gradient(m).astype(mx.float32).sum() for m in metrics])
+    return losses.mean(), mx.array(pairs), sums
+
+
+def objective(train_mode, beta):
+    """f(model, *batch) -> (mean loss, the count it is a mean of, sums): the loss that --train-mode trains on,
+    and the sums over the batch of the trained tokens and of METRICS."""
+    if train_mode != "sft":
+        return functools.partial(preference_loss, dpo=train_mode == "dpo", beta=beta or DEFAULT_BETA)
+
+    def sft_loss(model, *batch):
+        loss, ntoks = loss_fn(model, *batch)
+        return loss, ntoks, ntoks.astype(mx.float32)[None]
+
+    return sft_loss
+
+
+def reference_logps(model, rows):
+    """DPO's reference: the model's summed log-probabilities of each pair's two responses (rows as tokenize
+    gives them), float32, pairs x 2. Computed as the frozen layers are (layer_at_a_time), as many rows at a
+    time as their hidden states fit in a tenth of the memory. In a distributed run each rank computes a share
+    of the rows, and all ranks gather all of them."""
+    n = mx.distributed.init().size()
+    share = rank_share(rows)
+    lengths, logps = np.array([len(tokens) - 1 for tokens, *_ in share]), np.zeros(len(share), np.float32)
+    for part in length_groups(lengths, memory_size() / 10 / (model.args.hidden_size * 4)):  # states that fit
+        groups = [[part[i] for i in group] for group in length_groups(lengths[part])]
+        batches = [make_batch([share[i] for i in group], pack=False) for group in groups]
+        first = [model.first_states(inputs) for inputs, _, _ in batches]
+        states = layer_at_a_time(model, [h for h, _ in first], first[0][1], len(model.layers), "Reference")
+        for group, (_, targets, scored), h in zip(groups, batches, states):
+            rows_at_once = max(LOSS_CHUNK // h.shape[1], 1)  # one chunk's logits evaluated at a time, not all
+            for k in range(0, len(group), rows_at_once):
+                part_rows = slice(k, k + rows_at_once)
+                losses = state_losses(model, model.normed(h[part_rows]), targets[part_rows], scored[part_rows])
+                logps[group[part_rows]] = -np.array(losses.reshape(-1, h.shape[1]).sum(axis=1))
+    counts = [len(rows) * (r + 1) // n - len(rows) * r // n for r in range(n)]
+    return np.array(gathered(mx.array(logps), counts)).reshape(-1, 2)
+
+
+def preference_references(model, datasets, args):
+    """What iterate_batches takes for each dataset: None for SFT; for preference pairs, DPO's reference
+    (reference_logps: the model as it is, before training), or zeros for ORPO, which needs none."""
+    if args.train_mode == "sft":
+        return [None for _ in datasets]
+    if args.train_mode == "orpo":
+        return [np.zeros((len(rows) // 2, 2), np.float32) for rows in datasets]
+    say(f"Computing DPO's reference: the log-probabilities of the responses of {sum(map(len, datasets)) // 2} "
+        f"pairs before training")
+    return [reference_logps(model, rows) for rows in datasets]
 
 
 # Step
@@ -551,51 +733,55 @@ def build_optimizer(args):
 
 
 def make_step(model, optimizer, args, compiled=True):
-    """step(batches, stop) -> (loss, tokens, stop), arrays: one update on the token-weighted mean gradient of
-    --grad-accumulation-steps batches, its model and optimizer state being evaluated (mx.async_eval: the call
-    returns before the device is done); compiled unless told not to (or the model has experts). In a
-    distributed run the batches are this rank's shares of the global ones: the gradient, the loss, the tokens
-    and `stop` (a flag any rank may raise) are summed over the ranks, so that every rank makes the update one
-    process would make on the global batch."""
+    """step(batches, stop) -> (loss, count, stop, sums), arrays: one update on the mean gradient of
+    --grad-accumulation-steps batches (weighted by the count each batch's loss is a mean of: tokens, or
+    preference pairs; see objective), its model and optimizer state being evaluated (mx.async_eval: the call
+    returns before the device is done); sums are the trained tokens, then METRICS summed over the pairs.
+    Compiled unless told not to (or the model has experts). In a distributed run the batches are this rank's
+    shares of the global ones: the gradient, the loss, the count, the sums and `stop` (a flag any rank may
+    raise) are summed over the ranks, so that every rank makes the update one process would make on the
+    global batch."""
     group = mx.distributed.init()
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, objective(args.train_mode, args.beta))
     state = [model.state, optimizer.state, mx.random.state]
 
     def gradient(*batch):
-        """Loss and gradient of the batch, both summed over its tokens, and their count."""
-        (loss, ntoks), grads = loss_and_grad(model, *batch)
-        return loss * ntoks, ntoks, tree_map(lambda g: g * ntoks, grads)
+        """Loss and gradient of the batch, both weighted by the count its loss is a mean of; the count; the sums."""
+        (loss, count, sums), grads = loss_and_grad(model, *batch)
+        return loss * count, count, sums, tree_map(lambda g: g * count, grads)
 
-    def update(grads, ntoks, loss, stop):
+    def update(grads, count, loss, sums, stop):
         if group.size() == 1:
-            grads = tree_map(lambda g: g / ntoks, grads)
-        else:  # the gradient in one all-reduce (of 32 MB pieces), the three numbers in another
-            loss, count, stop = mx.distributed.all_sum(mx.stack([loss, ntoks.astype(loss.dtype), stop]), group=group)
-            ntoks = count.astype(ntoks.dtype)
-            grads = tree_map(lambda g: g * (group.size() / count), nn.average_gradients(grads, group=group))
+            grads = tree_map(lambda g: g / count, grads)
+        else:  # the gradient in one all-reduce (of 32 MB pieces), the numbers in another
+            numbers = mx.concatenate([mx.stack([loss, count.astype(loss.dtype), stop]), sums])
+            loss, total, stop, sums = mx.split(mx.distributed.all_sum(numbers, group=group), [1, 2, 3])
+            loss, count, stop = loss[0], total[0].astype(count.dtype), stop[0]
+            grads = tree_map(lambda g: g * (group.size() / total[0]), nn.average_gradients(grads, group=group))
         if args.max_grad_norm:
             grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
         optimizer.update(model, grads)
-        return loss / ntoks, ntoks, stop
+        return loss / count, count, stop, sums  # no empty array: CUDA's compiled kernels fail on one
 
     def update_on(stop, *batch):
-        loss, ntoks, grads = gradient(*batch)
-        return update(grads, ntoks, loss, stop)
+        loss, count, sums, grads = gradient(*batch)
+        return update(grads, count, loss, sums, stop)
 
     if compiled and not model.args.num_local_experts:  # experts route on the host (models.SparseMoE)
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):
         if args.grad_accumulation_steps == 1:  # one compiled function for the whole step
-            loss, ntoks, stop = update_on(stop, *next(batches))
+            results = update_on(stop, *next(batches))
         else:
-            loss, ntoks, grads = gradient(*next(batches))
+            loss, count, sums, grads = gradient(*next(batches))
             for _ in range(args.grad_accumulation_steps - 1):
                 more = gradient(*next(batches))
-                loss, ntoks, grads = loss + more[0], ntoks + more[1], tree_map(mx.add, grads, more[2])
-            loss, ntoks, stop = update(grads, ntoks, loss, stop)
-        mx.async_eval(state, loss, ntoks, stop)
-        return loss, ntoks, stop
+                loss, count, sums = loss + more[0], count + more[1], sums + more[2]
+                grads = tree_map(mx.add, grads, more[3])
+            results = update(grads, count, loss, sums, stop)
+        mx.async_eval(state, *results)
+        return results
 
     return step
 
@@ -608,7 +794,7 @@ def pipelined(launch, iterations, synced=lambda it: False):
     After a step where synced(it) the next one waits, as evaluating and saving need the model as that step
     left it."""
     def read(launched, latest):
-        return launched[0], latest, [a.item() for a in launched[1]]
+        return launched[0], latest, [a.tolist() for a in launched[1]]
 
     pending = None
     for it in iterations:
@@ -666,25 +852,30 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
     group = mx.distributed.init()
     writer = group.rank() == 0
     optimizer = build_optimizer(args)
-    first = load_checkpoint(args.resume, model, optimizer) + 1 if args.resume else 1
+    resumed = checkpoint_arrays(args.resume, model) if args.resume else None
+    first = resumed[0] + 1 if resumed else 1
     folder = new_run_folder(adapter_file.parent / "runs") if writer else None
     say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
         + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
-    if args.val_batches >= 0:  # the validation examples evaluate() reads (0: none)
-        valid_set = valid_set[:args.val_batches * args.batch_size]
     iterations, seconds, entered = args.iters - first + 1, Counter(), time.perf_counter()
     # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
     source = args.model if args.test or args.prompt is not None else None
     with frozen_layers_cached(model, [train_set, valid_set], args, iterations, source) as (train_set, valid_set):
         seconds["frozen-layer pass"] = time.perf_counter() - entered
+        references = preference_references(model, [train_set, valid_set], args)  # of the model before training
+        seconds["reference pass"] = time.perf_counter() - entered - seconds["frozen-layer pass"]
+        if resumed:
+            model.load_weights(list(resumed[1].items()), strict=False)
+            optimizer.state = tree_unflatten(list(resumed[2].items()))
         step = make_step(model, optimizer, args)
         metrics_path, saved = folder and folder / "metrics.jsonl", []
         log = metrics_log(metrics_path, resumed_metrics(args, first - 1) if writer else [], args)
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
-                                  start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length)
+                                  start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length,
+                                  reference=references[0])
         interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        losses, ntokens, total_tokens = [], 0, 0
+        losses, metrics, ntokens, total_tokens = [], [], 0, 0
         tic = start = began = time.perf_counter()
         bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None if writer else True,
                    unit="it", dynamic_ncols=True)
@@ -702,7 +893,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         try:
             # every rank stops at the same step: the first read whose flag shows an interruption, or, if a later
             # step was launched already, that one
-            for it, latest, (loss, ntoks, stop, learning_rate) in pipelined(
+            for it, latest, (loss, count, stop, sums, learning_rate) in pipelined(
                     launch, bar, lambda it: evaluates(it) or saves(it) or bool(stopping)):
                 stopping += [True] if stop else []
                 if it == first:  # the first step's time is mostly compiling it
@@ -710,31 +901,35 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 if not math.isfinite(loss):
                     diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
                 losses.append(loss)
-                ntokens += ntoks
+                metrics.append(np.array(sums[1:]) / count)
+                ntokens += int(sums[0])
                 if it % args.steps_per_report == 0 or it == args.iters:
                     now = time.perf_counter()
                     total_tokens += ntokens
                     record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
                               "iterations_per_second": len(losses) / (now - tic),
                               "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
-                              "peak_memory_gb": peak_memory(group) / 1e9}
+                              "peak_memory_gb": peak_memory(group) / 1e9,
+                              **dict(zip(METRICS[args.train_mode], np.mean(metrics, axis=0).tolist()))}
                     log(record)
-                    say(f"Iter {it}: Train loss {record['train_loss']:.3f}, "
+                    say(f"Iter {it}: Train loss {record['train_loss']:.3f}{rewards(record)}, "
                         f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
                         f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
                         f"Peak mem {record['peak_memory_gb']:.2f} GB, "
                         f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
                     bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                         f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
-                    losses, ntokens, tic = [], 0, time.perf_counter()
+                    losses, metrics, ntokens, tic = [], [], 0, time.perf_counter()
                 if evaluates(it):
                     model.eval()
                     val_start = time.perf_counter()
-                    val_loss = evaluate(model, valid_set, args.batch_size, args.val_batches)
+                    val_loss, val_metrics = evaluate(model, valid_set, args.batch_size, args.val_batches,
+                                                     args.train_mode, args.beta, references[1])
                     model.train()
                     val_time = time.perf_counter() - val_start
-                    log({"iteration": it, "val_loss": val_loss, "val_time": val_time})
-                    say(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
+                    log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
+                         "val_time": val_time})
+                    say(f"Iter {it}: Val loss {val_loss:.3f}{rewards(val_metrics)}, Val took {val_time:.3f}s")
                     tic += val_time  # keep validation out of the training speed
                     start += val_time
                     seconds["validation"] += val_time
@@ -805,8 +1000,8 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved):
 
 # The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
 # decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
-RESULT_FLAGS = ("model", "data", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank", "lora_dropout",
-                "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
+RESULT_FLAGS = ("model", "data", "train_mode", "beta", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
+                "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
                 "sort_by_length", "seed")
 
@@ -848,8 +1043,9 @@ def check_resume(args):
         print(f"[WARNING] --resume {args.resume}: going on with other flags than the run's: {', '.join(changed)}.")
 
 
-def load_checkpoint(path, model, optimizer):
-    """Load a checkpoint (save_checkpoint) into the model as the flags set it up and the optimizer; its iteration."""
+def checkpoint_arrays(path, model):
+    """The iteration, adapter weights and optimizer state of a checkpoint (save_checkpoint), checked against the
+    model as the flags set it up."""
     path = Path(path)
     it = checkpoint_state(path)["iteration"]
     weights = utils.read_arrays(path / "adapters.safetensors")
@@ -861,9 +1057,7 @@ def load_checkpoint(path, model, optimizer):
     if "step" not in moments or any(moments.get(f"{k}.{m}") is None or moments[f"{k}.{m}"].shape != shape
                                     for k, shape in expected.items() for m in ("m", "v")):
         raise UserError(f"{path / 'optimizer.safetensors'}: does not hold Adam's state for these adapters")
-    model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(moments.items()))
-    return it
+    return it, weights, moments
 
 
 def read_metrics(path: Path) -> list:
@@ -947,6 +1141,12 @@ def say(line):
     sys.stdout.flush()
 
 
+def rewards(metrics) -> str:
+    """What the log line shows of a preference run's metrics (none of SFT's)."""
+    return "".join(f", {name} {metrics[name]:.3f}" for name in ("rewards/accuracies", "rewards/margins")
+                   if name in metrics)
+
+
 def peak_memory(group) -> float:
     """The peak memory of this process, or in a distributed run the largest of the ranks'."""
     peak = mx.get_peak_memory()
@@ -963,29 +1163,32 @@ def diverged(it, what, adapter_file, checkpoint):
 # Evaluation
 
 
-def evaluate(model, dataset, batch_size, num_batches):
-    """The mean loss over the targets of the first num_batches batches (-1: all); in a distributed run each
+def evaluate(model, dataset, batch_size, num_batches, train_mode="sft", beta=None, reference=None):
+    """The mean loss of --train-mode over the first num_batches batches (-1: all), and the means of its METRICS
+    by name; with a reference, the dataset is of preference pairs (iterate_batches). In a distributed run each
     rank evaluates its share of each batch, and the sums are summed."""
-    total, ntoks = mx.array(0.0), mx.array(0)
-    for n, batch in enumerate(iterate_batches(dataset, batch_size)):
+    loss_of = objective(train_mode, beta)
+    totals = mx.zeros(3 + len(METRICS[train_mode]))  # loss x count, count, tokens, metrics x count
+    for n, batch in enumerate(iterate_batches(dataset, batch_size, reference=reference)):
         if n == num_batches:
             break
         if batch is None:  # no example of this batch is this rank's
             continue
-        loss, count = loss_fn(model, *batch)
-        total, ntoks = total + loss * count, ntoks + count
-        mx.eval(total, ntoks)  # one batch's graph at a time, not the whole set's
+        loss, count, sums = loss_of(model, *batch)
+        totals = totals + mx.concatenate([mx.stack([loss * count, count.astype(loss.dtype)]), sums])
+        mx.eval(totals)  # one batch's graph at a time, not the whole set's
     group = mx.distributed.init()
     if group.size() > 1:
-        total, ntoks = mx.distributed.all_sum(mx.stack([total, ntoks.astype(total.dtype)]), group=group)
-    return (total / ntoks).item()
+        totals = mx.distributed.all_sum(totals, group=group)
+    loss, count, _, *metrics = totals.tolist()
+    return loss / count, {name: value / count for name, value in zip(METRICS[train_mode], metrics)}
 
 
 def completion_example(record, marker, where):
     """The example as {"prompt", "completion"} (or a chat, whose completion is its last message): a {"text"}
-    example is split after the last `marker`."""
+    example is split after the last `marker`, a preference pair's completion is its chosen response."""
     if "text" not in record:
-        return record
+        return responses(record)[0]
     if not marker:
         raise UserError('--generate-eval: the test examples are {"text"}: give --completion-marker, the text '
                         'that ends each prompt (e.g. "A: ")')
@@ -1059,7 +1262,7 @@ def main(args):
     adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
-    examples = {split: load_dataset(args.data, split, args.mask_prompt) for split in splits}
+    examples = {split: load_dataset(args.data, split, args.mask_prompt, args.train_mode) for split in splits}
     generation_tests = [completion_example(record, args.completion_marker, examples["test"].where(i))
                         for i, record in enumerate(examples["test"][:args.generate_eval])] if args.test else []
     if args.resume:
@@ -1104,11 +1307,19 @@ def run(args, adapter_file, examples, generation_tests):
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
             for split, e in examples.items()}
     seconds["tokenizing"] = time.perf_counter() - began - seconds["loading"]
+    for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
+        if split in data and batches > 0:
+            data[split] = data[split][:batches * args.batch_size * rows_per_example(args)]
     model.freeze()
     if args.train:
-        if len(data["train"]) < args.batch_size:
-            raise UserError(f"{args.data}/train.jsonl: {len(data['train'])} examples, fewer than --batch-size")
+        if len(data["train"]) < args.batch_size * rows_per_example(args):
+            raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows_per_example(args)} examples, "
+                            f"fewer than --batch-size")
         adapter_config = set_up_training(model, args, scale)
+    # DPO's reference is the model as training starts (as TRL's: new adapters change nothing yet), else the
+    # model as loaded; train() computes the training and validation sets' own
+    test_reference = preference_references(model, [data["test"]], args)[0] if args.test else None
+    if args.train:
         model.grad_checkpoint = args.grad_checkpoint
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         # a quantized weight counts its values, not the 32-bit words they are packed in
@@ -1129,8 +1340,10 @@ def run(args, adapter_file, examples, generation_tests):
     model.eval()
 
     if args.test:
-        test_loss = evaluate(model, data["test"], args.batch_size, args.test_batches)
-        print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
+        test_loss, test_metrics = evaluate(model, data["test"], args.batch_size, args.test_batches, args.train_mode,
+                                           args.beta, test_reference)
+        print(f"Test loss {test_loss:.3f}" + (f", Test ppl {math.exp(test_loss):.3f}." if args.train_mode == "sft"
+                                              else rewards(test_metrics) + "."), flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
             matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "

@@ -441,11 +441,19 @@ class Model(nn.Module):
         """The final normed hidden states of `inputs` (token ids, or rows of frozen_prefix's states); `cache`
         is a list of KVCache, one per layer, or None; `packing` says where the examples of a packed row are
         (packed_layout)."""
+        h, first = self.first_states(inputs)
+        return self.normed(self.run_layers(h, first, len(self.layers), cache, packing))
+
+    def first_states(self, inputs):
+        """(h, first): the hidden states of `inputs` entering the first decoder layer computed, and its number:
+        the embeddings of token ids, or the states of rows of frozen_prefix."""
         if self.frozen_prefix is None:
-            h, first = self.embed(inputs), 0
-        else:
-            h, first = self.frozen_prefix.states[inputs], self.frozen_prefix.layer
-        return self.model[self.args.final_norm](self.run_layers(h, first, len(self.layers), cache, packing))
+            return self.embed(inputs), 0
+        return self.frozen_prefix.states[inputs], self.frozen_prefix.layer
+
+    def normed(self, h):
+        """The final norm of the last layer's output."""
+        return self.model[self.args.final_norm](h)
 
     def embed(self, inputs):
         h = self.model.embed_tokens(inputs)

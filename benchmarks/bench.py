@@ -63,14 +63,17 @@ def load_model(args):
 
 def training_set(args, examples, tokenizer, vocab_size):
     """(tokens, first scored target) rows: --data's, tokenized as lora.py does, or rows of --seq-length random
-    tokens (the model reads all of them; all but the last have a target)."""
+    tokens (the model reads all of them; all but the last have a target; for --train-mode dpo or orpo, pairs of
+    rows)."""
     if args.seq_length:
-        rows = np.random.default_rng(args.seed).integers(0, vocab_size, (8 * args.batch_size, args.seq_length))
+        rows = np.random.default_rng(args.seed).integers(0, vocab_size, (8 * args.batch_size * lora.rows_per_example(
+            args), args.seq_length))
         return [(row.tolist(), 0) for row in rows]
     if args.tokenizer:
         tokenizer = random_checkpoint.fitting_tokenizer(args.tokenizer, vocab_size)
     elif tokenizer is None:
-        texts = [e.get("text") or e.get("prompt", "") + e.get("completion", "") for e in examples]
+        texts = [e.get("text") or str(e.get("prompt", "")) + e.get("completion", str(e.get("chosen", "")))
+                 for e in examples]
         tokenizer = random_checkpoint.train_tokenizer(texts, min(random_checkpoint.TOKENIZER_VOCAB, vocab_size))
     return lora.tokenize(examples, tokenizer, args.add_eos_token, args.max_seq_length, "train", args.mask_prompt)
 
@@ -94,23 +97,23 @@ def flops_per_token(config, first_trained, length, full, first_computed=0):
     return forward + backward
 
 
-def timed_steps(model, dataset, args):
+def timed_steps(model, dataset, args, reference):
     """(last loss, trained tokens, seconds, peak memory before them) of --steps timed training steps after
-    --warmup-steps untimed ones."""
+    --warmup-steps untimed ones (preference pairs with a reference: lora.iterate_batches)."""
     step = lora.make_step(model, lora.build_optimizer(args), args)
     batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
-                                   sort=args.sort_by_length)
+                                   sort=args.sort_by_length, reference=reference)
 
     def launch(i):
         return step(batches)
 
-    for i, _, (loss, _, _) in lora.pipelined(launch, range(args.warmup_steps)):
+    for i, _, (loss, *_) in lora.pipelined(launch, range(args.warmup_steps)):
         print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
     setup_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
     trained_tokens, start = 0, time.perf_counter()
-    for i, _, (loss, ntoks, _) in lora.pipelined(launch, range(args.steps)):
-        trained_tokens += ntoks
+    for i, _, (loss, _, _, sums) in lora.pipelined(launch, range(args.steps)):
+        trained_tokens += int(sums[0])
         print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
               f"tokens/s", flush=True)
     return loss, trained_tokens, time.perf_counter() - start, setup_peak
@@ -122,13 +125,15 @@ def run(args):
     args.train = True  # for lora.check_flags: what it checks of a training run holds here
     lora.check_flags(args)
     group = lora.distributed(args)  # under mlx.launch: data-parallel, as lora.py trains
-    examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt)  # data errors first
+    examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt,
+                                                              args.train_mode)  # data errors first
 
     print(f"Loading {'random ' + args.shape if args.shape else args.model}", flush=True)
     model, tokenizer, config = load_model(args)
     dataset = training_set(args, examples, tokenizer, model.args.vocab_size)
-    if len(dataset) < args.batch_size:
-        raise UserError(f"{args.data}/train.jsonl: {len(dataset)} examples, fewer than --batch-size")
+    if len(dataset) < args.batch_size * lora.rows_per_example(args):
+        raise UserError(f"{args.data}/train.jsonl: {len(dataset) // lora.rows_per_example(args)} examples, fewer "
+                        f"than --batch-size")
     mx.random.seed(args.seed)
     model.freeze()
     adapter_config = lora.set_up_training(
@@ -138,9 +143,11 @@ def run(args):
     # the weights released for the frozen layers' pass are not read back: the model is not used after
     with lora.frozen_layers_cached(model, [dataset], args, args.iters, source=None) as (dataset,):
         prefix, prefix_seconds = model.frozen_prefix, time.perf_counter() - start
-        loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, args)
+        reference = lora.preference_references(model, [dataset], args)[0]
+        reference_seconds = time.perf_counter() - start - prefix_seconds
+        loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, args, reference)
         peak = lora.peak_memory(group)
-    rows = args.steps * args.grad_accumulation_steps * args.batch_size
+    rows = args.steps * args.grad_accumulation_steps * args.batch_size * lora.rows_per_example(args)
     flops = flops_per_token(config, lora.first_trained_layer(model), trained_tokens / rows,
                             args.fine_tune_type == "full", prefix.layer if prefix else 0)
     info = mx.device_info()
@@ -151,7 +158,7 @@ def run(args):
         # -q's or the checkpoint's own (a quantized GGUF file, a folder convert.py -q wrote)
         "quantization": sorted({f"{m.bits}-bit, group size {m.group_size}"
                                 for _, m in model.named_modules() if hasattr(m, "bits")}) or None,
-        "data": None if args.seq_length else args.data, "seq_length": args.seq_length,
+        "data": None if args.seq_length else args.data, "seq_length": args.seq_length, "train_mode": args.train_mode,
         "batch_size": args.batch_size, "grad_accumulation_steps": args.grad_accumulation_steps,
         "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt, "pack": args.pack,
         "sort_by_length": args.sort_by_length,
@@ -165,6 +172,8 @@ def run(args):
         "peak_memory_gb": peak / 1e9, "final_loss": loss,
         # the peak before the timed steps: loading, the frozen layers' pass, warm-up
         "setup_peak_memory_gb": setup_peak / 1e9,
+        # DPO's: the model's log-probabilities of every pair's responses, computed once before training
+        "reference_pass_seconds": reference_seconds if args.train_mode == "dpo" else None,
         "frozen_prefix": prefix and {"layers": prefix.layer, "seconds": prefix_seconds,
                                      "gb": prefix.states.nbytes / 1e9},
         # trained tokens/s over a whole run of --iters steps, the frozen layers' pass included

@@ -2,6 +2,8 @@
 
 Questions are drawn as WikiSQL logical forms over the invented tables below and
 rendered by wikisql.py, so the text matches the WikiSQL data exactly in shape.
+It also writes preference/{train,valid,test}.jsonl for DPO/ORPO: some of the same
+questions, each with its SQL as "chosen" and a wrong SQL as "rejected".
 
     python data/make_example_data.py
 """
@@ -10,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from wikisql import render
+from wikisql import render, render_sql
 
 TABLES = [
     ("1-7100101-1", ["Club", "City", "Played", "Wins", "Losses", "Points"], [
@@ -89,6 +91,7 @@ CONDITIONS = {0: "the {} is {}", 1: "the {} is more than {}", 2: "the {} is less
 
 
 def example(rng, table_id, header, rows):
+    """One question over the table, drawn as a WikiSQL query record."""
     row = rng.choice(rows)
     numeric = [isinstance(v, int) for v in row]
     sel = rng.randrange(len(header))
@@ -101,20 +104,70 @@ def example(rng, table_id, header, rows):
     question = prefix.format(header[sel].lower()) + " " + " and ".join(
         CONDITIONS[op].format(header[c].lower(), v) for c, op, v in conds)
     question += "?" if prefix.startswith(("What", "Which", "How")) else ""
-    query = {"table_id": table_id, "question": question, "sql": {"sel": sel, "agg": agg, "conds": conds}}
-    return render(query, {"header": header})
+    return {"table_id": table_id, "question": question, "sql": {"sel": sel, "agg": agg, "conds": conds}}
+
+
+def corrupt(rng, sql, rows):
+    """A plausible but wrong form of `sql`: one mistake, its kind drawn at random.
+
+    Each kind changes what the SQL renders to, so the rejected answer never equals the chosen one.
+    """
+    numeric = [isinstance(v, int) for v in rows[0]]
+    sel, agg, conds = sql["sel"], sql["agg"], [list(c) for c in sql["conds"]]
+    kind = rng.choice(["select", "aggregate", "condition"] + ["drop"] * (len(conds) > 1))
+    if kind == "select":
+        # Not a condition's column: `SELECT Year ... WHERE Year = 2009` is wrong in too obvious a way.
+        taken = {sel} | {col for col, _, _ in conds}
+        sel = rng.choice([c for c in range(len(numeric)) if c not in taken])
+    elif kind == "aggregate":
+        agg = rng.choice([a for a in ([0, 1, 2, 3] if numeric[sel] else [0, 3]) if a != agg])
+    elif kind == "condition":
+        cond = rng.choice(conds)
+        col, op, value = cond
+        # Comparing text with > or < is not plausible, so text columns only get a wrong value.
+        ops = [(o, value) for o in (0, 1, 2) if o != op] if numeric[col] else []
+        values = [(op, v) for v in sorted({row[col] for row in rows} - {value}, key=str)]
+        cond[1:] = rng.choice(ops + values)
+    else:
+        conds.pop(rng.randrange(len(conds)))
+    return {"sel": sel, "agg": agg, "conds": conds}
+
+
+def write(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def preference(rng, text, query, table):
+    """The SFT example `text` split after "A: " into prompt and chosen, with a wrong SQL as rejected."""
+    table_id, header, rows = table
+    chosen = render_sql(query["sql"], table_id, header)
+    rejected = render_sql(corrupt(rng, query["sql"], rows), table_id, header)
+    assert text.endswith("A: " + chosen) and rejected != chosen
+    return {"prompt": text[:-len(chosen)], "chosen": chosen, "rejected": rejected}
 
 
 def main():
     rng = random.Random(0)
-    texts = {}  # a dict keeps first-seen order and drops repeats
-    while len(texts) < 500:
-        texts[example(rng, *rng.choice(TABLES))] = None
-    texts = list(texts)
+    examples = {}  # text -> (query, table); a dict keeps first-seen order and drops repeats
+    while len(examples) < 500:
+        table = rng.choice(TABLES)
+        query = example(rng, *table)
+        examples.setdefault(render(query, {"header": table[1]}), (query, table))
+    texts = list(examples)
     splits = {"train": texts[:400], "valid": texts[400:450], "test": texts[450:]}
+    folder = Path(__file__).parent
     for name, lines in splits.items():
-        with open(Path(__file__).parent / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in lines)
+        write(folder / f"{name}.jsonl", ({"text": t} for t in lines))
+
+    # The preference pairs reuse each SFT split's first questions, so valid and test stay unseen in training.
+    # Their own generator leaves the SFT draws, and so the SFT files, as they were.
+    rng = random.Random(1)
+    sizes = {"train": 300, "valid": 40, "test": 40}
+    (folder / "preference").mkdir(exist_ok=True)
+    for name, lines in splits.items():
+        pairs = [preference(rng, t, *examples[t]) for t in lines[:sizes[name]]]
+        write(folder / "preference" / f"{name}.jsonl", pairs)
 
 
 if __name__ == "__main__":

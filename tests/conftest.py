@@ -54,6 +54,29 @@ def write_jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
+def preference_pairs(n, seed):
+    """Questions and their SQL answer (chosen), or a wrong one: a COUNT of the column, or the answer's columns
+    swapped (rejected)."""
+    rng = np.random.default_rng(seed)
+    columns = ["name", "team", "year", "score", "city"]
+    records = []
+    for i in range(n):
+        col, where = rng.choice(columns, 2, replace=False)
+        value = rng.integers(1, 99)
+        wrong = (f"SELECT COUNT {col} FROM t WHERE {where} = {value}" if i % 2 else
+                 f"SELECT {where} FROM t WHERE {col} = {value}")
+        records.append({"prompt": f"Q: the {col} when {where} is {value}\nA: ",
+                        "chosen": f"SELECT {col} FROM t WHERE {where} = {value}", "rejected": wrong})
+    return records
+
+
+def write_pairs(folder, sizes=(("train", 64, 1), ("valid", 16, 2), ("test", 32, 3))):
+    folder.mkdir(exist_ok=True)
+    for split, n, seed in sizes:
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(n, seed)))
+    return folder
+
+
 def run_lora(capsys, *flags):
     """lora.py in this process, with these flags; what it printed."""
     import lora

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT, sql_texts, write_jsonl
+from conftest import ROOT, sql_texts, write_jsonl, write_pairs
 
 LAUNCH = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch (MLX's launcher) is not installed")
@@ -116,6 +116,24 @@ def test_two_ranks_train_as_one_process(recipe, tiny_llama, data_dir, tmp_path):
     assert "2 processes" in two.stdout
     if recipe == "frozen-layers-cached":
         assert two.stdout.count("Computing the frozen layers 0-1 once") == 1
+
+
+@pytest.mark.parametrize("train_mode", ["dpo", "orpo"])
+def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_path):
+    """The reference pass and the frozen-layer pass shared out, validation sharded: as one process."""
+    data = write_pairs(tmp_path / "pairs", (("train", 16, 1), ("valid", 6, 2)))
+    flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", train_mode, "--iters", 4,
+             "--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2,
+             "--steps-per-report", 1, "--steps-per-eval", 2, "--val-batches", -1]
+    one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
+    assert one.returncode == 0, one.stderr
+    two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
+    assert two.returncode == 0 and "Traceback" not in two.stderr, two.stdout + two.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two", 1e-2)
+    assert "Computing the frozen layers 0-1 once" in two.stdout
+    for key in ("rewards/margins", "val_rewards/chosen"):  # accuracies compare rewards that start at 0: noise
+        x, y = ([r[key] for r in metrics(folder) if key in r] for folder in (tmp_path / "one", tmp_path / "two"))
+        assert len(x) == (4 if key.startswith("rewards") else 3) and np.allclose(x, y, atol=1e-4), (key, x, y)
 
 
 def test_two_ranks_of_a_quantized_model_with_masked_prompts(quantized_llama, completions, tmp_path):

@@ -196,7 +196,7 @@ def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, 
             for (name, g), (_, e) in zip(tree_flatten(grads), tree_flatten(expected)):
                 assert np.abs(np.array(g - e)).max() < 1e-5 * max(1, np.abs(np.array(e)).max()), name
     # and the packed mean loss is the unpacked one
-    assert abs(lora.evaluate(model, dataset, 4, -1) - float(packed.mean())) < 1e-5
+    assert abs(lora.evaluate(model, dataset, 4, -1)[0] - float(packed.mean())) < 1e-5
 
     # sorted batches: each example once an epoch, less padding than shuffled ones
     sorted_order = lora.batch_order(dataset * 8, 4, True, 0, 0, sort=True)
@@ -270,7 +270,7 @@ def test_cached_frozen_layers_give_the_same_training(tiny_llama, data_dir, tmp_p
                 assert (prefix is not None) == cached and (not cached or prefix.layer == 2)
                 step = lora.make_step(model, lora.build_optimizer(args), args)
                 batches = lora.iterate_batches(train, 4, train=True, pack=pack)
-                curves.append([step(batches)[0].item() for _ in range(8)] + [lora.evaluate(model, valid, 4, -1)])
+                curves.append([step(batches)[0].item() for _ in range(8)] + [lora.evaluate(model, valid, 4, -1)[0]])
         assert curves[0][7] < curves[0][0] - 0.3
         assert np.allclose(*curves, atol=1e-4), curves
 

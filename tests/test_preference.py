@@ -1,0 +1,241 @@
+"""Preference tuning (--train-mode dpo / orpo): the losses and metrics against TRL's, the data formats, and
+training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
+import json
+import re
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import copy_of, preference_pairs, random_adapter, run_fuse, run_lora, write_pairs
+
+import lora
+import utils
+
+BETA = 0.3
+
+
+@pytest.fixture(scope="module")
+def adapted(make_checkpoint, tmp_path_factory):
+    """A tiny model with random LoRA adapters here, the same as a PEFT model in PyTorch; the base model in
+    PyTorch; rows of 4 pairs, with the base model's log-probabilities of their responses (DPO's reference)."""
+    folder, reference = make_checkpoint("llama")
+    tmp = tmp_path_factory.mktemp("adapted")
+    model = random_adapter(folder, tmp / "adapters.safetensors", rank=4, scale=2.0)
+    run_fuse("--model", folder, "--adapter-file", tmp / "adapters.safetensors", "--export-peft", tmp / "peft")
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp / "peft").eval()
+    base, tokenizer, _ = utils.load(str(folder))
+    rows = lora.tokenize(preference_pairs(4, 0), tokenizer, True, 256, "train")
+    return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows)
+
+
+def ours(model, rows, train_mode, reference):
+    """Our loss and METRICS on the rows' pairs as one batch."""
+    if train_mode == "orpo":
+        reference = np.zeros_like(reference)
+    batch = next(lora.iterate_batches(rows, len(rows) // 2, reference=reference))
+    loss, count, sums = lora.objective(train_mode, BETA)(model, *batch)
+    return loss.item(), dict(zip(lora.METRICS[train_mode], (sums[1:] / count).tolist()))
+
+
+def trl_examples(rows):
+    """TRL's tokenized pairs ({"prompt_ids", "chosen_ids", "rejected_ids"}) from our rows: the same tokens."""
+    examples = []
+    for (chosen, start), (rejected, other) in zip(rows[::2], rows[1::2]):
+        assert start == other and chosen[:start + 1] == rejected[:start + 1]  # one prompt, scored after it
+        examples.append({"prompt_ids": chosen[:start + 1], "chosen_ids": chosen[start + 1:],
+                         "rejected_ids": rejected[start + 1:]})
+    return examples
+
+
+def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path):
+    """TRL's DPOTrainer on the PEFT model, the base model its reference, and the same tokens."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, peft_model, base, tokenizer, rows, reference = adapted
+    loss, metrics = ours(model, rows, "dpo", reference)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = DPOConfig(output_dir=str(tmp_path), beta=BETA, report_to="none", use_cpu=True, bf16=False,
+                       precompute_ref_log_probs=False)
+    trainer = DPOTrainer(peft_model, copy_of(base), args=config, train_dataset=Dataset.from_list(preference_pairs(4, 0)),
+                         processing_class=tokenizer)
+    with torch.no_grad():
+        expected = trainer.compute_loss(peft_model, trainer.data_collator(trl_examples(rows))).item()
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # eval: the model is in eval mode
+    assert abs(loss - expected) < 1e-5
+    for name in lora.METRICS["dpo"]:
+        assert abs(metrics[name] - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
+    assert abs(logged["rewards/chosen"]) > 0.01 and abs(logged["rewards/margins"]) > 0.01  # policy is not reference
+
+
+def test_orpo_loss_and_metrics_equal_trls_functions(adapted):
+    """ORPO as TRL's ORPOTrainer computes it (its get_batch_logps and odds_ratio_loss, on PyTorch's logits),
+    with the NLL term of the paper: the chosen response's mean over its tokens. TRL's decoder-only code also
+    scores the prompt in that term."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    model, peft_model, _, tokenizer, rows, reference = adapted
+    loss, metrics = ours(model, rows, "orpo", reference)
+    width = max(len(tokens) for tokens, _ in rows)
+    input_ids = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in rows])
+    labels = torch.tensor([[-100] * (start + 1) + tokens[start + 1:] + [-100] * (width - len(tokens))
+                           for tokens, start in rows])
+    with torch.no_grad():
+        logits = peft_model(input_ids).logits
+    logps = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    chosen, rejected = logps[0::2], logps[1::2]
+    trainer = SimpleNamespace(beta=BETA, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = ORPOTrainer.odds_ratio_loss(
+        trainer, chosen, rejected)
+    nll = -chosen.mean()
+    expected = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(), "logps/chosen": chosen.mean(),
+                "logps/rejected": rejected.mean(), "nll_loss": nll, "log_odds_ratio": log_odds_ratio,
+                "log_odds_chosen": log_odds_chosen}
+    assert abs(loss - (nll - losses.mean()).item()) < 1e-5
+    for name in lora.METRICS["orpo"]:
+        assert abs(metrics[name] - expected[name].item()) < 1e-4 * max(1, abs(expected[name].item())), name
+
+
+def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp_path):
+    tokenizer = utils.load(str(tiny_llama))[1]
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    plain = {"prompt": "Q: the team when year is 4\nA: ", "chosen": "SELECT team", "rejected": "SELECT year"}
+    chat = {"prompt": [{"role": "user", "content": "the team when year is 4"}],
+            "chosen": [{"role": "assistant", "content": "SELECT team"}],
+            "rejected": [{"role": "assistant", "content": "SELECT year"}]}
+    for record, response_start in ((plain, len(tokenizer.encode(plain["prompt"]))),
+                                   (chat, len(tokenizer.encode("<user>the team when year is 4\n<assistant>",
+                                                               add_special_tokens=False)))):
+        (chosen, start), (rejected, other) = lora.tokenize([record], tokenizer, True, 256, "train")
+        assert start == other == response_start - 1  # the first scored target is the response's first token
+        assert chosen[:response_start] == rejected[:response_start]
+        for tokens, answer in ((chosen, "SELECT team"), (rejected, "SELECT year")):
+            assert answer in tokenizer.decode(tokens[response_start:])
+            assert answer not in tokenizer.decode(tokens[:response_start])
+
+
+@pytest.mark.parametrize("line, mode, message", [
+    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "sft",
+     r"train.jsonl:2: a preference pair; train on it with --train-mode dpo or orpo"),
+    ({"text": "a"}, "dpo", r"train.jsonl:1: a text example, but --train-mode dpo learns from preference pairs"),
+    ({"prompt": "a", "chosen": "b"}, "orpo", r"train.jsonl:2: not a preference pair: expected \{\"prompt\", "
+                                             r"\"chosen\", \"rejected\"\}"),
+    ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "c"}]}, "dpo", r"train.jsonl:2: not a preference pair"),
+])
+def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
+    first = line if mode == "dpo" and "text" in line else preference_pairs(1, 0)[0] if mode != "sft" else {"text": "x"}
+    lines = [first] if first is line else [first, line]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(utils.UserError, match=message):
+        lora.load_dataset(tmp_path, "train", train_mode=mode)
+
+
+def test_beta_without_a_preference_mode_is_an_error():
+    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo or orpo"):
+        lora.parse_args(["--train", "--beta", "0.2"])
+
+
+def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted):
+    import mlx.nn as nn
+
+    model, *_, rows, _ = adapted
+    reference = np.random.default_rng(0).normal(-20, 2, (len(rows) // 2, 2)).astype(np.float32)
+    loss_and_grad = nn.value_and_grad(model, lora.objective("dpo", BETA))
+    results = [loss_and_grad(model, *next(lora.iterate_batches(rows, len(rows) // 2, reference=reference, pack=p)))
+               for p in (False, True)]
+    (loss, _, sums), grads = results[0]
+    (packed_loss, _, packed_sums), packed_grads = results[1]
+    assert abs(loss.item() - packed_loss.item()) < 1e-5
+    assert np.allclose(np.array(sums), np.array(packed_sums), atol=1e-4)
+    for (name, g), (_, h) in zip(lora.tree_flatten(grads), lora.tree_flatten(packed_grads)):
+        assert np.allclose(np.array(g), np.array(h), atol=1e-5), name
+
+
+def held_out_rewards(out):
+    """(accuracy, margin) of the rewards on test.jsonl, from lora.py's log."""
+    return tuple(map(float, re.findall(r"Test loss .*rewards/accuracies ([\d.]+), rewards/margins (-?\d+\.\d+)", out)[-1]))
+
+
+@pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
+    ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
+    ("orpo", "full", False)])
+def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
+                                                             fine_tune_type, quantized):
+    """Trained on pairs, the model prefers the chosen response of held-out pairs (test.jsonl): rewards rank
+    it first far more often than before training. QLoRA trains over a 4-bit model."""
+    monkeypatch.chdir(tmp_path)  # adapters.safetensors: none before training
+    data = write_pairs(tmp_path / "pairs")
+    model = tiny_llama
+    if quantized:
+        import convert
+
+        convert.convert(convert.build_parser().parse_args(["--hf-path", str(tiny_llama), "--mlx-path",
+                                                           str(tmp_path / "q"), "-q", "--q-bits", "4",
+                                                           "--q-group-size", "32"]))
+        model = tmp_path / "q"
+    flags = ["--model", model, "--data", data, "--train-mode", train_mode, "--beta", BETA, "--batch-size", 8,
+             "--max-seq-length", 256]
+    before = run_lora(capsys, *flags, "--test") if train_mode == "orpo" else None  # DPO's rewards are 0 before training: its accuracy 0
+    out = run_lora(capsys, *flags, "--train", "--test", "--iters", 60, "--steps-per-eval", 30,
+                   "--learning-rate", 5e-4 if fine_tune_type == "full" else 2e-3, "--fine-tune-type", fine_tune_type,
+                   "--lora-layers", 2 if fine_tune_type == "full" else 4)
+    losses = [float(v) for v in re.findall(r"Train loss ([\d.]+)", out)]
+    assert losses[-1] < losses[0]
+    record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(f"val_{name}" for name in lora.METRICS[train_mode]) <= set(record)
+    accuracy, margin = held_out_rewards(out)
+    assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
+    if before is not None:  # ORPO's rewards rank most pairs right before training here: the margin grows
+        assert accuracy >= held_out_rewards(before)[0] and margin > held_out_rewards(before)[1] + 0.05
+
+
+def test_dpo_adapters_resume_fuse_and_export_to_peft(make_checkpoint, tmp_path, capsys):
+    """DPO-trained adapters are adapters like any other: a run resumed from its checkpoint ends where the
+    uninterrupted one does, fuse.py merges them (transformers loads the result) and exports them to PEFT,
+    with this model's logits."""
+    import transformers
+    from peft import PeftModel
+
+    folder, reference = make_checkpoint("llama")
+    data = write_pairs(tmp_path / "pairs")
+    flags = ["--model", folder, "--data", data, "--train", "--train-mode", "dpo", "--batch-size", 4, "--iters", 10,
+             "--save-every", 5, "--learning-rate", 2e-3, "--lora-layers", 2, "--val-batches", 0]
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "whole" / "adapters.safetensors")
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "resumed" / "adapters.safetensors",
+             "--resume", tmp_path / "whole" / "runs" / "1" / "step-0000005")
+    adapters = tmp_path / "whole" / "adapters.safetensors"
+    whole, resumed = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "resumed"))
+    assert all(np.array_equal(np.array(whole[k]), np.array(resumed[k])) for k in whole)
+
+    model, tokenizer, _ = utils.load(str(folder))
+    utils.load_adapters(model, adapters)
+    tokens = tokenizer.encode(preference_pairs(1, 5)[0]["prompt"])
+    expected = np.array(model(mx.array([tokens])))
+    run_fuse("--model", folder, "--adapter-file", adapters, "--save-path", tmp_path / "fused",
+             "--export-peft", tmp_path / "peft")
+    fused = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    for torch_model in (fused, peft_model):
+        with torch.no_grad():
+            assert np.abs(torch_model(torch.tensor([tokens])).logits.numpy() - expected).max() < 1e-4
+
+
+def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypatch):
+    """The reference pass (a layer at a time, in parts that fit the memory, the output layer in chunks)
+    gives the log-probabilities that the model's own forward pass gives each pair."""
+    model, *_, rows, _ = adapted
+    inputs, targets, scored, owner, _ = lora.preference_batch(rows[0::2] + rows[1::2], np.zeros((4, 2)), False)
+    logps, _ = lora.sequence_logps(model, inputs, targets, scored, owner, len(rows))
+    expected = np.array(logps).reshape(2, -1).T
+    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
+    monkeypatch.setattr(lora, "memory_size", lambda: 10 * 4 * model.args.hidden_size * 40)  # 40 positions
+    monkeypatch.setattr(lora, "LOSS_CHUNK", 7)
+    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
