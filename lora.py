@@ -83,8 +83,9 @@ def build_parser():
                            "response to its rejected one (DPO, ORPO: data of {\"prompt\", \"chosen\", "
                            "\"rejected\"} pairs).")
     lora.add_argument("--beta", type=utils.POSITIVE,
-                      help=f"DPO's beta (how far the adapted model may move from the base model), or ORPO's "
-                           f"weight of the odds-ratio term (TRL's beta for both; default {DEFAULT_BETA}).")
+                      help=f"DPO's beta (larger keeps the model closer to its reference: the model as training "
+                           f"starts), or ORPO's weight of the odds-ratio term (TRL's beta for both; default "
+                           f"{DEFAULT_BETA}).")
     lora.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
                                              f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
     lora.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
