@@ -453,20 +453,25 @@ def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=Fals
         epoch, skip = epoch + 1, 0
 
 
-def rank_share(items):
-    """This rank's part of a global batch's items, the r-th of N consecutive parts (all of them outside a
+def rank_slices(count):
+    """Where each rank's share of `count` items is, rank by rank: N consecutive parts (all of them outside a
     distributed run)."""
-    group = mx.distributed.init()
-    n, r = group.size(), group.rank()
-    return items[len(items) * r // n:len(items) * (r + 1) // n]
+    n = mx.distributed.init().size()
+    return [slice(count * r // n, count * (r + 1) // n) for r in range(n)]
 
 
-def gathered(share, counts):
-    """The ranks' shares (rank_share) of some rows, `counts` rows from each rank in turn, gathered on every
-    rank: all of the rows, in order (the share itself outside a distributed run)."""
+def rank_share(items):
+    """This rank's part of a global batch's items (rank_slices)."""
+    return items[rank_slices(len(items))[mx.distributed.init().rank()]]
+
+
+def gathered(share, sizes):
+    """Every rank's rows, gathered in order on every rank: each rank holds the rows of its share (rank_share)
+    of some items, item i having sizes[i] rows (outside a distributed run, the share is all of them)."""
     group = mx.distributed.init()
     if group.size() == 1:
         return share
+    counts = [int(np.sum(sizes[part])) for part in rank_slices(len(sizes))]
     padded = mx.pad(share, [(0, max(counts) - share.shape[0])] + [(0, 0)] * (share.ndim - 1))  # alike for all
     parts = mx.distributed.all_gather(padded, group=group).reshape(group.size(), max(counts), *share.shape[1:])
     rows = mx.concatenate([parts[r, :count] for r, count in enumerate(counts)])
@@ -503,9 +508,7 @@ def frozen_prefix(model, datasets):
     if layer == 0 or not fits:
         return None, datasets
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
-    n = group.size()
-    states = gathered(frozen_states(model, layer, rank_share(rows)),
-                      [lengths[len(rows) * r // n:len(rows) * (r + 1) // n].sum() for r in range(n)])
+    states = gathered(frozen_states(model, layer, rank_share(rows)), lengths)
     firsts = iter(np.cumsum(lengths) - lengths)
     return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
 
@@ -684,7 +687,6 @@ def reference_logps(model, rows):
     gives them), float32, pairs x 2. Computed as the frozen layers are (layer_at_a_time), as many rows at a
     time as their hidden states fit in a tenth of the memory. In a distributed run each rank computes a share
     of the rows, and all ranks gather all of them."""
-    n = mx.distributed.init().size()
     share = rank_share(rows)
     lengths, logps = np.array([len(tokens) - 1 for tokens, *_ in share]), np.zeros(len(share), np.float32)
     for part in length_groups(lengths, memory_size() / 10 / (model.args.hidden_size * 4)):  # states that fit
@@ -698,8 +700,7 @@ def reference_logps(model, rows):
                 part_rows = slice(k, k + rows_at_once)
                 losses = state_losses(model, model.normed(h[part_rows]), targets[part_rows], scored[part_rows])
                 logps[group[part_rows]] = -np.array(losses.reshape(-1, h.shape[1]).sum(axis=1))
-    counts = [len(rows) * (r + 1) // n - len(rows) * r // n for r in range(n)]
-    return np.array(gathered(mx.array(logps), counts)).reshape(-1, 2)
+    return np.array(gathered(mx.array(logps), np.ones(len(rows), int))).reshape(-1, 2)
 
 
 def preference_references(model, datasets, args):
