@@ -221,15 +221,20 @@ FLAGS = [
     ("generate-eval-negative", on_test_set, "--generate-eval", -1, True),  # with --completion-marker, below
     ("add-eos-token-two", train, "--add-eos-token", 2, False),
     ("unknown-flag", train, "--lora-rnk", 4, True),
+    ("train-mode-unknown", train, "--train-mode", "ppo", False),
+    ("beta-zero", train, "--beta", 0, True),  # with --train-mode dpo, below
+    ("beta-negative", train, "--beta", -0.1, False),
 ]
 # flags that are wrong together
 CASES_TOGETHER = [
     ("accept-flag-changes-without-resume", ["--accept-flag-changes"], "--accept-flag-changes"),
     ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
+    ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
 ]
 # what else the flag needs, so that its value is the only fault
-NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "]}
+NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "],
+         "--beta": ["--train-mode", "dpo"]}
 
 
 @dataclass
@@ -309,6 +314,11 @@ def chat_line(messages):
     return GOOD_CHATS + json.dumps({"messages": messages}) + "\n"
 
 
+PAIRS = "".join(json.dumps({"prompt": t.split("A: ")[0] + "A: ", "chosen": t.split("A: ")[1], "rejected": "SELECT"})
+                + "\n" for t in sql_texts(8))
+DPO = ("--train-mode", "dpo", "--val-batches", 0)  # a preference run on train.jsonl alone
+
+
 CASES += [
     Case("data-train-not-utf8", "lora.py", data(GOOD.encode() + b'{"text": "caf\xff\xfe"}\n'), "train.jsonl"),
     Case("data-train-invalid-json-line-3", "lora.py",
@@ -339,6 +349,19 @@ CASES += [
     Case("data-valid-missing", "lora.py", data(GOOD, valid=False), "valid.jsonl"),
     Case("data-mask-prompt-on-text", "lora.py", data(GOOD, flags=["--mask-prompt"]), "train.jsonl"),
     Case("data-test-invalid-json", "lora.py", bad_test_set, "test.jsonl"),
+    Case("data-preference-pairs-in-an-sft-run", "lora.py", data(PAIRS), "train.jsonl:1"),
+    Case("data-sft-examples-in-a-dpo-run", "lora.py", data(GOOD, valid=False, flags=DPO), "train.jsonl:1"),
+    Case("data-pair-without-rejected-line-9", "lora.py",
+         data(PAIRS + json.dumps({"prompt": "Q", "chosen": "A"}) + "\n", valid=False, flags=DPO), "train.jsonl:9"),
+    Case("data-pair-chat-response-from-the-user", "lora.py",
+         data(json.dumps({"prompt": [{"role": "user", "content": "q"}],
+                          "chosen": [{"role": "assistant", "content": "a"}],
+                          "rejected": [{"role": "user", "content": "b"}]}) + "\n", valid=False, flags=DPO),
+         "train.jsonl:1"),
+    Case("data-pairs-fewer-than-the-batch", "lora.py",
+         data("".join(PAIRS.splitlines(keepends=True)[:3]), valid=False, flags=DPO), "train.jsonl"),
+    Case("data-sft-valid-set-in-an-orpo-run", "lora.py",
+         data(PAIRS, flags=["--train-mode", "orpo"]), "valid.jsonl:1"),
 ]
 
 
