@@ -397,8 +397,9 @@ def make_batch(rows, pack, by_example=None):
     """(inputs, targets, scored[, packing]) for rows of (tokens, first scored target[, first state]): scored
     says which targets count. With a first state (frozen_layers_cached), the inputs are the positions' rows in
     the model's frozen_prefix, not tokens. With pack, the rows are concatenated into one and `packing` says
-    where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens: each new shape
-    is compiled anew."""
+    where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens on the CPU, of 32
+    elsewhere: each new shape is compiled anew, and on a GPU, where a small batch waits on the host, fewer
+    shapes gain more than the padding costs (benchmarks/README.md)."""
     pairs = []
     for tokens, start, *first_state in rows:
         inputs = np.arange(first_state[0], first_state[0] + len(tokens) - 1) if first_state else tokens[:-1]
@@ -408,7 +409,8 @@ def make_batch(rows, pack, by_example=None):
         width, packing = models.packed_layout(lengths, by_example)
         pairs = [tuple(np.concatenate(parts) for parts in zip(*pairs))]
     else:
-        width = -(-max(lengths) // 8) * 8
+        multiple = 8 if mx.default_device() == mx.cpu else 32
+        width = -(-max(lengths) // multiple) * multiple
     inputs, targets, scored = np.zeros((3, len(pairs), width), np.int32)
     for k, row in enumerate(pairs):
         for array, values in zip((inputs, targets, scored), row):

@@ -177,7 +177,11 @@ def distributed_group(prog: str):
 def set_up_process(before_reexec=lambda: None):
     """What a script sets before it does anything: its environment, and on the Linux CPU a re-execution in
     cpu_environment() where that has changes to make (calling before_reexec() first)."""
-    # transformers is here for its tokenizers alone: its advice that PyTorch is missing is noise
+    # transformers is here for its tokenizers alone, which need no PyTorch. Where PyTorch is installed,
+    # transformers imports it anyway, which on a GPU server took longer than reading a 7B's weights
+    # (benchmarks/README.md): hidden, as none of the scripts uses it, transformers goes without. Its advice
+    # that PyTorch is missing is then noise.
+    sys.modules.setdefault("torch", None)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # MLX's CUDA backend frees what a graph of work read only once it has run, with several graphs in flight:
     # QLoRA's steps, which dequantize each weight for its product (models.dequantizes), then held most layers'
@@ -404,12 +408,14 @@ def check_gguf(path: Path):
 def load(path_or_repo: str):
     """(model, tokenizer, config) from a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file.
     The tokenizer loads in a thread while the weights are read: importing transformers takes seconds (where
-    PyTorch is installed, transformers imports it), and MLX lets other threads run while it reads."""
-    config, weights, tokenizer = read_checkpoint(path_or_repo, tokenizer=False)
-    if tokenizer is not None:  # a GGUF file's, read from its metadata with the weights
+    PyTorch is installed, transformers imports it), and MLX lets other threads run while it reads (read_in_threads)."""
+    path = Path(path_or_repo)
+    if path.suffix == ".gguf" and path.is_file():  # the tokenizer is in its metadata
+        config, weights, tokenizer = read_gguf(path)
         return build_model(config, weights, path_or_repo), tokenizer, config
     with ThreadPoolExecutor(1) as pool:
         tokenizer = pool.submit(read_tokenizer, checkpoint_folder(path_or_repo))
+        config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False, evaluated=True)
         model = build_model(config, weights, path_or_repo)
         return model, tokenizer.result(), config
 
@@ -424,9 +430,10 @@ def checkpoint_folder(path_or_repo: str, flag: str = "--model") -> Path:
     return path
 
 
-def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
+def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, evaluated=False, names=None):
     """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
-    with Hugging Face's weight names. Weights from safetensors are read lazily: each when it is evaluated.
+    with Hugging Face's weight names. Weights from safetensors are read lazily, each when it is evaluated, or
+    if `evaluated` at once (read_in_threads) in the compute dtype, those in `names` alone if given.
     tokenizer=False skips a folder's tokenizer (None); a GGUF file's comes with its metadata anyway."""
     path = Path(path_or_repo)
     if path.suffix == ".gguf" and path.is_file():
@@ -439,10 +446,40 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True):
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
-    weights = {}
-    for f in files:
-        weights.update(read_arrays(f))
+    if evaluated:
+        weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names)
+    else:
+        weights = {k: v for f in files for k, v in read_arrays(f).items()}
     return config, weights, read_tokenizer(path) if tokenizer else None
+
+
+def read_in_threads(files, convert, names=None, threads=16):
+    """The arrays (those in `names`, or all) of these safetensors files, each made convert(arrays) and
+    evaluated, read by several threads at once: one thread reads and copies far below the memory's rate (on a
+    GPU, most of the time loading took). Each thread makes the arrays it evaluates, as MLX's streams belong to
+    the thread that made them; the arrays are split by their size, so that one file's are read in parallel
+    too."""
+    lazy = {f: read_arrays(f) for f in files}  # the headers alone
+    sizes = sorted(((v.nbytes, f, k) for f, arrays in lazy.items() for k, v in arrays.items()
+                    if names is None or k in names), reverse=True)
+    parts = [[] for _ in range(max(1, min(threads, len(sizes))))]
+    loads = [0] * len(parts)
+    for size, f, k in sizes:  # each to the least loaded part
+        i = loads.index(min(loads))
+        parts[i].append((f, k))
+        loads[i] += size
+
+    def read(part):
+        files = {f: read_arrays(f) for f in {f for f, _ in part}}
+        arrays = convert({k: files[f][k] for f, k in part})
+        try:
+            mx.eval(arrays)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise UserError(f"{', '.join(sorted(files))}: cannot be read ({first_line(e)})") from None
+        return arrays
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return {k: v for arrays in pool.map(read, parts) for k, v in arrays.items()}
 
 
 def read_tokenizer(path: Path):
@@ -542,7 +579,7 @@ def in_compute_dtype(config: dict, weights: dict) -> dict:
 
 def reload_weights(model: models.Model, path_or_repo: str, names):
     """Read the weights `names` of the checkpoint `model` was loaded from (load) into it again."""
-    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False)
+    config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False, evaluated=True, names=set(names))
     reloaded = in_compute_dtype(config, {k: weights[k] for k in names})
     model.update(tree_unflatten(list(reloaded.items())))
     mx.eval(reloaded)  # these alone: the others may wait on work that will not finish (a failed distributed step)

@@ -154,6 +154,29 @@ def test_compiled_step_gives_the_same_loss_curve(tiny_llama, data_dir):
     assert np.allclose(*curves, atol=1e-4), curves
 
 
+def test_padding_changes_neither_loss_nor_gradient(tiny_llama, data_dir):
+    """Rows padded further (on a GPU to a multiple of 32 tokens, not 8, for fewer shapes to compile) give the
+    same loss and gradient."""
+    import utils
+
+    model, tokenizer, _ = utils.load(str(tiny_llama))
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+    for layer in models.lora_layers(model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")
+    loss_and_grad = nn.value_and_grad(model, lora.loss_fn)
+    for i in range(0, 12, 4):
+        batch = lora.make_batch(dataset[i:i + 4], False)
+        assert batch[0].shape[1] % 8 == 0
+        padded = [mx.pad(a, [(0, 0), (0, 32 - a.shape[1] % 32 + 24)]) for a in batch]
+        (loss, count), grads = loss_and_grad(model, *batch)
+        (padded_loss, padded_count), padded_grads = loss_and_grad(model, *padded)
+        assert count.item() == padded_count.item() and abs(loss.item() - padded_loss.item()) < 1e-5
+        for (name, g), (_, p) in zip(tree_flatten(grads), tree_flatten(padded_grads)):
+            assert np.abs(np.array(g - p)).max() < 1e-5 * max(1, np.abs(np.array(g)).max()), name
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
 def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, data_dir):
     """Packed rows (attention within each example, by a mask over the row or on the examples laid out as rows

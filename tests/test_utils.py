@@ -1,4 +1,8 @@
-"""utils.py: GGUF files of each tensor type, the hub, sampling."""
+"""utils.py: reading weights in threads, loading without PyTorch, GGUF files of each tensor type, the hub,
+sampling."""
+
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -6,7 +10,7 @@ import pytest
 import torch
 
 import utils
-from conftest import FP32_ATOL, write_gguf
+from conftest import FP32_ATOL, ROOT, write_gguf
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_loads_with_matching_logits(make_checkpoint, tmp_path, qtype):
@@ -85,3 +89,38 @@ def test_blas_choice(monkeypatch):
     assert utils.preferred_blas({"openblas": "libblas.so.3"}) == "openblas"
     monkeypatch.setenv("LORA_BLAS", "none")
     assert utils.preferred_blas(found) is None
+
+
+def test_weights_read_in_threads_are_mx_load_s(tiny_llama, tmp_path):
+    """However the arrays of one file or of several are split over threads, each is read as mx.load reads it,
+    converted; with `names`, those alone are read."""
+    weights = mx.load(str(tiny_llama / "model.safetensors"))
+    names = sorted(weights)
+    shards = [str(tmp_path / f"part{i}.safetensors") for i in range(3)]
+    for i, shard in enumerate(shards):
+        mx.save_safetensors(shard, {k: weights[k] for k in names[i::3]})
+
+    def to_bf16(arrays):
+        return {k: v.astype(mx.bfloat16) for k, v in arrays.items()}
+
+    for files in ([str(tiny_llama / "model.safetensors")], shards):
+        for threads in (1, 3, 16):
+            read = utils.read_in_threads(files, to_bf16, threads=threads)
+            assert sorted(read) == names
+            for k in names:
+                assert read[k].dtype == mx.bfloat16 and mx.array_equal(read[k], weights[k].astype(mx.bfloat16)), k
+    some = set(names[::5])
+    assert sorted(utils.read_in_threads(shards, lambda arrays: arrays, some)) == sorted(some)
+
+
+def test_scripts_load_models_without_pytorch(tiny_llama):
+    """transformers imports PyTorch where it is installed, as here, which took seconds on a GPU server: the
+    scripts' set-up hides it, and the tokenizer is the same without it, with no advice printed about it."""
+    code = ("import sys, utils; utils.set_up_process(); _, tokenizer, _ = utils.load(sys.argv[1]); "
+            "print(sys.modules['torch'] is None, 'transformers' in sys.modules, tokenizer.encode('SELECT a FROM t'))")
+    run = subprocess.run([sys.executable, "-c", code, str(tiny_llama)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    hidden, imported, ids = run.stdout.strip().split(" ", 2)
+    assert hidden == imported == "True"
+    assert ids == str(utils.load(str(tiny_llama))[1].encode("SELECT a FROM t"))
+    assert "PyTorch" not in run.stderr
