@@ -9,8 +9,9 @@ import convert
 import fuse
 import lora
 
-# flags of other programs that the READMEs show (pip, NVIDIA's ncu, mlx.launch)
-OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start", "--backend", "--hostfile", "--starting-port"}
+# flags of other programs that the READMEs show (pip, NVIDIA's ncu, mlx.launch, the PEFT anchor's --batch and --lr)
+OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start", "--backend", "--hostfile", "--starting-port",
+          "--batch", "--lr"}
 
 
 def script_flags():
