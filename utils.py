@@ -410,7 +410,7 @@ def load(path_or_repo: str):
     The tokenizer loads in a thread while the weights are read: importing transformers takes seconds (where
     PyTorch is installed, transformers imports it), and MLX lets other threads run while it reads (read_in_threads)."""
     path = Path(path_or_repo)
-    if path.suffix == ".gguf" and path.is_file():  # the tokenizer is in its metadata
+    if is_gguf_file(path):  # the tokenizer is in its metadata
         config, weights, tokenizer = read_gguf(path)
         return build_model(config, weights, path_or_repo), tokenizer, config
     with ThreadPoolExecutor(1) as pool:
@@ -418,6 +418,10 @@ def load(path_or_repo: str):
         config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False, evaluated=True)
         model = build_model(config, weights, path_or_repo)
         return model, tokenizer.result(), config
+
+
+def is_gguf_file(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
 
 
 def checkpoint_folder(path_or_repo: str, flag: str = "--model") -> Path:
@@ -436,7 +440,7 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     if `evaluated` at once (read_in_threads) in the compute dtype, those in `names` alone if given.
     tokenizer=False skips a folder's tokenizer (None); a GGUF file's comes with its metadata anyway."""
     path = Path(path_or_repo)
-    if path.suffix == ".gguf" and path.is_file():
+    if is_gguf_file(path):
         return read_gguf(path)
     path = checkpoint_folder(path_or_repo, flag)
     if not (path / "config.json").is_file():
@@ -470,12 +474,12 @@ def read_in_threads(files, convert, names=None, threads=16):
         loads[i] += size
 
     def read(part):
-        files = {f: read_arrays(f) for f in {f for f, _ in part}}
-        arrays = convert({k: files[f][k] for f, k in part})
+        opened = {f: read_arrays(f) for f in {f for f, _ in part}}
+        arrays = convert({k: opened[f][k] for f, k in part})
         try:
             mx.eval(arrays)
         except (RuntimeError, ValueError, OSError) as e:
-            raise UserError(f"{', '.join(sorted(files))}: cannot be read ({first_line(e)})") from None
+            raise UserError(f"{', '.join(sorted(opened))}: cannot be read ({first_line(e)})") from None
         return arrays
 
     with ThreadPoolExecutor(len(parts)) as pool:
