@@ -920,7 +920,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                         f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
                         f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
                         f"Peak mem {record['peak_memory_gb']:.2f} GB, "
-                        f"ETA {(now - start) / (it - first + 1) * (args.iters - it):.0f}s")
+                        f"ETA {eta_seconds(now - start, seconds['first step'], it - first, args.iters - it):.0f}s")
                     bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                         f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
                     losses, metrics, ntokens, tic = [], [], 0, time.perf_counter()
@@ -1139,6 +1139,15 @@ def plot_losses(metrics_path, png_path):
     plt.close(fig)
 
 
+def eta_seconds(elapsed, first_step, done_after_first, left):
+    """The seconds the `left` steps will take, at the pace of the steps after the first: the first is mostly
+    compiling (on a GPU that has not run MLX before, a minute or more), and counting it would put the end of a
+    run of seconds an hour away."""
+    if done_after_first == 0:
+        return elapsed * left
+    return (elapsed - first_step) / done_after_first * left
+
+
 def say(line):
     """A line of the log, printed above the progress bar."""
     tqdm.write(line, file=sys.stdout)
@@ -1290,10 +1299,8 @@ def distributed(args):
         raise UserError(f"--batch-size {args.batch_size}: must divide by the {n} processes of the distributed run "
                         f"(each makes an equal share of every batch)")
 
-    def stopped(*_):  # mlx.launch ends the other ranks so when one ends
-        raise UserError("stopped by the launcher: another process of the distributed run ended")
-
-    signal.signal(signal.SIGTERM, stopped)
+    # mlx.launch ends the other ranks so when one ends
+    utils.stop_on_sigterm("lora.py", "stopped by the launcher: another process of the distributed run ended")
     if group.rank() > 0:
         sys.stdout = open(os.devnull, "w")
     print(f"Data-parallel on {n} processes: each makes {args.batch_size // n} of the {args.batch_size} examples "

@@ -212,6 +212,40 @@ def test_a_killed_rank_ends_the_run_with_an_error(tiny_llama, data_dir, tmp_path
     assert mx.load(str(out / "adapters.safetensors"))
 
 
+STOPPED_WHILE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import utils
+def main():
+    utils.stop_on_sigterm("prog", "stopped", seconds=2)
+    print("ready", flush=True)
+    if sys.argv[2] == "in C":  # a loop of C code that holds Python's lock, as MLX waiting on a peer that is gone
+        sum(range(10**12))
+    time.sleep(60)
+utils.run_main("prog", main)
+"""
+
+
+@pytest.mark.parametrize("where", ["in C", "in Python"])
+def test_sigterm_ends_a_rank_wherever_it_waits(where):
+    """SIGTERM (mlx.launch's, when another rank ends) to a rank held in C code, where the signal's handler
+    cannot run: within seconds one line says why and the process ends. In Python: the handler's line alone."""
+    with subprocess.Popen([sys.executable, "-c", STOPPED_WHILE, str(ROOT), where], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout.readline() == "ready\n"
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        start = time.time()
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("the process did not end within 30 s of SIGTERM")
+    assert time.time() - start < 10
+    assert stderr.splitlines() == ["prog: error: stopped"], stderr
+    assert process.returncode == (-signal.SIGKILL if where == "in C" else 1)
+
+
 def test_a_rank_that_cannot_connect_is_an_error_in_bounded_time(tiny_llama, data_dir, tmp_path):
     """Rank 0 of two whose peer never starts: one line naming the wait, within LORA_CONNECT_TIMEOUT."""
     port = free_ports()

@@ -1,5 +1,6 @@
 """Optimisation flags (optimizer, schedule, warmup, accumulation, clipping) and --config."""
 import re
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,6 +75,26 @@ def test_no_validation(tiny_llama, data_dir, tmp_path, capsys):
     assert not any("val_loss" in r for r in lora.read_metrics(tmp_path / "runs" / "1" / "metrics.jsonl"))
     with pytest.raises(UserError, match="valid.jsonl: no such file"):
         adapters_after(capsys, tiny_llama, data_dir, tmp_path / "b.safetensors", *flags)
+
+
+def test_eta_leaves_out_the_first_steps_compiling(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
+    """A first step slowed by 3 s (as compiling slows it) does not move the ETA of the steps after it."""
+    make_step = lora.make_step
+
+    def slow_first(*args, **kwargs):
+        step, calls = make_step(*args, **kwargs), []
+
+        def step_after_a_wait(*batch):
+            if not calls:
+                time.sleep(3)
+            calls.append(True)
+            return step(*batch)
+        return step_after_a_wait
+
+    monkeypatch.setattr(lora, "make_step", slow_first)
+    _, out = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "a.safetensors", "--iters", 4,
+                            "--steps-per-report", 2, "--val-batches", 0)
+    assert int(re.search(r"Iter 2: .* ETA (\d+)s", out)[1]) <= 1  # counting the first step: at least 3 s
 
 
 def test_config_file(tiny_llama, data_dir, tmp_path, capsys):
