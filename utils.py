@@ -175,6 +175,32 @@ def distributed_group(prog: str):
         watch.wait()
 
 
+# A process that waits until this one is sent SIGTERM (Python writes the number of each signal it catches to
+# the pipe this reads: signal.set_wakeup_fd), then gives it `seconds` to end, and else says why on stderr and
+# kills it. The end of the pipe (this one ended) ends it.
+STOP_WATCH = ("import os, select, signal, sys\n"
+              "fd, pid, seconds, line = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]\n"
+              "while (got := os.read(fd, 1)) and got[0] != signal.SIGTERM: pass\n"
+              "while got and select.select([fd], [], [], seconds)[0]: got = os.read(fd, 1)\n"
+              "if got: sys.stderr.write(line); os.kill(pid, signal.SIGKILL)\n")
+
+
+def stop_on_sigterm(prog: str, message: str, seconds: float = 30.0):
+    """On SIGTERM, raise UserError(message). MLX can hold Python's lock while it waits on a process that has
+    gone, and the handler then never runs: if this process has not ended `seconds` after the signal, a
+    watching process prints the error line and kills it."""
+    def stopped(*_):
+        raise UserError(message)
+
+    signal.signal(signal.SIGTERM, stopped)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    subprocess.Popen([sys.executable, "-c", STOP_WATCH, str(read), str(os.getpid()), str(seconds),
+                      f"{prog}: error: {message}\n"], pass_fds=(read,))
+    os.close(read)
+
+
 def set_up_process(before_reexec=lambda: None):
     """What a script sets before it does anything: its environment, and on the Linux CPU a re-execution in
     cpu_environment() where that has changes to make (calling before_reexec() first)."""
@@ -211,32 +237,6 @@ def naming_flag(flag: str):
         yield
     except (UserError, ValueError) as e:
         raise UserError(f"{flag}: {e}") from None
-
-
-# A process that waits until this one is sent SIGTERM (Python writes the number of each signal it catches to
-# the pipe this reads: signal.set_wakeup_fd), then gives it `seconds` to end, and else says why on stderr and
-# kills it. The end of the pipe (this one ended) ends it.
-STOP_WATCH = ("import os, select, signal, sys\n"
-              "fd, pid, seconds, line = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]\n"
-              "while (got := os.read(fd, 1)) and got[0] != signal.SIGTERM: pass\n"
-              "while got and select.select([fd], [], [], seconds)[0]: got = os.read(fd, 1)\n"
-              "if got: sys.stderr.write(line); os.kill(pid, signal.SIGKILL)\n")
-
-
-def stop_on_sigterm(prog: str, message: str, seconds: float = 30.0):
-    """On SIGTERM, raise UserError(message). MLX can hold Python's lock while it waits on a process that has
-    gone, and the handler then never runs: if this process has not ended `seconds` after the signal, a
-    watching process prints the error line and kills it."""
-    def stopped(*_):
-        raise UserError(message)
-
-    signal.signal(signal.SIGTERM, stopped)
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    subprocess.Popen([sys.executable, "-c", STOP_WATCH, str(read), str(os.getpid()), str(seconds),
-                      f"{prog}: error: {message}\n"], pass_fds=(read,))
-    os.close(read)
 
 
 def run_main(prog: str, main):
