@@ -92,5 +92,6 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.set_up_process()
+    # No utils.set_up_process() here: what it sets (MLX_MAX_MB_PER_BUFFER on a GPU, a preloaded BLAS on the
+    # CPU) would reach the anchor too, which must run as its users run it; lora.py sets its own
     utils.run_main("wallclock.py", main)

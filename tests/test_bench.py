@@ -1,6 +1,7 @@
 """benchmarks/bench.py as a user runs it: one JSON line on stdout, its numbers consistent with the batches."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -88,13 +89,21 @@ def test_under_mlx_launch(tiny_llama, data_dir):
 
 def test_wallclock_times_whole_runs(tiny_llama, data_dir, tmp_path):
     """benchmarks/wallclock.py: each run's wall time, the ratio to the anchor, and lora.py's parts, which fit in
-    its wall time."""
-    anchor = (f"{sys.executable} {ROOT / 'lora.py'} --model {{model}} --data {{data}} --train --iters {{iters}} "
+    its wall time. The anchor runs in the environment wallclock.py was given, not in lora.py's (a preloaded
+    BLAS, MLX's buffer size: they had reached mlx-lm and PEFT)."""
+    seen = tmp_path / "anchor_environment.json"
+    record = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w')); os.execv(sys.executable, sys.argv[2:])"
+    anchor = (f"{sys.executable} -c \"{record}\" {seen} {sys.executable} {ROOT / 'lora.py'} --model {{model}} "
+              f"--data {{data}} --train --iters {{iters}} "
               f"--batch-size {{batch_size}} --val-batches 0 --lora-layers 2 "
               f"--adapter-file {tmp_path / 'anchor' / 'a.safetensors'}")
+    # A shell's environment: without the mark of the scripts' own set-up (conftest re-executed pytest in it),
+    # and without what C libraries set behind os.environ (readline: LINES, COLUMNS)
+    shell = {k: v for k, v in os.environ.items() if k != "LORA_CPU_ENVIRONMENT"}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wallclock.py"), "--model", str(tiny_llama),
                           "--data", str(data_dir), "--iters", "3", "--repeats", "2", "--logs", str(tmp_path / "logs"),
-                          "--anchor", anchor, "--", "--lora-layers", "2"], capture_output=True, text=True, timeout=600)
+                          "--anchor", anchor, "--", "--lora-layers", "2"], capture_output=True, text=True, timeout=600,
+                         env=shell)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
     assert [len(result["runs"][k]) for k in ("lora.py", "anchor")] == [2, 2]
@@ -105,3 +114,4 @@ def test_wallclock_times_whole_runs(tiny_llama, data_dir, tmp_path):
     parts = result["lora_parts_median_seconds"]
     assert {"loading", "steps"} <= set(parts) and sum(parts.values()) < result["median_seconds"]["lora.py"]
     assert (tmp_path / "logs" / "lora.py-1.log").read_text().count("Seconds: ") == 1
+    assert json.loads(seen.read_text()) == shell
