@@ -6,8 +6,8 @@ import copy
 import fnmatch
 import math
 import typing
-from dataclasses import MISSING, dataclass, fields
-from typing import Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,22 +17,150 @@ from mlx.utils import tree_unflatten
 
 # Configuration
 
-# model_type: the switches that set a family apart from Llama (ModelArgs' defaults); config.json sets the rest.
+
+@dataclass(frozen=True)
+class Family:
+    """What sets one model_type apart from Llama, in one place: the ModelArgs switches it sets (config.json
+    may set them too), `fix`, which reads the family's own config fields into ModelArgs' as transformers reads
+    them (and raises ValueError naming a field whose setting is not implemented), its default LoRA targets,
+    the layers convert -q keeps in float (path suffixes), the models it is, and the decoder layer class where
+    its forward pass is its own."""
+    models: str
+    switches: dict = field(default_factory=dict)
+    fix: Optional[Callable[[dict], None]] = None
+    lora_targets: tuple = ("self_attn.q_proj", "self_attn.v_proj")
+    unquantized: tuple = ()
+    layer: Optional[str] = None  # a class of this module; DecoderLayer if None
+
+
+def sliding_from_max_window_layers(config: dict):
+    """Qwen's switches: the layers from max_window_layers on slide, and only if use_sliding_window."""
+    if not config.get("use_sliding_window"):
+        config["sliding_window"] = None
+    elif config.get("layer_types") is None:
+        window = config.get("max_window_layers", 0)
+        config["layer_types"] = ["sliding_attention" if i >= window else "full_attention"
+                                 for i in range(config.get("num_hidden_layers", 0))]
+
+
+def sliding_every(period: int, key="sliding_window_pattern"):
+    """layer_types where absent (transformers 4's configs): every `period`-th layer attends to the whole
+    sequence, the others slide (config[key] gives the period where present)."""
+    def fix(config):
+        if config.get("layer_types") is None:
+            n = config.get(key) or period
+            config["layer_types"] = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
+                                     for i in range(config.get("num_hidden_layers", 0))]
+    return fix
+
+
+def gemma_fix(config: dict):
+    # transformers reads hidden_activation (else tanh-gelu), not hidden_act; embeddings times sqrt(hidden_size)
+    config["hidden_act"] = config.get("hidden_activation") or "gelu_pytorch_tanh"
+    config["embedding_scale"] = config.get("hidden_size", 0) ** 0.5
+    if config.get("query_pre_attn_scalar"):
+        config["attention_scale"] = config["query_pre_attn_scalar"] ** -0.5
+    if config.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported (causal language models only)")
+
+
+def gemma3_fix(config: dict):
+    gemma_fix(config)
+    sliding_every(6)(config)
+    # transformers 4 wrote the sliding layers' rope base apart, and no scaling for them
+    if not nested_rope(config):
+        rope = flat_rope(config)
+        local = {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 10000.0)}
+        config["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+
+
+def no_rope_layers(config: dict):
+    """SmolLM3's no_rope_layers: 1 where a layer uses rope."""
+    if config.get("no_rope_layers") is not None:
+        config["rope_layers"] = [bool(x) for x in config["no_rope_layers"]]
+
+
+def olmo3_fix(config: dict):
+    sliding_every(4)(config)
+
+
+def granite_fix(config: dict):
+    for ours, theirs in (("embedding_scale", "embedding_multiplier"), ("residual_scale", "residual_multiplier"),
+                         ("attention_scale", "attention_multiplier")):
+        if config.get(theirs) is not None:
+            config[ours] = config[theirs]
+    if config.get("logits_scaling"):
+        config["logits_scale"] = 1 / config["logits_scaling"]
+
+
+def both(*fixes):
+    def fix(config):
+        for f in fixes:
+            f(config)
+    return fix
+
+
+GEMMA2 = {"norm": "rms_offset", "tie_word_embeddings": True, "sliding_window": 4096,
+          "block_norms": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                          "post_feedforward_layernorm")}
+OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
+
+# model_type: its Family. A family that fits ModelArgs' switches is one entry here.
 FAMILIES = {
-    "llama": {},
-    "mistral": {},
-    "mixtral": {"mlp": "sparse_moe"},
-    "qwen2": {"qkv_bias": True},
-    "gemma": {"norm": "rms_offset", "scale_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
-              "tie_word_embeddings": True},
-    "phi": {"norm": "layer", "parallel": True, "mlp": "fc", "attention_bias": True, "mlp_bias": True,
-            "lm_head_bias": True, "hidden_act": "gelu_new", "partial_rotary_factor": 0.5,
-            "output_proj": "dense", "final_norm": "final_layernorm"},
-    "phi3": {"fused": True},
-    "phi3_v": {"fused": True, "kept_prefix": "model.vision_embed_tokens."},
+    "llama": Family("Llama 1, 2, 3, SmolLM, SmolLM2, TinyLlama, Falcon3, other Llama-shaped models"),
+    "mistral": Family("Mistral 7B, Mistral Nemo, Mistral Small"),
+    "mixtral": Family("Mixtral 8x7B, 8x22B (mixture of experts)", {"mlp": "sparse_moe"},
+                      unquantized=(".block_sparse_moe.gate",)),
+    "qwen2": Family("Qwen2, Qwen2.5", {"qkv_bias": True}, sliding_from_max_window_layers),
+    "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head"}, sliding_from_max_window_layers),
+    "gemma": Family("Gemma 2B, 7B", {"norm": "rms_offset", "tie_word_embeddings": True}, gemma_fix),
+    "gemma2": Family("Gemma 2", GEMMA2, both(gemma_fix, sliding_every(2))),
+    "gemma3_text": Family("Gemma 3 (text), Gemma 3 1B", {**GEMMA2, "qk_norm": "head"}, gemma3_fix),
+    "smollm3": Family("SmolLM3", {}, both(sliding_from_max_window_layers, no_rope_layers)),
+    "olmo2": Family("OLMo 2", OLMO2),
+    "olmo3": Family("OLMo 3", OLMO2, olmo3_fix),
+    "granite": Family("Granite 3 (dense)", {}, granite_fix),
+    "ministral": Family("Ministral 8B", {}),
+    "phi": Family("Phi-2, Phi-1.5", {
+        "norm": "layer", "parallel": True, "mlp_names": (None, "fc1", "fc2"), "attention_bias": True,
+        "mlp_bias": True, "lm_head_bias": True, "hidden_act": "gelu_new", "output_proj": "dense",
+        "final_norm": "final_layernorm", "block_norms": ("input_layernorm", None, None, None)},
+        lambda config: config.setdefault("partial_rotary_factor", 0.5)),
+    "phi3": Family("Phi-3, Phi-3.5 mini", {"fused": True}, lora_targets=("self_attn.qkv_proj",)),
+    "phi3_v": Family("Phi-3-vision, text only: the language model trains, the image encoder is kept as it is",
+                     {"fused": True, "kept_prefix": "model.vision_embed_tokens."},
+                     lora_targets=("self_attn.qkv_proj",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def nested_rope(config: dict) -> bool:
+    """Whether rope_parameters holds one set for each layer type (transformers 5's Gemma 3)."""
+    rope = config.get("rope_parameters")
+    return isinstance(rope, dict) and any(key in rope for key in LAYER_TYPES)
+
+
+def flat_rope(config: dict) -> dict:
+    """One set of rope parameters ({rope_type, rope_theta, ...}) from either layout: transformers 5's
+    rope_parameters, or transformers 4's rope_theta and partial_rotary_factor at the top with the rest in
+    rope_scaling (where type may stand for rope_type, and Phi-3's longrope was called su)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling is {rope!r}, expected an object")
+    rope = dict(rope)
+    kind = rope.pop("type", None)
+    rope["rope_type"] = rope.get("rope_type") or kind or "default"
+    if rope["rope_type"] == "su":
+        rope["rope_type"] = "longrope"
+    for key in ROPE_PARAMETERS:
+        if rope.get(key) is None and config.get(key) is not None:
+            rope[key] = config[key]
+    rope.setdefault("partial_rotary_factor", 1.0)
+    if config.get("original_max_position_embeddings") and rope["rope_type"] == "longrope":
+        rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    return rope
 
 
 @dataclass
@@ -47,11 +175,11 @@ class ModelArgs:
     layer_norm_eps: float = 1e-5
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    partial_rotary_factor: float = 1.0
+    # {layer type: {rope_type, rope_theta, partial_rotary_factor, the kind's own keys}} (rope_for)
+    rope_parameters: Optional[dict] = None
+    rope_layers: Optional[list] = None  # per layer, whether it uses rope (all if None)
+    rope_interleaved: bool = False  # rotates pairs of neighbouring features, not the two halves
     max_position_embeddings: int = 2048
-    original_max_position_embeddings: Optional[int] = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -62,12 +190,21 @@ class ModelArgs:
     num_experts_per_tok: int = 2
     # family switches (FAMILIES)
     norm: str = "rms"  # rms, rms_offset (Gemma: weight + 1), layer (LayerNorm with bias)
-    mlp: str = "gated"  # gated (gate, up, down), fc (fc1, fc2), sparse_moe (Mixtral's experts)
+    # the norms of a decoder layer: (before attention, after it, before the MLP, after it), None where absent
+    block_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)
+    qk_norm: Optional[str] = None  # queries and keys normed over each head's features (head) or all (all)
+    mlp: str = "gated"  # gated (mlp_names' gate, up, down), sparse_moe (Mixtral's experts)
+    mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
     fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
     parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
     qkv_bias: bool = False
     lm_head_bias: bool = False
-    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    embedding_scale: Optional[float] = None  # embeddings times it (Gemma: sqrt(hidden_size), in their dtype)
+    attention_scale: Optional[float] = None  # of the scores; head_dim ** -0.5 if None
+    residual_scale: float = 1.0  # each block's output times it before it joins the residual stream (Granite)
+    logits_scale: float = 1.0
+    attn_logit_softcapping: Optional[float] = None  # scores become cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: Optional[float] = None  # the same for the logits
     output_proj: str = "o_proj"
     final_norm: str = "norm"
     kept_prefix: Optional[str] = None  # weights kept as they are, unused (Phi-3-vision's image encoder)
@@ -81,29 +218,20 @@ class ModelArgs:
                 f"model_type {config.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        # transformers 5 moved rope_theta, rope_scaling and partial_rotary_factor into rope_parameters.
-        rope = config.pop("rope_parameters", None) or config.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"rope_scaling is {rope!r}, expected an object")
-        for key in ROPE_PARAMETERS:
-            if rope.get(key) is not None:
-                config[key] = rope[key]
-        config["rope_scaling"] = {k: v for k, v in rope.items() if k not in ROPE_PARAMETERS} or None
-        if config["model_type"] == "gemma":  # transformers reads hidden_activation (else tanh-gelu), not hidden_act
-            config["hidden_act"] = config.get("hidden_activation") or family["hidden_act"]
-        if config["model_type"] == "qwen2":
-            layers, window = config.get("num_hidden_layers", 0), config.get("max_window_layers", 0)
-            if not config.get("use_sliding_window"):
-                config["sliding_window"] = None
-            elif config.get("layer_types") is None:
-                config["layer_types"] = ["sliding_attention" if i >= window else "full_attention"
-                                         for i in range(layers)]
+        if family.fix is not None:
+            family.fix(config)
         if config.get("qk_layernorm"):
             raise ValueError("qk_layernorm is not supported")
+        if nested_rope(config):
+            given = config["rope_parameters"]
+            ropes = {kind: flat_rope({**config, "rope_parameters": given.get(kind)}) for kind in LAYER_TYPES}
+        else:
+            ropes = dict.fromkeys(LAYER_TYPES, flat_rope(config))
+        config["rope_parameters"] = ropes
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in config.items() if k in names and v is not None}
         check_types(given)
-        args = cls(**{**family, **given})
+        args = cls(**{**family.switches, **given})
         if args.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {args.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
@@ -111,16 +239,35 @@ class ModelArgs:
         if args.num_attention_heads % args.num_key_value_heads or args.head_dim == 0:
             raise ValueError(f"{args.num_attention_heads} attention heads cannot share {args.num_key_value_heads} "
                              f"key-value heads of {args.head_dim} features")
-        if args.layer_types is not None and len(args.layer_types) != args.num_hidden_layers:
-            raise ValueError(f"layer_types lists {len(args.layer_types)} layers, not num_hidden_layers "
-                             f"{args.num_hidden_layers}")
+        for key in ("layer_types", "rope_layers"):
+            if getattr(args, key) is not None and len(getattr(args, key)) != args.num_hidden_layers:
+                raise ValueError(f"{key} lists {len(getattr(args, key))} layers, not num_hidden_layers "
+                                 f"{args.num_hidden_layers}")
+        for rope in args.rope_parameters.values():
+            RoPE(args, rope)  # its errors now, not when the model is built
         return args
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else "sliding_attention"
+
+    def rope_for(self, layer: int) -> Optional[dict]:
+        """The rope parameters of decoder layer `layer`, None if it uses none."""
+        if self.rope_layers is not None and not self.rope_layers[layer]:
+            return None
+        return self.rope_parameters[self.layer_type(layer)]
+
+    @property
+    def rope(self) -> dict:
+        """The rope parameters of the layers that attend to the whole sequence."""
+        return self.rope_parameters["full_attention"]
+
+    @property
     def rope_type(self) -> str:
-        scaling = self.rope_scaling or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        return "longrope" if kind == "su" else kind  # Phi-3's configs call it su
+        return self.rope["rope_type"]
 
 
 def check_types(config: dict):
@@ -146,47 +293,92 @@ def check_types(config: dict):
 
 
 class RoPE(nn.Module):
-    """Rotary embedding of the first head_dim * partial_rotary_factor features, with Hugging Face's scaling
-    kinds: linear, llama3, and Phi-3's longrope (long-context frequencies once the sequence is longer than
-    the original context, and a gain on the rotated features)."""
+    """Rotary embedding of the first head_dim * partial_rotary_factor features, with each scaling kind that
+    transformers reads (modeling_rope_utils): linear, dynamic (NTK), yarn, llama3, and longrope (long-context
+    frequencies once the sequence is longer than the original context). yarn's and longrope's attention
+    factor multiplies cos and sin in transformers: the rotated features of q and k here."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, rope: dict):
         super().__init__()
-        self.dims = int(args.head_dim * args.partial_rotary_factor)
-        inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims))
-        scaling, kind = args.rope_scaling or {}, args.rope_type
-        self.original_context, self._long_freqs, self._gain = None, None, None
+        kind = rope.get("rope_type", "default")
+        if kind not in ROPE_KINDS:
+            raise ValueError(f"rope_type {kind!r} is not supported ({', '.join(ROPE_KINDS)})")
+        self.dims = int(args.head_dim * rope.get("partial_rotary_factor", 1.0))
+        self.traditional = args.rope_interleaved
+        self.base = rope.get("rope_theta", 10000.0)
+        self.original_context, self._long_freqs, self._gain, self._dynamic = None, None, None, None
+        inv_freq = 1.0 / (self.base ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims))
+        gain = 1.0
         if kind == "linear":
-            inv_freq = inv_freq / scaling["factor"]
+            inv_freq = inv_freq / rope["factor"]
+        elif kind == "dynamic":  # a larger base once the sequence outgrows max_position_embeddings
+            self._dynamic = (rope["factor"], args.max_position_embeddings)
         elif kind == "llama3":
-            factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-            old_context = scaling["original_max_position_embeddings"]
+            factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+            old_context = rope["original_max_position_embeddings"]
             wavelen = 2 * math.pi / inv_freq
             scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
             smooth = (old_context / wavelen - low) / (high - low)
             smoothed = (1 - smooth) * scaled / factor + smooth * scaled
             medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
             inv_freq = np.where(medium, smoothed, scaled)
+        elif kind == "yarn":
+            inv_freq, gain = yarn_frequencies(inv_freq, self.dims, self.base, rope, args.max_position_embeddings)
         elif kind == "longrope":
-            self.original_context = (scaling.get("original_max_position_embeddings")
-                                     or args.original_max_position_embeddings or args.max_position_embeddings)
-            factor = scaling.get("factor") or args.max_position_embeddings / self.original_context
-            gain = scaling.get("attention_factor") or (
+            self.original_context = rope.get("original_max_position_embeddings") or args.max_position_embeddings
+            factor = rope.get("factor") or args.max_position_embeddings / self.original_context
+            gain = rope.get("attention_factor") or (
                 math.sqrt(1 + math.log(factor) / math.log(self.original_context)) if factor > 1 else 1.0)
-            if gain != 1.0:  # on cos and sin in transformers: on the rotated features of q and k here
-                self._gain = mx.array([gain] * self.dims + [1.0] * (args.head_dim - self.dims))
-            self._long_freqs = mx.array(np.array(scaling["long_factor"]) / inv_freq, dtype=mx.float32)
-            inv_freq = inv_freq / np.array(scaling["short_factor"])
-        elif kind != "default":
-            raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3, longrope)")
+            self._long_freqs = mx.array(np.array(rope["long_factor"]) / inv_freq, dtype=mx.float32)
+            inv_freq = inv_freq / np.array(rope["short_factor"])
+        if gain != 1.0:
+            self._gain = mx.array([gain] * self.dims + [1.0] * (args.head_dim - self.dims))
         self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)  # wavelengths / 2pi, as mx.fast.rope takes
 
+    def frequencies(self, length: int):
+        """The wavelengths / 2pi for a sequence of `length` positions."""
+        if self._long_freqs is not None and length > self.original_context:
+            return self._long_freqs
+        if self._dynamic is not None and length > self._dynamic[1]:
+            factor, context = self._dynamic
+            base = self.base * (factor * length / context - (factor - 1)) ** (self.dims / (self.dims - 2))
+            return mx.array(base ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims), dtype=mx.float32)
+        return self._freqs
+
     def __call__(self, x, offset: int):
-        long = self._long_freqs is not None and offset + x.shape[2] > self.original_context
         if self._gain is not None:
             x = x * self._gain.astype(x.dtype)
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
-                            freqs=self._long_freqs if long else self._freqs)
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
+                            freqs=self.frequencies(offset + x.shape[2]))
+
+
+def yarn_frequencies(inv_freq, dims: int, base: float, rope: dict, max_position_embeddings: int):
+    """YaRN's (inverse frequencies, attention factor): interpolated by `factor` below the correction range
+    of wavelengths, kept above it, blended linearly within it."""
+    context = rope.get("original_max_position_embeddings") or max_position_embeddings
+    factor = rope.get("factor") or max_position_embeddings / context
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    gain = rope.get("attention_factor")
+    if gain is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        gain = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction(rotations):
+        return dims * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction(rope.get("beta_fast") or 32), correction(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    ramp = np.clip((np.arange(dims // 2) - low) / ((high - low) or 0.001), 0, 1)
+    kept = 1 - ramp
+    return inv_freq / factor * (1 - kept) + inv_freq * kept, gain
+
+
+ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 class KVCache:
@@ -244,7 +436,7 @@ def packed_layout(lengths, by_example=None):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
@@ -258,7 +450,14 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
         self.output_proj = args.output_proj
         self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias)
-        self.rope = RoPE(args)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_norm = norm(args, self.head_dim if args.qk_norm == "head" else q_dims)
+            self.k_norm = norm(args, self.head_dim if args.qk_norm == "head" else kv_dims)
+        rope = args.rope_for(layer)
+        self.rope = RoPE(args, rope) if rope is not None else None
+        self.scale = args.attention_scale or self.head_dim**-0.5
+        self.softcap = args.attn_logit_softcapping
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
@@ -267,6 +466,8 @@ class Attention(nn.Module):
             q, k, v = mx.split(self.qkv_proj(x), [q_dims, q_dims + kv_dims], axis=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         if example_rows is not None:
             slots, order = example_rows["slots"], example_rows["order"]
             index = slots.reshape(-1)
@@ -277,32 +478,36 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask, cache):
         B, L, _ = q.shape
-        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        if self.rope is not None:
+            q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, self.head_dim**-0.5, mask)
+        out = attention(q, k, v, self.scale, mask, self.softcap)
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up in one layer if fused (Phi-3); down(act(up(x))) without
-    a gate (Phi-2). The layers' names are the checkpoint's."""
+    a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down)."""
 
-    def __init__(self, args: ModelArgs, gate="gate_proj", up="up_proj", down="down_proj"):
+    def __init__(self, args: ModelArgs, names=None):
         super().__init__()
         dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate, self.up, self.down = gate, up, down
+        self.gate, self.up, self.down = names or args.mlp_names
         if args.fused:
             self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
         else:
-            if gate is not None:
-                self[gate] = nn.Linear(dim, hidden, bias=bias)
-            self[up] = nn.Linear(dim, hidden, bias=bias)
-        self[down] = nn.Linear(hidden, dim, bias=bias)
+            if self.gate is not None:
+                self[self.gate] = nn.Linear(dim, hidden, bias=bias)
+            self[self.up] = nn.Linear(dim, hidden, bias=bias)
+        self[self.down] = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[args.hidden_act]
 
     def __call__(self, x):
@@ -322,7 +527,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.experts = [MLP(args, gate="w1", up="w3", down="w2") for _ in range(args.num_local_experts)]
+        self.experts = [MLP(args, ("w1", "w3", "w2")) for _ in range(args.num_local_experts)]
 
     def __call__(self, x):
         shape = x.shape
@@ -342,10 +547,11 @@ class SparseMoE(nn.Module):
         return y.reshape(shape)
 
 
-def norm(args: ModelArgs):
+def norm(args: ModelArgs, dims: Optional[int] = None):
+    dims = dims or args.hidden_size
     if args.norm == "layer":
-        return nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-    return (OffsetRMSNorm if args.norm == "rms_offset" else nn.RMSNorm)(args.hidden_size, eps=args.rms_norm_eps)
+        return nn.LayerNorm(dims, eps=args.layer_norm_eps)
+    return (OffsetRMSNorm if args.norm == "rms_offset" else nn.RMSNorm)(dims, eps=args.rms_norm_eps)
 
 
 class OffsetRMSNorm(nn.RMSNorm):
@@ -356,31 +562,44 @@ class OffsetRMSNorm(nn.RMSNorm):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Attention then the MLP (or both on one norm's output, if parallel), each with the norms of
+    block_norms around it, each joining the residual stream times residual_scale."""
+
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         if args.mlp == "sparse_moe":
             self.block_sparse_moe = SparseMoE(args)
         else:
-            self.mlp = MLP(args, gate=None, up="fc1", down="fc2") if args.mlp == "fc" else MLP(args)
-        self.input_layernorm = norm(args)
-        if not args.parallel:
-            self.post_attention_layernorm = norm(args)
+            self.mlp = MLP(args)
+        self.norms = args.block_norms
+        for name in self.norms:
+            if name is not None:
+                self[name] = norm(args)
+        self.parallel, self.residual_scale = args.parallel, args.residual_scale
+
+    def normed(self, k: int, x):
+        return x if self.norms[k] is None else self[self.norms[k]](x)
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         mlp = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
-        h = self.input_layernorm(x)
-        if "post_attention_layernorm" not in self:  # parallel
-            return x + self.self_attn(h, mask, cache, example_rows) + mlp(h)
-        h = x + self.self_attn(h, mask, cache, example_rows)
-        return h + mlp(self.post_attention_layernorm(h))
+        h = self.normed(0, x)
+        out = self.normed(1, self.self_attn(h, mask, cache, example_rows))
+        if self.parallel:
+            return x + self.scaled(out + mlp(h))
+        h = x + self.scaled(out)
+        return h + self.scaled(self.normed(3, mlp(self.normed(2, h))))
+
+    def scaled(self, x):
+        return x if self.residual_scale == 1.0 else x * self.residual_scale
 
 
 class DecoderStack(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        layer_class = globals()[args.family.layer] if args.family.layer else DecoderLayer
+        self.layers = [layer_class(args, i) for i in range(args.num_hidden_layers)]
         self[args.final_norm] = norm(args)
 
 
@@ -409,8 +628,8 @@ class Model(nn.Module):
         self.model = DecoderStack(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
-        types = args.layer_types or ["sliding_attention"] * args.num_hidden_layers
-        self._layer_windows = [args.sliding_window if t == "sliding_attention" else None for t in types]
+        self._layer_windows = [args.sliding_window if args.layer_type(i) == "sliding_attention" else None
+                               for i in range(args.num_hidden_layers)]
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
         # While set (lora.frozen_layers_cached), the inputs are rows of its states, not token ids.
         self.frozen_prefix: Optional[FrozenPrefix] = None
@@ -457,8 +676,8 @@ class Model(nn.Module):
 
     def embed(self, inputs):
         h = self.model.embed_tokens(inputs)
-        if self.args.scale_embeddings:
-            h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
+        if self.args.embedding_scale is not None:  # rounded to the embeddings' type first, as transformers does
+            h = h * mx.array(self.args.embedding_scale, dtype=h.dtype)
         return h
 
     def run_layers(self, h, start, stop, cache=None, packing=None):
@@ -481,8 +700,13 @@ class Model(nn.Module):
 
     def logits(self, h):
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.args.logits_scale != 1.0:
+            logits = logits * self.args.logits_scale
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else mx.tanh(logits / cap) * cap
 
     def __call__(self, inputs, cache=None, packing=None):
         return self.logits(self.hidden_states(inputs, cache, packing))
@@ -693,13 +917,16 @@ def permuted(x, index, inverse):
     return gather(x)
 
 
-def attention(q, k, v, scale, mask):
-    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array."""
-    if mx.default_device() != mx.cpu:
+def attention(q, k, v, scale, mask, softcap=None):
+    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array; the
+    scores soft-capped to softcap * tanh(scores / softcap) if softcap (a path MLX has no fused kernel for)."""
+    if mx.default_device() != mx.cpu and softcap is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     k_heads, length = k.shape[1], k.shape[2]
     scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
     if isinstance(mask, str):
         mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None]
     if mask is not None:

@@ -578,7 +578,7 @@ def model_skeleton(config: dict, weights: dict) -> models.Model:
 def check_config(config: dict, where):
     """An error naming `where` unless the config describes a model that models.py builds."""
     try:
-        models.RoPE(models.ModelArgs.from_config(config))
+        models.ModelArgs.from_config(config)
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     except KeyError as e:
@@ -960,10 +960,10 @@ def write_gguf(path, model: models.Model, tokenizer):
         writer.add_head_count_kv(args.num_key_value_heads)
         writer.add_rope_dimension_count(args.head_dim)
         writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_rope_freq_base(args.rope.get("rope_theta", 10000.0))
         if args.rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(args.rope_scaling["factor"])
+            writer.add_rope_scaling_factor(args.rope["factor"])
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
