@@ -16,9 +16,6 @@ BITS = (2, 3, 4, 5, 6, 8)
 # They lose the most to quantization (every token passes through them, and the output layer's errors go
 # straight into the logits), and are a small part of the weights: llama.cpp and PEFT's QLoRA spare them too.
 EMBEDDING_LAYERS = ("model.embed_tokens", "lm_head")
-# Mixtral's router: a few numbers per token decide which experts run; AutoAWQ and bitsandbytes QLoRA keep it
-# unquantized too, and it is a tiny part of the weights.
-UNQUANTIZED = ".block_sparse_moe.gate"
 
 
 def build_parser():
@@ -69,8 +66,11 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             raise UserError(f"{where}: the weights do not fit its config: {problem}: {', '.join(names[:3])}{more}")
 
+    # A router (Family.unquantized): a few numbers per token decide which experts run; AutoAWQ and bitsandbytes
+    # QLoRA keep it unquantized too, and it is a tiny part of the weights.
+    kept = model.args.family.unquantized
     layers = {path for path, m in modules.items()
-              if isinstance(m, (nn.Linear, nn.Embedding)) and not path.endswith(UNQUANTIZED)}
+              if isinstance(m, (nn.Linear, nn.Embedding)) and not (kept and path.endswith(kept))}
     quantized = {}  # path: {"group_size", "bits"}
     for path in sorted(layers) if quantization else []:
         if source[f"{path}.weight"].shape[-1] % quantization["group_size"] == 0:

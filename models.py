@@ -807,10 +807,8 @@ def linear_layers(layer: nn.Module) -> list:
 
 
 def default_lora_targets(model: Model) -> list:
-    """The reference's q_proj and v_proj; Phi-3's fused qkv_proj, as its tutorial adapts."""
-    if "self_attn.qkv_proj" in linear_layers(model.layers[0]):
-        return ["self_attn.qkv_proj"]
-    return ["self_attn.q_proj", "self_attn.v_proj"]
+    """The family's (Family.lora_targets): the reference's q_proj and v_proj for most."""
+    return list(model.args.family.lora_targets)
 
 
 def target_matches(path: str, target: str) -> bool:

@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits, val_losses
+from conftest import (ALL_TARGETS, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits,
+                      val_losses)
 from mlx import nn
 
 import convert
@@ -23,6 +24,16 @@ FAMILIES = {
     "gemma": ({"head_dim": 32}, ["self_attn.q_proj", "self_attn.v_proj", "gate_proj", "up_proj"]),
     "phi": ({"partial_rotary_factor": 0.4}, ["q_proj", "v_proj", "dense", "fc1", "fc2"]),
     "phi3": ({}, ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
+    "qwen3": ({"head_dim": 32, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}, ALL_TARGETS),
+    "gemma2": ({"head_dim": 32, "sliding_window": 16, "final_logit_softcapping": 5.0}, ALL_TARGETS),
+    "gemma3_text": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
+    "smollm3": ({"no_rope_layer_interval": 2}, ALL_TARGETS),
+    "olmo2": ({}, ALL_TARGETS),
+    "olmo3": ({"sliding_window": 16}, ALL_TARGETS),
+    "granite": ({"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                 "logits_scaling": 4.0}, ALL_TARGETS),
+    "ministral": ({"head_dim": 16, "sliding_window": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+                  ALL_TARGETS),
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -66,12 +77,12 @@ def test_lora_lowers_the_loss(family, data_dir, tmp_path, capsys):
     folder, _, targets, _ = family
     adapters = tmp_path / "adapters.safetensors"
     # 5e-3: at 1e-2 the validation loss of one family's random model (Qwen2, tied embeddings) stalls
-    out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 30, "--batch-size", 4,
+    out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 10, "--batch-size", 4,
                    "--learning-rate", 5e-3, "--lora-layers", 2, "--lora-rank", 4, "--lora-alpha", 8,
-                   "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file", adapters,
+                   "--steps-per-eval", 10, "--val-batches", -1, "--adapter-file", adapters,
                    "--lora-targets", *targets)
     losses = val_losses(out)
-    assert losses[30] < losses[1] - 0.3, out
+    assert losses[10] < losses[1] - 0.3, out
     saved = {k.split(".", 3)[3].rsplit(".", 1)[0] for k in mx.load(str(adapters))}
     for target in targets:  # each target adapted something
         assert any(models.target_matches(path, target) for path in saved), (target, saved)
