@@ -20,11 +20,12 @@ from mlx.utils import tree_unflatten
 
 @dataclass(frozen=True)
 class Family:
-    """What sets one model_type apart from Llama, in one place: the ModelArgs switches it sets (config.json
-    may set them too), `fix`, which reads the family's own config fields into ModelArgs' as transformers reads
-    them (and raises ValueError naming a field whose setting is not implemented), its default LoRA targets,
-    the layers convert -q keeps in float (path suffixes), the models it is, and the decoder layer class where
-    its forward pass is its own."""
+    """What sets one model_type apart from Llama, in one place: `switches`, the config values it has unless
+    config.json says otherwise (ModelArgs fields that config.json never holds, and transformers' defaults for
+    the family where they differ from Llama's); `fix`, which reads the family's own config fields into
+    ModelArgs' as transformers reads them (and raises ValueError naming a field whose setting is not
+    implemented); its default LoRA targets; the layers convert -q keeps in float (path suffixes); the models
+    it is; and the decoder layer class where its forward pass is its own."""
     models: str
     switches: dict = field(default_factory=dict)
     fix: Optional[Callable[[dict], None]] = None
@@ -67,6 +68,7 @@ def gemma_fix(config: dict):
 def gemma3_fix(config: dict):
     gemma_fix(config)
     sliding_every(6)(config)
+    config["attn_logit_softcapping"] = None  # Gemma 3's attention reads no soft cap, whatever the config says
     # transformers 4 wrote the sliding layers' rope base apart, and no scaling for them
     if not nested_rope(config):
         rope = flat_rope(config)
@@ -74,14 +76,29 @@ def gemma3_fix(config: dict):
         config["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
 
 
-def no_rope_layers(config: dict):
-    """SmolLM3's no_rope_layers: 1 where a layer uses rope."""
-    if config.get("no_rope_layers") is not None:
-        config["rope_layers"] = [bool(x) for x in config["no_rope_layers"]]
+def smollm3_fix(config: dict):
+    """no_rope_layers: 1 where a layer uses rope (by default all but every no_rope_layer_interval-th); the
+    layers without rope slide, if use_sliding_window."""
+    n = config.get("num_hidden_layers", 0)
+    uses_rope = config.get("no_rope_layers") or [
+        int((i + 1) % config.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    config["rope_layers"] = [bool(x) for x in uses_rope[:n]]
+    if not (config.get("use_sliding_window") and config.get("sliding_window")):
+        config["sliding_window"] = None
+    elif config.get("layer_types") is None:
+        config["layer_types"] = ["full_attention" if rope else "sliding_attention" for rope in config["rope_layers"]]
 
 
 def olmo3_fix(config: dict):
     sliding_every(4)(config)
+    # transformers 4's layout: its rope is the full layers'; the sliding layers keep OLMo 3's default
+    if "rope_parameters" not in config:
+        full = flat_rope(config)
+        config["rope_parameters"] = {"full_attention": full,
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    elif not nested_rope(config):  # transformers 5 reads only rope parameters nested by layer type here
+        raise ValueError("rope_parameters is not nested by layer type (full_attention, sliding_attention), "
+                         "which OLMo 3 requires")
 
 
 def granite_fix(config: dict):
@@ -100,7 +117,8 @@ def both(*fixes):
     return fix
 
 
-GEMMA2 = {"norm": "rms_offset", "tie_word_embeddings": True, "sliding_window": 4096,
+GEMMA2 = {"norm": "rms_offset", "tie_word_embeddings": True, "sliding_window": 4096, "head_dim": 256,
+          "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
           "block_norms": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                           "post_feedforward_layernorm")}
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
@@ -112,13 +130,16 @@ FAMILIES = {
     "mixtral": Family("Mixtral 8x7B, 8x22B (mixture of experts)", {"mlp": "sparse_moe"},
                       unquantized=(".block_sparse_moe.gate",)),
     "qwen2": Family("Qwen2, Qwen2.5", {"qkv_bias": True}, sliding_from_max_window_layers),
-    "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head"}, sliding_from_max_window_layers),
+    "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head", "head_dim": 128}, sliding_from_max_window_layers),
     "gemma": Family("Gemma 2B, 7B", {"norm": "rms_offset", "tie_word_embeddings": True}, gemma_fix),
     "gemma2": Family("Gemma 2", GEMMA2, both(gemma_fix, sliding_every(2))),
-    "gemma3_text": Family("Gemma 3 (text), Gemma 3 1B", {**GEMMA2, "qk_norm": "head"}, gemma3_fix),
-    "smollm3": Family("SmolLM3", {}, both(sliding_from_max_window_layers, no_rope_layers)),
-    "olmo2": Family("OLMo 2", OLMO2),
-    "olmo3": Family("OLMo 3", OLMO2, olmo3_fix),
+    "gemma3_text": Family("Gemma 3 (text), Gemma 3 1B", {
+        **GEMMA2, "qk_norm": "head", "final_logit_softcapping": None, "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4}, gemma3_fix),
+    "smollm3": Family("SmolLM3", {"rope_theta": 2e6, "tie_word_embeddings": True}, smollm3_fix),
+    "olmo2": Family("OLMo 2", {**OLMO2, "rms_norm_eps": 1e-5}),
+    "olmo3": Family("OLMo 3", {**OLMO2, "rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500000.0},
+                    olmo3_fix),
     "granite": Family("Granite 3 (dense)", {}, granite_fix),
     "ministral": Family("Ministral 8B", {}),
     "phi": Family("Phi-2, Phi-1.5", {
@@ -211,13 +232,13 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        config = dict(config)
         family = FAMILIES.get(config.get("model_type"))
         if family is None:
             raise ValueError(
                 f"model_type {config.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        config = {**family.switches, **config}
         if family.fix is not None:
             family.fix(config)
         if config.get("qk_layernorm"):
@@ -231,7 +252,7 @@ class ModelArgs:
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in config.items() if k in names and v is not None}
         check_types(given)
-        args = cls(**{**family.switches, **given})
+        args = cls(**given)
         if args.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {args.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads

@@ -72,6 +72,38 @@ def phi3_vision(make_checkpoint, tmp_path_factory):
     return vision, reference, weights
 
 
+def v4_layout(config: dict) -> dict:
+    config = dict(config)
+    rope = config.pop("rope_parameters")
+    if "full_attention" in rope:
+        local = rope["sliding_attention"]
+        config["rope_local_base_freq"] = local["rope_theta"]  # Gemma 3's name; OLMo 3 keeps its default
+        rope = rope["full_attention"]
+    rope = dict(rope)
+    config["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if config.get("sliding_window") and "qwen" not in config["model_type"] and config["model_type"] != "smollm3":
+        config.pop("layer_types", None)  # derived from the family's pattern again
+    return config
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_transformers_4_layout_reads_as_transformers_reads_it(family, tmp_path):
+    """The same checkpoint with transformers 4's config layout: transformers 5 and we read it alike."""
+    import shutil
+
+    import transformers
+
+    folder, _, _, tokens = family
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = v4_layout(json.loads((folder / "config.json").read_text()))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert np.abs(logits(utils.load(str(tmp_path))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
+
+
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_lora_lowers_the_loss(family, data_dir, tmp_path, capsys):
     folder, _, targets, _ = family
