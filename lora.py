@@ -40,7 +40,8 @@ def build_parser():
     p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning: --train, --test and/or --prompt.")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="mlx_model",
-                       help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
+                       help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file, of a "
+                            f"supported model_type: {', '.join(models.FAMILIES)}.")
     model.add_argument("--list-targets", metavar="MODEL",
                        help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
     model.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "

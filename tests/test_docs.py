@@ -41,3 +41,12 @@ def test_help_groups_every_flag_by_topic():
     assert topics.pop("options") == ["-h"]  # nothing left outside a topic
     assert set(topics) == {"model", "data", "LoRA", "optimisation", "checkpoints and reports", "evaluation",
                            "generation"}
+
+
+def test_readme_lists_every_family_from_the_table():
+    """README's "Supported models" is models.FAMILIES, row for row."""
+    import models
+
+    text = (ROOT / "README.md").read_text().split("## Supported models", 1)[1]
+    rows = [r for r in re.findall(r"^\| `(\w+)` \| (.+) \|$", text, re.M) if r[0] != "model_type"]
+    assert rows == [(model_type, family.models) for model_type, family in models.FAMILIES.items()]
