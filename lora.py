@@ -772,7 +772,7 @@ def make_step(model, optimizer, args, compiled=True):
         loss, count, sums, grads = gradient(*batch)
         return update(grads, count, loss, sums, stop)
 
-    if compiled and not model.args.num_local_experts:  # experts route on the host (models.SparseMoE)
+    if compiled and model.compiles:
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):

@@ -127,7 +127,8 @@ OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforwa
 FAMILIES = {
     "llama": Family("Llama 1, 2, 3, SmolLM, SmolLM2, TinyLlama, Falcon3, other Llama-shaped models"),
     "mistral": Family("Mistral 7B, Mistral Nemo, Mistral Small"),
-    "mixtral": Family("Mixtral 8x7B, 8x22B (mixture of experts)", {"mlp": "sparse_moe"},
+    "mixtral": Family("Mixtral 8x7B, 8x22B (mixture of experts)",
+                      {"mlp": "sparse_moe", "moe_module": "block_sparse_moe"},
                       unquantized=(".block_sparse_moe.gate",)),
     "qwen2": Family("Qwen2, Qwen2.5", {"qkv_bias": True}, sliding_from_max_window_layers),
     "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head", "head_dim": 128}, sliding_from_max_window_layers),
@@ -214,7 +215,9 @@ class ModelArgs:
     # the norms of a decoder layer: (before attention, after it, before the MLP, after it), None where absent
     block_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)
     qk_norm: Optional[str] = None  # queries and keys normed over each head's features (head) or all (all)
-    mlp: str = "gated"  # gated (mlp_names' gate, up, down), sparse_moe (Mixtral's experts)
+    mlp: str = "gated"  # gated (mlp_names' gate, up, down), or a mixture of experts (FEED_FORWARD)
+    moe_module: str = "mlp"  # the checkpoint's name for a mixture of experts block
+    moe_layers: Optional[list] = None  # per layer, whether its block is the mixture of experts (all if None)
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
     fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
     parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
@@ -260,7 +263,7 @@ class ModelArgs:
         if args.num_attention_heads % args.num_key_value_heads or args.head_dim == 0:
             raise ValueError(f"{args.num_attention_heads} attention heads cannot share {args.num_key_value_heads} "
                              f"key-value heads of {args.head_dim} features")
-        for key in ("layer_types", "rope_layers"):
+        for key in ("layer_types", "rope_layers", "moe_layers"):
             if getattr(args, key) is not None and len(getattr(args, key)) != args.num_hidden_layers:
                 raise ValueError(f"{key} lists {len(getattr(args, key))} layers, not num_hidden_layers "
                                  f"{args.num_hidden_layers}")
@@ -543,6 +546,7 @@ class MLP(nn.Module):
 class SparseMoE(nn.Module):
     """Mixtral's mixture of experts: each token goes through the num_experts_per_tok experts that the
     router (gate) scores highest, weighted by the softmax of those scores."""
+    routes_on_host = True  # reads the routing back to the host: a step with it cannot be compiled
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -583,16 +587,17 @@ class OffsetRMSNorm(nn.RMSNorm):
 
 
 class DecoderLayer(nn.Module):
-    """Attention then the MLP (or both on one norm's output, if parallel), each with the norms of
-    block_norms around it, each joining the residual stream times residual_scale."""
+    """Attention then the feed-forward block (or both on one norm's output, if parallel), each with the norms
+    of block_norms around it, each joining the residual stream times residual_scale. The feed-forward block
+    is the MLP, or in the layers of moe_layers the mixture of experts of kind `mlp` (FEED_FORWARD), under the
+    checkpoint's name for it (moe_module)."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = Attention(args, layer)
-        if args.mlp == "sparse_moe":
-            self.block_sparse_moe = SparseMoE(args)
-        else:
-            self.mlp = MLP(args)
+        moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
+        self.feed_forward_name = args.moe_module if moe else "mlp"
+        self[self.feed_forward_name] = FEED_FORWARD[args.mlp if moe else "gated"](args)
         self.norms = args.block_norms
         for name in self.norms:
             if name is not None:
@@ -603,16 +608,20 @@ class DecoderLayer(nn.Module):
         return x if self.norms[k] is None else self[self.norms[k]](x)
 
     def __call__(self, x, mask, cache=None, example_rows=None):
-        mlp = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
+        feed_forward = self[self.feed_forward_name]
         h = self.normed(0, x)
         out = self.normed(1, self.self_attn(h, mask, cache, example_rows))
         if self.parallel:
-            return x + self.scaled(out + mlp(h))
+            return x + self.scaled(out + feed_forward(h))
         h = x + self.scaled(out)
-        return h + self.scaled(self.normed(3, mlp(self.normed(2, h))))
+        return h + self.scaled(self.normed(3, feed_forward(self.normed(2, h))))
 
     def scaled(self, x):
         return x if self.residual_scale == 1.0 else x * self.residual_scale
+
+
+# ModelArgs.mlp: the feed-forward block's class
+FEED_FORWARD = {"gated": MLP, "sparse_moe": SparseMoE}
 
 
 class DecoderStack(nn.Module):
@@ -658,6 +667,11 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    @property
+    def compiles(self) -> bool:
+        """Whether a training step can be compiled: not where a block routes tokens on the host."""
+        return not any(getattr(m, "routes_on_host", False) for _, m in self.named_modules())
 
     def keep(self, weights: dict):
         """Hold the weights under args.kept_prefix (which this decoder does not use) as parameters, so that

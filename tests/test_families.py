@@ -32,8 +32,8 @@ FAMILIES = {
     "olmo3": ({"sliding_window": 16}, ALL_TARGETS),
     "granite": ({"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
                  "logits_scaling": 4.0}, ALL_TARGETS),
-    "ministral": ({"head_dim": 16, "sliding_window": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
-                  ALL_TARGETS),
+    "ministral": ({"head_dim": 16, "sliding_window": 16,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, ALL_TARGETS),
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {

@@ -46,7 +46,8 @@ CONFIGS = {
     "olmo3": ("olmo3", {"sliding_window": 24}),
     "granite": ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
                             "logits_scaling": 4.0}),
-    "ministral": ("ministral", {"head_dim": 16, "sliding_window": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "ministral": ("ministral", {"head_dim": 16, "sliding_window": 24,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
