@@ -110,6 +110,31 @@ def granite_fix(config: dict):
         config["logits_scale"] = 1 / config["logits_scaling"]
 
 
+def cohere_fix(config: dict):
+    config["logits_scale"] = config.get("logit_scale")
+    if config.get("use_qk_norm"):
+        config["qk_norm"] = "each_head"
+
+
+def cohere2_fix(config: dict):
+    """Only the sliding layers use rope, and none if sliding_window is null: transformers rotates q and k in
+    the layers whose window is set."""
+    config["logits_scale"] = config.get("logit_scale")
+    sliding_every(4)(config)
+    config["rope_layers"] = [kind == "sliding_attention" and config.get("sliding_window") is not None
+                             for kind in config["layer_types"]]
+
+
+def starcoder2_fix(config: dict):
+    config["layer_norm_eps"] = config.get("norm_epsilon")
+    config["attention_bias"] = config["mlp_bias"] = config.get("use_bias")
+
+
+def glm_fix(config: dict):
+    # GLM's attention_bias is on q, k and v, never on the output projection
+    config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -121,6 +146,11 @@ GEMMA2 = {"norm": "rms_offset", "tie_word_embeddings": True, "sliding_window": 4
           "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
           "block_norms": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                           "post_feedforward_layernorm")}
+COHERE = {"norm": "layer_no_bias", "parallel": True, "block_norms": ("input_layernorm", None, None, None),
+          "rope_interleaved": True, "tie_word_embeddings": True, "logit_scale": 0.0625,
+          "max_position_embeddings": 8192}
+GLM = {"fused_gate_up": True, "rope_interleaved": True, "partial_rotary_factor": 0.5, "attention_bias": True,
+       "rms_norm_eps": 1.5625e-7, "head_dim": 128, "num_key_value_heads": 2, "max_position_embeddings": 131072}
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
 
 # model_type: its Family. A family that fits ModelArgs' switches is one entry here.
@@ -148,10 +178,20 @@ FAMILIES = {
         "mlp_bias": True, "lm_head_bias": True, "hidden_act": "gelu_new", "output_proj": "dense",
         "final_norm": "final_layernorm", "block_norms": ("input_layernorm", None, None, None)},
         lambda config: config.setdefault("partial_rotary_factor", 0.5)),
-    "phi3": Family("Phi-3, Phi-3.5 mini", {"fused": True}, lora_targets=("self_attn.qkv_proj",)),
+    "phi3": Family("Phi-3, Phi-3.5 mini", {"fused_qkv": True, "fused_gate_up": True},
+                   lora_targets=("self_attn.qkv_proj",)),
     "phi3_v": Family("Phi-3-vision, text only: the language model trains, the image encoder is kept as it is",
-                     {"fused": True, "kept_prefix": "model.vision_embed_tokens."},
+                     {"fused_qkv": True, "fused_gate_up": True, "kept_prefix": "model.vision_embed_tokens."},
                      lora_targets=("self_attn.qkv_proj",)),
+    "cohere": Family("Command R, Command R+, Aya 23, Aya Expanse", {**COHERE, "rope_theta": 500000.0}, cohere_fix),
+    "cohere2": Family("Command R7B, Command A", {**COHERE, "sliding_window": 4096}, cohere2_fix),
+    "starcoder2": Family("StarCoder2 3B, 7B, 15B", {
+        "norm": "layer", "mlp_names": (None, "c_fc", "c_proj"), "hidden_act": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True, "num_key_value_heads": 2, "use_bias": True, "norm_epsilon": 1e-5,
+        "max_position_embeddings": 4096}, starcoder2_fix),
+    "glm": Family("GLM-4 9B (glm-4-9b-chat-hf)", GLM, glm_fix),
+    "glm4": Family("GLM-4-0414 (9B, 32B), GLM-Z1", {**GLM, "block_norms": (
+        "input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}, glm_fix),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
@@ -211,15 +251,19 @@ class ModelArgs:
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
     # family switches (FAMILIES)
-    norm: str = "rms"  # rms, rms_offset (Gemma: weight + 1), layer (LayerNorm with bias)
+    # rms, rms_offset (Gemma: weight + 1), layer (LayerNorm with bias), layer_no_bias (LayerNorm, weight alone)
+    norm: str = "rms"
     # the norms of a decoder layer: (before attention, after it, before the MLP, after it), None where absent
     block_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)
-    qk_norm: Optional[str] = None  # queries and keys normed over each head's features (head) or all (all)
+    # queries and keys normed over each head's features (head; each_head: with each head's own weights, a
+    # LayerNorm without bias, Cohere) or all (all)
+    qk_norm: Optional[str] = None
     mlp: str = "gated"  # gated (mlp_names' gate, up, down), or a mixture of experts (FEED_FORWARD)
     moe_module: str = "mlp"  # the checkpoint's name for a mixture of experts block
     moe_layers: Optional[list] = None  # per layer, whether its block is the mixture of experts (all if None)
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
-    fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
+    fused_qkv: bool = False  # q/k/v in one qkv_proj (Phi-3)
+    fused_gate_up: bool = False  # gate/up in one gate_up_proj (Phi-3, GLM)
     parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
     qkv_bias: bool = False
     lm_head_bias: bool = False
@@ -466,7 +510,7 @@ class Attention(nn.Module):
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         dim, q_dims, kv_dims = args.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         bias = args.attention_bias or args.qkv_bias
-        if args.fused:
+        if args.fused_qkv:
             self.qkv_proj = nn.Linear(dim, q_dims + 2 * kv_dims, bias=bias)
         else:
             self.q_proj = nn.Linear(dim, q_dims, bias=bias)
@@ -475,7 +519,10 @@ class Attention(nn.Module):
         self.output_proj = args.output_proj
         self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias)
         self.qk_norm = args.qk_norm
-        if args.qk_norm:
+        if args.qk_norm == "each_head":
+            self.q_norm = EachHeadLayerNorm(self.n_heads, self.head_dim, args.layer_norm_eps)
+            self.k_norm = EachHeadLayerNorm(self.n_kv_heads, self.head_dim, args.layer_norm_eps)
+        elif args.qk_norm:
             self.q_norm = norm(args, self.head_dim if args.qk_norm == "head" else q_dims)
             self.k_norm = norm(args, self.head_dim if args.qk_norm == "head" else kv_dims)
         rope = args.rope_for(layer)
@@ -504,7 +551,7 @@ class Attention(nn.Module):
         B, L, _ = q.shape
         q = q.reshape(B, L, self.n_heads, -1)
         k = k.reshape(B, L, self.n_kv_heads, -1)
-        if self.qk_norm == "head":
+        if self.qk_norm in ("head", "each_head"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -518,14 +565,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), with gate and up in one layer if fused (Phi-3); down(act(up(x))) without
-    a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down)."""
+    """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
+    down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down)."""
 
     def __init__(self, args: ModelArgs, names=None):
         super().__init__()
         dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
         self.gate, self.up, self.down = names or args.mlp_names
-        if args.fused:
+        if args.fused_gate_up:
             self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
         else:
             if self.gate is not None:
@@ -574,8 +621,8 @@ class SparseMoE(nn.Module):
 
 def norm(args: ModelArgs, dims: Optional[int] = None):
     dims = dims or args.hidden_size
-    if args.norm == "layer":
-        return nn.LayerNorm(dims, eps=args.layer_norm_eps)
+    if args.norm in ("layer", "layer_no_bias"):
+        return nn.LayerNorm(dims, eps=args.layer_norm_eps, bias=args.norm == "layer")
     return (OffsetRMSNorm if args.norm == "rms_offset" else nn.RMSNorm)(dims, eps=args.rms_norm_eps)
 
 
@@ -584,6 +631,19 @@ class OffsetRMSNorm(nn.RMSNorm):
 
     def __call__(self, x):
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class EachHeadLayerNorm(nn.Module):
+    """LayerNorm without bias over each head's features, each head with its own weights (Cohere's q/k norms):
+    the input's last two axes are heads x features."""
+
+    def __init__(self, heads: int, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((heads, dims))
+        self.eps = eps
+
+    def __call__(self, x):
+        return self.weight * mx.fast.layer_norm(x, None, None, self.eps)
 
 
 class DecoderLayer(nn.Module):

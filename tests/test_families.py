@@ -34,6 +34,14 @@ FAMILIES = {
                  "logits_scaling": 4.0}, ALL_TARGETS),
     "ministral": ({"head_dim": 16, "sliding_window": 16,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, ALL_TARGETS),
+    # logit_scale 1: at Cohere's 1/16 a tiny random model's logits are too flat to learn from in 10 steps
+    "cohere": ({"use_qk_norm": True, "logit_scale": 1.0}, ALL_TARGETS),
+    "cohere2": ({"sliding_window": 16, "logit_scale": 1.0}, ALL_TARGETS),
+    "starcoder2": ({"sliding_window": 16}, ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]),
+    "glm": ({"head_dim": 16, "pad_token_id": 0},
+            ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
+    "glm4": ({"head_dim": 16, "pad_token_id": 0},
+             ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {

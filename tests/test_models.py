@@ -9,13 +9,15 @@ import torch
 
 import models
 import utils
-from conftest import FP32_ATOL
+from conftest import FP32_ATOL, TINY
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 # Phi-3's longrope: short factors up to the original context, long ones beyond (8 per head of 16 features)
 PHI3_ROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
              "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}
+# GLM's defaults (head_dim 128, a pad token id beyond the tiny vocabulary) do not fit the tiny models
+GLM_TINY = {"head_dim": 16, "pad_token_id": 0}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -48,6 +50,16 @@ CONFIGS = {
                             "logits_scaling": 4.0}),
     "ministral": ("ministral", {"head_dim": 16, "sliding_window": 24,
                                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "cohere": ("cohere", {}),
+    "cohere-qk-norm-bias": ("cohere", {"use_qk_norm": True, "attention_bias": True, "logit_scale": 0.5,
+                                      "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+    "cohere2": ("cohere2", {"sliding_window": 24, "sliding_window_pattern": 2}),
+    "starcoder2": ("starcoder2", {}),
+    "starcoder2-sliding-window": ("starcoder2", {"sliding_window": 24, "use_bias": False}),
+    "glm": ("glm", GLM_TINY),
+    "glm-llama3-rope": ("glm", {**GLM_TINY, "attention_bias": False, "rope_parameters": dict(
+        LLAMA3_ROPE, rope_theta=50000.0, partial_rotary_factor=0.75)}),
+    "glm4": ("glm4", GLM_TINY),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -110,6 +122,29 @@ def test_config_layouts_read_alike(make_checkpoint, name):
     for key in ("_freqs", "_long_freqs", "_gain"):
         x, y = (getattr(r, key) for r in ropes)
         assert (x is None and y is None) or np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "cohere2", "starcoder2", "glm", "glm4"])
+@pytest.mark.parametrize("layout", [{}, {"rope_theta": 2e4}, {"rope_theta": 2e4, "partial_rotary_factor": 0.25},
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 2e4}}])
+def test_rope_defaults_read_as_transformers_reads_them(model_type, layout):
+    """Each family's own defaults where a config gives no rope_theta (Cohere's 500000) or partial_rotary_factor
+    (GLM's 0.5), in either layout."""
+    import transformers
+
+    if model_type not in ("glm", "glm4") and "partial_rotary_factor" in layout:
+        pytest.skip("their default rope rotates every feature, whatever partial_rotary_factor says")
+    theirs = transformers.AutoConfig.for_model(model_type, **TINY, vocab_size=300, **layout).rope_parameters
+    ours = models.ModelArgs.from_config({**TINY, "model_type": model_type, "vocab_size": 300, **layout}).rope
+    assert {"rope_theta": 10000.0, **ours} == {"partial_rotary_factor": 1.0, **theirs}  # RoPE's default base
+
+
+def test_cohere2_rotates_only_where_a_layer_has_a_window():
+    """Cohere 2's attention rotates q and k in the layers that slide alone, and in none if sliding_window is
+    null (a config transformers 5 cannot run: its masks need the window)."""
+    config = {**TINY, "model_type": "cohere2", "vocab_size": 300}
+    assert models.ModelArgs.from_config(config).rope_layers == [True, True, True, False]
+    assert models.ModelArgs.from_config({**config, "sliding_window": None}).rope_layers == [False] * 4
 
 
 def test_every_family_is_tested():
