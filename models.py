@@ -135,6 +135,74 @@ def glm_fix(config: dict):
     config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
 
 
+def exaone4_fix(config: dict):
+    """Where the model has a sliding window, the layers that slide use rope and the others none; without
+    one, every layer attends to the whole sequence, with rope."""
+    if config.get("sliding_window") is None:
+        return
+    if config.get("layer_types") is None:
+        if not isinstance(config.get("sliding_window_pattern"), int):
+            raise ValueError(f"sliding_window_pattern is {config.get('sliding_window_pattern')!r} without layer_types, "
+                             f"which transformers derives from a number (every n-th layer global) alone")
+        sliding_every(4)(config)
+    config["rope_layers"] = [kind == "sliding_attention" for kind in config["layer_types"]]
+
+
+def hunyuan_fix(config: dict):
+    # a dynamic rope given an alpha is NTK scaling by that alpha at every length, in transformers' reading
+    rope = flat_rope(config)
+    if rope["rope_type"] == "dynamic" and rope.get("alpha"):
+        config["rope_parameters"] = dict(rope, rope_type="ntk_alpha")
+    config["mlp_bias"] = False  # its MLP has none, whatever the config says
+
+
+def seed_oss_fix(config: dict):
+    """attention_bias is q, k and v's biases (our qkv_bias); attention_out_bias, read as it is, o_proj's.
+    Its attention_dropout and residual_dropout act in transformers' training alone, and are not implemented:
+    the model's function, what evaluation and the fused model compute, is without them; and training here
+    updates adapters (or a few layers) on a frozen base, whose pretraining regularisation need not carry over
+    (--lora-dropout regularises the adapters)."""
+    config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
+
+
+def ernie4_5_fix(config: dict):
+    config["attention_bias"] = config["mlp_bias"] = bool(config.get("use_bias"))
+
+
+def apertus_fix(config: dict):
+    # checkpoints' qk_norm and mlp_bias fields are not transformers': its queries and keys are always normed
+    config.update(qk_norm="head", mlp_bias=False)
+    if not (config.get("rope_parameters") or config.get("rope_scaling")):  # top-level rope_theta ignored
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 12e6, "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def internlm3_fix(config: dict):
+    """transformers reads InternLM3 as Llama: qkv_bias as attention_bias (q, k, v and o_proj), bias as
+    mlp_bias, which must then be alike."""
+    for ours, theirs in (("attention_bias", "qkv_bias"), ("mlp_bias", "bias")):
+        if theirs in config:
+            config[ours] = config.pop(theirs)
+    if bool(config.get("attention_bias")) != bool(config.get("mlp_bias")):
+        raise ValueError("qkv_bias (attention_bias) differs from bias (mlp_bias), which InternLM3 read as Llama "
+                         "cannot hold")
+
+
+def ministral3_fix(config: dict):
+    """Every layer slides if sliding_window is set (layer_types is not read); rope's llama_4_scaling_beta and
+    original_max_position_embeddings scale the queries (query_scaling)."""
+    config["layer_types"] = None
+    if not (config.get("rope_parameters") or config.get("rope_scaling")):  # top-level rope_theta ignored
+        config["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+    rope = flat_rope(config)
+    if rope.get("llama_4_scaling_beta"):
+        if not rope.get("original_max_position_embeddings"):
+            raise ValueError("rope_parameters has llama_4_scaling_beta without original_max_position_embeddings")
+        config["query_scaling"] = (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -173,6 +241,23 @@ FAMILIES = {
                     olmo3_fix),
     "granite": Family("Granite 3 (dense)", {}, granite_fix),
     "ministral": Family("Ministral 8B", {}),
+    "ministral3": Family("Ministral 3 (3B, 8B, 14B), text model", {
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144}, ministral3_fix),
+    "exaone4": Family("EXAONE 4.0 (1.2B, 32B)", {
+        "block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "head",
+        "rms_norm_eps": 1e-5, "sliding_window": 4096, "sliding_window_pattern": 4}, exaone4_fix),
+    "hunyuan_v1_dense": Family("Hunyuan dense (0.5B, 1.8B, 4B, 7B)", {
+        "qk_norm": "head_after_rope", "qk_norm_names": ("query_layernorm", "key_layernorm"), "rms_norm_eps": 1e-5},
+        hunyuan_fix),
+    "seed_oss": Family("Seed-OSS 36B", {"head_dim": 128, "attention_bias": True}, seed_oss_fix),
+    "ernie4_5": Family("ERNIE 4.5 0.3B (dense)", {
+        "head_dim": 128, "rope_interleaved": True, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5}, ernie4_5_fix),
+    "apertus": Family("Apertus 8B, 70B", {
+        "block_norms": ("attention_layernorm", None, "feedforward_layernorm", None),
+        "mlp_names": (None, "up_proj", "down_proj"), "hidden_act": "xielu", "rms_norm_eps": 1e-5}, apertus_fix),
+    "internlm3": Family("InternLM3 8B", {"head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768},
+                        internlm3_fix),
     "phi": Family("Phi-2, Phi-1.5", {
         "norm": "layer", "parallel": True, "mlp_names": (None, "fc1", "fc2"), "attention_bias": True,
         "mlp_bias": True, "lm_head_bias": True, "hidden_act": "gelu_new", "output_proj": "dense",
@@ -255,9 +340,10 @@ class ModelArgs:
     norm: str = "rms"
     # the norms of a decoder layer: (before attention, after it, before the MLP, after it), None where absent
     block_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)
-    # queries and keys normed over each head's features (head; each_head: with each head's own weights, a
-    # LayerNorm without bias, Cohere) or all (all)
+    # queries and keys normed over each head's features before rope (head; each_head: with each head's own
+    # weights, a LayerNorm without bias, Cohere) or after it (head_after_rope), or over all of them (all)
     qk_norm: Optional[str] = None
+    qk_norm_names: tuple = ("q_norm", "k_norm")  # the checkpoint's names of the query and key norms
     mlp: str = "gated"  # gated (mlp_names' gate, up, down), or a mixture of experts (FEED_FORWARD)
     moe_module: str = "mlp"  # the checkpoint's name for a mixture of experts block
     moe_layers: Optional[list] = None  # per layer, whether its block is the mixture of experts (all if None)
@@ -266,9 +352,12 @@ class ModelArgs:
     fused_gate_up: bool = False  # gate/up in one gate_up_proj (Phi-3, GLM)
     parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
     qkv_bias: bool = False
+    attention_out_bias: bool = False  # o_proj's bias, where q, k and v have none (Seed-OSS)
     lm_head_bias: bool = False
     embedding_scale: Optional[float] = None  # embeddings times it (Gemma: sqrt(hidden_size), in their dtype)
     attention_scale: Optional[float] = None  # of the scores; head_dim ** -0.5 if None
+    # (beta, length): queries times 1 + beta * log(1 + position // length) after rope (Llama 4's, Ministral 3)
+    query_scaling: Optional[tuple] = None
     residual_scale: float = 1.0  # each block's output times it before it joins the residual stream (Granite)
     logits_scale: float = 1.0
     attn_logit_softcapping: Optional[float] = None  # scores become cap * tanh(scores / cap) (Gemma 2)
@@ -300,8 +389,9 @@ class ModelArgs:
         given = {k: v for k, v in config.items() if k in names and v is not None}
         check_types(given)
         args = cls(**given)
-        if args.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {args.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if args.hidden_act not in ACTIVATIONS and args.hidden_act not in ACTIVATION_MODULES:
+            raise ValueError(f"hidden_act {args.hidden_act!r} is not supported "
+                             f"({', '.join([*ACTIVATIONS, *ACTIVATION_MODULES])})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         if args.num_attention_heads % args.num_key_value_heads or args.head_dim == 0:
@@ -362,9 +452,9 @@ def check_types(config: dict):
 
 class RoPE(nn.Module):
     """Rotary embedding of the first head_dim * partial_rotary_factor features, with each scaling kind that
-    transformers reads (modeling_rope_utils): linear, dynamic (NTK), yarn, llama3, and longrope (long-context
-    frequencies once the sequence is longer than the original context). yarn's and longrope's attention
-    factor multiplies cos and sin in transformers: the rotated features of q and k here."""
+    transformers reads (modeling_rope_utils): linear, dynamic (NTK), yarn, llama3, longrope (long-context
+    frequencies once the sequence is longer than the original context), and Hunyuan's ntk_alpha. yarn's and
+    longrope's attention factor multiplies cos and sin in transformers: the rotated features of q and k here."""
 
     def __init__(self, args: ModelArgs, rope: dict):
         super().__init__()
@@ -374,6 +464,8 @@ class RoPE(nn.Module):
         self.dims = int(args.head_dim * rope.get("partial_rotary_factor", 1.0))
         self.traditional = args.rope_interleaved
         self.base = rope.get("rope_theta", 10000.0)
+        if kind == "ntk_alpha":  # dynamic NTK's larger base, for a fixed alpha rather than the length
+            self.base = self.base * rope["alpha"] ** (self.dims / (self.dims - 2))
         self.original_context, self._long_freqs, self._gain, self._dynamic = None, None, None, None
         inv_freq = 1.0 / (self.base ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims))
         gain = 1.0
@@ -446,7 +538,7 @@ def yarn_frequencies(inv_freq, dims: int, base: float, rope: dict, max_position_
     return inv_freq / factor * (1 - kept) + inv_freq * kept, gain
 
 
-ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "ntk_alpha")
 
 
 class KVCache:
@@ -517,18 +609,23 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(dim, kv_dims, bias=bias)
             self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
         self.output_proj = args.output_proj
-        self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias)
+        self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias or args.attention_out_bias)
         self.qk_norm = args.qk_norm
-        if args.qk_norm == "each_head":
-            self.q_norm = EachHeadLayerNorm(self.n_heads, self.head_dim, args.layer_norm_eps)
-            self.k_norm = EachHeadLayerNorm(self.n_kv_heads, self.head_dim, args.layer_norm_eps)
-        elif args.qk_norm:
-            self.q_norm = norm(args, self.head_dim if args.qk_norm == "head" else q_dims)
-            self.k_norm = norm(args, self.head_dim if args.qk_norm == "head" else kv_dims)
+        if args.qk_norm:
+            self.qk_norm_names = args.qk_norm_names
+            if args.qk_norm == "each_head":
+                norms = (EachHeadLayerNorm(self.n_heads, self.head_dim, args.layer_norm_eps),
+                         EachHeadLayerNorm(self.n_kv_heads, self.head_dim, args.layer_norm_eps))
+            else:
+                whole = args.qk_norm == "all"
+                norms = (norm(args, q_dims if whole else self.head_dim),
+                         norm(args, kv_dims if whole else self.head_dim))
+            self[self.qk_norm_names[0]], self[self.qk_norm_names[1]] = norms
         rope = args.rope_for(layer)
         self.rope = RoPE(args, rope) if rope is not None else None
         self.scale = args.attention_scale or self.head_dim**-0.5
         self.softcap = args.attn_logit_softcapping
+        self.query_scaling = args.query_scaling
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
@@ -538,7 +635,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "all":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.normed_qk(q, k)
         if example_rows is not None:
             slots, order = example_rows["slots"], example_rows["order"]
             index = slots.reshape(-1)
@@ -552,21 +649,38 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.n_heads, -1)
         k = k.reshape(B, L, self.n_kv_heads, -1)
         if self.qk_norm in ("head", "each_head"):
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.normed_qk(q, k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)
+        if self.qk_norm == "head_after_rope":
+            q, k = self.normed_qk(q, k)
+        if self.query_scaling is not None:
+            q = q * self.query_scale(offset, L).astype(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, self.scale, mask, self.softcap)
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
+    def normed_qk(self, q, k):
+        q_name, k_name = self.qk_norm_names
+        return self[q_name](q), self[k_name](k)
+
+    def query_scale(self, offset: int, length: int):
+        """query_scaling's factor at positions offset... of a row, as a column. A packed row's examples keep
+        their positions in the row (packed_layout): exact while the row is shorter than query_scaling's length,
+        under which the factor is 1."""
+        beta, period = self.query_scaling
+        positions = mx.arange(offset, offset + length, dtype=mx.float32)
+        return (1 + beta * mx.log(1 + mx.floor(positions / period)))[:, None]
+
 
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
-    down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down)."""
+    down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down); an
+    activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it."""
 
     def __init__(self, args: ModelArgs, names=None):
         super().__init__()
@@ -579,15 +693,57 @@ class MLP(nn.Module):
                 self[self.gate] = nn.Linear(dim, hidden, bias=bias)
             self[self.up] = nn.Linear(dim, hidden, bias=bias)
         self[self.down] = nn.Linear(hidden, dim, bias=bias)
-        self.act = ACTIVATIONS[args.hidden_act]
+        self.act = ACTIVATIONS.get(args.hidden_act)
+        if self.act is None:
+            self.act_fn = ACTIVATION_MODULES[args.hidden_act]()
 
     def __call__(self, x):
+        act = self.act or self.act_fn
         if "gate_up_proj" in self:
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-            return self[self.down](self.act(gate) * up)
+            return self[self.down](act(gate) * up)
         if self.gate is None:
-            return self[self.down](self.act(self[self.up](x)))
-        return self[self.down](self.act(self[self.gate](x)) * self[self.up](x))
+            return self[self.down](act(self[self.up](x)))
+        return self[self.down](act(self[self.gate](x)) * self[self.up](x))
+
+
+class AlwaysFrozen(set):
+    """A module's frozen parameter names (MLX's Module._no_grad) that keep `names` through unfreeze(): for
+    what transformers holds as buffers, saved with the weights but never trained."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.names = frozenset(names)
+
+    def clear(self):
+        super().clear()
+        self.update(self.names)
+
+    def difference_update(self, *others):
+        super().difference_update(*(set(other) - self.names for other in others))
+
+
+class XIELU(nn.Module):
+    """xIELU (Huang and Schlag 2024), as transformers' XIELUActivation computes it: with a = softplus(alpha_p)
+    and b = beta + softplus(alpha_n), a x^2 + beta x where x > 0, else (expm1(min(x, eps)) - x) b + beta x.
+    Each MLP has its own: alpha_p and alpha_n are parameters, frozen unless the layer is fully fine-tuned;
+    beta and eps are buffers in transformers, never trained. Initialised as transformers does; a checkpoint
+    loads over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = mx.array([math.log(math.expm1(0.8))])
+        self.alpha_n = mx.array([math.log(math.expm1(0.8 - 0.5))])
+        self.beta = mx.array(0.5)
+        self.eps = mx.array(-1e-6)
+        self._no_grad = AlwaysFrozen(("beta", "eps"))
+
+    def __call__(self, x):
+        beta = self.beta.astype(x.dtype)
+        positive = nn.softplus(self.alpha_p).astype(x.dtype) * x * x + beta * x
+        negative = (mx.expm1(mx.minimum(x, self.eps.astype(x.dtype))) - x) * (
+            beta + nn.softplus(self.alpha_n).astype(x.dtype)) + beta * x
+        return mx.where(x > 0, positive, negative)
 
 
 class SparseMoE(nn.Module):
@@ -963,6 +1119,8 @@ def silu(x):
 
 
 ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx}
+# activations with parameters of their own: a module in each MLP (MLP.act_fn)
+ACTIVATION_MODULES = {"xielu": XIELU}
 
 
 # MLX's Linux CPU wheel evaluates exp one element at a time, slowly (benchmarks/README.md, "Linux CPU"): on the

@@ -593,6 +593,10 @@ def build_model(config: dict, weights: dict, source="the model") -> models.Model
     weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+    # a one-element parameter in either shape: transformers writes xIELU's alpha_p as (1,), mlx-lm as ()
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    weights.update({k: v.reshape(shapes[k]) for k, v in weights.items()
+                    if v.size == 1 and k in shapes and v.shape != shapes[k] and math.prod(shapes[k]) == 1})
     try:
         model.load_weights(list(weights.items()))
     except ValueError as e:

@@ -148,10 +148,11 @@ def torch_logits(model, tokens):
 
 
 def copy_of(reference):
-    """PEFT wraps the model it is given in place: give it a copy of the shared one."""
-    model = type(reference)(reference.config)
-    model.load_state_dict(reference.state_dict())
-    return model.eval()
+    """PEFT wraps the model it is given in place: give it a copy of the shared one (copied whole: building one
+    from reference.config fails for Apertus, whose activation reads the config's dtype, a name by then)."""
+    import copy
+
+    return copy.deepcopy(reference).eval()
 
 
 class FakeHub:

@@ -42,6 +42,17 @@ FAMILIES = {
             ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
     "glm4": ({"head_dim": 16, "pad_token_id": 0},
              ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
+    "ministral3": ({"head_dim": 16, "rope_parameters": {  # the queries scaled from position 4 on
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 4,
+        "llama_4_scaling_beta": 0.1}}, ALL_TARGETS),
+    "exaone4": ({"head_dim": 8, "sliding_window": 8, "sliding_window_pattern": 2}, ALL_TARGETS),
+    "hunyuan_v1_dense": ({"head_dim": 16, "tie_word_embeddings": True, "rope_theta": 10000.0,
+                          "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}}, ALL_TARGETS),
+    "seed_oss": ({"head_dim": 16}, ALL_TARGETS),
+    "ernie4_5": ({"head_dim": 16, "use_bias": True}, ALL_TARGETS),
+    "apertus": ({"head_dim": 16}, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                   "mlp.up_proj", "mlp.down_proj"]),
+    "internlm3": ({"head_dim": 16, "qkv_bias": True, "bias": True}, ALL_TARGETS),
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -215,3 +226,31 @@ def test_list_targets(make_checkpoint, capsys):
                                               "block_sparse_moe.experts.0.w1"]
     assert lines[0][1:] == ["64", "->", "64", "(default)"] and lines[4][1:] == ["64", "->", "4"]
     assert len(lines) == 4 + 1 + 4 * 3
+
+
+def test_apertus_activation_loads_saves_and_trains_as_transformers_holds_it(make_checkpoint, tmp_path):
+    """xIELU's alpha_p and alpha_n are frozen under adapters and trained with a fully fine-tuned layer; beta
+    and eps, buffers in transformers, never are. mlx-lm's checkpoints hold the alphas as () rather than (1,):
+    they load alike, and are written back in transformers' shapes."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    folder, reference = make_checkpoint("apertus", **FAMILIES["apertus"][0])
+    model, tokenizer, _ = utils.load(str(folder))
+    model.freeze()
+    model.layers[-1].unfreeze()
+    model.layers[-1].mlp.act_fn.unfreeze(recurse=False, keys=["beta"])
+    trained = {k for k, _ in tree_flatten(model.trainable_parameters()) if ".act_fn." in k}
+    assert trained == {"model.layers.3.mlp.act_fn.alpha_p", "model.layers.3.mlp.act_fn.alpha_n"}
+
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    weights = mx.load(str(tmp_path / "model.safetensors"))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {k: v.squeeze() if k.endswith(("alpha_p", "alpha_n")) else v for k, v in weights.items()})
+    tokens = tokenizer.encode(PROMPT)
+    mlx_lm_layout, _, _ = utils.load(str(tmp_path))
+    assert np.abs(logits(mlx_lm_layout, tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
+    written = dict(tree_flatten(mlx_lm_layout.parameters()))
+    assert {k: written[k].shape for k in written if ".act_fn." in k} == {k: v.shape for k, v in weights.items()
+                                                                        if ".act_fn." in k}

@@ -18,6 +18,9 @@ PHI3_ROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 
              "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}
 # GLM's defaults (head_dim 128, a pad token id beyond the tiny vocabulary) do not fit the tiny models
 GLM_TINY = {"head_dim": 16, "pad_token_id": 0}
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 4,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                   "llama_4_scaling_beta": 0.1}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -60,6 +63,24 @@ CONFIGS = {
     "glm-llama3-rope": ("glm", {**GLM_TINY, "attention_bias": False, "rope_parameters": dict(
         LLAMA3_ROPE, rope_theta=50000.0, partial_rotary_factor=0.75)}),
     "glm4": ("glm4", GLM_TINY),
+    # yarn with a gain (mscale_all_dim), and the queries scaled from position 4 on
+    "ministral3": ("ministral3", {"head_dim": 16, "rope_parameters": MINISTRAL3_ROPE}),
+    "ministral3-sliding-window": ("ministral3", {"head_dim": 16, "sliding_window": 24}),
+    # the sliding layers with rope, the others without
+    "exaone4": ("exaone4", {"head_dim": 8, "sliding_window": 24, "sliding_window_pattern": 2}),
+    "exaone4-global": ("exaone4", {"sliding_window": None, "layer_types": ["full_attention"] * 4,
+                                   "rope_parameters": dict(LLAMA3_ROPE, rope_theta=50000.0)}),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", {"head_dim": 16, "tie_word_embeddings": True, "rope_theta": 10000.0,
+                                              "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}}),
+    "seed_oss": ("seed_oss", {"head_dim": 16}),
+    "seed_oss-out-bias": ("seed_oss", {"head_dim": 16, "attention_bias": False, "attention_out_bias": True,
+                                       "mlp_bias": True}),
+    "ernie4_5": ("ernie4_5", {"head_dim": 16}),
+    "ernie4_5-bias-untied": ("ernie4_5", {"head_dim": 16, "use_bias": True, "tie_word_embeddings": False}),
+    "apertus": ("apertus", {"head_dim": 16}),
+    # transformers reads it as Llama; dynamic rope, longer than max_position_embeddings
+    "internlm3": ("internlm3", {"head_dim": 16, "qkv_bias": True, "bias": True, "max_position_embeddings": 32,
+                                "rope_scaling": {"rope_type": "dynamic", "factor": 6.0}}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -158,7 +179,8 @@ def test_unknown_model_type_names_the_supported_ones():
 
 def test_cpu_math_matches_mlx():
     """The CPU's polynomial exp, and the silu, attention and logsumexp built on it."""
-    x = mx.random.normal((64, 512)) * 20
+    # within float32's normal range: below exp(-87.3) mx.exp gives subnormals, which the polynomial flushes
+    x = mx.clip(mx.random.normal((64, 512), key=mx.random.key(0)) * 20, -87, 88)
     assert np.allclose(models.polynomial_exp(x), mx.exp(x), rtol=1e-5, atol=0)
     grad = mx.grad(lambda x: models.polynomial_exp(x).sum())(x)
     assert np.allclose(grad, mx.exp(x), rtol=1e-5, atol=0)
@@ -181,3 +203,26 @@ def test_dequantize_keeps_what_each_layer_computes():
     after = [module.linear(x), module.embedding(ids), module.embedding.as_linear(x)]
     for b, a in zip(before, after):
         assert np.abs(np.array(a - b)).max() < FP32_ATOL
+
+
+def test_family_config_names_and_defaults_read_as_transformers_reads_them():
+    """Apertus and Ministral 3 ignore a top-level rope_theta without rope_scaling (their default rope then);
+    InternLM3's qkv_bias and bias are Llama's attention_bias and mlp_bias; EXAONE 4's pattern, without
+    layer_types, is a number of layers."""
+    import transformers
+
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 300, "head_dim": 16}
+    for model_type in ("apertus", "ministral3"):
+        config = {**tiny, "rope_theta": 5e5}
+        theirs = transformers.AutoConfig.for_model(model_type, **config).rope_parameters
+        ours = models.ModelArgs.from_config({**config, "model_type": model_type})
+        assert all(theirs[k] == v for k, v in ours.rope.items() if k != "partial_rotary_factor"), (theirs, ours.rope)
+        assert ours.query_scaling == ((0.1, 16384) if model_type == "ministral3" else None)
+    theirs = transformers.AutoConfig.for_model("internlm3", **tiny, qkv_bias=True, bias=True)
+    ours = models.ModelArgs.from_config({**tiny, "model_type": "internlm3", "qkv_bias": True, "bias": True})
+    assert ours.attention_bias == theirs.attention_bias and ours.mlp_bias == theirs.mlp_bias is True
+    with pytest.raises(ValueError, match="qkv_bias"):
+        models.ModelArgs.from_config({**tiny, "model_type": "internlm3", "qkv_bias": True, "bias": False})
+    with pytest.raises(ValueError, match="sliding_window_pattern"):
+        models.ModelArgs.from_config({**tiny, "model_type": "exaone4", "sliding_window_pattern": "LLLG"})
