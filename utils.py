@@ -516,6 +516,11 @@ def read_in_threads(files, convert, names=None, threads=16):
 def read_tokenizer(path: Path):
     """The tokenizer of a Hugging Face folder."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    # transformers reads config.json for the tokenizer too and warns of what its own model would make of it,
+    # which is not the model models.py builds (check_config says what is wrong with it, in one line)
+    logging.set_verbosity_error()
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (path / name).exists():  # their damage named here: transformers' errors do not name the file
