@@ -5,6 +5,7 @@ decoder and its parts, LoRA and DoRA, then the kernels and device-specific paths
 import copy
 import fnmatch
 import math
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable, Optional
@@ -25,13 +26,16 @@ class Family:
     the family where they differ from Llama's); `fix`, which reads the family's own config fields into
     ModelArgs' as transformers reads them (and raises ValueError naming a field whose setting is not
     implemented); its default LoRA targets; the layers convert -q keeps in float (path suffixes); the models
-    it is; and the decoder layer class where its forward pass is its own."""
+    it is; the decoder layer class where its forward pass is its own; and the checkpoint's weights that the
+    model does not have, which transformers drops on loading too (dropped(config, name), e.g. multi-token
+    prediction layers)."""
     models: str
     switches: dict = field(default_factory=dict)
     fix: Optional[Callable[[dict], None]] = None
     lora_targets: tuple = ("self_attn.q_proj", "self_attn.v_proj")
     unquantized: tuple = ()
     layer: Optional[str] = None  # a class of this module; DecoderLayer if None
+    dropped: Optional[Callable[[dict, str], bool]] = None
 
 
 def sliding_from_max_window_layers(config: dict):
@@ -201,6 +205,111 @@ def ministral3_fix(config: dict):
         if not rope.get("original_max_position_embeddings"):
             raise ValueError("rope_parameters has llama_4_scaling_beta without original_max_position_embeddings")
         config["query_scaling"] = (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+def experts_from(config: dict, count: str, top_k: Optional[str] = None):
+    """The family's names for the number of experts and of experts per token, read into ModelArgs' (a config.json
+    of transformers 5 may hold ours instead: then it stands)."""
+    if config.get(count) is not None:
+        config["num_local_experts"] = config[count]
+    if top_k is not None and config.get(top_k) is not None:
+        config["num_experts_per_tok"] = config[top_k]
+
+
+def moe_every_step(config: dict):
+    """Qwen's MoE layers: every decoder_sparse_step-th, except those in mlp_only_layers (and none without experts)."""
+    only, step = config.get("mlp_only_layers") or [], config.get("decoder_sparse_step") or 1
+    config["moe_layers"] = [i not in only and config["num_local_experts"] > 0 and (i + 1) % step == 0
+                            for i in range(config.get("num_hidden_layers", 0))]
+
+
+def qwen2_moe_fix(config: dict):
+    experts_from(config, "num_experts")
+    moe_every_step(config)
+    # unlike Qwen2, the layers below max_window_layers slide, every other one
+    if not config.get("use_sliding_window"):
+        config["sliding_window"] = None
+    elif config.get("layer_types") is None:
+        window = config.get("max_window_layers", 0)
+        config["layer_types"] = ["sliding_attention" if (i + 1) % 2 and i < window else "full_attention"
+                                 for i in range(config.get("num_hidden_layers", 0))]
+
+
+def qwen3_moe_fix(config: dict):
+    experts_from(config, "num_experts")
+    moe_every_step(config)
+    # a window, if any, for every layer: transformers reads neither max_window_layers nor layer_types here
+    config["layer_types"] = None
+    if not config.get("use_sliding_window"):
+        config["sliding_window"] = None
+
+
+def phimoe_fix(config: dict):
+    config["layer_norm_eps"] = config.get("rms_norm_eps")  # its LayerNorms take the RMSNorm's name for eps
+    # transformers reads the original context from the rope parameters alone (else max_position_embeddings)
+    config.pop("original_max_position_embeddings", None)
+    rope = flat_rope(config)
+    if rope["rope_type"] not in ("default", "longrope"):
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported for phimoe (default, longrope)")
+    for key in ("short_mscale", "long_mscale") if rope["rope_type"] == "longrope" else ():
+        if not isinstance(rope.get(key), (int, float)):
+            raise ValueError(f"rope_parameters' {key} is {rope.get(key)!r}, expected a number (phimoe's longrope)")
+
+
+def glm4_moe_fix(config: dict):
+    experts_from(config, "n_routed_experts")
+    n, shared = config.get("num_hidden_layers", 0), config.get("n_shared_experts") or 0
+    config["moe_layers"] = [i >= config.get("first_k_dense_replace", 0) for i in range(n)]
+    if shared:  # one MLP as large as that many experts
+        config["shared_expert"] = "shared_experts"
+        config["shared_expert_intermediate_size"] = config.get("moe_intermediate_size", 0) * shared
+    # the attention's bias is on q, k and v only
+    config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
+    if config.get("use_qk_norm"):
+        config["qk_norm"] = "head"
+    experts, groups, kept = config["num_local_experts"], config.get("n_group") or 1, config.get("topk_group") or 1
+    if groups > 1 and (experts % groups or experts // groups < 2 or kept > groups):
+        raise ValueError(f"n_group {groups} and topk_group {kept}: expected groups of two experts or more, out of "
+                         f"n_routed_experts {experts}, and no more groups kept than there are")
+    if config["num_experts_per_tok"] > experts // groups * kept:
+        raise ValueError(f"num_experts_per_tok {config['num_experts_per_tok']} is more than topk_group {kept} "
+                         f"groups hold")
+
+
+def ernie4_5_moe_fix(config: dict):
+    experts_from(config, "moe_num_experts", "moe_k")
+    config["norm_topk_prob"] = True
+    config["attention_bias"] = config["mlp_bias"] = config["lm_head_bias"] = config.get("use_bias")
+    n, shared = config.get("num_hidden_layers", 0), config.get("moe_num_shared_experts") or 0
+    last = config.get("moe_layer_end_index", -1)
+    last = n - 1 if last == -1 else last
+    config["moe_layers"] = [(i + 1) % config.get("moe_layer_interval", 1) == 0
+                            and config.get("moe_layer_start_index", 0) <= i <= last for i in range(n)]
+    if shared:  # one MLP as large as that many experts
+        config["shared_expert"] = "shared_experts"
+        config["shared_expert_intermediate_size"] = config.get("moe_intermediate_size", 0) * shared
+    # the chosen experts' weights sum to at least num_experts_per_tok / experts: moe_norm_min below that never acts
+    floor = config.get("moe_norm_min") or 0
+    if floor > config["num_experts_per_tok"] / max(config["num_local_experts"], 1):
+        raise ValueError(f"moe_norm_min {floor} is not supported (above moe_k / moe_num_experts)")
+
+
+def hunyuan_v1_moe_fix(config: dict):
+    top_k = config.get("moe_topk")
+    if isinstance(top_k, list):
+        if len(set(top_k)) > 1:
+            raise ValueError("moe_topk differs between layers: not supported")
+        config["moe_topk"] = top_k[0]
+    experts_from(config, "num_experts", "moe_topk")
+    config["norm_topk_prob"] = True
+    # transformers sizes the experts and the shared MLP by intermediate_size, whatever these say
+    config["moe_intermediate_size"] = None
+    config["shared_expert_intermediate_size"] = config.get("intermediate_size")
+    hunyuan_fix(config)
+
+
+def mtp_layer(config: dict, name: str) -> bool:
+    """A weight of the multi-token prediction layers that GLM-4.5 checkpoints hold after the decoder layers."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return match is not None and int(match[1]) >= config["num_hidden_layers"]
 
 
 def both(*fixes):
@@ -220,13 +329,14 @@ COHERE = {"norm": "layer_no_bias", "parallel": True, "block_norms": ("input_laye
 GLM = {"fused_gate_up": True, "rope_interleaved": True, "partial_rotary_factor": 0.5, "attention_bias": True,
        "rms_norm_eps": 1.5625e-7, "head_dim": 128, "num_key_value_heads": 2, "max_position_embeddings": 131072}
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
+MOE = {"mlp": "sparse_moe"}
 
 # model_type: its Family. A family that fits ModelArgs' switches is one entry here.
 FAMILIES = {
     "llama": Family("Llama 1, 2, 3, SmolLM, SmolLM2, TinyLlama, Falcon3, other Llama-shaped models"),
     "mistral": Family("Mistral 7B, Mistral Nemo, Mistral Small"),
     "mixtral": Family("Mixtral 8x7B, 8x22B (mixture of experts)",
-                      {"mlp": "sparse_moe", "moe_module": "block_sparse_moe"},
+                      {**MOE, "moe_module": "block_sparse_moe", "expert_names": ("w1", "w3", "w2")},
                       unquantized=(".block_sparse_moe.gate",)),
     "qwen2": Family("Qwen2, Qwen2.5", {"qkv_bias": True}, sliding_from_max_window_layers),
     "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head", "head_dim": 128}, sliding_from_max_window_layers),
@@ -277,6 +387,35 @@ FAMILIES = {
     "glm": Family("GLM-4 9B (glm-4-9b-chat-hf)", GLM, glm_fix),
     "glm4": Family("GLM-4-0414 (9B, 32B), GLM-Z1", {**GLM, "block_norms": (
         "input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}, glm_fix),
+    "qwen2_moe": Family("Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B (mixture of experts)", {
+        **MOE, "qkv_bias": True, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "norm_topk_prob": False, "shared_expert": "shared_expert", "shared_expert_intermediate_size": 5632,
+        "shared_expert_gate": "shared_expert_gate"}, qwen2_moe_fix,
+        unquantized=(".mlp.gate", ".mlp.shared_expert_gate")),
+    "qwen3_moe": Family("Qwen3-30B-A3B, Qwen3-235B-A22B (mixture of experts)", {
+        **MOE, "qk_norm": "head", "num_local_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "norm_topk_prob": False}, qwen3_moe_fix, unquantized=(".mlp.gate",)),
+    "olmoe": Family("OLMoE-1B-7B (mixture of experts)", {
+        **MOE, "qk_norm": "all", "rms_norm_eps": 1e-5, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": False}, lambda config: experts_from(config, "num_experts"), unquantized=(".mlp.gate",)),
+    "phimoe": Family("Phi-3.5-MoE (mixture of experts)", {
+        **MOE, "moe_module": "block_sparse_moe", "expert_names": ("w1", "w3", "w2"), "routing": "sparsemixer",
+        "router_jitter_noise": 0.01, "num_local_experts": 16, "norm": "layer", "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6, "max_position_embeddings": 131072, "rope_mscale": True}, phimoe_fix,
+        unquantized=(".block_sparse_moe.gate",)),
+    "glm4_moe": Family("GLM-4.5, GLM-4.5-Air (mixture of experts)", {
+        **MOE, "routing": "sigmoid", "router_bias": ("gate.e_score_correction_bias", 1), "n_routed_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5}, glm4_moe_fix, dropped=mtp_layer),
+    "ernie4_5_moe": Family("ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B (mixture of experts)", {
+        **MOE, "router_bias": ("moe_statics.e_score_correction_bias", 2), "moe_num_experts": 64, "moe_k": 6,
+        "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+        "rope_interleaved": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+        ernie4_5_moe_fix, unquantized=(".mlp.gate",), dropped=lambda config, name: "mtp" in name),
+    "hunyuan_v1_moe": Family("Hunyuan-A13B (mixture of experts)", {
+        **MOE, "router_name": "gate.wg", "shared_expert": "shared_mlp", "qk_norm": "head_after_rope",
+        "qk_norm_names": ("query_layernorm", "key_layernorm"), "rms_norm_eps": 1e-5, "num_experts": 1,
+        "moe_topk": 1}, hunyuan_v1_moe_fix, unquantized=(".mlp.gate.wg",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
@@ -335,6 +474,14 @@ class ModelArgs:
     hidden_act: str = "silu"
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
+    moe_intermediate_size: Optional[int] = None  # each expert's (intermediate_size if None)
+    norm_topk_prob: bool = True  # the chosen experts' weights scaled to sum to 1
+    # the experts are chosen from the topk_group of n_group groups whose two best scores sum highest
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the chosen experts' weights times it
+    router_jitter_noise: float = 0.0  # the sparse mixer weighs an expert against those within 2x it (relative)
+    shared_expert_intermediate_size: Optional[int] = None
     # family switches (FAMILIES)
     # rms, rms_offset (Gemma: weight + 1), layer (LayerNorm with bias), layer_no_bias (LayerNorm, weight alone)
     norm: str = "rms"
@@ -344,9 +491,23 @@ class ModelArgs:
     # weights, a LayerNorm without bias, Cohere) or after it (head_after_rope), or over all of them (all)
     qk_norm: Optional[str] = None
     qk_norm_names: tuple = ("q_norm", "k_norm")  # the checkpoint's names of the query and key norms
+    clip_qkv: Optional[float] = None  # queries, keys and values clipped to [-clip_qkv, clip_qkv] (after "all" norms)
+    # longrope's short frequencies at every length, times short_mscale, or long_mscale past the original context
+    # (Phi-3.5-MoE)
+    rope_mscale: bool = False
     mlp: str = "gated"  # gated (mlp_names' gate, up, down), or a mixture of experts (FEED_FORWARD)
     moe_module: str = "mlp"  # the checkpoint's name for a mixture of experts block
     moe_layers: Optional[list] = None  # per layer, whether its block is the mixture of experts (all if None)
+    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # the checkpoint's names of each expert's layers
+    # how the router's scores choose and weigh the experts: softmax, sigmoid (GLM-4.5), or sparsemixer
+    # (Phi-3.5-MoE's, in eval mode: two experts)
+    routing: str = "softmax"
+    router_name: str = "gate"  # the checkpoint's name for the router's linear layer in the block
+    # (the checkpoint's name in the block, number of axes) of a bias added to the scores that choose the
+    # experts, not to their weights
+    router_bias: Optional[tuple] = None
+    shared_expert: Optional[str] = None  # the checkpoint's name of an MLP in the block that every token goes through
+    shared_expert_gate: Optional[str] = None  # of a Linear(hidden, 1): the shared MLP's output times its sigmoid
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
     fused_qkv: bool = False  # q/k/v in one qkv_proj (Phi-3)
     fused_gate_up: bool = False  # gate/up in one gate_up_proj (Phi-3, GLM)
@@ -429,8 +590,8 @@ class ModelArgs:
 
 
 def check_types(config: dict):
-    """Each of ModelArgs' fields in `config` of its type and, if a number, positive (num_local_experts: at least
-    0); the fields without a default present."""
+    """Each of ModelArgs' fields in `config` of its type and, if a number, positive (num_local_experts and
+    router_jitter_noise: at least 0); the fields without a default present."""
     missing = [f.name for f in fields(ModelArgs) if f.default is MISSING and f.name not in config]
     if missing:
         raise ValueError(f"{', '.join(missing)} missing")
@@ -443,7 +604,7 @@ def check_types(config: dict):
         if (not isinstance(value, (int, float) if kind is float else kind)
                 or number and isinstance(value, bool)):
             raise ValueError(f"{f.name} is {value!r}, expected {'a number' if kind is float else kind.__name__}")
-        if number and (value < 0 if f.name == "num_local_experts" else value <= 0):
+        if number and (value < 0 if f.name in ("num_local_experts", "router_jitter_noise") else value <= 0):
             raise ValueError(f"{f.name} is {value!r}, expected a positive number")
 
 
@@ -466,9 +627,9 @@ class RoPE(nn.Module):
         self.base = rope.get("rope_theta", 10000.0)
         if kind == "ntk_alpha":  # dynamic NTK's larger base, for a fixed alpha rather than the length
             self.base = self.base * rope["alpha"] ** (self.dims / (self.dims - 2))
-        self.original_context, self._long_freqs, self._gain, self._dynamic = None, None, None, None
+        self.original_context, self._long_freqs, self._dynamic = None, None, None
         inv_freq = 1.0 / (self.base ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims))
-        gain = 1.0
+        gain = long_gain = 1.0
         if kind == "linear":
             inv_freq = inv_freq / rope["factor"]
         elif kind == "dynamic":  # a larger base once the sequence outgrows max_position_embeddings
@@ -486,13 +647,18 @@ class RoPE(nn.Module):
             inv_freq, gain = yarn_frequencies(inv_freq, self.dims, self.base, rope, args.max_position_embeddings)
         elif kind == "longrope":
             self.original_context = rope.get("original_max_position_embeddings") or args.max_position_embeddings
-            factor = rope.get("factor") or args.max_position_embeddings / self.original_context
-            gain = rope.get("attention_factor") or (
-                math.sqrt(1 + math.log(factor) / math.log(self.original_context)) if factor > 1 else 1.0)
-            self._long_freqs = mx.array(np.array(rope["long_factor"]) / inv_freq, dtype=mx.float32)
+            if args.rope_mscale:
+                gain, long_gain = rope["short_mscale"], rope["long_mscale"]
+            else:
+                factor = rope.get("factor") or args.max_position_embeddings / self.original_context
+                gain = long_gain = rope.get("attention_factor") or (
+                    math.sqrt(1 + math.log(factor) / math.log(self.original_context)) if factor > 1 else 1.0)
+                self._long_freqs = mx.array(np.array(rope["long_factor"]) / inv_freq, dtype=mx.float32)
             inv_freq = inv_freq / np.array(rope["short_factor"])
-        if gain != 1.0:
-            self._gain = mx.array([gain] * self.dims + [1.0] * (args.head_dim - self.dims))
+        self._gain = self._long_gain = None  # the rotated features' gain, up to the original context and past it
+        if gain != 1.0 or long_gain != 1.0:
+            self._gain, self._long_gain = (mx.array([g] * self.dims + [1.0] * (args.head_dim - self.dims))
+                                           for g in (gain, long_gain))
         self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)  # wavelengths / 2pi, as mx.fast.rope takes
 
     def frequencies(self, length: int):
@@ -507,7 +673,8 @@ class RoPE(nn.Module):
 
     def __call__(self, x, offset: int):
         if self._gain is not None:
-            x = x * self._gain.astype(x.dtype)
+            long = self.original_context is not None and offset + x.shape[2] > self.original_context
+            x = x * (self._long_gain if long else self._gain).astype(x.dtype)
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
                             freqs=self.frequencies(offset + x.shape[2]))
 
@@ -610,7 +777,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
         self.output_proj = args.output_proj
         self[self.output_proj] = nn.Linear(q_dims, dim, bias=args.attention_bias or args.attention_out_bias)
-        self.qk_norm = args.qk_norm
+        self.qk_norm, self.clip = args.qk_norm, args.clip_qkv
         if args.qk_norm:
             self.qk_norm_names = args.qk_norm_names
             if args.qk_norm == "each_head":
@@ -636,6 +803,8 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "all":
             q, k = self.normed_qk(q, k)
+        if self.clip is not None:
+            q, k, v = (mx.clip(y, -self.clip, self.clip) for y in (q, k, v))
         if example_rows is not None:
             slots, order = example_rows["slots"], example_rows["order"]
             index = slots.reshape(-1)
@@ -680,11 +849,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
     down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down); an
-    activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it."""
+    activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it; hidden and
+    bias are intermediate_size and mlp_bias unless given (an expert's, a shared expert's)."""
 
-    def __init__(self, args: ModelArgs, names=None):
+    def __init__(self, args: ModelArgs, names=None, hidden=None, bias=None):
         super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        dim = args.hidden_size
+        hidden = hidden or args.intermediate_size
+        bias = args.mlp_bias if bias is None else bias
         self.gate, self.up, self.down = names or args.mlp_names
         if args.fused_gate_up:
             self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
@@ -747,22 +919,38 @@ class XIELU(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's mixture of experts: each token goes through the num_experts_per_tok experts that the
-    router (gate) scores highest, weighted by the softmax of those scores."""
+    """A mixture of experts: each token goes through the num_experts_per_tok experts that its router's scores
+    choose (routing), their outputs weighted; and, where the family has one, through a shared MLP too. Each
+    part under the checkpoint's name (router_name, expert_names, router_bias, shared_expert)."""
     routes_on_host = True  # reads the routing back to the host: a step with it cannot be compiled
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.top_k = args.num_experts_per_tok
-        self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.experts = [MLP(args, ("w1", "w3", "w2")) for _ in range(args.num_local_experts)]
+        experts = args.num_local_experts
+        self.top_k, self.routing, self.normalize = args.num_experts_per_tok, args.routing, args.norm_topk_prob
+        self.groups, self.kept_groups = args.n_group, args.topk_group
+        self.weight_scale, self.jitter = args.routed_scaling_factor, args.router_jitter_noise
+        self.router_name, self.bias_name = args.router_name, None
+        router = nn.Linear(args.hidden_size, experts, bias=False)
+        if args.router_bias is not None:
+            self.bias_name, axes = args.router_bias
+            if self.bias_name.startswith(self.router_name + "."):
+                router = Router(args.hidden_size, experts)
+        set_path(self, self.router_name, router)
+        if self.bias_name is not None:
+            set_path(self, self.bias_name, mx.zeros((1,) * (axes - 1) + (experts,)))
+        hidden = args.moe_intermediate_size or args.intermediate_size
+        self.experts = [MLP(args, args.expert_names, hidden, bias=False) for _ in range(experts)]
+        self.shared_name, self.shared_gate_name = args.shared_expert, args.shared_expert_gate
+        if self.shared_name is not None:
+            self[self.shared_name] = MLP(args, args.mlp_names, args.shared_expert_intermediate_size)
+        if self.shared_gate_name is not None:
+            self[self.shared_gate_name] = nn.Linear(args.hidden_size, 1, bias=False)
 
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        scores = self.gate(x).astype(mx.float32)
-        chosen = mx.stop_gradient(mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, :self.top_k])
-        weights = mx.softmax(mx.take_along_axis(scores, chosen, axis=-1), axis=-1).astype(x.dtype)
+        chosen, weights = self.route(x)
         # Each expert computes only its tokens: the routing is read back to the host, so a model with experts
         # trains uncompiled (lora.py); the alternative, every expert on every token, costs experts / top_k
         # times the MLP's work.
@@ -772,7 +960,90 @@ class SparseMoE(nn.Module):
             tokens, slots = (mx.array(i) for i in np.nonzero(chosen == e))
             if tokens.size:
                 y = y.at[tokens].add(expert(x[tokens]) * weights[tokens, slots][:, None])
+        if self.shared_name is not None:
+            shared = self[self.shared_name](x)
+            if self.shared_gate_name is not None:
+                shared = shared * mx.sigmoid(self[self.shared_gate_name](x))
+            y = y + shared
         return y.reshape(shape)
+
+    def route(self, x):
+        """(chosen, weights): each token's experts and their weights, in x's type."""
+        logits = at_path(self, self.router_name)(x).astype(mx.float32)
+        if self.routing == "sparsemixer":
+            chosen, weights = sparsemixer(logits, self.jitter)
+            return chosen, weights.astype(x.dtype)
+        # the softmax's order is the logits': they choose alike
+        scores = mx.sigmoid(logits) if self.routing == "sigmoid" else logits
+        choice = scores
+        if self.bias_name is not None:  # a bias to the probabilities (or sigmoids), for choosing alone
+            probabilities = scores if self.routing == "sigmoid" else mx.softmax(logits, axis=-1)
+            choice = probabilities + at_path(self, self.bias_name).astype(mx.float32)
+        if self.groups > 1:
+            choice = in_best_groups(choice, self.groups, self.kept_groups)
+        chosen = mx.stop_gradient(mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[:, :self.top_k])
+        weights = mx.take_along_axis(scores, chosen, axis=-1)
+        if self.routing == "softmax":  # the softmax of the chosen ones: the whole softmax's, normalized
+            weights = (mx.softmax(weights, axis=-1) if self.normalize else
+                       mx.take_along_axis(mx.softmax(logits, axis=-1), chosen, axis=-1))
+        elif self.normalize:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        if self.weight_scale != 1.0:
+            weights = weights * self.weight_scale
+        return chosen, weights.astype(x.dtype)
+
+
+def in_best_groups(scores, groups: int, kept: int):
+    """The scores with those outside the `kept` of `groups` groups of experts (in their order) whose two best
+    scores sum highest at -inf (GLM-4.5's grouped choice)."""
+    tokens, experts = scores.shape
+    grouped = scores.reshape(tokens, groups, experts // groups)
+    best = mx.argpartition(-mx.topk(grouped, 2, axis=-1).sum(axis=-1), kth=kept - 1, axis=-1)[:, :kept]
+    inside = mx.put_along_axis(mx.zeros((tokens, groups), dtype=mx.bool_), best, mx.array(True), axis=-1)
+    return mx.where(inside[:, :, None], grouped, -mx.inf).reshape(tokens, experts)
+
+
+def sparsemixer(scores, jitter: float):
+    """Phi-3.5-MoE's router in eval mode: the best expert, then the best of the others; each weighted by the
+    softmax over the experts left whose scores are within 2 * jitter (relative) of its own."""
+    chosen, weights, left = [], [], scores
+    for _ in range(2):
+        best = mx.stop_gradient(mx.argmax(left, axis=-1, keepdims=True))
+        top = mx.take_along_axis(left, best, axis=-1)
+        far = mx.stop_gradient((top - scores) / mx.maximum(mx.abs(scores), top) > 2 * jitter)
+        weights.append(mx.take_along_axis(mx.softmax(mx.where(far, -mx.inf, left), axis=-1), best, axis=-1))
+        chosen.append(best)
+        left = mx.put_along_axis(left, best, mx.array(-mx.inf), axis=-1)
+    return mx.concatenate(chosen, axis=-1), mx.concatenate(weights, axis=-1)
+
+
+class Router(nn.Module):
+    """A router's weight where the checkpoint's router holds more (GLM-4.5's e_score_correction_bias): not a
+    linear layer, so that LoRA and convert -q leave it as it is, as PEFT and mlx-lm do."""
+
+    def __init__(self, input_dims: int, experts: int):
+        super().__init__()
+        self.weight = mx.zeros((experts, input_dims))
+
+    def __call__(self, x):
+        return x @ self.weight.T
+
+
+def at_path(module: nn.Module, path: str):
+    """module's descendant at a dotted path (gate.wg)."""
+    for name in path.split("."):
+        module = module[name]
+    return module
+
+
+def set_path(module: nn.Module, path: str, value):
+    """Put value at a dotted path in module, with plain modules for the parts not there yet."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if part not in module:
+            module[part] = nn.Module()
+        module = module[part]
+    module[name] = value
 
 
 def norm(args: ModelArgs, dims: Optional[int] = None):
@@ -874,6 +1145,9 @@ class Model(nn.Module):
         self.model = DecoderStack(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
+        elif args.lm_head_bias:  # the output layer's weight is the embedding's, its bias its own (ERNIE 4.5)
+            self.lm_head = nn.Module()
+            self.lm_head.bias = mx.zeros((args.vocab_size,))
         self._layer_windows = [args.sliding_window if args.layer_type(i) == "sliding_attention" else None
                                for i in range(args.num_hidden_layers)]
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
@@ -952,6 +1226,8 @@ class Model(nn.Module):
     def logits(self, h):
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
+            if self.args.lm_head_bias:
+                logits = logits + self.lm_head.bias
         else:
             logits = self.lm_head(h)
         if self.args.logits_scale != 1.0:
@@ -1077,17 +1353,29 @@ def last_layers(model: Model, num_layers: int) -> list:
     return model.layers[total - num_layers:]
 
 
+def every_linear_layer(layers) -> dict:
+    """{path: linear layer} of the linear layers inside these decoder layers (linear_layers), each path once
+    (layers differ where some hold a mixture of experts and others an MLP), in the first's order."""
+    found = {}
+    for layer in layers:
+        modules = dict(layer.named_modules())
+        for path in linear_layers(layer):
+            found.setdefault(path, modules[path])
+    return found
+
+
 def target_paths(model: Model, targets, num_layers: int) -> list:
     """The paths (model.layers.N....) of the linear layers that `targets` name (target_matches) in the last
     `num_layers` decoder layers (-1: all)."""
-    choices = linear_layers(model.layers[0])
+    layers = last_layers(model, num_layers)
+    choices = list(every_linear_layer(layers))
     for target in targets:
         if not any(target_matches(path, target) for path in choices):
             raise ValueError(f"{target} matches no layer; choices: {', '.join(choices)}")
-    first = len(model.layers) - len(last_layers(model, num_layers))
+    first = len(model.layers) - len(layers)
     # in named_modules' order, the last defined first: the order the adapters draw their random starts in
-    return [f"model.layers.{i}.{path}" for i in range(first, len(model.layers))
-            for path in reversed(choices) if any(target_matches(path, t) for t in targets)]
+    return [f"model.layers.{first + i}.{path}" for i, layer in enumerate(layers)
+            for path in reversed(linear_layers(layer)) if any(target_matches(path, t) for t in targets)]
 
 
 def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, dora=False):

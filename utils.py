@@ -477,10 +477,14 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
+    dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
+    if dropped is not None:
+        kept = {k for f in files for k in read_arrays(f) if not dropped(config, k)}  # the headers alone
+        names = kept if names is None else set(names) & kept
     if evaluated:
         weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names)
     else:
-        weights = {k: v for f in files for k, v in read_arrays(f).items()}
+        weights = {k: v for f in files for k, v in read_arrays(f).items() if dropped is None or k in kept}
     return config, weights, read_tokenizer(path) if tokenizer else None
 
 
@@ -1259,8 +1263,9 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": params["rank"], "lora_alpha": params["scale"] * params["rank"], "lora_dropout": params["dropout"],
         "use_rslora": False,
-        # the exact layers, matched whole (PEFT's re.fullmatch of a string)
-        "target_modules": "|".join(re.escape(path) for path in sorted(layers)),
+        # the exact layers, listed: PEFT matches a listed name as the whole path or its end, and converts
+        # listed experts (experts.N.gate_proj) to transformers 5's stacked ones where it can (not a pattern's)
+        "target_modules": sorted(layers),
         "bias": "none", "fan_in_fan_out": False, "use_dora": adapter_config["fine_tune_type"] == "dora",
         "inference_mode": True,
     }

@@ -202,6 +202,9 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
         with torch.no_grad():  # larger than the default init, so that differences show in the logits
             for name, p in model.named_parameters():
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.08)
+            for name, b in model.named_buffers():  # a router's bias is a buffer in some families, zero at first
+                if name.endswith("e_score_correction_bias"):
+                    b.normal_(0.0, 0.08)
         path = tmp_path_factory.mktemp(model_type)
         model.save_pretrained(path)
         for f in Path(tokenizer_dir).iterdir():

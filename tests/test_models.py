@@ -81,6 +81,34 @@ CONFIGS = {
     # transformers reads it as Llama; dynamic rope, longer than max_position_embeddings
     "internlm3": ("internlm3", {"head_dim": 16, "qkv_bias": True, "bias": True, "max_position_embeddings": 32,
                                 "rope_scaling": {"rope_type": "dynamic", "factor": 6.0}}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48, "mlp_only_layers": [2],
+                                "use_sliding_window": True, "sliding_window": 24, "max_window_layers": 3}),
+    "qwen2_moe-sparse-step": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                                            "decoder_sparse_step": 2, "norm_topk_prob": True}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "head_dim": 32, "decoder_sparse_step": 2, "norm_topk_prob": True,
+                                "use_sliding_window": True, "sliding_window": 24}),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 1.0}),
+    "phimoe": ("phimoe", {"num_local_experts": 4, "attention_bias": True, "lm_head_bias": True, "sliding_window": 24,
+                          "router_jitter_noise": 0.3}),
+    "phimoe-longrope": ("phimoe", {"num_local_experts": 4, "rope_scaling": dict(
+        PHI3_ROPE, short_mscale=1.1, long_mscale=1.3, original_max_position_embeddings=32)}),
+    "glm4_moe": ("glm4_moe", {"n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
+                              "moe_intermediate_size": 32, "n_shared_experts": 2, "routed_scaling_factor": 2.5,
+                              "use_qk_norm": True, "attention_bias": True, "head_dim": 32}),
+    "glm4_moe-partial-rope": ("glm4_moe", {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
+                                           "moe_intermediate_size": 32, "first_k_dense_replace": 2,
+                                           "norm_topk_prob": False, "partial_rotary_factor": 0.25}),
+    "ernie4_5_moe": ("ernie4_5_moe", {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32,
+                                      "moe_num_shared_experts": 2, "use_bias": True}),
+    "ernie4_5_moe-untied": ("ernie4_5_moe", {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32,
+                                             "moe_num_shared_experts": 0, "moe_layer_start_index": 0,
+                                             "moe_layer_interval": 2, "tie_word_embeddings": False}),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 2, "head_dim": 16, "rope_theta": 10000.0,
+                                          "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}}),
+    "hunyuan_v1_moe-default-rope": ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 3, "head_dim": 32,
+                                                       "attention_bias": True}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -166,6 +194,26 @@ def test_cohere2_rotates_only_where_a_layer_has_a_window():
     config = {**TINY, "model_type": "cohere2", "vocab_size": 300}
     assert models.ModelArgs.from_config(config).rope_layers == [True, True, True, False]
     assert models.ModelArgs.from_config({**config, "sliding_window": None}).rope_layers == [False] * 4
+@pytest.mark.parametrize("overrides", [{"max_window_layers": 3}, {"max_window_layers": 1},
+                                       {"use_sliding_window": False}])
+def test_qwen2_moe_slides_as_transformers_derives_it(make_checkpoint, overrides):
+    """Without layer_types (transformers 4's configs), Qwen2-MoE's sliding layers are every other one below
+    max_window_layers (Qwen2's are those from it on)."""
+    import transformers
+
+    path, _ = make_checkpoint("qwen2_moe", **{**CONFIGS["qwen2_moe"][1], **overrides})
+    config = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
+    theirs = transformers.AutoConfig.for_model(**config)
+    windows = [theirs.sliding_window if kind == "sliding_attention" else None for kind in theirs.layer_types]
+    assert models.Model(models.ModelArgs.from_config(config))._layer_windows == windows
+
+
+def test_qwen3_moe_reads_either_name_of_its_expert_count(make_checkpoint):
+    """transformers 5 writes num_local_experts, the hub's configs num_experts."""
+    path, _ = make_checkpoint("qwen3_moe", **CONFIGS["qwen3_moe"][1])
+    v5 = json.loads((path / "config.json").read_text())
+    hub = {**{k: v for k, v in v5.items() if k != "num_local_experts"}, "num_experts": v5["num_local_experts"]}
+    assert models.ModelArgs.from_config(v5) == models.ModelArgs.from_config(hub)
 
 
 def test_every_family_is_tested():
