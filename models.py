@@ -20,7 +20,7 @@ from mlx.utils import tree_unflatten
 # Configuration
 
 
-KEPT = "kept."  # where Model holds the weights a checkpoint has beside its decoder (CheckpointNames.kept)
+KEPT = "kept"  # Model's module of the weights a checkpoint has beside its decoder (CheckpointNames.kept)
 
 
 def renamed(name: str, pairs) -> str:
@@ -47,12 +47,12 @@ class CheckpointNames:
         """Our name for a checkpoint's weight, or for a layer named by its path in transformers' model (PEFT's
         adapters): transformers loads checkpoints in either layout. Our own names stay as they are."""
         if name.startswith(self.kept):
-            return KEPT + name
+            return f"{KEPT}.{name}"
         return renamed(name, [(theirs, ours) for ours, theirs in self.written + (self.modules or ())])
 
     def theirs(self, name: str) -> str:
         """The checkpoint's name for our weight (or layer) `name`."""
-        return name[len(KEPT):] if name.startswith(KEPT) else renamed(name, self.written)
+        return name[len(KEPT) + 1:] if name.startswith(f"{KEPT}.") else renamed(name, self.written)
 
     def module_path(self, path: str) -> str:
         """The path in transformers' model of our layer `path`."""
@@ -1085,9 +1085,9 @@ class Model(nn.Module):
                 module[key] = modules(value)
             return module
 
-        kept = [(k[len(KEPT):], v) for k, v in weights.items() if k.startswith(KEPT)]
+        kept = [(k[len(KEPT) + 1:], v) for k, v in weights.items() if k.startswith(f"{KEPT}.")]
         if kept:
-            self[KEPT[:-1]] = modules(tree_unflatten(kept))
+            self[KEPT] = modules(tree_unflatten(kept))
 
     def hidden_states(self, inputs, cache=None, packing=None):
         """The final normed hidden states of `inputs` (token ids, or rows of frozen_prefix's states); `cache`

@@ -986,7 +986,7 @@ def write_gguf(path, model: models.Model, tokenizer):
         if isinstance(tokenizer.chat_template, str):
             writer.add_chat_template(tokenizer.chat_template)
         # the weights kept beside the decoder (an image encoder) go to a file of their own in llama.cpp
-        for name, value in tree_flatten({k: v for k, v in model.parameters().items() if k != models.KEPT[:-1]}):
+        for name, value in tree_flatten({k: v for k, v in model.parameters().items() if k != models.KEPT}):
             parts = name.split(".")
             if parts[1] == "layers":
                 layer, module = parts[2], ".".join(parts[3:-1])
