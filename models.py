@@ -382,8 +382,8 @@ FAMILIES = {
     "glm": Family("GLM-4 9B (glm-4-9b-chat-hf)", GLM, glm_fix),
     "glm4": Family("GLM-4-0414 (9B, 32B), GLM-Z1", {**GLM, "block_norms": (
         "input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}, glm_fix),
-    "mistral3": Family("Mistral Small 3.1, 3.2, Magistral Small, Devstral Small, text only: the language model "
-                       "trains, the image encoder is kept as it is", names=VISION_LANGUAGE,
+    "mistral3": Family("Mistral Small 3.1, 3.2, Magistral Small, Devstral Small, Ministral 3, text only: the "
+                       "language model trains, the image encoder is kept as it is", names=VISION_LANGUAGE,
                        text_types=("mistral", "ministral3")),
     # Gemma3ForConditionalGeneration soft-caps no logits, whatever text_config says
     "gemma3": Family("Gemma 3 4B, 12B, 27B, text only: the language model trains, the image encoder is kept as "
@@ -391,8 +391,8 @@ FAMILIES = {
                      text_types=("gemma3_text",)),
     "falcon": Family("Falcon 7B, 40B, 180B, Falcon2 11B, Falcon-RW (Falcon3 is llama)", {
         "norm": "layer", "tie_word_embeddings": True, "multi_query": True, "parallel_attn": True,
-        "fused_qkv": True, "qkv_name": "query_key_value", "attention_module": "self_attention", "output_proj": "dense",
-        "mlp_names": (None, "dense_h_to_4h", "dense_4h_to_h"), "final_norm": "ln_f",
+        "fused_qkv": True, "qkv_name": "query_key_value", "attention_module": "self_attention",
+        "output_proj": "dense", "mlp_names": (None, "dense_h_to_4h", "dense_4h_to_h"), "final_norm": "ln_f",
         "block_norms": ("input_layernorm", None, None, None)}, falcon_fix,
         lora_targets=("self_attention.query_key_value",),
         names=CheckpointNames(written=(("model.layers.", "transformer.h."),
@@ -469,7 +469,7 @@ class ModelArgs:
     moe_module: str = "mlp"  # the checkpoint's name for a mixture of experts block
     moe_layers: Optional[list] = None  # per layer, whether its block is the mixture of experts (all if None)
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
-    fused_qkv: bool = False  # q/k/v in one layer (qkv_name) (Phi-3)
+    fused_qkv: bool = False  # q/k/v in one layer, qkv_name (Phi-3, Falcon)
     qkv_name: str = "qkv_proj"  # the checkpoint's name for the fused q/k/v layer
     qkv_grouped: bool = False  # that layer's outputs by key-value head: its queries, key, value (Falcon)
     fused_gate_up: bool = False  # gate/up in one gate_up_proj (Phi-3, GLM)

@@ -205,7 +205,8 @@ def transformers_class(folder):
 def make_checkpoint(tokenizer_dir, tmp_path_factory):
     """make_checkpoint(model_type, **config) -> (folder, torch model): random fp32 weights in the
     Hugging Face layout, written by transformers itself. For a vision-language model, the config is its
-    language model's (text_config), but for tie_word_embeddings, which its top level holds."""
+    language model's (text_config, of model_type text_model_type if given), but for tie_word_embeddings, which
+    its top level holds."""
     import shutil
 
     import torch
@@ -216,8 +217,8 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
         if model_type in VISION_LANGUAGE:
             text_type, vision = VISION_LANGUAGE[model_type]
             top = {key: settings.pop(key) for key in ["tie_word_embeddings"] if key in settings}
-            config = transformers.AutoConfig.for_model(model_type, text_config={"model_type": text_type, **settings},
-                                                       vision_config=vision, **top)
+            text = {"model_type": settings.pop("text_model_type", text_type), **settings}
+            config = transformers.AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **top)
             auto = transformers.AutoModelForImageTextToText
         else:
             config = transformers.AutoConfig.for_model(model_type).__class__(**settings)

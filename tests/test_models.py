@@ -84,6 +84,8 @@ CONFIGS = {
     # the vision-language models' language models: tied where the checkpoint has no output layer of its own
     "mistral3": ("mistral3", {"head_dim": 32, "sliding_window": 24}),
     "mistral3-untied": ("mistral3", {"tie_word_embeddings": False, "rope_theta": 1e6}),
+    "mistral3-ministral3": ("mistral3", {"text_model_type": "ministral3", "head_dim": 16,
+                                         "rope_parameters": MINISTRAL3_ROPE}),
     "gemma3": ("gemma3", {"head_dim": 32, "sliding_window": 24, "sliding_window_pattern": 2,
                           "final_logit_softcapping": 5.0}),  # which the vision-language model does not apply
     "falcon-7b": ("falcon", {"ffn_hidden_size": 96}),  # one key-value head, attention and MLP side by side
