@@ -40,17 +40,15 @@ def build_parser():
 
 
 def converted_weights(config: dict, weights: dict, dtype, quantization, embedding_bits=None, where="the model"):
-    """The output weights as (name, array) pairs, computed lazily one at a time; the quantization of each
-    quantized layer (the token embedding and output layer at embedding_bits); and the number of linear
-    layers left in dtype. Quantized inputs are dequantized first. Checks, before anything is computed,
-    that the weights are those the config describes (of the model `where`, named in errors)."""
+    """The output weights as (name, array) pairs, computed lazily one at a time, under the checkpoint's names;
+    the quantization of each quantized layer (the model's paths; the token embedding and output layer at
+    embedding_bits); and the number of linear layers left in dtype. Quantized inputs are dequantized first.
+    Checks, before anything is computed, that the weights are those the config describes (of the model
+    `where`, named in errors)."""
     model = utils.model_skeleton(config, weights)  # never evaluated: no memory, only names and shapes
     modules = dict(model.named_modules())
     expected = tree_flatten(model.parameters())
     source = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-    if model.args.tie_word_embeddings:
-        for key in ("weight", "scales", "biases"):
-            source.pop(f"lm_head.{key}", None)
     for path, module in modules.items():
         params = utils.quantization_of(source, path, module)
         if params:
@@ -90,7 +88,8 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
             else:
                 yield name, value.astype(dtype)
 
-    return tensors(), quantized, len(layers) - len(quantized)
+    names = model.args.names
+    return ((names.theirs(k), v) for k, v in tensors()), quantized, len(layers) - len(quantized)
 
 
 def describe(args) -> str:

@@ -73,7 +73,7 @@ def build_parser():
     lora.add_argument("--lora-targets", nargs="+",
                       help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
                            "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
-                           "Phi-3: self_attn.qkv_proj). See --list-targets.")
+                           "Phi-3: self_attn.qkv_proj; Falcon: self_attention.query_key_value). See --list-targets.")
     lora.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
     scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")

@@ -1,7 +1,9 @@
-"""One decoder for Llama, Mistral, Mixtral, Qwen2, Gemma, Phi-2 and Phi-3 (and Phi-3-vision's language model),
-configured from a Hugging Face config.json, and the LoRALinear and DoRALinear wrappers. Parameter names follow
-Hugging Face's, so checkpoints load, fuse and export without renaming. In this order: the configuration, the
-decoder and its parts, LoRA and DoRA, then the kernels and device-specific paths."""
+"""One decoder for Llama, Mistral, Mixtral, Qwen2, Gemma, Phi-2, Phi-3, Falcon and others (and the language
+models of Phi-3-vision, Mistral 3 and Gemma 3), configured from a Hugging Face config.json, and the LoRALinear
+and DoRALinear wrappers. Each decoder layer's parameter names are its checkpoint's, so checkpoints load, fuse and
+export without renaming; where a family puts the decoder under other prefixes, CheckpointNames maps them. In
+this order: the configuration, the decoder and its parts, LoRA and DoRA, then the kernels and device-specific
+paths."""
 import copy
 import fnmatch
 import math
@@ -19,6 +21,45 @@ from mlx.utils import tree_unflatten
 # Configuration
 
 
+KEPT = "kept"  # Model's module of the weights a checkpoint has beside its decoder (CheckpointNames.kept)
+
+
+def renamed(name: str, pairs) -> str:
+    """`name` (a weight's, or a module's path) with the first of the (old, new) prefixes it starts with replaced."""
+    dotted = name + "."
+    for old, new in pairs:
+        if dotted.startswith(old):
+            return (new + dotted[len(old):])[:-1]
+    return name
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """Where a family's checkpoint, and transformers' model in memory, put the weights this decoder holds as
+    model.embed_tokens, model.layers.N..., model.norm and lm_head, where elsewhere; the one place names cross
+    between them: when weights are read (utils.read_checkpoint) and written (utils.save_model, convert.py), and
+    adapters named (utils.save_peft, utils.apply_adapters). Prefixes alone are renamed: a decoder layer's own
+    names are its checkpoint's."""
+    written: tuple = ()  # (ours, the checkpoint's) prefixes, as save_pretrained writes them
+    modules: Optional[tuple] = None  # (ours, transformers' module path) prefixes, PEFT's names; `written` if None
+    kept: tuple = ()  # the checkpoint's prefixes of weights kept as they are, unused (an image encoder)
+
+    def ours(self, name: str) -> str:
+        """Our name for a checkpoint's weight, or for a layer named by its path in transformers' model (PEFT's
+        adapters): transformers loads checkpoints in either layout. Our own names stay as they are."""
+        if name.startswith(self.kept):
+            return f"{KEPT}.{name}"
+        return renamed(name, [(theirs, ours) for ours, theirs in self.written + (self.modules or ())])
+
+    def theirs(self, name: str) -> str:
+        """The checkpoint's name for our weight (or layer) `name`."""
+        return name[len(KEPT) + 1:] if name.startswith(f"{KEPT}.") else renamed(name, self.written)
+
+    def module_path(self, path: str) -> str:
+        """The path in transformers' model of our layer `path`."""
+        return renamed(path, self.written if self.modules is None else self.modules)
+
+
 @dataclass(frozen=True)
 class Family:
     """What sets one model_type apart from Llama, in one place: `switches`, the config values it has unless
@@ -26,9 +67,11 @@ class Family:
     the family where they differ from Llama's); `fix`, which reads the family's own config fields into
     ModelArgs' as transformers reads them (and raises ValueError naming a field whose setting is not
     implemented); its default LoRA targets; the layers convert -q keeps in float (path suffixes); the models
-    it is; the decoder layer class where its forward pass is its own; and the checkpoint's weights that the
+    it is; the decoder layer class where its forward pass is its own; the checkpoint's weights that the
     model does not have, which transformers drops on loading too (dropped(config, name), e.g. multi-token
-    prediction layers)."""
+    prediction layers); and its checkpoint's names. A vision-language model trained on text (text_types) is
+    its language model, text_config's family (language_model), with its own names and fix (run after the
+    language model's)."""
     models: str
     switches: dict = field(default_factory=dict)
     fix: Optional[Callable[[dict], None]] = None
@@ -36,6 +79,8 @@ class Family:
     unquantized: tuple = ()
     layer: Optional[str] = None  # a class of this module; DecoderLayer if None
     dropped: Optional[Callable[[dict, str], bool]] = None
+    names: CheckpointNames = CheckpointNames()
+    text_types: tuple = ()  # the model_types text_config may have, the first its default: a vision-language model
 
 
 def sliding_from_max_window_layers(config: dict):
@@ -312,6 +357,56 @@ def mtp_layer(config: dict, name: str) -> bool:
     return match is not None and int(match[1]) >= config["num_hidden_layers"]
 
 
+def falcon_fix(config: dict):
+    """Falcon's variants as transformers reads them. The new decoder architecture (40B, 180B, Falcon2) groups q, k
+    and v by key-value head (num_kv_heads) and runs attention and the MLP side by side, on ln_attn's and ln_mlp's
+    outputs (num_ln_in_parallel_attn 2, its default) or on input_layernorm's; the old one has one key-value head
+    (multi_query: 7B) or one per head with q, k and v grouped by head (RW), and runs attention and the MLP side
+    by side (parallel_attn) or in turn; alibi replaces rope (RW)."""
+    if config.get("n_embed") is not None:  # the first releases' name
+        config["hidden_size"] = config["n_embed"]
+    hidden, heads = config.get("hidden_size", 0), config.get("num_attention_heads") or 1
+    new, parallel = config.get("new_decoder_architecture"), config.get("parallel_attn")
+    split_norms = (config.get("num_ln_in_parallel_attn") or (2 if new else 1)) == 2
+    if new and not parallel:
+        raise ValueError("new_decoder_architecture with parallel_attn false is not supported (transformers "
+                         "cannot run it either)")
+    if parallel and split_norms and not new:
+        raise ValueError("num_ln_in_parallel_attn 2 without new_decoder_architecture is not supported "
+                         "(transformers cannot run it either)")
+    if not parallel:
+        config["block_norms"] = ("input_layernorm", None, "post_attention_layernorm", None)
+    elif split_norms:
+        config["block_norms"] = ("ln_attn", None, "ln_mlp", None)
+    config["parallel"] = bool(parallel)
+    config["num_key_value_heads"] = (config.get("num_kv_heads") or heads if new else
+                                     1 if config.get("multi_query") else heads)
+    config["qkv_grouped"] = bool(new or not config.get("multi_query"))
+    config["head_dim"] = hidden // heads
+    config["intermediate_size"] = config.get("ffn_hidden_size") or 4 * hidden
+    config["hidden_act"] = config.get("activation") or "gelu"
+    config["layer_norm_eps"] = config.get("layer_norm_epsilon") or 1e-5
+    config["attention_bias"] = config["mlp_bias"] = bool(config.get("bias"))
+    if config.get("alibi"):
+        config["rope_layers"] = [False] * config.get("num_hidden_layers", 0)
+
+
+def language_model(config: dict, wrapper: Family) -> dict:
+    """The config of a vision-language model's language model, as transformers reads it: text_config, its
+    model_type wrapper.text_types' first if absent, with the output layer tied to the embedding as the top level
+    says (utils.model_skeleton unties it where the checkpoint has an output layer of its own, as transformers
+    does), and `wrapper` naming the outer model_type (for its checkpoint's names)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"text_config is {text!r}, expected an object")
+    text = {"model_type": wrapper.text_types[0], **text, "wrapper": config["model_type"],
+            "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+    supported = [t for t in wrapper.text_types if t in FAMILIES]
+    if text["model_type"] not in supported:
+        raise ValueError(f"text_config's model_type {text['model_type']!r} is not supported ({', '.join(supported)})")
+    return text
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -328,6 +423,13 @@ COHERE = {"norm": "layer_no_bias", "parallel": True, "block_norms": ("input_laye
           "max_position_embeddings": 8192}
 GLM = {"fused_gate_up": True, "rope_interleaved": True, "partial_rotary_factor": 0.5, "attention_bias": True,
        "rms_norm_eps": 1.5625e-7, "head_dim": 128, "num_key_value_heads": 2, "max_position_embeddings": 131072}
+# The vision-language models whose language model transformers holds at model.language_model (its output layer
+# at lm_head) and saves under language_model.model (language_model.lm_head), beside the image encoder and its
+# projector, which are kept as they are
+VISION_LANGUAGE = CheckpointNames(
+    written=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+    modules=(("model.", "model.language_model."), ("lm_head.", "lm_head.")),
+    kept=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
 MOE = {"mlp": "sparse_moe"}
 
@@ -342,9 +444,12 @@ FAMILIES = {
     "qwen3": Family("Qwen3 (dense)", {"qk_norm": "head", "head_dim": 128}, sliding_from_max_window_layers),
     "gemma": Family("Gemma 2B, 7B", {"norm": "rms_offset", "tie_word_embeddings": True}, gemma_fix),
     "gemma2": Family("Gemma 2", GEMMA2, both(gemma_fix, sliding_every(2))),
+    # Gemma3TextConfig's defaults in full: Gemma 3's vision-language configs leave most of them out
     "gemma3_text": Family("Gemma 3 (text), Gemma 3 1B", {
         **GEMMA2, "qk_norm": "head", "final_logit_softcapping": None, "rope_theta": 1e6,
-        "rope_local_base_freq": 1e4}, gemma3_fix),
+        "rope_local_base_freq": 1e4, "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "max_position_embeddings": 131072}, gemma3_fix),
     "smollm3": Family("SmolLM3", {"rope_theta": 2e6, "tie_word_embeddings": True}, smollm3_fix),
     "olmo2": Family("OLMo 2", {**OLMO2, "rms_norm_eps": 1e-5}),
     "olmo3": Family("OLMo 3", {**OLMO2, "rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500000.0},
@@ -376,8 +481,8 @@ FAMILIES = {
     "phi3": Family("Phi-3, Phi-3.5 mini", {"fused_qkv": True, "fused_gate_up": True},
                    lora_targets=("self_attn.qkv_proj",)),
     "phi3_v": Family("Phi-3-vision, text only: the language model trains, the image encoder is kept as it is",
-                     {"fused_qkv": True, "fused_gate_up": True, "kept_prefix": "model.vision_embed_tokens."},
-                     lora_targets=("self_attn.qkv_proj",)),
+                     {"fused_qkv": True, "fused_gate_up": True}, lora_targets=("self_attn.qkv_proj",),
+                     names=CheckpointNames(kept=("model.vision_embed_tokens.",))),
     "cohere": Family("Command R, Command R+, Aya 23, Aya Expanse", {**COHERE, "rope_theta": 500000.0}, cohere_fix),
     "cohere2": Family("Command R7B, Command A", {**COHERE, "sliding_window": 4096}, cohere2_fix),
     "starcoder2": Family("StarCoder2 3B, 7B, 15B", {
@@ -416,6 +521,22 @@ FAMILIES = {
         **MOE, "router_name": "gate.wg", "shared_expert": "shared_mlp", "qk_norm": "head_after_rope",
         "qk_norm_names": ("query_layernorm", "key_layernorm"), "rms_norm_eps": 1e-5, "num_experts": 1,
         "moe_topk": 1}, hunyuan_v1_moe_fix, unquantized=(".mlp.gate.wg",)),
+    "mistral3": Family("Mistral Small 3.1, 3.2, Magistral Small, Devstral Small, Ministral 3, text only: the "
+                       "language model trains, the image encoder is kept as it is", names=VISION_LANGUAGE,
+                       text_types=("mistral", "ministral3")),
+    # Gemma3ForConditionalGeneration soft-caps no logits, whatever text_config says
+    "gemma3": Family("Gemma 3 4B, 12B, 27B, text only: the language model trains, the image encoder is kept as "
+                     "it is", fix=lambda config: config.update(final_logit_softcapping=None), names=VISION_LANGUAGE,
+                     text_types=("gemma3_text",)),
+    "falcon": Family("Falcon 7B, 40B, 180B, Falcon2 11B, Falcon-RW (Falcon3 is llama)", {
+        "norm": "layer", "tie_word_embeddings": True, "multi_query": True, "parallel_attn": True,
+        "fused_qkv": True, "qkv_name": "query_key_value", "attention_module": "self_attention",
+        "output_proj": "dense", "mlp_names": (None, "dense_h_to_4h", "dense_4h_to_h"), "final_norm": "ln_f",
+        "block_norms": ("input_layernorm", None, None, None)}, falcon_fix,
+        lora_targets=("self_attention.query_key_value",),
+        names=CheckpointNames(written=(("model.layers.", "transformer.h."),
+                                       ("model.embed_tokens.", "transformer.word_embeddings."),
+                                       ("model.ln_f.", "transformer.ln_f.")))),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
@@ -509,9 +630,12 @@ class ModelArgs:
     shared_expert: Optional[str] = None  # the checkpoint's name of an MLP in the block that every token goes through
     shared_expert_gate: Optional[str] = None  # of a Linear(hidden, 1): the shared MLP's output times its sigmoid
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
-    fused_qkv: bool = False  # q/k/v in one qkv_proj (Phi-3)
+    fused_qkv: bool = False  # q/k/v in one layer, qkv_name (Phi-3, Falcon)
+    qkv_name: str = "qkv_proj"  # the checkpoint's name for the fused q/k/v layer
+    qkv_grouped: bool = False  # that layer's outputs by key-value head: its queries, key, value (Falcon)
     fused_gate_up: bool = False  # gate/up in one gate_up_proj (Phi-3, GLM)
-    parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2)
+    attention_module: str = "self_attn"  # the checkpoint's name for a decoder layer's attention block
+    parallel: bool = False  # attention and MLP side by side on one norm's output (Phi-2), or each on its own
     qkv_bias: bool = False
     attention_out_bias: bool = False  # o_proj's bias, where q, k and v have none (Seed-OSS)
     lm_head_bias: bool = False
@@ -523,9 +647,10 @@ class ModelArgs:
     logits_scale: float = 1.0
     attn_logit_softcapping: Optional[float] = None  # scores become cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: Optional[float] = None  # the same for the logits
+    alibi: bool = False  # each head's scores plus its slope times the key's position, in place of rope (Falcon-RW)
     output_proj: str = "o_proj"
     final_norm: str = "norm"
-    kept_prefix: Optional[str] = None  # weights kept as they are, unused (Phi-3-vision's image encoder)
+    wrapper: Optional[str] = None  # the vision-language model_type whose language model this is (language_model)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
@@ -535,9 +660,15 @@ class ModelArgs:
                 f"model_type {config.get('model_type')!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        wrapper = family if family.text_types else None
+        if wrapper is not None:
+            config = language_model(config, wrapper)
+            family = FAMILIES[config["model_type"]]
         config = {**family.switches, **config}
         if family.fix is not None:
             family.fix(config)
+        if wrapper is not None and wrapper.fix is not None:
+            wrapper.fix(config)
         if config.get("qk_layernorm"):
             raise ValueError("qk_layernorm is not supported")
         if nested_rope(config):
@@ -570,6 +701,10 @@ class ModelArgs:
     def family(self) -> Family:
         return FAMILIES[self.model_type]
 
+    @property
+    def names(self) -> CheckpointNames:
+        return FAMILIES[self.wrapper or self.model_type].names
+
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else "sliding_attention"
 
@@ -587,6 +722,11 @@ class ModelArgs:
     @property
     def rope_type(self) -> str:
         return self.rope["rope_type"]
+
+
+def checkpoint_names(config: dict) -> CheckpointNames:
+    """The names of the weights of a checkpoint with this config (one ModelArgs.from_config accepts)."""
+    return FAMILIES[config["model_type"]].names
 
 
 def check_types(config: dict):
@@ -735,6 +875,34 @@ def attention_mask(length: int, offset: int, window: Optional[int], examples=Non
     return mask & (examples[:, None, :, None] == examples[:, None, None, :])
 
 
+def alibi_slopes(heads: int) -> mx.array:
+    """ALiBi's slope for each head, as BLOOM's and transformers' Falcon compute them."""
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = [np.float32(2 ** -(2 ** -(math.log2(n) - 3))) ** i for i in range(1, n + 1)]
+    extra = np.float32(2 ** -(2 ** -(math.log2(2 * n) - 3)))
+    slopes += [extra ** i for i in range(1, 1 + 2 * min(n, heads - n), 2)]
+    return mx.array(np.array(slopes, np.float32))
+
+
+def alibi_mask(mask, slopes, length: int, offset: int, head_dim: int, dtype, examples=None):
+    """attention_mask's `mask` (for `length` queries after `offset` cached positions; `examples`, those of a
+    packed row) as one added to the scaled scores, that adds each head's slope times each key's position (in its
+    own example), scaled as the scores are. transformers computes that product in bfloat16 whatever the model's
+    type, and its rounding shows in the logits: so here too, and so packed examples' positions start at 0."""
+    keys = offset + length
+    positions = mx.arange(keys)[None]
+    if examples is not None:
+        starts = examples != mx.concatenate([examples[:, :1] - 1, examples[:, :-1]], axis=1)
+        positions = positions - mx.cummax(mx.where(starts, positions, 0), axis=1)
+    bias = slopes.astype(mx.bfloat16)[:, None, None] * positions[:, None, None].astype(mx.bfloat16)
+    bias = bias.astype(dtype) / math.sqrt(head_dim)
+    if mask is None:
+        return bias
+    if isinstance(mask, str):
+        mask = mx.arange(offset, keys)[:, None] >= mx.arange(keys)[None]
+    return mx.where(mask if mask.ndim == 4 else mask[None, None], bias, mx.finfo(dtype).min)
+
+
 def packed_layout(lengths, by_example=None):
     """(width, packing) of one row that packs examples of these lengths, padded at its end to `width`:
     `packing` says where each example is, for attention to stay within it (Model.run_layers). Packed examples
@@ -769,8 +937,10 @@ class Attention(nn.Module):
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         dim, q_dims, kv_dims = args.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         bias = args.attention_bias or args.qkv_bias
-        if args.fused_qkv:
-            self.qkv_proj = nn.Linear(dim, q_dims + 2 * kv_dims, bias=bias)
+        self.qkv_name = args.qkv_name if args.fused_qkv else None
+        self.qkv_grouped = args.qkv_grouped
+        if self.qkv_name is not None:
+            self[self.qkv_name] = nn.Linear(dim, q_dims + 2 * kv_dims, bias=bias)
         else:
             self.q_proj = nn.Linear(dim, q_dims, bias=bias)
             self.k_proj = nn.Linear(dim, kv_dims, bias=bias)
@@ -796,9 +966,8 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
-        if "qkv_proj" in self:
-            q_dims, kv_dims = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = mx.split(self.qkv_proj(x), [q_dims, q_dims + kv_dims], axis=-1)
+        if self.qkv_name is not None:
+            q, k, v = self.split_qkv(self[self.qkv_name](x))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "all":
@@ -812,6 +981,17 @@ class Attention(nn.Module):
             out = self.attend(q, k, v, mask, cache)
             return self[self.output_proj](permuted(out.reshape(-1, out.shape[-1]), order, index)[None])
         return self[self.output_proj](self.attend(q, k, v, mask, cache))
+
+    def split_qkv(self, qkv):
+        """q, k and v from the fused layer's output: all queries, then keys, then values; or (qkv_grouped) each
+        key-value head's queries, key and value in turn."""
+        if not self.qkv_grouped:
+            q_dims, kv_dims = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return mx.split(qkv, [q_dims, q_dims + kv_dims], axis=-1)
+        *lead, _ = qkv.shape
+        groups = qkv.reshape(*lead, self.n_kv_heads, -1, self.head_dim)
+        return (groups[..., :-2, :].reshape(*lead, -1), groups[..., -2, :].reshape(*lead, -1),
+                groups[..., -1, :].reshape(*lead, -1))
 
     def attend(self, q, k, v, mask, cache):
         B, L, _ = q.shape
@@ -1074,14 +1254,16 @@ class EachHeadLayerNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Attention then the feed-forward block (or both on one norm's output, if parallel), each with the norms
-    of block_norms around it, each joining the residual stream times residual_scale. The feed-forward block
-    is the MLP, or in the layers of moe_layers the mixture of experts of kind `mlp` (FEED_FORWARD), under the
+    """Attention then the feed-forward block (or both side by side, if parallel: on one norm's output, or each on
+    its own norm's where block_norms names one before the feed-forward block), each with the norms of
+    block_norms around it, each joining the residual stream times residual_scale. The feed-forward block is the
+    MLP, or in the layers of moe_layers the mixture of experts of kind `mlp` (FEED_FORWARD), under the
     checkpoint's name for it (moe_module)."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args, layer)
+        self.attention_name = args.attention_module
+        self[self.attention_name] = Attention(args, layer)
         moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
         self.feed_forward_name = args.moe_module if moe else "mlp"
         self[self.feed_forward_name] = FEED_FORWARD[args.mlp if moe else "gated"](args)
@@ -1097,9 +1279,9 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, mask, cache=None, example_rows=None):
         feed_forward = self[self.feed_forward_name]
         h = self.normed(0, x)
-        out = self.normed(1, self.self_attn(h, mask, cache, example_rows))
+        out = self.normed(1, self[self.attention_name](h, mask, cache, example_rows))
         if self.parallel:
-            return x + self.scaled(out + feed_forward(h))
+            return x + self.scaled(out + feed_forward(h if self.norms[2] is None else self.normed(2, x)))
         h = x + self.scaled(out)
         return h + self.scaled(self.normed(3, feed_forward(self.normed(2, h))))
 
@@ -1150,6 +1332,7 @@ class Model(nn.Module):
             self.lm_head.bias = mx.zeros((args.vocab_size,))
         self._layer_windows = [args.sliding_window if args.layer_type(i) == "sliding_attention" else None
                                for i in range(args.num_hidden_layers)]
+        self._alibi_slopes = alibi_slopes(args.num_attention_heads) if args.alibi else None
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
         # While set (lora.frozen_layers_cached), the inputs are rows of its states, not token ids.
         self.frozen_prefix: Optional[FrozenPrefix] = None
@@ -1164,8 +1347,8 @@ class Model(nn.Module):
         return not any(getattr(m, "routes_on_host", False) for _, m in self.named_modules())
 
     def keep(self, weights: dict):
-        """Hold the weights under args.kept_prefix (which this decoder does not use) as parameters, so that
-        they are written back with the model."""
+        """Hold the weights named kept.* (CheckpointNames.kept: an image encoder, which this decoder does not use)
+        as parameters, so that they are written back with the model."""
         def modules(tree):  # nested modules rather than dicts, so that freezing reaches every array
             if isinstance(tree, list):
                 return [modules(v) for v in tree]
@@ -1176,10 +1359,9 @@ class Model(nn.Module):
                 module[key] = modules(value)
             return module
 
-        prefix = self.args.kept_prefix
-        kept = [(k[len(prefix):], v) for k, v in weights.items() if prefix and k.startswith(prefix)]
+        kept = [(k[len(KEPT) + 1:], v) for k, v in weights.items() if k.startswith(f"{KEPT}.")]
         if kept:
-            self.model[prefix.split(".")[1]] = modules(tree_unflatten(kept))
+            self[KEPT] = modules(tree_unflatten(kept))
 
     def hidden_states(self, inputs, cache=None, packing=None):
         """The final normed hidden states of `inputs` (token ids, or rows of frozen_prefix's states); `cache`
@@ -1211,10 +1393,15 @@ class Model(nn.Module):
         windows = self._layer_windows[start:stop]
         packing = packing or {}
         example_rows = packing if "slots" in packing else None
-        if example_rows:  # attention sees one example a row
-            masks = {w: attention_mask(packing["slots"].shape[1], 0, w) for w in set(windows)}
+        if example_rows:  # attention sees one example a row (training: no cache, offset 0)
+            length = packing["slots"].shape[1]
+            masks = {w: attention_mask(length, 0, w) for w in set(windows)}
         else:
-            masks = {w: attention_mask(h.shape[1], offset, w, packing.get("examples")) for w in set(windows)}
+            length = h.shape[1]
+            masks = {w: attention_mask(length, offset, w, packing.get("examples")) for w in set(windows)}
+        if self._alibi_slopes is not None:
+            masks = {w: alibi_mask(m, self._alibi_slopes, length, offset, self.args.head_dim, h.dtype,
+                                   None if example_rows else packing.get("examples")) for w, m in masks.items()}
         caches = cache[start:stop] if cache else [None] * len(windows)
         for layer, window, layer_cache in zip(self.layers[start:stop], windows, caches):
             if self.grad_checkpoint and cache is None:
@@ -1457,8 +1644,9 @@ def permuted(x, index, inverse):
 
 
 def attention(q, k, v, scale, mask, softcap=None):
-    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal" or a boolean array; the
-    scores soft-capped to softcap * tanh(scores / softcap) if softcap (a path MLX has no fused kernel for)."""
+    """Scaled dot-product attention with grouped K/V heads; mask: None, "causal", a boolean array, or one added to
+    the scaled scores for each head (alibi_mask); the scores soft-capped to softcap * tanh(scores / softcap) if
+    softcap (a path MLX has no fused kernel for)."""
     if mx.default_device() != mx.cpu and softcap is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
@@ -1468,7 +1656,9 @@ def attention(q, k, v, scale, mask, softcap=None):
         scores = mx.tanh(scores / softcap) * softcap
     if isinstance(mask, str):
         mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None]
-    if mask is not None:
+    if mask is not None and mask.dtype != mx.bool_:  # batch x heads x queries x keys: the heads grouped as here
+        scores = scores + mask.reshape(mask.shape[0], k_heads, H // k_heads, *mask.shape[2:])
+    elif mask is not None:
         if mask.ndim == 4:  # batch x 1 x queries x keys: a group axis for the grouped heads
             mask = mask[:, :, None]
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)

@@ -463,7 +463,8 @@ def checkpoint_folder(path_or_repo: str, flag: str = "--model") -> Path:
 
 def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, evaluated=False, names=None):
     """(config, weights, tokenizer) of a Hugging Face folder, a hub repo id, or a llama-architecture GGUF file,
-    with Hugging Face's weight names. Weights from safetensors are read lazily, each when it is evaluated, or
+    with the model's weight names (models.CheckpointNames.ours: Hugging Face's, but for the prefixes of families
+    that put the decoder elsewhere). Weights from safetensors are read lazily, each when it is evaluated, or
     if `evaluated` at once (read_in_threads) in the compute dtype, those in `names` alone if given.
     tokenizer=False skips a folder's tokenizer (None); a GGUF file's comes with its metadata anyway."""
     path = Path(path_or_repo)
@@ -477,26 +478,28 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
+    rename = models.checkpoint_names(config).ours
     dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
     if dropped is not None:
-        kept = {k for f in files for k in read_arrays(f) if not dropped(config, k)}  # the headers alone
+        kept = {rename(k) for f in files for k in read_arrays(f) if not dropped(config, k)}  # the headers alone
         names = kept if names is None else set(names) & kept
     if evaluated:
-        weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names)
+        weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names, rename=rename)
     else:
-        weights = {k: v for f in files for k, v in read_arrays(f).items() if dropped is None or k in kept}
+        weights = {rename(k): v for f in files for k, v in read_arrays(f).items()
+                   if dropped is None or not dropped(config, k)}
     return config, weights, read_tokenizer(path) if tokenizer else None
 
 
-def read_in_threads(files, convert, names=None, threads=16):
-    """The arrays (those in `names`, or all) of these safetensors files, each made convert(arrays) and
-    evaluated, read by several threads at once: one thread reads and copies far below the memory's rate (on a
-    GPU, most of the time loading took). Each thread makes the arrays it evaluates, as MLX's streams belong to
-    the thread that made them; the arrays are split by their size, so that one file's are read in parallel
-    too."""
+def read_in_threads(files, convert, names=None, threads=16, rename=lambda name: name):
+    """The arrays (those in `names`, or all) of these safetensors files, named rename(name), each made
+    convert(arrays) and evaluated, read by several threads at once: one thread reads and copies far below the
+    memory's rate (on a GPU, most of the time loading took). Each thread makes the arrays it evaluates, as MLX's
+    streams belong to the thread that made them; the arrays are split by their size, so that one file's are read
+    in parallel too."""
     lazy = {f: read_arrays(f) for f in files}  # the headers alone
     sizes = sorted(((v.nbytes, f, k) for f, arrays in lazy.items() for k, v in arrays.items()
-                    if names is None or k in names), reverse=True)
+                    if names is None or rename(k) in names), reverse=True)
     parts = [[] for _ in range(max(1, min(threads, len(sizes))))]
     loads = [0] * len(parts)
     for size, f, k in sizes:  # each to the least loaded part
@@ -506,7 +509,7 @@ def read_in_threads(files, convert, names=None, threads=16):
 
     def read(part):
         opened = {f: read_arrays(f) for f in {f for f, _ in part}}
-        arrays = convert({k: opened[f][k] for f, k in part})
+        arrays = convert({rename(k): opened[f][k] for f, k in part})
         try:
             mx.eval(arrays)
         except (RuntimeError, ValueError, OSError) as e:
@@ -579,7 +582,10 @@ def model_skeleton(config: dict, weights: dict) -> models.Model:
     """The model config.json describes, holding the weights it keeps as they are (models.Model.keep). Its
     other parameters are not evaluated until loaded over: unevaluated, they give names and shapes for free.
     The config is one that check_config accepted."""
-    model = models.Model(models.ModelArgs.from_config(config))
+    args = models.ModelArgs.from_config(config)
+    if "lm_head.weight" in weights:  # transformers 5 ties only an output layer that the checkpoint does not hold
+        args.tie_word_embeddings = False
+    model = models.Model(args)
     model.keep(weights)
     return model
 
@@ -600,8 +606,6 @@ def build_model(config: dict, weights: dict, source="the model") -> models.Model
     model = model_skeleton(config, weights)
     models.quantize(model, lambda path, module: quantization_of(weights, path, module))
     weights = {k: v for k, v in in_compute_dtype(config, weights).items() if "rotary_emb.inv_freq" not in k}
-    if model.args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
     # a one-element parameter in either shape: transformers writes xIELU's alpha_p as (1,), mlx-lm as ()
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     weights.update({k: v.reshape(shapes[k]) for k, v in weights.items()
@@ -904,11 +908,12 @@ def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
 
 def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
     """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer.
-    Float weights are saved in the config's type (the model may compute in another: float32 on the CPU)."""
+    Float weights are saved in the config's type (the model may compute in another: float32 on the CPU), under
+    the checkpoint's names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
-    weights = ((k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+    weights = ((model.args.names.theirs(k), v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in tree_flatten(model.parameters()))
     save_weights(path, weights, shard_bytes)
     write_json(path / "config.json", config)
@@ -917,12 +922,13 @@ def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int
 
 def output_config(config: dict, dtype=None, quantized=None) -> dict:
     """The config.json of a written model: the source's, with its float type set to `dtype` (if given) and
-    its quantization that of the `quantized` layers ({path: {"group_size", "bits"}}), if any."""
+    its quantization that of the `quantized` layers ({path: {"group_size", "bits"}}, the model's paths), if any."""
+    names = models.checkpoint_names(config)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dtype is not None:
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype
     if quantized:
-        config["quantization"] = quantization_entry(quantized)
+        config["quantization"] = quantization_entry({names.theirs(p): q for p, q in quantized.items()})
     return config
 
 
@@ -989,7 +995,8 @@ def write_gguf(path, model: models.Model, tokenizer):
         writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
         if isinstance(tokenizer.chat_template, str):
             writer.add_chat_template(tokenizer.chat_template)
-        for name, value in tree_flatten(model.parameters()):
+        # the weights kept beside the decoder (an image encoder) go to a file of their own in llama.cpp
+        for name, value in tree_flatten({k: v for k, v in model.parameters().items() if k != models.KEPT}):
             parts = name.split(".")
             if parts[1] == "layers":
                 layer, module = parts[2], ".".join(parts[3:-1])
@@ -1192,8 +1199,10 @@ def load_adapters(model: nn.Module, adapter_path, scale=20.0):
 def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None):
     """Wrap the layers that the adapters have weights for (models.wrap_lora_layers) as their config says
     (dropout: the config's unless given), and load them; full weights are loaded over the model's own, and
-    made trainable, as adapters are. adapter_path names them in errors."""
-    weights, kind = adapters.weights, adapters.fine_tune_type
+    made trainable, as adapters are. Their names may be transformers' (PEFT's; models.CheckpointNames.ours).
+    adapter_path names them in errors."""
+    weights = {model.args.names.ours(k): v for k, v in adapters.weights.items()}
+    kind = adapters.fine_tune_type
     if kind == "full":
         return load_full_weights(model, weights, adapter_path)
     names = ADAPTER_WEIGHTS[kind]
@@ -1254,8 +1263,8 @@ def check_fits(adapter_path, name: str, stored, expected: mx.array):
 def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
     """The model's LoRA or DoRA adapters, which adapter_config describes, as a PEFT folder
     (adapter_model.safetensors, adapter_config.json) that peft.PeftModel.from_pretrained loads on the
-    transformers model of the same base."""
-    layers = models.lora_layers(model)
+    transformers model of the same base, where its layers' paths are theirs (models.CheckpointNames.module_path)."""
+    layers = {model.args.names.module_path(path): m for path, m in models.lora_layers(model).items()}
     params = adapter_config["lora_parameters"]
     weights = {f"base_model.model.{path}.{theirs}": m[name].T
                for path, m in layers.items() for name, theirs in PEFT_NAMES.items() if name in m}

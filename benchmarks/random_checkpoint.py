@@ -85,15 +85,17 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def random_weights(config: dict, dtype: str, seed: int = 0):
-    """(name, array) pairs of random weights for the model `config` describes, each computed when evaluated."""
+    """(name, array) pairs of random weights for the model `config` describes, each computed when evaluated,
+    under the checkpoint's names."""
     # never evaluated: gives the parameters' names and shapes at no cost
     model = models.Model(models.ModelArgs.from_config(config))
+    names = model.args.names
     mx.random.seed(seed)
     for name, value in tree_flatten(model.parameters()):
         if value.ndim == 1:  # norms
-            yield name, mx.ones(value.shape, getattr(mx, dtype))
+            yield names.theirs(name), mx.ones(value.shape, getattr(mx, dtype))
         else:
-            yield name, (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
+            yield names.theirs(name), (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
 
 
 def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0, tokenizer=None):

@@ -184,24 +184,51 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
 
+# vision-language models: their language model's model_type, and a tiny image encoder
+VISION_LANGUAGE = {
+    "mistral3": ("mistral", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "head_dim": 16, "image_size": 56, "patch_size": 14}),
+    "gemma3": ("gemma3_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "image_size": 28, "patch_size": 14}),
+}
+
+
+def transformers_class(folder):
+    """The transformers class of the model in `folder`: a vision-language model may have no causal LM class."""
+    import transformers
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return transformers.AutoModelForImageTextToText if "text_config" in config else transformers.AutoModelForCausalLM
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tokenizer_dir, tmp_path_factory):
     """make_checkpoint(model_type, **config) -> (folder, torch model): random fp32 weights in the
-    Hugging Face layout, written by transformers itself."""
+    Hugging Face layout, written by transformers itself. For a vision-language model, the config is its
+    language model's (text_config, of model_type text_model_type if given), but for tie_word_embeddings, which
+    its top level holds."""
     import shutil
 
     import torch
     import transformers
 
     def make(model_type="llama", **overrides):
-        config_class = transformers.AutoConfig.for_model(model_type).__class__
-        config = config_class(**{**TINY, "vocab_size": 300, "bos_token_id": 1, "eos_token_id": 2,
-                                 "pad_token_id": 0, **overrides})
+        settings = {**TINY, "vocab_size": 300, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+        if model_type in VISION_LANGUAGE:
+            text_type, vision = VISION_LANGUAGE[model_type]
+            top = {key: settings.pop(key) for key in ["tie_word_embeddings"] if key in settings}
+            text = {"model_type": settings.pop("text_model_type", text_type), **settings}
+            config = transformers.AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **top)
+            auto = transformers.AutoModelForImageTextToText
+        else:
+            config = transformers.AutoConfig.for_model(model_type).__class__(**settings)
+            auto = transformers.AutoModelForCausalLM
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model = auto.from_config(config, dtype=torch.float32).eval()
         with torch.no_grad():  # larger than the default init, so that differences show in the logits
             for name, p in model.named_parameters():
-                p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.08)
+                norm = "norm" in name or ".ln_" in name  # Falcon's ln_attn, ln_mlp, ln_f
+                p.normal_(1.0 if norm else 0.0, 0.2 if norm else 0.08)
             for name, b in model.named_buffers():  # a router's bias is a buffer in some families, zero at first
                 if name.endswith("e_score_correction_bias"):
                     b.normal_(0.0, 0.08)

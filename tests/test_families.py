@@ -1,14 +1,15 @@
 """Each family besides Llama through every script: LoRA training lowers the loss, convert -q quantizes it,
-fuse.py writes a model that transformers reads with the adapters' logits; Phi-3-vision's image encoder is
-kept untouched; --list-targets."""
+fuse.py writes a model that transformers reads with the adapters' logits; the image encoders of Phi-3-vision,
+Mistral 3 and Gemma 3 are kept untouched; --list-targets."""
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from conftest import (ALL_TARGETS, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits,
-                      val_losses)
+                      transformers_class, val_losses)
 from mlx import nn
 
 import convert
@@ -84,6 +85,10 @@ FAMILIES = {
                        ["q_proj", "k_proj", "v_proj", "o_proj", "gate.wg", "experts.*.gate_proj",
                         "experts.*.up_proj", "experts.*.down_proj", "shared_mlp.gate_proj", "shared_mlp.up_proj",
                         "shared_mlp.down_proj"]),
+    "mistral3": ({"head_dim": 32}, ALL_TARGETS),
+    "gemma3": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
+    "falcon": ({"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
+               ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -120,8 +125,6 @@ def family(request, make_checkpoint):
 @pytest.fixture(scope="module")
 def phi3_vision(make_checkpoint, tmp_path_factory):
     """A Phi-3 checkpoint made into Phi-3-vision's layout: model_type phi3_v, and image encoder weights."""
-    import shutil
-
     folder, reference = make_checkpoint("phi3")
     vision = tmp_path_factory.mktemp("phi3_v")
     shutil.copytree(folder, vision, dirs_exist_ok=True)
@@ -156,15 +159,15 @@ def v4_layout(config: dict) -> dict:
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_transformers_4_layout_reads_as_transformers_reads_it(family, tmp_path):
     """The same checkpoint with transformers 4's config layout: transformers 5 and we read it alike."""
-    import shutil
-
-    import transformers
-
     folder, _, _, tokens = family
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    config = v4_layout(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    if "text_config" in config:
+        config["text_config"] = v4_layout(config["text_config"])
+    else:
+        config = v4_layout(config)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reference = transformers_class(tmp_path).from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert np.abs(logits(utils.load(str(tmp_path))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
 
 
@@ -186,8 +189,6 @@ def test_lora_lowers_the_loss(family, data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_fused_model_loads_in_transformers(family, tmp_path):
-    import transformers
-
     folder, reference, targets, tokens = family
     assert np.abs(logits(utils.load(str(folder))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", targets)
@@ -195,7 +196,7 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
     assert np.abs(expected - torch_logits(reference, tokens)).max() > 0.1  # the adapters matter
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--save-path", tmp_path / "fused",
              "--export-peft", tmp_path / "peft")
-    fused = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32)
+    fused = transformers_class(tmp_path / "fused").from_pretrained(tmp_path / "fused", dtype=torch.float32)
     assert np.abs(torch_logits(fused, tokens) - expected).max() <= FP32_ATOL
     if reference.config.model_type not in PEFT_LOADS_OTHERWISE:
         from peft import PeftModel
@@ -292,6 +293,82 @@ def test_phi3_vision_trains_text_only_and_keeps_the_image_encoder(phi3_vision, d
     written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
     assert all(np.array_equal(written[name], value) for name, value in vision.items())
     assert "model.layers.0.self_attn.qkv_proj.scales" in written
+
+
+@pytest.mark.parametrize("family", ["mistral3", "gemma3"], indirect=True)
+def test_vision_language_models_train_text_only_and_keep_the_image_encoder(family, tmp_path):
+    """The checkpoint's names come back as they were: the language model's under language_model.model, the
+    image encoder's and projector's untouched; PEFT adapts the language model alone. A checkpoint in
+    transformers' in-memory layout (model.language_model, model.vision_tower) loads too, and fuses into one
+    that transformers reads."""
+    folder, reference, _, tokens = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("language_model.")}
+    assert kept and all(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in kept)
+    random_adapter(folder, tmp_path / "adapters.safetensors", ALL_TARGETS)
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--save-path", tmp_path / "fused",
+             "--export-peft", tmp_path / "peft")
+    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
+    assert sorted(written) == sorted(source)
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    assert json.loads((tmp_path / "fused" / "config.json").read_text()) == json.loads(
+        (folder / "config.json").read_text())
+    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in peft)
+
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    assert "language_model.model.layers.0.self_attn.q_proj.scales" in written
+    quantization = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]
+    assert "language_model.model.embed_tokens" in quantization
+
+    in_memory = tmp_path / "in_memory"
+    shutil.copytree(folder, in_memory)
+    mx.save_safetensors(str(in_memory / "model.safetensors"), {
+        k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head.")
+        if k.startswith("language_model.") else "model." + k: v for k, v in source.items()}, {"format": "pt"})
+    model, _, _ = utils.load(str(in_memory))
+    expected = torch_logits(reference, tokens)
+    assert np.abs(logits(model, tokens) - expected).max() <= FP32_ATOL
+    run_fuse("--model", in_memory, "--adapter-file", tmp_path / "peft", "--save-path", tmp_path / "fused2")
+    fused = transformers_class(tmp_path / "fused2").from_pretrained(tmp_path / "fused2", dtype=torch.float32)
+    adapted, _, _ = utils.load(str(folder))
+    utils.load_adapters(adapted, tmp_path / "peft")
+    assert np.abs(torch_logits(fused, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+def test_mistral3_ties_the_output_layer_as_transformers_5_does(make_checkpoint, tmp_path):
+    """Mistral Small 3.1's config says nothing of tying at its top level (where transformers' default is to tie):
+    its checkpoint's own output layer is used, not the embedding."""
+    folder, reference = make_checkpoint("mistral3", tie_word_embeddings=False)
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = utils.load(str(tmp_path))[1].encode(PROMPT)
+    model = utils.load(str(tmp_path))[0]
+    assert not model.args.tie_word_embeddings
+    assert np.abs(logits(model, tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
+
+
+def test_gemma3_reads_the_text_config_defaults_as_transformers_does():
+    """Gemma 3's hub configs leave most of text_config out (gemma-3-4b-it's, abridged)."""
+    import transformers
+
+    config = {"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    args = models.ModelArgs.from_config(config)
+    text = transformers.AutoConfig.for_model(**config).text_config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "rms_norm_eps",
+                "layer_types"):
+        assert getattr(args, key) == getattr(text, key), key
+    for kind, rope in text.rope_parameters.items():
+        assert args.rope_parameters[kind] == {"partial_rotary_factor": 1.0, **rope}, kind
+    assert args.attention_scale == text.query_pre_attn_scalar ** -0.5 and args.tie_word_embeddings
 
 
 def test_list_targets(make_checkpoint, capsys):

@@ -109,6 +109,20 @@ CONFIGS = {
                                           "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}}),
     "hunyuan_v1_moe-default-rope": ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 3, "head_dim": 32,
                                                        "attention_bias": True}),
+    # the vision-language models' language models: tied where the checkpoint has no output layer of its own
+    "mistral3": ("mistral3", {"head_dim": 32, "sliding_window": 24}),
+    "mistral3-untied": ("mistral3", {"tie_word_embeddings": False, "rope_theta": 1e6}),
+    "mistral3-ministral3": ("mistral3", {"text_model_type": "ministral3", "head_dim": 16,
+                                         "rope_parameters": MINISTRAL3_ROPE}),
+    "gemma3": ("gemma3", {"head_dim": 32, "sliding_window": 24, "sliding_window_pattern": 2,
+                          "final_logit_softcapping": 5.0}),  # which the vision-language model does not apply
+    "falcon-7b": ("falcon", {"ffn_hidden_size": 96}),  # one key-value head, attention and MLP side by side
+    "falcon-40b": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "tie_word_embeddings": False}),
+    "falcon2-11b": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1,
+                               "rope_theta": 5e5}),
+    # 16 heads: slopes that bfloat16 rounds
+    "falcon-rw": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
+                             "num_attention_heads": 16}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -214,6 +228,25 @@ def test_qwen3_moe_reads_either_name_of_its_expert_count(make_checkpoint):
     v5 = json.loads((path / "config.json").read_text())
     hub = {**{k: v for k, v in v5.items() if k != "num_local_experts"}, "num_experts": v5["num_local_experts"]}
     assert models.ModelArgs.from_config(v5) == models.ModelArgs.from_config(hub)
+
+
+@pytest.mark.parametrize("by_example", [True, False])
+def test_packed_examples_keep_their_alibi_positions(by_example):
+    """ALiBi's biases, rounded in bfloat16 as transformers rounds them, count positions from each packed example's
+    start: a packed row computes what its examples apart do, in either packing layout."""
+    args = models.ModelArgs.from_config({**CONFIGS["falcon-rw"][1], "model_type": "falcon", "hidden_size": 64,
+                                         "num_hidden_layers": 2, "vocab_size": 300})
+    model = models.Model(args)
+    examples = [np.random.default_rng(i).integers(0, 300, n) for i, n in enumerate((7, 40, 5))]
+    width, packing = models.packed_layout([len(e) for e in examples], by_example)
+    row = np.zeros(width, np.int64)
+    row[:sum(map(len, examples))] = np.concatenate(examples)
+    packed = np.array(model(mx.array(row[None]), packing=packing))[0]
+    start = 0
+    for tokens in examples:
+        apart = np.array(model(mx.array(tokens[None])))[0]
+        assert np.abs(packed[start:start + len(tokens)] - apart).max() <= FP32_ATOL
+        start += len(tokens)
 
 
 def test_every_family_is_tested():
