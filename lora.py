@@ -1262,11 +1262,10 @@ def list_targets(path):
     config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
     model = utils.model_skeleton(config, weights)
     default = models.default_lora_targets(model)
-    print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, each with these linear layers "
+    print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, with these linear layers "
           f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
-    modules = dict(model.layers[0].named_modules())
-    for target in models.linear_layers(model.layers[0]):
-        output_dims, input_dims = modules[target].weight.shape
+    for target, layer in models.linear_layer_choices(model).items():
+        output_dims, input_dims = layer.weight.shape
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
 
 
