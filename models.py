@@ -688,8 +688,10 @@ def through_experts(expert, x, chosen):
     experts = chosen.reshape(-1)
     order = mx.argsort(experts)
     inverse = mx.argsort(order)
-    rows = mx.broadcast_to(x[:, None] if x.ndim == 2 else x, (tokens, k, x.shape[-1])).reshape(tokens * k, -1)
-    out = expert(permuted(rows, order, inverse)[:, None], experts[order], True)[:, 0]
+    # Its operands gathered as [n, 1, H] (the rows, and in the backward pass the outputs' gradient), never views
+    # with that axis inserted: MLX 0.32.4's sorted gather_mm on CUDA misreads those.
+    rows = mx.broadcast_to(x[:, None] if x.ndim == 2 else x, (tokens, k, x.shape[-1])).reshape(tokens * k, 1, -1)
+    out = expert(permuted(rows, order, inverse), experts[order], True)
     return permuted(out, inverse, order).reshape(tokens, k, -1)
 
 
