@@ -67,6 +67,8 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     # A router (Family.unquantized): a few numbers per token decide which experts run; AutoAWQ and bitsandbytes
     # QLoRA keep it unquantized too, and it is a tiny part of the weights.
     kept = model.args.family.unquantized
+    # Only nn.Linear and nn.Embedding: the stacked experts' weights (models.StackedExperts, StackedLinear) and the
+    # routers (models.Router) stay in dtype.
     layers = {path for path, m in modules.items()
               if isinstance(m, (nn.Linear, nn.Embedding)) and not (kept and path.endswith(kept))}
     quantized = {}  # path: {"group_size", "bits"}

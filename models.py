@@ -125,13 +125,17 @@ def gemma3_fix(config: dict):
         config["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
 
 
-def smollm3_fix(config: dict):
-    """no_rope_layers: 1 where a layer uses rope (by default all but every no_rope_layer_interval-th); the
-    layers without rope slide, if use_sliding_window."""
+def rope_layers_fix(config: dict):
+    """no_rope_layers: 1 where a layer uses rope (by default all but every no_rope_layer_interval-th)."""
     n = config.get("num_hidden_layers", 0)
     uses_rope = config.get("no_rope_layers") or [
         int((i + 1) % config.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
     config["rope_layers"] = [bool(x) for x in uses_rope[:n]]
+
+
+def smollm3_fix(config: dict):
+    """rope_layers_fix; the layers without rope slide, if use_sliding_window."""
+    rope_layers_fix(config)
     if not (config.get("use_sliding_window") and config.get("sliding_window")):
         config["sliding_window"] = None
     elif config.get("layer_types") is None:
@@ -407,6 +411,40 @@ def language_model(config: dict, wrapper: Family) -> dict:
     return text
 
 
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
+
+
+def gpt_oss_fix(config: dict):
+    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        raise ValueError("quantization_config: MXFP4 experts (the Hub's gpt-oss files) are not supported; use a "
+                         "copy saved in bf16 (transformers: Mxfp4Config(dequantize=True))")
+    sliding_every(2)(config)
+    # transformers installs gpt-oss's YaRN where the config gives no rope scaling, whatever the layout
+    if not (config.get("rope_parameters") or config.get("rope_scaling")):
+        config["rope_parameters"] = {**GPT_OSS_YARN, "rope_theta": config["rope_theta"]}
+
+
+def llama4_fix(config: dict):
+    """Llama 4's layers as transformers derives them: rope_layers_fix; the mixture of experts in the layers
+    moe_layers lists (by default every interleave_moe_layer_step-th); chunked attention in the layers with
+    rope, if attention_chunk_size."""
+    rope_layers_fix(config)
+    n = config.get("num_hidden_layers", 0)
+    moe = config.get("moe_layers")
+    if moe is None:
+        step = config.get("interleave_moe_layer_step", 1)
+        moe = range(step - 1, n, step)
+    config["moe_layers"] = [i in set(moe) for i in range(n)]
+    if config.get("layer_types") is None:
+        chunked = config.get("attention_chunk_size") is not None
+        config["layer_types"] = ["chunked_attention" if rope and chunked else "full_attention"
+                                 for rope in config["rope_layers"]]
+    config["qk_l2_norm"] = bool(config.get("use_qk_norm"))
+    # the Hub's configs give a number (4), which transformers' strict config refuses; any true value turns it on
+    config["attn_temperature_tuning"] = bool(config.get("attn_temperature_tuning"))
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -473,6 +511,19 @@ FAMILIES = {
         "mlp_names": (None, "up_proj", "down_proj"), "hidden_act": "xielu", "rms_norm_eps": 1e-5}, apertus_fix),
     "internlm3": Family("InternLM3 8B", {"head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768},
                         internlm3_fix),
+    "granitemoe": Family("Granite 3.0 MoE: granite-3.0-1b-a400m, granite-3.0-3b-a800m (mixture of experts)",
+                         {"mlp": "granite_moe", "moe_module": "block_sparse_moe", "num_local_experts": 8,
+                          "attention_multiplier": 1.0}, granite_fix),
+    "gpt_oss": Family("gpt-oss-20b, gpt-oss-120b (mixture of experts)", {
+        "mlp": "gpt_oss_moe", "attention_sinks": True, "attention_bias": True, "head_dim": 64, "rms_norm_eps": 1e-5,
+        "sliding_window": 128, "num_local_experts": 128, "num_experts_per_tok": 4, "rope_theta": 150000.0,
+        "max_position_embeddings": 131072}, gpt_oss_fix),
+    "llama4_text": Family("Llama 4 Scout, Maverick, text only: the language model (mixture of experts)", {
+        "mlp": "llama4_moe", "moe_module": "feed_forward", "mlp_module": "feed_forward", "rope_interleaved": True,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "num_local_experts": 16, "num_experts_per_tok": 1, "intermediate_size_mlp": 16384, "use_qk_norm": True,
+        "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1},
+        llama4_fix),
     "phi": Family("Phi-2, Phi-1.5", {
         "norm": "layer", "parallel": True, "mlp_names": (None, "fc1", "fc2"), "attention_bias": True,
         "mlp_bias": True, "lm_head_bias": True, "hidden_act": "gelu_new", "output_proj": "dense",
@@ -540,7 +591,7 @@ FAMILIES = {
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def nested_rope(config: dict) -> bool:
@@ -591,7 +642,8 @@ class ModelArgs:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: Optional[int] = None
-    layer_types: Optional[list] = None  # "full_attention" or "sliding_attention", per layer
+    layer_types: Optional[list] = None  # "full_attention", "sliding_attention" or "chunked_attention", per layer
+    attention_chunk_size: Optional[int] = None  # chunked_attention: only keys of the query's chunk (Llama 4)
     hidden_act: str = "silu"
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
@@ -629,6 +681,16 @@ class ModelArgs:
     router_bias: Optional[tuple] = None
     shared_expert: Optional[str] = None  # the checkpoint's name of an MLP in the block that every token goes through
     shared_expert_gate: Optional[str] = None  # of a Linear(hidden, 1): the shared MLP's output times its sigmoid
+    qk_l2_norm: bool = False  # queries and keys divided by their RMS over each head's features after rope, no weight
+    # the queries of the layers without rope times 1 + attn_scale * log1p(floor((position + 1) / floor_scale))
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    attention_sinks: bool = False  # a learned logit per head (sinks) joins each softmax over the keys (gpt-oss)
+    mlp_module: str = "mlp"  # the checkpoint's name for the other layers' MLP
+    intermediate_size_mlp: Optional[int] = None  # those MLPs' width where intermediate_size is the experts' (Llama 4)
+    swiglu_alpha: float = 1.702  # gpt-oss's experts' activation: (up + 1) * gate * sigmoid(alpha * gate),
+    swiglu_limit: float = 7.0  # gate clipped above at the limit, up on both sides
     mlp_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate None: down(act(up(x)))
     fused_qkv: bool = False  # q/k/v in one layer, qkv_name (Phi-3, Falcon)
     qkv_name: str = "qkv_proj"  # the checkpoint's name for the fused q/k/v layer
@@ -862,14 +924,17 @@ class KVCache:
         return keys, values
 
 
-def attention_mask(length: int, offset: int, window: Optional[int], examples=None):
-    """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window; for rows
+def attention_mask(length: int, offset: int, window: Optional[int], examples=None, chunk: Optional[int] = None):
+    """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window, or to the
+    query's chunk of `chunk` positions (chunked attention, counted from the row's first position); for rows
     packing several examples, also to each query's own example (`examples`: each position's, batch x length)."""
-    if examples is None and (window is None or offset + length <= window):
+    if examples is None and all(n is None or offset + length <= n for n in (window, chunk)):
         return "causal" if length > 1 else None
     query = mx.arange(offset, offset + length)[:, None]
     key = mx.arange(offset + length)[None]
     mask = key <= query if window is None else (key <= query) & (key > query - window)
+    if chunk is not None:
+        mask = mask & (key // chunk == query // chunk)
     if examples is None:
         return mask
     return mask & (examples[:, None, :, None] == examples[:, None, None, :])
@@ -960,9 +1025,14 @@ class Attention(nn.Module):
             self[self.qk_norm_names[0]], self[self.qk_norm_names[1]] = norms
         rope = args.rope_for(layer)
         self.rope = RoPE(args, rope) if rope is not None else None
+        self.qk_l2_norm, self.eps = args.qk_l2_norm and rope is not None, args.rms_norm_eps
+        self.temperature_tuning = args.attn_temperature_tuning and rope is None
+        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
         self.scale = args.attention_scale or self.head_dim**-0.5
         self.softcap = args.attn_logit_softcapping
         self.query_scaling = args.query_scaling
+        if args.attention_sinks:
+            self.sinks = mx.zeros((self.n_heads,))
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
@@ -1008,9 +1078,15 @@ class Attention(nn.Module):
             q, k = self.normed_qk(q, k)
         if self.query_scaling is not None:
             q = q * self.query_scale(offset, L).astype(q.dtype)
+        if self.qk_l2_norm:
+            q, k = mx.fast.rms_norm(q, None, self.eps), mx.fast.rms_norm(k, None, self.eps)
+        if self.temperature_tuning:  # by absolute position, as transformers counts from its cache's length
+            positions = mx.arange(offset + 1, offset + L + 1, dtype=mx.float32)
+            temperature = 1 + self.attn_scale * mx.log1p(mx.floor(positions / self.floor_scale))
+            q = q * temperature[:, None].astype(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, self.scale, mask, self.softcap)
+        out = attention(q, k, v, self.scale, mask, self.softcap, self.get("sinks"))
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
     def normed_qk(self, q, k):
@@ -1030,12 +1106,13 @@ class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
     down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down); an
     activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it; hidden and
-    bias are intermediate_size and mlp_bias unless given (an expert's, a shared expert's)."""
+    bias are the dense layers' (intermediate_size_mlp, else intermediate_size) and mlp_bias unless given (an
+    expert's, a shared expert's)."""
 
     def __init__(self, args: ModelArgs, names=None, hidden=None, bias=None):
         super().__init__()
         dim = args.hidden_size
-        hidden = hidden or args.intermediate_size
+        hidden = hidden or args.intermediate_size_mlp or args.intermediate_size
         bias = args.mlp_bias if bias is None else bias
         self.gate, self.up, self.down = names or args.mlp_names
         if args.fused_gate_up:
@@ -1226,6 +1303,171 @@ def set_path(module: nn.Module, path: str, value):
     module[name] = value
 
 
+# The mixtures of experts whose checkpoints stack the experts' weights, one array per projection. Each token goes
+# through its chosen experts alone, by mx.gather_mm: the routing stays on the device, so a training step
+# compiles. The stacked weights are no nn.Linear: LoRA cannot target them (nor can PEFT's target_modules), and
+# convert -q leaves them in float (quantizing them would take mx.gather_qmm and their own layout in the file).
+
+
+class Router(nn.Module):
+    """A mixture of experts' score for each expert, x @ weight.T (+ bias), held as the checkpoint holds it. No
+    nn.Linear, so neither a LoRA target (PEFT cannot adapt the reference's routers) nor quantized: its few
+    numbers decide which experts run."""
+
+    def __init__(self, dims: int, experts: int, bias=False):
+        super().__init__()
+        self.weight = mx.zeros((experts, dims))
+        if bias:
+            self.bias = mx.zeros((experts,))
+
+    def __call__(self, x):
+        scores = x @ self.weight.T
+        return scores + self.bias if "bias" in self else scores
+
+
+def top_k(scores, k: int):
+    """(indices, scores) of the k highest scores of each row."""
+    chosen = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+    return chosen, mx.take_along_axis(scores, chosen, axis=-1)
+
+
+def through_experts(expert, x, chosen):
+    """[tokens, k, H]: each token x[t] (x [tokens, H]), or each x[t, j] (x [tokens, k, H]), through its chosen
+    experts chosen[t, j], by expert(rows [..., 1, H], expert of each row, whether those are sorted)."""
+    tokens, k = chosen.shape
+    if chosen.size < 64:
+        return expert(x[:, None, None] if x.ndim == 2 else x[:, :, None], chosen, False).squeeze(-2)
+    # sorted by expert, gather_mm reads each expert's weights once for all its rows (mlx-lm's threshold)
+    experts = chosen.reshape(-1)
+    order = mx.argsort(experts)
+    inverse = mx.argsort(order)
+    # Its operands gathered as [n, 1, H] (the rows, and in the backward pass the outputs' gradient), never views
+    # with that axis inserted: MLX 0.32.4's sorted gather_mm on CUDA misreads those.
+    rows = mx.broadcast_to(x[:, None] if x.ndim == 2 else x, (tokens, k, x.shape[-1])).reshape(tokens * k, 1, -1)
+    out = expert(permuted(rows, order, inverse), experts[order], True)
+    return permuted(out, inverse, order).reshape(tokens, k, -1)
+
+
+def softmax_routed(x, scores, k: int, expert):
+    """The outputs of each token's k highest-scoring experts (through_experts), weighted by the softmax of those
+    scores (computed in float32)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    chosen, top = top_k(scores(x).astype(mx.float32), k)
+    weights = mx.softmax(top, axis=-1).astype(x.dtype)
+    return (through_experts(expert, x, chosen) * weights[..., None]).sum(axis=-2).reshape(shape)
+
+
+class StackedLinear(nn.Module):
+    """One linear layer per expert, their weights stacked as nn.Linear's are: weight [experts, output, input]."""
+
+    def __init__(self, experts: int, input_dims: int, output_dims: int):
+        super().__init__()
+        self.weight = mx.zeros((experts, output_dims, input_dims))
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+class GraniteMoE(nn.Module):
+    """Granite MoE's mixture of experts (block_sparse_moe): softmax_routed over the router's scores (router.layer);
+    each expert a gated MLP whose gate and up projections are one input_linear (gate rows first)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        experts, dims, hidden = args.num_local_experts, args.hidden_size, args.intermediate_size
+        self.router = nn.Module()
+        self.router.layer = Router(dims, experts)
+        self.input_linear = StackedLinear(experts, dims, 2 * hidden)
+        self.output_linear = StackedLinear(experts, hidden, dims)
+        self.top_k, self.act = args.num_experts_per_tok, ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x):
+        return softmax_routed(x, self.router.layer, self.top_k, self.expert)
+
+    def expert(self, x, indices, sorted_indices: bool):
+        gate, up = mx.split(self.input_linear(x, indices, sorted_indices), 2, axis=-1)
+        return self.output_linear(self.act(gate) * up, indices, sorted_indices)
+
+
+class StackedExperts(nn.Module):
+    """Gated MLP experts as transformers holds Llama 4's: gate_up_proj [experts, H, 2 I] and down_proj
+    [experts, I, H], multiplied from the right (x @ w[e]), and gate_up_proj_bias and down_proj_bias if bias;
+    act(gate) * up, gate and up the two halves of gate_up's output."""
+
+    def __init__(self, args: ModelArgs, bias=False):
+        super().__init__()
+        experts, dims, hidden = args.num_local_experts, args.hidden_size, args.intermediate_size
+        self.gate_up_proj = mx.zeros((experts, dims, 2 * hidden))
+        self.down_proj = mx.zeros((experts, hidden, dims))
+        if bias:
+            self.gate_up_proj_bias = mx.zeros((experts, 2 * hidden))
+            self.down_proj_bias = mx.zeros((experts, dims))
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        """through_experts' expert."""
+        h = self.gated(self.product(x, "gate_up_proj", indices, sorted_indices))
+        return self.product(h, "down_proj", indices, sorted_indices)
+
+    def product(self, x, name: str, indices, sorted_indices: bool):
+        y = mx.gather_mm(x, self[name], rhs_indices=indices, sorted_indices=sorted_indices)
+        bias = self.get(f"{name}_bias")
+        return y if bias is None else y + mx.expand_dims(bias[indices], -2)
+
+    def gated(self, gate_up):
+        gate, up = mx.split(gate_up, 2, axis=-1)
+        return self.act(gate) * up
+
+
+class GptOssExperts(StackedExperts):
+    """gpt-oss's: with biases, gate and up interleaved (the even and odd features of gate_up's output), and a
+    clamped SwiGLU, (up + 1) * gate * sigmoid(swiglu_alpha * gate), gate clipped above at swiglu_limit and up
+    to [-swiglu_limit, swiglu_limit]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, bias=True)
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
+
+    def gated(self, gate_up):
+        gate = mx.minimum(gate_up[..., ::2], self.limit)
+        up = mx.clip(gate_up[..., 1::2], -self.limit, self.limit)
+        return (up + 1) * silu(self.alpha * gate) / self.alpha  # silu(a g) / a = g sigmoid(a g)
+
+
+class GptOssMoE(nn.Module):
+    """gpt-oss's mixture of experts (mlp): softmax_routed over the router's scores, which have a bias."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.router = Router(args.hidden_size, args.num_local_experts, bias=True)
+        self.experts = GptOssExperts(args)
+        self.top_k = args.num_experts_per_tok
+
+    def __call__(self, x):
+        return softmax_routed(x, self.router, self.top_k, self.experts)
+
+
+class Llama4MoE(nn.Module):
+    """Llama 4's mixture of experts (feed_forward): a shared expert every token goes through, plus each token's
+    num_experts_per_tok highest-scoring experts, whose input (not output) is scaled by the sigmoid of the score."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.router = Router(args.hidden_size, args.num_local_experts)
+        self.experts = StackedExperts(args)
+        self.shared_expert = MLP(args, hidden=args.intermediate_size)
+        self.top_k = args.num_experts_per_tok
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        chosen, top = top_k(self.router(x), self.top_k)
+        gates = mx.sigmoid(top.astype(mx.float32)).astype(x.dtype)
+        routed = through_experts(self.experts, x[:, None] * gates[..., None], chosen).sum(axis=-2)
+        return (self.shared_expert(x) + routed).reshape(shape)
+
+
 def norm(args: ModelArgs, dims: Optional[int] = None):
     dims = dims or args.hidden_size
     if args.norm in ("layer", "layer_no_bias"):
@@ -1258,14 +1500,14 @@ class DecoderLayer(nn.Module):
     its own norm's where block_norms names one before the feed-forward block), each with the norms of
     block_norms around it, each joining the residual stream times residual_scale. The feed-forward block is the
     MLP, or in the layers of moe_layers the mixture of experts of kind `mlp` (FEED_FORWARD), under the
-    checkpoint's name for it (moe_module)."""
+    checkpoint's names for them (mlp_module, moe_module)."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_name = args.attention_module
         self[self.attention_name] = Attention(args, layer)
         moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
-        self.feed_forward_name = args.moe_module if moe else "mlp"
+        self.feed_forward_name = args.moe_module if moe else args.mlp_module
         self[self.feed_forward_name] = FEED_FORWARD[args.mlp if moe else "gated"](args)
         self.norms = args.block_norms
         for name in self.norms:
@@ -1290,7 +1532,8 @@ class DecoderLayer(nn.Module):
 
 
 # ModelArgs.mlp: the feed-forward block's class
-FEED_FORWARD = {"gated": MLP, "sparse_moe": SparseMoE}
+FEED_FORWARD = {"gated": MLP, "sparse_moe": SparseMoE, "granite_moe": GraniteMoE, "gpt_oss_moe": GptOssMoE,
+                "llama4_moe": Llama4MoE}
 
 
 class DecoderStack(nn.Module):
@@ -1330,8 +1573,10 @@ class Model(nn.Module):
         elif args.lm_head_bias:  # the output layer's weight is the embedding's, its bias its own (ERNIE 4.5)
             self.lm_head = nn.Module()
             self.lm_head.bias = mx.zeros((args.vocab_size,))
-        self._layer_windows = [args.sliding_window if args.layer_type(i) == "sliding_attention" else None
-                               for i in range(args.num_hidden_layers)]
+        # each layer's mask: (sliding window, chunk), None where it has none
+        self._layer_masks = [(args.sliding_window if args.layer_type(i) == "sliding_attention" else None,
+                              args.attention_chunk_size if args.layer_type(i) == "chunked_attention" else None)
+                             for i in range(args.num_hidden_layers)]
         self._alibi_slopes = alibi_slopes(args.num_attention_heads) if args.alibi else None
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass (checkpointed)
         # While set (lora.frozen_layers_cached), the inputs are rows of its states, not token ids.
@@ -1390,24 +1635,24 @@ class Model(nn.Module):
     def run_layers(self, h, start, stop, cache=None, packing=None):
         """The hidden states h entering decoder layer number `start` through the layers up to `stop`."""
         offset = cache[0].offset if cache else 0
-        windows = self._layer_windows[start:stop]
+        kinds = self._layer_masks[start:stop]
         packing = packing or {}
         example_rows = packing if "slots" in packing else None
         if example_rows:  # attention sees one example a row (training: no cache, offset 0)
             length = packing["slots"].shape[1]
-            masks = {w: attention_mask(length, 0, w) for w in set(windows)}
+            masks = {m: attention_mask(length, 0, m[0], chunk=m[1]) for m in set(kinds)}
         else:
             length = h.shape[1]
-            masks = {w: attention_mask(length, offset, w, packing.get("examples")) for w in set(windows)}
+            masks = {m: attention_mask(length, offset, m[0], packing.get("examples"), m[1]) for m in set(kinds)}
         if self._alibi_slopes is not None:
-            masks = {w: alibi_mask(m, self._alibi_slopes, length, offset, self.args.head_dim, h.dtype,
-                                   None if example_rows else packing.get("examples")) for w, m in masks.items()}
-        caches = cache[start:stop] if cache else [None] * len(windows)
-        for layer, window, layer_cache in zip(self.layers[start:stop], windows, caches):
+            masks = {m: alibi_mask(mask, self._alibi_slopes, length, offset, self.args.head_dim, h.dtype,
+                                   None if example_rows else packing.get("examples")) for m, mask in masks.items()}
+        caches = cache[start:stop] if cache else [None] * len(kinds)
+        for layer, kind, layer_cache in zip(self.layers[start:stop], kinds, caches):
             if self.grad_checkpoint and cache is None:
-                h = checkpointed(layer, masks[window], example_rows)(layer.trainable_parameters(), h)
+                h = checkpointed(layer, masks[kind], example_rows)(layer.trainable_parameters(), h)
             else:
-                h = layer(h, masks[window], layer_cache, example_rows)
+                h = layer(h, masks[kind], layer_cache, example_rows)
         return h
 
     def logits(self, h):
@@ -1643,12 +1888,13 @@ def permuted(x, index, inverse):
     return gather(x)
 
 
-def attention(q, k, v, scale, mask, softcap=None):
+def attention(q, k, v, scale, mask, softcap=None, sinks=None):
     """Scaled dot-product attention with grouped K/V heads; mask: None, "causal", a boolean array, or one added to
     the scaled scores for each head (alibi_mask); the scores soft-capped to softcap * tanh(scores / softcap) if
-    softcap (a path MLX has no fused kernel for)."""
+    softcap (a path MLX has no fused kernel for); sinks: a logit per head that joins each softmax with no value,
+    so that the weights sum to less than 1."""
     if mx.default_device() != mx.cpu and softcap is None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     B, H, L, D = q.shape
     k_heads, length = k.shape[1], k.shape[2]
     scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
@@ -1662,8 +1908,15 @@ def attention(q, k, v, scale, mask, softcap=None):
         if mask.ndim == 4:  # batch x 1 x queries x keys: a group axis for the grouped heads
             mask = mask[:, :, None]
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    weights = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    if sinks is not None:
+        sinks = sinks.astype(scores.dtype).reshape(1, k_heads, H // k_heads, 1, 1)
+        top = mx.maximum(top, mx.stop_gradient(sinks))
+    weights = exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + exp(sinks - top)
+    weights = weights / total
     return (weights @ v[:, :, None]).reshape(B, H, L, D)
 
 

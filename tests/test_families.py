@@ -17,6 +17,11 @@ import models
 import utils
 
 PROMPT = "Q: the team when year is 7\nA: SELECT team FROM t WHERE year = 7"
+ATTENTION = ALL_TARGETS[:4]
+# dense and mixture of experts layers alternating, as in Llama 4 Maverick
+LLAMA4 = {"head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128, "num_local_experts": 4,
+          "num_experts_per_tok": 2, "interleave_moe_layer_step": 2, "no_rope_layer_interval": 2,
+          "attention_chunk_size": 16, "floor_scale": 4}
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -89,6 +94,16 @@ FAMILIES = {
     "gemma3": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
     "falcon": ({"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    # the stacked experts and the routers are no linear layers: attention is what these two can adapt
+    # (logits_scaling, which test_models covers, slows the loss's fall too much for attention's adapters alone)
+    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
+                    "residual_multiplier": 0.5, "attention_multiplier": 0.1, "tie_word_embeddings": True},
+                   ATTENTION),
+    "gpt_oss": ({"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
+                 "swiglu_limit": 0.6}, ATTENTION),
+    "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
+                                        "shared_expert.down_proj", "feed_forward.gate_proj",
+                                        "feed_forward.up_proj", "feed_forward.down_proj"]),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -408,3 +423,13 @@ def test_apertus_activation_loads_saves_and_trains_as_transformers_holds_it(make
     written = dict(tree_flatten(mlx_lm_layout.parameters()))
     assert {k: written[k].shape for k in written if ".act_fn." in k} == {k: v.shape for k, v in weights.items()
                                                                         if ".act_fn." in k}
+def test_list_targets_of_layers_that_differ(make_checkpoint, capsys):
+    """Llama 4's dense layers and mixture of experts layers: the linear layers of both, once each; neither the
+    router nor the stacked experts, which are no linear layers."""
+    folder, _ = make_checkpoint("llama4_text", **LLAMA4)
+    out = run_lora(capsys, "--list-targets", folder)
+    lines = [line.split() for line in out.splitlines()[1:]]
+    assert [line[0] for line in lines] == [f"self_attn.{p}_proj" for p in "qkvo"] + [
+        f"feed_forward.{p}_proj" for p in ("gate", "up", "down")] + [
+        f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
+    assert lines[4][1:] == ["64", "->", "128"] and lines[7][1:] == ["64", "->", "32"]

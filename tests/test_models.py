@@ -123,6 +123,24 @@ CONFIGS = {
     # 16 heads: slopes that bfloat16 rounds
     "falcon-rw": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
                              "num_attention_heads": 16}),
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
+                                  "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0,
+                                  "tie_word_embeddings": True}),
+    # transformers' YaRN (truncate false), sinks, the experts' clamps biting (swiglu_limit)
+    "gpt_oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24,
+                            "swiglu_limit": 0.6}),
+    "gpt_oss-yarn-truncated": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                           "sliding_window": 24, "rope_parameters": {
+                                               "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                               "original_max_position_embeddings": 32}}),
+    # dense and mixture of experts layers alternating, rope and chunked attention in every other layer, the
+    # others' temperature tuned from position 3 on (floor_scale)
+    "llama4_text": ("llama4_text", {"head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128,
+                                    "num_local_experts": 4, "num_experts_per_tok": 2, "interleave_moe_layer_step": 2,
+                                    "no_rope_layer_interval": 2, "attention_chunk_size": 16, "floor_scale": 4}),
+    "llama4_text-llama3-rope": ("llama4_text", {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
+                                                "use_qk_norm": False, "attention_chunk_size": None,
+                                                "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -219,7 +237,7 @@ def test_qwen2_moe_slides_as_transformers_derives_it(make_checkpoint, overrides)
     config = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "layer_types"}
     theirs = transformers.AutoConfig.for_model(**config)
     windows = [theirs.sliding_window if kind == "sliding_attention" else None for kind in theirs.layer_types]
-    assert models.Model(models.ModelArgs.from_config(config))._layer_windows == windows
+    assert [window for window, _ in models.Model(models.ModelArgs.from_config(config))._layer_masks] == windows
 
 
 def test_qwen3_moe_reads_either_name_of_its_expert_count(make_checkpoint):
@@ -247,6 +265,41 @@ def test_packed_examples_keep_their_alibi_positions(by_example):
         apart = np.array(model(mx.array(tokens[None])))[0]
         assert np.abs(packed[start:start + len(tokens)] - apart).max() <= FP32_ATOL
         start += len(tokens)
+@pytest.mark.parametrize("model_type, config", [
+    ("gpt_oss", {}),  # no rope parameters: transformers installs gpt-oss's YaRN
+    ("gpt_oss", {"rope_theta": 1e4, "rope_scaling": None}),  # transformers 4's layout, likewise
+    ("gpt_oss", {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("llama4_text", {"moe_layers": [1, 2], "no_rope_layers": [1, 0, 1, 1], "attention_chunk_size": None}),
+    ("llama4_text", {"interleave_moe_layer_step": 2, "use_qk_norm": False, "rope_theta": 1e4}),
+])
+def test_derived_fields_read_as_transformers_derives_them(model_type, config):
+    """Rope parameters, layer types, which layers use rope and which hold the experts, from what the config
+    leaves out."""
+    import transformers
+
+    config = {**TINY, "vocab_size": 300, **config}
+    reference = transformers.AutoConfig.for_model(model_type, **config)
+    args = models.ModelArgs.from_config({"model_type": model_type, **config})
+    assert {k: v for k, v in args.rope.items() if k != "partial_rotary_factor"} == reference.rope_parameters
+    assert args.layer_types == reference.layer_types
+    if model_type == "llama4_text":
+        assert args.moe_layers == [i in reference.moe_layers for i in range(args.num_hidden_layers)]
+        assert args.rope_layers == [bool(x) for x in reference.no_rope_layers]
+        assert args.qk_l2_norm == reference.use_qk_norm
+
+
+def test_llama4_reads_the_hubs_temperature_tuning():
+    """The Hub's Llama 4 configs give attn_temperature_tuning as a number (4), which transformers' strict config
+    refuses; any true value turns it on."""
+    args = models.ModelArgs.from_config({"model_type": "llama4_text", **TINY, "vocab_size": 300,
+                                         "attn_temperature_tuning": 4})
+    assert args.attn_temperature_tuning is True
+
+
+def test_gpt_oss_refuses_mxfp4_experts():
+    with pytest.raises(ValueError, match="^quantization_config: MXFP4"):
+        models.ModelArgs.from_config({"model_type": "gpt_oss", **TINY, "vocab_size": 300,
+                                      "quantization_config": {"quant_method": "mxfp4"}})
 
 
 def test_every_family_is_tested():
@@ -268,9 +321,12 @@ def test_cpu_math_matches_mlx():
     assert np.allclose(models.silu(x), nn.silu(x), rtol=1e-5, atol=1e-6)
     assert np.allclose(models.logsumexp(x), mx.logsumexp(x, axis=-1), rtol=1e-6)
     q, k, v = (mx.random.normal((2, h, 10, 16)) for h in (4, 2, 2))
+    sinks = mx.random.normal((4,))
     for mask in (None, "causal", (mx.random.uniform(shape=(10, 10)) > 0.3) | mx.eye(10, dtype=mx.bool_)):
         expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
         assert np.allclose(models.attention(q, k, v, 0.25, mask), expected, atol=1e-5)
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask, sinks=sinks)
+        assert np.allclose(models.attention(q, k, v, 0.25, mask, sinks=sinks), expected, atol=1e-5)
 
 
 def test_dequantize_keeps_what_each_layer_computes():
