@@ -420,11 +420,11 @@ def make_batch(rows, pack, by_example=None):
     return (*batch, packing) if pack else batch
 
 
-def preference_batch(rows, reference, pack):
+def preference_batch(rows, reference, pack, by_example=None):
     """make_batch's arrays for the rows of some preference pairs, the chosen responses' then the rejected
     ones', with `owner` (which row each position is of) and `reference` (per pair, the reference model's
     log-probabilities of its two responses) before packing's layout."""
-    inputs, targets, scored, *packing = make_batch(rows, pack)
+    inputs, targets, scored, *packing = make_batch(rows, pack, by_example)
     if pack:
         lengths = [len(tokens) - 1 for tokens, *_ in rows]
         owner = np.zeros(inputs.shape, np.int32)
@@ -434,9 +434,10 @@ def preference_batch(rows, reference, pack):
     return (inputs, targets, scored, mx.array(owner), mx.array(reference), *packing)
 
 
-def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, reference=None):
-    """Batches (make_batch) of the examples in order (batch_order); training repeats forever from its
-    `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows are preference
+def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, reference=None,
+                    by_example=None):
+    """Batches (make_batch, packed as by_example says) of the examples in order (batch_order); training repeats
+    forever from its `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows are preference
     pairs (tokenize) and a batch is of batch_size pairs (preference_batch). In a distributed run each rank
     makes its share of every global batch (rank_share): None where that is no example (evaluation's last
     batch)."""
@@ -448,9 +449,10 @@ def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=Fals
             if not batch:
                 yield None
             elif reference is None:
-                yield make_batch([dataset[j] for j in batch], pack)
+                yield make_batch([dataset[j] for j in batch], pack, by_example)
             else:
-                yield preference_batch([dataset[2 * j + k] for k in (0, 1) for j in batch], reference[batch], pack)
+                yield preference_batch([dataset[2 * j + k] for k in (0, 1) for j in batch], reference[batch], pack,
+                                       by_example)
         if not train:
             return
         epoch, skip = epoch + 1, 0
@@ -877,7 +879,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         log = metrics_log(metrics_path, resumed_metrics(args, first - 1) if writer else [], args)
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                   start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length,
-                                  reference=references[0])
+                                  reference=references[0], by_example=model.args.attends_by_position or None)
         interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         losses, metrics, ntokens, total_tokens = [], [], 0, 0

@@ -764,6 +764,14 @@ class ModelArgs:
         return FAMILIES[self.model_type]
 
     @property
+    def attends_by_position(self) -> bool:
+        """Whether attention depends on the positions themselves, not only on the distance between them (a
+        weighted norm after rope, queries scaled by position, chunks of positions): then packed examples must
+        each start at position 0, as packed_layout's rows of one example each give them (by_example)."""
+        return (self.qk_norm == "head_after_rope" or self.query_scaling is not None or self.attn_temperature_tuning
+                or self.attention_chunk_size is not None)
+
+    @property
     def names(self) -> CheckpointNames:
         return FAMILIES[self.wrapper or self.model_type].names
 

@@ -433,3 +433,44 @@ def test_list_targets_of_layers_that_differ(make_checkpoint, capsys):
         f"feed_forward.{p}_proj" for p in ("gate", "up", "down")] + [
         f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
     assert lines[4][1:] == ["64", "->", "128"] and lines[7][1:] == ["64", "->", "32"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
+    """What training adds for speed changes no token's loss, in every family: packed rows (one mask over the
+    row, and the examples laid out as rows of their own), the frozen layers computed once, gradient
+    checkpointing; and only the families whose attention depends on the positions themselves cannot pack with
+    one mask over the row."""
+    import lora
+
+    folder, _, targets, _ = family
+    model, tokenizer, _ = utils.load(str(folder))
+    model.freeze()
+    models.linear_to_lora_layers(model, targets, 2, rank=4)
+    mx.random.seed(0)
+    for layer in models.lora_layers(model).values():
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    dataset = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:8]
+
+    def token_losses(batches):
+        return np.concatenate([np.array(lora.token_losses(model, *batch[:3], packing=batch[3] if len(batch) > 3
+                                                          else None))[np.array(batch[2]).reshape(-1)]
+                               for batch in batches])
+
+    plain = token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4))
+    # a family whose attention depends on the positions themselves packs one example a row (lora.train)
+    for by_example in (True,) if model.args.attends_by_position else (True, False):
+        packed = token_losses(lora.make_batch(dataset[i:i + 4], True, by_example) for i in (0, 4))
+        assert np.abs(packed - plain).max() < 1e-4, by_example
+    if model.args.attends_by_position:  # the mask over the row does change their losses
+        packed = token_losses(lora.make_batch(dataset[i:i + 4], True, False) for i in (0, 4))
+        assert np.abs(packed - plain).max() > 1e-3
+    model.grad_checkpoint = True
+    assert np.abs(token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4)) - plain).max() < 1e-4
+    model.grad_checkpoint = False
+    prefix, (rows,) = lora.frozen_prefix(model, [dataset])
+    assert prefix is not None and prefix.layer == len(model.layers) - 2
+    model.frozen_prefix = prefix
+    cached = token_losses(lora.make_batch(rows[i:i + 4], False) for i in (0, 4))
+    model.frozen_prefix = None
+    assert np.abs(cached - plain).max() < 1e-4
