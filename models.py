@@ -1282,18 +1282,6 @@ def sparsemixer(scores, jitter: float):
     return mx.concatenate(chosen, axis=-1), mx.concatenate(weights, axis=-1)
 
 
-class Router(nn.Module):
-    """A router's weight where the checkpoint's router holds more (GLM-4.5's e_score_correction_bias): not a
-    linear layer, so that LoRA and convert -q leave it as it is, as PEFT and mlx-lm do."""
-
-    def __init__(self, input_dims: int, experts: int):
-        super().__init__()
-        self.weight = mx.zeros((experts, input_dims))
-
-    def __call__(self, x):
-        return x @ self.weight.T
-
-
 def at_path(module: nn.Module, path: str):
     """module's descendant at a dotted path (gate.wg)."""
     for name in path.split("."):
@@ -1318,9 +1306,10 @@ def set_path(module: nn.Module, path: str, value):
 
 
 class Router(nn.Module):
-    """A mixture of experts' score for each expert, x @ weight.T (+ bias), held as the checkpoint holds it. No
-    nn.Linear, so neither a LoRA target (PEFT cannot adapt the reference's routers) nor quantized: its few
-    numbers decide which experts run."""
+    """A mixture of experts' score for each expert, x @ weight.T (+ bias), held as the checkpoint holds it, where
+    the checkpoint's router is no linear layer (the stacked experts' families; GLM-4.5's, which holds its
+    e_score_correction_bias too). No nn.Linear, so neither a LoRA target (PEFT cannot adapt these routers) nor
+    quantized: its few numbers decide which experts run."""
 
     def __init__(self, dims: int, experts: int, bias=False):
         super().__init__()
