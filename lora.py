@@ -591,7 +591,9 @@ def frozen_layers_cached(model, datasets, args, iterations, source):
     `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would compute
     more than its steps save; else it gives the datasets as they are."""
     prefix, examples = None, len(datasets[0]) // rows_per_example(args)
-    if args.cache_frozen_layers and iterations * args.batch_size * args.grad_accumulation_steps >= examples:
+    # (a prefix holds hidden states alone: not for a family whose layers read more, Family.layer_at_a_time)
+    if (args.cache_frozen_layers and model.args.family.layer_at_a_time
+            and iterations * args.batch_size * args.grad_accumulation_steps >= examples):
         prefix, datasets = frozen_prefix(model, datasets)
     if prefix is None:
         yield datasets
@@ -697,8 +699,13 @@ def reference_logps(model, rows):
     for part in length_groups(lengths, memory_size() / 10 / (model.args.hidden_size * 4)):  # states that fit
         groups = [[part[i] for i in group] for group in length_groups(lengths[part])]
         batches = [make_batch([share[i] for i in group], pack=False) for group in groups]
-        first = [model.first_states(inputs) for inputs, _, _ in batches]
-        states = layer_at_a_time(model, [h for h, _ in first], first[0][1], len(model.layers), "Reference")
+        if model.args.family.layer_at_a_time:
+            first = [model.first_states(inputs) for inputs, _, _ in batches]
+            states = layer_at_a_time(model, [h for h, _ in first], first[0][1], len(model.layers), "Reference")
+        else:  # a batch at a time: the layers read more than the hidden states between them
+            states = [model.hidden(model.run_layers(*model.first_states(inputs), len(model.layers)))
+                      for inputs, _, _ in batches]
+            mx.eval(states)
         for group, (_, targets, scored), h in zip(groups, batches, states):
             rows_at_once = max(LOSS_CHUNK // h.shape[1], 1)  # one chunk's logits evaluated at a time, not all
             for k in range(0, len(group), rows_at_once):

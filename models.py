@@ -9,7 +9,7 @@ import fnmatch
 import math
 import re
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -69,9 +69,9 @@ class Family:
     implemented); its default LoRA targets; the layers convert -q keeps in float (path suffixes); the models
     it is; the decoder layer class where its forward pass is its own; the checkpoint's weights that the
     model does not have, which transformers drops on loading too (dropped(config, name), e.g. multi-token
-    prediction layers); and its checkpoint's names. A vision-language model trained on text (text_types) is
-    its language model, text_config's family (language_model), with its own names and fix (run after the
-    language model's)."""
+    prediction layers); its checkpoint's names; and the Model subclass where the model around the layers is its
+    own. A vision-language model trained on text (text_types) is its language model, text_config's family
+    (language_model), with its own names and fix (run after the language model's)."""
     models: str
     switches: dict = field(default_factory=dict)
     fix: Optional[Callable[[dict], None]] = None
@@ -81,6 +81,11 @@ class Family:
     dropped: Optional[Callable[[dict, str], bool]] = None
     names: CheckpointNames = CheckpointNames()
     text_types: tuple = ()  # the model_types text_config may have, the first its default: a vision-language model
+    model: Optional[str] = None  # a class of this module; Model if None
+    # Whether the hidden states entering a layer are all that the layers from it on read, so that a pass may
+    # go a layer at a time over many batches, keeping only those states in between (lora.py's frozen-layer
+    # cache and DPO reference pass). Not so where layers read more (Gemma 4: per-layer embeddings, shared K/V).
+    layer_at_a_time: bool = True
 
 
 def sliding_from_max_window_layers(config: dict):
@@ -445,6 +450,83 @@ def llama4_fix(config: dict):
     config["attn_temperature_tuning"] = bool(config.get("attn_temperature_tuning"))
 
 
+GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
+KV_SIZES = ("head_dim", "num_key_value_heads")
+
+
+def gemma4_fix(config: dict):
+    """Gemma 4's config as transformers 5 reads it (it has no transformers 4 layout): the last layer attends to
+    the whole sequence whatever layer_types says; rope only from rope_parameters nested by layer type; the full
+    layers' head size and K/V heads from per_layer_config, else (the hub's configs) from global_head_dim and,
+    with attention_k_eq_v, num_global_key_value_heads; num_kv_shared_layers as each layer's part in the
+    sharing (kv_sharing), use_double_wide_mlp as each layer's MLP width; enable_moe_block's experts."""
+    if config.get("use_bidirectional_attention") == "vision":  # image tokens alone attend both ways
+        config["use_bidirectional_attention"] = None
+    gemma_fix(config)
+    if config.get("enable_moe_block"):  # beside the MLP, in every layer
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            if not config.get(key):
+                raise ValueError(f"enable_moe_block needs {key}")
+        config["num_local_experts"], config["num_experts_per_tok"] = config["num_experts"], config["top_k_experts"]
+    else:
+        config["num_local_experts"] = 0
+    n = config.get("num_hidden_layers", 0)
+    sliding_every(6)(config)
+    types = config["layer_types"] = list(config["layer_types"])
+    if types:
+        types[-1] = "full_attention"
+    for key in ("rope_theta", "rope_scaling", "partial_rotary_factor", "rope_local_base_freq"):
+        config.pop(key, None)  # transformers reads none of them here
+    if config.get("rope_parameters") is None:
+        config["rope_parameters"] = GEMMA4_ROPE
+    elif not nested_rope(config):
+        raise ValueError("rope_parameters is not nested by layer type (full_attention, sliding_attention), "
+                         "which Gemma 4 requires")
+    # Gemma 4's default rope turns the whole head, whatever partial_rotary_factor says
+    config["rope_parameters"] = {kind: {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
+                                 if rope.get("rope_type", "default") == "default" else rope
+                                 for kind, rope in config["rope_parameters"].items()}
+
+    if "per_layer_config" in config:
+        sizes = {int(i): layer for i, layer in (config["per_layer_config"] or {}).items()}
+        unknown = sorted({key for layer in sizes.values() for key in layer} - set(KV_SIZES))
+        if unknown:
+            raise ValueError(f"per_layer_config sets {', '.join(unknown)}, which is not supported")
+    else:
+        full = {"head_dim": config.get("global_head_dim") or 512}
+        if config.get("attention_k_eq_v") and config.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = config["num_global_key_value_heads"]
+        sizes = {i: full for i, kind in enumerate(types) if kind == "full_attention"}
+    config["layer_head_dims"], config["layer_kv_heads"] = (
+        [sizes.get(i, {}).get(key) or config.get(key) for i in range(n)] for key in KV_SIZES)
+
+    shared = config.get("num_kv_shared_layers") or 0
+    first = n - shared
+    if shared and first <= 0:
+        raise ValueError(f"num_kv_shared_layers {shared}: leaves no layer of its own K/V among {n}")
+    modes = [None] * first + ["reuse"] * shared
+    for kind in set(types[first:]):  # the last layer of each type before the sharing ones serves them
+        producers = [i for i in range(first) if types[i] == kind]
+        if not producers:
+            raise ValueError(f"num_kv_shared_layers {shared}: no layer before the shared ones is {kind}")
+        modes[producers[-1]] = "store"
+    config["kv_sharing"] = modes if shared else None
+    wide = 2 if config.get("use_double_wide_mlp") else 1
+    config["layer_intermediate_sizes"] = [config.get("intermediate_size", 0) * (wide if mode == "reuse" else 1)
+                                          for mode in modes]
+    if not config.get("hidden_size_per_layer_input"):  # 0 turns the per-layer embeddings off
+        config["hidden_size_per_layer_input"] = None
+
+
+def gemma4_shared_kv(config: dict, name: str) -> bool:
+    """A K/V projection or norm of a layer that reuses another's K/V, which hub checkpoints may hold (and
+    transformers drops)."""
+    text = config.get("text_config") or config
+    match = re.match(r"model\.(language_model\.)?layers\.(\d+)\.self_attn\.[kv]_(proj|norm)\.", name)
+    return match is not None and int(match[2]) >= text["num_hidden_layers"] - (text.get("num_kv_shared_layers") or 0)
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -468,6 +550,11 @@ VISION_LANGUAGE = CheckpointNames(
     written=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
     modules=(("model.", "model.language_model."), ("lm_head.", "lm_head.")),
     kept=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))
+# Gemma 4: transformers' defaults (per-layer embeddings on)
+GEMMA4 = {"tie_word_embeddings": True, "head_dim": 256, "num_key_value_heads": 4, "sliding_window": 512,
+          "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144}
+# q_proj and o_proj, which every layer has: the last layers of the E models (KV sharing) have no v_proj
+GEMMA4_TARGETS = ("self_attn.q_proj", "self_attn.o_proj")
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
 MOE = {"mlp": "sparse_moe"}
 
@@ -579,6 +666,15 @@ FAMILIES = {
     "gemma3": Family("Gemma 3 4B, 12B, 27B, text only: the language model trains, the image encoder is kept as "
                      "it is", fix=lambda config: config.update(final_logit_softcapping=None), names=VISION_LANGUAGE,
                      text_types=("gemma3_text",)),
+    "gemma4_text": Family("Gemma 4 (text): E2B, E4B, 31B, 26B-A4B (mixture of experts)", GEMMA4, gemma4_fix,
+                          lora_targets=GEMMA4_TARGETS, unquantized=(".router.proj",), layer="Gemma4DecoderLayer",
+                          dropped=gemma4_shared_kv, model="Gemma4Model", layer_at_a_time=False),
+    # Gemma4ForConditionalGeneration holds and saves its language model at model.language_model
+    "gemma4": Family("Gemma 4 E2B, E4B, 31B, 26B-A4B, text only: the language model trains, the image and audio "
+                     "encoders are kept as they are", dropped=gemma4_shared_kv, names=CheckpointNames(
+                         written=(("model.", "model.language_model."),), kept=(
+                             "model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")),
+                     text_types=("gemma4_text",)),
     "falcon": Family("Falcon 7B, 40B, 180B, Falcon2 11B, Falcon-RW (Falcon3 is llama)", {
         "norm": "layer", "tie_word_embeddings": True, "multi_query": True, "parallel_attn": True,
         "fused_qkv": True, "qkv_name": "query_key_value", "attention_module": "self_attention",
@@ -713,6 +809,16 @@ class ModelArgs:
     output_proj: str = "o_proj"
     final_norm: str = "norm"
     wrapper: Optional[str] = None  # the vision-language model_type whose language model this is (language_model)
+    # where layers differ (Gemma 4), per layer: its head size, K/V heads and MLP width
+    layer_head_dims: Optional[list] = None
+    layer_kv_heads: Optional[list] = None
+    layer_intermediate_sizes: Optional[list] = None
+    # per layer: "store" (the later layers of its type reuse its K/V), "reuse" (attends to those, has no K/V of
+    # its own) or None (Gemma 4's num_kv_shared_layers)
+    kv_sharing: Optional[list] = None
+    attention_k_eq_v: bool = False  # full-attention layers' values are their keys' projection (no v_proj)
+    hidden_size_per_layer_input: Optional[int] = None  # Gemma 4's per-layer embeddings: their size per layer
+    vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
@@ -748,13 +854,16 @@ class ModelArgs:
                              f"({', '.join([*ACTIVATIONS, *ACTIVATION_MODULES])})")
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        if args.num_attention_heads % args.num_key_value_heads or args.head_dim == 0:
-            raise ValueError(f"{args.num_attention_heads} attention heads cannot share {args.num_key_value_heads} "
-                             f"key-value heads of {args.head_dim} features")
-        for key in ("layer_types", "rope_layers", "moe_layers"):
+        for key in ("layer_types", "rope_layers", "moe_layers", "layer_head_dims", "layer_kv_heads",
+                    "layer_intermediate_sizes", "kv_sharing"):
             if getattr(args, key) is not None and len(getattr(args, key)) != args.num_hidden_layers:
                 raise ValueError(f"{key} lists {len(getattr(args, key))} layers, not num_hidden_layers "
                                  f"{args.num_hidden_layers}")
+        for kv_heads, head_dim in set(zip(args.layer_kv_heads or [args.num_key_value_heads],
+                                          args.layer_head_dims or [args.head_dim])):
+            if args.num_attention_heads % kv_heads or head_dim == 0:
+                raise ValueError(f"{args.num_attention_heads} attention heads cannot share {kv_heads} "
+                                 f"key-value heads of {head_dim} features")
         for rope in args.rope_parameters.values():
             RoPE(args, rope)  # its errors now, not when the model is built
         return args
@@ -824,15 +933,19 @@ def check_types(config: dict):
 class RoPE(nn.Module):
     """Rotary embedding of the first head_dim * partial_rotary_factor features, with each scaling kind that
     transformers reads (modeling_rope_utils): linear, dynamic (NTK), yarn, llama3, longrope (long-context
-    frequencies once the sequence is longer than the original context), and Hunyuan's ntk_alpha. yarn's and
-    longrope's attention factor multiplies cos and sin in transformers: the rotated features of q and k here."""
+    frequencies once the sequence is longer than the original context), Hunyuan's ntk_alpha, and proportional
+    (Gemma 4: the whole head, of whose pairs the first partial_rotary_factor turn, at the whole head's
+    frequencies). yarn's and longrope's attention factor multiplies cos and sin in transformers: the rotated
+    features of q and k here. head_dim: the layer's, where layers differ."""
 
-    def __init__(self, args: ModelArgs, rope: dict):
+    def __init__(self, args: ModelArgs, rope: dict, head_dim: Optional[int] = None):
         super().__init__()
         kind = rope.get("rope_type", "default")
         if kind not in ROPE_KINDS:
             raise ValueError(f"rope_type {kind!r} is not supported ({', '.join(ROPE_KINDS)})")
-        self.dims = int(args.head_dim * rope.get("partial_rotary_factor", 1.0))
+        head_dim = head_dim or args.head_dim
+        rotated = rope.get("partial_rotary_factor", 1.0)
+        self.dims = head_dim if kind == "proportional" else int(head_dim * rotated)
         self.traditional = args.rope_interleaved
         self.base = rope.get("rope_theta", 10000.0)
         if kind == "ntk_alpha":  # dynamic NTK's larger base, for a fixed alpha rather than the length
@@ -865,11 +978,16 @@ class RoPE(nn.Module):
                     math.sqrt(1 + math.log(factor) / math.log(self.original_context)) if factor > 1 else 1.0)
                 self._long_freqs = mx.array(np.array(rope["long_factor"]) / inv_freq, dtype=mx.float32)
             inv_freq = inv_freq / np.array(rope["short_factor"])
+        elif kind == "proportional":  # the pairs past the turning ones keep angle 0 (an infinite wavelength)
+            inv_freq[int(rotated * head_dim // 2):] = 0.0
+            inv_freq = inv_freq / rope.get("factor", 1.0)
         self._gain = self._long_gain = None  # the rotated features' gain, up to the original context and past it
         if gain != 1.0 or long_gain != 1.0:
-            self._gain, self._long_gain = (mx.array([g] * self.dims + [1.0] * (args.head_dim - self.dims))
+            self._gain, self._long_gain = (mx.array([g] * self.dims + [1.0] * (head_dim - self.dims))
                                            for g in (gain, long_gain))
-        self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)  # wavelengths / 2pi, as mx.fast.rope takes
+        # wavelengths / 2pi, as mx.fast.rope takes
+        self._freqs = mx.array(np.divide(1.0, inv_freq, out=np.full_like(inv_freq, np.inf), where=inv_freq > 0),
+                               dtype=mx.float32)
 
     def frequencies(self, length: int):
         """The wavelengths / 2pi for a sequence of `length` positions."""
@@ -915,7 +1033,7 @@ def yarn_frequencies(inv_freq, dims: int, base: float, rope: dict, max_position_
     return inv_freq / factor * (1 - kept) + inv_freq * kept, gain
 
 
-ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "ntk_alpha")
+ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "ntk_alpha", "proportional")
 
 
 class KVCache:
@@ -1608,9 +1726,10 @@ class Model(nn.Module):
     def hidden_states(self, inputs, cache=None, packing=None):
         """The final normed hidden states of `inputs` (token ids, or rows of frozen_prefix's states); `cache`
         is a list of KVCache, one per layer, or None; `packing` says where the examples of a packed row are
-        (packed_layout)."""
+        (packed_layout). What flows from layer to layer (the stream) is the hidden states here; a subclass's
+        may hold more (hidden)."""
         h, first = self.first_states(inputs)
-        return self.normed(self.run_layers(h, first, len(self.layers), cache, packing))
+        return self.normed(self.hidden(self.run_layers(h, first, len(self.layers), cache, packing)))
 
     def first_states(self, inputs):
         """(h, first): the hidden states of `inputs` entering the first decoder layer computed, and its number:
@@ -1619,8 +1738,13 @@ class Model(nn.Module):
             return self.embed(inputs), 0
         return self.frozen_prefix.states[inputs], self.frozen_prefix.layer
 
+    @staticmethod
+    def hidden(stream):
+        """The hidden states in what flows between the decoder layers."""
+        return stream
+
     def normed(self, h):
-        """The final norm of the last layer's output."""
+        """The final norm of the last layer's output hidden states."""
         return self.model[self.args.final_norm](h)
 
     def embed(self, inputs):
@@ -1639,7 +1763,7 @@ class Model(nn.Module):
             length = packing["slots"].shape[1]
             masks = {m: attention_mask(length, 0, m[0], chunk=m[1]) for m in set(kinds)}
         else:
-            length = h.shape[1]
+            length = self.hidden(h).shape[1]
             masks = {m: attention_mask(length, offset, m[0], packing.get("examples"), m[1]) for m in set(kinds)}
         if self._alibi_slopes is not None:
             masks = {m: alibi_mask(mask, self._alibi_slopes, length, offset, self.args.head_dim, h.dtype,
@@ -1669,6 +1793,187 @@ class Model(nn.Module):
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
+
+
+def make_model(args: ModelArgs) -> Model:
+    """The model `args` describe: a Model, or its family's own kind of Model (Family.model)."""
+    return globals()[args.family.model](args) if args.family.model else Model(args)
+
+
+# Gemma 4: its own forward path
+
+
+class Gemma4Attention(nn.Module):
+    """Gemma 4's attention: queries and keys normed per head, values per head without a weight, the scores
+    unscaled (the norms stand for the scale), each layer with its own head size and K/V heads. The full layers
+    of attention_k_eq_v take their values from the keys' projection, before its norm and rope. A "reuse" layer
+    (kv_sharing) has queries alone and attends to the K/V that the last earlier layer of its type ("store")
+    left in `shared`; with a KV cache that is the whole cached sequence, so it writes none of its own."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.layer_kv_heads[layer]
+        self.head_dim, self.layer_type = args.layer_head_dims[layer], args.layer_type(layer)
+        self.sharing = args.kv_sharing[layer] if args.kv_sharing else None
+        dim, q_dims, kv_dims, bias = (args.hidden_size, self.n_heads * self.head_dim,
+                                      self.n_kv_heads * self.head_dim, args.attention_bias)
+        self.q_proj = nn.Linear(dim, q_dims, bias=bias)
+        if self.sharing != "reuse":
+            self.k_proj = nn.Linear(dim, kv_dims, bias=bias)
+            if not (args.attention_k_eq_v and self.layer_type == "full_attention"):
+                self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
+            self.k_norm = norm(args, self.head_dim)
+        self.o_proj = nn.Linear(q_dims, dim, bias=bias)
+        self.q_norm = norm(args, self.head_dim)
+        self.rope = RoPE(args, args.rope_for(layer), self.head_dim)
+        self.eps = args.rms_norm_eps
+
+    def __call__(self, x, mask, cache, example_rows, shared: dict):
+        """(output, shared): shared maps a layer type to the K/V its store layer left."""
+        kv = []
+        if self.sharing != "reuse":
+            k = self.k_proj(x)
+            kv = [k, self.v_proj(x) if "v_proj" in self else k]
+        if example_rows is None:
+            out, shared = self.attend(self.q_proj(x), kv, mask, cache, shared)
+            return self.o_proj(out), shared
+        slots, order = example_rows["slots"], example_rows["order"]
+        index = slots.reshape(-1)
+        q, *kv = (permuted(y[0], index, order).reshape(*slots.shape, -1) for y in [self.q_proj(x), *kv])
+        out, shared = self.attend(q, kv, mask, cache, shared)
+        return self.o_proj(permuted(out.reshape(-1, out.shape[-1]), order, index)[None]), shared
+
+    def attend(self, q, kv, mask, cache, shared):
+        B, L, _ = q.shape
+        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        if self.sharing == "reuse":
+            k, v = shared[self.layer_type]
+        else:
+            k, v = (y.reshape(B, L, self.n_kv_heads, -1) for y in kv)
+            k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), cache.offset if cache is not None else 0)
+            v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)
+            if cache is not None:
+                k, v = cache.update(k, v)
+            if self.sharing == "store":
+                shared = {**shared, self.layer_type: (k, v)}
+        q = self.rope(q, k.shape[2] - L)  # the keys end at the queries' last position
+        out = attention(q, k, v, 1.0, mask)
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1), shared
+
+
+class Gemma4DecoderLayer(nn.Module):
+    """Attention and the MLP each between two norms (as Gemma 2's); then, with per-layer embeddings,
+    per_layer_projection(act(per_layer_input_gate(h)) * the layer's own embedding), normed, joins the stream;
+    last, the whole stream is multiplied by layer_scalar. What flows between layers is (hidden states,
+    {"per_layer": the per-layer embeddings, a layer type: the K/V its store layer left}) (Gemma4Model)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.index = layer
+        self.self_attn = Gemma4Attention(args, layer)
+        self.mlp = MLP(replace(args, intermediate_size=args.layer_intermediate_sizes[layer]))
+        for name in GEMMA2["block_norms"]:
+            self[name] = norm(args)
+        size = args.hidden_size_per_layer_input
+        if size:
+            self.per_layer_input_gate = nn.Linear(args.hidden_size, size, bias=False)
+            self.per_layer_projection = nn.Linear(size, args.hidden_size, bias=False)
+            self.post_per_layer_input_norm = norm(args)
+            self.act = ACTIVATIONS[args.hidden_act]
+        if args.num_local_experts:
+            self.router = Gemma4Router(args)
+            self.experts = Gemma4Experts(args)
+            for name in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+                self[name] = norm(args)
+        self.layer_scalar = mx.ones((1,))
+        self._no_grad = AlwaysFrozen(("layer_scalar",))  # a buffer in transformers
+
+    def __call__(self, stream, mask, cache=None, example_rows=None):
+        x, inputs = stream
+        out, shared = self.self_attn(self.input_layernorm(x), mask, cache, example_rows, inputs)
+        h = x + self.post_attention_layernorm(out)
+        feed_forward = self.mlp(self.pre_feedforward_layernorm(h))
+        if "router" in self:  # the experts beside the MLP, routed by the stream before its norm
+            flat = h.reshape(-1, h.shape[-1])
+            chosen, weights = self.router(flat)
+            routed = through_experts(self.experts, self.pre_feedforward_layernorm_2(flat), chosen)
+            experts = (routed * weights[..., None]).sum(axis=-2).astype(h.dtype).reshape(h.shape)
+            feed_forward = self.post_feedforward_layernorm_1(feed_forward) + self.post_feedforward_layernorm_2(experts)
+        h = h + self.post_feedforward_layernorm(feed_forward)
+        if "per_layer" in inputs:
+            gate = self.act(self.per_layer_input_gate(h)) * inputs["per_layer"][:, :, self.index]
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return h * self.layer_scalar, shared
+
+
+class Gemma4Router(nn.Module):
+    """Each token's top_k experts by the softmax of proj(rms_norm(x) * scale / sqrt(hidden_size)), their
+    probabilities renormalized to sum 1, then times per_expert_scale: (experts, weights)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.eps = args.num_experts_per_tok, args.rms_norm_eps
+        self.proj = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_local_experts,))
+
+    def __call__(self, x):
+        x = mx.fast.rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
+        chosen, weights = top_k(mx.softmax(self.proj(x).astype(mx.float32), axis=-1), self.top_k)
+        return chosen, weights / weights.sum(axis=-1, keepdims=True) * self.per_expert_scale[chosen]
+
+
+class Gemma4Experts(nn.Module):
+    """The experts' gated MLPs, stacked as the checkpoint holds them (as nn.Linear's weights): gate and up in
+    gate_up_proj [experts, 2 moe_intermediate_size, hidden], down_proj [experts, hidden, moe_intermediate_size]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        experts, width = args.num_local_experts, args.moe_intermediate_size
+        self.gate_up_proj = mx.zeros((experts, 2 * width, args.hidden_size))
+        self.down_proj = mx.zeros((experts, args.hidden_size, width))
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        """through_experts' expert."""
+        gate, up = mx.split(self.product(x, self.gate_up_proj, indices, sorted_indices), 2, axis=-1)
+        return self.product(self.act(gate) * up, self.down_proj, indices, sorted_indices)
+
+    @staticmethod
+    def product(x, weight, indices, sorted_indices: bool):
+        return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+class Gemma4Model(Model):
+    """With per-layer embeddings (hidden_size_per_layer_input P), each layer also reads its part of
+    (norm(per_layer_model_projection(E) / sqrt(hidden_size)) + embed_tokens_per_layer(ids) * sqrt(P)) / sqrt(2),
+    E being the scaled token embeddings, the norm over each layer's P features. What flows between the layers
+    is Gemma4DecoderLayer's stream."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        size, decoder = args.hidden_size_per_layer_input, self.model
+        if size:
+            decoder.embed_tokens_per_layer = nn.Embedding(args.vocab_size_per_layer_input,
+                                                        args.num_hidden_layers * size)
+            decoder.per_layer_model_projection = nn.Linear(args.hidden_size, args.num_hidden_layers * size, bias=False)
+            decoder.per_layer_projection_norm = norm(args, size)
+
+    @staticmethod
+    def hidden(stream):
+        return stream[0]
+
+    def first_states(self, inputs):
+        h = self.embed(inputs)
+        size, decoder = self.args.hidden_size_per_layer_input, self.model
+        if not size:
+            return (h, {}), 0
+        shape = (*inputs.shape, self.args.num_hidden_layers, size)
+        tokens = decoder.embed_tokens_per_layer(inputs)
+        tokens = tokens * mx.array(size ** 0.5, dtype=tokens.dtype)  # rounded to their type, as transformers does
+        context = decoder.per_layer_model_projection(h) * self.args.hidden_size ** -0.5
+        per_layer = (decoder.per_layer_projection_norm(context.reshape(shape)) + tokens.reshape(shape)) * 2 ** -0.5
+        return (h, {"per_layer": per_layer}), 0
 
 
 # LoRA and DoRA

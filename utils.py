@@ -585,7 +585,7 @@ def model_skeleton(config: dict, weights: dict) -> models.Model:
     args = models.ModelArgs.from_config(config)
     if "lm_head.weight" in weights:  # transformers 5 ties only an output layer that the checkpoint does not hold
         args.tie_word_embeddings = False
-    model = models.Model(args)
+    model = models.make_model(args)
     model.keep(weights)
     return model
 

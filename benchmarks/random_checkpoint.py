@@ -88,7 +88,7 @@ def random_weights(config: dict, dtype: str, seed: int = 0):
     """(name, array) pairs of random weights for the model `config` describes, each computed when evaluated,
     under the checkpoint's names."""
     # never evaluated: gives the parameters' names and shapes at no cost
-    model = models.Model(models.ModelArgs.from_config(config))
+    model = models.make_model(models.ModelArgs.from_config(config))
     names = model.args.names
     mx.random.seed(seed)
     for name, value in tree_flatten(model.parameters()):

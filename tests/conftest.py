@@ -190,6 +190,10 @@ VISION_LANGUAGE = {
                              "num_attention_heads": 2, "head_dim": 16, "image_size": 56, "patch_size": 14}),
     "gemma3": ("gemma3_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "image_size": 28, "patch_size": 14}),
+    # as many layers as the language model's: theirs are not the K/V of its shared layers, which loading drops
+    "gemma4": ("gemma4_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+                               "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4,
+                               "position_embedding_size": 64, "pooling_kernel_size": 2}),
 }
 
 
@@ -205,8 +209,8 @@ def transformers_class(folder):
 def make_checkpoint(tokenizer_dir, tmp_path_factory):
     """make_checkpoint(model_type, **config) -> (folder, torch model): random fp32 weights in the
     Hugging Face layout, written by transformers itself. For a vision-language model, the config is its
-    language model's (text_config, of model_type text_model_type if given), but for tie_word_embeddings, which
-    its top level holds."""
+    language model's (text_config, of model_type text_model_type if given), but for tie_word_embeddings and
+    audio_config (Gemma 4's audio encoder), which its top level holds."""
     import shutil
 
     import torch
@@ -216,7 +220,7 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
         settings = {**TINY, "vocab_size": 300, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
         if model_type in VISION_LANGUAGE:
             text_type, vision = VISION_LANGUAGE[model_type]
-            top = {key: settings.pop(key) for key in ["tie_word_embeddings"] if key in settings}
+            top = {key: settings.pop(key) for key in ["tie_word_embeddings", "audio_config"] if key in settings}
             text = {"model_type": settings.pop("text_model_type", text_type), **settings}
             config = transformers.AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **top)
             auto = transformers.AutoModelForImageTextToText
@@ -227,11 +231,14 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
         model = auto.from_config(config, dtype=torch.float32).eval()
         with torch.no_grad():  # larger than the default init, so that differences show in the logits
             for name, p in model.named_parameters():
-                norm = "norm" in name or ".ln_" in name  # Falcon's ln_attn, ln_mlp, ln_f
-                p.normal_(1.0 if norm else 0.0, 0.2 if norm else 0.08)
-            for name, b in model.named_buffers():  # a router's bias is a buffer in some families, zero at first
-                if name.endswith("e_score_correction_bias"):
+                # about 1: norms' weights (Falcon's ln_attn, ln_mlp, ln_f) and scales (Gemma 4's router's)
+                one = "norm" in name or ".ln_" in name or name.endswith("scale")
+                p.normal_(1.0 if one else 0.0, 0.2 if one else 0.08)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # a router's bias, zero at first, in some families
                     b.normal_(0.0, 0.08)
+                if name.endswith("layer_scalar"):  # Gemma 4's scale of each layer's output, saved as a weight
+                    b.uniform_(0.5, 1.5)
         path = tmp_path_factory.mktemp(model_type)
         model.save_pretrained(path)
         for f in Path(tokenizer_dir).iterdir():

@@ -442,6 +442,11 @@ CASES += [
     # a family's option that changes the numbers and that models.py does not implement
     Case("model-config-unimplemented-family-option", "lora.py",
          model(config(lambda c: dict(c, model_type="gemma2", use_bidirectional_attention=True))), "config.json"),
+    Case("model-config-gemma4-bidirectional", "lora.py",
+         model(config(lambda c: dict(c, model_type="gemma4_text", use_bidirectional_attention="all"))), "config.json"),
+    Case("model-config-gemma4-experts-unsized", "lora.py",
+         model(config(lambda c: dict(c, model_type="gemma4_text", enable_moe_block=True, num_experts=4))),
+         "config.json"),
     Case("model-config-olmo3-rope-not-nested", "lora.py",
          model(config(lambda c: dict(c, model_type="olmo3", rope_parameters={"rope_type": "default"}))),
          "config.json"),

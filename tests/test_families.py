@@ -11,6 +11,7 @@ import torch
 from conftest import (ALL_TARGETS, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits,
                       transformers_class, val_losses)
 from mlx import nn
+from mlx.utils import tree_flatten
 
 import convert
 import models
@@ -22,6 +23,15 @@ ATTENTION = ALL_TARGETS[:4]
 LLAMA4 = {"head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128, "num_local_experts": 4,
           "num_experts_per_tok": 2, "interleave_moe_layer_step": 2, "no_rope_layer_interval": 2,
           "attention_chunk_size": 16, "floor_scale": 4}
+# Gemma 4's scores are unscaled products of normed queries and keys, which quantization's errors grow with the
+# head's size: small heads. Every expert for every token: a router that chose another one for a token after
+# quantization would make a jump that no error bound allows (test_models checks the choice).
+GEMMA4 = {"head_dim": 8, "global_head_dim": 16, "sliding_window": 16, "vocab_size_per_layer_input": 300,
+          "hidden_size_per_layer_input": 32, "num_kv_shared_layers": 1, "use_double_wide_mlp": True,
+          "attention_k_eq_v": True, "num_global_key_value_heads": 1, "final_logit_softcapping": 5.0,
+          "layer_types": ["sliding_attention", "full_attention"] * 2, "enable_moe_block": True, "num_experts": 4,
+          "top_k_experts": 4, "moe_intermediate_size": 32}
+GEMMA4_TARGETS = ALL_TARGETS + ["per_layer_input_gate", "per_layer_projection", "router.proj"]
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -92,6 +102,12 @@ FAMILIES = {
                         "shared_mlp.down_proj"]),
     "mistral3": ({"head_dim": 32}, ALL_TARGETS),
     "gemma3": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
+    # the last layer (full attention) attends to layer 1's K/V and has no k_proj and v_proj; layer 1 none of v_proj
+    # (attention_k_eq_v); per-layer embeddings; experts beside the MLP (stacked: their router alone is a target)
+    "gemma4_text": (GEMMA4, GEMMA4_TARGETS),
+    "gemma4": ({**GEMMA4, "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                           "output_proj_dims": 32, "subsampling_conv_channels": [8, 4]}},
+               GEMMA4_TARGETS),
     "falcon": ({"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
     # the stacked experts and the routers are no linear layers: attention is what these two can adapt
@@ -171,8 +187,9 @@ def v4_layout(config: dict) -> dict:
     return config
 
 
-@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("gemma4")], indirect=True)
 def test_transformers_4_layout_reads_as_transformers_reads_it(family, tmp_path):
+    # (Gemma 4 came after transformers 4: its configs have one layout, test_gemma4_hub_layout_...)
     """The same checkpoint with transformers 4's config layout: transformers 5 and we read it alike."""
     folder, _, _, tokens = family
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
@@ -438,9 +455,9 @@ def test_list_targets_of_layers_that_differ(make_checkpoint, capsys):
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
     """What training adds for speed changes no token's loss, in every family: packed rows (one mask over the
-    row, and the examples laid out as rows of their own), the frozen layers computed once, gradient
-    checkpointing; and only the families whose attention depends on the positions themselves cannot pack with
-    one mask over the row."""
+    row, and the examples laid out as rows of their own), the frozen layers computed once (where the hidden
+    states are all that layers read, Family.layer_at_a_time: else never), gradient checkpointing; and only the
+    families whose attention depends on the positions themselves cannot pack with one mask over the row."""
     import lora
 
     folder, _, targets, _ = family
@@ -468,9 +485,116 @@ def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
     model.grad_checkpoint = True
     assert np.abs(token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4)) - plain).max() < 1e-4
     model.grad_checkpoint = False
+    if not model.args.family.layer_at_a_time:
+        args = lora.build_parser().parse_args([])
+        with lora.frozen_layers_cached(model, [dataset], args, 1000, str(folder)) as (kept,):
+            assert model.frozen_prefix is None and kept is dataset
+        return
     prefix, (rows,) = lora.frozen_prefix(model, [dataset])
     assert prefix is not None and prefix.layer == len(model.layers) - 2
     model.frozen_prefix = prefix
     cached = token_losses(lora.make_batch(rows[i:i + 4], False) for i in (0, 4))
     model.frozen_prefix = None
     assert np.abs(cached - plain).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma4_text"], indirect=True)
+def test_gemma4_layers_read_more_than_the_hidden_states(family, data_dir):
+    """Gemma 4's layers read per-layer embeddings and shared K/V besides the hidden states: the DPO reference pass
+    runs the whole model a batch at a time; packed rows and recomputed activations give the gradients of plain
+    rows, the K/V-storing layer's adapters' too; layer_scalar, a buffer in transformers, is never trained."""
+    import lora
+
+    folder, _, targets, _ = family
+    model, tokenizer, _ = utils.load(str(folder))
+    model.freeze()
+    mx.random.seed(0)
+    models.linear_to_lora_layers(model, targets, 3, rank=4)  # layer 1 too, whose K/V layer 3 attends to
+    for lora_layer in models.lora_layers(model).values():
+        lora_layer.lora_b = 0.1 * mx.random.normal(lora_layer.lora_b.shape)
+    rows = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:6]
+
+    pairs = rows[:4]  # two pairs' rows, chosen then rejected
+    inputs, targets_, scored, owner, _ = lora.preference_batch(pairs[0::2] + pairs[1::2], np.zeros((2, 2)), False)
+    logps, _ = lora.sequence_logps(model, inputs, targets_, scored, owner, len(pairs))
+    assert np.allclose(lora.reference_logps(model, pairs), np.array(logps).reshape(2, -1).T, atol=1e-4)
+
+    def loss_and_grad(batch):
+        return nn.value_and_grad(model, lambda m, *b: lora.loss_fn(m, *b)[0])(model, *batch)
+
+    loss, grad = loss_and_grad(lora.make_batch(rows, pack=False))
+    for by_example in (False, True):
+        packed_loss, packed_grad = loss_and_grad(lora.make_batch(rows, pack=True, by_example=by_example))
+        assert abs(packed_loss.item() - loss.item()) < 1e-4
+        for (name, g), (_, p) in zip(tree_flatten(grad), tree_flatten(packed_grad)):
+            assert np.abs(np.array(g - p)).max() < 1e-4, name
+    model.grad_checkpoint = True
+    recomputed_loss, recomputed_grad = loss_and_grad(lora.make_batch(rows, pack=False))
+    assert abs(recomputed_loss.item() - loss.item()) < 1e-5
+    assert all(np.allclose(g, r, atol=1e-5)
+               for (_, g), (_, r) in zip(tree_flatten(grad), tree_flatten(recomputed_grad)))
+    model.layers[0].unfreeze()  # as --fine-tune-type full does
+    assert "model.layers.0.layer_scalar" not in dict(tree_flatten(model.trainable_parameters()))
+
+
+@pytest.mark.parametrize("family", ["gemma4_text"], indirect=True)
+def test_gemma4_hub_layout_reads_as_transformers_reads_it(family, tmp_path):
+    """The hub's Gemma 4 configs give the full layers' sizes as global_head_dim and num_global_key_value_heads
+    (the latter only with attention_k_eq_v), not per_layer_config; their checkpoints may hold K/V projections and
+    norms for the layers that share others' K/V, which transformers drops, and so do we (load, convert)."""
+    folder, reference, _, tokens = family
+    shutil.copytree(folder, tmp_path / "hub")
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("per_layer_config") == {"1": {"head_dim": 16, "num_key_value_heads": 1},
+                                              "3": {"head_dim": 16, "num_key_value_heads": 1}}
+    config.update(global_head_dim=16, num_global_key_value_heads=1)
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(folder / "model.safetensors"))
+    unused = {f"model.layers.3.self_attn.{name}": weights[f"model.layers.2.self_attn.{name}"]
+              for name in ("k_proj.weight", "v_proj.weight", "k_norm.weight")}
+    mx.save_safetensors(str(tmp_path / "hub" / "model.safetensors"), {**weights, **unused}, {"format": "pt"})
+    ours = models.ModelArgs.from_config(config)
+    assert ours == models.ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
+    assert ours.layer_head_dims == [8, 16, 8, 16] and ours.layer_kv_heads == [2, 1, 2, 1]
+    assert ours.kv_sharing == [None, "store", None, "reuse"] and ours.layer_intermediate_sizes == [128] * 3 + [256]
+    hub = transformers_class(tmp_path / "hub").from_pretrained(tmp_path / "hub", dtype=torch.float32).eval()
+    expected = torch_logits(reference, tokens)
+    assert np.abs(torch_logits(hub, tokens) - expected).max() <= FP32_ATOL
+    assert np.abs(logits(utils.load(str(tmp_path / "hub"))[0], tokens) - expected).max() <= FP32_ATOL
+    convert.convert(convert.build_parser().parse_args(["--hf-path", str(tmp_path / "hub"), "--mlx-path",
+                                                       str(tmp_path / "converted"), "--dtype", "float32"]))
+    assert not set(unused) & set(mx.load(str(tmp_path / "converted" / "model.safetensors")))
+    # without attention_k_eq_v, num_global_key_value_heads leaves the full layers' K/V heads alone
+    del config["attention_k_eq_v"]
+    assert models.ModelArgs.from_config(config).layer_kv_heads == [2] * 4
+
+
+@pytest.mark.parametrize("family", ["gemma4"], indirect=True)
+def test_gemma4_trains_text_only_and_keeps_the_image_and_audio_encoders(family, data_dir, tmp_path, capsys):
+    """Gemma4ForConditionalGeneration holds and saves its language model at model.language_model: the
+    checkpoint's names come back as they were, the image and audio encoders untouched; PEFT adapts the language
+    model alone; the default targets (q_proj, o_proj) are in every layer."""
+    folder, reference, _, tokens = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("model.language_model.")}
+    assert {k.split(".")[1] for k in kept} == {"vision_tower", "embed_vision", "audio_tower", "embed_audio"}
+    adapters = tmp_path / "adapters.safetensors"
+    run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 2, "--batch-size", 4,
+             "--lora-layers", 2, "--adapter-file", adapters)
+    assert sorted(mx.load(str(adapters))) == [f"model.layers.{i}.self_attn.{name}.lora_{ab}"
+                                              for i in (2, 3) for name in ("o_proj", "q_proj") for ab in "ab"]
+    run_fuse("--model", folder, "--adapter-file", adapters, "--save-path", tmp_path / "fused",
+             "--export-peft", tmp_path / "peft")
+    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
+    assert sorted(written) == sorted(source)
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in peft)
+
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    assert "model.language_model.layers.0.self_attn.q_proj.scales" in written
+    quantization = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 4 and quantization["model.language_model.embed_tokens"]["bits"] == 8

@@ -21,6 +21,11 @@ GLM_TINY = {"head_dim": 16, "pad_token_id": 0}
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 4,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
                    "llama_4_scaling_beta": 0.1}
+# Gemma 4: two sliding and two full layers (of their own head size), the last two attending to the K/V of the
+# first two (num_kv_shared_layers), with per-layer embeddings and the shared layers' double-wide MLP
+GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_size_per_layer_input": 300,
+          "hidden_size_per_layer_input": 8,
+          "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -114,6 +119,17 @@ CONFIGS = {
     "mistral3-untied": ("mistral3", {"tie_word_embeddings": False, "rope_theta": 1e6}),
     "mistral3-ministral3": ("mistral3", {"text_model_type": "ministral3", "head_dim": 16,
                                          "rope_parameters": MINISTRAL3_ROPE}),
+    "gemma4_text-shared-kv": ("gemma4_text", {**GEMMA4, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+                                              "final_logit_softcapping": 5.0}),
+    # the full layers' values from the keys' projection, with fewer K/V heads; proportional rope scaled; experts
+    # beside the MLP; no per-layer embeddings
+    "gemma4_text-k-eq-v-experts": ("gemma4_text", {
+        **GEMMA4, "hidden_size_per_layer_input": 0, "attention_k_eq_v": True, "num_global_key_value_heads": 1,
+        "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                               "rope_theta": 1000.0, "factor": 2.0}}}),
+    "gemma4": ("gemma4", {**GEMMA4, "num_kv_shared_layers": 1, "final_logit_softcapping": 5.0}),
     "gemma3": ("gemma3", {"head_dim": 32, "sliding_window": 24, "sliding_window_pattern": 2,
                           "final_logit_softcapping": 5.0}),  # which the vision-language model does not apply
     "falcon-7b": ("falcon", {"ffn_hidden_size": 96}),  # one key-value head, attention and MLP side by side
