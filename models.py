@@ -1808,7 +1808,7 @@ class Gemma4Attention(nn.Module):
     unscaled (the norms stand for the scale), each layer with its own head size and K/V heads. The full layers
     of attention_k_eq_v take their values from the keys' projection, before its norm and rope. A "reuse" layer
     (kv_sharing) has queries alone and attends to the K/V that the last earlier layer of its type ("store")
-    left in `shared`; with a KV cache that is the whole cached sequence, so it writes none of its own."""
+    left in the stream; with a KV cache that is the whole cached sequence, so it writes none of its own."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -1828,26 +1828,27 @@ class Gemma4Attention(nn.Module):
         self.rope = RoPE(args, args.rope_for(layer), self.head_dim)
         self.eps = args.rms_norm_eps
 
-    def __call__(self, x, mask, cache, example_rows, shared: dict):
-        """(output, shared): shared maps a layer type to the K/V its store layer left."""
+    def __call__(self, x, mask, cache, example_rows, inputs: dict):
+        """(output, inputs): `inputs` are the stream's (Gemma4DecoderLayer), given back with this layer's K/V
+        under its type where it stores them."""
         kv = []
         if self.sharing != "reuse":
             k = self.k_proj(x)
             kv = [k, self.v_proj(x) if "v_proj" in self else k]
         if example_rows is None:
-            out, shared = self.attend(self.q_proj(x), kv, mask, cache, shared)
-            return self.o_proj(out), shared
+            out, inputs = self.attend(self.q_proj(x), kv, mask, cache, inputs)
+            return self.o_proj(out), inputs
         slots, order = example_rows["slots"], example_rows["order"]
         index = slots.reshape(-1)
         q, *kv = (permuted(y[0], index, order).reshape(*slots.shape, -1) for y in [self.q_proj(x), *kv])
-        out, shared = self.attend(q, kv, mask, cache, shared)
-        return self.o_proj(permuted(out.reshape(-1, out.shape[-1]), order, index)[None]), shared
+        out, inputs = self.attend(q, kv, mask, cache, inputs)
+        return self.o_proj(permuted(out.reshape(-1, out.shape[-1]), order, index)[None]), inputs
 
-    def attend(self, q, kv, mask, cache, shared):
+    def attend(self, q, kv, mask, cache, inputs):
         B, L, _ = q.shape
         q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         if self.sharing == "reuse":
-            k, v = shared[self.layer_type]
+            k, v = inputs[self.layer_type]
         else:
             k, v = (y.reshape(B, L, self.n_kv_heads, -1) for y in kv)
             k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), cache.offset if cache is not None else 0)
@@ -1855,10 +1856,10 @@ class Gemma4Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)
             if self.sharing == "store":
-                shared = {**shared, self.layer_type: (k, v)}
+                inputs = {**inputs, self.layer_type: (k, v)}
         q = self.rope(q, k.shape[2] - L)  # the keys end at the queries' last position
         out = attention(q, k, v, 1.0, mask)
-        return out.transpose(0, 2, 1, 3).reshape(B, L, -1), shared
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1), inputs
 
 
 class Gemma4DecoderLayer(nn.Module):
@@ -1883,14 +1884,15 @@ class Gemma4DecoderLayer(nn.Module):
         if args.num_local_experts:
             self.router = Gemma4Router(args)
             self.experts = Gemma4Experts(args)
-            for name in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+            for name in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                         "post_feedforward_layernorm_2"):
                 self[name] = norm(args)
         self.layer_scalar = mx.ones((1,))
         self._no_grad = AlwaysFrozen(("layer_scalar",))  # a buffer in transformers
 
     def __call__(self, stream, mask, cache=None, example_rows=None):
         x, inputs = stream
-        out, shared = self.self_attn(self.input_layernorm(x), mask, cache, example_rows, inputs)
+        out, inputs = self.self_attn(self.input_layernorm(x), mask, cache, example_rows, inputs)
         h = x + self.post_attention_layernorm(out)
         feed_forward = self.mlp(self.pre_feedforward_layernorm(h))
         if "router" in self:  # the experts beside the MLP, routed by the stream before its norm
@@ -1903,7 +1905,7 @@ class Gemma4DecoderLayer(nn.Module):
         if "per_layer" in inputs:
             gate = self.act(self.per_layer_input_gate(h)) * inputs["per_layer"][:, :, self.index]
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
-        return h * self.layer_scalar, shared
+        return h * self.layer_scalar, inputs
 
 
 class Gemma4Router(nn.Module):
