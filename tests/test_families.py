@@ -327,6 +327,26 @@ def test_phi3_vision_trains_text_only_and_keeps_the_image_encoder(phi3_vision, d
     assert "model.layers.0.self_attn.qkv_proj.scales" in written
 
 
+def fused_and_quantized_keep(folder, adapters, source, kept, tmp_path, language_model: str) -> dict:
+    """fuse.py writes the checkpoint's names back, the `kept` weights untouched, and PEFT adapters of the
+    language model alone; convert -q quantizes the language model (under `language_model`) and leaves the
+    kept weights as they are. The quantized folder's quantization entry."""
+    run_fuse("--model", folder, "--adapter-file", adapters, "--save-path", tmp_path / "fused",
+             "--export-peft", tmp_path / "peft")
+    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
+    assert sorted(written) == sorted(source)
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in peft)
+
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    assert f"{language_model}layers.0.self_attn.q_proj.scales" in written
+    return json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]
+
+
 @pytest.mark.parametrize("family", ["mistral3", "gemma3"], indirect=True)
 def test_vision_language_models_train_text_only_and_keep_the_image_encoder(family, tmp_path):
     """The checkpoint's names come back as they were: the language model's under language_model.model, the
@@ -338,22 +358,10 @@ def test_vision_language_models_train_text_only_and_keep_the_image_encoder(famil
     kept = {k: v for k, v in source.items() if not k.startswith("language_model.")}
     assert kept and all(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in kept)
     random_adapter(folder, tmp_path / "adapters.safetensors", ALL_TARGETS)
-    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--save-path", tmp_path / "fused",
-             "--export-peft", tmp_path / "peft")
-    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
-    assert sorted(written) == sorted(source)
-    assert all(np.array_equal(written[k], v) for k, v in kept.items())
+    quantization = fused_and_quantized_keep(folder, tmp_path / "adapters.safetensors", source, kept, tmp_path,
+                                            "language_model.model.")
     assert json.loads((tmp_path / "fused" / "config.json").read_text()) == json.loads(
         (folder / "config.json").read_text())
-    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in peft)
-
-    convert.convert(convert.build_parser().parse_args(
-        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
-    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
-    assert all(np.array_equal(written[k], v) for k, v in kept.items())
-    assert "language_model.model.layers.0.self_attn.q_proj.scales" in written
-    quantization = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]
     assert "language_model.model.embed_tokens" in quantization
 
     in_memory = tmp_path / "in_memory"
@@ -583,18 +591,5 @@ def test_gemma4_trains_text_only_and_keeps_the_image_and_audio_encoders(family, 
              "--lora-layers", 2, "--adapter-file", adapters)
     assert sorted(mx.load(str(adapters))) == [f"model.layers.{i}.self_attn.{name}.lora_{ab}"
                                               for i in (2, 3) for name in ("o_proj", "q_proj") for ab in "ab"]
-    run_fuse("--model", folder, "--adapter-file", adapters, "--save-path", tmp_path / "fused",
-             "--export-peft", tmp_path / "peft")
-    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
-    assert sorted(written) == sorted(source)
-    assert all(np.array_equal(written[k], v) for k, v in kept.items())
-    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in peft)
-
-    convert.convert(convert.build_parser().parse_args(
-        ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
-    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
-    assert all(np.array_equal(written[k], v) for k, v in kept.items())
-    assert "model.language_model.layers.0.self_attn.q_proj.scales" in written
-    quantization = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]
+    quantization = fused_and_quantized_keep(folder, adapters, source, kept, tmp_path, "model.language_model.")
     assert quantization["bits"] == 4 and quantization["model.language_model.embed_tokens"]["bits"] == 8
