@@ -437,8 +437,8 @@ def preference_batch(rows, reference, pack, by_example=None):
 def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, reference=None,
                     by_example=None):
     """Batches (make_batch, packed as by_example says) of the examples in order (batch_order); training repeats
-    forever from its `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows are preference
-    pairs (tokenize) and a batch is of batch_size pairs (preference_batch). In a distributed run each rank
+    forever from its `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows
+    are preference pairs (tokenize) and a batch is of batch_size pairs (preference_batch). In a distributed run each rank
     makes its share of every global batch (rank_share): None where that is no example (evaluation's last
     batch)."""
     examples = dataset if reference is None else dataset[::2]  # a pair's place in the order: its chosen row
