@@ -88,14 +88,20 @@ class Family:
     layer_at_a_time: bool = True
 
 
-def sliding_from_max_window_layers(config: dict):
-    """Qwen's switches: the layers from max_window_layers on slide, and only if use_sliding_window."""
-    if not config.get("use_sliding_window"):
-        config["sliding_window"] = None
-    elif config.get("layer_types") is None:
-        window = config.get("max_window_layers", 0)
-        config["layer_types"] = ["sliding_attention" if i >= window else "full_attention"
-                                 for i in range(config.get("num_hidden_layers", 0))]
+def sliding_where(slides):
+    """Qwen's and SmolLM3's switch: a window only if use_sliding_window; then, where layer_types is absent, the
+    layers i for which slides(config, i) slide."""
+    def fix(config):
+        if not config.get("use_sliding_window"):
+            config["sliding_window"] = None
+        elif config.get("layer_types") is None:
+            config["layer_types"] = ["sliding_attention" if slides(config, i) else "full_attention"
+                                     for i in range(config.get("num_hidden_layers", 0))]
+    return fix
+
+
+# Qwen2's and Qwen3's: the layers from max_window_layers on
+sliding_from_max_window_layers = sliding_where(lambda config, i: i >= config.get("max_window_layers", 0))
 
 
 def sliding_every(period: int, key="sliding_window_pattern"):
@@ -130,6 +136,13 @@ def gemma3_fix(config: dict):
         config["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
 
 
+def rope_unless_given(config: dict, rope: dict):
+    """`rope` where the config gives no rope parameters or scaling: some families' transformers read a
+    top-level rope_theta alone as no rope at all, and install their own."""
+    if not (config.get("rope_parameters") or config.get("rope_scaling")):
+        config["rope_parameters"] = rope
+
+
 def rope_layers_fix(config: dict):
     """no_rope_layers: 1 where a layer uses rope (by default all but every no_rope_layer_interval-th)."""
     n = config.get("num_hidden_layers", 0)
@@ -141,10 +154,7 @@ def rope_layers_fix(config: dict):
 def smollm3_fix(config: dict):
     """rope_layers_fix; the layers without rope slide, if use_sliding_window."""
     rope_layers_fix(config)
-    if not (config.get("use_sliding_window") and config.get("sliding_window")):
-        config["sliding_window"] = None
-    elif config.get("layer_types") is None:
-        config["layer_types"] = ["full_attention" if rope else "sliding_attention" for rope in config["rope_layers"]]
+    sliding_where(lambda config, i: not config["rope_layers"][i])(config)
 
 
 def olmo3_fix(config: dict):
@@ -230,9 +240,8 @@ def ernie4_5_fix(config: dict):
 def apertus_fix(config: dict):
     # checkpoints' qk_norm and mlp_bias fields are not transformers': its queries and keys are always normed
     config.update(qk_norm="head", mlp_bias=False)
-    if not (config.get("rope_parameters") or config.get("rope_scaling")):  # top-level rope_theta ignored
-        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 12e6, "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_unless_given(config, {"rope_type": "llama3", "rope_theta": 12e6, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
 def internlm3_fix(config: dict):
@@ -250,15 +259,16 @@ def ministral3_fix(config: dict):
     """Every layer slides if sliding_window is set (layer_types is not read); rope's llama_4_scaling_beta and
     original_max_position_embeddings scale the queries (query_scaling)."""
     config["layer_types"] = None
-    if not (config.get("rope_parameters") or config.get("rope_scaling")):  # top-level rope_theta ignored
-        config["rope_parameters"] = {
-            "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+    rope_unless_given(config, {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1})
     rope = flat_rope(config)
     if rope.get("llama_4_scaling_beta"):
         if not rope.get("original_max_position_embeddings"):
             raise ValueError("rope_parameters has llama_4_scaling_beta without original_max_position_embeddings")
-        config["query_scaling"] = (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+        config["query_scaling"] = (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"], 0)
+
+
 def experts_from(config: dict, count: str, top_k: Optional[str] = None):
     """The family's names for the number of experts and of experts per token, read into ModelArgs' (a config.json
     of transformers 5 may hold ours instead: then it stands)."""
@@ -279,12 +289,7 @@ def qwen2_moe_fix(config: dict):
     experts_from(config, "num_experts")
     moe_every_step(config)
     # unlike Qwen2, the layers below max_window_layers slide, every other one
-    if not config.get("use_sliding_window"):
-        config["sliding_window"] = None
-    elif config.get("layer_types") is None:
-        window = config.get("max_window_layers", 0)
-        config["layer_types"] = ["sliding_attention" if (i + 1) % 2 and i < window else "full_attention"
-                                 for i in range(config.get("num_hidden_layers", 0))]
+    sliding_where(lambda config, i: (i + 1) % 2 and i < config.get("max_window_layers", 0))(config)
 
 
 def qwen3_moe_fix(config: dict):
@@ -425,9 +430,7 @@ def gpt_oss_fix(config: dict):
         raise ValueError("quantization_config: MXFP4 experts (the Hub's gpt-oss files) are not supported; use a "
                          "copy saved in bf16 (transformers: Mxfp4Config(dequantize=True))")
     sliding_every(2)(config)
-    # transformers installs gpt-oss's YaRN where the config gives no rope scaling, whatever the layout
-    if not (config.get("rope_parameters") or config.get("rope_scaling")):
-        config["rope_parameters"] = {**GPT_OSS_YARN, "rope_theta": config["rope_theta"]}
+    rope_unless_given(config, {**GPT_OSS_YARN, "rope_theta": config["rope_theta"]})
 
 
 def llama4_fix(config: dict):
@@ -448,6 +451,8 @@ def llama4_fix(config: dict):
     config["qk_l2_norm"] = bool(config.get("use_qk_norm"))
     # the Hub's configs give a number (4), which transformers' strict config refuses; any true value turns it on
     config["attn_temperature_tuning"] = bool(config.get("attn_temperature_tuning"))
+    if config["attn_temperature_tuning"]:  # by the position counted from 1
+        config["query_scaling"] = (config["attn_scale"], config["floor_scale"], 1)
 
 
 GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -778,10 +783,7 @@ class ModelArgs:
     shared_expert: Optional[str] = None  # the checkpoint's name of an MLP in the block that every token goes through
     shared_expert_gate: Optional[str] = None  # of a Linear(hidden, 1): the shared MLP's output times its sigmoid
     qk_l2_norm: bool = False  # queries and keys divided by their RMS over each head's features after rope, no weight
-    # the queries of the layers without rope times 1 + attn_scale * log1p(floor((position + 1) / floor_scale))
-    attn_temperature_tuning: bool = False
-    floor_scale: float = 8192.0
-    attn_scale: float = 0.1
+    attn_temperature_tuning: bool = False  # query_scaling in the layers without rope alone (Llama 4)
     attention_sinks: bool = False  # a learned logit per head (sinks) joins each softmax over the keys (gpt-oss)
     mlp_module: str = "mlp"  # the checkpoint's name for the other layers' MLP
     intermediate_size_mlp: Optional[int] = None  # those MLPs' width where intermediate_size is the experts' (Llama 4)
@@ -799,7 +801,8 @@ class ModelArgs:
     lm_head_bias: bool = False
     embedding_scale: Optional[float] = None  # embeddings times it (Gemma: sqrt(hidden_size), in their dtype)
     attention_scale: Optional[float] = None  # of the scores; head_dim ** -0.5 if None
-    # (beta, length): queries times 1 + beta * log(1 + position // length) after rope (Llama 4's, Ministral 3)
+    # (beta, length, first): queries times 1 + beta * log(1 + (position + first) // length) after rope (Ministral 3;
+    # Llama 4's temperature tuning)
     query_scaling: Optional[tuple] = None
     residual_scale: float = 1.0  # each block's output times it before it joins the residual stream (Granite)
     logits_scale: float = 1.0
@@ -877,7 +880,7 @@ class ModelArgs:
         """Whether attention depends on the positions themselves, not only on the distance between them (a
         weighted norm after rope, queries scaled by position, chunks of positions): then packed examples must
         each start at position 0, as packed_layout's rows of one example each give them (by_example)."""
-        return (self.qk_norm == "head_after_rope" or self.query_scaling is not None or self.attn_temperature_tuning
+        return (self.qk_norm == "head_after_rope" or self.query_scaling is not None
                 or self.attention_chunk_size is not None)
 
     @property
@@ -1152,11 +1155,9 @@ class Attention(nn.Module):
         rope = args.rope_for(layer)
         self.rope = RoPE(args, rope) if rope is not None else None
         self.qk_l2_norm, self.eps = args.qk_l2_norm and rope is not None, args.rms_norm_eps
-        self.temperature_tuning = args.attn_temperature_tuning and rope is None
-        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
         self.scale = args.attention_scale or self.head_dim**-0.5
         self.softcap = args.attn_logit_softcapping
-        self.query_scaling = args.query_scaling
+        self.query_scaling = None if args.attn_temperature_tuning and rope is not None else args.query_scaling
         if args.attention_sinks:
             self.sinks = mx.zeros((self.n_heads,))
 
@@ -1206,10 +1207,6 @@ class Attention(nn.Module):
             q = q * self.query_scale(offset, L).astype(q.dtype)
         if self.qk_l2_norm:
             q, k = mx.fast.rms_norm(q, None, self.eps), mx.fast.rms_norm(k, None, self.eps)
-        if self.temperature_tuning:  # by absolute position, as transformers counts from its cache's length
-            positions = mx.arange(offset + 1, offset + L + 1, dtype=mx.float32)
-            temperature = 1 + self.attn_scale * mx.log1p(mx.floor(positions / self.floor_scale))
-            q = q * temperature[:, None].astype(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, self.scale, mask, self.softcap, self.get("sinks"))
@@ -1220,11 +1217,11 @@ class Attention(nn.Module):
         return self[q_name](q), self[k_name](k)
 
     def query_scale(self, offset: int, length: int):
-        """query_scaling's factor at positions offset... of a row, as a column. A packed row's examples keep
-        their positions in the row (packed_layout): exact while the row is shorter than query_scaling's length,
-        under which the factor is 1."""
-        beta, period = self.query_scaling
-        positions = mx.arange(offset, offset + length, dtype=mx.float32)
+        """query_scaling's factor at positions offset... of a row, as a column: by the positions themselves, as
+        transformers counts them from its cache's length (a packed row's examples each start a row of their own,
+        ModelArgs.attends_by_position)."""
+        beta, period, first = self.query_scaling
+        positions = mx.arange(offset + first, offset + length + first, dtype=mx.float32)
         return (1 + beta * mx.log(1 + mx.floor(positions / period)))[:, None]
 
 

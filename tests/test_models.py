@@ -371,7 +371,7 @@ def test_family_config_names_and_defaults_read_as_transformers_reads_them():
         theirs = transformers.AutoConfig.for_model(model_type, **config).rope_parameters
         ours = models.ModelArgs.from_config({**config, "model_type": model_type})
         assert all(theirs[k] == v for k, v in ours.rope.items() if k != "partial_rotary_factor"), (theirs, ours.rope)
-        assert ours.query_scaling == ((0.1, 16384) if model_type == "ministral3" else None)
+        assert ours.query_scaling == ((0.1, 16384, 0) if model_type == "ministral3" else None)
     theirs = transformers.AutoConfig.for_model("internlm3", **tiny, qkv_bias=True, bias=True)
     ours = models.ModelArgs.from_config({**tiny, "model_type": "internlm3", "qkv_bias": True, "bias": True})
     assert ours.attention_bias == theirs.attention_bias and ours.mlp_bias == theirs.mlp_bias is True
