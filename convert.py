@@ -79,18 +79,24 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     if quantization and not quantized:
         raise UserError(f"--q-group-size {quantization['group_size']}: no layer's input size is a multiple of it")
 
+    names = model.args.names
+    advice = "; --dtype bfloat16 or float32 holds them" if dtype == mx.float16 else ""
+
+    def written(name, value):  # beyond dtype's range, a value would be written as Inf
+        return utils.narrowed(value, dtype, f"{where}: tensor {names.theirs(name)}", advice)
+
     def tensors():
         for name, _ in tqdm(expected, desc="Converting", unit="tensor", file=sys.stdout):
             value = source.pop(name)  # dropped once written
             path, leaf = name.rsplit(".", 1)
             if leaf == "weight" and path in quantized:
+                utils.check_finite({names.theirs(name): value}, where)
                 weight, scales, biases = mx.quantize(value, **quantized[path])
-                yield from ((name, weight), (f"{path}.scales", scales.astype(dtype)),
-                            (f"{path}.biases", biases.astype(dtype)))
+                yield from ((name, weight), (f"{path}.scales", written(f"{path}.scales", scales)),
+                            (f"{path}.biases", written(f"{path}.biases", biases)))
             else:
-                yield name, value.astype(dtype)
+                yield name, written(name, value)
 
-    names = model.args.names
     return ((names.theirs(k), v) for k, v in tensors()), quantized, len(layers) - len(quantized)
 
 

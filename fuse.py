@@ -92,7 +92,8 @@ def write_fused(args, out):
     config = utils.output_config(config, "float16" if args.de_quantize else None, quantized)
 
     def write(folder):
-        utils.save_model(folder, model, tokenizer, config)
+        fused = f"the model fused with {args.adapter_file}" + (", de-quantized to float16" if args.de_quantize else "")
+        utils.save_model(folder, model, tokenizer, config, what=fused)
         (folder / "README.md").write_text(utils.model_card(
             args.upload_name or str(out), base, f"the base with {FUSED[adapters.fine_tune_type]} "
                                                 f"`{args.adapter_file}` fused in"))

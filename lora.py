@@ -724,7 +724,12 @@ def preference_references(model, datasets, args):
         return [np.zeros((len(rows) // 2, 2), np.float32) for rows in datasets]
     say(f"Computing DPO's reference: the log-probabilities of the responses of {sum(map(len, datasets)) // 2} "
         f"pairs before training")
-    return [reference_logps(model, rows) for rows in datasets]
+    references = [reference_logps(model, rows) for rows in datasets]
+    broken = sum(int((~np.isfinite(r)).sum()) for r in references)
+    if broken:  # each would make its pair's DPO loss NaN
+        raise UserError(f"DPO's reference: the model before training gives {broken} of the responses a "
+                        f"log-probability that is not finite; its weights are finite, its computation is not")
+    return references
 
 
 # Step
@@ -904,6 +909,22 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         def saves(it):
             return it % args.save_every == 0 or it == args.iters
 
+        def check_before_saving(it):
+            """Stop rather than save adapters that are not finite, or that give a loss that is not (the update
+            after a finite loss can overflow): a save never replaces good adapters by broken ones. Their loss is
+            the validation loss of this iteration, else that of the first validation (or training) batch."""
+            if utils.first_not_finite(dict(tree_flatten(model.trainable_parameters()))) is not None:
+                diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
+            if evaluates(it):
+                return
+            probe, reference = (valid_set, references[1]) if len(valid_set) else (train_set, references[0])
+            model.eval()
+            probe_loss, _ = evaluate(model, probe, args.batch_size, 1, args.train_mode, args.beta, reference)
+            model.train()
+            if not math.isfinite(probe_loss):
+                diverged(it, f"the adapters give a loss of {probe_loss} on the first "
+                             f"{'validation' if probe is valid_set else 'training'} batch", adapter_file, checkpoint)
+
         try:
             # every rank stops at the same step: the first read whose flag shows an interruption, or, if a later
             # step was launched already, that one
@@ -913,7 +934,8 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 if it == first:  # the first step's time is mostly compiling it
                     seconds["first step"] = time.perf_counter() - began
                 if not math.isfinite(loss):
-                    diverged(it, f"the loss is {loss}", adapter_file, checkpoint)
+                    diverged(it, f"the loss is {loss}" + (" before any update" if it == first else ""),
+                             adapter_file, checkpoint, lowering_helps=it > first)
                 losses.append(loss)
                 metrics.append(np.array(sums[1:]) / count)
                 ntokens += int(sums[0])
@@ -940,6 +962,8 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     val_loss, val_metrics = evaluate(model, valid_set, args.batch_size, args.val_batches,
                                                      args.train_mode, args.beta, references[1])
                     model.train()
+                    if not math.isfinite(val_loss):
+                        diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
                     val_time = time.perf_counter() - val_start
                     log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
                          "val_time": val_time})
@@ -949,14 +973,12 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     seconds["validation"] += val_time
                 halt = stopping and latest  # Ctrl-C: stop at the step the model is at
                 if saves(it) or halt:
-                    # the update after a finite loss can still overflow: never save weights that are not finite
-                    if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
-                        diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
+                    saving = time.perf_counter()
+                    check_before_saving(it)
                     if writer:
-                        saving = time.perf_counter()
                         utils.save_adapters(adapter_file, model, adapter_config)
                         checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
-                        seconds["saving"] += time.perf_counter() - saving
+                    seconds["saving"] += time.perf_counter() - saving
                     say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
                 if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
@@ -1063,6 +1085,7 @@ def checkpoint_arrays(path, model):
     path = Path(path)
     it = checkpoint_state(path)["iteration"]
     weights = utils.read_arrays(path / "adapters.safetensors")
+    utils.check_finite(weights, path / "adapters.safetensors")
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     if {k: v.shape for k, v in weights.items()} != expected:
         raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
@@ -1071,6 +1094,7 @@ def checkpoint_arrays(path, model):
     if "step" not in moments or any(moments.get(f"{k}.{m}") is None or moments[f"{k}.{m}"].shape != shape
                                     for k, shape in expected.items() for m in ("m", "v")):
         raise UserError(f"{path / 'optimizer.safetensors'}: does not hold Adam's state for these adapters")
+    utils.check_finite(moments, path / "optimizer.safetensors")
     return it, weights, moments
 
 
@@ -1176,11 +1200,16 @@ def peak_memory(group) -> float:
     return peak if group.size() == 1 else mx.distributed.all_max(mx.array(float(peak)), group=group).item()
 
 
-def diverged(it, what, adapter_file, checkpoint):
-    kept = f"the adapters saved last are kept in {adapter_file}" if adapter_file.exists() else "nothing was saved"
+def diverged(it, what, adapter_file, checkpoint, lowering_helps=True):
+    """Stop training. Every save was checked to give a finite loss (train's check_before_saving): the last one,
+    if this run saved any, holds the last adapters known to be good."""
     if checkpoint is not None:
-        kept += f", the last good checkpoint is {checkpoint}"
-    raise UserError(f"iteration {it}: {what}; training stopped ({kept}). Try a lower --learning-rate.")
+        kept = f"{adapter_file} and {checkpoint} hold the adapters saved last, whose loss was finite"
+    else:
+        kept = "this run saved nothing" + (f"; {adapter_file} is as it was" if adapter_file.exists() else "")
+    advice = ("Try a lower --learning-rate." if lowering_helps else
+              "Not the learning rate: the weights and adapters are finite, the model's computation is not.")
+    raise UserError(f"iteration {it}: {what}; training stopped ({kept}). {advice}")
 
 
 # Evaluation
@@ -1253,15 +1282,17 @@ def generate(model, tokenizer, config, args):
     prompt = tokenizer.encode(args.prompt)
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
-    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
-        if token in eos:
-            break
-        tokens.append(token)
-        text = tokenizer.decode(tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-    print(tokenizer.decode(tokens)[len(printed):], flush=True)
+    try:
+        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
+            if token in eos:
+                break
+            tokens.append(token)
+            text = tokenizer.decode(tokens)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+    finally:  # the line ends, however generation ends
+        print(tokenizer.decode(tokens)[len(printed):], flush=True)
 
 
 # Main
@@ -1331,6 +1362,7 @@ def run(args, adapter_file, examples, generation_tests):
         if split in data and batches > 0:
             data[split] = data[split][:batches * args.batch_size * rows_per_example(args)]
     model.freeze()
+    adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
         if len(data["train"]) < args.batch_size * rows_per_example(args):
             raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows_per_example(args)} examples, "
@@ -1352,7 +1384,7 @@ def run(args, adapter_file, examples, generation_tests):
         seconds.update(train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config))
         model.grad_checkpoint = False
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
-    elif adapter_file.exists() or args.adapter_file:
+    elif adapted:
         with utils.naming_flag("--adapter-file"):
             utils.load_adapters(model, adapter_file, scale)
     else:
@@ -1362,14 +1394,20 @@ def run(args, adapter_file, examples, generation_tests):
     if args.test:
         test_loss, test_metrics = evaluate(model, data["test"], args.batch_size, args.test_batches, args.train_mode,
                                            args.beta, test_reference)
-        print(f"Test loss {test_loss:.3f}" + (f", Test ppl {math.exp(test_loss):.3f}." if args.train_mode == "sft"
+        if not math.isfinite(test_loss):  # a result no one should read as one
+            used = f"with the adapters {adapter_file}" if adapted else "without adapters"
+            raise UserError(f"--test: the loss of the model {used} on {Path(args.data) / 'test.jsonl'} is {test_loss}")
+        ppl = math.exp(test_loss) if test_loss < 700 else math.inf  # exp overflows a float beyond
+        print(f"Test loss {test_loss:.3f}" + (f", Test ppl {ppl:.3f}." if args.train_mode == "sft"
                                               else rewards(test_metrics) + "."), flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
-            matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
+            with utils.naming_flag("--generate-eval"):
+                matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
     if args.prompt is not None and mx.distributed.init().rank() == 0:
-        generate(model, tokenizer, config, args)
+        with utils.naming_flag("--prompt"):
+            generate(model, tokenizer, config, args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
@@ -356,6 +357,46 @@ def read_arrays(path, return_metadata=False):
         raise UserError(f"{path}: cannot be read ({first_line(e)})") from None
 
 
+# Numbers: weights that are not finite, and values beyond a type's range
+
+
+def first_not_finite(arrays: dict):
+    """The name of the first of these arrays (name: array) of a float type that holds NaN or Inf, or None.
+    One reduction per array, evaluated together: a pass over the weights, no copy of them."""
+    floats = [name for name, value in arrays.items() if mx.issubdtype(value.dtype, mx.floating)]
+    finite = mx.stack([mx.isfinite(arrays[name]).all() for name in floats]).tolist() if floats else []
+    return next((name for name, ok in zip(floats, finite) if not ok), None)
+
+
+def check_finite(arrays: dict, where):
+    """An error naming `where` and the first of these arrays (name: array) that holds NaN or Inf."""
+    bad = first_not_finite(arrays)
+    if bad is not None:
+        raise UserError(f"{where}: tensor {bad} holds {not_finite(arrays[bad])}")
+
+
+def not_finite(value: mx.array) -> str:
+    """What an array that is not finite holds."""
+    return "NaN" if mx.isnan(value).any().item() else "Inf"
+
+
+def type_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def narrowed(value: mx.array, dtype, where: str, advice: str = "") -> mx.array:
+    """value as dtype, evaluated; an error naming `where` (and advice) if the result is not finite: values
+    beyond dtype's range, or the value's own NaN or Inf. Written weights never hold an Inf a cast made."""
+    result = value.astype(dtype)
+    if first_not_finite({where: result}) is None:
+        return result
+    if first_not_finite({where: value}) is not None:
+        raise UserError(f"{where} holds {not_finite(value)}")
+    largest = mx.abs(value).max().item()
+    raise UserError(f"{where} holds values up to {largest:.4g} in magnitude, beyond {type_name(dtype)}'s range "
+                    f"(±{mx.finfo(dtype).max:.6g}){advice}")
+
+
 # GGUF's value types: struct formats of the fixed-size ones (8 is a string, 9 an array)
 GGUF_VALUES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
@@ -514,6 +555,13 @@ def read_in_threads(files, convert, names=None, threads=16, rename=lambda name: 
             mx.eval(arrays)
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"{', '.join(sorted(opened))}: cannot be read ({first_line(e)})") from None
+        # as converted: a weight beyond the range of the type the model computes in is as broken as a NaN
+        bad = first_not_finite(arrays)
+        if bad is not None:
+            f, k = next((f, k) for f, k in part if rename(k) == bad)
+            check_finite({k: opened[f][k]}, f)
+            narrowed(opened[f][k], arrays[bad].dtype, f"{f}: tensor {k}",
+                     ", the type the model computes in here (config.json's dtype)")
         return arrays
 
     with ThreadPoolExecutor(len(parts)) as pool:
@@ -678,6 +726,7 @@ def read_gguf(path: Path):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
+    check_finite(weights, path)  # quantized tensors' scales and biases too
     config = gguf_config(meta, weights)
     check_config(config, path)
     renamed = {}
@@ -906,15 +955,16 @@ def save_weights(folder, tensors, shard_bytes: int = 5 * 10**9):
     write_json(folder / "model.safetensors.index.json", index)
 
 
-def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9):
+def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int = 5 * 10**9, what="the model"):
     """A model folder in the Hugging Face layout: config.json, safetensors shards with an index, tokenizer.
     Float weights are saved in the config's type (the model may compute in another: float32 on the CPU), under
-    the checkpoint's names."""
+    the checkpoint's names; one that is not finite in it is an error naming `what` and the tensor."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
-    weights = ((model.args.names.theirs(k), v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-               for k, v in tree_flatten(model.parameters()))
+    names = ((model.args.names.theirs(k), v) for k, v in tree_flatten(model.parameters()))
+    weights = ((name, narrowed(v, dtype, f"{what}: tensor {name}") if mx.issubdtype(v.dtype, mx.floating) else v)
+               for name, v in names)
     save_weights(path, weights, shard_bytes)
     write_json(path / "config.json", config)
     tokenizer.save_pretrained(str(path))
@@ -1007,7 +1057,8 @@ def write_gguf(path, model: models.Model, tokenizer):
                 heads = args.num_attention_heads if parts[-2] == "q_proj" else args.num_key_value_heads
                 rows, rest = value.shape[0], value.shape[1:]
                 value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-            writer.add_tensor(gguf_name, np.array(value.astype(mx.float16 if value.ndim == 2 else mx.float32)))
+            value = narrowed(value, mx.float16 if value.ndim == 2 else mx.float32, f"{path}: tensor {gguf_name}")
+            writer.add_tensor(gguf_name, np.array(value))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -1143,6 +1194,7 @@ def adapter_weights(path: Path) -> dict:
     for name, value in weights.items():
         if not mx.issubdtype(value.dtype, mx.floating):
             raise UserError(f"{path}: {name} holds {value.dtype} values, not floating point ones")
+    check_finite(weights, path)
     return weights
 
 
@@ -1305,11 +1357,15 @@ def sample(logits: mx.array, temp: float, top_p: float) -> mx.array:
 
 
 def generate(model: models.Model, prompt: list, temp: float = 0.0, top_p: float = 1.0):
-    """Yield token ids one at a time, without end; the caller stops at EOS or a length."""
+    """Yield token ids one at a time, without end; the caller stops at EOS or a length. Logits that are not
+    finite are an error: a token picked from them would be noise."""
     cache = model.make_cache()
     tokens = mx.array(prompt)[None]
-    while True:
-        token = sample(model(tokens, cache)[:, -1, :].astype(mx.float32), temp, top_p)
-        mx.eval(token)
+    for n in itertools.count(1):
+        logits = model(tokens, cache)[:, -1, :].astype(mx.float32)
+        token, finite = sample(logits, temp, top_p), mx.isfinite(logits).all()
+        mx.eval(token, finite)
+        if not finite.item():
+            raise UserError(f"the model's output (its logits) for token {n} of the generation is not finite")
         yield token.item()
         tokens = token[None]
