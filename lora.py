@@ -1161,6 +1161,8 @@ def plot_losses(metrics_path, png_path):
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
+    if not records:  # a run stopped before its first report
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         points = [(r["iteration"], r[key]) for r in records if key in r]

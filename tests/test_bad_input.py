@@ -23,6 +23,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, sql_texts, write_gguf, write_jsonl
 
 TIMEOUT = 120  # s per script run; a hang fails the case
@@ -89,6 +90,7 @@ class World:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(gguf, "GGUFWriter", writer)
                 write_gguf(path, self.model, reference, T.F16)
+        self.reference = reference  # the torch model, for GGUF files of other weights
         self._trained = None
 
     def trained(self):
@@ -765,6 +767,143 @@ CASES += [
     Case("out-fuse-save-path-holds-the-adapters-force", "fuse.py", fuse_into_the_adapters_folder, "--save-path"),
     Case("out-fuse-export-gguf-onto-the-source-force", "fuse.py", gguf_onto_itself, "--export-gguf"),
     Case("out-fuse-export-peft-onto-the-adapters-force", "fuse.py", peft_onto_itself, "--export-peft"),
+]
+
+
+# --- I. numbers: weights that are not finite, outputs that are not, values beyond the type written ---------
+
+DOWN = "model.layers.1.mlp.down_proj"  # (64, 128): quantizes in groups of 64
+
+
+def set_weight(name, value):
+    """A change for rewrite_weights: the first value of weight `name` set to `value`."""
+    def change(weights):
+        array = np.array(weights[name])
+        array.flat[0] = value
+        weights[name] = mx.array(array)
+
+    return change
+
+
+def quantized(name, scales_nan=False):
+    """A change for rewrite_weights: layer `name` stored 4-bit (weight, scales and biases in float32, as
+    convert.py -q --dtype float32 writes them), after `change`; its first scale NaN if scales_nan."""
+    def change(weights):
+        weight, scales, biases = mx.quantize(weights.pop(f"{name}.weight"), group_size=64, bits=4)
+        weights.update({f"{name}.weight": weight, f"{name}.scales": scales, f"{name}.biases": biases})
+        if scales_nan:
+            set_weight(f"{name}.scales", np.nan)(weights)
+
+    return change
+
+
+def both(*changes):
+    return lambda weights: [change(weights) for change in changes]
+
+
+def numbers_model(change=None, config_change=None):
+    """A copy of the model in d/numbers_model, its weights changed by change(weights) (rewrite_weights), its
+    config by config_change."""
+    def make(w, d):
+        folder = copy(w.model, d / "numbers_model")
+        if change:
+            rewrite_weights(folder, change)
+        if config_change:
+            edit_json(folder / "config.json", config_change)
+        return folder
+
+    return make
+
+
+def scaled_adapters(factor):
+    """The trained adapters, every lora_b set to `factor`: finite weights whose outputs are not."""
+    def damage(folder):
+        path = folder / "adapters.safetensors"
+        weights = dict(mx.load(str(path)))
+        mx.save_safetensors(str(path), {k: mx.full(v.shape, factor) if k.endswith("lora_b") else v
+                                        for k, v in weights.items()})
+
+    return damage
+
+
+def nan_adapters(folder):
+    path = folder / "adapters.safetensors"
+    weights = dict(mx.load(str(path)))
+    set_weight("model.layers.3.self_attn.v_proj.lora_a", np.nan)(weights)
+    mx.save_safetensors(str(path), weights)
+
+
+def nan_gguf(path, w):
+    """The tiny model as a Q4_0 GGUF file, one weight NaN (its block's scale too)."""
+    import copy as copying
+
+    from gguf import GGMLQuantizationType as T
+
+    reference = copying.deepcopy(w.reference)
+    with torch.no_grad():
+        reference.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    write_gguf(path, w.model, reference, T.Q4_0)
+
+
+BIG = numbers_model(set_weight(f"{DOWN}.weight", 1e5))  # beyond float16's range (65504)
+# finite weights, but the final norm's output overflows the logits: the model's losses are not finite
+OVERFLOWING = numbers_model(lambda weights: weights.update({"model.norm.weight": weights["model.norm.weight"] * 1e38}))
+
+
+def dpo_on(model_folder):
+    def args(w, d):
+        folder = d / "pairs"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(PAIRS)
+        return train(w, d, *DPO, data=folder, model=model_folder(w, d))
+
+    return args
+
+
+CASES += [
+    Case("numbers-model-weight-nan", "lora.py",
+         lambda w, d: train(w, d, model=numbers_model(set_weight(f"{DOWN}.weight", np.nan))(w, d)),
+         f"model.safetensors: tensor {DOWN}.weight holds NaN"),
+    Case("numbers-model-weight-inf-test", "lora.py",
+         lambda w, d: on_test_set(w, d, model=numbers_model(set_weight("model.embed_tokens.weight", -np.inf))(w, d)),
+         "tensor model.embed_tokens.weight holds Inf"),
+    Case("numbers-model-quantized-scale-nan", "lora.py",
+         lambda w, d: prompt(w, d, model=numbers_model(quantized(DOWN, scales_nan=True))(w, d)),
+         f"tensor {DOWN}.scales holds NaN"),
+    Case("numbers-gguf-weight-nan", "lora.py", gguf_file("nan.gguf", nan_gguf, gguf_train), "nan.gguf: tensor blk.1"),
+    Case("numbers-model-overflows-dpo-reference", "lora.py", dpo_on(OVERFLOWING), "DPO's reference"),
+    Case("numbers-model-overflows-test", "lora.py", lambda w, d: on_test_set(w, d, model=OVERFLOWING(w, d)),
+         "--test: the loss of the model without adapters"),
+    Case("numbers-adapters-nan", "lora.py", adapters(nan_adapters, lora_test),
+         "adapters.safetensors: tensor model.layers.3.self_attn.v_proj.lora_a holds NaN"),
+    Case("numbers-adapters-nan-fuse", "fuse.py", adapters(nan_adapters, fuse_into), "holds NaN"),
+    Case("numbers-resume-adapters-nan", "lora.py", resume(in_checkpoint("", nan_adapters)), "holds NaN"),
+    Case("numbers-adapters-give-nan-test", "lora.py", adapters(scaled_adapters(1e38), lora_test),
+         "--test: the loss of the model with the adapters"),
+    Case("numbers-adapters-give-nan-prompt", "lora.py", adapters(scaled_adapters(1e38), lora_prompt),
+         "--prompt: the model's output"),
+    Case("numbers-adapters-beyond-float16-gguf", "fuse.py",
+         adapters(scaled_adapters(1e5), lambda w, d, a: ["--model", w.model, "--adapter-file", a,
+                                                         "--export-gguf", d / "fused.gguf"]),
+         "beyond float16's range"),
+    Case("numbers-fused-beyond-float16", "fuse.py",
+         adapters(scaled_adapters(1e5), lambda w, d, a: [
+             "--model", numbers_model(config_change=lambda c: dict(c, dtype="float16"))(w, d), "--adapter-file", a,
+             "--save-path", d / "fused"]),
+         "the model fused with"),
+    Case("numbers-convert-beyond-float16", "convert.py",
+         lambda w, d: ["--hf-path", BIG(w, d), "--mlx-path", d / "out", "--dtype", "float16"],
+         f"tensor {DOWN}.weight holds values up to 1e+05 in magnitude, beyond float16's range"),
+    Case("numbers-convert-quantize-beyond-float16", "convert.py",
+         lambda w, d: ["--hf-path", BIG(w, d), "--mlx-path", d / "out", "-q", "--dtype", "float16"],
+         f"tensor {DOWN}.biases"),
+    Case("numbers-convert-de-quantize-beyond-float16", "convert.py",
+         lambda w, d: ["--hf-path", numbers_model(both(set_weight(f"{DOWN}.weight", 1e5), quantized(DOWN)))(w, d),
+                       "--mlx-path", d / "out", "--dtype", "float16"], "beyond float16's range"),
+    Case("numbers-fuse-de-quantize-beyond-float16", "fuse.py",
+         lambda w, d: ["--model", numbers_model(both(set_weight(f"{DOWN}.weight", 1e5), quantized(DOWN)))(w, d),
+                       "--adapter-file", w.adapters, "--save-path", d / "fused", "--de-quantize"],
+         "de-quantized to float16"),
 ]
 
 

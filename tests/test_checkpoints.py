@@ -110,6 +110,21 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny_llama, data_dir, tmp_pat
     assert not (folder / "runs" / "1" / "step-0000004").exists()
 
 
+def test_a_model_that_overflows_is_not_blamed_on_the_learning_rate(tiny_llama, data_dir, tmp_path, capsys):
+    """Finite weights whose loss is not (the final norm's output overflows the logits): the error says so at
+    iteration 1, before any update."""
+    import shutil
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "model")
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1e38
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"iteration 1: the loss is inf before any update; training stopped \(this "
+                                        r"run saved nothing\)\. Not the learning rate"):
+        run_lora(capsys, *train_flags(folder, data_dir, tmp_path / "run", 4))
+    assert not (tmp_path / "run" / "runs" / "1" / "loss.png").exists()  # no plot of nothing
+
+
 def test_metrics_plot_and_kept_checkpoints(tiny_llama, data_dir, tmp_path, capsys):
     import matplotlib.image
 

@@ -24,7 +24,7 @@ import time
 
 import mlx.core as mx
 import pytest
-from conftest import ROOT, random_adapter
+from conftest import ALL_TARGETS, ROOT, random_adapter
 
 # The tiny model's adapters with --lora-layers 2 (of 4) on the default targets, and Adam's state for them.
 ADAPTER_KEYS = {f"model.layers.{layer}.self_attn.{proj}.lora_{ab}"
@@ -490,3 +490,43 @@ def test_leftovers_of_a_killed_run_are_removed(tiny_llama, data_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "my notes\n"
     assert temporary_leftovers(out) == [live.name]
     assert damage(out / "adapters.safetensors") is None
+
+
+# ---------------------------------------------------------------- 7. a run that diverges
+
+# on every linear layer of the last two, at this learning rate the tiny model's losses are NaN after one update
+DIVERGING = ["--lora-targets", *ALL_TARGETS, "--learning-rate", 1e20]
+
+
+def test_divergence_keeps_the_earlier_adapters(tiny_llama, data_dir, tmp_path):
+    """A good run, then two in the same folder that diverge at their first update: the second stops at the
+    NaN validation loss, the third (no validation) at the loss of the adapters it was about to save; neither
+    writes anything over the first's adapters and checkpoints."""
+    out = tmp_path / "out"
+    good = run(lora_cmd(tiny_llama, data_dir, out, 2, "--save-every", 2), tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    saved = hashes(out)
+    kept = f"this run saved nothing; {out / 'adapters.safetensors'} is as it was"
+    for flags, what in ((["--steps-per-eval", 1], "the validation loss is nan"),
+                        (["--val-batches", 0], "the adapters give a loss of nan on the first training batch")):
+        result = run(lora_cmd(tiny_llama, data_dir, out, 4, "--save-every", 1, *DIVERGING, *flags), tmp_path)
+        assert_one_line_error(result, "lora.py", f"iteration 1: {what}; training stopped ({kept})",
+                              "--learning-rate")
+    after = hashes(out)
+    assert {name: after.get(name) for name in saved} == saved
+    assert not [name for name in after if name not in saved and "step-" in name]  # no checkpoint either
+
+
+def test_divergence_names_adapters_that_give_a_finite_loss(tiny_llama, data_dir, tmp_path):
+    """The learning rate warms up to 1e18 over 20 iterations, saving at every one: the first saves are good,
+    then an update breaks the model. What the error names as saved last is what --adapter-file holds, and it
+    gives a finite loss."""
+    out = tmp_path / "out"
+    result = run(lora_cmd(tiny_llama, data_dir, out, 20, "--save-every", 1, "--warmup", 20,
+                          *DIVERGING[:-1], 1e18), tmp_path)
+    line = assert_one_line_error(result, "lora.py", "training stopped", "hold the adapters saved last")
+    checkpoint = re.search(r"and (\S+) hold the adapters saved last", line)[1]
+    assert (out / "adapters.safetensors").read_bytes() == (out / checkpoint / "adapters.safetensors").read_bytes()
+    tested = run([sys.executable, ROOT / "lora.py", "--model", tiny_llama, "--data", data_dir, "--test",
+                  "--adapter-file", out / "adapters.safetensors"], tmp_path)
+    assert tested.returncode == 0 and re.search(r"Test loss \d+\.\d+", tested.stdout), tested.stderr[-3000:]
