@@ -90,7 +90,7 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
             value = source.pop(name)  # dropped once written
             path, leaf = name.rsplit(".", 1)
             if leaf == "weight" and path in quantized:
-                utils.check_finite({names.theirs(name): value}, where)
+                utils.check_finite({names.theirs(name): value}, where)  # quantizing would hide it
                 weight, scales, biases = mx.quantize(value, **quantized[path])
                 yield from ((name, weight), (f"{path}.scales", written(f"{path}.scales", scales)),
                             (f"{path}.biases", written(f"{path}.biases", biases)))
