@@ -361,14 +361,18 @@ def read_arrays(path, return_metadata=False):
 
 
 def first_not_finite(arrays: dict):
-    """The name of the first of these arrays (name: array) of a float type that holds NaN or Inf, or None.
+    """The name of the first of these arrays (name: array) of a float type that holds NaN, or Inf but for an
+    array of one value: a bound, which may be infinite (Gemma 4's encoders clip to ±Inf), or None.
     One sum per array, evaluated together: a NaN or Inf makes the sum NaN or Inf, and a sum needs no array
     the size of its input (mx.isfinite would make one); a sum that is not finite is then confirmed value by
     value, as finite values can overflow it."""
+    def broken(value):
+        return (mx.isnan(value) if value.size == 1 else ~mx.isfinite(value)).any().item()
+
     floats = [name for name, value in arrays.items() if mx.issubdtype(value.dtype, mx.floating)]
     sums = mx.stack([arrays[name].sum().astype(mx.float32) for name in floats]).tolist() if floats else []
-    return next((name for name, total in zip(floats, sums)
-                 if not math.isfinite(total) and not mx.isfinite(arrays[name]).all().item()), None)
+    return next((name for name, total in zip(floats, sums) if not math.isfinite(total) and broken(arrays[name])),
+                None)
 
 
 def check_finite(arrays: dict, where):

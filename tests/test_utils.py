@@ -124,3 +124,14 @@ def test_scripts_load_models_without_pytorch(tiny_llama):
     assert hidden == imported == "True"
     assert ids == str(utils.load(str(tiny_llama))[1].encode("SELECT a FROM t"))
     assert "PyTorch" not in run.stderr
+
+
+def test_first_not_finite():
+    """A sum per array finds a NaN or Inf; a sum that only overflows is no finding; a one-value bound may be
+    infinite (Gemma 4's encoders clip to ±Inf), not NaN."""
+    inf, nan = float("inf"), float("nan")
+    assert utils.first_not_finite({"big": mx.full((1000,), 3e38), "ints": mx.array([1, 2])}) is None
+    assert utils.first_not_finite({"bound": mx.array([-inf]), "weight": mx.array([1.0, inf])}) == "weight"
+    assert utils.first_not_finite({"bound": mx.array(nan)}) == "bound"
+    with pytest.raises(utils.UserError, match=r"^x.gguf: tensor w holds NaN$"):
+        utils.check_finite({"w": mx.array([1.0, nan, inf])}, "x.gguf")
