@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -55,7 +56,8 @@ def build_parser():
     data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
                       help="Append EOS to each example (0: don't).")
     data.add_argument("--mask-prompt", action="store_true",
-                      help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
+                      help="Train on the completion only: a {prompt, completion} example's completion, or a chat's "
+                           "assistant messages.")
     data.add_argument("--pack", action="store_true",
                       help="Concatenate each batch's examples into one row, attention kept within each example: "
                            "no padding.")
@@ -248,6 +250,18 @@ def is_messages(value):
         for m in value)
 
 
+# The keys that make each format (example_format); a record with keys of two formats is refused, as no
+# reading of it is sure, and other keys are ignored
+FORMAT_KEYS = {"text": {"text"}, "completion": {"prompt", "completion"}, "preference": {"prompt", "chosen", "rejected"},
+               "chat": {"messages"}}
+
+
+def format_keys(record) -> set:
+    """The keys of a record that say its format (FORMAT_KEYS), but those that are null: tables exported to JSON
+    write a column that a row lacks as null."""
+    return {k for keys in FORMAT_KEYS.values() for k in keys if record.get(k) is not None}
+
+
 def example_format(record):
     """"text", "completion" ({"prompt", "completion"}), "preference" ({"prompt", "chosen", "rejected"}: three
     strings, or a chat and one assistant message each) or "chat" ({"messages"[, "tools"]}); None if neither."""
@@ -296,6 +310,10 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
         raise UserError(f"{path}: no such file")
     examples, lines, first = [], [], None
     for number, record in utils.read_jsonl(path):
+        keys = format_keys(record) if isinstance(record, dict) else set()
+        if not any(keys <= format for format in FORMAT_KEYS.values()):
+            raise UserError(f"{path}:{number}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
+                            f"give each example in one")
         kind = example_format(record)
         if kind is None and train_mode != "sft":
             raise UserError(f'{path}:{number}: not a preference pair: expected {{"prompt", "chosen", "rejected"}}, '
@@ -313,7 +331,13 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
         elif kind != first[0]:
             raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
                             f"(one format per file)")
-        examples.append(record)
+        if kind == "preference" and record["chosen"] == record["rejected"]:
+            raise UserError(f"{path}:{number}: the chosen and the rejected response are the same; a pair needs two "
+                            f"responses to prefer one of")
+        if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
+            raise UserError(f"{path}:{number}: no assistant message, and --mask-prompt trains on those alone")
+        # the example as encode() reads it: the keys of its format alone, and a chat's tools
+        examples.append({k: v for k, v in record.items() if k in FORMAT_KEYS[kind] | {"tools"}})
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
@@ -323,16 +347,13 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
     return Examples(examples, path, lines)
 
 
-def encode(record, tokenizer, add_eos):
-    """(tokens, prompt length): the prompt is the part --mask-prompt leaves out of the loss. Chat examples
-    are rendered with the tokenizer's chat template; the prompt is then all but the last message."""
+def encode(record, tokenizer, add_eos, trained="completion"):
+    """(tokens, spans): the spans (start, end) of the tokens that training scores: with trained="all", all of
+    them; with "completion", a {"prompt", "completion"} example's completion, or a chat's last assistant
+    message; with "assistant", a chat's assistant messages, each (TRL's assistant_only_loss). Chats are rendered
+    with the tokenizer's chat template (chat_tokens)."""
     if "messages" in record:
-        def render(messages, **kwargs):
-            text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **kwargs)
-            return tokenizer.encode(text, add_special_tokens=False)
-
-        messages = record["messages"]
-        return render(messages), len(render(messages[:-1], add_generation_prompt=True)) if len(messages) > 1 else 0
+        return chat_tokens(record["messages"], record.get("tools"), tokenizer, trained)
     if "prompt" in record:
         prompt = tokenizer.encode(record["prompt"])
         tokens = prompt + tokenizer.encode(record["completion"], add_special_tokens=False)
@@ -340,33 +361,89 @@ def encode(record, tokenizer, add_eos):
         tokens, prompt = tokenizer.encode(record["text"]), []
     if add_eos and tokens[-1:] != [tokenizer.eos_token_id]:
         tokens.append(tokenizer.eos_token_id)
-    return tokens, len(prompt)
+    return tokens, [(0 if trained == "all" else len(prompt), len(tokens))]
+
+
+# the markers of a chat template around the assistant's tokens, as TRL's training templates have them
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def chat_tokens(messages, tools, tokenizer, trained):
+    """encode() of a chat. Where the chat template marks the assistant's tokens ({% generation %}), they are
+    those it marks (as in TRL). Else an assistant message runs from the end of the chat before it, rendered with
+    the generation prompt, to the end of the chat up to it; which is right where the template renders those
+    chats as the beginnings of the whole one, and an error elsewhere."""
+    def render(messages, **kwargs):
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    if trained != "all" and GENERATION_MARKER.search(str(tokenizer.chat_template)):
+        chat = tokenizer.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
+        edges = np.flatnonzero(np.diff([0, *chat["assistant_masks"], 0])).reshape(-1, 2)  # where runs of 1 start, end
+        if not len(edges):
+            raise UserError(f"the chat template of {tokenizer.name_or_path} marks none of its tokens as the "
+                            f"assistant's ({{% generation %}})")
+        spans = [(int(start), int(end)) for start, end in edges]
+        return list(chat["input_ids"]), spans if trained == "assistant" else spans[-1:]
+    tokens = render(messages)
+    if trained == "all":
+        return tokens, [(0, len(tokens))]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []
+    for i in turns if trained == "assistant" else turns[-1:]:
+        before = render(messages[:i], add_generation_prompt=True) if i else []
+        through = render(messages[:i + 1]) if i + 1 < len(messages) else tokens
+        if tokens[:len(before)] != before or tokens[:len(through)] != through:
+            raise UserError(f"the chat template of {tokenizer.name_or_path} renders the messages up to the "
+                            f"assistant's message {i + 1} otherwise than within the whole chat, so which tokens are "
+                            f"the assistant's is unknown; a template that marks them ({{% generation %}}) tells")
+        spans.append((len(before), len(through)))
+    return tokens, spans
+
+
+def training_row(tokens, spans, max_length):
+    """(tokens, scored), the first max_length tokens: scored is the first target that counts where the spans
+    that training scores (encode) are one, else which targets count (make_batch)."""
+    if len(spans) == 1:
+        return tokens[:max_length], max(spans[0][0] - 1, 0)
+    scored = np.zeros(len(tokens) - 1, bool)
+    for start, end in spans:
+        scored[max(start - 1, 0):end - 1] = True  # the target before a token is that token
+    return tokens[:max_length], scored[:max_length - 1]
+
+
+def scored_targets(tokens, scored):
+    """Which targets of a row (tokens, scored) count: those from the first that does, or as the mask says."""
+    return np.arange(len(tokens) - 1) >= scored if np.isscalar(scored) else scored
 
 
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
-    """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token. A
-    preference pair gives two rows, its chosen response's then its rejected one's, each scored on the response
-    alone."""
+    """(tokens, scored) per example (training_row): every token scored, or with mask_prompt the completion or a
+    chat's assistant messages alone. A preference pair gives two rows, its chosen response's then its rejected
+    one's, each scored on the response alone."""
     chat = "messages" in examples[0] or isinstance(examples[0].get("prompt"), list)
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
                         f"{tokenizer.name_or_path} has no chat template")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
+    trained = "completion" if "chosen" in examples[0] else "assistant" if mask_prompt else "all"
     groups = []
     for i, record in enumerate(examples):
         try:
-            groups.append([encode(r, tokenizer, add_eos) for r in responses(record)])
+            groups.append([encode(r, tokenizer, add_eos, trained) for r in responses(record)])
+        except UserError as e:
+            raise UserError(f"{where(i)}: {e}") from None
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
             what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+    # what follows the last scored token (a chat's messages after the assistant's last) changes no loss
+    groups = [[(tokens[:spans[-1][1]], spans) for tokens, spans in group] for group in groups]
     long = sum(any(len(tokens) > max_length for tokens, _ in group) for group in groups)
     if long:
         print(f"[WARNING] {long} of {len(groups)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
-    masked = mask_prompt or "chosen" in examples[0]
-    groups = [[(tokens[:max_length], max(prompt - 1, 0) if masked else 0) for tokens, prompt in group]
-              for group in groups]
-    kept = [group for group in groups if all(start < len(tokens) - 1 for tokens, start in group)]
+    groups = [[training_row(tokens, spans, max_length) for tokens, spans in group] for group in groups]
+    kept = [group for group in groups if all(scored_targets(*row).any() for row in group)]
     if len(kept) < len(groups):
         print(f"[WARNING] {len(groups) - len(kept)} {name} examples have no token to train on (their prompt "
               f"fills --max-seq-length) and were left out.")
@@ -395,16 +472,16 @@ def batch_order(dataset, batch_size, train, seed, epoch, sort):
 
 
 def make_batch(rows, pack, by_example=None):
-    """(inputs, targets, scored[, packing]) for rows of (tokens, first scored target[, first state]): scored
+    """(inputs, targets, scored[, packing]) for rows of (tokens, scored[, first state]) (training_row): scored
     says which targets count. With a first state (frozen_layers_cached), the inputs are the positions' rows in
     the model's frozen_prefix, not tokens. With pack, the rows are concatenated into one and `packing` says
     where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens on the CPU, of 32
     elsewhere: each new shape is compiled anew, and on a GPU, where a small batch waits on the host, fewer
     shapes gain more than the padding costs (benchmarks/README.md)."""
     pairs = []
-    for tokens, start, *first_state in rows:
+    for tokens, scored, *first_state in rows:
         inputs = np.arange(first_state[0], first_state[0] + len(tokens) - 1) if first_state else tokens[:-1]
-        pairs.append((inputs, tokens[1:], np.arange(len(tokens) - 1) >= start))
+        pairs.append((inputs, tokens[1:], scored_targets(tokens, scored)))
     lengths = [len(inputs) for inputs, _, _ in pairs]
     if pack:
         width, packing = models.packed_layout(lengths, by_example)
@@ -1208,8 +1285,10 @@ def evaluate(model, dataset, batch_size, num_batches, train_mode="sft", beta=Non
 
 
 def completion_example(record, marker, where):
-    """The example as {"prompt", "completion"} (or a chat, whose completion is its last message): a {"text"}
-    example is split after the last `marker`, a preference pair's completion is its chosen response."""
+    """The example as {"prompt", "completion"} (or a chat, whose completion is its last assistant message): a
+    {"text"} example is split after the last `marker`, a preference pair's completion is its chosen response."""
+    if "messages" in record and not any(m["role"] == "assistant" for m in record["messages"]):
+        raise UserError(f"--generate-eval: {where}: no assistant message to compare the generated one with")
     if "text" not in record:
         return responses(record)[0]
     if not marker:
@@ -1229,10 +1308,11 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos):
     a model that goes on past the answer has not given it."""
     eos, matches = eos_ids(tokenizer, config), 0
     for record in tqdm(examples, desc="Generating", disable=None):
-        tokens, prompt_length = encode(record, tokenizer, add_eos)
-        expected = tokens[prompt_length:]
+        tokens, spans = encode(record, tokenizer, add_eos)
+        start, end = spans[-1]
+        expected = tokens[start:end]
         generated = []
-        for token, _ in zip(utils.generate(model, tokens[:prompt_length]), expected):
+        for token, _ in zip(utils.generate(model, tokens[:start]), expected):
             generated.append(token)
             if token in eos:
                 break
