@@ -20,9 +20,10 @@ EMBEDDING_LAYERS = ("model.embed_tokens", "lm_head")
 
 def build_parser():
     p = utils.ArgumentParser(description="Convert a Hugging Face model to MLX, optionally quantized.")
-    p.add_argument("--hf-path", required=True,
+    p.add_argument("--hf-path", type=utils.expanded_path, required=True,
                    help="Hugging Face model folder, hub repo id, or .gguf file to convert.")
-    p.add_argument("--mlx-path", default="mlx_model", help="Folder to write the MLX model to.")
+    p.add_argument("--mlx-path", type=utils.expanded_path, default="mlx_model",
+                   help="Folder to write the MLX model to.")
     p.add_argument("--dtype", choices=DTYPES,
                    help="Type of the float weights (default: the checkpoint's own, else float16).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights (for QLoRA).")

@@ -40,17 +40,19 @@ METRICS["orpo"] = METRICS["dpo"] + ["nll_loss", "log_odds_ratio", "log_odds_chos
 def build_parser():
     p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning: --train, --test and/or --prompt.")
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="mlx_model",
+    model.add_argument("--model", type=utils.expanded_path, default="mlx_model",
                        help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file, of a "
                             f"supported model_type: {', '.join(models.FAMILIES)}.")
-    model.add_argument("--list-targets", metavar="MODEL",
+    model.add_argument("--list-targets", type=utils.expanded_path, metavar="MODEL",
                        help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
-    model.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
-                                        "train: true, ...); flags given on the command line win.")
+    model.add_argument("--config", type=utils.expanded_path,
+                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...); "
+                            "flags given on the command line win.")
     model.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+    data.add_argument("--data", type=utils.expanded_path, default="data/",
+                      help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
     data.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
                       default=2048, help="Longer examples are truncated.")
     data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
@@ -89,9 +91,11 @@ def build_parser():
                       help=f"DPO's beta (larger keeps the model closer to its reference: the model as training "
                            f"starts), or ORPO's weight of the odds-ratio term (TRL's beta for both; default "
                            f"{DEFAULT_BETA}).")
-    lora.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
-                                             f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
-    lora.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
+    lora.add_argument("--adapter-file", type=utils.expanded_path,
+                      help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
+                           f"folder; default {DEFAULT_ADAPTER_FILE}).")
+    lora.add_argument("--resume-adapter-file", type=utils.expanded_path,
+                      help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
@@ -123,7 +127,7 @@ def build_parser():
                              help="Save the adapters, and a checkpoint to resume from, every N iterations.")
     checkpoints.add_argument("--keep-checkpoints", type=utils.NON_NEGATIVE_INT, default=3,
                              help="The run's checkpoints to keep, the latest (0: all).")
-    checkpoints.add_argument("--resume", metavar="CHECKPOINT",
+    checkpoints.add_argument("--resume", type=utils.expanded_path, metavar="CHECKPOINT",
                              help="Continue a run exactly from a checkpoint folder (runs/N/step-M), with the run's "
                                   "flags.")
     checkpoints.add_argument("--accept-flag-changes", action="store_true",
@@ -181,16 +185,41 @@ def parse_args(argv=None):
         action = actions.get(str(key).replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
             raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
-        flag = next(s for s in action.option_strings if s.startswith("--"))
-        if isinstance(action, argparse._StoreTrueAction):
-            flags += [flag] if value else []
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            flags += [flag if value else "--no-" + flag[2:]]
-        else:  # as if typed: argparse checks the type and the choices
-            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+        with utils.naming_flag(f"--config {args.config}: {key}"):
+            flags += yaml_flag(action, value)
     args = parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
     check_flags(args)
     return args
+
+
+def yaml_flag(action, value) -> list:
+    """The command-line words of a flag that a YAML file gives this value, typed as argparse types the flag: a
+    switch takes true or false alone (YAML's "false" in quotes is a string, which would be true), another flag
+    text or a number as its type says (or, if it takes several, a list of them), within its choices."""
+    flag = next(s for s in action.option_strings if s.startswith("--"))
+    shown = json.dumps(value, default=str)
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{flag} is a switch: expected true or false, not {shown}")
+        if isinstance(action, argparse._StoreTrueAction):
+            return [flag] if value else []
+        return [flag if value else "--no-" + flag[2:]]
+    several = action.nargs in ("+", "*")
+    values = value if several and isinstance(value, list) else [value]
+    text = action.type in (None, utils.expanded_path)
+    for v in values or [None]:
+        if not (isinstance(v, str) or not text and utils.is_number(v)):
+            kind = ("text" if text else "a number") + (", or a list of them" if several else "")
+            raise UserError(f"{flag}: expected {kind}, not {shown}")
+        try:  # a number may come as text: YAML reads 1e-5 (no dot) as a string
+            typed = v if text else action.type(str(v))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{flag}: {e}") from None
+        except ValueError:
+            raise UserError(f"{flag}: expected {action.type.__name__}, not {shown}") from None
+        if action.choices is not None and typed not in action.choices:
+            raise UserError(f"{flag}: must be one of {', '.join(map(str, action.choices))}, not {shown}")
+    return [flag, *map(str, values)]
 
 
 def check_flags(args):

@@ -294,6 +294,12 @@ DROPOUT = flag_type(float, lambda v: 0 <= v < 1, "a probability from 0 to below 
 TOP_P = flag_type(float, lambda v: 0 < v <= 1, "a probability above 0, up to 1")
 
 
+def expanded_path(text: str) -> str:
+    """The argparse type of the flags that name a file or folder: ~ expanded, which a shell leaves in quotes and
+    after "=" (--model=~/m), and YAML everywhere."""
+    return os.path.expanduser(text)
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -154,7 +154,7 @@ def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path):
 ])
 def test_a_record_of_two_formats_is_refused(tmp_path, record):
     write(tmp_path, "train", [{"text": "a"}, record])
-    keys = ", ".join(sorted(k for k in record if k in ("text", "prompt", "completion", "chosen", "rejected", "messages")))
+    keys = ", ".join(sorted(k for k in record if k in {k for keys in lora.FORMAT_KEYS.values() for k in keys}))
     with pytest.raises(utils.UserError, match=rf"train.jsonl:2: holds the keys of more than one format \({keys}\)"):
         lora.load_dataset(tmp_path, "train")
 

@@ -159,6 +159,54 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert result.stderr == f"lora.py: error: {tmp_path / 'train.jsonl'}: no such file\n"
 
 
+@pytest.mark.parametrize("line, flags", [
+    ("mask_prompt: true", {"mask_prompt": True}), ("mask_prompt: false", {"mask_prompt": False}),
+    ("cache_frozen_layers: off", {"cache_frozen_layers": False}), ("learning_rate: 1e-4", {"learning_rate": 1e-4}),
+    ("lora_targets: q_proj", {"lora_targets": ["q_proj"]}), ("iters: '5'", {"iters": 5}),
+])
+def test_yaml_values_are_the_flags_values(tmp_path, line, flags):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    args = vars(lora.parse_args(["--config", str(tmp_path / "run.yaml"), "--test"]))
+    assert {k: args[k] for k in flags} == flags
+
+
+@pytest.mark.parametrize("line, error", [
+    *[(f"{key}: {value}", rf"{key}: --{key.replace('_', '-')} is a switch: expected true or false, not \"{word}\"")
+      for key, value, word in [("mask_prompt", '"false"', "false"), ("grad_checkpoint", "'no'", "no"),
+                               ("cache_frozen_layers", '"off"', "off"), ("pack", "'0'", "0")]],
+    ("lora_layers: [1, 2]", r"lora_layers: --lora-layers: expected a number, not \[1, 2\]"),
+    ("batch_size: 4.5", r"batch_size: --batch-size: must be an integer of at least 1, not '4.5'"),
+    ("model:", r"model: --model: expected text, not null"),
+    ("prompt: yes", r"prompt: --prompt: expected text, not true"),
+    ("lora_targets: {q_proj: 1}", r"lora_targets: --lora-targets: expected text, or a list of them, not "),
+    ("lora_targets: []", r"lora_targets: --lora-targets: expected text, or a list of them, not \[\]"),
+    ("add_eos_token: 2", r"add_eos_token: --add-eos-token: must be one of 0, 1, not 2"),
+])
+def test_yaml_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, error):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    with pytest.raises(utils.UserError, match=rf"^--config {re.escape(str(tmp_path / 'run.yaml'))}: {error}"):
+        lora.parse_args(["--config", str(tmp_path / "run.yaml"), "--test"])
+
+
+def test_tilde_is_home_in_every_path_flag(tmp_path, monkeypatch):
+    """Where a shell leaves ~ as it is (in quotes, after --flag=) and in a YAML file."""
+    import convert
+    import fuse
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("model: ~/m\ndata: ~/d\nadapter_file: ~/a.safetensors\n")
+    args = lora.parse_args(["--config=~/run.yaml", "--test"])
+    assert [args.model, args.data, args.adapter_file] == [str(tmp_path / name) for name in ("m", "d", "a.safetensors")]
+    args = lora.build_parser().parse_args(["--resume-adapter-file=~/r", "--resume=~/c", "--list-targets=~/l"])
+    assert [args.resume_adapter_file, args.resume, args.list_targets] == [str(tmp_path / name) for name in "rcl"]
+    args = fuse.build_parser().parse_args(["--model=~/m", "--adapter-file=~/a", "--save-path=~/s", "--export-peft=~/p",
+                                           "--export-gguf=~/g.gguf"])
+    assert [args.model, args.adapter_file, args.save_path, args.export_peft, args.export_gguf] == [
+        str(tmp_path / name) for name in ("m", "a", "s", "p", "g.gguf")]
+    args = convert.build_parser().parse_args(["--hf-path=~/h", "--mlx-path=~/o"])
+    assert [args.hf_path, args.mlx_path] == [str(tmp_path / "h"), str(tmp_path / "o")]
+
+
 def test_long_examples_are_truncated_with_one_warning(tiny_llama, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "test.jsonl", sql_texts(6) + ["word " * 300, "word " * 400])
