@@ -80,7 +80,7 @@ def write_fused(args, out):
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):
             utils.gguf_vocabulary(model.args, tokenizer)
-    utils.apply_adapters(model, adapters, args.adapter_file)
+    utils.apply_adapters(model, adapters, args.adapter_file, base=args.model)
     base = args.hf_path or args.model
     if args.export_peft:
         utils.save_peft(args.export_peft, model, base, adapters.config)

@@ -940,7 +940,7 @@ def set_up_training(model, args, scale):
         print(f"Resuming from {args.resume_adapter_file}", flush=True)
         with utils.naming_flag("--resume-adapter-file"):
             adapters = utils.read_adapters(args.resume_adapter_file, scale)
-            utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout)
+            utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout, base=args.model)
         kind = adapters.fine_tune_type
         params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
     else:
@@ -957,7 +957,10 @@ def set_up_training(model, args, scale):
                 models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
                                              args.lora_layers, **params, dora=kind == "dora")
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
-    config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
+    # the base as a path from anywhere (check_base_model), or the hub repo id
+    base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
+    config = {"base_model": base, "base_model_config": utils.base_model_config(model), "fine_tune_type": kind,
+              "num_layers": len(layers)}
     if kind == "full":
         return config
     keys = sorted({path.split(".", 3)[3] for path in models.lora_layers(model)})
@@ -1168,6 +1171,8 @@ def checkpoint_arrays(path, model):
     model as the flags set it up."""
     path = Path(path)
     it = checkpoint_state(path)["iteration"]
+    if (path / "adapter_config.json").exists():  # of the run's base (check_resume compares --model)
+        utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     if {k: v.shape for k, v in weights.items()} != expected:
@@ -1463,7 +1468,7 @@ def run(args, adapter_file, examples, generation_tests):
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
     elif adapter_file.exists() or args.adapter_file:
         with utils.naming_flag("--adapter-file"):
-            utils.load_adapters(model, adapter_file, scale)
+            utils.load_adapters(model, adapter_file, scale, base=args.model)
     else:
         print(f"No adapter file ({adapter_file}): using the base model.", flush=True)
     model.eval()

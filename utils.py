@@ -1197,16 +1197,54 @@ def read_peft(folder: Path, config: dict) -> Adapters:
                               "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout}})
 
 
-def load_adapters(model: nn.Module, adapter_path, scale=20.0):
+def load_adapters(model: nn.Module, adapter_path, scale=20.0, base=None):
     """Load the adapters of adapter_path (read_adapters; `scale` where nothing records it): apply_adapters."""
-    return apply_adapters(model, read_adapters(adapter_path, scale), adapter_path)
+    return apply_adapters(model, read_adapters(adapter_path, scale), adapter_path, base=base)
 
 
-def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None):
+# What adapter_config.json records of the model the adapters were made on (base_model_config): its family and
+# vocabulary, and the depth and width that say where the adapters' layers are and what shapes they have
+BASE_MODEL_KEYS = ("model_type", "vocab_size", "num_hidden_layers", "hidden_size")
+
+
+def base_model_config(model: models.Model) -> dict:
+    return {k: getattr(model.args, k) for k in BASE_MODEL_KEYS}
+
+
+def check_base_model(model: models.Model, config: dict, adapter_path, base=None):
+    """Adapters whose config (an adapter_config.json) records a base model of another depth or width than
+    `model` are an error: their layers are not this model's, though their shapes may fit (the last layers of a
+    shallower model are middle ones here). One of another family or vocabulary, or another path than `base`
+    (the --model that names `model`), is a warning: a moved folder, or a fine-tuned model of the same base,
+    may be meant."""
+    recorded, ours = config.get("base_model_config", {}), base_model_config(model)
+    if not isinstance(recorded, dict):
+        raise UserError(f"{adapter_path}: the base_model_config of its adapter_config.json is {recorded!r}, "
+                        f"expected an object")
+    differ = "; ".join(f"{k} {recorded[k]}, not {ours[k]}" for k in BASE_MODEL_KEYS
+                       if recorded.get(k, ours[k]) != ours[k])
+    if any(recorded.get(k, ours[k]) != ours[k] for k in ("num_hidden_layers", "hidden_size")):
+        raise UserError(f"{adapter_path}: made for a model of {differ}, whose layers are not this one's")
+    made_on = config.get("base_model") or config.get("model")  # this toolkit's and PEFT's, mlx-lm's
+    moved = base is not None and isinstance(made_on, str) and not same_place(made_on, base)
+    if differ or moved:
+        of = f" of {differ}" if differ else ""
+        print(f"[WARNING] {adapter_path}: made for {made_on if moved else 'a model'}{of}, not {base or 'this model'}.",
+              flush=True)
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two paths (or hub repo ids) name the same file or folder."""
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
+
+
+def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None, base=None):
     """Wrap the layers that the adapters have weights for (models.wrap_lora_layers) as their config says
     (dropout: the config's unless given), and load them; full weights are loaded over the model's own, and
     made trainable, as adapters are. Their names may be transformers' (PEFT's; models.CheckpointNames.ours).
-    adapter_path names them in errors."""
+    adapter_path names them in errors; first they are checked to be made for this model (check_base_model;
+    `base` names it)."""
+    check_base_model(model, adapters.config, adapter_path, base)
     weights = {model.args.names.ours(k): v for k, v in adapters.weights.items()}
     kind = adapters.fine_tune_type
     if kind == "full":

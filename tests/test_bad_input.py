@@ -362,6 +362,17 @@ CASES += [
          data("".join(PAIRS.splitlines(keepends=True)[:3]), valid=False, flags=DPO), "train.jsonl"),
     Case("data-sft-valid-set-in-an-orpo-run", "lora.py",
          data(PAIRS, flags=["--train-mode", "orpo"]), "valid.jsonl:1"),
+    Case("data-mask-prompt-chat-without-assistant-line-9", "lora.py",
+         data(chat_line([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]), chat=True,
+              flags=["--mask-prompt"]), "train.jsonl:9"),
+    Case("data-text-and-messages-line-9", "lora.py",
+         data(GOOD + json.dumps({"text": "x", **chats(1)[0]}) + "\n", chat=True), "train.jsonl:9"),
+    Case("data-pair-and-messages-in-a-dpo-run", "lora.py",
+         data(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", **chats(1)[0]}) + "\n", valid=False, flags=DPO),
+         "train.jsonl:1"),
+    Case("data-pair-chosen-equals-rejected-line-9", "lora.py",
+         data(PAIRS + json.dumps({"prompt": "Q", "chosen": "A", "rejected": "A"}) + "\n", valid=False, flags=DPO),
+         "train.jsonl:9"),
 ]
 
 
@@ -558,6 +569,10 @@ def lora_parameters(**values):
     return adapter_config(lambda c: dict(c, lora_parameters={**c["lora_parameters"], **values}))
 
 
+deeper_base = adapter_config(lambda c: dict(c, base_model_config={"num_hidden_layers": 8}))  # the model has 4
+DEEPER = "adapters.safetensors: made for a model of num_hidden_layers 8, not 4"
+
+
 CASES += [
     Case("adapters-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.safetensors"), lora_test),
          "adapters.safetensors"),
@@ -588,6 +603,13 @@ CASES += [
          adapters(adapter_config(lambda c: dict(c, r=8)), fuse_into, source="peft"), "adapter_config.json"),
     Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
          "adapters.npz"),
+    # made for a model of other layers, whose shapes this one's fit
+    Case("adapters-of-a-deeper-model", "lora.py", adapters(deeper_base, lora_test), DEEPER),
+    Case("adapters-of-a-deeper-model-fuse", "fuse.py", adapters(deeper_base, fuse_into), DEEPER),
+    Case("adapters-of-a-deeper-model-resume-adapter-file", "lora.py", adapters(deeper_base, lora_resume_adapters),
+         DEEPER),
+    Case("adapter-config-base-model-config-a-list", "lora.py",
+         adapters(adapter_config(lambda c: dict(c, base_model_config=[8])), lora_prompt), "adapters.safetensors"),
 ]
 
 
@@ -652,6 +674,9 @@ CASES += [
     Case("resume-iters-below-the-checkpoint", "lora.py", resume(as_saved, "--iters", 1), "--iters"),
     Case("resume-metrics-damaged", "lora.py", resume(damage_metrics), "metrics.jsonl"),
     Case("resume-a-file", "lora.py", resume_a_file, "--resume"),
+    Case("resume-checkpoint-of-a-deeper-model", "lora.py",
+         resume(lambda checkpoint, run: deeper_base(checkpoint)),
+         "step-0000002: made for a model of num_hidden_layers 8"),
 ]
 
 
@@ -691,6 +716,8 @@ CASES += [
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: 0\n"), "--batch-size"),
     Case("yaml-batch-size-not-a-number", "lora.py",
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: four\n"), "--batch-size"),
+    Case("yaml-switch-the-string-false", "lora.py", yaml_file('mask_prompt: "false"\n'), "flags.yaml: mask_prompt"),
+    Case("yaml-a-list-for-one-value", "lora.py", yaml_file("lora_layers: [1, 2]\n"), "flags.yaml: lora_layers"),
 ]
 
 

@@ -1,7 +1,9 @@
 """LoRALinear, adapter files, and lora.py end to end on a tiny random model."""
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from mlx.utils import tree_flatten
 import lora
 import models
 import utils
-from conftest import FP32_ATOL, ROOT, run_lora, sql_texts, val_losses, write_jsonl
+from conftest import FP32_ATOL, ROOT, run_fuse, run_lora, sql_texts, val_losses, write_jsonl
 
 
 def lora_layer(quantized, rank=4, layer_class=models.LoRALinear):
@@ -90,7 +92,7 @@ def test_linear_to_lora_layers_rejects_unknown_targets(tiny_llama):
         models.linear_to_lora_layers(model, ["q_proj"], 5)
 
 
-def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
+def test_training_lowers_the_loss_and_resumes(tiny_llama, make_checkpoint, data_dir, tmp_path, capsys):
     adapters = tmp_path / "run" / "adapters.safetensors"
     common = ["--model", tiny_llama, "--data", data_dir, "--batch-size", 4, "--learning-rate", 1e-2,
               "--lora-layers", -1, "--lora-rank", 4, "--steps-per-report", 10, "--val-batches", -1]
@@ -124,6 +126,28 @@ def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, ca
     with pytest.raises(utils.UserError, match="no such file"):
         run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test",
                  "--adapter-file", tmp_path / "missing.safetensors")
+
+    # the adapters record their base: on a model of another depth, whose first layers they would fit, they are an
+    # error; on the same model elsewhere, a warning
+    assert config["base_model_config"] == {"model_type": "llama", "vocab_size": 300, "num_hidden_layers": 4,
+                                           "hidden_size": 64}
+    deeper, _ = make_checkpoint("llama", num_hidden_layers=6)
+    for command in (lambda: run_lora(capsys, "--model", deeper, "--data", data_dir, "--test",
+                                     "--adapter-file", adapters),
+                    lambda: run_lora(capsys, *common, "--model", deeper, "--train", "--iters", 1,
+                                     "--resume-adapter-file", adapters, "--adapter-file", tmp_path / "deeper.npz"),
+                    lambda: run_fuse("--model", deeper, "--adapter-file", adapters, "--save-path", tmp_path / "fused")):
+        with pytest.raises(utils.UserError, match=rf"{re.escape(str(adapters))}: made for a model of "
+                                                  rf"num_hidden_layers 4, not 6, whose layers are not this one's"):
+            command()
+    elsewhere = shutil.copytree(tiny_llama, tmp_path / "elsewhere")
+    out = run_lora(capsys, "--model", elsewhere, "--data", data_dir, "--test", "--adapter-file", adapters)
+    assert f"[WARNING] {adapters}: made for {tiny_llama}, not {elsewhere}." in out and "Test loss" in out
+    run_fuse("--model", elsewhere, "--adapter-file", adapters, "--export-peft", tmp_path / "peft")
+    assert f"[WARNING] {adapters}: made for {tiny_llama}, not {elsewhere}." in capsys.readouterr().out
+    out = run_lora(capsys, "--model", os.path.relpath(tiny_llama), "--data", data_dir, "--test",
+                   "--adapter-file", adapters)
+    assert "[WARNING]" not in out
 
 
 def test_no_adapter_uses_the_base_model(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
