@@ -401,7 +401,8 @@ def chat_tokens(messages, tools, tokenizer, trained):
     """encode() of a chat. Where the chat template marks the assistant's tokens ({% generation %}), they are
     those it marks (as in TRL). Else an assistant message runs from the end of the chat before it, rendered with
     the generation prompt, to the end of the chat up to it; which is right where the template renders those
-    chats as the beginnings of the whole one, and an error elsewhere."""
+    chats as the beginnings of the whole one. Where it does not for an earlier assistant message (Qwen3's drops
+    the reasoning of earlier turns), that message is not scored (tokenize warns); for the last, an error."""
     def render(messages, **kwargs):
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
         return tokenizer.encode(text, add_special_tokens=False)
@@ -423,6 +424,8 @@ def chat_tokens(messages, tools, tokenizer, trained):
         before = render(messages[:i], add_generation_prompt=True) if i else []
         through = render(messages[:i + 1]) if i + 1 < len(messages) else tokens
         if tokens[:len(before)] != before or tokens[:len(through)] != through:
+            if i != turns[-1]:
+                continue
             raise UserError(f"the chat template of {tokenizer.name_or_path} renders the messages up to the "
                             f"assistant's message {i + 1} otherwise than within the whole chat, so which tokens are "
                             f"the assistant's is unknown; a template that marks them ({{% generation %}}) tells")
@@ -456,15 +459,22 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
                         f"{tokenizer.name_or_path} has no chat template")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
     trained = "completion" if "chosen" in examples[0] else "assistant" if mask_prompt else "all"
-    groups = []
+    groups, unscored = [], 0
+    counted = trained == "assistant" and not GENERATION_MARKER.search(str(tokenizer.chat_template))
     for i, record in enumerate(examples):
         try:
             groups.append([encode(r, tokenizer, add_eos, trained) for r in responses(record)])
+            if counted:
+                unscored += len(groups[-1][0][1]) < sum(m["role"] == "assistant" for m in record.get("messages", ()))
         except UserError as e:
             raise UserError(f"{where(i)}: {e}") from None
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
             what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+    if unscored:
+        print(f"[WARNING] --mask-prompt: in {unscored} {name} chats the chat template renders an earlier assistant "
+              f"message otherwise than within the whole chat; only their assistant messages rendered alike are "
+              f"trained (the last one always). A template that marks them ({{% generation %}}) trains all.")
     # what follows the last scored token (a chat's messages after the assistant's last) changes no loss
     groups = [[(tokens[:spans[-1][1]], spans) for tokens, spans in group] for group in groups]
     long = sum(any(len(tokens) > max_length for tokens, _ in group) for group in groups)

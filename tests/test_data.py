@@ -122,9 +122,10 @@ def assert_scores_the_assistant_mask(row, marked, messages):
     assert (lora.scored_targets(tokens, scored) == mask[1:len(tokens)]).all()  # a target is the next token
 
 
-def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path):
-    """A chat without an assistant message, and a template that renders a chat's first messages otherwise than
-    the whole chat (here the last assistant message), so that the assistant's tokens are not where they seem."""
+def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path, capsys):
+    """A chat without an assistant message is refused. A template that renders a chat's first messages otherwise
+    than the whole chat (as Qwen3's drops earlier reasoning) leaves those earlier assistant messages unscored, with
+    a warning, and is refused where the last one's tokens are not where they seem."""
     chat = [message("user", "q"), message("assistant", "SELECT a")]
     write(tmp_path, "train", [{"messages": chat}, {"messages": [message("system", "s"), message("user", "q")]}])
     with pytest.raises(utils.UserError, match=r"train.jsonl:2: no assistant message, and --mask-prompt trains on "):
@@ -135,13 +136,20 @@ def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path):
     tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", think)
     write(tmp_path, "train", [{"messages": chat}, {"messages": chat + chat}])
     examples = lora.load_dataset(tmp_path, "train", mask_prompt=True)
-    assert len(lora.tokenize(examples[:1], tokenizer, True, 256, "train", mask_prompt=True)) == 1
-    with pytest.raises(utils.UserError, match=r"train.jsonl:2: the chat template of .* renders the messages up to "
-                                              r"the assistant's message 2 otherwise than within the whole chat"):
-        lora.tokenize(examples, tokenizer, True, 256, "train", mask_prompt=True)
+    single, = lora.tokenize(examples[:1], tokenizer, True, 256, "train", mask_prompt=True)
+    assert "[WARNING]" not in capsys.readouterr().out
+    row, = lora.tokenize(examples[1:], tokenizer, True, 256, "train", mask_prompt=True)
+    assert "--mask-prompt: in 1 train chats the chat template renders an earlier" in capsys.readouterr().out
+    scored = lora.scored_targets(*row)
+    assert scored[-1] and scored.sum() == lora.scored_targets(*single).sum()  # the last assistant message alone
     tokenizer.chat_template = MARKED_TEMPLATE.replace("{{ m['content'] }}", think)  # its markers tell
     row, = lora.tokenize(examples[1:], tokenizer, True, 256, "train", mask_prompt=True)
     assert_scores_the_assistant_mask(row, tokenizer, chat + chat)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", "{% if loop.last %}<think>{% endif %}"
+                                                    "{{ m['content'] }}")
+    with pytest.raises(utils.UserError, match=r"train.jsonl:1: the chat template of .* renders the messages up to "
+                                              r"the assistant's message 2 otherwise than within the whole chat"):
+        lora.tokenize(examples, tokenizer, True, 256, "train", mask_prompt=True)
 
 
 @pytest.mark.parametrize("record", [
