@@ -114,8 +114,8 @@ class CheckpointNames:
     def stacked(self, weights: dict, count: Optional[int] = None) -> dict:
         """`weights` (our names) with each expert's arrays of a layer (X.experts.{e}.P.leaf) stacked in one,
         X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily; with `count` experts, zeros in the
-        place of those absent (adapters of some experts), else the experts there. ValueError if their shapes
-        differ, or an expert is past `count`."""
+        place of those absent (adapters of some experts), else all of them. ValueError if their shapes differ, or
+        an expert is missing or past `count`."""
         result, stacks = {}, {}
         for name, value in weights.items():
             expert = self.expert_of(name)
@@ -125,13 +125,17 @@ class CheckpointNames:
                 transposed = name.rsplit(".", 1)[-1] in TRANSPOSED_IN_STACK
                 stacks.setdefault(expert[0], {})[expert[1]] = value.T if transposed else value
         for name, pieces in stacks.items():
-            head, leaf = name.rsplit(".", 1)
+            experts, layer, leaf = name.rsplit(".", 2)
             shapes = sorted({tuple(v.shape) for v in pieces.values()})
             if len(shapes) > 1:
-                raise ValueError(f"{head}: its experts' {leaf} differ in shape ({', '.join(map(str, shapes))})")
+                raise ValueError(f"{experts}.*.{layer}.{leaf}: the experts' shapes differ "
+                                 f"({', '.join(map(str, shapes))})")
             if count is not None and max(pieces) >= count:
-                raise ValueError(f"{head}: holds expert {max(pieces)}, of {count} experts")
+                raise ValueError(f"{experts}.{max(pieces)}.{layer}.{leaf}: the model has {count} experts")
             if count is None:
+                missing = sorted(set(range(max(pieces))) - set(pieces))
+                if missing:
+                    raise ValueError(f"{experts}.{missing[0]}.{layer}.{leaf} missing")
                 result[name] = mx.stack([pieces[e] for e in sorted(pieces)])
             else:
                 zero = mx.zeros(shapes[0], next(iter(pieces.values())).dtype)
