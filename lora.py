@@ -1063,7 +1063,7 @@ def checkpoint_arrays(path, model):
     path = Path(path)
     it = checkpoint_state(path)["iteration"]
     weights = utils.read_arrays(path / "adapters.safetensors")
-    try:  # (the adapters of a stack of experts: each expert's apart)
+    try:  # the file holds a stack of experts' adapters per expert
         weights = model.args.names.stacked(weights, model.args.num_local_experts)
     except ValueError:
         weights = {}  # an error below

@@ -2313,8 +2313,9 @@ def last_layers(model: Model, num_layers: int) -> list:
 
 
 def every_linear_layer(layers) -> dict:
-    """{path: linear layer} of the linear layers inside these decoder layers (linear_layers), each path once
-    (layers differ where some hold a mixture of experts and others an MLP), in the first's order."""
+    """{path: linear layer} of the linear layers inside these decoder layers (linear_layers; an expert's layer: its
+    stack), each path once (layers differ where some hold a mixture of experts and others an MLP), in the first's
+    order."""
     found = {}
     for layer in layers:
         modules = dict(layer.named_modules())

@@ -481,8 +481,8 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     checkpoint = models.checkpoint_names(config)
     rename = checkpoint.ours
     dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
-    if dropped is not None or names is not None:  # the headers alone; a stack of experts' names each expert's
-        wanted = names
+    if dropped is not None or names is not None:  # from the headers alone
+        wanted = names  # (ours: a stack of experts' array stands for each expert's)
         names = {rename(k) for f in files for k in read_arrays(f) if dropped is None or not dropped(config, k)}
         if wanted is not None:
             names = {k for k in names if (checkpoint.expert_of(k) or (k,))[0] in wanted}
@@ -1282,12 +1282,13 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
     """The model's LoRA or DoRA adapters, which adapter_config describes, as a PEFT folder
     (adapter_model.safetensors, adapter_config.json) that peft.PeftModel.from_pretrained loads on the
     transformers model of the same base, where its layers' paths are theirs (models.CheckpointNames.module_path)."""
-    names = model.args.names
     adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
                                          for name in PEFT_NAMES if name in m})
-    weights = {f"base_model.model.{names.module_path(path)}.{PEFT_NAMES[name]}": value.T
-               for path, name, value in ((*k.rsplit(".", 1), v) for k, v in adapters.items())}
-    layers = {names.module_path(k.rsplit(".", 1)[0]) for k in adapters}
+    weights, layers = {}, set()
+    for key, value in adapters.items():
+        path, name = key.rsplit(".", 1)
+        layers.add(model.args.names.module_path(path))
+        weights[f"base_model.model.{model.args.names.module_path(path)}.{PEFT_NAMES[name]}"] = value.T
     params = adapter_config["lora_parameters"]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
