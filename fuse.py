@@ -92,7 +92,7 @@ def write_fused(args, out):
     if args.de_quantize:
         models.dequantize(model, mx.float16)
     quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, models.QuantizedExpertsLinear))}
     config = utils.output_config(config, "float16" if args.de_quantize else None, quantized)
 
     def write(folder):

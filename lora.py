@@ -867,10 +867,9 @@ def make_step(model, optimizer, args, compiled=True):
     --grad-accumulation-steps batches (weighted by the count each batch's loss is a mean of: tokens, or
     preference pairs; see objective), its model and optimizer state being evaluated (mx.async_eval: the call
     returns before the device is done); sums are the trained tokens, then METRICS summed over the pairs.
-    Compiled unless told not to (or the model has experts). In a distributed run the batches are this rank's
-    shares of the global ones: the gradient, the loss, the count, the sums and `stop` (a flag any rank may
-    raise) are summed over the ranks, so that every rank makes the update one process would make on the
-    global batch."""
+    Compiled unless told not to. In a distributed run the batches are this rank's shares of the global ones: the
+    gradient, the loss, the count, the sums and `stop` (a flag any rank may raise) are summed over the ranks, so
+    that every rank makes the update one process would make on the global batch."""
     group = mx.distributed.init()
     loss_and_grad = nn.value_and_grad(model, objective(args.train_mode, args.beta))
     state = [model.state, optimizer.state, mx.random.state]
@@ -897,7 +896,7 @@ def make_step(model, optimizer, args, compiled=True):
         loss, count, sums, grads = gradient(*batch)
         return update(grads, count, loss, sums, stop)
 
-    if compiled and model.compiles:
+    if compiled:
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):
@@ -973,7 +972,8 @@ def set_up_training(model, args, scale):
               "num_layers": len(layers)}
     if kind == "full":
         return config
-    keys = sorted({path.split(".", 3)[3] for path in models.lora_layers(model)})
+    adapted = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))  # each expert's apart
+    keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
                                           "dropout": params["dropout"], "keys": keys}}
 
@@ -1184,6 +1184,10 @@ def checkpoint_arrays(path, model):
     if (path / "adapter_config.json").exists():  # of the run's base (check_resume compares --model)
         utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
+    try:  # the file holds a stack of experts' adapters per expert
+        weights = model.args.names.stacked(weights, model.args.num_local_experts)
+    except ValueError:
+        weights = {}  # an error below
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     if {k: v.shape for k, v in weights.items()} != expected:
         raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
@@ -1398,7 +1402,7 @@ def list_targets(path):
     print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, with these linear layers "
           f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
     for target, module in models.every_linear_layer(model.layers).items():
-        output_dims, input_dims = module.weight.shape
+        output_dims, input_dims = module.weight.shape[-2:]  # (an expert's, of a stack)
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
 
 

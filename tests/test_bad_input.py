@@ -49,16 +49,18 @@ def write_records(path, records):
 
 
 class World:
-    """The inputs cases share, made once: a tiny llama folder (and a copy with a chat template), data, GGUF
-    files; the short training run (and its PEFT export and .npz copy) on first use. Cases read these and
-    copy what they damage."""
+    """The inputs cases share, made once: a tiny llama folder (and a copy with a chat template, and a tiny
+    mixtral: a mixture of experts), data, GGUF files; the short training run (and its PEFT export and .npz copy)
+    on first use. Cases read these and copy what they damage."""
 
-    def __init__(self, root, folder, reference):
+    def __init__(self, root, folder, reference, moe):
         from gguf import GGMLQuantizationType as T
 
         self.root = root
         self.model = root / "model"
         shutil.copytree(folder, self.model)
+        self.moe = root / "moe"
+        shutil.copytree(moe, self.moe)
         self.data = root / "data"
         self.data.mkdir()
         for split, n, seed in [("train", 64, 1), ("valid", 16, 2), ("test", 16, 3)]:
@@ -127,7 +129,8 @@ class World:
 @pytest.fixture(scope="session")
 def world(make_checkpoint, tmp_path_factory):
     folder, reference = make_checkpoint("llama")
-    return World(tmp_path_factory.mktemp("world"), folder, reference)
+    moe, _ = make_checkpoint("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    return World(tmp_path_factory.mktemp("world"), folder, reference, moe)
 
 
 # --- damage -------------------------------------------------------------------------------------------------
@@ -474,6 +477,15 @@ CASES += [
          model(lambda f, d: rewrite_weights(
              f, lambda weights: weights.update({"model.layers.1.mlp.down_proj.weight": mx.zeros((64, 127))}))),
          "damaged_model"),
+    # a mixture of experts' checkpoint holds each expert's weights apart; the model stacks them
+    Case("model-expert-missing", "lora.py",
+         model(lambda f, d: rewrite_weights(
+             f, lambda weights: weights.pop("model.layers.1.block_sparse_moe.experts.2.w1.weight")), source="moe"),
+         "experts.2.w1.weight"),
+    Case("model-convert-expert-of-another-shape", "convert.py", lambda w, d: [
+        "--hf-path", damaged(w, d, lambda f, d: rewrite_weights(f, lambda weights: weights.update(
+            {"model.layers.1.block_sparse_moe.experts.2.w1.weight": mx.zeros((127, 64))})), source="moe"),
+        "--mlx-path", d / "out"], "experts.*.w1.weight"),
     Case("model-tokenizer-json-corrupt", "lora.py",
          model(lambda f, d: (f / "tokenizer.json").write_text('{"version": "1.0", "model": {')), "tokenizer.json"),
     Case("model-tokenizer-remote-code", "lora.py", model(evil_tokenizer), "damaged_model", never=("MARKER",)),
@@ -573,7 +585,18 @@ deeper_base = adapter_config(lambda c: dict(c, base_model_config={"num_hidden_la
 DEEPER = "adapters.safetensors: made for a model of num_hidden_layers 8, not 4"
 
 
+def adapters_of_a_missing_expert(w, d):
+    """The mixtral's adapters, for an expert it does not have (9 of 4)."""
+    layer = "model.layers.3.block_sparse_moe.experts.9.w1"
+    (d / "adapters").mkdir()
+    mx.save_safetensors(str(d / "adapters" / "adapters.safetensors"),
+                        {f"{layer}.lora_a": mx.zeros((64, 4)), f"{layer}.lora_b": mx.zeros((4, 128))})
+    (d / "adapters" / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 2.0}}))
+    return on_test_set(w, d, model=w.moe, adapter=d / "adapters" / "adapters.safetensors")
+
+
 CASES += [
+    Case("adapters-of-a-missing-expert", "lora.py", adapters_of_a_missing_expert, "experts.9.w1"),
     Case("adapters-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.safetensors"), lora_test),
          "adapters.safetensors"),
     Case("adapters-empty", "lora.py",
