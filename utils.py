@@ -1293,11 +1293,14 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
 
 def load_full_weights(model: nn.Module, weights: dict, adapter_path):
     """Fully fine-tuned weights (fine_tune_type "full") over the model's own, in its dtype, made trainable; the
-    experts' of a layer stacked (models.CheckpointNames.stacked)."""
+    experts' of a layer stacked (models.CheckpointNames.stacked), the model's own for an expert they lack."""
     params = dict(tree_flatten(model.parameters()))
     modules = dict(model.named_modules())
+    names = model.args.names
+    stacks = {expert[0] for expert in map(names.expert_of, weights) if expert and expert[0] in params}
+    own = dict(pair for stack in stacks for pair in names.unstacked(stack, params[stack]))
     try:
-        weights = model.args.names.stacked(weights)
+        weights = names.stacked({**own, **weights})
     except ValueError as e:
         raise UserError(f"{adapter_path}: does not fit this model: {e}") from None
     for name, value in sorted(weights.items()):

@@ -321,6 +321,19 @@ def test_experts_adapters_resume_exactly_and_fuse(family, data_dir, tmp_path, ca
     assert np.abs(logits(utils.load(str(tmp_path / "fused"))[0], tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
 
 
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)
+def test_full_weights_of_some_experts(family):
+    """Full weights (as files hold them: each expert's apart) that lack an expert's leave it the model's own, as
+    they do any other weight."""
+    folder, _, _, _ = family
+    model = utils.load(str(folder))[0]
+    name = "model.layers.3.block_sparse_moe.experts.{}.w1.weight"
+    utils.load_full_weights(model, {name.format(e): mx.zeros((128, 64)) for e in (0, 1, 3)}, "full.safetensors")
+    stack = model.layers[3].block_sparse_moe.experts.w1.weight
+    assert np.array_equal(stack[2], mx.load(str(folder / "model.safetensors"))[name.format(2)])
+    assert not stack[mx.array([0, 1, 3])].any()
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe"], indirect=True)
 def test_quantized_experts_in_mlx_lm_layout(family, tmp_path):
     """convert -q writes the experts stacked and quantized as mlx-lm does (switch_mlp, as mlx-community's 4-bit
