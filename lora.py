@@ -169,7 +169,7 @@ def parse_args(argv=None):
 
     try:
         config = yaml.safe_load(utils.read_text(args.config))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer past Python's 4300 digits
         raise UserError(f"--config {args.config}: not valid YAML ({utils.first_line(e)})") from None
     if not isinstance(config, dict):
         raise UserError(f"--config {args.config}: expected a mapping of flags to values")

@@ -315,7 +315,7 @@ def read_json(path) -> dict:
     """The JSON object in a file, or an error naming the file."""
     try:
         value = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4300 digits
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
@@ -340,6 +340,8 @@ def read_jsonl(path) -> list:
             raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer past Python's 4300 digits
+            raise UserError(f"{path}:{number}: not valid JSON ({first_line(e)})") from None
         except RecursionError:
             raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
     return values
