@@ -157,13 +157,14 @@ def distributed_group(prog: str):
     one line instead."""
     if not any(k in os.environ for k in LAUNCHER_VARIABLES):
         return mx.distributed.init()
+    check_ring_settings()
     timeout = os.environ.get("LORA_CONNECT_TIMEOUT", "120")
     try:
         seconds = float(timeout)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:  # NaN too
-        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0")
+    if not 0 < seconds <= 10**9:  # NaN too; the watch's time.sleep takes no more
+        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0, up to 1e9")
     message = (f"{prog}: error: the processes of the distributed run did not all connect within {timeout} s "
                f"(LORA_CONNECT_TIMEOUT); is every rank started, and can each reach the others' hosts and ports?\n")
     # MLX holds Python's lock while it waits: the watch is a process of its own
@@ -173,6 +174,31 @@ def distributed_group(prog: str):
     finally:
         watch.kill()
         watch.wait()
+
+
+def check_ring_settings():
+    """MLX_RANK and MLX_HOSTFILE (ring's: a list of hosts, each a list of "ip:port" addresses, or one), which MLX
+    reads with a traceback, a crash or a wait without end where they are wrong."""
+    rank = os.environ.get("MLX_RANK")
+    if rank is not None and not re.fullmatch(r"[0-9]{1,9}", rank):
+        raise UserError(f"MLX_RANK={rank}: expected this process's rank, a whole number from 0")
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile is None:
+        return
+    try:
+        with naming_flag("MLX_HOSTFILE"):
+            text = read_text(hostfile)
+        hosts = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"MLX_HOSTFILE={hostfile}: not valid JSON ({first_line(e)})") from None
+    addresses = [host if isinstance(host, list) else [host] for host in hosts] if isinstance(hosts, list) else []
+    if not addresses or not all(addresses) or not all(
+            isinstance(a, str) and re.fullmatch(r".+:\d+", a) for host in addresses for a in host):
+        raise UserError(f'MLX_HOSTFILE={hostfile}: expected a list of hosts, each a list of "ip:port" addresses '
+                        f'(mlx.launch and mlx.distributed_config write it)')
+    if rank is not None and int(rank) >= len(addresses):
+        raise UserError(f"MLX_RANK={rank}: MLX_HOSTFILE {hostfile} lists {len(addresses)} hosts, ranks 0 to "
+                        f"{len(addresses) - 1}")
 
 
 # A process that waits until this one is sent SIGTERM (Python writes the number of each signal it catches to
@@ -243,6 +269,7 @@ def run_main(prog: str, main):
     """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
     stderr naming what is at fault, never a traceback; Ctrl-C exits with 130."""
     try:
+        check_temporary_folder()
         main()
     except UserError as e:
         sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
@@ -250,6 +277,15 @@ def run_main(prog: str, main):
         sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def check_temporary_folder():
+    """MLX compiles its CPU kernels into TMPDIR, and a TMPDIR it cannot write stops it mid-run with an error of
+    its own: checked before any work instead."""
+    folder = os.environ.get("TMPDIR")
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        raise UserError(f"TMPDIR={folder}: not a folder this process can write (MLX writes its compiled kernels "
+                        f"there); create it, or unset TMPDIR")
 
 
 def first_line(error: Exception) -> str:
