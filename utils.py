@@ -512,11 +512,13 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
     config = read_json(path / "config.json")
-    check_config(config, path / "config.json")
     files = sorted(glob.glob(str(path / "*.safetensors")))
+    shapes = {k: v.shape for f in files for k, v in read_arrays(f).items()}  # the headers alone
+    check_config(config, path / "config.json", sum(math.prod(shape) for shape in shapes.values()) if files else None)
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
     rename = models.checkpoint_names(config).ours
+    check_sizes(config, {rename(k): shape for k, shape in shapes.items()}, path / "config.json")
     dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
     if dropped is not None:
         kept = {rename(k) for f in files for k in read_arrays(f) if not dropped(config, k)}  # the headers alone
@@ -628,14 +630,34 @@ def model_skeleton(config: dict, weights: dict) -> models.Model:
     return model
 
 
-def check_config(config: dict, where):
-    """An error naming `where` unless the config describes a model that models.py builds."""
+def check_config(config: dict, where, values=None):
+    """An error naming `where` unless the config describes a model that models.py builds, with no size larger
+    than the weights' count of values (`values`, where known)."""
     try:
-        models.ModelArgs.from_config(config)
+        models.ModelArgs.from_config(config, values)
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     except KeyError as e:
         raise UserError(f"{where}: {e} missing") from None
+
+
+def check_sizes(config: dict, shapes: dict, where):
+    """An error naming `where` and the field unless the config (one check_config accepted) has no more layers or
+    experts than the weights ({our name: shape}) hold, nor vocab_size or hidden_size beyond their embeddings:
+    checked before the model is built, as a config of ten million layers would build for hours."""
+    args = models.ModelArgs.from_config(config)
+    layers = {int(m[1]) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    experts = {int(m[1]) for name in shapes if (m := re.search(r"\.experts\.(\d+)\.", name))}
+    rows, columns = shapes.get("model.embed_tokens.weight", (None, None))
+    if "model.embed_tokens.scales" in shapes:  # quantized: its columns are packed values
+        columns = None
+    for field, value, found, what in [
+            ("num_hidden_layers", args.num_hidden_layers, len(layers), "decoder layers"),
+            ("num_local_experts", args.num_local_experts, len(experts) if experts else None, "experts a layer"),
+            ("vocab_size", args.vocab_size, rows, "rows of model.embed_tokens.weight"),
+            ("hidden_size", args.hidden_size, columns, "columns of model.embed_tokens.weight")]:
+        if found is not None and value > found:
+            raise UserError(f"{where}: {field} is {value}, but the weights have {found} {what}")
 
 
 def build_model(config: dict, weights: dict, source="the model") -> models.Model:
@@ -717,7 +739,7 @@ def read_gguf(path: Path):
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
     config = gguf_config(meta, weights)
-    check_config(config, path)
+    check_config(config, path, sum(v.size for v in weights.values()))
     renamed = {}
     for name, value in weights.items():
         parts = name.split(".")
@@ -737,6 +759,7 @@ def read_gguf(path: Path):
                 raise UserError(f"{path}: tensor {name} has {rows} rows, not a whole number of {heads} heads")
             value = value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
         renamed[hf] = value
+    check_sizes(config, {k: v.shape for k, v in renamed.items()}, path)
     config["dtype"] = "float16"
     try:
         tokenizer = gguf_tokenizer(meta)
