@@ -27,6 +27,7 @@ DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
 DEFAULT_BETA = 0.1  # TRL's, for DPO and ORPO
+TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
 # the numbers that --train-mode reports besides the loss, as TRL names them: means over the pairs
 METRICS = {"sft": [], "dpo": ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                               "logps/chosen", "logps/rejected"]}
@@ -328,7 +329,8 @@ def encode(record, tokenizer, add_eos):
     are rendered with the tokenizer's chat template; the prompt is then all but the last message."""
     if "messages" in record:
         def render(messages, **kwargs):
-            text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **kwargs)
+            with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
+                text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **kwargs)
             return tokenizer.encode(text, add_special_tokens=False)
 
         messages = record["messages"]

@@ -12,6 +12,7 @@ import signal
 import sys
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -332,6 +333,40 @@ TOP_P = flag_type(float, lambda v: 0 < v <= 1, "a probability above 0, up to 1")
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, memory: int):
+    """Run the block with limits on its time and on the memory its Python objects take at once (bytes, as
+    tracemalloc counts them): past either, TimeoutError or MemoryError is raised inside it. For code that may run
+    away (a chat template, which its sandbox lets loop and grow without end). A timer signal checks, every 10 ms,
+    so the limits hold in the main thread alone; elsewhere the block runs unbounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import tracemalloc
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, deadline = tracemalloc.get_traced_memory()[0], time.monotonic() + seconds
+
+    def check(*_):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ran for over {seconds:g} s")
+        if tracemalloc.get_traced_memory()[1] - base > memory:
+            raise MemoryError(f"took over {memory / 2**20:g} MB of memory")
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if not tracing:
+            tracemalloc.stop()
 
 
 # Reading files: each error names the file
