@@ -850,8 +850,10 @@ def set_up_training(model, args, scale):
                 layer.unfreeze()
         else:
             with utils.naming_flag("--lora-targets"):
-                models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
-                                             args.lora_layers, **params, dora=kind == "dora")
+                paths = models.target_paths(model, args.lora_targets or models.default_lora_targets(model),
+                                            args.lora_layers)
+            check_lora_rank(model, paths, args.lora_rank)
+            models.wrap_lora_layers(model, paths, **params, dora=kind == "dora")
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
     if kind == "full":
@@ -859,6 +861,20 @@ def set_up_training(model, args, scale):
     keys = sorted({path.split(".", 3)[3] for path in models.lora_layers(model)})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
                                           "dropout": params["dropout"], "keys": keys}}
+
+
+def check_lora_rank(model, paths, rank):
+    """An adapter's rank above its layer's input or output features adds nothing the layer could not hold, and
+    a huge one makes arrays that MLX cannot (a crash): refused with the layer that bounds it."""
+    modules = dict(model.named_modules())
+    features = {}
+    for path in paths:
+        outputs, inputs = modules[path].weight.shape
+        features[path] = min(outputs, inputs * 32 // modules[path].bits if hasattr(modules[path], "bits") else inputs)
+    smallest = min(features, key=features.get)
+    if rank > features[smallest]:
+        raise UserError(f"--lora-rank {rank}: above the {features[smallest]} features of {smallest} (a rank of at "
+                        f"most its inputs and outputs, the fewer of them)")
 
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
