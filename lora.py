@@ -353,6 +353,9 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
                         f"{tokenizer.name_or_path} has no chat template")
+    if add_eos and not chat and tokenizer.eos_token_id is None:
+        raise UserError(f"--add-eos-token: the tokenizer of {tokenizer.name_or_path} has no end-of-sequence token "
+                        f"(eos_token); give --add-eos-token 0")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
     groups = []
     for i, record in enumerate(examples):
