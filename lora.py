@@ -218,6 +218,15 @@ def check_flags(args):
         raise UserError(f"--resume {args.resume}: no such checkpoint folder")
     if args.accept_flag_changes and not args.resume:
         raise UserError("--accept-flag-changes goes with --resume")
+    for flag, text in (("--prompt", args.prompt), ("--completion-marker", args.completion_marker)):
+        # bytes of an argument that are not UTF-8 come as surrogates, which the tokenizer refuses
+        bad = next((i for i, c in enumerate(text or "") if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise UserError(f"{flag}: not UTF-8 text (character {bad + 1})")
+    if args.prompt == "":
+        raise UserError("--prompt: empty; give the text to continue")
+    if args.completion_marker is not None and not args.completion_marker.strip():
+        raise UserError(f"--completion-marker {args.completion_marker!r}: has no text besides spaces")
     if args.report_to:
         package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
         try:
@@ -1232,7 +1241,10 @@ def completion_example(record, marker, where):
     """The example as {"prompt", "completion"} (or a chat, whose completion is its last message): a {"text"}
     example is split after the last `marker`, a preference pair's completion is its chosen response."""
     if "text" not in record:
-        return responses(record)[0]
+        example = responses(record)[0]
+        if not (example["prompt"] if "prompt" in example else example["messages"][:-1]):
+            raise UserError(f"--generate-eval: {where} has an empty prompt, nothing to generate from")
+        return example
     if not marker:
         raise UserError('--generate-eval: the test examples are {"text"}: give --completion-marker, the text '
                         'that ends each prompt (e.g. "A: ")')
@@ -1244,16 +1256,17 @@ def completion_example(record, marker, where):
     return {"prompt": head + found, "completion": tail}
 
 
-def generation_accuracy(model, tokenizer, config, examples, add_eos):
-    """Exact matches among the greedy completions of these examples (completion_example). A completion
-    matches if its text is the expected one's, end-of-sequence (or a chat template's end of turn) included:
-    a model that goes on past the answer has not given it."""
+def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
+    """Exact matches among the greedy completions of these examples (completion_example; where(i) names the
+    i-th in errors). A completion matches if its text is the expected one's, end-of-sequence (or a chat
+    template's end of turn) included: a model that goes on past the answer has not given it."""
     eos, matches = eos_ids(tokenizer, config), 0
-    for record in tqdm(examples, desc="Generating", disable=None):
+    for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
         tokens, prompt_length = encode(record, tokenizer, add_eos)
         expected = tokens[prompt_length:]
+        length = generation_length(model, tokenizer, tokens[:prompt_length], len(expected), f"{where(i)}'s prompt")
         generated = []
-        for token, _ in zip(utils.generate(model, tokens[:prompt_length]), expected):
+        for token, _ in zip(utils.generate(model, tokens[:prompt_length]), expected[:length]):
             generated.append(token)
             if token in eos:
                 break
@@ -1269,12 +1282,48 @@ def eos_ids(tokenizer, config):
     return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
 
 
+def check_token_ids(ids, model, tokenizer, where):
+    """MLX's embedding crashes the process (a segfault) on a token id past the model's vocabulary: such an id,
+    from a tokenizer that is not the model's, is an error naming where it came from."""
+    top = max(ids, default=-1)
+    if top >= model.args.vocab_size:
+        raise UserError(f"{where}: token id {top} is past the model's vocab_size {model.args.vocab_size}; the "
+                        f"tokenizer has {len(tokenizer)} tokens: is it the model's?")
+
+
+def generation_length(model, tokenizer, prompt, max_tokens, where) -> int:
+    """How many of max_tokens to generate after `prompt` (token ids): fewer where the model's context
+    (max_position_embeddings) ends first. A prompt of no tokens, of ids past the vocabulary, that fills the
+    context, or whose keys, values and attention scores would not fit in memory is an error naming `where`
+    (the kernel would otherwise kill the process, out of memory)."""
+    args, length = model.args, len(prompt)
+    if not prompt:
+        raise UserError(f"{where}: gives no tokens")
+    check_token_ids(prompt, model, tokenizer, where)
+    if length >= args.max_position_embeddings:
+        raise UserError(f"{where}: {length} tokens, but the model's context (max_position_embeddings) is "
+                        f"{args.max_position_embeddings}; shorten it")
+    positions = min(length + max_tokens, args.max_position_embeddings)
+    itemsize = model.model[args.final_norm].weight.dtype.size
+    cache = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * positions * itemsize
+    # the prompt's pass, a layer at a time: its MLP's activations and, on the CPU, where attention computes every
+    # score (a GPU's fused kernel keeps none), the scores and weights, in float32
+    scores = 2 * args.num_attention_heads * length * length * 4 if mx.default_device() == mx.cpu else 0
+    layer = scores + 3 * length * args.intermediate_size * itemsize
+    need, free = cache + layer, memory_size() - mx.get_active_memory()
+    if need > free:
+        raise UserError(f"{where}: {length} tokens, and {positions - length} to generate after them, need about "
+                        f"{need / 1e9:.1f} GB of memory, more than the {free / 1e9:.1f} GB left beside the model")
+    return positions - length
+
+
 def generate(model, tokenizer, config, args):
     eos = eos_ids(tokenizer, config)
     prompt = tokenizer.encode(args.prompt)
+    length = generation_length(model, tokenizer, prompt, args.max_tokens, "--prompt")
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
-    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
+    for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(length)):
         if token in eos:
             break
         tokens.append(token)
@@ -1347,6 +1396,8 @@ def run(args, adapter_file, examples, generation_tests):
     seconds = {"loading": time.perf_counter() - began}
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
             for split, e in examples.items()}
+    for split, rows in data.items():
+        check_token_ids((max(tokens) for tokens, _ in rows), model, tokenizer, examples[split].path)
     seconds["tokenizing"] = time.perf_counter() - began - seconds["loading"]
     for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
         if split in data and batches > 0:
@@ -1386,7 +1437,8 @@ def run(args, adapter_file, examples, generation_tests):
         print(f"Test loss {test_loss:.3f}" + (f", Test ppl {math.exp(test_loss):.3f}." if args.train_mode == "sft"
                                               else rewards(test_metrics) + "."), flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
-            matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
+            matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token,
+                                          examples["test"].where)
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
     if args.prompt is not None and mx.distributed.init().rank() == 0:

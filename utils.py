@@ -1405,7 +1405,9 @@ def generate(model: models.Model, prompt: list, temp: float = 0.0, top_p: float 
     cache = model.make_cache()
     tokens = mx.array(prompt)[None]
     while True:
-        token = sample(model(tokens, cache)[:, -1, :].astype(mx.float32), temp, top_p)
+        # the last position's logits alone: a long prompt's would take its length times the vocabulary
+        logits = model.logits(model.hidden_states(tokens, cache)[:, -1:, :])
+        token = sample(logits[:, -1, :].astype(mx.float32), temp, top_p)
         mx.eval(token)
         yield token.item()
         tokens = token[None]
