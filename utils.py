@@ -158,14 +158,15 @@ def distributed_group(prog: str):
     one line instead."""
     if not any(k in os.environ for k in LAUNCHER_VARIABLES):
         return mx.distributed.init()
-    check_ring_settings()
     timeout = os.environ.get("LORA_CONNECT_TIMEOUT", "120")
     try:
         seconds = float(timeout)
     except ValueError:
         seconds = 0.0
-    if not 0 < seconds <= 10**9:  # NaN too; the watch's time.sleep takes no more
-        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0, up to 1e9")
+    if not seconds > 0:  # NaN too
+        raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0")
+    seconds = min(seconds, 1e9)  # as good as forever (inf): the watch's time.sleep takes no more
+    check_ring_settings()
     message = (f"{prog}: error: the processes of the distributed run did not all connect within {timeout} s "
                f"(LORA_CONNECT_TIMEOUT); is every rank started, and can each reach the others' hosts and ports?\n")
     # MLX holds Python's lock while it waits: the watch is a process of its own
