@@ -876,17 +876,16 @@ def set_up_training(model, args, scale):
 
 
 def check_lora_rank(model, paths, rank):
-    """An adapter's rank above its layer's input or output features adds nothing the layer could not hold, and
-    a huge one makes arrays that MLX cannot (a crash): refused with the layer that bounds it."""
+    """A rank above both a layer's input and output features makes each of its adapter's matrices larger than
+    the layer itself, and a huge one arrays that MLX cannot make (a segfault): refused, naming the layer."""
     modules = dict(model.named_modules())
-    features = {}
     for path in paths:
         outputs, inputs = modules[path].weight.shape
-        features[path] = min(outputs, inputs * 32 // modules[path].bits if hasattr(modules[path], "bits") else inputs)
-    smallest = min(features, key=features.get)
-    if rank > features[smallest]:
-        raise UserError(f"--lora-rank {rank}: above the {features[smallest]} features of {smallest} (a rank of at "
-                        f"most its inputs and outputs, the fewer of them)")
+        if hasattr(modules[path], "bits"):  # quantized: its rows' values packed in 32-bit words
+            inputs = inputs * 32 // modules[path].bits
+        if rank > max(inputs, outputs):
+            raise UserError(f"--lora-rank {rank}: more than both the {inputs} inputs and the {outputs} outputs of "
+                            f"{path}")
 
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):

@@ -225,7 +225,7 @@ FLAGS = [
     ("train-mode-unknown", train, "--train-mode", "ppo", False),
     ("beta-zero", train, "--beta", 0, True),  # with --train-mode dpo, below
     ("beta-negative", train, "--beta", -0.1, False),
-    ("lora-rank-above-the-layers-features", train, "--lora-rank", 33, False),  # v_proj has 32 outputs
+    ("lora-rank-above-the-layers-features", train, "--lora-rank", 65, False),  # q_proj and v_proj have 64 inputs
     ("lora-rank-huge", train, "--lora-rank", 10**8, False),
     ("prompt-empty", prompt, "--prompt", "", True),
     ("prompt-not-utf8", prompt, "--prompt", "Q: \udcff\udcfe", True),  # the bytes 0xff 0xfe, as Python passes them
