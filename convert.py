@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+import models
 import utils
 from utils import UserError
 
@@ -20,9 +21,10 @@ EMBEDDING_LAYERS = ("model.embed_tokens", "lm_head")
 
 def build_parser():
     p = utils.ArgumentParser(description="Convert a Hugging Face model to MLX, optionally quantized.")
-    p.add_argument("--hf-path", required=True,
+    p.add_argument("--hf-path", type=utils.expanded_path, required=True,
                    help="Hugging Face model folder, hub repo id, or .gguf file to convert.")
-    p.add_argument("--mlx-path", default="mlx_model", help="Folder to write the MLX model to.")
+    p.add_argument("--mlx-path", type=utils.expanded_path, default="mlx_model",
+                   help="Folder to write the MLX model to.")
     p.add_argument("--dtype", choices=DTYPES,
                    help="Type of the float weights (default: the checkpoint's own, else float16).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights (for QLoRA).")
@@ -67,10 +69,11 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
     # A router (Family.unquantized): a few numbers per token decide which experts run; AutoAWQ and bitsandbytes
     # QLoRA keep it unquantized too, and it is a tiny part of the weights.
     kept = model.args.family.unquantized
-    # Only nn.Linear and nn.Embedding: the stacked experts' weights (models.StackedExperts, StackedLinear) and the
-    # routers (models.Router) stay in dtype.
+    # Only nn.Linear, nn.Embedding and SparseMoE's experts (models.ExpertsLinear): the stacked experts' weights of
+    # the families whose checkpoints stack them (models.StackedExperts, StackedLinear) and the routers
+    # (models.Router) stay in dtype.
     layers = {path for path, m in modules.items()
-              if isinstance(m, (nn.Linear, nn.Embedding)) and not (kept and path.endswith(kept))}
+              if isinstance(m, (nn.Linear, nn.Embedding, models.ExpertsLinear)) and not (kept and path.endswith(kept))}
     quantized = {}  # path: {"group_size", "bits"}
     for path in sorted(layers) if quantization else []:
         if source[f"{path}.weight"].shape[-1] % quantization["group_size"] == 0:
@@ -90,8 +93,9 @@ def converted_weights(config: dict, weights: dict, dtype, quantization, embeddin
             else:
                 yield name, value.astype(dtype)
 
-    names = model.args.names
-    return ((names.theirs(k), v) for k, v in tensors()), quantized, len(layers) - len(quantized)
+    names = model.args.names  # (a float stack of experts' as each expert's)
+    return (((names.theirs(k), v) for name, value in tensors() for k, v in names.unstacked(name, value)), quantized,
+            len(layers) - len(quantized))
 
 
 def describe(args) -> str:

@@ -20,15 +20,19 @@ FUSED = {"lora": "LoRA adapters", "dora": "DoRA adapters", "full": "fine-tuned w
 def build_parser():
     p = utils.ArgumentParser(description="Fuse LoRA or DoRA adapters (or fully fine-tuned weights) into the "
                                             "model, or export the adapters to PEFT.")
-    p.add_argument("--model", default="mlx_model",
+    p.add_argument("--model", type=utils.expanded_path, default="mlx_model",
                    help="Base model: folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
-    p.add_argument("--adapter-file", help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT "
-                                          "folder (default adapters.safetensors, else adapters.npz).")
-    p.add_argument("--save-path", help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; "
-                                       f"with --export-peft, none unless given).")
+    p.add_argument("--adapter-file", type=utils.expanded_path,
+                   help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT folder (default "
+                        "adapters.safetensors, else adapters.npz).")
+    p.add_argument("--save-path", type=utils.expanded_path,
+                   help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; with --export-peft, none unless "
+                        f"given).")
     p.add_argument("--de-quantize", action="store_true", help="Save a quantized base's fused model in float16.")
-    p.add_argument("--export-peft", metavar="DIR", help="Write the adapters, unfused, as a PEFT folder.")
-    p.add_argument("--export-gguf", metavar="PATH", help="Write the fused model as a float16 GGUF file (llama family).")
+    p.add_argument("--export-peft", type=utils.expanded_path, metavar="DIR",
+                   help="Write the adapters, unfused, as a PEFT folder.")
+    p.add_argument("--export-gguf", type=utils.expanded_path, metavar="PATH",
+                   help="Write the fused model as a float16 GGUF file (llama family).")
     p.add_argument("--upload-name", help="Upload the fused model to this Hugging Face repo.")
     p.add_argument("--hf-path", "--hf-repo", dest="hf_path",
                    help="The base model's Hugging Face repo, named in the model card and the PEFT config.")
@@ -76,7 +80,7 @@ def write_fused(args, out):
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):
             utils.gguf_vocabulary(model.args, tokenizer)
-    utils.apply_adapters(model, adapters, args.adapter_file)
+    utils.apply_adapters(model, adapters, args.adapter_file, base=args.model)
     base = args.hf_path or args.model
     if args.export_peft:
         utils.save_peft(args.export_peft, model, base, adapters.config)
@@ -88,7 +92,7 @@ def write_fused(args, out):
     if args.de_quantize:
         models.dequantize(model, mx.float16)
     quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, models.QuantizedExpertsLinear))}
     config = utils.output_config(config, "float16" if args.de_quantize else None, quantized)
 
     def write(folder):

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,23 +41,26 @@ METRICS["orpo"] = METRICS["dpo"] + ["nll_loss", "log_odds_ratio", "log_odds_chos
 def build_parser():
     p = utils.ArgumentParser(description="LoRA or QLoRA fine-tuning: --train, --test and/or --prompt.")
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="mlx_model",
+    model.add_argument("--model", type=utils.expanded_path, default="mlx_model",
                        help="Model folder (Hugging Face layout), Hugging Face repo id, or .gguf file, of a "
                             f"supported model_type: {', '.join(models.FAMILIES)}.")
-    model.add_argument("--list-targets", metavar="MODEL",
+    model.add_argument("--list-targets", type=utils.expanded_path, metavar="MODEL",
                        help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
-    model.add_argument("--config", help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], "
-                                        "train: true, ...); flags given on the command line win.")
+    model.add_argument("--config", type=utils.expanded_path,
+                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...); "
+                            "flags given on the command line win.")
     model.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="data/", help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+    data.add_argument("--data", type=utils.expanded_path, default="data/",
+                      help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
     data.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
                       default=2048, help="Longer examples are truncated.")
     data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
                       help="Append EOS to each example (0: don't).")
     data.add_argument("--mask-prompt", action="store_true",
-                      help="Train on the completion only: the prompt, or all but a chat's last message, has no loss.")
+                      help="Train on the completion only: a {prompt, completion} example's completion, or a chat's "
+                           "assistant messages.")
     data.add_argument("--pack", action="store_true",
                       help="Concatenate each batch's examples into one row, attention kept within each example: "
                            "no padding.")
@@ -88,9 +92,11 @@ def build_parser():
                       help=f"DPO's beta (larger keeps the model closer to its reference: the model as training "
                            f"starts), or ORPO's weight of the odds-ratio term (TRL's beta for both; default "
                            f"{DEFAULT_BETA}).")
-    lora.add_argument("--adapter-file", help=f"Adapter weights to save (.safetensors or .npz) or load (also an "
-                                             f"mlx-lm or PEFT adapter folder; default {DEFAULT_ADAPTER_FILE}).")
-    lora.add_argument("--resume-adapter-file", help="Continue training these adapters (file, mlx-lm or PEFT folder).")
+    lora.add_argument("--adapter-file", type=utils.expanded_path,
+                      help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
+                           f"folder; default {DEFAULT_ADAPTER_FILE}).")
+    lora.add_argument("--resume-adapter-file", type=utils.expanded_path,
+                      help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
@@ -122,7 +128,7 @@ def build_parser():
                              help="Save the adapters, and a checkpoint to resume from, every N iterations.")
     checkpoints.add_argument("--keep-checkpoints", type=utils.NON_NEGATIVE_INT, default=3,
                              help="The run's checkpoints to keep, the latest (0: all).")
-    checkpoints.add_argument("--resume", metavar="CHECKPOINT",
+    checkpoints.add_argument("--resume", type=utils.expanded_path, metavar="CHECKPOINT",
                              help="Continue a run exactly from a checkpoint folder (runs/N/step-M), with the run's "
                                   "flags.")
     checkpoints.add_argument("--accept-flag-changes", action="store_true",
@@ -180,16 +186,41 @@ def parse_args(argv=None):
         action = actions.get(str(key).replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
             raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
-        flag = next(s for s in action.option_strings if s.startswith("--"))
-        if isinstance(action, argparse._StoreTrueAction):
-            flags += [flag] if value else []
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            flags += [flag if value else "--no-" + flag[2:]]
-        else:  # as if typed: argparse checks the type and the choices
-            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+        with utils.naming_flag(f"--config {args.config}: {key}"):
+            flags += yaml_flag(action, value)
     args = parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
     check_flags(args)
     return args
+
+
+def yaml_flag(action, value) -> list:
+    """The command-line words of a flag that a YAML file gives this value, typed as argparse types the flag: a
+    switch takes true or false alone (YAML's "false" in quotes is a string, which would be true), another flag
+    text or a number as its type says (or, if it takes several, a list of them), within its choices."""
+    flag = next(s for s in action.option_strings if s.startswith("--"))
+    shown = json.dumps(value, default=str)
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{flag} is a switch: expected true or false, not {shown}")
+        if isinstance(action, argparse._StoreTrueAction):
+            return [flag] if value else []
+        return [flag if value else "--no-" + flag[2:]]
+    several = action.nargs in ("+", "*")
+    values = value if several and isinstance(value, list) else [value]
+    text = action.type in (None, utils.expanded_path)
+    for v in values or [None]:
+        if not (isinstance(v, str) or not text and utils.is_number(v)):
+            kind = ("text" if text else "a number") + (", or a list of them" if several else "")
+            raise UserError(f"{flag}: expected {kind}, not {shown}")
+        try:  # a number may come as text: YAML reads 1e-5 (no dot) as a string
+            typed = v if text else action.type(str(v))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{flag}: {e}") from None
+        except ValueError:
+            raise UserError(f"{flag}: expected {action.type.__name__}, not {shown}") from None
+        if action.choices is not None and typed not in action.choices:
+            raise UserError(f"{flag}: must be one of {', '.join(map(str, action.choices))}, not {shown}")
+    return [flag, *map(str, values)]
 
 
 def check_flags(args):
@@ -258,6 +289,18 @@ def is_messages(value):
         for m in value)
 
 
+# The keys that make each format (example_format); a record with keys of two formats is refused, as no
+# reading of it is sure, and other keys are ignored
+FORMAT_KEYS = {"text": {"text"}, "completion": {"prompt", "completion"}, "preference": {"prompt", "chosen", "rejected"},
+               "chat": {"messages"}}
+
+
+def format_keys(record) -> set:
+    """The keys of a record that say its format (FORMAT_KEYS), but those that are null: tables exported to JSON
+    write a column that a row lacks as null."""
+    return {k for keys in FORMAT_KEYS.values() for k in keys if record.get(k) is not None}
+
+
 def example_format(record):
     """"text", "completion" ({"prompt", "completion"}), "preference" ({"prompt", "chosen", "rejected"}: three
     strings, or a chat and one assistant message each) or "chat" ({"messages"[, "tools"]}); None if neither."""
@@ -306,6 +349,10 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
         raise UserError(f"{path}: no such file")
     examples, lines, first = [], [], None
     for number, record in utils.read_jsonl(path):
+        keys = format_keys(record) if isinstance(record, dict) else set()
+        if not any(keys <= format for format in FORMAT_KEYS.values()):
+            raise UserError(f"{path}:{number}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
+                            f"give each example in one")
         kind = example_format(record)
         if kind is None and train_mode != "sft":
             raise UserError(f'{path}:{number}: not a preference pair: expected {{"prompt", "chosen", "rejected"}}, '
@@ -323,7 +370,13 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
         elif kind != first[0]:
             raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
                             f"(one format per file)")
-        examples.append(record)
+        if kind == "preference" and record["chosen"] == record["rejected"]:
+            raise UserError(f"{path}:{number}: the chosen and the rejected response are the same; a pair needs two "
+                            f"responses to prefer one of")
+        if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
+            raise UserError(f"{path}:{number}: no assistant message, and --mask-prompt trains on those alone")
+        # the example as encode() reads it: the keys of its format alone, and a chat's tools
+        examples.append({k: v for k, v in record.items() if k in FORMAT_KEYS[kind] | {"tools"}})
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
@@ -333,17 +386,14 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
     return Examples(examples, path, lines)
 
 
-def encode(record, tokenizer, add_eos):
-    """(tokens, prompt length): the prompt is the part --mask-prompt leaves out of the loss. Chat examples
-    are rendered with the tokenizer's chat template; the prompt is then all but the last message."""
+def encode(record, tokenizer, add_eos, trained="completion"):
+    """(tokens, spans): the spans (start, end) of the tokens that training scores: with trained="all", all of
+    them; with "completion", a {"prompt", "completion"} example's completion, or a chat's last assistant
+    message; with "assistant", a chat's assistant messages, each (TRL's assistant_only_loss). Chats are rendered
+    with the tokenizer's chat template (chat_tokens)."""
     if "messages" in record:
-        def render(messages, **kwargs):
-            with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
-                text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **kwargs)
-            return tokenizer.encode(text, add_special_tokens=False)
-
-        messages = record["messages"]
-        return render(messages), len(render(messages[:-1], add_generation_prompt=True)) if len(messages) > 1 else 0
+        with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
+            return chat_tokens(record["messages"], record.get("tools"), tokenizer, trained)
     if "prompt" in record:
         prompt = tokenizer.encode(record["prompt"])
         tokens = prompt + tokenizer.encode(record["completion"], add_special_tokens=False)
@@ -351,13 +401,69 @@ def encode(record, tokenizer, add_eos):
         tokens, prompt = tokenizer.encode(record["text"]), []
     if add_eos and tokens[-1:] != [tokenizer.eos_token_id]:
         tokens.append(tokenizer.eos_token_id)
-    return tokens, len(prompt)
+    return tokens, [(0 if trained == "all" else len(prompt), len(tokens))]
+
+
+# the markers of a chat template around the assistant's tokens, as TRL's training templates have them
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def chat_tokens(messages, tools, tokenizer, trained):
+    """encode() of a chat. Where the chat template marks the assistant's tokens ({% generation %}), they are
+    those it marks (as in TRL). Else an assistant message runs from the end of the chat before it, rendered with
+    the generation prompt, to the end of the chat up to it; which is right where the template renders those
+    chats as the beginnings of the whole one. Where it does not for an earlier assistant message (Qwen3's drops
+    the reasoning of earlier turns), that message is not scored (tokenize warns); for the last, an error."""
+    def render(messages, **kwargs):
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    if trained != "all" and GENERATION_MARKER.search(str(tokenizer.chat_template)):
+        chat = tokenizer.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
+        edges = np.flatnonzero(np.diff([0, *chat["assistant_masks"], 0])).reshape(-1, 2)  # where runs of 1 start, end
+        if not len(edges):
+            raise UserError(f"the chat template of {tokenizer.name_or_path} marks none of its tokens as the "
+                            f"assistant's ({{% generation %}})")
+        spans = [(int(start), int(end)) for start, end in edges]
+        return list(chat["input_ids"]), spans if trained == "assistant" else spans[-1:]
+    tokens = render(messages)
+    if trained == "all":
+        return tokens, [(0, len(tokens))]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []
+    for i in turns if trained == "assistant" else turns[-1:]:
+        before = render(messages[:i], add_generation_prompt=True) if i else []
+        through = render(messages[:i + 1]) if i + 1 < len(messages) else tokens
+        if tokens[:len(before)] != before or tokens[:len(through)] != through:
+            if i != turns[-1]:
+                continue
+            raise UserError(f"the chat template of {tokenizer.name_or_path} renders the messages up to the "
+                            f"assistant's message {i + 1} otherwise than within the whole chat, so which tokens are "
+                            f"the assistant's is unknown; a template that marks them ({{% generation %}}) tells")
+        spans.append((len(before), len(through)))
+    return tokens, spans
+
+
+def training_row(tokens, spans, max_length):
+    """(tokens, scored), the first max_length tokens: scored is the first target that counts where the spans
+    that training scores (encode) are one, else which targets count (make_batch)."""
+    if len(spans) == 1:
+        return tokens[:max_length], max(spans[0][0] - 1, 0)
+    scored = np.zeros(len(tokens) - 1, bool)
+    for start, end in spans:
+        scored[max(start - 1, 0):end - 1] = True  # the target before a token is that token
+    return tokens[:max_length], scored[:max_length - 1]
+
+
+def scored_targets(tokens, scored):
+    """Which targets of a row (tokens, scored) count: those from the first that does, or as the mask says."""
+    return np.arange(len(tokens) - 1) >= scored if np.isscalar(scored) else scored
 
 
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
-    """(tokens, first scored target) per example: 0, or with mask_prompt the completion's first token. A
-    preference pair gives two rows, its chosen response's then its rejected one's, each scored on the response
-    alone."""
+    """(tokens, scored) per example (training_row): every token scored, or with mask_prompt the completion or a
+    chat's assistant messages alone. A preference pair gives two rows, its chosen response's then its rejected
+    one's, each scored on the response alone."""
     chat = "messages" in examples[0] or isinstance(examples[0].get("prompt"), list)
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
@@ -366,21 +472,31 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
         raise UserError(f"--add-eos-token: the tokenizer of {tokenizer.name_or_path} has no end-of-sequence token "
                         f"(eos_token); give --add-eos-token 0")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
-    groups = []
+    trained = "completion" if "chosen" in examples[0] else "assistant" if mask_prompt else "all"
+    groups, unscored = [], 0
+    counted = trained == "assistant" and not GENERATION_MARKER.search(str(tokenizer.chat_template))
     for i, record in enumerate(examples):
         try:
-            groups.append([encode(r, tokenizer, add_eos) for r in responses(record)])
+            groups.append([encode(r, tokenizer, add_eos, trained) for r in responses(record)])
+            if counted:
+                unscored += len(groups[-1][0][1]) < sum(m["role"] == "assistant" for m in record.get("messages", ()))
+        except UserError as e:
+            raise UserError(f"{where(i)}: {e}") from None
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
             what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+    if unscored:
+        print(f"[WARNING] --mask-prompt: in {unscored} {name} chats the chat template renders an earlier assistant "
+              f"message otherwise than within the whole chat; only their assistant messages rendered alike are "
+              f"trained (the last one always). A template that marks them ({{% generation %}}) trains all.")
+    # what follows the last scored token (a chat's messages after the assistant's last) changes no loss
+    groups = [[(tokens[:spans[-1][1]], spans) for tokens, spans in group] for group in groups]
     long = sum(any(len(tokens) > max_length for tokens, _ in group) for group in groups)
     if long:
         print(f"[WARNING] {long} of {len(groups)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
-    masked = mask_prompt or "chosen" in examples[0]
-    groups = [[(tokens[:max_length], max(prompt - 1, 0) if masked else 0) for tokens, prompt in group]
-              for group in groups]
-    kept = [group for group in groups if all(start < len(tokens) - 1 for tokens, start in group)]
+    groups = [[training_row(tokens, spans, max_length) for tokens, spans in group] for group in groups]
+    kept = [group for group in groups if all(scored_targets(*row).any() for row in group)]
     if len(kept) < len(groups):
         print(f"[WARNING] {len(groups) - len(kept)} {name} examples have no token to train on (their prompt "
               f"fills --max-seq-length) and were left out.")
@@ -409,16 +525,16 @@ def batch_order(dataset, batch_size, train, seed, epoch, sort):
 
 
 def make_batch(rows, pack, by_example=None):
-    """(inputs, targets, scored[, packing]) for rows of (tokens, first scored target[, first state]): scored
+    """(inputs, targets, scored[, packing]) for rows of (tokens, scored[, first state]) (training_row): scored
     says which targets count. With a first state (frozen_layers_cached), the inputs are the positions' rows in
     the model's frozen_prefix, not tokens. With pack, the rows are concatenated into one and `packing` says
     where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens on the CPU, of 32
     elsewhere: each new shape is compiled anew, and on a GPU, where a small batch waits on the host, fewer
     shapes gain more than the padding costs (benchmarks/README.md)."""
     pairs = []
-    for tokens, start, *first_state in rows:
+    for tokens, scored, *first_state in rows:
         inputs = np.arange(first_state[0], first_state[0] + len(tokens) - 1) if first_state else tokens[:-1]
-        pairs.append((inputs, tokens[1:], np.arange(len(tokens) - 1) >= start))
+        pairs.append((inputs, tokens[1:], scored_targets(tokens, scored)))
     lengths = [len(inputs) for inputs, _, _ in pairs]
     if pack:
         width, packing = models.packed_layout(lengths, by_example)
@@ -765,10 +881,9 @@ def make_step(model, optimizer, args, compiled=True):
     --grad-accumulation-steps batches (weighted by the count each batch's loss is a mean of: tokens, or
     preference pairs; see objective), its model and optimizer state being evaluated (mx.async_eval: the call
     returns before the device is done); sums are the trained tokens, then METRICS summed over the pairs.
-    Compiled unless told not to (or the model has experts). In a distributed run the batches are this rank's
-    shares of the global ones: the gradient, the loss, the count, the sums and `stop` (a flag any rank may
-    raise) are summed over the ranks, so that every rank makes the update one process would make on the
-    global batch."""
+    Compiled unless told not to. In a distributed run the batches are this rank's shares of the global ones: the
+    gradient, the loss, the count, the sums and `stop` (a flag any rank may raise) are summed over the ranks, so
+    that every rank makes the update one process would make on the global batch."""
     group = mx.distributed.init()
     loss_and_grad = nn.value_and_grad(model, objective(args.train_mode, args.beta))
     state = [model.state, optimizer.state, mx.random.state]
@@ -795,7 +910,7 @@ def make_step(model, optimizer, args, compiled=True):
         loss, count, sums, grads = gradient(*batch)
         return update(grads, count, loss, sums, stop)
 
-    if compiled and model.compiles:
+    if compiled:
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):
@@ -848,7 +963,7 @@ def set_up_training(model, args, scale):
         print(f"Resuming from {args.resume_adapter_file}", flush=True)
         with utils.naming_flag("--resume-adapter-file"):
             adapters = utils.read_adapters(args.resume_adapter_file, scale)
-            utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout)
+            utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout, base=args.model)
         kind = adapters.fine_tune_type
         params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
     else:
@@ -867,10 +982,14 @@ def set_up_training(model, args, scale):
             check_lora_rank(model, paths, args.lora_rank)
             models.wrap_lora_layers(model, paths, **params, dora=kind == "dora")
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
-    config = {"base_model": args.model, "fine_tune_type": kind, "num_layers": len(layers)}
+    # the base as a path from anywhere (check_base_model), or the hub repo id
+    base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
+    config = {"base_model": base, "base_model_config": utils.base_model_config(model), "fine_tune_type": kind,
+              "num_layers": len(layers)}
     if kind == "full":
         return config
-    keys = sorted({path.split(".", 3)[3] for path in models.lora_layers(model)})
+    adapted = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))  # each expert's apart
+    keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
                                           "dropout": params["dropout"], "keys": keys}}
 
@@ -880,9 +999,10 @@ def check_lora_rank(model, paths, rank):
     the layer itself, and a huge one arrays that MLX cannot make (a segfault): refused, naming the layer."""
     modules = dict(model.named_modules())
     for path in paths:
-        outputs, inputs = modules[path].weight.shape
-        if hasattr(modules[path], "bits"):  # quantized: its rows' values packed in 32-bit words
-            inputs = inputs * 32 // modules[path].bits
+        layer = models.linear_layer(modules, path)
+        outputs, inputs = layer.weight.shape[-2:]  # (an expert's, of a stack)
+        if hasattr(layer, "bits"):  # quantized: its rows' values packed in 32-bit words
+            inputs = inputs * 32 // layer.bits
         if rank > max(inputs, outputs):
             raise UserError(f"--lora-rank {rank}: more than both the {inputs} inputs and the {outputs} outputs of "
                             f"{path}")
@@ -1091,7 +1211,13 @@ def checkpoint_arrays(path, model):
     model as the flags set it up."""
     path = Path(path)
     it = checkpoint_state(path)["iteration"]
+    if (path / "adapter_config.json").exists():  # of the run's base (check_resume compares --model)
+        utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
+    try:  # the file holds a stack of experts' adapters per expert
+        weights = model.args.names.stacked(weights, model.args.num_local_experts)
+    except ValueError:
+        weights = {}  # an error below
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     if {k: v.shape for k, v in weights.items()} != expected:
         raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
@@ -1237,11 +1363,13 @@ def evaluate(model, dataset, batch_size, num_batches, train_mode="sft", beta=Non
 
 
 def completion_example(record, marker, where):
-    """The example as {"prompt", "completion"} (or a chat, whose completion is its last message): a {"text"}
-    example is split after the last `marker`, a preference pair's completion is its chosen response."""
+    """The example as {"prompt", "completion"} (or a chat, whose completion is its last assistant message): a
+    {"text"} example is split after the last `marker`, a preference pair's completion is its chosen response."""
+    if "messages" in record and not any(m["role"] == "assistant" for m in record["messages"]):
+        raise UserError(f"--generate-eval: {where}: no assistant message to compare the generated one with")
     if "text" not in record:
         example = responses(record)[0]
-        if not (example["prompt"] if "prompt" in example else example["messages"][:-1]):
+        if example.get("prompt") == "":  # (a chat's: generation_length)
             raise UserError(f"--generate-eval: {where} has an empty prompt, nothing to generate from")
         return example
     if not marker:
@@ -1261,11 +1389,12 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
     template's end of turn) included: a model that goes on past the answer has not given it."""
     eos, matches = eos_ids(tokenizer, config), 0
     for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
-        tokens, prompt_length = encode(record, tokenizer, add_eos)
-        expected = tokens[prompt_length:]
-        length = generation_length(model, tokenizer, tokens[:prompt_length], len(expected), f"{where(i)}'s prompt")
+        tokens, spans = encode(record, tokenizer, add_eos)
+        start, end = spans[-1]
+        expected = tokens[start:end]
+        length = generation_length(model, tokenizer, tokens[:start], len(expected), f"{where(i)}'s prompt")
         generated = []
-        for token, _ in zip(utils.generate(model, tokens[:prompt_length]), expected[:length]):
+        for token, _ in zip(utils.generate(model, tokens[:start]), expected[:length]):
             generated.append(token)
             if token in eos:
                 break
@@ -1343,7 +1472,7 @@ def list_targets(path):
     print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, with these linear layers "
           f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
     for target, module in models.every_linear_layer(model.layers).items():
-        output_dims, input_dims = module.weight.shape
+        output_dims, input_dims = module.weight.shape[-2:]  # (an expert's, of a stack)
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
 
 
@@ -1425,7 +1554,7 @@ def run(args, adapter_file, examples, generation_tests):
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
     elif adapter_file.exists() or args.adapter_file:
         with utils.naming_flag("--adapter-file"):
-            utils.load_adapters(model, adapter_file, scale)
+            utils.load_adapters(model, adapter_file, scale, base=args.model)
     else:
         print(f"No adapter file ({adapter_file}): using the base model.", flush=True)
     model.eval()

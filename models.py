@@ -33,31 +33,114 @@ def renamed(name: str, pairs) -> str:
     return name
 
 
+# mlx-lm's names of a mixture of experts' stacked gate, up and down layers (switch_mlp.*), whatever the checkpoint's
+MLX_LM_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+# The arrays an expert's LoRA adapter holds as LoRALinear's (lora_a [input, rank], lora_b [rank, output]), and
+# their stack as mlx-lm's LoRASwitchLinear (ExpertsLoRA: lora_a [experts, rank, input], lora_b [experts, output,
+# rank]): transposed
+TRANSPOSED_IN_STACK = ("lora_a", "lora_b")
+# X.experts.{e}.P: expert e's layer P of a mixture of experts
+EXPERT_PATH = re.compile(r"((?:.*\.)?experts)\.(\d+)\.([^.]+)")
+
+
 @dataclass(frozen=True)
 class CheckpointNames:
     """Where a family's checkpoint, and transformers' model in memory, put the weights this decoder holds as
     model.embed_tokens, model.layers.N..., model.norm and lm_head, where elsewhere; the one place names cross
     between them: when weights are read (utils.read_checkpoint) and written (utils.save_model, convert.py), and
     adapters named (utils.save_peft, utils.apply_adapters). Prefixes alone are renamed: a decoder layer's own
-    names are its checkpoint's."""
+    names are its checkpoint's, but for a mixture of experts' layers (`experts`: gate, up and down, named as
+    ModelArgs.expert_names), which the model holds stacked over the experts (ExpertsLinear, at experts.P) and the
+    checkpoint, as adapter files, one per expert (experts.{e}.P), or quantized in mlx-lm's stack
+    (switch_mlp.gate_proj, ...): stacked and unstacked convert, ours and theirs rename mlx-lm's."""
     written: tuple = ()  # (ours, the checkpoint's) prefixes, as save_pretrained writes them
     modules: Optional[tuple] = None  # (ours, transformers' module path) prefixes, PEFT's names; `written` if None
     kept: tuple = ()  # the checkpoint's prefixes of weights kept as they are, unused (an image encoder)
+    experts: tuple = ()  # set by ModelArgs.names where the model has them
 
     def ours(self, name: str) -> str:
         """Our name for a checkpoint's weight, or for a layer named by its path in transformers' model (PEFT's
         adapters): transformers loads checkpoints in either layout. Our own names stay as they are."""
         if name.startswith(self.kept):
             return f"{KEPT}.{name}"
-        return renamed(name, [(theirs, ours) for ours, theirs in self.written + (self.modules or ())])
+        name = renamed(name, [(theirs, ours) for ours, theirs in self.written + (self.modules or ())])
+        stack = re.fullmatch(r"(.*\.)?switch_mlp\.([^.]+)(\..+)?", name) if self.experts else None
+        if stack is None or stack[2] not in MLX_LM_EXPERTS:
+            return name
+        return f"{stack[1] or ''}experts.{self.experts[MLX_LM_EXPERTS.index(stack[2])]}{stack[3] or ''}"
 
     def theirs(self, name: str) -> str:
-        """The checkpoint's name for our weight (or layer) `name`."""
-        return name[len(KEPT) + 1:] if name.startswith(f"{KEPT}.") else renamed(name, self.written)
+        """The checkpoint's name for our weight (or layer) `name`; for a stack of experts' layer, mlx-lm's (a float
+        one is written per expert: unstacked)."""
+        if name.startswith(f"{KEPT}."):
+            return name[len(KEPT) + 1:]
+        name = renamed(name, self.written)
+        stack = self.stack(name)
+        if stack is None:
+            return name
+        return f"{stack[1] or ''}switch_mlp.{MLX_LM_EXPERTS[self.experts.index(stack[2])]}{stack[3] or ''}"
 
     def module_path(self, path: str) -> str:
         """The path in transformers' model of our layer `path`."""
         return renamed(path, self.written if self.modules is None else self.modules)
+
+    def stack(self, name: str):
+        """The match of (the path before it, the layer, the rest) if `name` is, or is in, a stack of experts' layer
+        (X.experts.P); else None."""
+        stack = re.fullmatch(r"(.*\.)?experts\.([^.]+)(\..+)?", name) if self.experts else None
+        return stack if stack is not None and stack[2] in self.experts else None
+
+    def unstacked(self, name: str, value: mx.array, experts=None) -> list:
+        """[(name, array)]: an array of a float stack of experts' layer (X.experts.P.leaf) as each expert's
+        (X.experts.{e}.P.leaf, in an expert's own layout: TRANSPOSED_IN_STACK) of `experts` (all if None); any other
+        array (a quantized stack's: mlx-lm's layout keeps it) as it is."""
+        path, leaf = name.rsplit(".", 1)
+        stack = self.stack(path)
+        if stack is None or stack[3] or value.dtype == mx.uint32 or leaf in ("scales", "biases"):
+            return [(name, value)]
+        head, layer = path.rsplit(".", 1)
+        return [(f"{head}.{e}.{layer}.{leaf}", value[e].T if leaf in TRANSPOSED_IN_STACK else value[e])
+                for e in (range(value.shape[0]) if experts is None else experts)]
+
+    def expert_of(self, name: str):
+        """(the name in a stack, expert) of an expert's array X.experts.{e}.P.leaf: X.experts.P.leaf, e; None for
+        another array."""
+        path, _, leaf = name.rpartition(".")
+        expert = EXPERT_PATH.fullmatch(path) if self.experts else None
+        if expert is None or expert[3] not in self.experts:
+            return None
+        return f"{expert[1]}.{expert[3]}.{leaf}", int(expert[2])
+
+    def stacked(self, weights: dict, count: Optional[int] = None) -> dict:
+        """`weights` (our names) with each expert's arrays of a layer (X.experts.{e}.P.leaf) stacked in one,
+        X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily; with `count` experts, zeros in the
+        place of those absent (adapters of some experts), else all of them. ValueError if their shapes differ, or
+        an expert is missing or past `count`."""
+        result, stacks = {}, {}
+        for name, value in weights.items():
+            expert = self.expert_of(name)
+            if expert is None:
+                result[name] = value
+            else:
+                transposed = name.rsplit(".", 1)[-1] in TRANSPOSED_IN_STACK
+                stacks.setdefault(expert[0], {})[expert[1]] = value.T if transposed else value
+        for name, pieces in stacks.items():
+            experts, layer, leaf = name.rsplit(".", 2)
+            shapes = sorted({tuple(v.shape) for v in pieces.values()})
+            if len(shapes) > 1:
+                raise ValueError(f"{experts}.*.{layer}.{leaf}: the experts' shapes differ "
+                                 f"({', '.join(map(str, shapes))})")
+            if count is not None and max(pieces) >= count:
+                raise ValueError(f"{experts}.{max(pieces)}.{layer}.{leaf}: the model has {count} experts")
+            if count is None:
+                missing = sorted(set(range(max(pieces))) - set(pieces))
+                if missing:
+                    raise ValueError(f"{experts}.{missing[0]}.{layer}.{leaf} missing")
+                result[name] = mx.stack([pieces[e] for e in sorted(pieces)])
+            else:
+                zero = mx.zeros(shapes[0], next(iter(pieces.values())).dtype)
+                result[name] = mx.stack([pieces.get(e, zero) for e in range(count)])
+        return result
 
 
 @dataclass(frozen=True)
@@ -887,7 +970,8 @@ class ModelArgs:
 
     @property
     def names(self) -> CheckpointNames:
-        return FAMILIES[self.wrapper or self.model_type].names
+        names = FAMILIES[self.wrapper or self.model_type].names
+        return replace(names, experts=self.expert_names) if self.mlp == "sparse_moe" else names
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else "sliding_attention"
@@ -910,7 +994,7 @@ class ModelArgs:
 
 def checkpoint_names(config: dict) -> CheckpointNames:
     """The names of the weights of a checkpoint with this config (one ModelArgs.from_config accepts)."""
-    return FAMILIES[config["model_type"]].names
+    return ModelArgs.from_config(config).names
 
 
 LARGEST_SIZE = 2**31 - 1  # MLX's array dimensions are 32-bit: a larger one fails deep inside it, with a traceback
@@ -1330,8 +1414,8 @@ class XIELU(nn.Module):
 class SparseMoE(nn.Module):
     """A mixture of experts: each token goes through the num_experts_per_tok experts that its router's scores
     choose (routing), their outputs weighted; and, where the family has one, through a shared MLP too. Each
-    part under the checkpoint's name (router_name, expert_names, router_bias, shared_expert)."""
-    routes_on_host = True  # reads the routing back to the host: a step with it cannot be compiled
+    part under the checkpoint's name (router_name, expert_names, router_bias, shared_expert). The experts are
+    stacked (GatedExperts), each token's computed by its own alone, on the device: a step compiles."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -1348,8 +1432,7 @@ class SparseMoE(nn.Module):
         set_path(self, self.router_name, router)
         if self.bias_name is not None:
             set_path(self, self.bias_name, mx.zeros((1,) * (axes - 1) + (experts,)))
-        hidden = args.moe_intermediate_size or args.intermediate_size
-        self.experts = [MLP(args, args.expert_names, hidden, bias=False) for _ in range(experts)]
+        self.experts = GatedExperts(args)
         self.shared_name, self.shared_gate_name = args.shared_expert, args.shared_expert_gate
         if self.shared_name is not None:
             self[self.shared_name] = MLP(args, args.mlp_names, args.shared_expert_intermediate_size)
@@ -1360,15 +1443,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         chosen, weights = self.route(x)
-        # Each expert computes only its tokens: the routing is read back to the host, so a model with experts
-        # trains uncompiled (lora.py); the alternative, every expert on every token, costs experts / top_k
-        # times the MLP's work.
-        chosen = np.array(chosen)
-        y = mx.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tokens, slots = (mx.array(i) for i in np.nonzero(chosen == e))
-            if tokens.size:
-                y = y.at[tokens].add(expert(x[tokens]) * weights[tokens, slots][:, None])
+        y = (through_experts(self.experts, x, chosen) * weights[..., None]).sum(axis=-2)
         if self.shared_name is not None:
             shared = self[self.shared_name](x)
             if self.shared_gate_name is not None:
@@ -1443,10 +1518,11 @@ def set_path(module: nn.Module, path: str, value):
     module[name] = value
 
 
-# The mixtures of experts whose checkpoints stack the experts' weights, one array per projection. Each token goes
-# through its chosen experts alone, by mx.gather_mm: the routing stays on the device, so a training step
-# compiles. The stacked weights are no nn.Linear: LoRA cannot target them (nor can PEFT's target_modules), and
-# convert -q leaves them in float (quantizing them would take mx.gather_qmm and their own layout in the file).
+# The experts' weights stacked, one array per projection. Each token goes through its chosen experts alone, by
+# mx.gather_mm: the routing stays on the device, so a training step compiles. SparseMoE's (ExpertsLinear), which
+# checkpoints hold per expert, take adapters per expert and convert -q quantizes them (mx.gather_qmm). Those of
+# the families whose checkpoints stack them (Granite MoE, gpt-oss, Llama 4, Gemma 4) are held as there: no
+# nn.Linear, LoRA cannot target them (nor can PEFT's target_modules), and convert -q leaves them in float.
 
 
 class Router(nn.Module):
@@ -1508,6 +1584,52 @@ class StackedLinear(nn.Module):
 
     def __call__(self, x, indices, sorted_indices: bool):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+class ExpertsLinear(StackedLinear):
+    """A SparseMoE's layer, stacked over its experts (StackedLinear), which its checkpoint holds per expert
+    (CheckpointNames.experts): LoRA can target each expert's (experts.{e}.P: linear_layers, ExpertsLoRA), and
+    convert -q quantizes it (QuantizedExpertsLinear)."""
+
+
+class QuantizedExpertsLinear(nn.Module):
+    """ExpertsLinear quantized, as mlx-lm's QuantizedSwitchLinear holds it: weight, scales and biases stacked over
+    the experts. mx.gather_qmm reads the experts of the rows alone: dequantizing every expert for a product
+    (as QuantizedLinear does for many rows) would read them all."""
+
+    @classmethod
+    def from_linear(cls, linear: ExpertsLinear, group_size: int, bits: int):
+        layer = cls()
+        layer.weight, layer.scales, layer.biases = mx.quantize(linear.weight, group_size, bits)
+        layer.group_size, layer.bits = group_size, bits
+        layer.freeze()
+        return layer
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices, transpose=True,
+                             group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
+
+
+EXPERT_LAYERS = (ExpertsLinear, QuantizedExpertsLinear)
+
+
+class GatedExperts(nn.Module):
+    """A SparseMoE's experts, each a gated MLP down(act(gate(x)) * up(x)), each of their layers stacked in one
+    ExpertsLinear under the checkpoint's name (expert_names); through_experts' expert."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        experts, dims = args.num_local_experts, args.hidden_size
+        hidden = args.moe_intermediate_size or args.intermediate_size
+        self.gate, self.up, self.down = args.expert_names
+        self[self.gate] = ExpertsLinear(experts, dims, hidden)
+        self[self.up] = ExpertsLinear(experts, dims, hidden)
+        self[self.down] = ExpertsLinear(experts, hidden, dims)
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        gate, up = (self[name](x, indices, sorted_indices) for name in (self.gate, self.up))
+        return self[self.down](self.act(gate) * up, indices, sorted_indices)
 
 
 class GraniteMoE(nn.Module):
@@ -1726,11 +1848,6 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
-
-    @property
-    def compiles(self) -> bool:
-        """Whether a training step can be compiled: not where a block routes tokens on the host."""
-        return not any(getattr(m, "routes_on_host", False) for _, m in self.named_modules())
 
     def keep(self, weights: dict):
         """Hold the weights named kept.* (CheckpointNames.kept: an image encoder, which this decoder does not use)
@@ -2089,10 +2206,119 @@ class DoRALinear(LoRALinear):
         return (self.m / mx.linalg.norm(weight, axis=1))[:, None] * weight
 
 
+class ExpertsLoRA(nn.Module):
+    """LoRALinear for each expert of an ExpertsLinear (or QuantizedExpertsLinear), the adapters stacked as mlx-lm's
+    LoRASwitchLinear stacks them: lora_a [experts, rank, input], lora_b [experts, output, rank]; each row through
+    its expert's (through_experts' expert). `adapted` lists the adapted experts where not all are: the others'
+    lora_b counts as zero, so that their outputs, and the gradients of their adapters, are the base's."""
+
+    @classmethod
+    def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0, adapted=None):
+        experts, output_dims, input_dims = linear.weight.shape
+        if "scales" in linear:
+            input_dims = input_dims * 32 // linear.bits
+        lora = cls(experts, input_dims, output_dims, rank, scale, dropout, adapted)
+        lora.linear = linear
+        return lora
+
+    def __init__(self, experts, input_dims, output_dims, rank=8, scale=20.0, dropout=0.0, adapted=None):
+        super().__init__()
+        self.linear = ExpertsLinear(experts, input_dims, output_dims)
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale, self.adapted = scale, adapted
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(experts, rank, input_dims))
+        self.lora_b = mx.zeros((experts, output_dims, rank))
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        return self.linear(x, indices, sorted_indices) + self.scale * self.lora_output(x, indices, sorted_indices)
+
+    def lora_output(self, x, indices, sorted_indices: bool):
+        """Each row's dropout(x) @ lora_a.T @ lora_b.T of its expert: the adapter's output before scale."""
+        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2).astype(x.dtype), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        return mx.gather_mm(z, self.adapted_b().swapaxes(-1, -2).astype(x.dtype), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
+
+    def adapted_experts(self):
+        """Whether each expert is adapted, [experts] (None: all are)."""
+        if self.adapted is None:
+            return None
+        return (mx.arange(self.lora_b.shape[0])[:, None] == mx.array(self.adapted)[None]).any(axis=-1)
+
+    def adapted_b(self):
+        """lora_b, zero for the experts not adapted."""
+        adapted = self.adapted_experts()
+        return self.lora_b if adapted is None else mx.where(adapted[:, None, None], self.lora_b, 0)
+
+    def base_weight(self):
+        """The frozen weights [experts, output, input], dequantized if the base is quantized."""
+        linear = self.linear
+        return dequantized_weight(linear, linear.scales.dtype) if "scales" in linear else linear.weight
+
+    def merged_weight(self):
+        """W + scale * lora_b @ lora_a for each expert, in float32."""
+        return self.base_weight().astype(mx.float32) + self.scale * (self.adapted_b() @ self.lora_a)
+
+    def to_linear(self):
+        """The merged layer (merged_weight), re-quantized like the base if it was."""
+        linear = self.linear
+        quantized = "scales" in linear
+        weight = self.merged_weight()
+        experts, output_dims, input_dims = weight.shape
+        fused = ExpertsLinear(experts, input_dims, output_dims)
+        fused.weight = weight.astype(linear.scales.dtype if quantized else linear.weight.dtype)
+        return QuantizedExpertsLinear.from_linear(fused, linear.group_size, linear.bits) if quantized else fused
+
+
+class ExpertsDoRA(ExpertsLoRA):
+    """DoRALinear for each expert of an ExpertsLinear: its magnitudes m [experts, output] (an expert not adapted
+    keeps the base's: its rows are not rescaled)."""
+
+    @classmethod
+    def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0, adapted=None):
+        dora = super().from_linear(linear, rank, scale, dropout, adapted)
+        dora.m = mx.linalg.norm(dora.base_weight().astype(mx.float32), axis=-1)
+        return dora
+
+    def __call__(self, x, indices, sorted_indices: bool):
+        # as DoRALinear's, the norm a constant to the gradient
+        ratio = self.ratio(mx.stop_gradient(mx.linalg.norm(super().merged_weight(), axis=-1)))
+        return mx.expand_dims(ratio[indices].astype(x.dtype), -2) * super().__call__(x, indices, sorted_indices)
+
+    def ratio(self, norm):
+        """m / norm for each expert's rows, 1 for the experts not adapted."""
+        adapted = self.adapted_experts()
+        return self.m / norm if adapted is None else mx.where(adapted[:, None], self.m / norm, 1.0)
+
+    def merged_weight(self):
+        """m / ||W + ΔW||_row * (W + ΔW) for each expert, in float32."""
+        weight = super().merged_weight()
+        return self.ratio(mx.linalg.norm(weight, axis=-1))[..., None] * weight
+
+
 def linear_layers(layer: nn.Module) -> list:
-    """Module paths of the linear layers inside a decoder layer: the possible LoRA targets."""
-    paths = [path for path, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    """Module paths of the linear layers inside a decoder layer: the possible LoRA targets; each expert's layer in
+    a stack (EXPERT_LAYERS, at experts.P) one of them, experts.{e}.P."""
+    paths = []
+    for path, m in layer.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            paths.append(path)
+        elif isinstance(m, EXPERT_LAYERS):
+            head, name = path.rsplit(".", 1)
+            paths += [f"{head}.{e}.{name}" for e in reversed(range(m.weight.shape[0]))]
     return paths[::-1]  # named_modules() lists the last defined first
+
+
+def linear_layer(modules: dict, path: str):
+    """The linear layer at `path` among `modules` (named_modules' dict), None if there is none; for an expert's
+    layer (experts.{e}.P), the stack of every expert's (EXPERT_LAYERS)."""
+    expert = EXPERT_PATH.fullmatch(path)
+    stack = modules.get(f"{expert[1]}.{expert[3]}") if expert else None
+    if isinstance(stack, EXPERT_LAYERS):
+        return stack if int(expert[2]) < stack.weight.shape[0] else None
+    layer = modules.get(path)
+    return layer if isinstance(layer, (nn.Linear, nn.QuantizedLinear)) else None
 
 
 def default_lora_targets(model: Model) -> list:
@@ -2116,13 +2342,14 @@ def last_layers(model: Model, num_layers: int) -> list:
 
 
 def every_linear_layer(layers) -> dict:
-    """{path: linear layer} of the linear layers inside these decoder layers (linear_layers), each path once
-    (layers differ where some hold a mixture of experts and others an MLP), in the first's order."""
+    """{path: linear layer} of the linear layers inside these decoder layers (linear_layers; an expert's layer: its
+    stack), each path once (layers differ where some hold a mixture of experts and others an MLP), in the first's
+    order."""
     found = {}
     for layer in layers:
         modules = dict(layer.named_modules())
         for path in linear_layers(layer):
-            found.setdefault(path, modules[path])
+            found.setdefault(path, linear_layer(modules, path))
     return found
 
 
@@ -2141,11 +2368,22 @@ def target_paths(model: Model, targets, num_layers: int) -> list:
 
 
 def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, dora=False):
-    """Wrap the linear layers at these paths in LoRALinear (DoRALinear if dora): for training new adapters
-    and for loading saved ones alike."""
+    """Wrap the linear layers at these paths in LoRALinear (DoRALinear if dora), the experts' layers of a stack
+    in one ExpertsLoRA (ExpertsDoRA): for training new adapters and for loading saved ones alike."""
     modules = dict(model.named_modules())
-    kind = DoRALinear if dora else LoRALinear
-    model.update_modules(tree_unflatten([(p, kind.from_linear(modules[p], rank, scale, dropout)) for p in paths]))
+    kind, stack_kind = (DoRALinear, ExpertsDoRA) if dora else (LoRALinear, ExpertsLoRA)
+    wrapped, stacks = [], {}
+    for path in paths:
+        expert = EXPERT_PATH.fullmatch(path)
+        stack = f"{expert[1]}.{expert[3]}" if expert else None
+        if isinstance(modules.get(stack), EXPERT_LAYERS):
+            stacks.setdefault(stack, set()).add(int(expert[2]))
+        else:
+            wrapped.append((path, kind.from_linear(modules[path], rank, scale, dropout)))
+    for stack, experts in stacks.items():
+        adapted = None if len(experts) == modules[stack].weight.shape[0] else tuple(sorted(experts))
+        wrapped.append((stack, stack_kind.from_linear(modules[stack], rank, scale, dropout, adapted)))
+    model.update_modules(tree_unflatten(wrapped))
 
 
 def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
@@ -2154,8 +2392,17 @@ def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=
 
 
 def lora_layers(model: nn.Module) -> dict:
-    """The LoRALinear layers (DoRALinear too) by path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRALinear layers (DoRALinear too) by path, and the ExpertsLoRA ones by their stack's."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, (LoRALinear, ExpertsLoRA))}
+
+
+def per_expert(model: Model, weights: dict) -> dict:
+    """The model's `weights` (of its trained layers: adapters, or whole layers) as adapter files hold them: a
+    stack of experts' (ExpertsLinear's, ExpertsLoRA's) as each expert's, an adapter's of its adapted experts
+    alone (CheckpointNames.unstacked)."""
+    modules = dict(model.named_modules())
+    return dict(pair for name, value in weights.items() for pair in model.args.names.unstacked(
+        name, value, getattr(modules[name.rsplit(".", 1)[0]], "adapted", None)))
 
 
 # Kernels and device-specific paths
@@ -2329,7 +2576,7 @@ def dequantized_copy(module: nn.Module) -> nn.Module:
 
 
 def quantize(model: nn.Module, layer_params):
-    """Quantize the Linear and Embedding layers for which layer_params(path, module) gives
+    """Quantize the Linear, ExpertsLinear and Embedding layers for which layer_params(path, module) gives
     {"group_size", "bits"} (None leaves a layer as it is)."""
     replaced = []
     for path, module in model.named_modules():
@@ -2338,6 +2585,8 @@ def quantize(model: nn.Module, layer_params):
             continue
         if isinstance(module, nn.Linear):
             replaced.append((path, QuantizedLinear.from_linear(module, **params)))
+        elif isinstance(module, ExpertsLinear):
+            replaced.append((path, QuantizedExpertsLinear.from_linear(module, **params)))
         elif isinstance(module, nn.Embedding):
             replaced.append((path, QuantizedEmbedding.from_embedding(module, **params)))
     model.update_modules(tree_unflatten(replaced))
@@ -2353,6 +2602,11 @@ def dequantize(model: nn.Module, dtype=mx.float32):
             linear.weight = dequantized_weight(module, dtype)
             if "bias" in module:
                 linear.bias = module.bias
+            replaced.append((path, linear))
+        elif isinstance(module, QuantizedExpertsLinear):
+            experts, output_dims, _ = module.weight.shape
+            linear = ExpertsLinear(experts, module.scales.shape[-1] * module.group_size, output_dims)
+            linear.weight = dequantized_weight(module, dtype)
             replaced.append((path, linear))
         elif isinstance(module, nn.QuantizedEmbedding):
             weight = dequantized_weight(module, dtype)

@@ -332,6 +332,12 @@ DROPOUT = flag_type(float, lambda v: 0 <= v < 1, "a probability from 0 to below 
 TOP_P = flag_type(float, lambda v: 0 < v <= 1, "a probability above 0, up to 1")
 
 
+def expanded_path(text: str) -> str:
+    """The argparse type of the flags that name a file or folder: ~ expanded, which a shell leaves in quotes and
+    after "=" (--model=~/m), and YAML everywhere."""
+    return os.path.expanduser(text)
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -553,17 +559,27 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     check_config(config, path / "config.json", sum(math.prod(shape) for shape in shapes.values()) if files else None)
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
-    rename = models.checkpoint_names(config).ours
+    checkpoint = models.checkpoint_names(config)
+    rename = checkpoint.ours
     check_sizes(config, {rename(k): shape for k, shape in shapes.items()}, path / "config.json")
     dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
-    if dropped is not None:
-        kept = {rename(k) for f in files for k in read_arrays(f) if not dropped(config, k)}  # the headers alone
-        names = kept if names is None else set(names) & kept
+    if dropped is not None or names is not None:  # from the headers alone
+        wanted = names  # (ours: a stack of experts' array stands for each expert's)
+        names = {rename(k) for f in files for k in read_arrays(f) if dropped is None or not dropped(config, k)}
+        if wanted is not None:
+            names = {k for k in names if (checkpoint.expert_of(k) or (k,))[0] in wanted}
     if evaluated:
         weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names, rename=rename)
     else:
         weights = {rename(k): v for f in files for k, v in read_arrays(f).items()
                    if dropped is None or not dropped(config, k)}
+    try:
+        weights = checkpoint.stacked(weights)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    if evaluated:  # a stack at a time, each expert's weights freed once in it
+        for value in weights.values():
+            mx.eval(value)
     return config, weights, read_tokenizer(path) if tokenizer else None
 
 
@@ -647,9 +663,9 @@ def quantization_of(weights: dict, path: str, module):
     scales = weights.get(f"{path}.scales")
     if scales is None:
         return None
-    if not isinstance(module, (nn.Linear, nn.Embedding)):
+    if not isinstance(module, (nn.Linear, nn.Embedding, models.ExpertsLinear)):
         return None
-    input_dims = module.weight.shape[1]
+    input_dims = module.weight.shape[-1]
     packed = weights[f"{path}.weight"].shape[-1]
     return {"group_size": input_dims // scales.shape[-1], "bits": packed * 32 // input_dims}
 
@@ -1010,8 +1026,9 @@ def save_model(path, model: nn.Module, tokenizer, config: dict, shard_bytes: int
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = getattr(mx, config.get("dtype") or config.get("torch_dtype") or "float16")
-    weights = ((model.args.names.theirs(k), v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-               for k, v in tree_flatten(model.parameters()))
+    names = model.args.names
+    weights = ((names.theirs(k), v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+               for name, value in tree_flatten(model.parameters()) for k, v in names.unstacked(name, value))
     save_weights(path, weights, shard_bytes)
     write_json(path / "config.json", config)
     tokenizer.save_pretrained(str(path))
@@ -1160,9 +1177,10 @@ def adapter_config_path(adapter_file) -> Path:
 
 
 def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
-    """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside."""
+    """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside; a
+    stack of experts' per expert (models.per_expert)."""
     adapter_file = Path(adapter_file)
-    weights = dict(tree_flatten(model.trainable_parameters()))
+    weights = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))
     if adapter_file.suffix == ".npz":
         atomic_write(adapter_file, lambda f: mx.savez(f, **weights))
     else:
@@ -1288,16 +1306,54 @@ def read_peft(folder: Path, config: dict) -> Adapters:
                               "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout}})
 
 
-def load_adapters(model: nn.Module, adapter_path, scale=20.0):
+def load_adapters(model: nn.Module, adapter_path, scale=20.0, base=None):
     """Load the adapters of adapter_path (read_adapters; `scale` where nothing records it): apply_adapters."""
-    return apply_adapters(model, read_adapters(adapter_path, scale), adapter_path)
+    return apply_adapters(model, read_adapters(adapter_path, scale), adapter_path, base=base)
 
 
-def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None):
+# What adapter_config.json records of the model the adapters were made on (base_model_config): its family and
+# vocabulary, and the depth and width that say where the adapters' layers are and what shapes they have
+BASE_MODEL_KEYS = ("model_type", "vocab_size", "num_hidden_layers", "hidden_size")
+
+
+def base_model_config(model: models.Model) -> dict:
+    return {k: getattr(model.args, k) for k in BASE_MODEL_KEYS}
+
+
+def check_base_model(model: models.Model, config: dict, adapter_path, base=None):
+    """Adapters whose config (an adapter_config.json) records a base model of another depth or width than
+    `model` are an error: their layers are not this model's, though their shapes may fit (the last layers of a
+    shallower model are middle ones here). One of another family or vocabulary, or another path than `base`
+    (the --model that names `model`), is a warning: a moved folder, or a fine-tuned model of the same base,
+    may be meant."""
+    recorded, ours = config.get("base_model_config", {}), base_model_config(model)
+    if not isinstance(recorded, dict):
+        raise UserError(f"{adapter_path}: the base_model_config of its adapter_config.json is {recorded!r}, "
+                        f"expected an object")
+    differ = "; ".join(f"{k} {recorded[k]}, not {ours[k]}" for k in BASE_MODEL_KEYS
+                       if recorded.get(k, ours[k]) != ours[k])
+    if any(recorded.get(k, ours[k]) != ours[k] for k in ("num_hidden_layers", "hidden_size")):
+        raise UserError(f"{adapter_path}: made for a model of {differ}, whose layers are not this one's")
+    made_on = config.get("base_model") or config.get("model")  # this toolkit's and PEFT's, mlx-lm's
+    moved = base is not None and isinstance(made_on, str) and not same_place(made_on, base)
+    if differ or moved:
+        of = f" of {differ}" if differ else ""
+        print(f"[WARNING] {adapter_path}: made for {made_on if moved else 'a model'}{of}, not {base or 'this model'}.",
+              flush=True)
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two paths (or hub repo ids) name the same file or folder."""
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
+
+
+def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=None, base=None):
     """Wrap the layers that the adapters have weights for (models.wrap_lora_layers) as their config says
     (dropout: the config's unless given), and load them; full weights are loaded over the model's own, and
     made trainable, as adapters are. Their names may be transformers' (PEFT's; models.CheckpointNames.ours).
-    adapter_path names them in errors."""
+    adapter_path names them in errors; first they are checked to be made for this model (check_base_model;
+    `base` names it)."""
+    check_base_model(model, adapters.config, adapter_path, base)
     weights = {model.args.names.ours(k): v for k, v in adapters.weights.items()}
     kind = adapters.fine_tune_type
     if kind == "full":
@@ -1312,32 +1368,41 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
         raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
     modules = dict(model.named_modules())
     for path in paths:
-        if path not in modules:
-            raise UserError(f"{adapter_path}: layer {path} does not exist in this model (made for another base?)")
-        if not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
-            raise UserError(f"{adapter_path}: layer {path} is not a linear layer")
+        if models.linear_layer(modules, path) is None:
+            raise UserError(f"{adapter_path}: layer {path} " + ("is not a linear layer" if path in modules else
+                                                               "does not exist in this model (made for another base?)"))
         if weights[f"{path}.lora_a"].ndim != 2:
             raise UserError(f"{adapter_path}: {path}.lora_a has shape {tuple(weights[f'{path}.lora_a'].shape)}, "
                             f"not (inputs, rank)")
     params = adapters.config["lora_parameters"]
     models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
                             params["dropout"] if dropout is None else dropout, dora=kind == "dora")
-    modules = dict(model.named_modules())
+    # the adapters as the files hold them: an expert's apart from its stack's
+    expected = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
+                                         for name in names})
     for path in paths:
         for name in names:
-            check_fits(adapter_path, f"{path}.{name}", weights.get(f"{path}.{name}"), modules[path][name])
-    model.load_weights(list(weights.items()), strict=False)
+            check_fits(adapter_path, f"{path}.{name}", weights.get(f"{path}.{name}"), expected[f"{path}.{name}"])
+    model.load_weights(list(model.args.names.stacked(weights, model.args.num_local_experts).items()), strict=False)
     mx.eval(model.parameters())
     return model
 
 
 def load_full_weights(model: nn.Module, weights: dict, adapter_path):
-    """Fully fine-tuned weights (fine_tune_type "full") over the model's own, in its dtype, made trainable."""
+    """Fully fine-tuned weights (fine_tune_type "full") over the model's own, in its dtype, made trainable; the
+    experts' of a layer stacked (models.CheckpointNames.stacked), the model's own for an expert they lack."""
     params = dict(tree_flatten(model.parameters()))
     modules = dict(model.named_modules())
+    names = model.args.names
+    stacks = {expert[0] for expert in map(names.expert_of, weights) if expert and expert[0] in params}
+    own = dict(pair for stack in stacks for pair in names.unstacked(stack, params[stack]))
+    try:
+        weights = names.stacked({**own, **weights})
+    except ValueError as e:
+        raise UserError(f"{adapter_path}: does not fit this model: {e}") from None
     for name, value in sorted(weights.items()):
         path = name.rsplit(".", 1)[0]
-        if isinstance(modules.get(path), (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(modules.get(path), (nn.QuantizedLinear, nn.QuantizedEmbedding, models.QuantizedExpertsLinear)):
             raise UserError(f"{adapter_path}: holds full weights for {path}, which is quantized in this model "
                             f"(full weights load on a float base)")
         if name not in params:
@@ -1361,10 +1426,14 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
     """The model's LoRA or DoRA adapters, which adapter_config describes, as a PEFT folder
     (adapter_model.safetensors, adapter_config.json) that peft.PeftModel.from_pretrained loads on the
     transformers model of the same base, where its layers' paths are theirs (models.CheckpointNames.module_path)."""
-    layers = {model.args.names.module_path(path): m for path, m in models.lora_layers(model).items()}
+    adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
+                                         for name in PEFT_NAMES if name in m})
+    weights, layers = {}, set()
+    for key, value in adapters.items():
+        path, name = key.rsplit(".", 1)
+        layers.add(model.args.names.module_path(path))
+        weights[f"base_model.model.{model.args.names.module_path(path)}.{PEFT_NAMES[name]}"] = value.T
     params = adapter_config["lora_parameters"]
-    weights = {f"base_model.model.{path}.{theirs}": m[name].T
-               for path, m in layers.items() for name, theirs in PEFT_NAMES.items() if name in m}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": params["rank"], "lora_alpha": params["scale"] * params["rank"], "lora_dropout": params["dropout"],

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import convert  # noqa: E402
 import lora  # noqa: E402
+import models  # noqa: E402
 import random_checkpoint  # noqa: E402
 import utils  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -57,7 +58,9 @@ def load_model(args):
         dtype = utils.compute_dtype(config)  # the scales' type: the one the model computes in
         tensors, quantized, _ = convert.converted_weights(
             config, weights, dtype, {"group_size": args.q_group_size, "bits": args.q_bits}, args.q_embedding_bits)
-        weights, config = dict(tensors), utils.output_config(config, quantized=quantized)
+        names = models.checkpoint_names(config)  # the checkpoint's names back to the model's, as reading gives them
+        weights = names.stacked({names.ours(k): v for k, v in tensors})
+        config = utils.output_config(config, quantized=quantized)
     return utils.build_model(config, weights), tokenizer, config
 
 
@@ -85,10 +88,13 @@ def flops_per_token(config, first_trained, length, full, first_computed=0):
     one (the output layer always): back-propagation stops below. Full fine-tuning adds 2 per trained weight for
     its own gradient. Attention adds, per layer, 2 * length * its width forward (scores and weighted sum, each
     2 * length/2 per token: causal) and twice that backward. Left out: the adapters (rank << width), norms,
-    activations, the loss; sliding windows; a mixture of experts counts all its experts, not the routed ones."""
+    activations, the loss; sliding windows; the experts of the families whose checkpoints stack them. Of the
+    others' experts (models.ExpertsLinear), those a token is routed to count."""
     model = utils.model_skeleton(config, {})  # unevaluated, unquantized: the weights' shapes at no cost
     args = model.args
-    layers = [sum(m.weight.size for _, m in layer.named_modules() if isinstance(m, nn.Linear))
+    routed = args.num_experts_per_tok / max(args.num_local_experts, 1)
+    layers = [sum(m.weight.size * (routed if isinstance(m, models.ExpertsLinear) else 1)
+                  for _, m in layer.named_modules() if isinstance(m, (nn.Linear, models.ExpertsLinear)))
               for layer in model.layers]
     computed, trained, head = layers[first_computed:], layers[first_trained:], args.vocab_size * args.hidden_size
     attention = 2 * length * args.num_attention_heads * args.head_dim

@@ -2,8 +2,10 @@
 benchmarks and memory measurements run anywhere without a download:
 
     python benchmarks/random_checkpoint.py llama-1b /tmp/llama-1b --max-shard-size 1
+    python benchmarks/random_checkpoint.py qwen3-30b-a3b /tmp/qwen3-30b-a3b-4bit --quantize
 
-The weights are generated one at a time as the shards are written (memory stays near one shard). The
+The weights are generated one at a time as the shards are written (memory stays near one shard), quantized
+as convert.py -q quantizes them with --quantize (a large model's float checkpoint need never be written). The
 tokenizer is a byte-level BPE trained on data/train.jsonl, whose ids fit any of the shapes' vocabularies,
 or a real one copied with --tokenizer DIR.
 """
@@ -16,6 +18,7 @@ from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import convert  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 
@@ -48,6 +51,12 @@ SHAPES = {
     "smollm2-135m": dict(LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
                          rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen3-30b-a3b": dict(LLAMA, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048,
+                          intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                          max_position_embeddings=40960),
 }
 
 
@@ -86,20 +95,21 @@ def train_tokenizer(texts, vocab_size: int):
 
 def random_weights(config: dict, dtype: str, seed: int = 0):
     """(name, array) pairs of random weights for the model `config` describes, each computed when evaluated,
-    under the checkpoint's names."""
+    under the model's names (convert.converted_weights gives the checkpoint's)."""
     # never evaluated: gives the parameters' names and shapes at no cost
     model = models.make_model(models.ModelArgs.from_config(config))
-    names = model.args.names
     mx.random.seed(seed)
     for name, value in tree_flatten(model.parameters()):
         if value.ndim == 1:  # norms
-            yield names.theirs(name), mx.ones(value.shape, getattr(mx, dtype))
+            yield name, mx.ones(value.shape, getattr(mx, dtype))
         else:
-            yield names.theirs(name), (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
+            yield name, (0.02 * mx.random.normal(value.shape)).astype(getattr(mx, dtype))
 
 
-def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0, tokenizer=None):
-    """The checkpoint, with `tokenizer` (a folder) or else one trained on data/train.jsonl."""
+def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, seed: int = 0, tokenizer=None,
+          quantize=False):
+    """The checkpoint, with `tokenizer` (a folder) or else one trained on data/train.jsonl; quantized as convert.py
+    -q quantizes by default if `quantize`."""
     config = dict(SHAPES[shape], torch_dtype=dtype)
     if tokenizer is None:
         texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
@@ -107,9 +117,15 @@ def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**
     else:  # checked before the weights, which can take minutes
         tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
 
+    flags = convert.build_parser()
+    quantization = {"group_size": flags.get_default("q_group_size"), "bits": flags.get_default("q_bits")}
+
     def write_checkpoint(folder):
-        utils.save_weights(folder, random_weights(config, dtype, seed), shard_bytes)
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tensors, quantized, _ = convert.converted_weights(
+            config, dict(random_weights(config, dtype, seed)), getattr(mx, dtype), quantization if quantize else None,
+            flags.get_default("q_embedding_bits"))
+        utils.save_weights(folder, tensors, shard_bytes)
+        (folder / "config.json").write_text(json.dumps(utils.output_config(config, quantized=quantized), indent=2))
         tokenizer.save_pretrained(str(folder))
 
     utils.write_folder(Path(path), write_checkpoint)
@@ -122,6 +138,10 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--max-shard-size", type=utils.POSITIVE, default=5.0, help="Largest shard, in GB.")
     p.add_argument("--tokenizer", help="Copy this tokenizer (a folder) instead of training one on data/train.jsonl.")
+    p.add_argument("--quantize", action="store_true",
+                   help="Write it quantized as convert.py -q does (4-bit, group size 64; embedding and output layer "
+                        "8-bit), the float weights never written.")
     args = p.parse_args()
     utils.run_main("random_checkpoint.py", lambda: write(args.path, args.shape, args.dtype,
-                                                         int(args.max_shard_size * 1e9), tokenizer=args.tokenizer))
+                                                         int(args.max_shard_size * 1e9), tokenizer=args.tokenizer,
+                                                         quantize=args.quantize))

@@ -50,16 +50,18 @@ def write_records(path, records):
 
 
 class World:
-    """The inputs cases share, made once: a tiny llama folder (and a copy with a chat template), data, GGUF
-    files; the short training run (and its PEFT export and .npz copy) on first use. Cases read these and
-    copy what they damage."""
+    """The inputs cases share, made once: a tiny llama folder (and a copy with a chat template, and a tiny
+    mixtral: a mixture of experts), data, GGUF files; the short training run (and its PEFT export and .npz copy)
+    on first use. Cases read these and copy what they damage."""
 
-    def __init__(self, root, folder, reference):
+    def __init__(self, root, folder, reference, moe):
         from gguf import GGMLQuantizationType as T
 
         self.root = root
         self.model = root / "model"
         shutil.copytree(folder, self.model)
+        self.moe = root / "moe"
+        shutil.copytree(moe, self.moe)
         self.data = root / "data"
         self.data.mkdir()
         for split, n, seed in [("train", 64, 1), ("valid", 16, 2), ("test", 16, 3)]:
@@ -128,7 +130,8 @@ class World:
 @pytest.fixture(scope="session")
 def world(make_checkpoint, tmp_path_factory):
     folder, reference = make_checkpoint("llama")
-    return World(tmp_path_factory.mktemp("world"), folder, reference)
+    moe, _ = make_checkpoint("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    return World(tmp_path_factory.mktemp("world"), folder, reference, moe)
 
 
 # --- damage -------------------------------------------------------------------------------------------------
@@ -377,6 +380,17 @@ CASES += [
          data("".join(PAIRS.splitlines(keepends=True)[:3]), valid=False, flags=DPO), "train.jsonl"),
     Case("data-sft-valid-set-in-an-orpo-run", "lora.py",
          data(PAIRS, flags=["--train-mode", "orpo"]), "valid.jsonl:1"),
+    Case("data-mask-prompt-chat-without-assistant-line-9", "lora.py",
+         data(chat_line([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]), chat=True,
+              flags=["--mask-prompt"]), "train.jsonl:9"),
+    Case("data-text-and-messages-line-9", "lora.py",
+         data(GOOD + json.dumps({"text": "x", **chats(1)[0]}) + "\n", chat=True), "train.jsonl:9"),
+    Case("data-pair-and-messages-in-a-dpo-run", "lora.py",
+         data(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", **chats(1)[0]}) + "\n", valid=False, flags=DPO),
+         "train.jsonl:1"),
+    Case("data-pair-chosen-equals-rejected-line-9", "lora.py",
+         data(PAIRS + json.dumps({"prompt": "Q", "chosen": "A", "rejected": "A"}) + "\n", valid=False, flags=DPO),
+         "train.jsonl:9"),
     Case("data-train-integer-of-5000-digits-line-9", "lora.py",
          data(GOOD + '{"text": "a", "n": ' + "9" * 5000 + "}\n"), "train.jsonl:9"),
     Case("data-generate-eval-empty-prompt", "lora.py", empty_prompt_test_set, "test.jsonl:1"),
@@ -517,6 +531,15 @@ CASES += [
          model(lambda f, d: rewrite_weights(
              f, lambda weights: weights.update({"model.layers.1.mlp.down_proj.weight": mx.zeros((64, 127))}))),
          "damaged_model"),
+    # a mixture of experts' checkpoint holds each expert's weights apart; the model stacks them
+    Case("model-expert-missing", "lora.py",
+         model(lambda f, d: rewrite_weights(
+             f, lambda weights: weights.pop("model.layers.1.block_sparse_moe.experts.2.w1.weight")), source="moe"),
+         "experts.2.w1.weight"),
+    Case("model-convert-expert-of-another-shape", "convert.py", lambda w, d: [
+        "--hf-path", damaged(w, d, lambda f, d: rewrite_weights(f, lambda weights: weights.update(
+            {"model.layers.1.block_sparse_moe.experts.2.w1.weight": mx.zeros((127, 64))})), source="moe"),
+        "--mlx-path", d / "out"], "experts.*.w1.weight"),
     Case("model-tokenizer-json-corrupt", "lora.py",
          model(lambda f, d: (f / "tokenizer.json").write_text('{"version": "1.0", "model": {')), "tokenizer.json"),
     Case("model-tokenizer-remote-code", "lora.py", model(evil_tokenizer), "damaged_model", never=("MARKER",)),
@@ -639,7 +662,22 @@ def lora_parameters(**values):
     return adapter_config(lambda c: dict(c, lora_parameters={**c["lora_parameters"], **values}))
 
 
+deeper_base = adapter_config(lambda c: dict(c, base_model_config={"num_hidden_layers": 8}))  # the model has 4
+DEEPER = "adapters.safetensors: made for a model of num_hidden_layers 8, not 4"
+
+
+def adapters_of_a_missing_expert(w, d):
+    """The mixtral's adapters, for an expert it does not have (9 of 4)."""
+    layer = "model.layers.3.block_sparse_moe.experts.9.w1"
+    (d / "adapters").mkdir()
+    mx.save_safetensors(str(d / "adapters" / "adapters.safetensors"),
+                        {f"{layer}.lora_a": mx.zeros((64, 4)), f"{layer}.lora_b": mx.zeros((4, 128))})
+    (d / "adapters" / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 2.0}}))
+    return on_test_set(w, d, model=w.moe, adapter=d / "adapters" / "adapters.safetensors")
+
+
 CASES += [
+    Case("adapters-of-a-missing-expert", "lora.py", adapters_of_a_missing_expert, "experts.9.w1"),
     Case("adapters-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.safetensors"), lora_test),
          "adapters.safetensors"),
     Case("adapters-empty", "lora.py",
@@ -669,6 +707,13 @@ CASES += [
          adapters(adapter_config(lambda c: dict(c, r=8)), fuse_into, source="peft"), "adapter_config.json"),
     Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
          "adapters.npz"),
+    # made for a model of other layers, whose shapes this one's fit
+    Case("adapters-of-a-deeper-model", "lora.py", adapters(deeper_base, lora_test), DEEPER),
+    Case("adapters-of-a-deeper-model-fuse", "fuse.py", adapters(deeper_base, fuse_into), DEEPER),
+    Case("adapters-of-a-deeper-model-resume-adapter-file", "lora.py", adapters(deeper_base, lora_resume_adapters),
+         DEEPER),
+    Case("adapter-config-base-model-config-a-list", "lora.py",
+         adapters(adapter_config(lambda c: dict(c, base_model_config=[8])), lora_prompt), "adapters.safetensors"),
 ]
 
 
@@ -733,6 +778,9 @@ CASES += [
     Case("resume-iters-below-the-checkpoint", "lora.py", resume(as_saved, "--iters", 1), "--iters"),
     Case("resume-metrics-damaged", "lora.py", resume(damage_metrics), "metrics.jsonl"),
     Case("resume-a-file", "lora.py", resume_a_file, "--resume"),
+    Case("resume-checkpoint-of-a-deeper-model", "lora.py",
+         resume(lambda checkpoint, run: deeper_base(checkpoint)),
+         "step-0000002: made for a model of num_hidden_layers 8"),
 ]
 
 
@@ -772,6 +820,8 @@ CASES += [
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: 0\n"), "--batch-size"),
     Case("yaml-batch-size-not-a-number", "lora.py",
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: four\n"), "--batch-size"),
+    Case("yaml-switch-the-string-false", "lora.py", yaml_file('mask_prompt: "false"\n'), "flags.yaml: mask_prompt"),
+    Case("yaml-a-list-for-one-value", "lora.py", yaml_file("lora_layers: [1, 2]\n"), "flags.yaml: lora_layers"),
 ]
 
 

@@ -328,7 +328,8 @@ def test_command_line(tmp_path):
 
 def test_random_checkpoint_of_a_real_shape_converts_in_shards(tmp_path, capsys):
     """SmolLM2-135M's shape, written in several shards with random weights, converts to 4-bit with one
-    scale and bias per 64 weights, and the quantized model loads."""
+    scale and bias per 64 weights, and the quantized model loads; random_checkpoint.py --quantize writes the same
+    quantized folder directly."""
     import transformers
 
     random_checkpoint.write(tmp_path / "src", "smollm2-135m", "bfloat16", shard_bytes=100 * 10**6)
@@ -351,3 +352,8 @@ def test_random_checkpoint_of_a_real_shape_converts_in_shards(tmp_path, capsys):
         "group_size": 64, "bits": 4, "mode": "affine"}
     assert utils.load(str(tmp_path / "uniform"))[0].model.embed_tokens.bits == 4
     assert np.isfinite(np.array(model(mx.array([tokenizer.encode(PROMPT)])).astype(mx.float32))).all()
+    random_checkpoint.write(tmp_path / "direct", "smollm2-135m", "bfloat16", quantize=True)
+    direct = stored(tmp_path / "direct")
+    assert sorted(direct) == sorted(tensors) and all(mx.array_equal(direct[k], v) for k, v in tensors.items())
+    assert json.loads((tmp_path / "direct" / "config.json").read_text())["quantization"] == json.loads(
+        (tmp_path / "q4" / "config.json").read_text())["quantization"]

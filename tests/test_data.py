@@ -18,6 +18,11 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOOLS = [{"type": "function", "function": {"name": "run_sql", "parameters": {"type": "object"}}}]
+# the same, with TRL's markers of the assistant's tokens (transformers' assistant mask)
+MARKED_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ m['content'] }}<|im_end|>\n",
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}")
 
 
 def pairs(n, seed):
@@ -48,12 +53,13 @@ def write(folder, name, examples):
 def test_chats_render_as_transformers_does(chat_model):
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     for example in chats(4, 0):
-        tokens, prompt = lora.encode(example, tokenizer, add_eos=True)
+        tokens, [(prompt, end)] = lora.encode(example, tokenizer, add_eos=True)
         expected = tokenizer.apply_chat_template(example["messages"], tools=example.get("tools"), tokenize=True)
         assert tokens == list(getattr(expected, "input_ids", expected))
         head = tokenizer.apply_chat_template(example["messages"][:1], tools=example.get("tools"), tokenize=True,
                                              add_generation_prompt=True)
         assert prompt == len(getattr(head, "input_ids", head)) and tokens[:prompt] == list(getattr(head, "input_ids", head))
+        assert end == len(tokens)
         assert ("run_sql" in tokenizer.decode(tokens)) == ("tools" in example)
 
 
@@ -76,6 +82,98 @@ def test_masked_prompt_tokens_carry_no_loss(tiny_llama):
     assert lora.loss_fn(model, inputs, mx.array(changed), mask)[0].item() == loss.item()
     changed[0, starts[0]] = (changed[0, starts[0]] + 1) % 300  # another completion target: another loss
     assert lora.loss_fn(model, inputs, mx.array(changed), mask)[0].item() != loss.item()
+
+
+def message(role, content):
+    return {"role": role, "content": content}
+
+
+# chats that end in an assistant message or not, with one assistant message or several
+MASKED_CHATS = [
+    [message("user", "the team when year is 4"), message("assistant", "SELECT team FROM t")],
+    [message("system", "be brief"), message("user", "the year"), message("assistant", "SELECT year"),
+     message("user", "and the city?")],
+    [message("user", "the name"), message("assistant", "SELECT name"), message("user", "the city"),
+     message("assistant", "SELECT city WHERE year = 3"), message("system", "end")],
+    [message("user", "a"), message("assistant", "SELECT a"), message("assistant", "SELECT b"), message("user", "c")],
+]
+
+
+def test_mask_prompt_scores_the_assistant_messages_alone(chat_model):
+    """--mask-prompt scores each assistant message of a chat and nothing else, whatever message comes last: the
+    tokens of transformers' assistant mask (TRL's assistant_only_loss) under the template with markers, which the
+    template without them gives alike."""
+    tokenizer, marked = AutoTokenizer.from_pretrained(chat_model), AutoTokenizer.from_pretrained(chat_model)
+    marked.chat_template = MARKED_TEMPLATE
+    examples = [{"messages": m} for m in MASKED_CHATS]
+    for template in (tokenizer, marked):
+        rows = lora.tokenize(examples, template, True, 256, "train", mask_prompt=True)
+        for row, example in zip(rows, examples):
+            assert_scores_the_assistant_mask(row, marked, example["messages"])
+
+
+def assert_scores_the_assistant_mask(row, marked, messages):
+    """The row (tokens, scored) scores the tokens that transformers' assistant mask marks, with the template of
+    `marked`; the tokens are the chat's, those after the last marked one left out."""
+    tokens, scored = row
+    expected = marked.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    mask = np.array(expected["assistant_masks"])
+    assert tokens == expected["input_ids"][:len(tokens)] and not mask[len(tokens):].any()
+    assert (lora.scored_targets(tokens, scored) == mask[1:len(tokens)]).all()  # a target is the next token
+
+
+def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path, capsys):
+    """A chat without an assistant message is refused. A template that renders a chat's first messages otherwise
+    than the whole chat (as Qwen3's drops earlier reasoning) leaves those earlier assistant messages unscored, with
+    a warning, and is refused where the last one's tokens are not where they seem."""
+    chat = [message("user", "q"), message("assistant", "SELECT a")]
+    write(tmp_path, "train", [{"messages": chat}, {"messages": [message("system", "s"), message("user", "q")]}])
+    with pytest.raises(utils.UserError, match=r"train.jsonl:2: no assistant message, and --mask-prompt trains on "):
+        lora.load_dataset(tmp_path, "train", mask_prompt=True)
+    assert len(lora.load_dataset(tmp_path, "train")) == 2  # without --mask-prompt, every token trains
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    think = "{% if loop.last and m['role'] == 'assistant' %}<think>{% endif %}{{ m['content'] }}"
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", think)
+    write(tmp_path, "train", [{"messages": chat}, {"messages": chat + chat}])
+    examples = lora.load_dataset(tmp_path, "train", mask_prompt=True)
+    single, = lora.tokenize(examples[:1], tokenizer, True, 256, "train", mask_prompt=True)
+    assert "[WARNING]" not in capsys.readouterr().out
+    row, = lora.tokenize(examples[1:], tokenizer, True, 256, "train", mask_prompt=True)
+    assert "--mask-prompt: in 1 train chats the chat template renders an earlier" in capsys.readouterr().out
+    scored = lora.scored_targets(*row)
+    assert scored[-1] and scored.sum() == lora.scored_targets(*single).sum()  # the last assistant message alone
+    tokenizer.chat_template = MARKED_TEMPLATE.replace("{{ m['content'] }}", think)  # its markers tell
+    row, = lora.tokenize(examples[1:], tokenizer, True, 256, "train", mask_prompt=True)
+    assert_scores_the_assistant_mask(row, tokenizer, chat + chat)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}", "{% if loop.last %}<think>{% endif %}"
+                                                    "{{ m['content'] }}")
+    with pytest.raises(utils.UserError, match=r"train.jsonl:1: the chat template of .* renders the messages up to "
+                                              r"the assistant's message 2 otherwise than within the whole chat"):
+        lora.tokenize(examples, tokenizer, True, 256, "train", mask_prompt=True)
+
+
+@pytest.mark.parametrize("record", [
+    {"text": "a", "messages": [message("user", "q"), message("assistant", "a")]},
+    {"prompt": "q", "completion": "a", "text": "q a"},
+    {"prompt": "q", "completion": "a", "chosen": "a", "rejected": "b"},
+    {"messages": [message("user", "q"), message("assistant", "a")], "chosen": "a"},
+    {"prompt": "q", "completion": "a", "messages": [message("user", "q"), message("assistant", "a")]},
+    {"text": 5, "prompt": "q", "completion": "a"},
+])
+def test_a_record_of_two_formats_is_refused(tmp_path, record):
+    write(tmp_path, "train", [{"text": "a"}, record])
+    keys = ", ".join(sorted(k for k in record if k in {k for keys in lora.FORMAT_KEYS.values() for k in keys}))
+    with pytest.raises(utils.UserError, match=rf"train.jsonl:2: holds the keys of more than one format \({keys}\)"):
+        lora.load_dataset(tmp_path, "train")
+
+
+def test_null_keys_are_absent_to_the_check_and_the_training(tiny_llama, tmp_path):
+    """A table exported to JSON writes the columns that a row lacks as null: such keys are no format's."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)  # no chat template: a chat could not be tokenized
+    write(tmp_path, "train", [{"text": "Q: a\nA: b", "messages": None, "prompt": None}])
+    examples = lora.load_dataset(tmp_path, "train")
+    assert examples == [{"text": "Q: a\nA: b"}]
+    assert lora.tokenize(examples, tokenizer, True, 256, "train")[0][0] == tokenizer.encode("Q: a\nA: b") + [2]
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])

@@ -290,6 +290,75 @@ def test_quantized_conversion_and_fuse(family, tmp_path):
     assert np.abs(logits(fused, tokens) - expected).mean() < 0.2 * np.abs(expected - logits(quantized, tokens)).mean()
 
 
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)
+def test_experts_adapters_resume_exactly_and_fuse(family, data_dir, tmp_path, capsys):
+    """DoRA on every expert's w1 and on one expert's w3 (the others' stay the base's): the adapter file holds each
+    adapted expert's adapters apart, in LoRALinear's layout; a run resumed from a checkpoint ends where the whole
+    run does; the fused model gives the adapted one's logits."""
+    folder, _, _, tokens = family
+
+    def train(out, *flags):
+        run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 4, "--batch-size", 4,
+                 "--learning-rate", 1e-2, "--lora-layers", 2, "--lora-rank", 4, "--fine-tune-type", "dora",
+                 "--val-batches", 0, "--adapter-file", out / "adapters.safetensors",
+                 "--lora-targets", "experts.*.w1", "block_sparse_moe.experts.3.w3", *flags)
+        return mx.load(str(out / "adapters.safetensors"))
+
+    whole = train(tmp_path / "whole", "--save-every", 2)
+    assert sorted(whole) == sorted(f"model.layers.{i}.block_sparse_moe.experts.{e}.{layer}.{name}" for i in (2, 3)
+                                   for e, layer in [(0, "w1"), (1, "w1"), (2, "w1"), (3, "w1"), (3, "w3")]
+                                   for name in ("lora_a", "lora_b", "m"))
+    assert [whole[f"model.layers.3.block_sparse_moe.experts.3.w3.{name}"].shape for name in ("lora_a", "lora_b", "m")
+            ] == [(64, 4), (4, 128), (128,)]
+    resumed = train(tmp_path / "resumed", "--resume", tmp_path / "whole" / "runs" / "1" / "step-0000002")
+    assert all(np.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
+    adapted = utils.load(str(folder))[0]
+    base = logits(adapted, tokens)
+    utils.load_adapters(adapted, tmp_path / "whole" / "adapters.safetensors")
+    assert np.abs(logits(adapted, tokens) - base).max() > 0.1
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "whole" / "adapters.safetensors",
+             "--save-path", tmp_path / "fused")
+    assert np.abs(logits(utils.load(str(tmp_path / "fused"))[0], tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)
+def test_full_weights_of_some_experts(family):
+    """Full weights (as files hold them: each expert's apart) that lack an expert's leave it the model's own, as
+    they do any other weight."""
+    folder, _, _, _ = family
+    model = utils.load(str(folder))[0]
+    name = "model.layers.3.block_sparse_moe.experts.{}.w1.weight"
+    utils.load_full_weights(model, {name.format(e): mx.zeros((128, 64)) for e in (0, 1, 3)}, "full.safetensors")
+    stack = model.layers[3].block_sparse_moe.experts.w1.weight
+    assert np.array_equal(stack[2], mx.load(str(folder / "model.safetensors"))[name.format(2)])
+    assert not stack[mx.array([0, 1, 3])].any()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe"], indirect=True)
+def test_quantized_experts_in_mlx_lm_layout(family, tmp_path):
+    """convert -q writes the experts stacked and quantized as mlx-lm does (switch_mlp, as mlx-community's 4-bit
+    Qwen3-30B-A3B holds them): mlx_lm.load reads our folder, and we read one mlx-lm wrote, with the same logits."""
+    import mlx_lm
+
+    folder, _, _, tokens = family
+    hub = tmp_path / "hub"  # the hub's config (transformers 4's names), which mlx-lm reads
+    shutil.copytree(folder, hub)
+    config = v4_layout(json.loads((folder / "config.json").read_text()))
+    config["num_experts"] = config.pop("num_local_experts")
+    (hub / "config.json").write_text(json.dumps(config))
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(hub), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    written = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    assert not [k for k in written if ".experts." in k]
+    assert written["model.layers.3.mlp.switch_mlp.down_proj.scales"].shape == (4, 64, 1)
+    ours = utils.load(str(tmp_path / "q4"))[0]
+    assert isinstance(ours.layers[3].mlp.experts.down_proj, models.QuantizedExpertsLinear)
+    assert np.abs(logits(ours, tokens) - logits(mlx_lm.load(str(tmp_path / "q4"))[0], tokens)).max() <= 1e-4
+    mlx_lm.convert(str(hub), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=32)
+    theirs = mlx_lm.load(str(tmp_path / "mlx_lm"))[0]
+    assert np.abs(logits(utils.load(str(tmp_path / "mlx_lm"))[0], tokens) - logits(theirs, tokens)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe"], indirect=True)
 def test_multi_token_prediction_weights_are_dropped(family, tmp_path):
     """The weights of the multi-token prediction layers that GLM-4.5 (after the decoder layers) and ERNIE 4.5

@@ -1,7 +1,9 @@
 """LoRALinear, adapter files, and lora.py end to end on a tiny random model."""
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from mlx.utils import tree_flatten
 import lora
 import models
 import utils
-from conftest import FP32_ATOL, ROOT, run_lora, sql_texts, val_losses, write_jsonl
+from conftest import FP32_ATOL, ROOT, run_fuse, run_lora, sql_texts, val_losses, write_jsonl
 
 
 def lora_layer(quantized, rank=4, layer_class=models.LoRALinear):
@@ -90,7 +92,7 @@ def test_linear_to_lora_layers_rejects_unknown_targets(tiny_llama):
         models.linear_to_lora_layers(model, ["q_proj"], 5)
 
 
-def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
+def test_training_lowers_the_loss_and_resumes(tiny_llama, make_checkpoint, data_dir, tmp_path, capsys):
     adapters = tmp_path / "run" / "adapters.safetensors"
     common = ["--model", tiny_llama, "--data", data_dir, "--batch-size", 4, "--learning-rate", 1e-2,
               "--lora-layers", -1, "--lora-rank", 4, "--steps-per-report", 10, "--val-batches", -1]
@@ -125,6 +127,28 @@ def test_training_lowers_the_loss_and_resumes(tiny_llama, data_dir, tmp_path, ca
         run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--test",
                  "--adapter-file", tmp_path / "missing.safetensors")
 
+    # the adapters record their base: on a model of another depth, whose first layers they would fit, they are an
+    # error; on the same model elsewhere, a warning
+    assert config["base_model_config"] == {"model_type": "llama", "vocab_size": 300, "num_hidden_layers": 4,
+                                           "hidden_size": 64}
+    deeper, _ = make_checkpoint("llama", num_hidden_layers=6)
+    for command in (lambda: run_lora(capsys, "--model", deeper, "--data", data_dir, "--test",
+                                     "--adapter-file", adapters),
+                    lambda: run_lora(capsys, *common, "--model", deeper, "--train", "--iters", 1,
+                                     "--resume-adapter-file", adapters, "--adapter-file", tmp_path / "deeper.npz"),
+                    lambda: run_fuse("--model", deeper, "--adapter-file", adapters, "--save-path", tmp_path / "fused")):
+        with pytest.raises(utils.UserError, match=rf"{re.escape(str(adapters))}: made for a model of "
+                                                  rf"num_hidden_layers 4, not 6, whose layers are not this one's"):
+            command()
+    elsewhere = shutil.copytree(tiny_llama, tmp_path / "elsewhere")
+    out = run_lora(capsys, "--model", elsewhere, "--data", data_dir, "--test", "--adapter-file", adapters)
+    assert f"[WARNING] {adapters}: made for {tiny_llama}, not {elsewhere}." in out and "Test loss" in out
+    run_fuse("--model", elsewhere, "--adapter-file", adapters, "--export-peft", tmp_path / "peft")
+    assert f"[WARNING] {adapters}: made for {tiny_llama}, not {elsewhere}." in capsys.readouterr().out
+    out = run_lora(capsys, "--model", os.path.relpath(tiny_llama), "--data", data_dir, "--test",
+                   "--adapter-file", adapters)
+    assert "[WARNING]" not in out
+
 
 def test_no_adapter_uses_the_base_model(tiny_llama, data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -157,6 +181,54 @@ def test_command_line_errors_are_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"lora.py: error: {tmp_path / 'train.jsonl'}: no such file\n"
+
+
+@pytest.mark.parametrize("line, flags", [
+    ("mask_prompt: true", {"mask_prompt": True}), ("mask_prompt: false", {"mask_prompt": False}),
+    ("cache_frozen_layers: off", {"cache_frozen_layers": False}), ("learning_rate: 1e-4", {"learning_rate": 1e-4}),
+    ("lora_targets: q_proj", {"lora_targets": ["q_proj"]}), ("iters: '5'", {"iters": 5}),
+])
+def test_yaml_values_are_the_flags_values(tmp_path, line, flags):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    args = vars(lora.parse_args(["--config", str(tmp_path / "run.yaml"), "--test"]))
+    assert {k: args[k] for k in flags} == flags
+
+
+@pytest.mark.parametrize("line, error", [
+    *[(f"{key}: {value}", rf"{key}: --{key.replace('_', '-')} is a switch: expected true or false, not \"{word}\"")
+      for key, value, word in [("mask_prompt", '"false"', "false"), ("grad_checkpoint", "'no'", "no"),
+                               ("cache_frozen_layers", '"off"', "off"), ("pack", "'0'", "0")]],
+    ("lora_layers: [1, 2]", r"lora_layers: --lora-layers: expected a number, not \[1, 2\]"),
+    ("batch_size: 4.5", r"batch_size: --batch-size: must be an integer of at least 1, not '4.5'"),
+    ("model:", r"model: --model: expected text, not null"),
+    ("prompt: yes", r"prompt: --prompt: expected text, not true"),
+    ("lora_targets: {q_proj: 1}", r"lora_targets: --lora-targets: expected text, or a list of them, not "),
+    ("lora_targets: []", r"lora_targets: --lora-targets: expected text, or a list of them, not \[\]"),
+    ("add_eos_token: 2", r"add_eos_token: --add-eos-token: must be one of 0, 1, not 2"),
+])
+def test_yaml_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, error):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    with pytest.raises(utils.UserError, match=rf"^--config {re.escape(str(tmp_path / 'run.yaml'))}: {error}"):
+        lora.parse_args(["--config", str(tmp_path / "run.yaml"), "--test"])
+
+
+def test_tilde_is_home_in_every_path_flag(tmp_path, monkeypatch):
+    """Where a shell leaves ~ as it is (in quotes, after --flag=) and in a YAML file."""
+    import convert
+    import fuse
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("model: ~/m\ndata: ~/d\nadapter_file: ~/a.safetensors\n")
+    args = lora.parse_args(["--config=~/run.yaml", "--test"])
+    assert [args.model, args.data, args.adapter_file] == [str(tmp_path / name) for name in ("m", "d", "a.safetensors")]
+    args = lora.build_parser().parse_args(["--resume-adapter-file=~/r", "--resume=~/c", "--list-targets=~/l"])
+    assert [args.resume_adapter_file, args.resume, args.list_targets] == [str(tmp_path / name) for name in "rcl"]
+    args = fuse.build_parser().parse_args(["--model=~/m", "--adapter-file=~/a", "--save-path=~/s", "--export-peft=~/p",
+                                           "--export-gguf=~/g.gguf"])
+    assert [args.model, args.adapter_file, args.save_path, args.export_peft, args.export_gguf] == [
+        str(tmp_path / name) for name in ("m", "a", "s", "p", "g.gguf")]
+    args = convert.build_parser().parse_args(["--hf-path=~/h", "--mlx-path=~/o"])
+    assert [args.hf_path, args.mlx_path] == [str(tmp_path / "h"), str(tmp_path / "o")]
 
 
 def test_long_examples_are_truncated_with_one_warning(tiny_llama, tmp_path, capsys, monkeypatch):

@@ -264,6 +264,17 @@ def test_qwen3_moe_reads_either_name_of_its_expert_count(make_checkpoint):
     assert models.ModelArgs.from_config(v5) == models.ModelArgs.from_config(hub)
 
 
+def test_experts_route_on_the_device(make_checkpoint):
+    """A mixture of experts chooses and runs each token's experts on the device: its forward pass compiles (so
+    does a training step), to the logits it gives uncompiled, over rows sorted by expert (many tokens) or not."""
+    path, _ = make_checkpoint("qwen3_moe", **CONFIGS["qwen3_moe"][1])
+    model = utils.load(str(path))[0]
+    compiled = mx.compile(lambda tokens: model(tokens))
+    for shape in ((2, 40), (1, 3)):
+        tokens = mx.array(np.random.default_rng(0).integers(3, 300, shape))
+        assert np.abs(np.array(compiled(tokens)) - np.array(model(tokens))).max() <= 1e-5
+
+
 @pytest.mark.parametrize("by_example", [True, False])
 def test_packed_examples_keep_their_alibi_positions(by_example):
     """ALiBi's biases, rounded in bfloat16 as transformers rounds them, count positions from each packed example's

@@ -129,6 +129,11 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
                                              r"\"chosen\", \"rejected\"\}"),
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
       "rejected": [{"role": "user", "content": "c"}]}, "dpo", r"train.jsonl:2: not a preference pair"),
+    ({"prompt": "a", "chosen": "b", "rejected": "b"}, "dpo",
+     r"train.jsonl:2: the chosen and the rejected response are the same"),
+    ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "orpo",
+     r"train.jsonl:2: the chosen and the rejected response are the same"),
 ])
 def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
     first = line if mode == "dpo" and "text" in line else preference_pairs(1, 0)[0] if mode != "sft" else {"text": "x"}
