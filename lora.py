@@ -28,6 +28,7 @@ DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
 DEFAULT_BETA = 0.1  # TRL's, for DPO and ORPO
+TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
 # the numbers that --train-mode reports besides the loss, as TRL names them: means over the pairs
 METRICS = {"sft": [], "dpo": ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                               "logps/chosen", "logps/rejected"]}
@@ -175,7 +176,7 @@ def parse_args(argv=None):
 
     try:
         config = yaml.safe_load(utils.read_text(args.config))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer past Python's 4300 digits
         raise UserError(f"--config {args.config}: not valid YAML ({utils.first_line(e)})") from None
     if not isinstance(config, dict):
         raise UserError(f"--config {args.config}: expected a mapping of flags to values")
@@ -248,6 +249,15 @@ def check_flags(args):
         raise UserError(f"--resume {args.resume}: no such checkpoint folder")
     if args.accept_flag_changes and not args.resume:
         raise UserError("--accept-flag-changes goes with --resume")
+    for flag, text in (("--prompt", args.prompt), ("--completion-marker", args.completion_marker)):
+        # bytes of an argument that are not UTF-8 come as surrogates, which the tokenizer refuses
+        bad = next((i for i, c in enumerate(text or "") if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise UserError(f"{flag}: not UTF-8 text (character {bad + 1})")
+    if args.prompt == "":
+        raise UserError("--prompt: empty; give the text to continue")
+    if args.completion_marker is not None and not args.completion_marker.strip():
+        raise UserError(f"--completion-marker {args.completion_marker!r}: has no text besides spaces")
     if args.report_to:
         package = {"wandb": "wandb", "tensorboard": "tensorboardX"}[args.report_to]
         try:
@@ -382,7 +392,8 @@ def encode(record, tokenizer, add_eos, trained="completion"):
     message; with "assistant", a chat's assistant messages, each (TRL's assistant_only_loss). Chats are rendered
     with the tokenizer's chat template (chat_tokens)."""
     if "messages" in record:
-        return chat_tokens(record["messages"], record.get("tools"), tokenizer, trained)
+        with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
+            return chat_tokens(record["messages"], record.get("tools"), tokenizer, trained)
     if "prompt" in record:
         prompt = tokenizer.encode(record["prompt"])
         tokens = prompt + tokenizer.encode(record["completion"], add_special_tokens=False)
@@ -457,6 +468,9 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
                         f"{tokenizer.name_or_path} has no chat template")
+    if add_eos and not chat and tokenizer.eos_token_id is None:
+        raise UserError(f"--add-eos-token: the tokenizer of {tokenizer.name_or_path} has no end-of-sequence token "
+                        f"(eos_token); give --add-eos-token 0")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
     trained = "completion" if "chosen" in examples[0] else "assistant" if mask_prompt else "all"
     groups, unscored = [], 0
@@ -968,8 +982,10 @@ def set_up_training(model, args, scale):
                 layer.unfreeze()
         else:
             with utils.naming_flag("--lora-targets"):
-                models.linear_to_lora_layers(model, args.lora_targets or models.default_lora_targets(model),
-                                             args.lora_layers, **params, dora=kind == "dora")
+                paths = models.target_paths(model, args.lora_targets or models.default_lora_targets(model),
+                                            args.lora_layers)
+            check_lora_rank(model, paths, args.lora_rank)
+            models.wrap_lora_layers(model, paths, **params, dora=kind == "dora")
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     # the base as a path from anywhere (check_base_model), or the hub repo id
     base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
@@ -981,6 +997,20 @@ def set_up_training(model, args, scale):
     keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
                                           "dropout": params["dropout"], "keys": keys}}
+
+
+def check_lora_rank(model, paths, rank):
+    """A rank above both a layer's input and output features makes each of its adapter's matrices larger than
+    the layer itself, and a huge one arrays that MLX cannot make (a segfault): refused, naming the layer."""
+    modules = dict(model.named_modules())
+    for path in paths:
+        layer = models.linear_layer(modules, path)
+        outputs, inputs = layer.weight.shape[-2:]  # (an expert's, of a stack)
+        if hasattr(layer, "bits"):  # quantized: its rows' values packed in 32-bit words
+            inputs = inputs * 32 // layer.bits
+        if rank > max(inputs, outputs):
+            raise UserError(f"--lora-rank {rank}: more than both the {inputs} inputs and the {outputs} outputs of "
+                            f"{path}")
 
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
@@ -1369,7 +1399,10 @@ def completion_example(record, marker, where):
     if "messages" in record and not any(m["role"] == "assistant" for m in record["messages"]):
         raise UserError(f"--generate-eval: {where}: no assistant message to compare the generated one with")
     if "text" not in record:
-        return responses(record)[0]
+        example = responses(record)[0]
+        if example.get("prompt") == "":  # (a chat's: generation_length)
+            raise UserError(f"--generate-eval: {where} has an empty prompt, nothing to generate from")
+        return example
     if not marker:
         raise UserError('--generate-eval: the test examples are {"text"}: give --completion-marker, the text '
                         'that ends each prompt (e.g. "A: ")')
@@ -1381,17 +1414,18 @@ def completion_example(record, marker, where):
     return {"prompt": head + found, "completion": tail}
 
 
-def generation_accuracy(model, tokenizer, config, examples, add_eos):
-    """Exact matches among the greedy completions of these examples (completion_example). A completion
-    matches if its text is the expected one's, end-of-sequence (or a chat template's end of turn) included:
-    a model that goes on past the answer has not given it."""
+def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
+    """Exact matches among the greedy completions of these examples (completion_example; where(i) names the
+    i-th in errors). A completion matches if its text is the expected one's, end-of-sequence (or a chat
+    template's end of turn) included: a model that goes on past the answer has not given it."""
     eos, matches = eos_ids(tokenizer, config), 0
-    for record in tqdm(examples, desc="Generating", disable=None):
+    for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
         tokens, spans = encode(record, tokenizer, add_eos)
         start, end = spans[-1]
         expected = tokens[start:end]
+        length = generation_length(model, tokenizer, tokens[:start], len(expected), f"{where(i)}'s prompt")
         generated = []
-        for token, _ in zip(utils.generate(model, tokens[:start]), expected):
+        for token, _ in zip(utils.generate(model, tokens[:start]), expected[:length]):
             generated.append(token)
             if token in eos:
                 break
@@ -1407,13 +1441,49 @@ def eos_ids(tokenizer, config):
     return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
 
 
+def check_token_ids(ids, model, tokenizer, where):
+    """MLX's embedding crashes the process (a segfault) on a token id past the model's vocabulary: such an id,
+    from a tokenizer that is not the model's, is an error naming where it came from."""
+    top = max(ids, default=-1)
+    if top >= model.args.vocab_size:
+        raise UserError(f"{where}: token id {top} is past the model's vocab_size {model.args.vocab_size}; the "
+                        f"tokenizer has {len(tokenizer)} tokens: is it the model's?")
+
+
+def generation_length(model, tokenizer, prompt, max_tokens, where) -> int:
+    """How many of max_tokens to generate after `prompt` (token ids): fewer where the model's context
+    (max_position_embeddings) ends first. A prompt of no tokens, of ids past the vocabulary, that fills the
+    context, or whose keys, values and attention scores would not fit in memory is an error naming `where`
+    (the kernel would otherwise kill the process, out of memory)."""
+    args, length = model.args, len(prompt)
+    if not prompt:
+        raise UserError(f"{where}: gives no tokens")
+    check_token_ids(prompt, model, tokenizer, where)
+    if length >= args.max_position_embeddings:
+        raise UserError(f"{where}: {length} tokens, but the model's context (max_position_embeddings) is "
+                        f"{args.max_position_embeddings}; shorten it")
+    positions = min(length + max_tokens, args.max_position_embeddings)
+    itemsize = model.model[args.final_norm].weight.dtype.size
+    cache = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * positions * itemsize
+    # the prompt's pass, a layer at a time: its MLP's activations and, on the CPU, where attention computes every
+    # score (a GPU's fused kernel keeps none), the scores and weights, in float32
+    scores = 2 * args.num_attention_heads * length * length * 4 if mx.default_device() == mx.cpu else 0
+    layer = scores + 3 * length * args.intermediate_size * itemsize
+    need, free = cache + layer, memory_size() - mx.get_active_memory()
+    if need > free:
+        raise UserError(f"{where}: {length} tokens, and {positions - length} to generate after them, need about "
+                        f"{need / 1e9:.1f} GB of memory, more than the {free / 1e9:.1f} GB left beside the model")
+    return positions - length
+
+
 def generate(model, tokenizer, config, args):
     eos = eos_ids(tokenizer, config)
     prompt = tokenizer.encode(args.prompt)
+    length = generation_length(model, tokenizer, prompt, args.max_tokens, "--prompt")
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
     try:
-        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(args.max_tokens)):
+        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(length)):
             if token in eos:
                 break
             tokens.append(token)
@@ -1487,6 +1557,8 @@ def run(args, adapter_file, examples, generation_tests):
     seconds = {"loading": time.perf_counter() - began}
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
             for split, e in examples.items()}
+    for split, rows in data.items():
+        check_token_ids((max(tokens) for tokens, _ in rows), model, tokenizer, examples[split].path)
     seconds["tokenizing"] = time.perf_counter() - began - seconds["loading"]
     for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
         if split in data and batches > 0:
@@ -1532,7 +1604,8 @@ def run(args, adapter_file, examples, generation_tests):
                                               else rewards(test_metrics) + "."), flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
             with utils.naming_flag("--generate-eval"):
-                matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token)
+                matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token,
+                                              examples["test"].where)
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
     if args.prompt is not None and mx.distributed.init().rank() == 0:

@@ -907,7 +907,9 @@ class ModelArgs:
     vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
+        """The config's ModelArgs; `values`, where known, the weights' count of values, which no size can
+        exceed (check_types)."""
         family = FAMILIES.get(config.get("model_type"))
         if family is None:
             raise ValueError(
@@ -933,7 +935,7 @@ class ModelArgs:
         config["rope_parameters"] = ropes
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in config.items() if k in names and v is not None}
-        check_types(given)
+        check_types(given, values)
         args = cls(**given)
         if args.hidden_act not in ACTIVATIONS and args.hidden_act not in ACTIVATION_MODULES:
             raise ValueError(f"hidden_act {args.hidden_act!r} is not supported "
@@ -995,9 +997,16 @@ def checkpoint_names(config: dict) -> CheckpointNames:
     return ModelArgs.from_config(config).names
 
 
-def check_types(config: dict):
+LARGEST_SIZE = 2**31 - 1  # MLX's array dimensions are 32-bit: a larger one fails deep inside it, with a traceback
+# ModelArgs' fields whose numbers are not sizes of arrays: counts of positions, rope's parameters
+UNSIZED_FIELDS = ("max_position_embeddings", "sliding_window", "attention_chunk_size", "rope_parameters")
+
+
+def check_types(config: dict, values: Optional[int] = None):
     """Each of ModelArgs' fields in `config` of its type and, if a number, positive (num_local_experts and
-    router_jitter_noise: at least 0); the fields without a default present."""
+    router_jitter_noise: at least 0) and finite, the numbers in its lists and objects too; the fields without
+    a default present. No size may exceed MLX's largest, nor `values` (the weights' count of values) if given:
+    a config's sizes are trusted when the model is built, and absurd ones take all the memory or time."""
     missing = [f.name for f in fields(ModelArgs) if f.default is MISSING and f.name not in config]
     if missing:
         raise ValueError(f"{', '.join(missing)} missing")
@@ -1012,6 +1021,26 @@ def check_types(config: dict):
             raise ValueError(f"{f.name} is {value!r}, expected {'a number' if kind is float else kind.__name__}")
         if number and (value < 0 if f.name in ("num_local_experts", "router_jitter_noise") else value <= 0):
             raise ValueError(f"{f.name} is {value!r}, expected a positive number")
+        for name, n in numbers_in(f.name, value):
+            if isinstance(n, float) and not math.isfinite(n):
+                raise ValueError(f"{name} is {n}, expected a finite number")
+            if isinstance(n, int) and abs(n) > LARGEST_SIZE:
+                raise ValueError(f"{name} is {n:.3g}, expected at most {LARGEST_SIZE} (MLX's largest size)")
+            if isinstance(n, int) and values is not None and n > values and f.name not in UNSIZED_FIELDS:
+                raise ValueError(f"{name} is {n}, more than the {values} values of all the weights")
+
+
+def numbers_in(name: str, value):
+    """(name, number) of each number in a config value: itself, or those in its lists and objects (rope
+    parameters, per-layer lists), named by their key."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from numbers_in(key, inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from numbers_in(name, inner)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield name, value
 
 
 # The decoder

@@ -13,6 +13,7 @@ import signal
 import sys
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +166,8 @@ def distributed_group(prog: str):
         seconds = 0.0
     if not seconds > 0:  # NaN too
         raise UserError(f"LORA_CONNECT_TIMEOUT={timeout}: expected a number of seconds above 0")
+    seconds = min(seconds, 1e9)  # as good as forever (inf): the watch's time.sleep takes no more
+    check_ring_settings()
     message = (f"{prog}: error: the processes of the distributed run did not all connect within {timeout} s "
                f"(LORA_CONNECT_TIMEOUT); is every rank started, and can each reach the others' hosts and ports?\n")
     # MLX holds Python's lock while it waits: the watch is a process of its own
@@ -174,6 +177,31 @@ def distributed_group(prog: str):
     finally:
         watch.kill()
         watch.wait()
+
+
+def check_ring_settings():
+    """MLX_RANK and MLX_HOSTFILE (ring's: a list of hosts, each a list of "ip:port" addresses, or one), which MLX
+    reads with a traceback, a crash or a wait without end where they are wrong."""
+    rank = os.environ.get("MLX_RANK")
+    if rank is not None and not re.fullmatch(r"[0-9]{1,9}", rank):
+        raise UserError(f"MLX_RANK={rank}: expected this process's rank, a whole number from 0")
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile is None:
+        return
+    try:
+        with naming_flag("MLX_HOSTFILE"):
+            text = read_text(hostfile)
+        hosts = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"MLX_HOSTFILE={hostfile}: not valid JSON ({first_line(e)})") from None
+    addresses = [host if isinstance(host, list) else [host] for host in hosts] if isinstance(hosts, list) else []
+    if not addresses or not all(addresses) or not all(
+            isinstance(a, str) and re.fullmatch(r".+:\d+", a) for host in addresses for a in host):
+        raise UserError(f'MLX_HOSTFILE={hostfile}: expected a list of hosts, each a list of "ip:port" addresses '
+                        f'(mlx.launch and mlx.distributed_config write it)')
+    if rank is not None and int(rank) >= len(addresses):
+        raise UserError(f"MLX_RANK={rank}: MLX_HOSTFILE {hostfile} lists {len(addresses)} hosts, ranks 0 to "
+                        f"{len(addresses) - 1}")
 
 
 # A process that waits until this one is sent SIGTERM (Python writes the number of each signal it catches to
@@ -244,6 +272,7 @@ def run_main(prog: str, main):
     """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
     stderr naming what is at fault, never a traceback; Ctrl-C exits with 130."""
     try:
+        check_temporary_folder()
         main()
     except UserError as e:
         sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
@@ -251,6 +280,15 @@ def run_main(prog: str, main):
         sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def check_temporary_folder():
+    """MLX compiles its CPU kernels into TMPDIR, and a TMPDIR it cannot write stops it mid-run with an error of
+    its own: checked before any work instead."""
+    folder = os.environ.get("TMPDIR")
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        raise UserError(f"TMPDIR={folder}: not a folder this process can write (MLX writes its compiled kernels "
+                        f"there); create it, or unset TMPDIR")
 
 
 def first_line(error: Exception) -> str:
@@ -305,6 +343,40 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@contextlib.contextmanager
+def bounded(seconds: float, memory: int):
+    """Run the block with limits on its time and on the memory its Python objects take at once (bytes, as
+    tracemalloc counts them): past either, TimeoutError or MemoryError is raised inside it. For code that may run
+    away (a chat template, which its sandbox lets loop and grow without end). A timer signal checks, every 10 ms,
+    so the limits hold in the main thread alone; elsewhere the block runs unbounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import tracemalloc
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, deadline = tracemalloc.get_traced_memory()[0], time.monotonic() + seconds
+
+    def check(*_):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ran for over {seconds:g} s")
+        if tracemalloc.get_traced_memory()[1] - base > memory:
+            raise MemoryError(f"took over {memory / 2**20:g} MB of memory")
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if not tracing:
+            tracemalloc.stop()
+
+
 # Reading files: each error names the file
 
 
@@ -322,7 +394,7 @@ def read_json(path) -> dict:
     """The JSON object in a file, or an error naming the file."""
     try:
         value = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4300 digits
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
@@ -347,6 +419,8 @@ def read_jsonl(path) -> list:
             raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer past Python's 4300 digits
+            raise UserError(f"{path}:{number}: not valid JSON ({first_line(e)})") from None
         except RecursionError:
             raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
     return values
@@ -528,12 +602,14 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
     config = read_json(path / "config.json")
-    check_config(config, path / "config.json")
     files = sorted(glob.glob(str(path / "*.safetensors")))
+    shapes = {k: v.shape for f in files for k, v in read_arrays(f).items()}  # the headers alone
+    check_config(config, path / "config.json", sum(math.prod(shape) for shape in shapes.values()) if files else None)
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
     checkpoint = models.checkpoint_names(config)
     rename = checkpoint.ours
+    check_sizes(config, {rename(k): shape for k, shape in shapes.items()}, path / "config.json")
     dropped = models.FAMILIES[config["model_type"]].dropped  # weights the model does not have
     if dropped is not None or names is not None:  # from the headers alone
         wanted = names  # (ours: a stack of experts' array stands for each expert's)
@@ -661,14 +737,34 @@ def model_skeleton(config: dict, weights: dict) -> models.Model:
     return model
 
 
-def check_config(config: dict, where):
-    """An error naming `where` unless the config describes a model that models.py builds."""
+def check_config(config: dict, where, values=None):
+    """An error naming `where` unless the config describes a model that models.py builds, with no size larger
+    than the weights' count of values (`values`, where known)."""
     try:
-        models.ModelArgs.from_config(config)
+        models.ModelArgs.from_config(config, values)
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     except KeyError as e:
         raise UserError(f"{where}: {e} missing") from None
+
+
+def check_sizes(config: dict, shapes: dict, where):
+    """An error naming `where` and the field unless the config (one check_config accepted) has no more layers or
+    experts than the weights ({our name: shape}) hold, nor vocab_size or hidden_size beyond their embeddings:
+    checked before the model is built, as a config of ten million layers would build for hours."""
+    args = models.ModelArgs.from_config(config)
+    layers = {int(m[1]) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    experts = {int(m[1]) for name in shapes if (m := re.search(r"\.experts\.(\d+)\.", name))}
+    rows, columns = shapes.get("model.embed_tokens.weight", (None, None))
+    if "model.embed_tokens.scales" in shapes:  # quantized: its columns are packed values
+        columns = None
+    for field, value, found, what in [
+            ("num_hidden_layers", args.num_hidden_layers, len(layers), "decoder layers"),
+            ("num_local_experts", args.num_local_experts, len(experts) if experts else None, "experts a layer"),
+            ("vocab_size", args.vocab_size, rows, "rows of model.embed_tokens.weight"),
+            ("hidden_size", args.hidden_size, columns, "columns of model.embed_tokens.weight")]:
+        if found is not None and value > found:
+            raise UserError(f"{where}: {field} is {value}, but the weights have {found} {what}")
 
 
 def build_model(config: dict, weights: dict, source="the model") -> models.Model:
@@ -751,7 +847,7 @@ def read_gguf(path: Path):
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
     check_finite(weights, path)  # quantized tensors' scales and biases too
     config = gguf_config(meta, weights)
-    check_config(config, path)
+    check_config(config, path, sum(v.size for v in weights.values()))
     renamed = {}
     for name, value in weights.items():
         parts = name.split(".")
@@ -771,6 +867,7 @@ def read_gguf(path: Path):
                 raise UserError(f"{path}: tensor {name} has {rows} rows, not a whole number of {heads} heads")
             value = value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
         renamed[hf] = value
+    check_sizes(config, {k: v.shape for k, v in renamed.items()}, path)
     config["dtype"] = "float16"
     try:
         tokenizer = gguf_tokenizer(meta)
@@ -1438,7 +1535,8 @@ def generate(model: models.Model, prompt: list, temp: float = 0.0, top_p: float 
     cache = model.make_cache()
     tokens = mx.array(prompt)[None]
     for n in itertools.count(1):
-        logits = model(tokens, cache)[:, -1, :].astype(mx.float32)
+        # the last position's logits alone: a long prompt's would take its length times the vocabulary
+        logits = model.logits(model.hidden_states(tokens, cache)[:, -1, :]).astype(mx.float32)
         token, finite = sample(logits, temp, top_p), mx.isfinite(logits).all()
         mx.eval(token, finite)
         if not finite.item():

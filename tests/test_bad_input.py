@@ -1,5 +1,6 @@
 """Bad input as a user meets it: each case runs lora.py, convert.py or fuse.py in a subprocess on one bad flag,
-data file, model folder, GGUF file, adapter, checkpoint, YAML config or output path, and expects
+data file, model folder, GGUF file, adapter, checkpoint, YAML config, output path or environment variable, and
+expects
 
   1. a non-zero exit code (and no hang: a timeout);
   2. on stderr, one line (tqdm's progress bars aside), "<script>.py: error: ...";
@@ -35,9 +36,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def script(name, *flags, cwd):
+def script(name, *flags, cwd, env=None):
     return subprocess.run([sys.executable, str(ROOT / name), *map(str, flags)], cwd=cwd, capture_output=True,
-                          text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+                          text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, env=env and {**os.environ, **env})
 
 
 def chats(n, content="a question"):
@@ -229,6 +230,12 @@ FLAGS = [
     ("train-mode-unknown", train, "--train-mode", "ppo", False),
     ("beta-zero", train, "--beta", 0, True),  # with --train-mode dpo, below
     ("beta-negative", train, "--beta", -0.1, False),
+    ("lora-rank-above-the-layers-features", train, "--lora-rank", 65, False),  # q_proj and v_proj have 64 inputs
+    ("lora-rank-huge", train, "--lora-rank", 10**8, False),
+    ("prompt-empty", prompt, "--prompt", "", True),
+    ("prompt-not-utf8", prompt, "--prompt", "Q: \udcff\udcfe", True),  # the bytes 0xff 0xfe, as Python passes them
+    ("prompt-longer-than-the-context", prompt, "--prompt", "Q " * 200, False),  # 400 tokens; the context is 256
+    ("completion-marker-spaces", on_test_set, "--completion-marker", " ", True),
 ]
 # flags that are wrong together
 CASES_TOGETHER = [
@@ -239,7 +246,7 @@ CASES_TOGETHER = [
 ]
 # what else the flag needs, so that its value is the only fault
 NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "],
-         "--beta": ["--train-mode", "dpo"]}
+         "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1]}
 
 
 @dataclass
@@ -249,6 +256,7 @@ class Case:
     args: Callable  # (world, case folder) -> the flags; it makes (damaged copies of) the inputs there
     expect: str  # the error line names this: the flag or file at fault
     never: tuple = ()  # files (in the case folder) that must never appear
+    env: Callable = lambda w, d: {}  # (world, case folder) -> environment variables the script runs with
 
 
 def flag_case(name, mode, flag, value, missing):
@@ -309,6 +317,13 @@ def bad_test_set(w, d):
     folder = copy(w.data, d / "data")
     (folder / "test.jsonl").write_text('{"text": \n')
     return on_test_set(w, d, "--data", folder)
+
+
+def empty_prompt_test_set(w, d):
+    """--generate-eval on a test set whose first prompt is empty: nothing to generate from."""
+    folder = copy(w.data, d / "data")
+    write_records(folder / "test.jsonl", [{"prompt": "", "completion": "SELECT"}, {"prompt": "Q", "completion": "A"}])
+    return on_test_set(w, d, "--data", folder, "--generate-eval", 2)
 
 
 GOOD = "".join(json.dumps({"text": t}) + "\n" for t in sql_texts(8))
@@ -378,6 +393,9 @@ CASES += [
     Case("data-pair-chosen-equals-rejected-line-9", "lora.py",
          data(PAIRS + json.dumps({"prompt": "Q", "chosen": "A", "rejected": "A"}) + "\n", valid=False, flags=DPO),
          "train.jsonl:9"),
+    Case("data-train-integer-of-5000-digits-line-9", "lora.py",
+         data(GOOD + '{"text": "a", "n": ' + "9" * 5000 + "}\n"), "train.jsonl:9"),
+    Case("data-generate-eval-empty-prompt", "lora.py", empty_prompt_test_set, "test.jsonl:1"),
 ]
 
 
@@ -419,6 +437,42 @@ def config(change):
 
 def without(key):
     return lambda c: {k: v for k, v in c.items() if k != key}
+
+
+def config_text(old, new):
+    """config.json with `old` in its text replaced: numbers that JSON writers do not write (1e400)."""
+    return lambda folder, d: (folder / "config.json").write_text((folder / "config.json").read_text().replace(old, new))
+
+
+def vocabulary_of_100(folder, d):
+    """The model cut to the first 100 tokens of the tokenizer's 300: the tokenizer is not the model's."""
+    edit_json(folder / "config.json", lambda c: dict(c, vocab_size=100))
+    rewrite_weights(folder, lambda weights: weights.update(
+        {k: weights[k][:100] for k in ("model.embed_tokens.weight", "lm_head.weight")}))
+
+
+def prompt_on(damage, *more):
+    """--prompt on a damaged copy of the model (see damaged)."""
+    return lambda w, d: prompt(w, d, *more, model=damaged(w, d, damage))
+
+
+def prompt_beyond_memory(w, d):
+    """120,000 tokens in a context of ten million: on the CPU their attention scores would take hundreds of GB."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("a GPU's fused attention keeps no scores")
+    return prompt_on(config(lambda c: dict(c, max_position_embeddings=10**7)), "--prompt", "~" * 120000)(w, d)
+
+
+def hostfile(text, rank="0"):
+    """The environment of rank `rank` of mlx.launch's ring backend, whose hostfile d/hosts.json holds text."""
+    def env(w, d):
+        (d / "hosts.json").write_text(text)
+        return {"MLX_HOSTFILE": str(d / "hosts.json"), "MLX_RANK": rank}
+
+    return env
+
+
+TWO_HOSTS = '[["127.0.0.1:47001"], ["127.0.0.1:47002"]]'
 
 
 EVIL = """import pathlib
@@ -495,6 +549,33 @@ CASES += [
          model(lambda f, d: edit_json(f / "tokenizer_config.json",
                                       lambda c: dict(c, chat_template="{{ ''.__class__.__mro__ }}" + CHAT_TEMPLATE)),
                source="chat_model", data="chat_data"), "damaged_model"),
+    # sizes beyond the weights', checked before the model is built
+    Case("model-config-num-hidden-layers-ten-million", "lora.py",
+         model(config(lambda c: dict(c, num_hidden_layers=10**7))), "config.json: num_hidden_layers"),
+    Case("model-config-num-hidden-layers-above-the-weights", "lora.py",
+         model(config(lambda c: dict(c, num_hidden_layers=5))), "config.json: num_hidden_layers"),
+    Case("model-config-hidden-size-10-to-the-30", "lora.py", model(config(lambda c: dict(c, hidden_size=10**30))),
+         "config.json: hidden_size"),
+    Case("model-config-vocab-size-above-the-embeddings", "lora.py",
+         model(config(lambda c: dict(c, vocab_size=10**5))), "config.json: vocab_size"),
+    Case("model-config-head-dim-huge", "lora.py", model(config(lambda c: dict(c, head_dim=2**31 - 1))),
+         "config.json: head_dim"),
+    Case("model-config-rms-norm-eps-1e400", "lora.py",
+         model(config_text('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e400')), "config.json: rms_norm_eps"),
+    Case("model-config-integer-of-5000-digits", "lora.py",
+         model(config_text('"hidden_size": 64', '"hidden_size": ' + "9" * 5000)), "config.json"),
+    Case("model-tokenizer-without-eos-token", "lora.py",
+         model(lambda f, d: edit_json(f / "tokenizer_config.json", without("eos_token"))), "--add-eos-token"),
+    Case("model-tokenizer-ids-past-the-vocab-size-prompt", "lora.py", prompt_on(vocabulary_of_100), "--prompt"),
+    Case("model-tokenizer-ids-past-the-vocab-size-train", "lora.py", model(vocabulary_of_100), "train.jsonl"),
+    Case("model-chat-template-runs-without-end", "lora.py",
+         model(lambda f, d: edit_json(f / "tokenizer_config.json", lambda c: dict(c, chat_template=(
+             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + CHAT_TEMPLATE))),
+               source="chat_model", data="chat_data"), "train.jsonl:1"),
+    Case("model-prompt-beyond-memory", "lora.py", prompt_beyond_memory, "--prompt"),
+    # a context of a billion tokens, all of them to generate: their keys and values would take a TB
+    Case("model-max-tokens-beyond-memory", "lora.py",
+         prompt_on(config(lambda c: dict(c, max_position_embeddings=10**9)), "--max-tokens", 10**9), "--prompt"),
     Case("model-does-not-exist", "lora.py", lambda w, d: train(w, d, model=d / "missing_model"), "missing_model"),
     Case("model-is-a-text-file", "lora.py", text_file_model, "model.txt"),
     Case("model-convert-weights-truncated", "convert.py", convert_truncated, "model.safetensors"),
@@ -957,6 +1038,22 @@ CASES += [
 ]
 
 
+# --- J. environment ---------------------------------------------------------------------------------------
+
+CASES += [
+    Case("env-tmpdir-missing", "lora.py", lambda w, d: train(w, d), "TMPDIR",
+         env=lambda w, d: {"TMPDIR": str(d / "no_tmp")}),
+    Case("env-mlx-hostfile-not-json", "lora.py", lambda w, d: prompt(w, d, model=nowhere(d)), "MLX_HOSTFILE",
+         env=hostfile("{not json")),
+    Case("env-mlx-hostfile-no-hosts", "lora.py", lambda w, d: prompt(w, d, model=nowhere(d)), "MLX_HOSTFILE",
+         env=hostfile("[]")),
+    Case("env-mlx-rank-not-a-number", "lora.py", lambda w, d: prompt(w, d, model=nowhere(d)), "MLX_RANK",
+         env=hostfile(TWO_HOSTS, rank="one")),
+    Case("env-mlx-rank-past-the-hosts", "lora.py", lambda w, d: prompt(w, d, model=nowhere(d)), "MLX_RANK",
+         env=hostfile(TWO_HOSTS, rank="2")),
+]
+
+
 # --- the runner ---------------------------------------------------------------------------------------------
 
 def snapshot(*roots):
@@ -987,10 +1084,11 @@ def test_bad_input(case, world, tmp_path):
     d = tmp_path / "case"
     d.mkdir()
     flags = case.args(world, d)
+    env = case.env(world, d)
     before = snapshot(d, world.root)
     start = time.perf_counter()
     try:
-        result = script(case.script, *flags, cwd=d)
+        result = script(case.script, *flags, cwd=d, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{case.script} hung (no exit in {TIMEOUT} s)")
     took = time.perf_counter() - start

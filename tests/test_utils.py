@@ -55,6 +55,20 @@ def test_hub_offline_is_one_clear_error(monkeypatch, tmp_path):
         utils.load("./not/here")
 
 
+def test_bounded_stops_a_block_that_runs_away():
+    """utils.bounded, which chat templates render under: a block past its memory, or past its time, stops with an
+    error raised inside it."""
+    with pytest.raises(MemoryError):
+        with utils.bounded(2, 2**24):
+            pieces = []
+            while True:
+                pieces.append("x" * 4096)
+    with pytest.raises(TimeoutError):
+        with utils.bounded(0.1, 2**30):
+            while True:
+                pass
+
+
 def test_sampling():
     logits = mx.log(mx.array([[0.05, 0.6, 0.3, 0.05]]))
     assert utils.sample(logits, temp=0, top_p=1.0).item() == 1
