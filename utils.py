@@ -241,15 +241,95 @@ def naming_flag(flag: str):
 
 def run_main(prog: str, main):
     """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
-    stderr naming what is at fault, never a traceback; Ctrl-C exits with 130."""
+    stderr naming what is at fault, never a traceback. A stop signal (STOP_SIGNALS) ends it where it is with one
+    line, and exit status 128 + the signal's number (130 for Ctrl-C)."""
+    handle_stop_signals()
     try:
         main()
     except UserError as e:
         sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
     except OSError as e:
         sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Stopped, or Ctrl-C where no handler of ours was installed
+        if str(e):
+            print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once, the files written and the locks released on the way here: tearing the interpreter down takes
+        # a second or more (transformers' modules), and waits for threads still reading (load)
+        os._exit(128 + getattr(e, "signum", signal.SIGINT))
+
+
+# The signals that ask a script to stop: Ctrl-C, kill's (a timeout's, a cluster's preemption), a closed terminal
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+held_stops = None  # the stop signals noted while a block holds them (holding_stops), else None
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived: the script ends with the line str(self) (none if empty) and exit status
+    128 + signum. A KeyboardInterrupt, so that no `except Exception` takes it for an error of the work."""
+
+    def __init__(self, signum, message=None):
+        super().__init__(f"stopped by {STOP_SIGNALS[signum]}" if message is None else message)
+        self.signum = signum
+
+
+def on_stop_signal(signum, frame):
+    if held_stops is not None and not held_stops:
+        held_stops.append(signum)
+        return
+    raise Stopped(signum, None if held_stops is None else f"stopped at once by a second {STOP_SIGNALS[signum]}")
+
+
+def handle_stop_signals():
+    """Make each stop signal raise Stopped wherever the script is, so that it ends within moments with one
+    line, its temporary files and locks removed on the way out (staged, exclusive), unless a block holds
+    them (holding_stops). A signal ignored when the script started stays ignored (nohup's SIGHUP)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, on_stop_signal)
+
+
+def hold_stops() -> list:
+    """Until release_stops(), the first stop signal is noted in the list this gives instead of raised, for the
+    caller to stop where it can (the training loop: after the step under way, saving it); a second is raised at
+    once."""
+    global held_stops
+    held_stops = []
+    return held_stops
+
+
+def release_stops():
+    global held_stops
+    held_stops = None
+
+
+@contextlib.contextmanager
+def holding_stops():
+    """hold_stops() for a block, whose signal noted is raised on the way out; within a block that holds them
+    already, nothing changes (the outer one acts on a signal)."""
+    if held_stops is not None:
+        yield
+        return
+    noted = hold_stops()
+    try:
+        yield
+    finally:
+        release_stops()
+    if noted:
+        raise Stopped(noted[0])
+
+
+@contextlib.contextmanager
+def stops_at_once():
+    """Inside, even the first stop signal is raised at once, within a block that holds them: for work that is
+    better dropped than waited for (validation)."""
+    global held_stops
+    outer, held_stops = held_stops, None
+    try:
+        yield
+    finally:
+        held_stops = outer
 
 
 def first_line(error: Exception) -> str:
@@ -446,11 +526,14 @@ def load(path_or_repo: str):
     if is_gguf_file(path):  # the tokenizer is in its metadata
         config, weights, tokenizer = read_gguf(path)
         return build_model(config, weights, path_or_repo), tokenizer, config
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         tokenizer = pool.submit(read_tokenizer, checkpoint_folder(path_or_repo))
         config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False, evaluated=True)
         model = build_model(config, weights, path_or_repo)
         return model, tokenizer.result(), config
+    finally:
+        pool.shutdown(wait=False)  # left by an error or a stop signal: not waiting for the tokenizer
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -806,9 +889,10 @@ def write_folder(out: Path, write):
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private: the result is not
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            with holding_stops():  # a stop between the two renames would leave neither folder at `out`
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, out)
 
