@@ -1453,7 +1453,17 @@ def main(args):
     out = adapter_file.parent
     writes = args.train and group.rank() == 0
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
+        if writes:
+            check_outputs(adapter_file)
         run(args, adapter_file, examples, generation_tests)
+
+
+def check_outputs(adapter_file: Path):
+    """That each file training writes can be written (utils.check_writable): the adapters, adapter_config.json
+    beside them, and the runs/ folder that holds the checkpoints and metrics."""
+    utils.check_writable(adapter_file, "--adapter-file")
+    utils.check_writable(utils.adapter_config_path(adapter_file), "--adapter-file")
+    utils.check_writable(adapter_file.parent / "runs", "--adapter-file", folder=True)
 
 
 def distributed(args):

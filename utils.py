@@ -860,6 +860,11 @@ def write_json(path, value):
 
 # Temporary files and folders are named .NAME.tmp-PID-RANDOM: the process that made them can be told to be gone
 TEMPORARY = re.compile(r"\..+\.tmp-(\d+)-[^.]+")
+RANDOM_CHARACTERS = 8  # that mkdtemp adds to a prefix
+
+
+def temporary_prefix(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -868,7 +873,7 @@ def staged(out: Path):
     removed whatever happens; an error of the file system while writing is one UserError naming `out`."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
     except OSError as e:
         raise UserError(f"{out}: cannot be written ({e.strerror or e})") from None
     try:
@@ -951,12 +956,45 @@ def exclusive(out: Path, flag: str, lock: Path):
         os.close(fd)
 
 
+def check_writable(path, flag: str, folder=False):
+    """Before any work, that a file (or folder) can be written at `path` as atomic_write (write_folder) writes
+    it: its name, and the longer temporary one it is written under (staged), within the file system's limit;
+    no folder or other non-file (no file) in its place; its folder, if there, one this process can write in.
+    Else one UserError naming the flag and the path."""
+    path = Path(path)
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    excess = len(temporary_prefix(path.name).encode()) + RANDOM_CHARACTERS - name_max
+    if excess > 0:
+        raise UserError(f"{flag}: {path}: the name is too long: it is written first under a temporary name "
+                        f"{excess} bytes longer than the file system's {name_max}; give a name of at most "
+                        f"{len(path.name.encode()) - excess} bytes")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag}: {path}: is a file, where a folder is to be written; move it or write elsewhere")
+    if not folder and os.path.lexists(path) and not (path.is_symlink() or path.is_file()):
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise UserError(f"{flag}: {path}: is {what}, where a file is to be written; move it or write elsewhere")
+    if existing == path.parent and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        why = "Permission denied" if existing.is_dir() else "not a folder"
+        raise UserError(f"{flag}: {existing}: cannot be written ({why})")
+
+
+# The files of a model or adapter folder, which --force may replace: those the scripts write (config.json,
+# weights, tokenizer, README.md, PEFT's adapter files), and those of a Hugging Face model folder beside them
+MODEL_FOLDER_FILES = re.compile(r"(generation_)?config\.json|README\.md|.+\.safetensors(\.index\.json)?|tokenizer.*"
+                                r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt"
+                                r"|chat_template\.(jinja|json)|adapter_config\.json|\.gitattributes")
+
+
 def output_folder(path, flag: str, force: bool, sources=()) -> Path:
-    """The folder a script is to write, checked before any work: refused if it is a file, or a folder that is
-    not empty (unless force); never one that holds a source the script reads, or the current folder."""
+    """The folder a script is to write, checked before any work (check_writable): refused if it is a file, or a
+    folder that is not empty, unless force and it is a model or adapter folder (MODEL_FOLDER_FILES, with its
+    config.json or adapter_config.json); never one that holds a source the script reads, or the current folder."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file")
+    check_writable(out, flag, folder=True)
     if out.is_dir() and any(out.iterdir()):
         for source in [*sources, "."]:
             if source is not None and Path(source).exists() and is_within(Path(source), out):
@@ -964,6 +1002,15 @@ def output_folder(path, flag: str, force: bool, sources=()) -> Path:
                 raise UserError(f"{flag} {out}: holds {what}, which replacing it would delete")
         if not force:
             raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
+        foreign = sorted(e.name for e in out.iterdir() if not (e.is_file() and MODEL_FOLDER_FILES.fullmatch(e.name)))
+        why = None
+        if foreign:
+            why = f"holds {foreign[0]}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+        elif not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
+            why = "has no config.json"
+        if why:
+            raise UserError(f"{flag} {out}: {why}: not a model folder, the only kind --force replaces; empty it "
+                            f"yourself or write elsewhere")
     return out
 
 
