@@ -239,30 +239,9 @@ def naming_flag(flag: str):
         raise UserError(f"{flag}: {e}") from None
 
 
-def run_main(prog: str, main):
-    """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
-    stderr naming what is at fault, never a traceback. A stop signal (STOP_SIGNALS) ends it where it is with one
-    line, and exit status 128 + the signal's number (130 for Ctrl-C)."""
-    handle_stop_signals()
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
-    except OSError as e:
-        sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
-    except KeyboardInterrupt as e:  # Stopped, or Ctrl-C where no handler of ours was installed
-        if str(e):
-            print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # at once, the files written and the locks released on the way here: tearing the interpreter down takes
-        # a second or more (transformers' modules), and waits for threads still reading (load)
-        os._exit(128 + getattr(e, "signum", signal.SIGINT))
-
-
 # The signals that ask a script to stop: Ctrl-C, kill's (a timeout's, a cluster's preemption), a closed terminal
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-held_stops = None  # the stop signals noted while a block holds them (holding_stops), else None
+held_stops = None  # the stop signals noted while a block holds them (hold_stops), else None
 
 
 class Stopped(KeyboardInterrupt):
@@ -284,7 +263,7 @@ def on_stop_signal(signum, frame):
 def handle_stop_signals():
     """Make each stop signal raise Stopped wherever the script is, so that it ends within moments with one
     line, its temporary files and locks removed on the way out (staged, exclusive), unless a block holds
-    them (holding_stops). A signal ignored when the script started stays ignored (nohup's SIGHUP)."""
+    them (hold_stops). A signal ignored when the script started stays ignored (nohup's SIGHUP)."""
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, on_stop_signal)
@@ -330,6 +309,27 @@ def stops_at_once():
         yield
     finally:
         held_stops = outer
+
+
+def run_main(prog: str, main):
+    """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
+    stderr naming what is at fault, never a traceback. A stop signal (STOP_SIGNALS) ends it where it is with one
+    line, and exit status 128 + the signal's number (130 for Ctrl-C)."""
+    handle_stop_signals()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
+    except OSError as e:
+        sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
+    except KeyboardInterrupt as e:  # Stopped, or Ctrl-C where no handler of ours was installed
+        if str(e):
+            print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once, the files written and the locks released on the way here: tearing the interpreter down takes
+        # a second or more (transformers' modules), and waits for threads still reading (load)
+        os._exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def first_line(error: Exception) -> str:
