@@ -145,9 +145,10 @@ def local_ranks() -> int:
         return 1
 
 
-# A process that waits for `seconds`, says why on stderr and ends this one, unless it is ended first
+# A process that waits for `seconds`, says why on stderr and ends this one (SIGKILL: not a stop signal, which would
+# add a line of its own), unless it is ended first
 CONNECT_WATCH = ("import os, signal, sys, time; time.sleep(float(sys.argv[2])); sys.stderr.write(sys.argv[3]); "
-                 "os.kill(int(sys.argv[1]), signal.SIGTERM)")
+                 "os.kill(int(sys.argv[1]), signal.SIGKILL)")
 LAUNCHER_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
