@@ -960,12 +960,11 @@ def exclusive(out: Path, flag: str, lock: Path):
 def check_writable(path, flag: str, folder=False):
     """Before any work, that a file (or folder) can be written at `path` as atomic_write (write_folder) writes
     it: its name, and the longer temporary one it is written under (staged), within the file system's limit;
-    no folder or other non-file (no file) in its place; its folder, if there, one this process can write in.
-    Else one UserError naming the flag and the path."""
+    no folder or other non-file (no file) in its place; the folder it is in, and the folder itself, where they
+    are, ones this process can write in. Else one UserError naming the flag and the path."""
     path = Path(path)
-    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        name_max = os.pathconf(next(p for p in (path.parent, *path.parent.parents) if p.exists()), "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
     excess = len(temporary_prefix(path.name).encode()) + RANDOM_CHARACTERS - name_max
@@ -978,9 +977,9 @@ def check_writable(path, flag: str, folder=False):
     if not folder and os.path.lexists(path) and not (path.is_symlink() or path.is_file()):
         what = "a folder" if path.is_dir() else "not a regular file"
         raise UserError(f"{flag}: {path}: is {what}, where a file is to be written; move it or write elsewhere")
-    if existing == path.parent and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        why = "Permission denied" if existing.is_dir() else "not a folder"
-        raise UserError(f"{flag}: {existing}: cannot be written ({why})")
+    for place in (path.parent, path) if folder else (path.parent,):
+        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+            raise UserError(f"{flag}: {place}: cannot be written (Permission denied)")
 
 
 # The files of a model or adapter folder, which --force may replace: those the scripts write (config.json,
