@@ -616,8 +616,11 @@ def read_in_threads(files, convert, names=None, threads=16, rename=lambda name: 
             raise UserError(f"{', '.join(sorted(opened))}: cannot be read ({first_line(e)})") from None
         return arrays
 
-    with ThreadPoolExecutor(len(parts)) as pool:
+    pool = ThreadPoolExecutor(len(parts))
+    try:
         return {k: v for arrays in pool.map(read, parts) for k, v in arrays.items()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # left by an error or a stop signal: not waiting for the rest
 
 
 def read_tokenizer(path: Path):
