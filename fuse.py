@@ -57,13 +57,22 @@ def fuse(args):
         gguf = Path(args.export_gguf)
         if gguf.is_dir() or any(Path(s).exists() and utils.is_within(Path(s), gguf) for s in sources):
             raise UserError(f"--export-gguf {gguf}: is {'a folder' if gguf.is_dir() else 'a file fuse.py reads'}")
+        utils.check_writable(gguf, "--export-gguf")
         if gguf.exists() and not args.force:
             raise UserError(f"--export-gguf {gguf}: exists (pass --force to replace it)")
+        if gguf.exists() and not starts_as_gguf(gguf):
+            raise UserError(f"--export-gguf {gguf}: is not a GGUF file, the only kind --force replaces; move it "
+                            f"yourself or write elsewhere")
         outputs.append((gguf, "--export-gguf"))
     with contextlib.ExitStack() as locks:  # two runs writing the same output: the second is refused
         for path, flag in outputs:
             locks.enter_context(utils.exclusive(path, flag, path.parent / f".{path.name}.lock"))
         write_fused(args, out)
+
+
+def starts_as_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def write_fused(args, out):

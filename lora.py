@@ -716,10 +716,10 @@ def frozen_layers_cached(model, datasets, args, iterations, source):
     """Inside, the frozen layers below the first trained one are computed once for every example of `datasets`
     (frozen_prefix), the model holds their output (Model.frozen_prefix) and the weights only they use are
     released (release_frozen_weights); it gives the datasets, their rows reading that output. On the way out,
-    however it is left, the weights are read back from `source` (the model's checkpoint; None leaves them
-    released, for a caller done with the model). Done if --cache-frozen-layers and a run of
-    `iterations` goes through the training set (datasets[0]) at least once: a shorter run's pass would compute
-    more than its steps save; else it gives the datasets as they are."""
+    however it is left but by a stop signal (the script ends), the weights are read back from `source` (the
+    model's checkpoint; None leaves them released, for a caller done with the model). Done if
+    --cache-frozen-layers and a run of `iterations` goes through the training set (datasets[0]) at least once:
+    a shorter run's pass would compute more than its steps save; else it gives the datasets as they are."""
     prefix, examples = None, len(datasets[0]) // rows_per_example(args)
     # (a prefix holds hidden states alone: not for a family whose layers read more, Family.layer_at_a_time)
     if (args.cache_frozen_layers and model.args.family.layer_at_a_time
@@ -732,6 +732,9 @@ def frozen_layers_cached(model, datasets, args, iterations, source):
     model.frozen_prefix = prefix
     try:
         yield datasets
+    except utils.Stopped:
+        source = None
+        raise
     finally:
         model.frozen_prefix = None
         if source is not None:
@@ -1014,9 +1017,10 @@ def check_lora_rank(model, paths, rank):
 
 
 def train(model, train_set, valid_set, args, adapter_file, adapter_config):
-    """Train, saving the adapters and checkpoints, logging to metrics.jsonl; on SIGINT (Ctrl-C) save a
-    checkpoint and raise KeyboardInterrupt. In a distributed run, rank 0 alone writes. Returns the seconds
-    that each part of training took."""
+    """Train, saving the adapters and checkpoints, logging to metrics.jsonl. A stop signal (Ctrl-C, SIGTERM,
+    SIGHUP) in the loop stops it after the step under way (during validation, at once), saving a checkpoint; a
+    second stops it at once; either raises utils.Stopped saying what was kept. In a distributed run, rank 0
+    alone writes. Returns the seconds that each part of training took."""
     group = mx.distributed.init()
     writer = group.rank() == 0
     optimizer = build_optimizer(args)
@@ -1041,8 +1045,10 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                   start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length,
                                   reference=references[0], by_example=model.args.attends_by_position or None)
-        interrupted, stopping, checkpoint = [], [], None  # Ctrl-C here; on some rank (the steps' summed flag)
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        # stopping: a stop signal on some rank (the steps' summed flag); stopped: the utils.Stopped training ends with
+        stopping, checkpoint, stopped, announced = [], None, None, False
+        validated = None  # the iteration of the last validation loss
+        single = group.size() == 1
         losses, metrics, ntokens, total_tokens = [], [], 0, 0
         tic = start = began = time.perf_counter()
         bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None if writer else True,
@@ -1064,7 +1070,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             the validation loss of this iteration, else that of the first validation (or training) batch."""
             if utils.first_not_finite(dict(tree_flatten(model.trainable_parameters()))) is not None:
                 diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
-            if evaluates(it):
+            if validated == it:
                 return
             probe, reference = (valid_set, references[1]) if len(valid_set) else (train_set, references[0])
             model.eval()
@@ -1074,12 +1080,20 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 diverged(it, f"the adapters give a loss of {probe_loss} on the first "
                              f"{'validation' if probe is valid_set else 'training'} batch", adapter_file, checkpoint)
 
+        def stops():  # at the step read: every rank at the same, one process at once
+            return bool(stopping) or single and bool(interrupted)
+
+        interrupted = utils.hold_stops()  # a stop signal here
         try:
             # every rank stops at the same step: the first read whose flag shows an interruption, or, if a later
-            # step was launched already, that one
+            # step was launched already, that one; one process at the step under way
             for it, latest, (loss, count, stop, sums, learning_rate) in pipelined(
-                    launch, bar, lambda it: evaluates(it) or saves(it) or bool(stopping)):
+                    launch, bar, lambda it: evaluates(it) or saves(it) or stops()):
                 stopping += [True] if stop else []
+                if interrupted and not announced:
+                    say(f"{utils.STOP_SIGNALS[interrupted[0]]}: stopping after the step under way, to save it; a "
+                        f"second signal stops at once")
+                    announced = True
                 if it == first:  # the first step's time is mostly compiling it
                     seconds["first step"] = time.perf_counter() - began
                 if not math.isfinite(loss):
@@ -1105,22 +1119,30 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                         f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
                     losses, metrics, ntokens, tic = [], [], 0, time.perf_counter()
-                if evaluates(it):
+                if evaluates(it) and not stops():
                     model.eval()
                     val_start = time.perf_counter()
-                    val_loss, val_metrics = evaluate(model, valid_set, args.batch_size, args.val_batches,
-                                                     args.train_mode, args.beta, references[1])
+                    try:  # one process: a stop signal ends validation at once, and training at this step
+                        with utils.stops_at_once() if single else contextlib.nullcontext():
+                            val_loss, val_metrics = evaluate(model, valid_set, args.batch_size, args.val_batches,
+                                                             args.train_mode, args.beta, references[1])
+                    except utils.Stopped as e:
+                        if not single:  # a second signal
+                            raise
+                        interrupted.append(e.signum)
+                    else:
+                        if not math.isfinite(val_loss):
+                            diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
+                        validated = it
+                        val_time = time.perf_counter() - val_start
+                        log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
+                             "val_time": val_time})
+                        say(f"Iter {it}: Val loss {val_loss:.3f}{rewards(val_metrics)}, Val took {val_time:.3f}s")
+                        tic += val_time  # keep validation out of the training speed
+                        start += val_time
+                        seconds["validation"] += val_time
                     model.train()
-                    if not math.isfinite(val_loss):
-                        diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
-                    val_time = time.perf_counter() - val_start
-                    log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
-                         "val_time": val_time})
-                    say(f"Iter {it}: Val loss {val_loss:.3f}{rewards(val_metrics)}, Val took {val_time:.3f}s")
-                    tic += val_time  # keep validation out of the training speed
-                    start += val_time
-                    seconds["validation"] += val_time
-                halt = stopping and latest  # Ctrl-C: stop at the step the model is at
+                halt = stops() and latest  # a stop signal: stop at the step the model is at
                 if saves(it) or halt:
                     saving = time.perf_counter()
                     check_before_saving(it)
@@ -1131,17 +1153,28 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                     say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
                 if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
-                    raise KeyboardInterrupt
+                    raise utils.Stopped(interrupted[0] if interrupted else signal.SIGINT)  # else another rank's
+            if interrupted:  # during the last save
+                raise utils.Stopped(interrupted[0])
         except RuntimeError as e:
             if group.size() == 1:
                 raise
             kept = f"; the last checkpoint is {checkpoint}" if checkpoint else ""
             raise UserError(f"the distributed run lost a process ({utils.first_line(e)}){kept}") from None
+        except utils.Stopped as e:
+            stopped = e
+            if not writer:  # rank 0 says what was kept
+                raise utils.Stopped(e.signum, "") from None
+            kept = (f"the adapters saved last are in {adapter_file}, the last checkpoint is {checkpoint}"
+                    if checkpoint else "this run saved nothing")
+            resume = checkpoint or args.resume
+            go_on = f"; go on with the same flags and --resume {resume}" if resume else ""
+            raise utils.Stopped(e.signum, f"{e}: {kept}{go_on}") from None
         finally:
             bar.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            utils.release_stops()
             log.close()
-            if writer:
+            if writer and not stopped:  # stopped: at once (a resumed run plots the whole run)
                 plot_losses(metrics_path, folder / "loss.png")
         seconds["steps"] = time.perf_counter() - began - sum(seconds[k] for k in ("first step", "validation", "saving"))
         left = time.perf_counter()
@@ -1525,7 +1558,17 @@ def main(args):
     out = adapter_file.parent
     writes = args.train and group.rank() == 0
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
+        if writes:
+            check_outputs(adapter_file)
         run(args, adapter_file, examples, generation_tests)
+
+
+def check_outputs(adapter_file: Path):
+    """That each file training writes can be written (utils.check_writable): the adapters, adapter_config.json
+    beside them, and the runs/ folder that holds the checkpoints and metrics."""
+    utils.check_writable(adapter_file, "--adapter-file")
+    utils.check_writable(utils.adapter_config_path(adapter_file), "--adapter-file")
+    utils.check_writable(adapter_file.parent / "runs", "--adapter-file", folder=True)
 
 
 def distributed(args):

@@ -147,9 +147,10 @@ def local_ranks() -> int:
         return 1
 
 
-# A process that waits for `seconds`, says why on stderr and ends this one, unless it is ended first
+# A process that waits for `seconds`, says why on stderr and ends this one (SIGKILL: not a stop signal, which would
+# add a line of its own), unless it is ended first
 CONNECT_WATCH = ("import os, signal, sys, time; time.sleep(float(sys.argv[2])); sys.stderr.write(sys.argv[3]); "
-                 "os.kill(int(sys.argv[1]), signal.SIGTERM)")
+                 "os.kill(int(sys.argv[1]), signal.SIGKILL)")
 LAUNCHER_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
@@ -268,9 +269,83 @@ def naming_flag(flag: str):
         raise UserError(f"{flag}: {e}") from None
 
 
+# The signals that ask a script to stop: Ctrl-C, kill's (a timeout's, a cluster's preemption), a closed terminal
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+held_stops = None  # the stop signals noted while a block holds them (hold_stops), else None
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived: the script ends with the line str(self) (none if empty) and exit status
+    128 + signum. A KeyboardInterrupt, so that no `except Exception` takes it for an error of the work."""
+
+    def __init__(self, signum, message=None):
+        super().__init__(f"stopped by {STOP_SIGNALS[signum]}" if message is None else message)
+        self.signum = signum
+
+
+def on_stop_signal(signum, frame):
+    if held_stops is not None and not held_stops:
+        held_stops.append(signum)
+        return
+    raise Stopped(signum, None if held_stops is None else f"stopped at once by a second {STOP_SIGNALS[signum]}")
+
+
+def handle_stop_signals():
+    """Make each stop signal raise Stopped wherever the script is, so that it ends within moments with one
+    line, its temporary files and locks removed on the way out (staged, exclusive), unless a block holds
+    them (hold_stops). A signal ignored when the script started stays ignored (nohup's SIGHUP)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, on_stop_signal)
+
+
+def hold_stops() -> list:
+    """Until release_stops(), the first stop signal is noted in the list this gives instead of raised, for the
+    caller to stop where it can (the training loop: after the step under way, saving it); a second is raised at
+    once."""
+    global held_stops
+    held_stops = []
+    return held_stops
+
+
+def release_stops():
+    global held_stops
+    held_stops = None
+
+
+@contextlib.contextmanager
+def holding_stops():
+    """hold_stops() for a block, whose signal noted is raised on the way out; within a block that holds them
+    already, nothing changes (the outer one acts on a signal)."""
+    if held_stops is not None:
+        yield
+        return
+    noted = hold_stops()
+    try:
+        yield
+    finally:
+        release_stops()
+    if noted:
+        raise Stopped(noted[0])
+
+
+@contextlib.contextmanager
+def stops_at_once():
+    """Inside, even the first stop signal is raised at once, within a block that holds them: for work that is
+    better dropped than waited for (validation)."""
+    global held_stops
+    outer, held_stops = held_stops, None
+    try:
+        yield
+    finally:
+        held_stops = outer
+
+
 def run_main(prog: str, main):
     """Run a script's main(): bad input, or an error of the file system that no check foresaw, is one line on
-    stderr naming what is at fault, never a traceback; Ctrl-C exits with 130."""
+    stderr naming what is at fault, never a traceback. A stop signal (STOP_SIGNALS) ends it where it is with one
+    line, and exit status 128 + the signal's number (130 for Ctrl-C)."""
+    handle_stop_signals()
     try:
         check_temporary_folder()
         main()
@@ -278,8 +353,14 @@ def run_main(prog: str, main):
         sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}")
     except OSError as e:
         sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Stopped, or Ctrl-C where no handler of ours was installed
+        if str(e):
+            print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once, the files written and the locks released on the way here: tearing the interpreter down takes
+        # a second or more (transformers' modules), and waits for threads still reading (load)
+        os._exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def check_temporary_folder():
@@ -568,11 +649,14 @@ def load(path_or_repo: str):
     if is_gguf_file(path):  # the tokenizer is in its metadata
         config, weights, tokenizer = read_gguf(path)
         return build_model(config, weights, path_or_repo), tokenizer, config
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         tokenizer = pool.submit(read_tokenizer, checkpoint_folder(path_or_repo))
         config, weights, _ = read_checkpoint(path_or_repo, tokenizer=False, evaluated=True)
         model = build_model(config, weights, path_or_repo)
         return model, tokenizer.result(), config
+    finally:
+        pool.shutdown(wait=False)  # left by an error or a stop signal: not waiting for the tokenizer
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -663,8 +747,11 @@ def read_in_threads(files, convert, names=None, threads=16, rename=lambda name: 
                      ", the type the model computes in here (config.json's dtype)")
         return arrays
 
-    with ThreadPoolExecutor(len(parts)) as pool:
+    pool = ThreadPoolExecutor(len(parts))
+    try:
         return {k: v for arrays in pool.map(read, parts) for k, v in arrays.items()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # left by an error or a stop signal: not waiting for the rest
 
 
 def read_tokenizer(path: Path):
@@ -930,6 +1017,11 @@ def write_json(path, value):
 
 # Temporary files and folders are named .NAME.tmp-PID-RANDOM: the process that made them can be told to be gone
 TEMPORARY = re.compile(r"\..+\.tmp-(\d+)-[^.]+")
+RANDOM_CHARACTERS = 8  # that mkdtemp adds to a prefix
+
+
+def temporary_prefix(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -938,7 +1030,7 @@ def staged(out: Path):
     removed whatever happens; an error of the file system while writing is one UserError naming `out`."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
     except OSError as e:
         raise UserError(f"{out}: cannot be written ({e.strerror or e})") from None
     try:
@@ -959,9 +1051,10 @@ def write_folder(out: Path, write):
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private: the result is not
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            with holding_stops():  # a stop between the two renames would leave neither folder at `out`
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, out)
 
@@ -1020,12 +1113,44 @@ def exclusive(out: Path, flag: str, lock: Path):
         os.close(fd)
 
 
+def check_writable(path, flag: str, folder=False):
+    """Before any work, that a file (or folder) can be written at `path` as atomic_write (write_folder) writes
+    it: its name, and the longer temporary one it is written under (staged), within the file system's limit;
+    no folder or other non-file (no file) in its place; the folder it is in, and the folder itself, where they
+    are, ones this process can write in. Else one UserError naming the flag and the path."""
+    path = Path(path)
+    try:
+        name_max = os.pathconf(next(p for p in (path.parent, *path.parent.parents) if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    excess = len(temporary_prefix(path.name).encode()) + RANDOM_CHARACTERS - name_max
+    if excess > 0:
+        raise UserError(f"{flag}: {path}: the name is too long: it is written first under a temporary name "
+                        f"{excess} bytes longer than the file system's {name_max}; give a name of at most "
+                        f"{len(path.name.encode()) - excess} bytes")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag}: {path}: is a file, where a folder is to be written; move it or write elsewhere")
+    if not folder and os.path.lexists(path) and not (path.is_symlink() or path.is_file()):
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise UserError(f"{flag}: {path}: is {what}, where a file is to be written; move it or write elsewhere")
+    for place in (path.parent, path) if folder else (path.parent,):
+        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+            raise UserError(f"{flag}: {place}: cannot be written (Permission denied)")
+
+
+# The files of a model or adapter folder, which --force may replace: those the scripts write (config.json,
+# weights, tokenizer, README.md, PEFT's adapter files), and those of a Hugging Face model folder beside them
+MODEL_FOLDER_FILES = re.compile(r"(generation_)?config\.json|README\.md|.+\.safetensors(\.index\.json)?|tokenizer.*"
+                                r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt"
+                                r"|chat_template\.(jinja|json)|adapter_config\.json|\.gitattributes")
+
+
 def output_folder(path, flag: str, force: bool, sources=()) -> Path:
-    """The folder a script is to write, checked before any work: refused if it is a file, or a folder that is
-    not empty (unless force); never one that holds a source the script reads, or the current folder."""
+    """The folder a script is to write, checked before any work (check_writable): refused if it is a file, or a
+    folder that is not empty, unless force and it is a model or adapter folder (MODEL_FOLDER_FILES, with its
+    config.json or adapter_config.json); never one that holds a source the script reads, or the current folder."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file")
+    check_writable(out, flag, folder=True)
     if out.is_dir() and any(out.iterdir()):
         for source in [*sources, "."]:
             if source is not None and Path(source).exists() and is_within(Path(source), out):
@@ -1033,6 +1158,15 @@ def output_folder(path, flag: str, force: bool, sources=()) -> Path:
                 raise UserError(f"{flag} {out}: holds {what}, which replacing it would delete")
         if not force:
             raise UserError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
+        foreign = sorted(e.name for e in out.iterdir() if not (e.is_file() and MODEL_FOLDER_FILES.fullmatch(e.name)))
+        why = None
+        if foreign:
+            why = f"holds {foreign[0]}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+        elif not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
+            why = "has no config.json"
+        if why:
+            raise UserError(f"{flag} {out}: {why}: not a model folder, the only kind --force replaces; empty it "
+                            f"yourself or write elsewhere")
     return out
 
 

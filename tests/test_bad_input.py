@@ -885,7 +885,59 @@ def peft_onto_itself(w, d):
     return ["--model", w.model, "--adapter-file", source, "--export-peft", source, "--force"]
 
 
+LONG_NAME = "a" * 240  # a legal name (under 255 bytes), whose temporary names are not
+
+
+def in_the_way(name, make):
+    """A short training run into d/out, where make(path) puts something at out/NAME first; on a model that is
+    not there: the outputs are checked before the model is loaded."""
+    def args(w, d):
+        (d / "out").mkdir()
+        make(d / "out" / name)
+        return train(w, d, model=nowhere(d))
+
+    return args
+
+
+def foreign_folder(d):
+    """A folder of the user's own work, which no --force may delete."""
+    folder = d / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "config.json").write_text("{}")  # a model folder's file among others is not a model folder
+    return folder
+
+
+def gguf_onto_a_text_file(w, d):
+    (d / "notes.gguf").write_text("mine")
+    return ["--model", w.model, "--adapter-file", w.adapters, "--export-gguf", d / "notes.gguf", "--force"]
+
+
 CASES += [
+    Case("out-adapter-file-name-too-long", "lora.py",
+         lambda w, d: train(w, d, "--adapter-file", d / "out" / f"{LONG_NAME}.safetensors", model=nowhere(d)),
+         "--adapter-file"),
+    Case("out-adapter-file-is-a-folder", "lora.py", in_the_way("adapters.safetensors", Path.mkdir),
+         "adapters.safetensors"),
+    Case("out-adapter-file-is-a-fifo", "lora.py", in_the_way("adapters.safetensors", os.mkfifo),
+         "adapters.safetensors"),
+    Case("out-adapter-config-is-a-folder", "lora.py", in_the_way("adapter_config.json", Path.mkdir),
+         "adapter_config.json"),
+    Case("out-runs-is-a-file", "lora.py", in_the_way("runs", lambda p: p.write_text("mine")), "out/runs"),
+    Case("out-convert-mlx-path-name-too-long", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", d / LONG_NAME], "--mlx-path"),
+    Case("out-fuse-export-peft-name-too-long", "fuse.py",
+         lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--export-peft", d / LONG_NAME],
+         "--export-peft"),
+    Case("out-fuse-export-gguf-name-too-long", "fuse.py",
+         lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--export-gguf", d / f"{LONG_NAME}.gguf"],
+         "--export-gguf"),
+    Case("out-convert-force-onto-a-foreign-folder", "convert.py",
+         lambda w, d: ["--hf-path", w.model, "--mlx-path", foreign_folder(d), "--force"], "--mlx-path"),
+    Case("out-fuse-force-onto-a-foreign-folder", "fuse.py",
+         lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--save-path", foreign_folder(d), "--force"],
+         "--save-path"),
+    Case("out-fuse-export-gguf-force-onto-a-text-file", "fuse.py", gguf_onto_a_text_file, "--export-gguf"),
     Case("out-adapter-file-under-a-file", "lora.py", under_a_file, "--adapter-file"),
     Case("out-adapter-file-in-a-read-only-folder", "lora.py", read_only_folder, "--adapter-file"),
     Case("out-adapter-file-wrong-extension", "lora.py",

@@ -285,9 +285,15 @@ def test_existing_output_needs_force(sharded, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty .*--force"):
         run_convert("--hf-path", source, "--mlx-path", out)
-    assert (out / "keep.txt").exists()
+    # --force replaces a model folder alone
+    with pytest.raises(UserError, match="holds keep.txt: not a model folder"):
+        run_convert("--hf-path", source, "--mlx-path", out, "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    run_convert("--hf-path", source, "--mlx-path", out)
+    (out / "config.json").write_text("{}")
     run_convert("--hf-path", source, "--mlx-path", out, "--force")
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists() and not leftovers(tmp_path)
+    assert utils.read_json(out / "config.json") and not leftovers(tmp_path)
     # --force never replaces the source, a folder holding it, or the current folder
     for source, target in ((out, out), (out, tmp_path)):
         with pytest.raises(UserError, match=f"--mlx-path {target}: holds {source}, which replacing it would delete"):

@@ -24,7 +24,7 @@ import time
 
 import mlx.core as mx
 import pytest
-from conftest import ALL_TARGETS, ROOT, random_adapter
+from conftest import ALL_TARGETS, ROOT, random_adapter, sql_texts, write_jsonl
 
 # The tiny model's adapters with --lora-layers 2 (of 4) on the default targets, and Adam's state for them.
 ADAPTER_KEYS = {f"model.layers.{layer}.self_attn.{proj}.lora_{ab}"
@@ -530,3 +530,109 @@ def test_divergence_names_adapters_that_give_a_finite_loss(tiny_llama, data_dir,
     tested = run([sys.executable, ROOT / "lora.py", "--model", tiny_llama, "--data", data_dir, "--test",
                   "--adapter-file", out / "adapters.safetensors"], tmp_path)
     assert tested.returncode == 0 and re.search(r"Test loss \d+\.\d+", tested.stdout), tested.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- 8. stop signals: SIGTERM, SIGHUP, Ctrl-C
+
+STOPS = 20  # SIGTERMs at random moments, and a SIGHUP after them
+
+
+def the_error_line(running, signum):
+    """The one line a run stopped by a signal ends with, "lora.py: error: stopped ...", on its merged output;
+    no traceback, the exit status 128 + the signal's number."""
+    status, output = running.finish(timeout=60), running.output()
+    assert status == 128 + signum, f"status {status}:\n{output[-3000:]}"
+    errors = [line for line in output.splitlines() if line.startswith("lora.py: error: ")]
+    assert "Traceback" not in output and len(errors) == 1 and output.rstrip().endswith(errors[0]), output[-3000:]
+    assert errors[0].startswith("lora.py: error: stopped "), errors[0]
+    return errors[0]
+
+
+def test_stop_signals_at_random_moments(tiny_llama, data_dir, tmp_path, background):
+    """SIGTERM at random moments (and a SIGHUP last) to runs that each resume from the checkpoint the one before
+    named: each ends with one line; one stopped while training saves the step it was at (none is lost) and names
+    it for --resume; one stopped before its first step names none and saves nothing; nothing is left half-written,
+    temporary or locked. A last resume runs to its end."""
+    rng = random.Random(20250611)
+    out = tmp_path / "out"
+    flags = ["--save-every", 3, "--steps-per-eval", 4, "--val-batches", 4, "--steps-per-report", 1]
+    resume, in_training = None, 0
+    for stop in range(STOPS + 1):
+        signum = signal.SIGHUP if stop == STOPS else signal.SIGTERM
+        running = background(lora_cmd(tiny_llama, data_dir, out, KILL_ITERS, *flags,
+                                      *(["--resume", resume] if resume else [])), tmp_path)
+        if rng.random() < 0.2:  # loading, tokenizing, the frozen-layer pass, compiling the first step
+            running.wait_for_line("Loading pretrained model")
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # training, validating (every 4 iterations), saving (every 3)
+            running.wait_for_line("Iter ")
+            time.sleep(rng.uniform(0.02, 1.0))
+        assert running.proc.poll() is None, f"the run ended before the signal:\n{running.output()[-3000:]}"
+        running.proc.send_signal(signum)
+        line = the_error_line(running, signum)
+        assert line.startswith(f"lora.py: error: stopped by {'SIGHUP' if stop == STOPS else 'SIGTERM'}"), line
+        trained = [int(i) for i in re.findall(r"^Iter (\d+): Train loss", running.output(), re.MULTILINE)]
+        named = re.search(r"--resume (\S+)$", line)
+        if trained:
+            in_training += 1
+            assert named, line
+            checkpoint = out / "runs" / named[1].split("/runs/")[1]
+            assert sorted(p.name for p in checkpoint.iterdir()) == CHECKPOINT_FILES
+            assert trainer_state(checkpoint)["iteration"] == max(trained), line  # the step it was at
+            resume = checkpoint
+        else:
+            assert not named and newest_complete_checkpoint(out) == resume, line
+        assert not os.path.lexists(out / ".lora.lock"), f"stop {stop + 1}: the lock is left"
+        assert not temporary_leftovers(out), f"stop {stop + 1}: {temporary_leftovers(out)}"
+        assert not damaged_files(out), f"stop {stop + 1}: {damaged_files(out)}"
+    assert in_training >= 14, f"only {in_training} of {STOPS + 1} signals landed while training"
+
+    last = trainer_state(resume)["iteration"] + 3
+    result = run(lora_cmd(tiny_llama, data_dir, out, last, *flags, "--resume", resume), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trainer_state(newest_complete_checkpoint(out))["iteration"] == last
+    print(f"{STOPS + 1} stops, {in_training} while training; resumed to iteration {last}")
+
+
+def test_ctrl_c_during_validation_stops_within_a_second(tiny_llama, tmp_path, background):
+    """A validation set that takes seconds: Ctrl-C during it stops the run within a second, saving the
+    iteration it validated."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sql_texts(64, 1))
+    write_jsonl(data / "valid.jsonl", sql_texts(5000, 2))
+    out = tmp_path / "out"
+    running = background(lora_cmd(tiny_llama, data, out, KILL_ITERS, "--val-batches", -1, "--steps-per-report", 1,
+                                  "--no-cache-frozen-layers"), tmp_path)
+    running.wait_for_line("Iter 1: Train loss")
+    time.sleep(0.3)
+    sent = time.monotonic()
+    running.proc.send_signal(signal.SIGINT)
+    running.wait_for_line("Interrupted at iteration 1.", timeout=60)
+    took = time.monotonic() - sent
+    line = the_error_line(running, signal.SIGINT)
+    assert took < 1.0, f"Ctrl-C took {took:.1f} s to stop the validation"
+    assert "Val loss" not in running.output()  # it was cut short
+    assert line.endswith(f"--resume {out / 'runs' / '1' / 'step-0000001'}"), line
+    assert sorted(p.name for p in (out / "runs" / "1" / "step-0000001").iterdir()) == CHECKPOINT_FILES
+    assert not os.path.lexists(out / ".lora.lock") and not temporary_leftovers(out)
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_llama, tmp_path, background):
+    """Steps of about a second: the first Ctrl-C stops the run after the step under way, to save it; a second,
+    sent once the first is acknowledged, stops it at once, without saving, and says so."""
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = sql_texts(64 * 40, 1)
+    write_jsonl(data / "train.jsonl", [" ".join(texts[i:i + 40]) for i in range(0, len(texts), 40)])  # 512 tokens
+    out = tmp_path / "out"
+    running = background(lora_cmd(tiny_llama, data, out, KILL_ITERS, "--batch-size", 8, "--max-seq-length", 512,
+                                  "--val-batches", 0, "--steps-per-report", 1, "--no-cache-frozen-layers"), tmp_path)
+    running.wait_for_line("Iter 2: Train loss")
+    running.proc.send_signal(signal.SIGINT)
+    running.wait_for_line("Ctrl-C (SIGINT): stopping after the step under way", timeout=60)
+    running.proc.send_signal(signal.SIGINT)
+    assert the_error_line(running, signal.SIGINT) == ("lora.py: error: stopped at once by a second Ctrl-C (SIGINT): "
+                                                      "this run saved nothing")
+    assert not (out / "adapters.safetensors").exists() and not checkpoints(out)
+    assert not os.path.lexists(out / ".lora.lock") and not temporary_leftovers(out)
