@@ -28,7 +28,7 @@ def build_parser():
                                        f"with --export-peft, none unless given).")
     p.add_argument("--de-quantize", action="store_true", help="Save a quantized base's fused model in float16.")
     p.add_argument("--export-peft", metavar="DIR", help="Write the adapters, unfused, as a PEFT folder.")
-    p.add_argument("--export-gguf", metavar="PATH", help="Write the fused model as a float16 GGUF file (llama family).")
+    p.add_argument("--export-gguf", metavar="PATH", help="Write the fused model as a float16 GGUF file for llama.cpp.")
     p.add_argument("--upload-name", help="Upload the fused model to this Hugging Face repo.")
     p.add_argument("--hf-path", "--hf-repo", dest="hf_path",
                    help="The base model's Hugging Face repo, named in the model card and the PEFT config.")
@@ -75,7 +75,7 @@ def write_fused(args, out):
     model.freeze()
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):
-            utils.gguf_vocabulary(model.args, tokenizer)
+            utils.check_gguf_export(model, tokenizer)
     utils.apply_adapters(model, adapters, args.adapter_file)
     base = args.hf_path or args.model
     if args.export_peft:
