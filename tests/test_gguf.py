@@ -7,7 +7,7 @@ import re
 import gguf
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, logits, random_adapter, run_fuse, sql_texts
+from conftest import ROOT, TINY, logits, random_adapter, run_fuse
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -170,9 +170,9 @@ def sentencepiece_tokenizer(request, tmp_path_factory):
     from tokenizers.pre_tokenizers import Metaspace
 
     folder = tmp_path_factory.mktemp("sentencepiece")
-    (folder / "train.txt").write_text("\n".join(sql_texts(500)) + "\nnaïve café\n")
+    # English enough that the merges' order matters (a token's score)
     sentencepiece.SentencePieceTrainer.train(
-        input=str(folder / "train.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        input=str(ROOT / "README.md"), model_prefix=str(folder / "tokenizer"), vocab_size=800, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, minloglevel=2)
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -180,13 +180,13 @@ def sentencepiece_tokenizer(request, tmp_path_factory):
     return tokenizer
 
 
-TEXTS = [PROMPT, " two  spaces\tand a tab", "naïve café: é, ü, 漢字 🦙", "SELECT name\n\nFROM t"]
+TEXTS = [(ROOT / "data" / "README.md").read_text()[:3000], PROMPT, " two  spaces\tand a tab", "naïve café: é, ü, 漢字 🦙", "SELECT name\n\nFROM t"]
 
 
 def test_sentencepiece_tokenizers_read_back(sentencepiece_tokenizer, tmp_path):
     """Written as llama.cpp's "llama" tokenizer (tokens, scores, types), read back by load (transformers' reader
     of GGUF tokenizers): the same tokens."""
-    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 400}))
+    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 800}))
     utils.write_gguf(tmp_path / "model.gguf", model, sentencepiece_tokenizer)
     fields = {name: field.contents() for name, field in gguf.GGUFReader(tmp_path / "model.gguf").fields.items()}
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.token_type"][3:5] == [6, 6]  # bytes
@@ -214,7 +214,7 @@ def test_merges_that_are_not_sentencepieces_are_refused(tmp_path):
 
 def test_llama_cpp_tokenizes_sentencepiece_alike(sentencepiece_tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 400}))
+    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 800}))
     utils.write_gguf(tmp_path / "model.gguf", model, sentencepiece_tokenizer)
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
     # but before a text that starts with a space, where Metaspace adds none and llama.cpp (as SentencePiece) one
