@@ -1049,7 +1049,7 @@ def gguf_vocabulary(args: models.ModelArgs, tokenizer) -> dict:
         tokens[i] = token
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     if not model.get("byte_fallback"):
-        return {"tokenizer_model": "gpt2", "tokenizer_pre": "default", "token_list": tokens,
+        return {"tokenizer_model": "gpt2", "tokenizer_pre": gguf_pre_tokenizer(vocab), "token_list": tokens,
                 "token_types": [3 if i in special else 1 for i in range(len(tokens))],  # 3: control
                 "token_merges": [" ".join(m) for m in merges]}
     pairs = {tuple(m) for m in merges}
@@ -1070,6 +1070,38 @@ def gguf_vocabulary(args: models.ModelArgs, tokenizer) -> dict:
                    for step in part.get("normalizers", part.get("pretokenizers", [part])))
     return {"tokenizer_model": "llama", "tokenizer_pre": "default", "token_list": tokens, "token_scores": scores,
             "token_types": types, "add_space_prefix": prefixed}
+
+
+# The pre-tokenizers of byte-level BPE tokenizers (how the text is split into words before the merges), as their
+# tokenizer.json describes them ({step's type: its pattern or setting}), and llama.cpp's name for each: the regular
+# expression of Llama 3 (and OpenAI's cl100k: without ignore_merges), Qwen2's (digits one by one), GPT-2's, and
+# GPT-2's after each digit apart (SmolLM, StarCoder).
+WORDS_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = [
+    ({"Split": WORDS_LLAMA3, "ByteLevel": False, "ignore_merges": True}, "llama-bpe"),
+    ({"Split": WORDS_LLAMA3, "ByteLevel": False, "ignore_merges": False}, "dbrx"),
+    ({"Split": WORDS_LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}"), "ByteLevel": False, "ignore_merges": False}, "qwen2"),
+    ({"ByteLevel": True, "ignore_merges": False}, "gpt-2"),
+    ({"Digits": True, "ByteLevel": True, "ignore_merges": False}, "smollm"),
+]
+
+
+def gguf_pre_tokenizer(vocab: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of the byte-level BPE tokenizer `vocab` (tokenizer.json), or a
+    UserError where it is none of GGUF_PRE_TOKENIZERS."""
+    pre = vocab["pre_tokenizer"] or {}
+    described = {"ignore_merges": bool(vocab["model"].get("ignore_merges"))}
+    for step in pre.get("pretokenizers", [pre]):
+        described[step.get("type")] = {"Split": (step.get("pattern") or {}).get("Regex"),
+                                       "ByteLevel": not step.get("add_prefix_space") and step.get("use_regex", True),
+                                       "Digits": step.get("individual_digits")}.get(step.get("type"))
+    found = next((name for known, name in GGUF_PRE_TOKENIZERS if known == described), None)
+    if found is None:
+        raise UserError(f"the tokenizer's pre-tokenizer ({', '.join(k for k in described if k != 'ignore_merges')}) "
+                        f"is not one that llama.cpp is known here to split text as (GPT-2's, Llama 3's, Qwen2's, "
+                        f"SmolLM's): not written as GGUF")
+    return found
 
 
 def check_gguf_export(model: models.Model, tokenizer):

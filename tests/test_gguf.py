@@ -222,3 +222,46 @@ def test_llama_cpp_tokenizes_sentencepiece_alike(sentencepiece_tokenizer, tmp_pa
     for text in (t.lstrip() for t in TEXTS) if prefixed else TEXTS:
         assert llm.tokenize(text.encode(), add_bos=False) == sentencepiece_tokenizer.encode(
             text, add_special_tokens=False), text
+
+
+def byte_level_tokenizer(pre_tokenizer: str):
+    """A byte-level BPE tokenizer trained on the README, splitting words as the pre-tokenizer of that name in
+    llama.cpp does (utils.GGUF_PRE_TOKENIZERS)."""
+    from tokenizers import Regex, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = {"llama-bpe": utils.WORDS_LLAMA3, "dbrx": utils.WORDS_LLAMA3,
+             "qwen2": utils.WORDS_LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")}.get(pre_tokenizer)
+    tokenizer = Tokenizer(BPE(ignore_merges=pre_tokenizer == "llama-bpe"))
+    tokenizer.pre_tokenizer = {
+        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "whitespace": pre_tokenizers.Whitespace(),
+    }.get(pre_tokenizer) or pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(ROOT / "README.md")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+BYTE_LEVEL_TEXTS = TEXTS + ["I'm sure they'll pay 1234567 or 3.14159, won't they?\n\n\n  x  \r\n"]
+
+
+@pytest.mark.parametrize("pre_tokenizer", [name for _, name in utils.GGUF_PRE_TOKENIZERS])
+def test_llama_cpp_splits_byte_level_texts_alike(pre_tokenizer, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = byte_level_tokenizer(pre_tokenizer)
+    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 800}))
+    utils.write_gguf(tmp_path / "model.gguf", model, tokenizer)
+    assert gguf.GGUFReader(tmp_path / "model.gguf").fields["tokenizer.ggml.pre"].contents() == pre_tokenizer
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    for text in BYTE_LEVEL_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == tokenizer.encode(text, add_special_tokens=False), text
+
+
+def test_other_pre_tokenizers_are_refused(tmp_path):
+    model = models.make_model(models.ModelArgs.from_config({"model_type": "llama", **TINY, "vocab_size": 800}))
+    with pytest.raises(UserError, match=r"the tokenizer's pre-tokenizer \(Whitespace\) is not one that llama.cpp"):
+        utils.write_gguf(tmp_path / "model.gguf", model, byte_level_tokenizer("whitespace"))
