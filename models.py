@@ -795,6 +795,29 @@ def cohere2_keys(args) -> dict:
     return {"logit_scale": args.logits_scale, **gguf_window(args, True)}
 
 
+def ernie4_5_keys(args) -> dict:
+    if args.mlp_bias or args.lm_head_bias:
+        raise ValueError("use_bias: llama.cpp's ernie4_5 has no MLP or output layer biases")
+    return {}
+
+
+def olmoe_keys(args) -> dict:
+    if args.num_key_value_heads != args.num_attention_heads:
+        raise ValueError(f"num_key_value_heads {args.num_key_value_heads}: llama.cpp's olmoe has as many as "
+                         f"num_attention_heads ({args.num_attention_heads})")
+    return gguf_experts(args, False)
+
+
+def exaone4_keys(args) -> dict:
+    # a sliding window (4096) in the 64-layer models alone (EXAONE 4.0 32B), and rope in their sliding layers alone
+    if args.num_attention_heads * args.head_dim != args.hidden_size:
+        raise ValueError(f"head_dim {args.head_dim}: llama.cpp's exaone4 has hidden_size / num_attention_heads")
+    if (args.sliding_window is not None) != (args.num_hidden_layers == 64):
+        raise ValueError(f"sliding_window {args.sliding_window} with {args.num_hidden_layers} layers: llama.cpp's "
+                         f"exaone4 has a window in models of 64 layers alone")
+    return gguf_window(args, True)
+
+
 # OLMo 2's names, and Gemma 2's and 3's: the norms after attention and the MLP, and before the MLP
 POST_NORMS = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 GEMMA2_NAMES = {**POST_NORMS, "pre_feedforward_layernorm": "ffn_norm"}
@@ -842,6 +865,12 @@ GGUF_ARCHS = {
     "glm4": GGUFArch("glm4", {"mlp.gate_up_proj": "ffn_up", "post_self_attn_layernorm": "post_attention_norm",
                               "post_mlp_layernorm": "post_ffw_norm"}, rope_pairs=True),
     "smollm3": GGUFArch("smollm3", rope_pairs=True, keys=smollm3_keys, computes=("rope_layers",)),
+    "olmoe": GGUFArch("olmoe", {**QWEN_MOE, **QK_NORMS}, keys=olmoe_keys),
+    "seed_oss": GGUFArch("seed_oss", {"post_attention_layernorm": "post_attention_norm"}),
+    "internlm3": LLAMA,
+    "ernie4_5": GGUFArch("ernie4_5", rope_pairs=True, keys=ernie4_5_keys),
+    "exaone4": GGUFArch("exaone4", {**POST_NORMS, **QK_NORMS}, ropes=("default", "linear", "llama3"), keys=exaone4_keys,
+                        computes=("rope_layers",)),
 }
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")

@@ -51,6 +51,14 @@ CONFIGS = {
     "cohere2": {"sliding_window": 8, "logit_scale": 0.5},
     "glm4": {"head_dim": 16},
     "smollm3": {"no_rope_layer_interval": 4},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32, "num_key_value_heads": 4},
+    "seed_oss": {"head_dim": 32, "attention_bias": True},
+    "internlm3": {"head_dim": 32, "qkv_bias": True, "bias": True},
+    "ernie4_5": {"head_dim": 32},
+    "exaone4": {"head_dim": 16, "sliding_window": None, "layer_types": ["full_attention"] * 4},  # the 1.2B's
+    # the 32B's: a window in 64 layers, and rope in the sliding layers alone
+    "exaone4-64-layers": {"model_type": "exaone4", "head_dim": 16, "num_hidden_layers": 64, "sliding_window": 8,
+                          "sliding_window_pattern": 4},
 }
 
 
