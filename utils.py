@@ -656,6 +656,7 @@ def gguf_config(meta: dict, weights: dict) -> dict:
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length"),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
         "rope_theta": get("rope.freq_base", 10000.0),
         "max_position_embeddings": get("context_length", 2048),

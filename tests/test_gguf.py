@@ -57,13 +57,18 @@ CONFIGS = {
     "ernie4_5": {"head_dim": 32},
     "exaone4": {"head_dim": 16, "sliding_window": None, "layer_types": ["full_attention"] * 4},  # the 1.2B's
     # the 32B's: a window in 64 layers, and rope in the sliding layers alone
+    # vision-language models: their language model (conftest's VISION_LANGUAGE)
+    "gemma3": {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "sliding_window_pattern": 2},
+    "mistral3": {"head_dim": 32},
     "exaone4-64-layers": {"model_type": "exaone4", "head_dim": 16, "num_hidden_layers": 64, "sliding_window": 8,
                           "sliding_window_pattern": 4},
 }
 
 
 def model_type(row):
-    return CONFIGS[row].get("model_type", row)
+    """The family of the row's language model."""
+    row_type = CONFIGS[row].get("model_type", row)
+    return models.FAMILIES[row_type].text_types[0] if models.FAMILIES[row_type].text_types else row_type
 
 
 def test_every_architecture_has_a_row_and_the_readme_names_it():
@@ -80,6 +85,8 @@ def tokenizer(tokenizer_dir):
 def random_model(row):
     """Our model of the row's config, with random weights (no checkpoint: names and shapes are what matter)."""
     config = {"model_type": row, **TINY, "vocab_size": 300, **CONFIGS[row]}
+    if model_type(row) != config["model_type"]:
+        config = {"model_type": config.pop("model_type"), "text_config": config}
     return models.make_model(models.ModelArgs.from_config(config))
 
 
@@ -123,6 +130,17 @@ def test_tensors_are_the_architectures(row, tokenizer, tmp_path):
     layers = set(range(model.args.num_hidden_layers))
     for kind in required:
         assert written[kind] == ({None} if "{bid}" not in gguf.TENSOR_NAMES[kind] else layers), kind
+
+
+def test_llama_files_read_back(tokenizer, tmp_path):
+    """The llama architecture's files load here too (read_gguf): with the head size of their keys, which may differ
+    from hidden_size / num_attention_heads (Mistral Nemo), and their rope scaling."""
+    model = random_model("mistral")
+    utils.write_gguf(tmp_path / "model.gguf", model, tokenizer)
+    loaded, _, _ = utils.load(str(tmp_path / "model.gguf"))
+    tokens = tokenizer.encode(PROMPT)
+    assert loaded.args.head_dim == 32
+    assert np.abs(logits(loaded, tokens) - logits(model, tokens)).max() < 1e-2
 
 
 def test_what_llama_cpp_would_compute_otherwise_is_refused(tokenizer, tmp_path):
