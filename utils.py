@@ -992,7 +992,7 @@ def gguf_keys(args: models.ModelArgs, arch: models.GGUFArch) -> dict:
     try:
         return {**keys, **(arch.keys(args) if arch.keys else {})}
     except ValueError as e:
-        raise UserError(f"{e}: not written as GGUF for {args.model_type} (llama.cpp's {arch.arch})") from None
+        raise UserError(f"{e}: not written as GGUF") from None
 
 
 # each tensor's GGUF name: the llama architecture's, from ours (read_gguf's, the other way)
@@ -1135,13 +1135,13 @@ def gguf_tensors(model: models.Model, arch: models.GGUFArch):
             heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
             rows, rest = value.shape[0], value.shape[1:]
             value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-        if base.endswith("norm") and arch.norm_plus_one:
-            value = value + 1
         if (value.ndim == 1 or base.endswith(("norm", "ffn_gate_inp", "ffn_gate_inp_shexp"))
                 or gguf.endswith(".bias")):
             value = value.astype(mx.float32)
         else:
             value = value.astype(mx.float16)
+        if base.endswith("norm") and arch.norm_plus_one:  # in float32: bfloat16 would round 1 + weight to 2^-7
+            value = value + 1
         if expert is None:
             yield gguf, np.array(value)
         else:

@@ -132,6 +132,21 @@ def test_tensors_are_the_architectures(row, tokenizer, tmp_path):
         assert written[kind] == ({None} if "{bid}" not in gguf.TENSOR_NAMES[kind] else layers), kind
 
 
+def test_gemma_norms_are_shifted_in_float32(tokenizer, tmp_path):
+    """Gemma's norm weights plus one, as llama.cpp scales by them: added in float32, where bfloat16 (the hub's
+    checkpoints) would round 1.01 to 1.0078."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    model = random_model("gemma")
+    model.update(tree_unflatten([(k, mx.full(v.shape, 0.01) if "norm" in k else v)
+                                 for k, v in tree_flatten(model.parameters())]))
+    model.set_dtype(mx.bfloat16)
+    utils.write_gguf(tmp_path / "model.gguf", model, tokenizer)
+    norms = [t.data for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors if t.name.endswith("norm.weight")]
+    assert len(norms) == 9 and all(np.allclose(n, 1 + np.float32(mx.array(0.01, mx.bfloat16))) for n in norms)
+
+
 def test_llama_files_read_back(tokenizer, tmp_path):
     """The llama architecture's files load here too (read_gguf): with the head size of their keys, which may differ
     from hidden_size / num_attention_heads (Mistral Nemo), and their rope scaling."""
