@@ -945,8 +945,8 @@ def gguf_arch(args: models.ModelArgs) -> models.GGUFArch:
     """The architecture llama.cpp reads this model as, or a UserError naming what it would not compute alike."""
     arch = models.GGUF_ARCHS.get(args.model_type)
     if arch is None:
-        raise UserError(f"model_type {args.model_type!r} is not written as GGUF: llama.cpp has no architecture for "
-                        f"it here ({', '.join(models.GGUF_ARCHS)})")
+        raise UserError(f"model_type {args.model_type!r} is not written as GGUF (these are: "
+                        f"{', '.join(models.GGUF_ARCHS)})")
     where = f"not written as GGUF for {args.model_type} (llama.cpp's {arch.arch})"
     if args.hidden_act not in arch.activations:
         raise UserError(f"hidden_act {args.hidden_act!r} is {where}: it computes {', '.join(arch.activations)}")

@@ -161,7 +161,7 @@ def test_llama_files_read_back(tokenizer, tmp_path):
 def test_what_llama_cpp_would_compute_otherwise_is_refused(tokenizer, tmp_path):
     """Each a one-line error naming the setting, and no file."""
     cases = {
-        "phi": ({"model_type": "phi"}, "model_type 'phi' is not written as GGUF: llama.cpp has no architecture"),
+        "phi": ({"model_type": "phi"},  r"model_type 'phi' is not written as GGUF \(these are: llama, mistral"),
         "gemma2": ({"model_type": "gemma2", "head_dim": 32, "query_pre_attn_scalar": 256},
                    r"query_pre_attn_scalar 256: llama.cpp's gemma2 scales queries by 1/sqrt\(32\)"),
         "qwen2_moe": ({"model_type": "qwen2_moe", "num_experts": 4, "mlp_only_layers": [3]},
