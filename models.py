@@ -730,8 +730,9 @@ def gguf_window(args, swa_rope_scaled: bool) -> dict:
                          f"one llama.cpp computes beside the others'")
     if args.sliding_window is None:
         return {}
+    sliding = [args.layer_type(i) == "sliding_attention" for i in range(args.num_hidden_layers)]
     return {"sliding_window": args.sliding_window, "rope_freq_base_swa": local.get("rope_theta", 10000.0),
-            "sliding_window_pattern": [args.layer_type(i) == "sliding_attention" for i in range(args.num_hidden_layers)]}
+            "sliding_window_pattern": sliding}
 
 
 def gguf_experts(args, normalized: bool, *shared) -> dict:
@@ -749,7 +750,7 @@ def gguf_experts(args, normalized: bool, *shared) -> dict:
     return keys
 
 
-def gemma_keys(args, swa_rope_scaled=None) -> dict:
+def gemma_keys(args) -> dict:
     """llama.cpp scales Gemma's queries by 1 / sqrt(head_dim), or 1 / sqrt(hidden_size / heads) for the 27B shapes
     (46 layers in Gemma 2, 62 in Gemma 3), whatever query_pre_attn_scalar says; it soft-caps Gemma 2's attention
     scores always."""
@@ -777,8 +778,9 @@ def smollm3_keys(args) -> dict:
 def granite_keys(args) -> dict:
     if args.head_dim != args.hidden_size // args.num_attention_heads:
         raise ValueError(f"head_dim {args.head_dim}: llama.cpp's granite has hidden_size / num_attention_heads")
-    return {"attention_scale": args.attention_scale or args.head_dim ** -0.5, "embedding_scale": args.embedding_scale or 1.0,
-            "residual_scale": args.residual_scale, "logit_scale": 1 / args.logits_scale}
+    return {"attention_scale": args.attention_scale or args.head_dim ** -0.5,
+            "embedding_scale": args.embedding_scale or 1.0, "residual_scale": args.residual_scale,
+            "logit_scale": 1 / args.logits_scale}
 
 
 def cohere_keys(args) -> dict:
@@ -849,7 +851,8 @@ GGUF_ARCHS = {
     "qwen3_moe": GGUFArch("qwen3moe", {**QWEN_MOE, **QK_NORMS}, keys=lambda args: gguf_experts(args, True)),
     "gemma": GEMMA,
     "gemma2": replace(GEMMA, arch="gemma2", names=GEMMA2_NAMES, computes=GEMMA.computes + SOFTCAPS),
-    "gemma3_text": replace(GEMMA, arch="gemma3", names={**GEMMA2_NAMES, **QK_NORMS}, computes=GEMMA.computes + SOFTCAPS),
+    "gemma3_text": replace(GEMMA, arch="gemma3", names={**GEMMA2_NAMES, **QK_NORMS},
+                           computes=GEMMA.computes + SOFTCAPS),
     "phi3": GGUFArch("phi3", {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
                      ropes=("default", "longrope"), keys=lambda args: {"sliding_window": args.sliding_window or 0}),
     "olmo2": GGUFArch("olmo2", {**POST_NORMS, **QK_NORMS}),

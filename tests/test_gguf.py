@@ -19,18 +19,19 @@ PROMPT = "Q: the team when year is 7\nA: SELECT team FROM t WHERE year = 7 AND s
 # model_type (with a suffix where one family has several rows): its config, beyond conftest's TINY. Sequences are
 # longer than the sliding windows, and sizes differ where a mix-up would show (head_dim, the experts' widths).
 # transformers' Qwen2 tokenizer adds a token (<|endoftext|>) to conftest's 300: an embedding row for it.
+CONFIGS_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}
 CONFIGS = {
     "llama": {},
-    "llama-llama3-rope": {"model_type": "llama", "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}},
+    "llama-llama3-rope": {"model_type": "llama", "rope_scaling": CONFIGS_LLAMA3_ROPE},
     "mistral": {"head_dim": 32, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2": {"tie_word_embeddings": True, "vocab_size": 301},
     "qwen3": {"head_dim": 32, "vocab_size": 301},
     "qwen2_moe": {"vocab_size": 301, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 96},
-    "qwen3_moe": {"vocab_size": 301, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 32,
+    "qwen3_moe": {"vocab_size": 301, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "head_dim": 32,
                   "norm_topk_prob": True},
     "gemma": {"head_dim": 32},
     "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "final_logit_softcapping": 5.0,
@@ -55,7 +56,8 @@ CONFIGS = {
     "seed_oss": {"head_dim": 32, "attention_bias": True},
     "internlm3": {"head_dim": 32, "qkv_bias": True, "bias": True},
     "ernie4_5": {"head_dim": 32},
-    "exaone4": {"head_dim": 16, "sliding_window": None, "layer_types": ["full_attention"] * 4},  # the 1.2B's
+    "exaone4": {"head_dim": 16, "sliding_window": None, "layer_types": ["full_attention"] * 4,  # the 1.2B's
+                "rope_scaling": CONFIGS_LLAMA3_ROPE},
     # the 32B's: a window in 64 layers, and rope in the sliding layers alone
     # vision-language models: their language model (conftest's VISION_LANGUAGE)
     "gemma3": {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "sliding_window_pattern": 2},
@@ -96,7 +98,8 @@ OPTIONAL = {gguf.MODEL_TENSOR.OUTPUT, gguf.MODEL_TENSOR.ROPE_FREQS, gguf.MODEL_T
 # and one architecture's: Command R's q/k norms, which llama.cpp reads in models of 64 layers (Command R+)
 OPTIONAL_IN = {gguf.MODEL_ARCH.COMMAND_R: {gguf.MODEL_TENSOR.ATTN_Q_NORM, gguf.MODEL_TENSOR.ATTN_K_NORM}}
 # the attention's q, k and v in one tensor or three; the feed-forward block an MLP or experts: one of each
-EITHER = [({gguf.MODEL_TENSOR.ATTN_QKV}, {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V}),
+EITHER = [({gguf.MODEL_TENSOR.ATTN_QKV},
+           {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V}),
           ({gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN},
            {gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP,
             gguf.MODEL_TENSOR.FFN_DOWN_EXP})]
@@ -120,7 +123,8 @@ def test_tensors_are_the_architectures(row, tokenizer, tmp_path):
         base = base if layer is None else base.replace(f"blk.{layer}.", "blk.{bid}.", 1)
         assert base in listed and kind in ("weight", "bias"), tensor.name
         written.setdefault(listed[base], set()).add(layer)
-        float32 = tensor.data.ndim == 1 or base.endswith(("norm", "ffn_gate_inp_shexp", "ffn_gate_inp")) or kind == "bias"
+        float32 = (tensor.data.ndim == 1 or base.endswith(("norm", "ffn_gate_inp", "ffn_gate_inp_shexp"))
+                   or kind == "bias")
         assert tensor.tensor_type.name == ("F32" if float32 else "F16"), tensor.name
     required = (set(gguf.MODEL_TENSORS[arch]) - OPTIONAL - OPTIONAL_IN.get(arch, set())
                 - {t for t in listed.values() if "nextn" in gguf.TENSOR_NAMES[t]})
@@ -144,7 +148,8 @@ def test_gemma_norms_are_shifted_in_float32(tokenizer, tmp_path):
     model.set_dtype(mx.bfloat16)
     utils.write_gguf(tmp_path / "model.gguf", model, tokenizer)
     norms = [t.data for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors if t.name.endswith("norm.weight")]
-    assert len(norms) == 9 and all(np.allclose(n, 1 + mx.array(0.01, mx.bfloat16).item(), rtol=0, atol=1e-6) for n in norms)
+    shifted = 1 + mx.array(0.01, mx.bfloat16).item()
+    assert len(norms) == 9 and all(np.allclose(n, shifted, rtol=0, atol=1e-6) for n in norms)
 
 
 def test_llama_files_read_back(tokenizer, tmp_path):
@@ -221,7 +226,8 @@ def sentencepiece_tokenizer(request, tmp_path_factory):
     return tokenizer
 
 
-TEXTS = [(ROOT / "data" / "README.md").read_text()[:3000], PROMPT, " two  spaces\tand a tab", "naïve café: é, ü, 漢字 🦙", "SELECT name\n\nFROM t"]
+TEXTS = [(ROOT / "data" / "README.md").read_text()[:3000], PROMPT, " two  spaces\tand a tab",
+         "naïve café: é, ü, 漢字 🦙", "SELECT name\n\nFROM t"]
 
 
 def test_sentencepiece_tokenizers_read_back(sentencepiece_tokenizer, tmp_path):
