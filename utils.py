@@ -1010,16 +1010,16 @@ def gguf_name(name: str, arch: models.GGUFArch) -> tuple:
     expert = layer and re.search(r"\.experts\.(\d+)\.", layer[2] + ".")
     path = module if layer is None else layer[2] if expert is None else re.sub(
         r"\.experts\.\d+\.", ".experts.*.", layer[2] + ".")[:-1]
-    listed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf_architecture(arch)]}
+    listed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf_model_arch(arch)]}
     found = names.get(path) if layer is None else f"blk.{{bid}}.{names.get(path)}"
     if path not in names or found not in listed:
         raise UserError(f"{name} is not a weight of llama.cpp's {arch.arch}" + (
             " (its output layer is the embedding: tie_word_embeddings)" if path == "lm_head" else ""))
-    gguf_name = found if layer is None else found.format(bid=layer[1])
-    return f"{gguf_name}.{kind}", expert and int(expert[1])
+    named = found if layer is None else found.format(bid=layer[1])
+    return f"{named}.{kind}", expert and int(expert[1])
 
 
-def gguf_architecture(arch: models.GGUFArch):
+def gguf_model_arch(arch: models.GGUFArch):
     """gguf's MODEL_ARCH of `arch`."""
     import gguf
 
@@ -1129,27 +1129,27 @@ def gguf_tensors(model: models.Model, arch: models.GGUFArch):
     args = model.args
     stacked = {}
     for name, value in tree_flatten(gguf_parameters(model)):
-        gguf, expert = gguf_name(name, arch)
-        base = gguf.rsplit(".", 1)[0]
+        target, expert = gguf_name(name, arch)
+        base = target.rsplit(".", 1)[0]
         if base.endswith(("attn_q", "attn_k")) and permutes_qk(args, arch):
             heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
             rows, rest = value.shape[0], value.shape[1:]
             value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
         if (value.ndim == 1 or base.endswith(("norm", "ffn_gate_inp", "ffn_gate_inp_shexp"))
-                or gguf.endswith(".bias")):
+                or target.endswith(".bias")):
             value = value.astype(mx.float32)
         else:
             value = value.astype(mx.float16)
         if base.endswith("norm") and arch.norm_plus_one:  # in float32: bfloat16 would round 1 + weight to 2^-7
             value = value + 1
         if expert is None:
-            yield gguf, np.array(value)
+            yield target, np.array(value)
         else:
-            stacked.setdefault(gguf, {})[expert] = value
-    for gguf, experts in stacked.items():
-        yield gguf, np.array(mx.stack([experts[e] for e in range(len(experts))]))
-    rope = models.RoPE(args, args.rope)
+            stacked.setdefault(target, {})[expert] = value
+    for target, experts in stacked.items():
+        yield target, np.array(mx.stack([experts[e] for e in range(len(experts))]))
     if args.rope_type == "llama3":  # llama.cpp divides each frequency by its factor
+        rope = models.RoPE(args, args.rope)
         unscaled = rope.base ** (-np.arange(0, rope.dims, 2) / rope.dims)
         yield "rope_freqs.weight", (np.array(rope.frequencies(1)) * unscaled).astype(np.float32)
     elif args.rope_type == "longrope":
