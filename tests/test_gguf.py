@@ -1,6 +1,7 @@
 """fuse.py --export-gguf for each family llama.cpp has an architecture for (models.GGUF_ARCHS): the tensors are
-those gguf's constants list for the architecture, llama.cpp itself (llama-cpp-python, where installed) computes
-the adapted model's logits from the file, and what it would compute otherwise is refused in one line."""
+those gguf's constants list for the architecture; llama.cpp itself (llama-cpp-python, where installed) computes
+the adapted model's logits from the file, and splits texts into the tokenizer's tokens (byte-level BPE with each
+pre-tokenizer written, SentencePiece); what it would compute otherwise is refused in one line."""
 import json
 import re
 
