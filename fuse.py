@@ -32,7 +32,7 @@ def build_parser():
     p.add_argument("--export-peft", type=utils.expanded_path, metavar="DIR",
                    help="Write the adapters, unfused, as a PEFT folder.")
     p.add_argument("--export-gguf", type=utils.expanded_path, metavar="PATH",
-                   help="Write the fused model as a float16 GGUF file (llama family).")
+                   help="Write the fused model as a float16 GGUF file for llama.cpp.")
     p.add_argument("--upload-name", help="Upload the fused model to this Hugging Face repo.")
     p.add_argument("--hf-path", "--hf-repo", dest="hf_path",
                    help="The base model's Hugging Face repo, named in the model card and the PEFT config.")
@@ -88,7 +88,7 @@ def write_fused(args, out):
     model.freeze()
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):
-            utils.gguf_vocabulary(model.args, tokenizer)
+            utils.check_gguf_export(model, tokenizer)
     utils.apply_adapters(model, adapters, args.adapter_file, base=args.model)
     base = args.hf_path or args.model
     if args.export_peft:

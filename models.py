@@ -774,6 +774,190 @@ FAMILIES = {
                                        ("model.ln_f.", "transformer.ln_f.")))),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp's converter (convert_hf_to_gguf.py) writes a family, for utils.write_gguf: its architecture;
+    its tensors' names where they differ from the llama architecture's ({our module path in a decoder layer, or
+    from the top: llama.cpp's name}; an expert's path with * for its number: the experts stacked in one tensor);
+    whether llama.cpp's rope for it rotates pairs of neighbouring features (then q and k rows are permuted from
+    Hugging Face's halves, unless the family's own rope is interleaved already); whether norm weights are stored
+    plus one (Gemma's RMSNorm scales by 1 + weight); the activations and rope kinds it computes; `keys`, the
+    architecture's own metadata ({GGUFWriter's add_ method without add_: value}) from ModelArgs, which raises
+    ValueError naming a setting that llama.cpp's architecture does not compute as the family does; and the
+    settings of GGUF_PLAIN that it computes (that `keys` writes or checks): the others must be plain."""
+    arch: str
+    names: dict = field(default_factory=dict)
+    rope_pairs: bool = False
+    norm_plus_one: bool = False
+    activations: tuple = ("silu",)
+    ropes: tuple = ("default", "linear")
+    keys: Optional[Callable[["ModelArgs"], dict]] = None
+    computes: tuple = ()
+
+
+# ModelArgs' settings that only some of llama.cpp's architectures compute, at their value in a plain decoder
+GGUF_PLAIN = {"embedding_scale": None, "attention_scale": None, "residual_scale": 1.0, "logits_scale": 1.0,
+              "attn_logit_softcapping": None, "final_logit_softcapping": None, "rope_layers": None,
+              "query_scaling": None, "clip_qkv": None, "qk_l2_norm": False, "attention_sinks": False, "alibi": False}
+
+
+def gguf_window(args, swa_rope_scaled: bool) -> dict:
+    """The sliding window and the layers it applies to (llama.cpp reads a list of one bool a layer); the sliding
+    layers' rope base. llama.cpp scales the sliding layers' rope as the others' (swa_rope_scaled) or not at all."""
+    full, local = args.rope_parameters["full_attention"], args.rope_parameters["sliding_attention"]
+    if local != full and (swa_rope_scaled or local["rope_type"] != "default"
+                          or local["partial_rotary_factor"] != full["partial_rotary_factor"]):
+        raise ValueError(f"the sliding layers' rope ({local['rope_type']}, theta {local.get('rope_theta')}) is not "
+                         f"one llama.cpp computes beside the others'")
+    if args.sliding_window is None:
+        return {}
+    sliding = [args.layer_type(i) == "sliding_attention" for i in range(args.num_hidden_layers)]
+    return {"sliding_window": args.sliding_window, "rope_freq_base_swa": local.get("rope_theta", 10000.0),
+            "sliding_window_pattern": sliding}
+
+
+def gguf_experts(args, normalized: bool, *shared) -> dict:
+    """Expert sizes: each expert's MLP width, and (named in `shared`) the shared expert's. llama.cpp's
+    architecture normalizes the chosen experts' weights or not (`normalized`), and has experts in every layer."""
+    if args.norm_topk_prob != normalized:
+        raise ValueError(f"norm_topk_prob {args.norm_topk_prob} (llama.cpp's {args.model_type} always has "
+                         f"{normalized})")
+    if args.moe_layers is not None and not all(args.moe_layers):
+        raise ValueError("layers without experts (mlp_only_layers, decoder_sparse_step): llama.cpp has experts in "
+                         "every layer")
+    keys = {"expert_feed_forward_length": args.moe_intermediate_size or args.intermediate_size}
+    if shared:
+        keys["expert_shared_feed_forward_length"] = args.shared_expert_intermediate_size
+    return keys
+
+
+def gemma_keys(args) -> dict:
+    """llama.cpp scales Gemma's queries by 1 / sqrt(head_dim), or 1 / sqrt(hidden_size / heads) for the 27B shapes
+    (46 layers in Gemma 2, 62 in Gemma 3), whatever query_pre_attn_scalar says; it soft-caps Gemma 2's attention
+    scores always."""
+    big = args.num_hidden_layers == {"gemma2": 46, "gemma3_text": 62}.get(args.model_type)
+    scale = (args.hidden_size // args.num_attention_heads if big else args.head_dim) ** -0.5
+    if not math.isclose(args.attention_scale or args.head_dim ** -0.5, scale):
+        raise ValueError(f"query_pre_attn_scalar {round((args.attention_scale or 0) ** -2)}: llama.cpp's "
+                         f"{args.model_type} scales queries by 1/sqrt({round(scale ** -2)})")
+    if args.model_type == "gemma":
+        return {}
+    if args.model_type == "gemma2" and (args.attn_logit_softcapping is None or args.final_logit_softcapping is None):
+        raise ValueError("attn_logit_softcapping or final_logit_softcapping null: llama.cpp's gemma2 soft-caps both")
+    caps = {"attn_logit_softcapping": args.attn_logit_softcapping,
+            "final_logit_softcapping": args.final_logit_softcapping}
+    return {**{k: v for k, v in caps.items() if v is not None}, **gguf_window(args, args.model_type == "gemma2")}
+
+
+def smollm3_keys(args) -> dict:
+    # llama.cpp's smollm3 leaves rope out of every 4th layer, whatever no_rope_layers says
+    if args.rope_layers is not None and args.rope_layers != [(i + 1) % 4 != 0 for i in range(args.num_hidden_layers)]:
+        raise ValueError("no_rope_layers: llama.cpp's smollm3 leaves rope out of every 4th layer, and only those")
+    return {}
+
+
+def granite_keys(args) -> dict:
+    if args.head_dim != args.hidden_size // args.num_attention_heads:
+        raise ValueError(f"head_dim {args.head_dim}: llama.cpp's granite has hidden_size / num_attention_heads")
+    return {"attention_scale": args.attention_scale or args.head_dim ** -0.5,
+            "embedding_scale": args.embedding_scale or 1.0, "residual_scale": args.residual_scale,
+            "logit_scale": 1 / args.logits_scale}
+
+
+def cohere_keys(args) -> dict:
+    if (args.qk_norm is not None) != (args.num_hidden_layers >= 64):
+        raise ValueError(f"use_qk_norm {args.qk_norm is not None} with {args.num_hidden_layers} layers: llama.cpp's "
+                         f"command-r norms queries and keys in models of 64 layers or more (Command R+) alone")
+    return {"logit_scale": args.logits_scale}
+
+
+def cohere2_keys(args) -> dict:
+    # rope in the sliding layers alone
+    if args.rope_layers != [args.layer_type(i) == "sliding_attention" for i in range(args.num_hidden_layers)]:
+        raise ValueError("rope in other layers than the sliding ones: llama.cpp's cohere2 rotates those alone")
+    return {"logit_scale": args.logits_scale, **gguf_window(args, True)}
+
+
+def ernie4_5_keys(args) -> dict:
+    if args.mlp_bias or args.lm_head_bias:
+        raise ValueError("use_bias: llama.cpp's ernie4_5 has no MLP or output layer biases")
+    return {}
+
+
+def olmoe_keys(args) -> dict:
+    if args.num_key_value_heads != args.num_attention_heads:
+        raise ValueError(f"num_key_value_heads {args.num_key_value_heads}: llama.cpp's olmoe has as many as "
+                         f"num_attention_heads ({args.num_attention_heads})")
+    return gguf_experts(args, False)
+
+
+def exaone4_keys(args) -> dict:
+    # a sliding window (4096) in the 64-layer models alone (EXAONE 4.0 32B), and rope in their sliding layers alone
+    if args.num_attention_heads * args.head_dim != args.hidden_size:
+        raise ValueError(f"head_dim {args.head_dim}: llama.cpp's exaone4 has hidden_size / num_attention_heads")
+    if (args.sliding_window is not None) != (args.num_hidden_layers == 64):
+        raise ValueError(f"sliding_window {args.sliding_window} with {args.num_hidden_layers} layers: llama.cpp's "
+                         f"exaone4 has a window in models of 64 layers alone")
+    return gguf_window(args, True)
+
+
+# OLMo 2's names, and Gemma 2's and 3's: the norms after attention and the MLP, and before the MLP
+POST_NORMS = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+GEMMA2_NAMES = {**POST_NORMS, "pre_feedforward_layernorm": "ffn_norm"}
+QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+# each expert's gate, up and down layers, under their names in the family, stacked
+STACKED = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+QWEN_MOE = {"mlp.gate": "ffn_gate_inp", **{f"mlp.experts.*.{n}_proj": name for n, name in STACKED.items()}}
+LLAMA = GGUFArch("llama", rope_pairs=True, ropes=("default", "linear", "llama3"))
+# Gemma's embeddings times sqrt(hidden_size) and queries' scale are llama.cpp's own (gemma_keys checks the scale)
+GEMMA = GGUFArch("gemma", norm_plus_one=True, activations=("gelu_pytorch_tanh", "gelu_new", "gelu"), keys=gemma_keys,
+                 computes=("embedding_scale", "attention_scale"))
+SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
+
+# model_type: how llama.cpp's converter writes it, for the families llama.cpp has an architecture for. Vision-language
+# models are their language model's family.
+GGUF_ARCHS = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "mixtral": replace(LLAMA, names={"block_sparse_moe.gate": "ffn_gate_inp", **{
+        f"block_sparse_moe.experts.*.{w}": STACKED[n] for n, w in zip(("gate", "up", "down"), ("w1", "w3", "w2"))}},
+        keys=lambda args: gguf_experts(args, True)),
+    "qwen2": GGUFArch("qwen2"),
+    "qwen3": GGUFArch("qwen3", QK_NORMS),
+    "qwen2_moe": GGUFArch("qwen2moe", {**QWEN_MOE, "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+                                       "mlp.shared_expert.up_proj": "ffn_up_shexp",
+                                       "mlp.shared_expert.down_proj": "ffn_down_shexp",
+                                       "mlp.shared_expert_gate": "ffn_gate_inp_shexp"},
+                          keys=lambda args: gguf_experts(args, False, "shared")),
+    "qwen3_moe": GGUFArch("qwen3moe", {**QWEN_MOE, **QK_NORMS}, keys=lambda args: gguf_experts(args, True)),
+    "gemma": GEMMA,
+    "gemma2": replace(GEMMA, arch="gemma2", names=GEMMA2_NAMES, computes=GEMMA.computes + SOFTCAPS),
+    "gemma3_text": replace(GEMMA, arch="gemma3", names={**GEMMA2_NAMES, **QK_NORMS},
+                           computes=GEMMA.computes + SOFTCAPS),
+    "phi3": GGUFArch("phi3", {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+                     ropes=("default", "longrope"), keys=lambda args: {"sliding_window": args.sliding_window or 0}),
+    "olmo2": GGUFArch("olmo2", {**POST_NORMS, **QK_NORMS}),
+    "olmo3": GGUFArch("olmo2", {**POST_NORMS, **QK_NORMS}, keys=lambda args: gguf_window(args, False)),
+    "granite": replace(LLAMA, arch="granite", keys=granite_keys, computes=(
+        "attention_scale", "embedding_scale", "residual_scale", "logits_scale")),
+    "starcoder2": GGUFArch("starcoder2", {"mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+                           activations=GEMMA.activations),
+    "cohere": GGUFArch("command-r", QK_NORMS, rope_pairs=True, ropes=("default",), keys=cohere_keys,
+                       computes=("logits_scale",)),
+    "cohere2": GGUFArch("cohere2", rope_pairs=True, ropes=("default",), keys=cohere2_keys,
+                        computes=("logits_scale", "rope_layers")),
+    "glm4": GGUFArch("glm4", {"mlp.gate_up_proj": "ffn_up", "post_self_attn_layernorm": "post_attention_norm",
+                              "post_mlp_layernorm": "post_ffw_norm"}, rope_pairs=True),
+    "smollm3": GGUFArch("smollm3", rope_pairs=True, keys=smollm3_keys, computes=("rope_layers",)),
+    "olmoe": GGUFArch("olmoe", {**QWEN_MOE, **QK_NORMS}, keys=olmoe_keys),
+    "seed_oss": GGUFArch("seed_oss", {"post_attention_layernorm": "post_attention_norm"}),
+    "internlm3": LLAMA,
+    "ernie4_5": GGUFArch("ernie4_5", rope_pairs=True, keys=ernie4_5_keys),
+    "exaone4": GGUFArch("exaone4", {**POST_NORMS, **QK_NORMS}, ropes=("default", "linear", "llama3"), keys=exaone4_keys,
+                        computes=("rope_layers",)),
+}
 ROPE_PARAMETERS = ("rope_theta", "partial_rotary_factor")
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -1097,6 +1281,7 @@ class RoPE(nn.Module):
         elif kind == "proportional":  # the pairs past the turning ones keep angle 0 (an infinite wavelength)
             inv_freq[int(rotated * head_dim // 2):] = 0.0
             inv_freq = inv_freq / rope.get("factor", 1.0)
+        self.gain = gain  # up to the original context (yarn's and longrope's attention factor)
         self._gain = self._long_gain = None  # the rotated features' gain, up to the original context and past it
         if gain != 1.0 or long_gain != 1.0:
             self._gain, self._long_gain = (mx.array([g] * self.dims + [1.0] * (head_dim - self.dims))

@@ -910,6 +910,7 @@ def gguf_config(meta: dict, weights: dict) -> dict:
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length"),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
         "rope_theta": get("rope.freq_base", 10000.0),
         "max_position_embeddings": get("context_length", 2048),
@@ -1245,75 +1246,245 @@ def quantization_entry(layers: dict) -> dict:
                 **{path: dict(params, mode="affine") for path, params in layers.items() if params != common})
 
 
-def gguf_vocabulary(args: models.ModelArgs, tokenizer):
-    """(tokens, types, merges) for a GGUF file of this model, or a UserError saying why it cannot be written."""
-    if args.model_type not in ("llama", "mistral"):
-        raise UserError(f"model_type {args.model_type!r} is not written as GGUF (llama, mistral)")
-    if args.rope_type not in ("default", "linear"):
-        raise UserError(f"rope scaling {args.rope_type!r} is not written as GGUF (default, linear)")
+def gguf_arch(args: models.ModelArgs) -> models.GGUFArch:
+    """The architecture llama.cpp reads this model as, or a UserError naming what it would not compute alike."""
+    arch = models.GGUF_ARCHS.get(args.model_type)
+    if arch is None:
+        raise UserError(f"model_type {args.model_type!r} is not written as GGUF (these are: "
+                        f"{', '.join(models.GGUF_ARCHS)})")
+    where = f"not written as GGUF for {args.model_type} (llama.cpp's {arch.arch})"
+    if args.hidden_act not in arch.activations:
+        raise UserError(f"hidden_act {args.hidden_act!r} is {where}: it computes {', '.join(arch.activations)}")
+    if args.rope_type not in arch.ropes:
+        raise UserError(f"rope scaling {args.rope_type!r} is {where}: it computes {', '.join(arch.ropes)}")
+    if permutes_qk(args, arch) and args.rope["partial_rotary_factor"] != 1.0:
+        raise UserError(f"partial_rotary_factor {args.rope['partial_rotary_factor']} is {where}")
+    for key, plain in models.GGUF_PLAIN.items():
+        if key not in arch.computes and getattr(args, key) != plain:
+            raise UserError(f"{key} {getattr(args, key)!r} is {where}")
+    return arch
+
+
+def permutes_qk(args: models.ModelArgs, arch: models.GGUFArch) -> bool:
+    """Whether q and k rows go from Hugging Face's rope layout (rotating each head's two halves) to llama.cpp's
+    pairs of neighbours: the inverse of read_gguf's permutation."""
+    return arch.rope_pairs and not args.rope_interleaved
+
+
+def gguf_keys(args: models.ModelArgs, arch: models.GGUFArch) -> dict:
+    """The GGUF metadata of this model but its vocabulary, {GGUFWriter's add_ method without add_: value}, as
+    llama.cpp's converter writes them; a UserError names a setting that it cannot hold."""
+    import gguf
+
+    rope = args.rope
+    keys = {"block_count": args.num_hidden_layers, "context_length": args.max_position_embeddings,
+            "embedding_length": args.hidden_size, "feed_forward_length": args.intermediate_size,
+            "head_count": args.num_attention_heads, "head_count_kv": args.num_key_value_heads,
+            "key_length": args.head_dim, "value_length": args.head_dim, "vocab_size": args.vocab_size,
+            "rope_dimension_count": int(args.head_dim * rope["partial_rotary_factor"]),
+            "rope_freq_base": float(rope.get("rope_theta", 10000.0))}
+    if args.norm in ("layer", "layer_no_bias"):
+        keys["layer_norm_eps"] = args.layer_norm_eps
+    else:
+        keys["layer_norm_rms_eps"] = args.rms_norm_eps
+    if args.num_local_experts:
+        keys.update(expert_count=args.num_local_experts, expert_used_count=args.num_experts_per_tok)
+    if args.rope_type == "linear":
+        keys.update(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=rope["factor"])
+    elif args.rope_type == "longrope":
+        keys.update(rope_scaling_type=gguf.RopeScalingType.LONGROPE, rope_scaling_attn_factors=models.RoPE(
+            args, rope).gain, rope_scaling_orig_ctx_len=rope.get("original_max_position_embeddings"))
+    try:
+        return {**keys, **(arch.keys(args) if arch.keys else {})}
+    except ValueError as e:
+        raise UserError(f"{e}: not written as GGUF") from None
+
+
+# each tensor's GGUF name: the llama architecture's, from ours (read_gguf's, the other way)
+LLAMA_GGUF_NAMES = {hf: name for name, hf in GGUF_NAMES.items()}
+
+
+def gguf_name(name: str, arch: models.GGUFArch) -> tuple:
+    """(llama.cpp's name, the expert's number or None) of our weight `name` in `arch`; experts' weights share
+    the name of the tensor that stacks them. A weight that llama.cpp's architecture does not have is a UserError."""
+    import gguf
+
+    names = {**LLAMA_GGUF_NAMES, **arch.names}
+    module, kind = name.rsplit(".", 1)
+    layer = re.match(r"model\.layers\.(\d+)\.(.*)", module)
+    expert = layer and re.search(r"\.experts\.(\d+)\.", layer[2] + ".")
+    path = module if layer is None else layer[2] if expert is None else re.sub(
+        r"\.experts\.\d+\.", ".experts.*.", layer[2] + ".")[:-1]
+    listed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf_model_arch(arch)]}
+    found = names.get(path) if layer is None else f"blk.{{bid}}.{names.get(path)}"
+    if path not in names or found not in listed:
+        raise UserError(f"{name} is not a weight of llama.cpp's {arch.arch}" + (
+            " (its output layer is the embedding: tie_word_embeddings)" if path == "lm_head" else ""))
+    named = found if layer is None else found.format(bid=layer[1])
+    return f"{named}.{kind}", expert and int(expert[1])
+
+
+def gguf_model_arch(arch: models.GGUFArch):
+    """gguf's MODEL_ARCH of `arch`."""
+    import gguf
+
+    return next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.arch)
+
+
+def gguf_vocabulary(args: models.ModelArgs, tokenizer) -> dict:
+    """The tokenizer's GGUF metadata ({GGUFWriter's add_ method without add_: value}), or a UserError saying why
+    it cannot be written. A byte-level BPE tokenizer (GPT-2's kind: Llama 3, Qwen, SmolLM) is its tokens and
+    merges ("gpt2"). A SentencePiece BPE one (byte fallback: Llama 2, Mistral v0.1, Gemma) is its tokens with
+    scores ("llama"): llama.cpp merges the neighbours whose token scores highest, which is the merges' order when
+    a token's score is minus the rank of the first merge that makes it, and every split of a token into two
+    tokens is a merge (so SentencePiece's own tokenizers are converted)."""
     vocab = json.loads(tokenizer.backend_tokenizer.to_str())
-    if vocab["model"]["type"] != "BPE" or vocab["model"].get("byte_fallback"):
-        raise UserError("only byte-level BPE tokenizers are written as GGUF (GPT-2's kind: Llama 3, "
-                        "SmolLM, Qwen), not SentencePiece ones")
+    model = vocab["model"]
+    if model["type"] != "BPE":
+        raise UserError(f"a {model['type']} tokenizer is not written as GGUF (BPE ones are: GPT-2's byte-level kind, "
+                        f"and SentencePiece's with byte fallback)")
     special = {t["id"] for t in vocab["added_tokens"] if t["special"]}
-    ids = {**vocab["model"]["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
-    tokens = [f"[PAD{i}]" for i in range(max(args.vocab_size, max(ids.values()) + 1))]
+    added = {t["id"] for t in vocab["added_tokens"]}
+    ids = {**model["vocab"], **{t["content"]: t["id"] for t in vocab["added_tokens"]}}
+    beyond = max(ids, key=ids.get)
+    if ids[beyond] >= args.vocab_size:
+        raise UserError(f"the tokenizer's token {beyond!r} (id {ids[beyond]}) has no row in the embedding "
+                        f"(vocab_size {args.vocab_size}): llama.cpp needs one for each token")
+    tokens = [f"[PAD{i}]" for i in range(args.vocab_size)]
     for token, i in ids.items():
         tokens[i] = token
-    types = [3 if i in special else 1 for i in range(len(tokens))]  # 3: control
-    return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    if not model.get("byte_fallback"):
+        return {"tokenizer_model": "gpt2", "tokenizer_pre": gguf_pre_tokenizer(vocab), "token_list": tokens,
+                "token_types": [3 if i in special else 1 for i in range(len(tokens))],  # 3: control
+                "token_merges": [" ".join(m) for m in merges]}
+    pairs = {tuple(m) for m in merges}
+    for token in model["vocab"]:
+        for i in range(1, len(token)):
+            if token[:i] in model["vocab"] and token[i:] in model["vocab"] and (token[:i], token[i:]) not in pairs:
+                raise UserError(f"the tokenizer's merges lack {token[:i]!r} + {token[i:]!r}: a BPE tokenizer with "
+                                f"byte fallback is written as GGUF where it is SentencePiece's (every split a merge)")
+    scores = [0.0] * len(tokens)
+    for rank, (left, right) in reversed(list(enumerate(merges))):
+        scores[model["vocab"][left + right]] = -float(rank)
+    unknown = model["vocab"].get(model.get("unk_token"))
+    # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+    types = [2 if i == unknown else 3 if i in special else 4 if i in added else 5 if token == f"[PAD{i}]"
+             else 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else 1 for i, token in enumerate(tokens)]
+    prefixed = any(step.get("type") == "Prepend" or step.get("prepend_scheme") in ("first", "always")
+                   for part in (vocab["normalizer"], vocab["pre_tokenizer"]) if part
+                   for step in part.get("normalizers", part.get("pretokenizers", [part])))
+    return {"tokenizer_model": "llama", "tokenizer_pre": "default", "token_list": tokens, "token_scores": scores,
+            "token_types": types, "add_space_prefix": prefixed}
 
 
-def write_gguf(path, model: models.Model, tokenizer):
-    """A float16 GGUF file of a llama-family model, in llama.cpp's layout (q/k rows permuted for its rope,
-    norms in float32), with the tokenizer in its metadata."""
-    import gguf
+# The pre-tokenizers of byte-level BPE tokenizers (how the text is split into words before the merges), as their
+# tokenizer.json describes them ({step's type: its pattern or setting}), and llama.cpp's name for each: the regular
+# expression of Llama 3 (and OpenAI's cl100k: without ignore_merges), Qwen2's (digits one by one), GPT-2's, and
+# GPT-2's after each digit apart (SmolLM, StarCoder).
+WORDS_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = [
+    ({"Split": WORDS_LLAMA3, "ByteLevel": False, "ignore_merges": True}, "llama-bpe"),
+    ({"Split": WORDS_LLAMA3, "ByteLevel": False, "ignore_merges": False}, "dbrx"),
+    ({"Split": WORDS_LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}"), "ByteLevel": False, "ignore_merges": False}, "qwen2"),
+    ({"ByteLevel": True, "ignore_merges": False}, "gpt-2"),
+    ({"Digits": True, "ByteLevel": True, "ignore_merges": False}, "smollm"),
+]
+
+
+def gguf_pre_tokenizer(vocab: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of the byte-level BPE tokenizer `vocab` (tokenizer.json), or a
+    UserError where it is none of GGUF_PRE_TOKENIZERS."""
+    pre = vocab["pre_tokenizer"] or {}
+    described = {"ignore_merges": bool(vocab["model"].get("ignore_merges"))}
+    for step in pre.get("pretokenizers", [pre]):
+        described[step.get("type")] = {"Split": (step.get("pattern") or {}).get("Regex"),
+                                       "ByteLevel": not step.get("add_prefix_space") and step.get("use_regex", True),
+                                       "Digits": step.get("individual_digits")}.get(step.get("type"))
+    found = next((name for known, name in GGUF_PRE_TOKENIZERS if known == described), None)
+    if found is None:
+        raise UserError(f"the tokenizer's pre-tokenizer ({', '.join(k for k in described if k != 'ignore_merges')}) "
+                        f"is not one that llama.cpp is known here to split text as (GPT-2's, Llama 3's, Qwen2's, "
+                        f"SmolLM's): not written as GGUF")
+    return found
+
+
+def check_gguf_export(model: models.Model, tokenizer):
+    """What write_gguf would refuse, refused now."""
+    arch = gguf_arch(model.args)
+    gguf_keys(model.args, arch)
+    for name, _ in tree_flatten(gguf_parameters(model)):
+        gguf_name(name, arch)
+    gguf_vocabulary(model.args, tokenizer)
+
+
+def gguf_parameters(model: models.Model) -> dict:
+    # the weights kept beside the decoder (an image encoder) go to a file of their own in llama.cpp
+    return {k: v for k, v in model.parameters().items() if k != models.KEPT}
+
+
+def gguf_tensors(model: models.Model, arch: models.GGUFArch, path):
+    """(name, numpy array) of each tensor of the GGUF file, as llama.cpp's converter writes them: q/k rows
+    permuted for its rope (permutes_qk), norms plus one where the family's scale by 1 + weight, each layer's
+    experts stacked, rope factors where the rope scales by frequency; norms, biases, routers and vectors in float32,
+    the rest in float16 (a value beyond its range an error naming the file written, `path`)."""
     import numpy as np
 
     args = model.args
-    tokens, types, merges = gguf_vocabulary(args, tokenizer)
-    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()}
+    stacked = {}
+    for name, value in tree_flatten(gguf_parameters(model)):
+        target, expert = gguf_name(name, arch)
+        base = target.rsplit(".", 1)[0]
+        if base.endswith(("attn_q", "attn_k")) and permutes_qk(args, arch):
+            heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
+            rows, rest = value.shape[0], value.shape[1:]
+            value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+        wide = (value.ndim == 1 or base.endswith(("norm", "ffn_gate_inp", "ffn_gate_inp_shexp"))
+                or target.endswith(".bias"))
+        value = narrowed(value, mx.float32 if wide else mx.float16, f"{path}: tensor {target}")
+        if base.endswith("norm") and arch.norm_plus_one:  # in float32: bfloat16 would round 1 + weight to 2^-7
+            value = value + 1
+        if expert is None:
+            yield target, np.array(value)
+        else:
+            stacked.setdefault(target, {})[expert] = value
+    for target, experts in stacked.items():
+        yield target, np.array(mx.stack([experts[e] for e in range(len(experts))]))
+    if args.rope_type == "llama3":  # llama.cpp divides each frequency by its factor
+        rope = models.RoPE(args, args.rope)
+        unscaled = rope.base ** (-np.arange(0, rope.dims, 2) / rope.dims)
+        yield "rope_freqs.weight", (np.array(rope.frequencies(1)) * unscaled).astype(np.float32)
+    elif args.rope_type == "longrope":
+        for kind in ("long", "short"):
+            yield f"rope_factors_{kind}.weight", np.array(args.rope[f"{kind}_factor"], np.float32)
+
+
+def write_gguf(path, model: models.Model, tokenizer):
+    """A float16 GGUF file of the model, in llama.cpp's layout for its family (models.GGUF_ARCHS), with the
+    tokenizer in its metadata."""
+    import gguf
+
+    args = model.args
+    arch = gguf_arch(args)
+    keys = gguf_keys(args, arch)
+    vocabulary = gguf_vocabulary(args, tokenizer)
 
     def write(tmp):
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_block_count(args.num_hidden_layers)
-        writer.add_context_length(args.max_position_embeddings)
-        writer.add_embedding_length(args.hidden_size)
-        writer.add_feed_forward_length(args.intermediate_size)
-        writer.add_head_count(args.num_attention_heads)
-        writer.add_head_count_kv(args.num_key_value_heads)
-        writer.add_rope_dimension_count(args.head_dim)
-        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-        writer.add_rope_freq_base(args.rope.get("rope_theta", 10000.0))
-        if args.rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(args.rope["factor"])
+        writer = gguf.GGUFWriter(tmp, arch.arch)
+        for key, value in keys.items():
+            getattr(writer, f"add_{key}")(value)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        for name in ("bos", "eos", "pad"):
+        for key, value in vocabulary.items():
+            getattr(writer, f"add_{key}")(value)
+        for name in ("bos", "eos", "unk", "pad"):
             if getattr(tokenizer, f"{name}_token_id", None) is not None:
                 getattr(writer, f"add_{name}_token_id")(getattr(tokenizer, f"{name}_token_id"))
         writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
         if isinstance(tokenizer.chat_template, str):
             writer.add_chat_template(tokenizer.chat_template)
-        # the weights kept beside the decoder (an image encoder) go to a file of their own in llama.cpp
-        for name, value in tree_flatten({k: v for k, v in model.parameters().items() if k != models.KEPT}):
-            parts = name.split(".")
-            if parts[1] == "layers":
-                layer, module = parts[2], ".".join(parts[3:-1])
-                gguf_name = f"blk.{layer}.{to_gguf[module]}.{parts[-1]}"
-            else:
-                gguf_name = f"{to_gguf[name.rsplit('.', 1)[0]]}.{parts[-1]}"
-            if parts[-2] in ("q_proj", "k_proj"):  # the inverse of read_gguf's permutation
-                heads = args.num_attention_heads if parts[-2] == "q_proj" else args.num_key_value_heads
-                rows, rest = value.shape[0], value.shape[1:]
-                value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-            value = narrowed(value, mx.float16 if value.ndim == 2 else mx.float32, f"{path}: tensor {gguf_name}")
-            writer.add_tensor(gguf_name, np.array(value))
+        for name, value in gguf_tensors(model, arch, path):
+            writer.add_tensor(name, value)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -177,10 +177,9 @@ def test_export_gguf(base, tmp_path):
 
 
 def test_export_gguf_refuses_what_it_cannot_write(make_checkpoint, tmp_path):
-    folder, _ = make_checkpoint("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    folder, _ = make_checkpoint("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     random_adapter(folder, tmp_path / "adapters.safetensors")
-    with pytest.raises(UserError, match="--export-gguf: rope scaling 'llama3' is not written"):
+    with pytest.raises(UserError, match="--export-gguf: rope scaling 'dynamic' is not written as GGUF for llama"):
         run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf",
                  tmp_path / "fused.gguf", "--save-path", tmp_path / "fused")
     assert not (tmp_path / "fused.gguf").exists() and not (tmp_path / "fused").exists()
