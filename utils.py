@@ -1304,24 +1304,23 @@ def gguf_keys(args: models.ModelArgs, arch: models.GGUFArch) -> dict:
 LLAMA_GGUF_NAMES = {hf: name for name, hf in GGUF_NAMES.items()}
 
 
-def gguf_name(name: str, arch: models.GGUFArch) -> tuple:
-    """(llama.cpp's name, the expert's number or None) of our weight `name` in `arch`; experts' weights share
-    the name of the tensor that stacks them. A weight that llama.cpp's architecture does not have is a UserError."""
+def gguf_name(name: str, arch: models.GGUFArch) -> str:
+    """llama.cpp's name of our weight `name` in `arch` (a mixture's experts are stacked in both, under the name of
+    the pattern that targets each expert: experts.*.w1). A weight that llama.cpp's architecture does not have is
+    a UserError."""
     import gguf
 
     names = {**LLAMA_GGUF_NAMES, **arch.names}
     module, kind = name.rsplit(".", 1)
     layer = re.match(r"model\.layers\.(\d+)\.(.*)", module)
-    expert = layer and re.search(r"\.experts\.(\d+)\.", layer[2] + ".")
-    path = module if layer is None else layer[2] if expert is None else re.sub(
-        r"\.experts\.\d+\.", ".experts.*.", layer[2] + ".")[:-1]
+    path = module if layer is None else layer[2].replace(".experts.", ".experts.*.")
     listed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf_model_arch(arch)]}
     found = names.get(path) if layer is None else f"blk.{{bid}}.{names.get(path)}"
     if path not in names or found not in listed:
         raise UserError(f"{name} is not a weight of llama.cpp's {arch.arch}" + (
             " (its output layer is the embedding: tie_word_embeddings)" if path == "lm_head" else ""))
     named = found if layer is None else found.format(bid=layer[1])
-    return f"{named}.{kind}", expert and int(expert[1])
+    return f"{named}.{kind}"
 
 
 def gguf_model_arch(arch: models.GGUFArch):
@@ -1426,15 +1425,14 @@ def gguf_parameters(model: models.Model) -> dict:
 
 def gguf_tensors(model: models.Model, arch: models.GGUFArch, path):
     """(name, numpy array) of each tensor of the GGUF file, as llama.cpp's converter writes them: q/k rows
-    permuted for its rope (permutes_qk), norms plus one where the family's scale by 1 + weight, each layer's
-    experts stacked, rope factors where the rope scales by frequency; norms, biases, routers and vectors in float32,
-    the rest in float16 (a value beyond its range an error naming the file written, `path`)."""
+    permuted for its rope (permutes_qk), norms plus one where the family's scale by 1 + weight, rope factors
+    where the rope scales by frequency; norms, biases, routers and vectors in float32, the rest in float16 (a
+    value beyond its range an error naming the file written, `path`)."""
     import numpy as np
 
     args = model.args
-    stacked = {}
     for name, value in tree_flatten(gguf_parameters(model)):
-        target, expert = gguf_name(name, arch)
+        target = gguf_name(name, arch)
         base = target.rsplit(".", 1)[0]
         if base.endswith(("attn_q", "attn_k")) and permutes_qk(args, arch):
             heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
@@ -1445,12 +1443,7 @@ def gguf_tensors(model: models.Model, arch: models.GGUFArch, path):
         value = narrowed(value, mx.float32 if wide else mx.float16, f"{path}: tensor {target}")
         if base.endswith("norm") and arch.norm_plus_one:  # in float32: bfloat16 would round 1 + weight to 2^-7
             value = value + 1
-        if expert is None:
-            yield target, np.array(value)
-        else:
-            stacked.setdefault(target, {})[expert] = value
-    for target, experts in stacked.items():
-        yield target, np.array(mx.stack([experts[e] for e in range(len(experts))]))
+        yield target, np.array(value)
     if args.rope_type == "llama3":  # llama.cpp divides each frequency by its factor
         rope = models.RoPE(args, args.rope)
         unscaled = rope.base ** (-np.arange(0, rope.dims, 2) / rope.dims)
