@@ -55,9 +55,9 @@ def fuse(args):
         outputs.append((utils.output_folder(args.export_peft, "--export-peft", args.force, sources), "--export-peft"))
     if args.export_gguf:
         gguf = Path(args.export_gguf)
-        if gguf.is_dir() or any(Path(s).exists() and utils.is_within(Path(s), gguf) for s in sources):
-            raise UserError(f"--export-gguf {gguf}: is {'a folder' if gguf.is_dir() else 'a file fuse.py reads'}")
-        utils.check_writable(gguf, "--export-gguf")
+        utils.check_writable(gguf, "--export-gguf")  # a folder in its place too
+        if any(Path(s).exists() and utils.is_within(Path(s), gguf) for s in sources):
+            raise UserError(f"--export-gguf {gguf}: is a file fuse.py reads")
         if gguf.exists() and not args.force:
             raise UserError(f"--export-gguf {gguf}: exists (pass --force to replace it)")
         if gguf.exists() and not starts_as_gguf(gguf):

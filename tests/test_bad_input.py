@@ -908,6 +908,11 @@ def foreign_folder(d):
     return folder
 
 
+def folder_at(path):
+    path.mkdir()
+    return path
+
+
 def gguf_onto_a_text_file(w, d):
     (d / "notes.gguf").write_text("mine")
     return ["--model", w.model, "--adapter-file", w.adapters, "--export-gguf", d / "notes.gguf", "--force"]
@@ -938,6 +943,9 @@ CASES += [
          lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--save-path", foreign_folder(d), "--force"],
          "--save-path"),
     Case("out-fuse-export-gguf-force-onto-a-text-file", "fuse.py", gguf_onto_a_text_file, "--export-gguf"),
+    Case("out-fuse-export-gguf-onto-a-folder", "fuse.py",
+         lambda w, d: ["--model", w.model, "--adapter-file", w.adapters, "--export-gguf", folder_at(d / "x.gguf")],
+         "x.gguf: is a folder"),
     Case("out-adapter-file-under-a-file", "lora.py", under_a_file, "--adapter-file"),
     Case("out-adapter-file-in-a-read-only-folder", "lora.py", read_only_folder, "--adapter-file"),
     Case("out-adapter-file-wrong-extension", "lora.py",
