@@ -1008,9 +1008,7 @@ def check_lora_rank(model, paths, rank):
     modules = dict(model.named_modules())
     for path in paths:
         layer = models.linear_layer(modules, path)
-        outputs, inputs = layer.weight.shape[-2:]  # (an expert's, of a stack)
-        if hasattr(layer, "bits"):  # quantized: its rows' values packed in 32-bit words
-            inputs = inputs * 32 // layer.bits
+        outputs, inputs = models.features(layer)
         if rank > max(inputs, outputs):
             raise UserError(f"--lora-rank {rank}: more than both the {inputs} inputs and the {outputs} outputs of "
                             f"{path}")

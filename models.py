@@ -2309,15 +2309,20 @@ class Gemma4Model(Model):
 # LoRA and DoRA
 
 
+def features(layer) -> tuple:
+    """(output, input) features of a linear layer, or of each expert of a stack, quantized or not (a quantized
+    weight's rows hold their values packed in 32-bit words)."""
+    outputs, inputs = layer.weight.shape[-2:]
+    return outputs, inputs * 32 // layer.bits if "scales" in layer else inputs
+
+
 class LoRALinear(nn.Module):
     """y = linear(x) + scale * dropout(x) @ lora_a @ lora_b, over a frozen nn.Linear or nn.QuantizedLinear.
     lora_b starts at zero, so an untrained adapter changes nothing."""
 
     @classmethod
     def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        output_dims, input_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):
-            input_dims = input_dims * 32 // linear.bits
+        output_dims, input_dims = features(linear)
         lora = cls(input_dims, output_dims, rank, scale, dropout)
         lora.linear = linear
         return lora
@@ -2399,9 +2404,8 @@ class ExpertsLoRA(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, rank: int = 8, scale: float = 20.0, dropout: float = 0.0, adapted=None):
-        experts, output_dims, input_dims = linear.weight.shape
-        if "scales" in linear:
-            input_dims = input_dims * 32 // linear.bits
+        experts = linear.weight.shape[0]
+        output_dims, input_dims = features(linear)
         lora = cls(experts, input_dims, output_dims, rank, scale, dropout, adapted)
         lora.linear = linear
         return lora
