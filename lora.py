@@ -1042,7 +1042,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
         log = metrics_log(metrics_path, resumed_metrics(args, first - 1) if writer else [], args)
         batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
                                   start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length,
-                                  reference=references[0], by_example=model.args.attends_by_position or None)
+                                  reference=references[0], by_example=model.args.packs_by_example or None)
         # stopping: a stop signal on some rank (the steps' summed flag); stopped: the utils.Stopped training ends with
         stopping, checkpoint, stopped, announced = [], None, None, False
         validated = None  # the iteration of the last validation loss

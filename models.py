@@ -169,6 +169,10 @@ class Family:
     # go a layer at a time over many batches, keeping only those states in between (lora.py's frozen-layer
     # cache and DPO reference pass). Not so where layers read more (Gemma 4: per-layer embeddings, shared K/V).
     layer_at_a_time: bool = True
+    # Whether some layers carry a state along the row (a scan, a short convolution) rather than attend: a packed
+    # row's examples then each take a row of their own (ModelArgs.packs_by_example), for each state to start
+    # anew at its example's first token; in generation such a layer keeps its state in a StateCache.
+    carries_state: bool = False
 
 
 def sliding_where(slides):
@@ -1145,12 +1149,14 @@ class ModelArgs:
         return FAMILIES[self.model_type]
 
     @property
-    def attends_by_position(self) -> bool:
-        """Whether attention depends on the positions themselves, not only on the distance between them (a
-        weighted norm after rope, queries scaled by position, chunks of positions): then packed examples must
-        each start at position 0, as packed_layout's rows of one example each give them (by_example)."""
+    def packs_by_example(self) -> bool:
+        """Whether packed examples must each take a row of their own, as packed_layout's by_example lays them out,
+        not share one row under a mask: where attention depends on the positions themselves, not only on the
+        distance between them (a weighted norm after rope, queries scaled by position, chunks of positions), for
+        each example to start at position 0; where layers carry a state along the row (Family.carries_state),
+        for no state to flow from one example into the next."""
         return (self.qk_norm == "head_after_rope" or self.query_scaling is not None
-                or self.attention_chunk_size is not None)
+                or self.attention_chunk_size is not None or self.family.carries_state)
 
     @property
     def names(self) -> CheckpointNames:
@@ -1351,6 +1357,16 @@ class KVCache:
         return keys, values
 
 
+class StateCache:
+    """What a layer that carries a state along the row (Family.carries_state) keeps between calls in generation:
+    its states by name (a scan's, the last inputs of a short convolution), as the layer sets them, and the
+    positions seen (offset), which the layer advances."""
+
+    def __init__(self):
+        self.states = {}
+        self.offset = 0
+
+
 def attention_mask(length: int, offset: int, window: Optional[int], examples=None, chunk: Optional[int] = None):
     """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window, or to the
     query's chunk of `chunk` positions (chunked attention, counted from the row's first position); for rows
@@ -1461,6 +1477,8 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         """example_rows: a packed row's {"slots", "order"} (packed_layout), to attend one example a row."""
+        if example_rows is not None:
+            return in_example_rows(lambda rows: self(rows, mask, cache), x, example_rows)
         if self.qkv_name is not None:
             q, k, v = self.split_qkv(self[self.qkv_name](x))
         else:
@@ -1469,12 +1487,6 @@ class Attention(nn.Module):
             q, k = self.normed_qk(q, k)
         if self.clip is not None:
             q, k, v = (mx.clip(y, -self.clip, self.clip) for y in (q, k, v))
-        if example_rows is not None:
-            slots, order = example_rows["slots"], example_rows["order"]
-            index = slots.reshape(-1)
-            q, k, v = (permuted(y[0], index, order).reshape(*slots.shape, -1) for y in (q, k, v))
-            out = self.attend(q, k, v, mask, cache)
-            return self[self.output_proj](permuted(out.reshape(-1, out.shape[-1]), order, index)[None])
         return self[self.output_proj](self.attend(q, k, v, mask, cache))
 
     def split_qkv(self, qkv):
@@ -1517,7 +1529,7 @@ class Attention(nn.Module):
     def query_scale(self, offset: int, length: int):
         """query_scaling's factor at positions offset... of a row, as a column: by the positions themselves, as
         transformers counts them from its cache's length (a packed row's examples each start a row of their own,
-        ModelArgs.attends_by_position)."""
+        ModelArgs.packs_by_example)."""
         beta, period, first = self.query_scaling
         positions = mx.arange(offset + first, offset + length + first, dtype=mx.float32)
         return (1 + beta * mx.log(1 + mx.floor(positions / period)))[:, None]
@@ -2120,7 +2132,8 @@ class Model(nn.Module):
         return self.logits(self.hidden_states(inputs, cache, packing))
 
     def make_cache(self):
-        return [KVCache() for _ in self.layers]
+        """Each layer's cache for generation: its own kind where it has one (make_cache), else a KVCache."""
+        return [layer.make_cache() if hasattr(layer, "make_cache") else KVCache() for layer in self.layers]
 
 
 def make_model(args: ModelArgs) -> Model:
@@ -2637,6 +2650,16 @@ def logsumexp(x):
         return mx.logsumexp(x, axis=-1)
     top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
     return mx.log(exp(x - top).sum(axis=-1)) + top[..., 0]
+
+
+def in_example_rows(layer, x, example_rows):
+    """layer(rows) on the packed row x's examples laid out one a row (packed_layout's {"slots", "order"}), its
+    output laid back as x is: what a layer computes along the row (attention, a scan) then stays within each
+    example."""
+    slots, order = example_rows["slots"], example_rows["order"]
+    index = slots.reshape(-1)
+    out = layer(permuted(x[0], index, order).reshape(*slots.shape, -1))
+    return permuted(out.reshape(-1, out.shape[-1]), order, index)[None]
 
 
 def permuted(x, index, inverse):

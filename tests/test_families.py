@@ -549,7 +549,8 @@ def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
     """What training adds for speed changes no token's loss, in every family: packed rows (one mask over the
     row, and the examples laid out as rows of their own), the frozen layers computed once (where the hidden
     states are all that layers read, Family.layer_at_a_time: else never), gradient checkpointing; and only the
-    families whose attention depends on the positions themselves cannot pack with one mask over the row."""
+    families whose attention depends on the positions themselves, or whose layers carry a state along the row,
+    cannot pack with one mask over the row (ModelArgs.packs_by_example)."""
     import lora
 
     folder, _, targets, _ = family
@@ -567,11 +568,11 @@ def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
                                for batch in batches])
 
     plain = token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4))
-    # a family whose attention depends on the positions themselves packs one example a row (lora.train)
-    for by_example in (True,) if model.args.attends_by_position else (True, False):
+    # such a family packs one example a row (lora.train)
+    for by_example in (True,) if model.args.packs_by_example else (True, False):
         packed = token_losses(lora.make_batch(dataset[i:i + 4], True, by_example) for i in (0, 4))
         assert np.abs(packed - plain).max() < 1e-4, by_example
-    if model.args.attends_by_position:  # the mask over the row does change their losses
+    if model.args.packs_by_example:  # the mask over the row does change their losses
         packed = token_losses(lora.make_batch(dataset[i:i + 4], True, False) for i in (0, 4))
         assert np.abs(packed - plain).max() > 1e-3
     model.grad_checkpoint = True
