@@ -400,24 +400,76 @@ def phimoe_fix(config: dict):
             raise ValueError(f"rope_parameters' {key} is {rope.get(key)!r}, expected a number (phimoe's longrope)")
 
 
-def glm4_moe_fix(config: dict):
+def grouped_experts(config: dict):
+    """GLM-4.5's and DeepSeek's experts: n_routed_experts in the layers from first_k_dense_replace on, beside
+    n_shared_experts' MLP, chosen from the topk_group best of n_group groups."""
     experts_from(config, "n_routed_experts")
     n, shared = config.get("num_hidden_layers", 0), config.get("n_shared_experts") or 0
-    config["moe_layers"] = [i >= config.get("first_k_dense_replace", 0) for i in range(n)]
+    config["moe_layers"] = [i >= (config.get("first_k_dense_replace") or 0) for i in range(n)]
     if shared:  # one MLP as large as that many experts
         config["shared_expert"] = "shared_experts"
         config["shared_expert_intermediate_size"] = config.get("moe_intermediate_size", 0) * shared
-    # the attention's bias is on q, k and v only
-    config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
-    if config.get("use_qk_norm"):
-        config["qk_norm"] = "head"
     experts, groups, kept = config["num_local_experts"], config.get("n_group") or 1, config.get("topk_group") or 1
     if groups > 1 and (experts % groups or experts // groups < 2 or kept > groups):
         raise ValueError(f"n_group {groups} and topk_group {kept}: expected groups of two experts or more, out of "
                          f"n_routed_experts {experts}, and no more groups kept than there are")
+    if not isinstance(config.get("num_experts_per_tok"), int):
+        raise ValueError(f"num_experts_per_tok is {config.get('num_experts_per_tok')!r}, expected a number")
     if config["num_experts_per_tok"] > experts // groups * kept:
         raise ValueError(f"num_experts_per_tok {config['num_experts_per_tok']} is more than topk_group {kept} "
                          f"groups hold")
+
+
+def glm4_moe_fix(config: dict):
+    grouped_experts(config)
+    # the attention's bias is on q, k and v only
+    config["qkv_bias"], config["attention_bias"] = config.get("attention_bias"), False
+    if config.get("use_qk_norm"):
+        config["qk_norm"] = "head"
+
+
+def deepseek_fix(config: dict):
+    """DeepSeek V2's and V3's latent attention (LatentAttention) and experts (grouped_experts), as transformers
+    reads them."""
+    heads = config.get("num_attention_heads")
+    if config.get("num_key_value_heads") not in (None, heads):
+        raise ValueError(f"num_key_value_heads {config['num_key_value_heads']}: latent attention has a key and value "
+                         f"for each of the num_attention_heads ({heads}) (transformers cannot run it either)")
+    if flat_rope(config)["partial_rotary_factor"] != 1.0:
+        raise ValueError("partial_rotary_factor is not supported (latent attention rotates qk_rope_head_dim "
+                         "features)")
+    if (config.get("moe_layer_freq") or 1) != 1:
+        raise ValueError(f"moe_layer_freq {config['moe_layer_freq']} is not supported (transformers has experts in "
+                         f"every layer from first_k_dense_replace on)")
+    grouped_experts(config)
+
+
+def deepseek_v2_fix(config: dict):
+    """V2's router: the softmax's top experts, their probabilities unnormalized (transformers reads no
+    norm_topk_prob); by group_limited_greedy, from the topk_group groups of the highest best probabilities."""
+    method = config.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"topk_method {method!r} is not supported (deepseek_v2: greedy, group_limited_greedy)")
+    if config.get("scoring_func", "softmax") != "softmax":
+        raise ValueError(f"scoring_func {config['scoring_func']!r} is not supported (deepseek_v2: softmax)")
+    if config.get("norm_topk_prob"):
+        raise ValueError("norm_topk_prob true is not supported (transformers' deepseek_v2 never normalizes)")
+    if method == "greedy":
+        config["n_group"] = config["topk_group"] = None
+    config["group_score_top"] = 1
+    deepseek_fix(config)
+
+
+def deepseek_v3_fix(config: dict):
+    """V3's router is GLM-4.5's: sigmoids, a bias to choose by, groups scored by their two best."""
+    if (config.get("quantization_config") or {}).get("quant_method") == "fp8":
+        raise ValueError("quantization_config: FP8 weights (the Hub's DeepSeek-V3 files) are not supported; use a "
+                         "copy saved in bf16")
+    for key, kind in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if config.get(key, kind) != kind:
+            raise ValueError(f"{key} {config[key]!r} is not supported (deepseek_v3: {kind})")
+    config["rope_interleaved"] = bool(config.get("rope_interleave"))
+    deepseek_fix(config)
 
 
 def ernie4_5_moe_fix(config: dict):
@@ -649,6 +701,12 @@ GEMMA4 = {"tie_word_embeddings": True, "head_dim": 256, "num_key_value_heads": 4
 GEMMA4_TARGETS = ("self_attn.q_proj", "self_attn.o_proj")
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
 MOE = {"mlp": "sparse_moe"}
+# transformers' defaults for DeepSeek V2's and V3's latent attention
+DEEPSEEK = {**MOE, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128}
+# the layers that every config has (the queries' are q_proj, or q_a_proj and q_b_proj, as q_lora_rank says): the
+# keys' and values' expansion from the latent, and the output
+DEEPSEEK_TARGETS = ("self_attn.kv_b_proj", "self_attn.o_proj")
 
 # model_type: its Family. A family that fits ModelArgs' switches is one entry here.
 FAMILIES = {
@@ -751,6 +809,16 @@ FAMILIES = {
         **MOE, "router_name": "gate.wg", "shared_expert": "shared_mlp", "qk_norm": "head_after_rope",
         "qk_norm_names": ("query_layernorm", "key_layernorm"), "rms_norm_eps": 1e-5, "num_experts": 1,
         "moe_topk": 1}, hunyuan_v1_moe_fix, unquantized=(".mlp.gate.wg",)),
+    "deepseek_v2": Family("DeepSeek-V2, V2-Lite, V2.5, DeepSeek-Coder-V2 (mixture of experts, latent attention)", {
+        **DEEPSEEK, "rope_interleaved": True, "norm_topk_prob": False, "n_routed_experts": 64, "n_shared_experts": 2,
+        "moe_intermediate_size": 1407, "routed_scaling_factor": 1.0}, deepseek_v2_fix, DEEPSEEK_TARGETS,
+        unquantized=(".mlp.gate",), layer="LatentAttentionLayer"),
+    "deepseek_v3": Family("DeepSeek-V3, V3.1, R1, Moonlight (mixture of experts, latent attention)", {
+        **DEEPSEEK, "routing": "sigmoid", "router_bias": ("gate.e_score_correction_bias", 1), "rope_interleave": True,
+        "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048, "first_k_dense_replace": 3,
+        "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 4096}, deepseek_v3_fix, DEEPSEEK_TARGETS, dropped=mtp_layer,
+        layer="LatentAttentionLayer"),
     "mistral3": Family("Mistral Small 3.1, 3.2, Magistral Small, Devstral Small, Ministral 3, text only: the "
                        "language model trains, the image encoder is kept as it is", names=VISION_LANGUAGE,
                        text_types=("mistral", "ministral3")),
@@ -1021,9 +1089,10 @@ class ModelArgs:
     num_experts_per_tok: int = 2
     moe_intermediate_size: Optional[int] = None  # each expert's (intermediate_size if None)
     norm_topk_prob: bool = True  # the chosen experts' weights scaled to sum to 1
-    # the experts are chosen from the topk_group of n_group groups whose two best scores sum highest
+    # the experts are chosen from the topk_group of n_group groups whose group_score_top best scores sum highest
     n_group: int = 1
     topk_group: int = 1
+    group_score_top: int = 2
     routed_scaling_factor: float = 1.0  # the chosen experts' weights times it
     router_jitter_noise: float = 0.0  # the sparse mixer weighs an expert against those within 2x it (relative)
     shared_expert_intermediate_size: Optional[int] = None
@@ -1056,6 +1125,13 @@ class ModelArgs:
     qk_l2_norm: bool = False  # queries and keys divided by their RMS over each head's features after rope, no weight
     attn_temperature_tuning: bool = False  # query_scaling in the layers without rope alone (Llama 4)
     attention_sinks: bool = False  # a learned logit per head (sinks) joins each softmax over the keys (gpt-oss)
+    # multi-head latent attention (DeepSeek, LatentAttention): the queries' bottleneck (none if None), the keys' and
+    # values' latent; each head's query and key features without rope and with it, and its value's
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
     mlp_module: str = "mlp"  # the checkpoint's name for the other layers' MLP
     intermediate_size_mlp: Optional[int] = None  # those MLPs' width where intermediate_size is the experts' (Llama 4)
     swiglu_alpha: float = 1.702  # gpt-oss's experts' activation: (up + 1) * gate * sigmoid(alpha * gate),
@@ -1319,14 +1395,10 @@ def yarn_frequencies(inv_freq, dims: int, base: float, rope: dict, max_position_
     of wavelengths, kept above it, blended linearly within it."""
     context = rope.get("original_max_position_embeddings") or max_position_embeddings
     factor = rope.get("factor") or max_position_embeddings / context
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     gain = rope.get("attention_factor")
     if gain is None:
         m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        gain = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        gain = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
 
     def correction(rotations):
         return dims * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -1338,6 +1410,10 @@ def yarn_frequencies(inv_freq, dims: int, base: float, rope: dict, max_position_
     ramp = np.clip((np.arange(dims // 2) - low) / ((high - low) or 0.001), 0, 1)
     kept = 1 - ramp
     return inv_freq / factor * (1 - kept) + inv_freq * kept, gain
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "ntk_alpha", "proportional")
@@ -1618,7 +1694,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         experts = args.num_local_experts
         self.top_k, self.routing, self.normalize = args.num_experts_per_tok, args.routing, args.norm_topk_prob
-        self.groups, self.kept_groups = args.n_group, args.topk_group
+        self.groups, self.kept_groups, self.group_score_top = args.n_group, args.topk_group, args.group_score_top
         self.weight_scale, self.jitter = args.routed_scaling_factor, args.router_jitter_noise
         self.router_name, self.bias_name = args.router_name, None
         router = nn.Linear(args.hidden_size, experts, bias=False)
@@ -1661,7 +1737,7 @@ class SparseMoE(nn.Module):
             probabilities = scores if self.routing == "sigmoid" else mx.softmax(logits, axis=-1)
             choice = probabilities + at_path(self, self.bias_name).astype(mx.float32)
         if self.groups > 1:
-            choice = in_best_groups(choice, self.groups, self.kept_groups)
+            choice = in_best_groups(choice, self.groups, self.kept_groups, self.group_score_top)
         chosen = mx.stop_gradient(mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[:, :self.top_k])
         weights = mx.take_along_axis(scores, chosen, axis=-1)
         if self.routing == "softmax":  # the softmax of the chosen ones: the whole softmax's, normalized
@@ -1674,12 +1750,12 @@ class SparseMoE(nn.Module):
         return chosen, weights.astype(x.dtype)
 
 
-def in_best_groups(scores, groups: int, kept: int):
-    """The scores with those outside the `kept` of `groups` groups of experts (in their order) whose two best
-    scores sum highest at -inf (GLM-4.5's grouped choice)."""
+def in_best_groups(scores, groups: int, kept: int, top: int = 2):
+    """The scores with those outside the `kept` of `groups` groups of experts (in their order) whose `top` best
+    scores sum highest at -inf (GLM-4.5's and DeepSeek V3's grouped choice: two; DeepSeek V2's: one)."""
     tokens, experts = scores.shape
     grouped = scores.reshape(tokens, groups, experts // groups)
-    best = mx.argpartition(-mx.topk(grouped, 2, axis=-1).sum(axis=-1), kth=kept - 1, axis=-1)[:, :kept]
+    best = mx.argpartition(-mx.topk(grouped, top, axis=-1).sum(axis=-1), kth=kept - 1, axis=-1)[:, :kept]
     inside = mx.put_along_axis(mx.zeros((tokens, groups), dtype=mx.bool_), best, mx.array(True), axis=-1)
     return mx.where(inside[:, :, None], grouped, -mx.inf).reshape(tokens, experts)
 
@@ -1960,12 +2036,12 @@ class DecoderLayer(nn.Module):
     its own norm's where block_norms names one before the feed-forward block), each with the norms of
     block_norms around it, each joining the residual stream times residual_scale. The feed-forward block is the
     MLP, or in the layers of moe_layers the mixture of experts of kind `mlp` (FEED_FORWARD), under the
-    checkpoint's names for them (mlp_module, moe_module)."""
+    checkpoint's names for them (mlp_module, moe_module). The attention block is of class `attention`."""
 
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, attention=Attention):
         super().__init__()
         self.attention_name = args.attention_module
-        self[self.attention_name] = Attention(args, layer)
+        self[self.attention_name] = attention(args, layer)
         moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
         self.feed_forward_name = args.moe_module if moe else args.mlp_module
         self[self.feed_forward_name] = FEED_FORWARD[args.mlp if moe else "gated"](args)
@@ -2139,6 +2215,89 @@ class Model(nn.Module):
 def make_model(args: ModelArgs) -> Model:
     """The model `args` describe: a Model, or its family's own kind of Model (Family.model)."""
     return globals()[args.family.model](args) if args.family.model else Model(args)
+
+
+# DeepSeek V2, V3: multi-head latent attention
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek V2, V3). Each head's query (q_proj, or through the q_lora_rank bottleneck
+    q_a_proj, q_a_layernorm, q_b_proj) has qk_nope_head_dim features without rope and qk_rope_head_dim with it;
+    kv_a_proj_with_mqa gives a latent of kv_lora_rank features (normed by kv_a_layernorm) and the key's features
+    with rope, one set that every head shares; kv_b_proj expands the latent into each head's key features without
+    rope and its value (v_head_dim). Scores are scaled by 1 / sqrt(the query's features) times yarn's mscale of
+    mscale_all_dim squared.
+
+    The KV cache holds the latent and the rotated key features, as transformers' does: kv_lora_rank +
+    qk_rope_head_dim numbers a position, where whole keys and values would take heads * (qk head size + v_head_dim)
+    (71 times as many in DeepSeek-V3). A prompt expands the latent into keys and values; a token generated alone
+    attends in the latent's space instead (its query's features without rope taken through kv_b_proj's key part,
+    the weighted latent through its value part), which reads the cache once rather than expanding all of it."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        dim, self.n_heads = args.hidden_size, args.num_attention_heads
+        self.nope, self.rope_dims, self.rank = args.qk_nope_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
+        q_dims = self.n_heads * (self.nope + self.rope_dims)
+        # transformers norms the two latents with its RMSNorm's default eps, whatever rms_norm_eps says
+        if args.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, q_dims, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(args.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, q_dims, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.rank + self.rope_dims, bias=args.attention_bias)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope + args.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * args.v_head_dim, dim, bias=args.attention_bias)
+        rope = args.rope_for(layer)
+        self.rope = RoPE(args, rope, self.rope_dims)
+        self.scale = (self.nope + self.rope_dims) ** -0.5
+        if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(rope.get("factor") or 1.0, rope["mscale_all_dim"]) ** 2
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        if example_rows is not None:
+            return in_example_rows(lambda rows: self(rows, mask, cache), x, example_rows)
+        B, L, _ = x.shape
+        q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = mx.split(q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), [self.nope], axis=-1)
+        latent, k_rot = mx.split(self.kv_a_proj_with_mqa(x)[:, None], [self.rank], axis=-1)
+        latent = self.kv_a_layernorm(latent)
+        offset = cache.offset if cache is not None else 0
+        q_rot, k_rot = self.rope(q_rot, offset), self.rope(k_rot, offset)
+        if cache is not None:
+            latent, k_rot = cache.update(latent, k_rot)
+        if cache is not None and L == 1:
+            weight = linear_weight(self.kv_b_proj).astype(q.dtype).reshape(self.n_heads, -1, self.rank)
+            k_weight, v_weight = weight[:, :self.nope], weight[:, self.nope:]
+            q = mx.concatenate([q_nope @ k_weight, q_rot], axis=-1)
+            out = attention(q, mx.concatenate([latent, k_rot], axis=-1), latent, self.scale, mask)
+            out = out @ v_weight.swapaxes(-1, -2)
+        else:
+            T = latent.shape[2]
+            kv = self.kv_b_proj(latent[:, 0]).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+            k_nope, v = mx.split(kv, [self.nope], axis=-1)
+            k = mx.concatenate([k_nope, mx.broadcast_to(k_rot, (B, self.n_heads, T, self.rope_dims))], axis=-1)
+            out = attention(mx.concatenate([q_nope, q_rot], axis=-1), k, v, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class LatentAttentionLayer(DecoderLayer):
+    """DecoderLayer with LatentAttention."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__(args, layer, LatentAttention)
+
+
+def linear_weight(layer):
+    """The weight [output, input] that a linear layer without bias multiplies its input by: an adapted one's merged
+    weight (LoRALinear's, DoRALinear's), a quantized one's dequantized."""
+    if isinstance(layer, LoRALinear):
+        return layer.merged_weight()
+    if isinstance(layer, nn.QuantizedLinear):
+        return dequantized_weight(layer, layer.scales.dtype)
+    return layer.weight
 
 
 # Gemma 4: its own forward path
@@ -2706,7 +2865,7 @@ def attention(q, k, v, scale, mask, softcap=None, sinks=None):
     if sinks is not None:
         total = total + exp(sinks - top)
     weights = weights / total
-    return (weights @ v[:, :, None]).reshape(B, H, L, D)
+    return (weights @ v[:, :, None]).reshape(B, H, L, -1)
 
 
 def dequantized_weight(layer, dtype):
