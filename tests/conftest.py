@@ -182,6 +182,10 @@ def tokenizer_dir(tmp_path_factory):
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+# DeepSeek's latent attention sized for TINY (transformers' defaults are DeepSeek-V3's), a key and value per head,
+# every linear layer's input a multiple of 32 (convert -q's groups); its experts
+DEEPSEEK = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 # vision-language models: their language model's model_type, and a tiny image encoder

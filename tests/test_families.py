@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import (ALL_TARGETS, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits,
-                      transformers_class, val_losses)
+from conftest import (ALL_TARGETS, DEEPSEEK, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora,
+                      torch_logits, transformers_class, val_losses)
 from mlx import nn
 from mlx.utils import tree_flatten
 
@@ -100,7 +100,16 @@ FAMILIES = {
                        ["q_proj", "k_proj", "v_proj", "o_proj", "gate.wg", "experts.*.gate_proj",
                         "experts.*.up_proj", "experts.*.down_proj", "shared_mlp.gate_proj", "shared_mlp.up_proj",
                         "shared_mlp.down_proj"]),
-    "mistral3": ({"head_dim": 32}, ALL_TARGETS),
+    # V2: the queries without a bottleneck, the router a linear layer, layer 2 dense (the last two are adapted)
+    "deepseek_v2": ({**DEEPSEEK, "q_lora_rank": None, "first_k_dense_replace": 3,
+                     "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+                    ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "mlp.gate", "experts.*.gate_proj",
+                     "experts.*.up_proj", "experts.*.down_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
+                     "shared_experts.down_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+    "deepseek_v3": ({**DEEPSEEK, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1},
+                    ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts.*.gate_proj",
+                     "experts.*.up_proj", "experts.*.down_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
+                     "shared_experts.down_proj"]),
     "gemma3": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
     # the last layer (full attention) attends to layer 1's K/V and has no k_proj and v_proj; layer 1 none of v_proj
     # (attention_k_eq_v); per-layer embeddings; experts beside the MLP (stacked: their router alone is a target)
@@ -134,6 +143,8 @@ PEFT_LOADS_OTHERWISE = {
     "glm4_moe": "the shared experts' adapters are not loaded",
     "ernie4_5_moe": "the shared experts' adapters are not loaded",
     "hunyuan_v1_moe": "the shared MLP's adapters are not loaded",
+    "deepseek_v2": "the shared experts' adapters are not loaded, nor the dense layers' MLP's",
+    "deepseek_v3": "the shared experts' adapters are not loaded",
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -252,14 +263,16 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
         assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe"], indirect=True)
+@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3"],
+                         indirect=True)
 def test_peft_loads_the_experts_adapters(family, tmp_path):
-    """The families whose shared experts' adapters PEFT does not load (PEFT_LOADS_OTHERWISE): it loads the others
-    (attention's, the router's, the experts') as they were trained."""
+    """The families whose shared experts' adapters (and dense layers' MLP's) PEFT does not load
+    (PEFT_LOADS_OTHERWISE): it loads the others (attention's, the router's, the experts') as they were trained."""
     from peft import PeftModel
 
     folder, reference, targets, tokens = family
-    adapted = random_adapter(folder, tmp_path / "adapters.safetensors", [t for t in targets if "shared" not in t])
+    loaded = [t for t in targets if "shared" not in t and t not in ALL_TARGETS[4:]]  # (mlp.gate_proj, ...)
+    adapted = random_adapter(folder, tmp_path / "adapters.safetensors", loaded)
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-peft", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
     assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL

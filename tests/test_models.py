@@ -9,7 +9,7 @@ import torch
 
 import models
 import utils
-from conftest import FP32_ATOL, TINY
+from conftest import DEEPSEEK, FP32_ATOL, TINY
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -26,10 +26,6 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
 GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_size_per_layer_input": 300,
           "hidden_size_per_layer_input": 8,
           "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
-# DeepSeek's latent attention, sized for the tiny model (transformers' defaults are DeepSeek-V3's), and its experts
-DEEPSEEK = {"num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 16, "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32, "first_k_dense_replace": 1}
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
                  "beta_fast": 32.0, "beta_slow": 1.0}
 CONFIGS = {
@@ -121,12 +117,14 @@ CONFIGS = {
     "hunyuan_v1_moe-default-rope": ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 3, "head_dim": 32,
                                                        "attention_bias": True}),
     # latent attention: transformers' default sizes do not fit the tiny model; a key and value per head
-    "deepseek_v3": ("deepseek_v3", {**DEEPSEEK, "n_group": 4, "topk_group": 2, "n_shared_experts": 2}),
+    "deepseek_v3": ("deepseek_v3", {**DEEPSEEK, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                                    "n_shared_experts": 2}),
     # the queries without a bottleneck, rope on halves, biases, yarn with mscale_all_dim (the softmax's scale too)
     "deepseek_v3-yarn-halves": ("deepseek_v3", {
         **DEEPSEEK, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "rope_interleave": False,
         "attention_bias": True, "rope_parameters": {**DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 0.7}}),
-    "deepseek_v2": ("deepseek_v2", {**DEEPSEEK, "q_lora_rank": None, "n_shared_experts": 1}),
+    "deepseek_v2": ("deepseek_v2", {**DEEPSEEK, "q_lora_rank": None, "first_k_dense_replace": 1,
+                                    "n_shared_experts": 1}),
     # groups by their best softmax probability; yarn with a gain (mscale over mscale_all_dim)
     "deepseek_v2-groups-yarn": ("deepseek_v2", {
         **DEEPSEEK, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.0,
