@@ -278,6 +278,28 @@ def test_peft_loads_the_experts_adapters(family, tmp_path):
     assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "quantized"])
+@pytest.mark.parametrize("family", ["deepseek_v3"], indirect=True)
+def test_latent_attention_generates_through_the_layer_as_it_is(family, kind):
+    """A token generated alone attends in the latent's space through kv_b_proj's weight as the layer holds it (an
+    adapter's merged into it, a quantized one's dequantized): the prompt and then one token at a time give the
+    whole sequence's logits."""
+    folder, _, _, tokens = family
+    model = utils.load(str(folder))[0]
+    if kind == "quantized":
+        models.quantize(model, lambda path, m: {"group_size": 32, "bits": 4} if path.endswith("kv_b_proj") else None)
+    else:
+        models.linear_to_lora_layers(model, ["kv_b_proj"], -1, rank=4, dora=kind == "dora")
+        mx.random.seed(0)
+        for layer in models.lora_layers(model).values():
+            layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+            if kind == "dora":
+                layer.m = layer.m * (1 + 0.2 * mx.random.normal(layer.m.shape))
+    cache = model.make_cache()
+    steps = [model(mx.array([tokens[:5]]), cache)] + [model(mx.array([[t]]), cache) for t in tokens[5:]]
+    assert np.abs(np.array(mx.concatenate(steps, axis=1)) - logits(model, tokens)).max() <= FP32_ATOL
+
+
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_quantized_conversion_and_fuse(family, tmp_path):
     """convert -q quantizes every linear layer (experts too), except the routers (Family.unquantized); fuse.py

@@ -1,5 +1,6 @@
 """models.py against transformers' PyTorch implementation on the same random weights (fp32)."""
 import json
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -342,6 +343,58 @@ def test_gpt_oss_refuses_mxfp4_experts():
     with pytest.raises(ValueError, match="^quantization_config: MXFP4"):
         models.ModelArgs.from_config({"model_type": "gpt_oss", **TINY, "vocab_size": 300,
                                       "quantization_config": {"quant_method": "mxfp4"}})
+
+
+# the Hub's configs, abridged: DeepSeek-V3's (transformers 4's layout, yarn over 40 times the context) and V2-Lite's
+DEEPSEEK_V3_HUB = {
+    "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+    "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8,
+    "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
+    "norm_topk_prob": True, "scoring_func": "sigmoid", "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}, "vocab_size": 129280}
+DEEPSEEK_V2_LITE_HUB = {
+    **DEEPSEEK_V3_HUB, "model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0, "q_lora_rank": None,
+    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+    "norm_topk_prob": False, "scoring_func": "softmax", "vocab_size": 102400, "rope_scaling": {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096, "type": "yarn"}}
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK_V3_HUB, DEEPSEEK_V2_LITE_HUB], ids=["v3", "v2-lite"])
+def test_deepseek_hub_configs_read_as_transformers_reads_them(config):
+    """Yarn's frequencies and gain on the rope features, its mscale_all_dim in the softmax's scale, the layers with
+    experts, the queries' bottleneck (none in V2-Lite)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+    theirs = transformers.AutoConfig.for_model(**config)
+    args = models.ModelArgs.from_config(config)
+    attention = models.LatentAttention(args, 0)  # (its layers' weights are never computed)
+    inv_freq, gain = ROPE_INIT_FUNCTIONS["yarn"](theirs)
+    assert np.allclose(1 / np.array(attention.rope._freqs), inv_freq.numpy(), rtol=1e-6)
+    assert math.isclose(attention.rope.gain, gain)
+    assert math.isclose(attention.scale, yarn_apply_mscale(theirs.rope_parameters, theirs.qk_head_dim ** -0.5))
+    assert args.moe_layers == [i >= theirs.first_k_dense_replace for i in range(theirs.num_hidden_layers)]
+    assert ("q_proj" in attention) == (theirs.q_lora_rank is None)
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("deepseek_v3", {"scoring_func": "softmax"}), ("deepseek_v3", {"topk_method": "greedy"}),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}), ("deepseek_v3", {"num_key_value_heads": 2}),
+    ("deepseek_v3", {"moe_layer_freq": 2}), ("deepseek_v2", {"partial_rotary_factor": 0.5}),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}), ("deepseek_v2", {"scoring_func": "sigmoid"}),
+    ("deepseek_v2", {"norm_topk_prob": True}), ("deepseek_v2", {"num_experts_per_tok": None}),
+])
+def test_deepseek_refuses_what_it_does_not_compute(model_type, config):
+    """A router, a rope or weights that transformers computes otherwise (or not at all) are an error naming the
+    field."""
+    with pytest.raises(ValueError, match=f"^{next(iter(config))}"):
+        models.ModelArgs.from_config({**TINY, **DEEPSEEK, "model_type": model_type, "vocab_size": 300, **config})
 
 
 def test_every_family_is_tested():
