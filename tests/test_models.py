@@ -130,6 +130,7 @@ CONFIGS = {
     "deepseek_v2-groups-yarn": ("deepseek_v2", {
         **DEEPSEEK, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.0,
         "mlp_bias": True, "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.5}}),
+    "sarvam_mla": ("sarvam_mla", {**DEEPSEEK, "n_shared_experts": 2}),
     # the vision-language models' language models: tied where the checkpoint has no output layer of its own
     "mistral3": ("mistral3", {"head_dim": 32, "sliding_window": 24}),
     "mistral3-untied": ("mistral3", {"tie_word_embeddings": False, "rope_theta": 1e6}),
@@ -381,6 +382,22 @@ def test_deepseek_hub_configs_read_as_transformers_reads_them(config):
     assert math.isclose(attention.scale, yarn_apply_mscale(theirs.rope_parameters, theirs.qk_head_dim ** -0.5))
     assert args.moe_layers == [i >= theirs.first_k_dense_replace for i in range(theirs.num_hidden_layers)]
     assert ("q_proj" in attention) == (theirs.q_lora_rank is None)
+
+
+def test_sarvam_mla_reads_its_first_configs_as_transformers_reads_them():
+    """Sarvam-105B's first config layout (for its own code): the experts named num_experts and num_shared_experts,
+    yarn deepseek_yarn, head_dim the latent's (unused)."""
+    import transformers
+
+    first = {**TINY, **DEEPSEEK, "model_type": "sarvam_mla", "vocab_size": 300, "num_experts": 4,
+             "num_shared_experts": 3, "head_dim": 40, "rope_theta": 1e4,
+             "rope_scaling": {**DEEPSEEK_YARN, "type": "deepseek_yarn", "mscale_all_dim": 0.7}}
+    del first["n_routed_experts"], first["rope_scaling"]["rope_type"], first["rope_scaling"]["rope_theta"]
+    theirs = transformers.AutoConfig.for_model(**first)
+    args = models.ModelArgs.from_config(first)
+    assert args.rope == {**theirs.rope_parameters, "partial_rotary_factor": 1.0}
+    assert (args.num_local_experts, args.shared_expert_intermediate_size) == (
+        theirs.n_routed_experts, theirs.n_shared_experts * theirs.moe_intermediate_size) == (4, 96)
 
 
 @pytest.mark.parametrize("model_type, config", [
