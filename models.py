@@ -472,6 +472,18 @@ def deepseek_v3_fix(config: dict):
     deepseek_fix(config)
 
 
+def sarvam_mla_fix(config: dict):
+    """Sarvam's first configs (for its own code) as transformers reads them: num_experts and num_shared_experts for
+    DeepSeek's names, and yarn called deepseek_yarn."""
+    for old, new in (("num_experts", "n_routed_experts"), ("num_shared_experts", "n_shared_experts")):
+        if config.get(old) is not None:
+            config[new] = config[old]
+    rope = config.get("rope_scaling")
+    if isinstance(rope, dict) and "deepseek_yarn" in (rope.get("type"), rope.get("rope_type")):
+        config["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": "yarn"}
+    deepseek_v3_fix(config)
+
+
 def ernie4_5_moe_fix(config: dict):
     experts_from(config, "moe_num_experts", "moe_k")
     config["norm_topk_prob"] = True
@@ -704,6 +716,10 @@ MOE = {"mlp": "sparse_moe"}
 # transformers' defaults for DeepSeek V2's and V3's latent attention
 DEEPSEEK = {**MOE, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
             "v_head_dim": 128}
+DEEPSEEK_V3 = {**DEEPSEEK, "routing": "sigmoid", "router_bias": ("gate.e_score_correction_bias", 1),
+               "rope_interleave": True, "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048,
+               "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+               "routed_scaling_factor": 2.5, "max_position_embeddings": 4096}
 # the layers that every config has (the queries' are q_proj, or q_a_proj and q_b_proj, as q_lora_rank says): the
 # keys' and values' expansion from the latent, and the output
 DEEPSEEK_TARGETS = ("self_attn.kv_b_proj", "self_attn.o_proj")
@@ -813,11 +829,12 @@ FAMILIES = {
         **DEEPSEEK, "rope_interleaved": True, "norm_topk_prob": False, "n_routed_experts": 64, "n_shared_experts": 2,
         "moe_intermediate_size": 1407, "routed_scaling_factor": 1.0}, deepseek_v2_fix, DEEPSEEK_TARGETS,
         unquantized=(".mlp.gate",), layer="LatentAttentionLayer"),
-    "deepseek_v3": Family("DeepSeek-V3, V3.1, R1, Moonlight (mixture of experts, latent attention)", {
-        **DEEPSEEK, "routing": "sigmoid", "router_bias": ("gate.e_score_correction_bias", 1), "rope_interleave": True,
-        "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048, "first_k_dense_replace": 3,
-        "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "routed_scaling_factor": 2.5,
-        "max_position_embeddings": 4096}, deepseek_v3_fix, DEEPSEEK_TARGETS, dropped=mtp_layer,
+    "deepseek_v3": Family("DeepSeek-V3, V3.1, R1, Moonlight (mixture of experts, latent attention)", DEEPSEEK_V3,
+                          deepseek_v3_fix, DEEPSEEK_TARGETS, dropped=mtp_layer, layer="LatentAttentionLayer"),
+    # transformers runs it as DeepSeek-V3
+    "sarvam_mla": Family("Sarvam-105B (mixture of experts, latent attention)", {
+        **DEEPSEEK_V3, "n_routed_experts": 128, "q_lora_rank": None, "n_group": 1, "topk_group": 1,
+        "first_k_dense_replace": 1}, sarvam_mla_fix, DEEPSEEK_TARGETS, dropped=mtp_layer,
         layer="LatentAttentionLayer"),
     "mistral3": Family("Mistral Small 3.1, 3.2, Magistral Small, Devstral Small, Ministral 3, text only: the "
                        "language model trains, the image encoder is kept as it is", names=VISION_LANGUAGE,
