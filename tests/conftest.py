@@ -235,7 +235,7 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
                 one = "norm" in name or ".ln_" in name or name.endswith("scale")
                 p.normal_(1.0 if one else 0.0, 0.2 if one else 0.08)
             for name, b in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):  # a router's bias, zero at first, in some families
+                if name.endswith(("e_score_correction_bias", "expert_bias")):  # a router's bias, zero at first
                     b.normal_(0.0, 0.08)
                 if name.endswith("layer_scalar"):  # Gemma 4's scale of each layer's output, saved as a weight
                     b.uniform_(0.5, 1.5)

@@ -32,6 +32,9 @@ GEMMA4 = {"head_dim": 8, "global_head_dim": 16, "sliding_window": 16, "vocab_siz
           "layer_types": ["sliding_attention", "full_attention"] * 2, "enable_moe_block": True, "num_experts": 4,
           "top_k_experts": 4, "moe_intermediate_size": 32}
 GEMMA4_TARGETS = ALL_TARGETS + ["per_layer_input_gate", "per_layer_projection", "router.proj"]
+LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
+LFM2_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "conv.in_proj",
+                "conv.out_proj"]
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -120,6 +123,11 @@ FAMILIES = {
     "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
                                         "shared_expert.down_proj", "feed_forward.gate_proj",
                                         "feed_forward.up_proj", "feed_forward.down_proj"]),
+    # short convolutions (with biases) and attention: each kind of linear layer of both
+    "lfm2": ({"layer_types": LFM2_LAYERS, "conv_bias": True}, LFM2_TARGETS + ["w1", "w2", "w3"]),
+    "lfm2_moe": ({"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "num_dense_layers": 1},
+                 LFM2_TARGETS + ["experts.*.w1", "experts.*.w3", "experts.*.w2"]),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -134,6 +142,7 @@ PEFT_LOADS_OTHERWISE = {
     "glm4_moe": "the shared experts' adapters are not loaded",
     "ernie4_5_moe": "the shared experts' adapters are not loaded",
     "hunyuan_v1_moe": "the shared MLP's adapters are not loaded",
+    "lfm2_moe": "no conversion for its experts: their adapters are not loaded (attention's and conv's are)",
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
