@@ -327,7 +327,7 @@ def test_derived_fields_read_as_transformers_derives_them(model_type, config):
 
 
 @pytest.mark.parametrize("config", [
-    {"full_attn_idxs": [1, 3], "block_ff_dim": 200, "tie_embedding": False},  # the hub's names (transformers 4)
+    {"full_attn_idxs": [1, 3], "block_ff_dim": 1000, "tie_embedding": False},  # the hub's names (transformers 4)
     {"layer_types": ["full_attention", "conv"] * 2, "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 48},
     {"block_auto_adjust_ff_dim": False, "norm_eps": 1e-3},
     {"num_hidden_layers": 3},  # neither layer_types nor full_attn_idxs: every layer attends
@@ -348,10 +348,10 @@ def test_lfm2_config_reads_as_transformers_reads_it(config):
 
 def test_short_convolution_is_the_same_on_every_device(monkeypatch):
     """causal_conv's two forms, the CPU's (shifted products) and mx.conv1d's (elsewhere), and their gradients."""
-    x, weight = mx.random.normal((2, 3 + 40, 8)), mx.random.normal((8, 1, 4))
+    x, weight, probe = mx.random.normal((2, 3 + 40, 8)), mx.random.normal((8, 1, 4)), mx.random.normal((2, 40, 8))
 
     def value_and_grad():
-        return mx.value_and_grad(lambda x, w: (models.causal_conv(x, w) ** 2).sum(), argnums=(0, 1))(x, weight)
+        return mx.value_and_grad(lambda x, w: (models.causal_conv(x, w) * probe).sum(), argnums=(0, 1))(x, weight)
 
     (cpu, cpu_grad) = value_and_grad()
     monkeypatch.setattr(models.mx, "default_device", lambda: mx.gpu)
