@@ -545,7 +545,10 @@ def lfm2_moe_fix(config: dict):
     router's scores plus expert_bias if use_expert_bias."""
     lfm2_names(config)
     experts_from(config, "num_experts")
-    config["moe_layers"] = [i >= config.get("num_dense_layers", 0) for i in range(config.get("num_hidden_layers", 0))]
+    dense = config.get("num_dense_layers")
+    if not isinstance(dense, int) or isinstance(dense, bool):
+        raise ValueError(f"num_dense_layers is {dense!r}, expected an integer")
+    config["moe_layers"] = [i >= dense for i in range(config.get("num_hidden_layers", 0))]
     if config.get("use_expert_bias"):
         config["router_bias"] = ("expert_bias", 1)
     if config["num_experts_per_tok"] > config["num_local_experts"]:

@@ -368,6 +368,27 @@ def test_quantized_experts_in_mlx_lm_layout(family, tmp_path):
     assert np.abs(logits(utils.load(str(tmp_path / "mlx_lm"))[0], tokens) - logits(theirs, tokens)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["lfm2"], indirect=True)
+def test_lfm2_in_mlx_lm_layout(family, tmp_path):
+    """mlx-lm holds the short convolutions' weights as [channels, taps, 1] (transformers [channels, 1, taps]): its
+    quantized folders (mlx-community's 4-bit LFM2) load here, and mlx_lm.load reads ours, with the same logits."""
+    import mlx_lm
+
+    folder, _, _, tokens = family
+    hub = tmp_path / "hub"  # with the hub's block_dim, which mlx-lm needs
+    shutil.copytree(folder, hub)
+    config = json.loads((folder / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps({**config, "block_dim": config["hidden_size"]}))
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(hub), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    ours = utils.load(str(tmp_path / "q4"))[0]
+    assert np.abs(logits(ours, tokens) - logits(mlx_lm.load(str(tmp_path / "q4"))[0], tokens)).max() <= 1e-4
+    mlx_lm.convert(str(hub), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=32)
+    assert mx.load(str(tmp_path / "mlx_lm" / "model.safetensors"))["model.layers.0.conv.conv.weight"].shape == (64, 3, 1)
+    theirs = mlx_lm.load(str(tmp_path / "mlx_lm"))[0]
+    assert np.abs(logits(utils.load(str(tmp_path / "mlx_lm"))[0], tokens) - logits(theirs, tokens)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe"], indirect=True)
 def test_multi_token_prediction_weights_are_dropped(family, tmp_path):
     """The weights of the multi-token prediction layers that GLM-4.5 (after the decoder layers) and ERNIE 4.5
