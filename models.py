@@ -854,6 +854,10 @@ FAMILIES = {
         "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 1792, "num_dense_layers": 2,
         "use_expert_bias": True}, lfm2_moe_fix, lora_targets=LFM2_TARGETS, layer="Lfm2DecoderLayer",
         carries_state=True),
+    # Lfm2VlForConditionalGeneration holds and saves its language model at model.language_model
+    "lfm2_vl": Family("LFM2-VL (450M, 1.6B, 3B), text only: the language model trains, the image encoder is kept "
+                      "as it is", names=CheckpointNames(written=(("model.", "model.language_model."),), kept=(
+                          "model.vision_tower.", "model.multi_modal_projector.")), text_types=("lfm2",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -194,6 +194,8 @@ VISION_LANGUAGE = {
     "gemma4": ("gemma4_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4,
                                "position_embedding_size": 64, "pooling_kernel_size": 2}),
+    "lfm2_vl": ("lfm2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "num_patches": 16, "patch_size": 4}),
 }
 
 

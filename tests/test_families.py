@@ -128,6 +128,7 @@ FAMILIES = {
     "lfm2_moe": ({"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "num_dense_layers": 1},
                  LFM2_TARGETS + ["experts.*.w1", "experts.*.w3", "experts.*.w2"]),
+    "lfm2_vl": ({"layer_types": LFM2_LAYERS[::-1]}, LFM2_TARGETS + ["w1", "w2", "w3"]),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -491,6 +492,18 @@ def test_vision_language_models_train_text_only_and_keep_the_image_encoder(famil
     adapted, _, _ = utils.load(str(folder))
     utils.load_adapters(adapted, tmp_path / "peft")
     assert np.abs(torch_logits(fused, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", ["lfm2_vl"], indirect=True)
+def test_lfm2_vl_trains_text_only_and_keeps_the_image_encoder(family, tmp_path):
+    """Lfm2VlForConditionalGeneration holds and saves its language model at model.language_model: the checkpoint's
+    names come back as they were, the image encoder and projector untouched; PEFT adapts the language model alone."""
+    folder, _, targets, _ = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("model.language_model.")}
+    assert {k.split(".")[1] for k in kept} == {"vision_tower", "multi_modal_projector"}
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    fused_and_quantized_keep(folder, tmp_path / "adapters.safetensors", source, kept, tmp_path, "model.language_model.")
 
 
 def test_mistral3_ties_the_output_layer_as_transformers_5_does(make_checkpoint, tmp_path):

@@ -165,6 +165,7 @@ CONFIGS = {
                                 "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 48}),
     "lfm2_moe": ("lfm2_moe", {"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 2,
                               "moe_intermediate_size": 32, "num_dense_layers": 1, "routed_scaling_factor": 2.0}),
+    "lfm2_vl": ("lfm2_vl", {"layer_types": LFM2_LAYERS}),
     "lfm2_moe-no-expert-bias": ("lfm2_moe", {"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 3,
                                              "moe_intermediate_size": 32, "use_expert_bias": False,
                                              "norm_topk_prob": False}),
