@@ -556,6 +556,70 @@ def falcon_fix(config: dict):
         config["rope_layers"] = [False] * config.get("num_hidden_layers", 0)
 
 
+LFM2_LAYER_TYPES = ("conv", "full_attention")
+
+
+def positive_number(config: dict, key: str, integer=True):
+    """config[key], if a positive integer (or, not integer, a positive finite number); else ValueError naming it."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{key} is {value!r}, expected a positive {'integer' if integer else 'number'}")
+    return value
+
+
+def lfm2_names(config: dict):
+    """LFM2's and LFM2-MoE's names: norm_eps, tie_embedding (the hub's, which wins), layer_types (conv or
+    full_attention, which transformers' masks alone know)."""
+    config["rms_norm_eps"] = config.get("norm_eps")
+    if "tie_embedding" in config:
+        config["tie_word_embeddings"] = config["tie_embedding"]
+    kinds = config.get("layer_types")
+    unknown = sorted({str(kind) for kind in kinds} - set(LFM2_LAYER_TYPES)) if isinstance(kinds, list) else None
+    if kinds is None or unknown:
+        raise ValueError(f"layer_types {'is ' + repr(kinds) if kinds else 'missing'}, expected a list of "
+                         f"{' or '.join(LFM2_LAYER_TYPES)}")
+
+
+def lfm2_fix(config: dict):
+    """LFM2's config as transformers reads it: the hub's block_ff_dim (which wins over intermediate_size), the
+    layers' types from full_attn_idxs where layer_types is absent (every layer attends if both are), and, with
+    block_auto_adjust_ff_dim, the MLP's width two thirds of that, times block_ffn_dim_multiplier and rounded up
+    to block_multiple_of if the multiplier is set."""
+    if "block_ff_dim" in config:
+        config["intermediate_size"] = config["block_ff_dim"]
+    if config.get("layer_types") is None:
+        layers = range(config.get("num_hidden_layers") or 0)
+        attending = config.get("full_attn_idxs")
+        if attending is not None and not isinstance(attending, list):
+            raise ValueError(f"full_attn_idxs is {attending!r}, expected a list of layer numbers")
+        config["layer_types"] = ["full_attention" if attending is None or i in attending else "conv" for i in layers]
+    lfm2_names(config)
+    if config.get("block_auto_adjust_ff_dim"):
+        width = int(2 * positive_number(config, "intermediate_size") / 3)
+        if config.get("block_ffn_dim_multiplier") is not None:
+            multiple = positive_number(config, "block_multiple_of")
+            width = int(positive_number(config, "block_ffn_dim_multiplier", integer=False) * width)
+            width = multiple * -(-width // multiple)
+        config["intermediate_size"] = width
+
+
+def lfm2_moe_fix(config: dict):
+    """LFM2-MoE's config as transformers reads it: LFM2's names (lfm2_names; intermediate_size is the dense layers'
+    MLP's as it is); the mixture of experts in the layers from num_dense_layers on, chosen by the sigmoids of the
+    router's scores plus expert_bias if use_expert_bias."""
+    lfm2_names(config)
+    experts_from(config, "num_experts")
+    dense = config.get("num_dense_layers")
+    if not isinstance(dense, int) or isinstance(dense, bool):
+        raise ValueError(f"num_dense_layers is {dense!r}, expected an integer")
+    config["moe_layers"] = [i >= dense for i in range(config.get("num_hidden_layers", 0))]
+    if config.get("use_expert_bias"):
+        config["router_bias"] = ("expert_bias", 1)
+    if config["num_experts_per_tok"] > config["num_local_experts"]:
+        raise ValueError(f"num_experts_per_tok {config['num_experts_per_tok']} is more than num_experts "
+                         f"{config['num_local_experts']}")
+
+
 def language_model(config: dict, wrapper: Family) -> dict:
     """The config of a vision-language model's language model, as transformers reads it: text_config, its
     model_type wrapper.text_types' first if absent, with the output layer tied to the embedding as the top level
@@ -723,6 +787,12 @@ DEEPSEEK_V3 = {**DEEPSEEK, "routing": "sigmoid", "router_bias": ("gate.e_score_c
 # the layers that every config has (the queries' are q_proj, or q_a_proj and q_b_proj, as q_lora_rank says): the
 # keys' and values' expansion from the latent, and the output
 DEEPSEEK_TARGETS = ("self_attn.kv_b_proj", "self_attn.o_proj")
+# LFM2's attention (its norms and output layer's names), feed-forward block and final norm, transformers' defaults
+LFM2 = {"qk_norm": "head", "qk_norm_names": ("q_layernorm", "k_layernorm"), "output_proj": "out_proj",
+        "mlp_module": "feed_forward", "mlp_names": ("w1", "w3", "w2"), "final_norm": "embedding_norm",
+        "norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": True, "max_position_embeddings": 128000}
+# most of LFM2's layers are short convolutions: their in_proj beside attention's q_proj and v_proj
+LFM2_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "conv.in_proj")
 
 # model_type: its Family. A family that fits ModelArgs' switches is one entry here.
 FAMILIES = {
@@ -861,6 +931,18 @@ FAMILIES = {
         names=CheckpointNames(written=(("model.layers.", "transformer.h."),
                                        ("model.embed_tokens.", "transformer.word_embeddings."),
                                        ("model.ln_f.", "transformer.ln_f.")))),
+    "lfm2": Family("LFM2 (350M, 700M, 1.2B, 2.6B)", {
+        **LFM2, "block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": True},
+        lfm2_fix, lora_targets=LFM2_TARGETS, layer="Lfm2DecoderLayer", carries_state=True),
+    "lfm2_moe": Family("LFM2-8B-A1B (mixture of experts)", {
+        **LFM2, **MOE, "moe_module": "feed_forward", "expert_names": ("w1", "w3", "w2"), "routing": "sigmoid",
+        "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 1792, "num_dense_layers": 2,
+        "use_expert_bias": True}, lfm2_moe_fix, lora_targets=LFM2_TARGETS, layer="Lfm2DecoderLayer",
+        carries_state=True),
+    # Lfm2VlForConditionalGeneration holds and saves its language model at model.language_model
+    "lfm2_vl": Family("LFM2-VL (450M, 1.6B, 3B), text only: the language model trains, the image encoder is kept "
+                      "as it is", names=CheckpointNames(written=(("model.", "model.language_model."),), kept=(
+                          "model.vision_tower.", "model.multi_modal_projector.")), text_types=("lfm2",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -1099,7 +1181,8 @@ class ModelArgs:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: Optional[int] = None
-    layer_types: Optional[list] = None  # "full_attention", "sliding_attention" or "chunked_attention", per layer
+    # "full_attention", "sliding_attention" or "chunked_attention", per layer (LFM2's: "conv", a short convolution)
+    layer_types: Optional[list] = None
     attention_chunk_size: Optional[int] = None  # chunked_attention: only keys of the query's chunk (Llama 4)
     hidden_act: str = "silu"
     num_local_experts: int = 0
@@ -1186,6 +1269,8 @@ class ModelArgs:
     attention_k_eq_v: bool = False  # full-attention layers' values are their keys' projection (no v_proj)
     hidden_size_per_layer_input: Optional[int] = None  # Gemma 4's per-layer embeddings: their size per layer
     vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
+    conv_L_cache: int = 3  # a short convolution's taps: it reads its input's last conv_L_cache positions (LFM2)
+    conv_bias: bool = False  # biases in the short convolution and its in_proj and out_proj
 
     @classmethod
     def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
@@ -2495,6 +2580,68 @@ class Gemma4Model(Model):
         return (h, {"per_layer": per_layer}), 0
 
 
+# LFM2: its own decoder layer
+
+
+class ShortConv(nn.Module):
+    """LFM2's short convolution: in_proj's output in three parts B, C and x; C times the causal depthwise
+    convolution (causal_conv) of B * x over its last conv_L_cache positions (conv: weight [hidden, 1, taps], the
+    checkpoint's layout); then out_proj. What it carries along the row is the convolution's last taps - 1 inputs:
+    zeros at the start of a row (of each packed example: example_rows) and of a generation, whose StateCache keeps
+    them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dims, bias = args.hidden_size, args.conv_bias
+        self.in_proj = nn.Linear(dims, 3 * dims, bias=bias)
+        self.out_proj = nn.Linear(dims, dims, bias=bias)
+        self.conv = nn.Module()
+        self.conv.weight = mx.zeros((dims, 1, args.conv_L_cache))
+        if bias:
+            self.conv.bias = mx.zeros((dims,))
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        b, c, x = mx.split(self.in_proj(x), 3, axis=-1)
+        if example_rows is not None:
+            return self.out_proj(c * in_example_rows(self.convolved, b * x, example_rows))
+        return self.out_proj(c * self.convolved(b * x, cache))
+
+    def convolved(self, x, cache=None):
+        taps = self.conv.weight.shape[-1]
+        state = cache.states.get("conv") if cache is not None else None
+        if state is None:
+            state = mx.zeros((x.shape[0], taps - 1, x.shape[-1]), x.dtype)
+        window = mx.concatenate([state, x], axis=1)
+        if cache is not None:
+            cache.states["conv"] = window[:, x.shape[1]:]
+            cache.offset += x.shape[1]
+        out = causal_conv(window, self.conv.weight)
+        return out + self.conv.bias if "bias" in self.conv else out
+
+
+class Lfm2DecoderLayer(nn.Module):
+    """LFM2's decoder layer: a short convolution (conv) where layer_types says conv, else attention (self_attn);
+    then the feed-forward block (feed_forward: the MLP, or in the layers of moe_layers the mixture of experts),
+    each after its norm (operator_norm, ffn_norm) and joining the residual stream."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.mixer = "conv" if args.layer_type(layer) == "conv" else "self_attn"
+        self[self.mixer] = ShortConv(args) if self.mixer == "conv" else Attention(args, layer)
+        moe = args.mlp != "gated" and args.moe_layers[layer]
+        self.feed_forward = FEED_FORWARD[args.mlp if moe else "gated"](args)
+        if moe:  # transformers' router is no linear layer, which PEFT cannot adapt: nor is it a LoRA target here
+            self.feed_forward.gate = Router(args.hidden_size, args.num_local_experts)
+        self.operator_norm, self.ffn_norm = norm(args), norm(args)
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = x + self[self.mixer](self.operator_norm(x), mask, cache, example_rows)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def make_cache(self):
+        return StateCache() if self.mixer == "conv" else KVCache()
+
+
 # LoRA and DoRA
 
 
@@ -2826,6 +2973,18 @@ def logsumexp(x):
         return mx.logsumexp(x, axis=-1)
     top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
     return mx.log(exp(x - top).sum(axis=-1)) + top[..., 0]
+
+
+def causal_conv(x, weight):
+    """The causal depthwise convolution of x [batch, taps - 1 + length, channels], whose first taps - 1 positions
+    are the state before the row (zeros, or a cache's), by weight [channels, 1, taps] (a short convolution's, in
+    its checkpoint's layout): [batch, length, channels]. mx.conv1d with a group for each channel; on the CPU,
+    where MLX's grouped convolution is ten times slower, the sum of the shifted inputs times each tap's weights,
+    which mx.compile fuses."""
+    taps, length = weight.shape[-1], x.shape[1] - weight.shape[-1] + 1
+    if mx.default_device() != mx.cpu:
+        return mx.conv1d(x, weight.swapaxes(1, 2), groups=x.shape[-1])
+    return sum(x[:, k:k + length] * weight[:, 0, k] for k in range(taps))
 
 
 def in_example_rows(layer, x, example_rows):

@@ -864,6 +864,9 @@ def build_model(config: dict, weights: dict, source="the model") -> models.Model
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     weights.update({k: v.reshape(shapes[k]) for k, v in weights.items()
                     if v.size == 1 and k in shapes and v.shape != shapes[k] and math.prod(shapes[k]) == 1})
+    # a short convolution's weight (LFM2's) in either layout: transformers' [channels, 1, taps], mlx-lm's [.., taps, 1]
+    weights.update({k: v.swapaxes(1, 2) for k, v in weights.items()
+                    if k in shapes and len(shapes[k]) == 3 and shapes[k][1] == 1 and v.shape == shapes[k][::2] + (1,)})
     try:
         model.load_weights(list(weights.items()))
     except ValueError as e:

@@ -198,6 +198,8 @@ VISION_LANGUAGE = {
     "gemma4": ("gemma4_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4,
                                "position_embedding_size": 64, "pooling_kernel_size": 2}),
+    "lfm2_vl": ("lfm2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "num_patches": 16, "patch_size": 4}),
 }
 
 
@@ -239,7 +241,7 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
                 one = "norm" in name or ".ln_" in name or name.endswith("scale")
                 p.normal_(1.0 if one else 0.0, 0.2 if one else 0.08)
             for name, b in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):  # a router's bias, zero at first, in some families
+                if name.endswith(("e_score_correction_bias", "expert_bias")):  # a router's bias, zero at first
                     b.normal_(0.0, 0.08)
                 if name.endswith("layer_scalar"):  # Gemma 4's scale of each layer's output, saved as a weight
                     b.uniform_(0.5, 1.5)

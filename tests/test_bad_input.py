@@ -523,6 +523,14 @@ CASES += [
     # the Hub's DeepSeek-V3 files (test_models checks the other settings DeepSeek refuses)
     Case("model-config-deepseek-v3-fp8", "lora.py", model(config(lambda c: dict(
         c, model_type="deepseek_v3", quantization_config={"quant_method": "fp8"}))), "quantization_config"),
+    # LFM2's layers are short convolutions or attention over the whole row; transformers' masks know no other kind
+    Case("model-config-lfm2-layer-type-unknown", "lora.py", model(config(lambda c: dict(
+        c, model_type="lfm2", layer_types=["conv", "sliding_attention", "conv", "full_attention"]))),
+         "config.json: layer_types"),
+    Case("model-config-lfm2-moe-without-layer-types", "lora.py", model(config(lambda c: dict(c, model_type="lfm2_moe"))),
+         "config.json: layer_types"),
+    Case("model-config-lfm2-block-multiple-of-zero", "lora.py",
+         model(config(lambda c: dict(c, model_type="lfm2", block_multiple_of=0))), "config.json: block_multiple_of"),
     Case("model-weights-truncated", "lora.py", model(lambda f, d: truncate(f / "model.safetensors")),
          "model.safetensors"),
     Case("model-weights-empty", "lora.py", model(lambda f, d: (f / "model.safetensors").write_bytes(b"")),

@@ -32,6 +32,9 @@ GEMMA4 = {"head_dim": 8, "global_head_dim": 16, "sliding_window": 16, "vocab_siz
           "layer_types": ["sliding_attention", "full_attention"] * 2, "enable_moe_block": True, "num_experts": 4,
           "top_k_experts": 4, "moe_intermediate_size": 32}
 GEMMA4_TARGETS = ALL_TARGETS + ["per_layer_input_gate", "per_layer_projection", "router.proj"]
+LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
+LFM2_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "conv.in_proj",
+                "conv.out_proj"]
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -129,6 +132,12 @@ FAMILIES = {
     "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
                                         "shared_expert.down_proj", "feed_forward.gate_proj",
                                         "feed_forward.up_proj", "feed_forward.down_proj"]),
+    # short convolutions (with biases) and attention: each kind of linear layer of both
+    "lfm2": ({"layer_types": LFM2_LAYERS, "conv_bias": True}, LFM2_TARGETS + ["w1", "w2", "w3"]),
+    "lfm2_moe": ({"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "num_dense_layers": 1},
+                 LFM2_TARGETS + ["experts.*.w1", "experts.*.w3", "experts.*.w2"]),
+    "lfm2_vl": ({"layer_types": LFM2_LAYERS[::-1]}, LFM2_TARGETS + ["w1", "w2", "w3"]),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -145,6 +154,7 @@ PEFT_LOADS_OTHERWISE = {
     "hunyuan_v1_moe": "the shared MLP's adapters are not loaded",
     "deepseek_v2": "the shared experts' adapters are not loaded, nor the dense layers' MLP's",
     "deepseek_v3": "the shared experts' adapters are not loaded",
+    "lfm2_moe": "no conversion for its experts: their adapters are not loaded (attention's and conv's are)",
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -394,6 +404,27 @@ def test_quantized_experts_in_mlx_lm_layout(family, tmp_path):
     assert np.abs(logits(utils.load(str(tmp_path / "mlx_lm"))[0], tokens) - logits(theirs, tokens)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["lfm2"], indirect=True)
+def test_lfm2_in_mlx_lm_layout(family, tmp_path):
+    """mlx-lm holds the short convolutions' weights as [channels, taps, 1] (transformers [channels, 1, taps]): its
+    quantized folders (mlx-community's 4-bit LFM2) load here, and mlx_lm.load reads ours, with the same logits."""
+    import mlx_lm
+
+    folder, _, _, tokens = family
+    hub = tmp_path / "hub"  # with the hub's block_dim, which mlx-lm needs
+    shutil.copytree(folder, hub)
+    config = json.loads((folder / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps({**config, "block_dim": config["hidden_size"]}))
+    convert.convert(convert.build_parser().parse_args(
+        ["--hf-path", str(hub), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-group-size", "32"]))
+    ours = utils.load(str(tmp_path / "q4"))[0]
+    assert np.abs(logits(ours, tokens) - logits(mlx_lm.load(str(tmp_path / "q4"))[0], tokens)).max() <= 1e-4
+    mlx_lm.convert(str(hub), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=32)
+    assert mx.load(str(tmp_path / "mlx_lm" / "model.safetensors"))["model.layers.0.conv.conv.weight"].shape == (64, 3, 1)
+    theirs = mlx_lm.load(str(tmp_path / "mlx_lm"))[0]
+    assert np.abs(logits(utils.load(str(tmp_path / "mlx_lm"))[0], tokens) - logits(theirs, tokens)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe"], indirect=True)
 def test_multi_token_prediction_weights_are_dropped(family, tmp_path):
     """The weights of the multi-token prediction layers that GLM-4.5 (after the decoder layers) and ERNIE 4.5
@@ -496,6 +527,18 @@ def test_vision_language_models_train_text_only_and_keep_the_image_encoder(famil
     adapted, _, _ = utils.load(str(folder))
     utils.load_adapters(adapted, tmp_path / "peft")
     assert np.abs(torch_logits(fused, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", ["lfm2_vl"], indirect=True)
+def test_lfm2_vl_trains_text_only_and_keeps_the_image_encoder(family, tmp_path):
+    """Lfm2VlForConditionalGeneration holds and saves its language model at model.language_model: the checkpoint's
+    names come back as they were, the image encoder and projector untouched; PEFT adapts the language model alone."""
+    folder, _, targets, _ = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("model.language_model.")}
+    assert {k.split(".")[1] for k in kept} == {"vision_tower", "multi_modal_projector"}
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    fused_and_quantized_keep(folder, tmp_path / "adapters.safetensors", source, kept, tmp_path, "model.language_model.")
 
 
 def test_mistral3_ties_the_output_layer_as_transformers_5_does(make_checkpoint, tmp_path):

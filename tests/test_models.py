@@ -29,6 +29,7 @@ GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_si
           "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
                  "beta_fast": 32.0, "beta_slow": 1.0}
+LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -174,6 +175,17 @@ CONFIGS = {
     "llama4_text-llama3-rope": ("llama4_text", {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
                                                 "use_qk_norm": False, "attention_chunk_size": None,
                                                 "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}),
+    # short convolutions and attention; the first layer's cache a StateCache
+    "lfm2": ("lfm2", {"layer_types": LFM2_LAYERS}),
+    # biases, five taps, an attention layer first; the MLP's width adjusted otherwise
+    "lfm2-conv-bias": ("lfm2", {"layer_types": LFM2_LAYERS[::-1], "conv_bias": True, "conv_L_cache": 5,
+                                "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 48}),
+    "lfm2_moe": ("lfm2_moe", {"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 2,
+                              "moe_intermediate_size": 32, "num_dense_layers": 1, "routed_scaling_factor": 2.0}),
+    "lfm2_vl": ("lfm2_vl", {"layer_types": LFM2_LAYERS}),
+    "lfm2_moe-no-expert-bias": ("lfm2_moe", {"layer_types": LFM2_LAYERS, "num_experts": 4, "num_experts_per_tok": 3,
+                                             "moe_intermediate_size": 32, "use_expert_bias": False,
+                                             "norm_topk_prob": False}),
 }
 LENGTH, PROMPT = 60, 20  # from the prompt to LENGTH: the sliding window and the ropes' original context
 
@@ -330,6 +342,40 @@ def test_derived_fields_read_as_transformers_derives_them(model_type, config):
         assert args.moe_layers == [i in reference.moe_layers for i in range(args.num_hidden_layers)]
         assert args.rope_layers == [bool(x) for x in reference.no_rope_layers]
         assert args.qk_l2_norm == reference.use_qk_norm
+
+
+@pytest.mark.parametrize("config", [
+    {"full_attn_idxs": [1, 3], "block_ff_dim": 1000, "tie_embedding": False},  # the hub's names (transformers 4)
+    {"layer_types": ["full_attention", "conv"] * 2, "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 48},
+    {"block_auto_adjust_ff_dim": False, "norm_eps": 1e-3},
+    {"num_hidden_layers": 3},  # neither layer_types nor full_attn_idxs: every layer attends
+])
+def test_lfm2_config_reads_as_transformers_reads_it(config):
+    """LFM2's layers' types, MLP width, tying and norms' eps, from its own names."""
+    import transformers
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+
+    config = {**TINY, "vocab_size": 300, **config}
+    reference = transformers.AutoConfig.for_model("lfm2", **config)
+    args = models.ModelArgs.from_config({"model_type": "lfm2", **config})
+    assert args.layer_types == reference.layer_types
+    assert args.intermediate_size == Lfm2MLP(reference).w1.out_features
+    assert args.tie_word_embeddings == reference.tie_word_embeddings
+    assert args.rms_norm_eps == reference.norm_eps
+
+
+def test_short_convolution_is_the_same_on_every_device(monkeypatch):
+    """causal_conv's two forms, the CPU's (shifted products) and mx.conv1d's (elsewhere), and their gradients."""
+    x, weight, probe = mx.random.normal((2, 3 + 40, 8)), mx.random.normal((8, 1, 4)), mx.random.normal((2, 40, 8))
+
+    def value_and_grad():
+        return mx.value_and_grad(lambda x, w: (models.causal_conv(x, w) * probe).sum(), argnums=(0, 1))(x, weight)
+
+    (cpu, cpu_grad) = value_and_grad()
+    monkeypatch.setattr(models.mx, "default_device", lambda: mx.gpu)
+    (other, other_grad) = value_and_grad()
+    assert abs(cpu.item() - other.item()) <= 1e-4 * abs(cpu.item())
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(cpu_grad, other_grad))
 
 
 def test_llama4_reads_the_hubs_temperature_tuning():
