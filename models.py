@@ -460,9 +460,10 @@ def gated_delta_fix(config: dict):
         config["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                                  for i in range(config.get("num_hidden_layers", 0))]
     kinds = set(config["layer_types"]) if isinstance(config["layer_types"], list) else set()
-    if kinds - {"linear_attention", "full_attention"}:
-        raise ValueError(f"layer_types has {', '.join(map(repr, sorted(kinds - {'linear_attention', 'full_attention'})))}"
-                         f": Qwen3-Next's and Qwen3.5's layers are linear_attention or full_attention")
+    unknown = sorted(map(str, kinds - {"linear_attention", "full_attention"}))
+    if unknown:
+        raise ValueError(f"layer_types has {', '.join(unknown)}: Qwen3-Next's and Qwen3.5's layers are "
+                         f"linear_attention or full_attention")
     keys, values = (config.get(f"linear_num_{kind}_heads") or ModelArgs.__dataclass_fields__[
         f"linear_num_{kind}_heads"].default for kind in ("key", "value"))
     if isinstance(keys, int) and isinstance(values, int) and keys > 0 and values % keys:

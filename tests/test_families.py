@@ -32,6 +32,13 @@ GEMMA4 = {"head_dim": 8, "global_head_dim": 16, "sliding_window": 16, "vocab_siz
           "layer_types": ["sliding_attention", "full_attention"] * 2, "enable_moe_block": True, "num_experts": 4,
           "top_k_experts": 4, "moe_intermediate_size": 32}
 GEMMA4_TARGETS = ALL_TARGETS + ["per_layer_input_gate", "per_layer_projection", "router.proj"]
+# Qwen3-Next and Qwen3.5: three linear attention layers, then attention; small heads
+GATED_DELTA = {"head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+               "linear_value_head_dim": 16}
+QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64}
+QWEN_MOE_TARGETS = ["mlp.gate", "experts.*.gate_proj", "experts.*.up_proj", "experts.*.down_proj",
+                    "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -120,6 +127,16 @@ FAMILIES = {
     "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
                                         "shared_expert.down_proj", "feed_forward.gate_proj",
                                         "feed_forward.up_proj", "feed_forward.down_proj"]),
+    "qwen3_next": ({**GATED_DELTA, **QWEN_MOE},
+                   ATTENTION + ["in_proj_qkvz", "in_proj_ba", "out_proj"] + QWEN_MOE_TARGETS),
+    # the language model of the vision-language model (Qwen3.5's hub checkpoints); attention first and last
+    "qwen3_5": ({**GATED_DELTA, "layer_types": ["full_attention"] + ["linear_attention"] * 2 + ["full_attention"]},
+                ALL_TARGETS + ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]),
+    # every expert for every token (quantized, the router would choose others for some tokens: a jump), and wider
+    # value heads: the random linear attention, its output normed per head, doubles quantization's errors
+    "qwen3_5_moe_text": ({**GATED_DELTA, **QWEN_MOE, "num_experts_per_tok": 4, "linear_value_head_dim": 32},
+                         ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+                         + QWEN_MOE_TARGETS),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -134,6 +151,8 @@ PEFT_LOADS_OTHERWISE = {
     "glm4_moe": "the shared experts' adapters are not loaded",
     "ernie4_5_moe": "the shared experts' adapters are not loaded",
     "hunyuan_v1_moe": "the shared MLP's adapters are not loaded",
+    "qwen3_next": "the shared expert's adapters are not loaded",
+    "qwen3_5_moe_text": "no conversion for its experts, and its router no linear layer: PEFT refuses their adapters",
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -252,7 +271,7 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
         assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe"], indirect=True)
+@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_next"], indirect=True)
 def test_peft_loads_the_experts_adapters(family, tmp_path):
     """The families whose shared experts' adapters PEFT does not load (PEFT_LOADS_OTHERWISE): it loads the others
     (attention's, the router's, the experts') as they were trained."""
@@ -678,3 +697,23 @@ def test_gemma4_trains_text_only_and_keeps_the_image_and_audio_encoders(family, 
                                               for i in (2, 3) for name in ("o_proj", "q_proj") for ab in "ab"]
     quantization = fused_and_quantized_keep(folder, adapters, source, kept, tmp_path, "model.language_model.")
     assert quantization["bits"] == 4 and quantization["model.language_model.embed_tokens"]["bits"] == 8
+
+
+@pytest.mark.parametrize("family", ["qwen3_5"], indirect=True)
+def test_qwen3_5_trains_text_only_and_keeps_the_image_encoder(family, tmp_path):
+    """Qwen3_5ForConditionalGeneration holds and saves its language model at model.language_model, its image encoder
+    at model.visual: the checkpoint's names come back as they were, the image encoder untouched; PEFT adapts the
+    language model alone. The hub's checkpoints hold multi-token prediction layers (mtp.*), which transformers
+    drops on loading, and so do load and convert."""
+    folder, reference, targets, tokens = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("model.language_model.") and k != "lm_head.weight"}
+    assert kept and all(k.startswith("model.visual.") for k in kept)
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    fused_and_quantized_keep(folder, tmp_path / "adapters.safetensors", source, kept, tmp_path, "model.language_model.")
+    shutil.copytree(folder, tmp_path / "mtp")
+    mx.save_safetensors(str(tmp_path / "mtp" / "mtp.safetensors"), {"mtp.fc.weight": mx.zeros((64, 128))})
+    assert np.abs(logits(utils.load(str(tmp_path / "mtp"))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
+    convert.convert(convert.build_parser().parse_args(["--hf-path", str(tmp_path / "mtp"), "--mlx-path",
+                                                       str(tmp_path / "converted")]))
+    assert "mtp.fc.weight" not in mx.load(str(tmp_path / "converted" / "model.safetensors"))
