@@ -41,6 +41,9 @@ MLX_LM_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 TRANSPOSED_IN_STACK = ("lora_a", "lora_b")
 # X.experts.{e}.P: expert e's layer P of a mixture of experts
 EXPERT_PATH = re.compile(r"((?:.*\.)?experts)\.(\d+)\.([^.]+)")
+# X.experts.gate_up_proj, X.experts.down_proj: a mixture of experts' layers stacked as transformers 5 holds them in
+# memory (gate and up in one, [experts, 2 x width, hidden]), as Qwen3.5-MoE's hub checkpoints hold them
+FUSED_EXPERTS = re.compile(r"((?:.*\.)?experts)\.(gate_up_proj|down_proj)")
 
 
 @dataclass(frozen=True)
@@ -111,15 +114,26 @@ class CheckpointNames:
             return None
         return f"{expert[1]}.{expert[3]}.{leaf}", int(expert[2])
 
+    def fused(self, name: str):
+        """Our names of the stacks of experts' layers that a checkpoint's array in transformers 5's stack holds
+        (FUSED_EXPERTS: the gate's and up's, or the down's), in its order; None for another array."""
+        fused = FUSED_EXPERTS.fullmatch(name) if self.experts else None
+        if fused is None:
+            return None
+        return [f"{fused[1]}.{layer}.weight" for layer in (self.experts[:2] if fused[2] == "gate_up_proj" else
+                                                              self.experts[2:])]
+
     def stacked(self, weights: dict, count: Optional[int] = None) -> dict:
         """`weights` (our names) with each expert's arrays of a layer (X.experts.{e}.P.leaf) stacked in one,
-        X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily; with `count` experts, zeros in the
-        place of those absent (adapters of some experts), else all of them. ValueError if their shapes differ, or
-        an expert is missing or past `count`."""
+        X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily, and transformers 5's stacks made ours
+        (fused); with `count` experts, zeros in the place of those absent (adapters of some experts), else all of
+        them. ValueError if their shapes differ, or an expert is missing or past `count`."""
         result, stacks = {}, {}
         for name, value in weights.items():
-            expert = self.expert_of(name)
-            if expert is None:
+            expert, fused = self.expert_of(name), self.fused(name)
+            if fused is not None:  # gate and up split apart
+                result.update(zip(fused, mx.split(value, len(fused), axis=-2)))
+            elif expert is None:
                 result[name] = value
             else:
                 transposed = name.rsplit(".", 1)[-1] in TRANSPOSED_IN_STACK
@@ -827,15 +841,16 @@ FAMILIES = {
         **QWEN3_NEXT, **QWEN3_NEXT_MOE, "num_experts": 512, "num_experts_per_tok": 10,
         "linear_fused_projections": True}, qwen3_next_fix, QWEN3_NEXT_TARGETS[:2] + ("linear_attn.in_proj_qkvz",),
         (".mlp.gate", ".mlp.shared_expert_gate"), "GatedDeltaDecoderLayer", mtp_weight, carries_state=True),
-    "qwen3_5_text": Family("Qwen3.5 (text, dense): 0.8B to 27B (linear attention)",
+    "qwen3_5_text": Family("Qwen3.5 0.8B, 2B, 4B, 9B, 27B, text model (linear attention)",
                            {**QWEN3_NEXT, "num_key_value_heads": 4}, gated_delta_fix, QWEN3_NEXT_TARGETS,
                            layer="GatedDeltaDecoderLayer", dropped=mtp_weight, carries_state=True),
-    "qwen3_5_moe_text": Family("Qwen3.5 (text): 35B-A3B, 122B-A10B, 397B-A17B (linear attention, mixture of experts)",
-                               {**QWEN3_NEXT, **QWEN3_NEXT_MOE, "num_experts": 256, "num_experts_per_tok": 8},
-                               qwen3_5_moe_fix, QWEN3_NEXT_TARGETS, (".mlp.gate", ".mlp.shared_expert_gate"),
-                               "GatedDeltaDecoderLayer", mtp_weight, carries_state=True),
-    "qwen3_5": Family("Qwen3.5 0.8B to 27B, text only: the language model trains, the image encoder is kept as it "
-                      "is", dropped=mtp_weight, names=QWEN3_5_VISION, text_types=("qwen3_5_text",)),
+    "qwen3_5_moe_text": Family(
+        "Qwen3.5 35B-A3B, 122B-A10B, 397B-A17B, text model (linear attention, mixture of experts)",
+        {**QWEN3_NEXT, **QWEN3_NEXT_MOE, "num_experts": 256, "num_experts_per_tok": 8}, qwen3_5_moe_fix,
+        QWEN3_NEXT_TARGETS, (".mlp.gate", ".mlp.shared_expert_gate"), "GatedDeltaDecoderLayer", mtp_weight,
+        carries_state=True),
+    "qwen3_5": Family("Qwen3.5 0.8B, 2B, 4B, 9B, 27B, text only: the language model trains, the image encoder is kept "
+                      "as it is", dropped=mtp_weight, names=QWEN3_5_VISION, text_types=("qwen3_5_text",)),
     "qwen3_5_moe": Family("Qwen3.5 35B-A3B, 122B-A10B, 397B-A17B, text only: the language model trains, the image "
                           "encoder is kept as it is", dropped=mtp_weight, names=QWEN3_5_VISION,
                           text_types=("qwen3_5_moe_text",)),

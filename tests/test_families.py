@@ -2,6 +2,7 @@
 fuse.py writes a model that transformers reads with the adapters' logits; the image encoders of Phi-3-vision,
 Mistral 3 and Gemma 3 are kept untouched; --list-targets."""
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -11,7 +12,7 @@ import torch
 from conftest import (ALL_TARGETS, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora, torch_logits,
                       transformers_class, val_losses)
 from mlx import nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 import convert
 import models
@@ -717,3 +718,36 @@ def test_qwen3_5_trains_text_only_and_keeps_the_image_encoder(family, tmp_path):
     convert.convert(convert.build_parser().parse_args(["--hf-path", str(tmp_path / "mtp"), "--mlx-path",
                                                        str(tmp_path / "converted")]))
     assert "mtp.fc.weight" not in mx.load(str(tmp_path / "converted" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe_text"], indirect=True)
+def test_experts_stacked_as_transformers_5_holds_them(family, tmp_path):
+    """Qwen3.5-MoE's hub checkpoints hold each layer's experts stacked as transformers 5 holds them in memory: gate and
+    up in one experts.gate_up_proj [experts, 2 x width, hidden], and experts.down_proj. transformers and we read them
+    alike, and a layer's weights reload from them (lora.py's frozen-layer cache)."""
+    folder, reference, _, tokens = family
+    shutil.copytree(folder, tmp_path / "hub")
+    weights, stacks = {}, {}
+    for name, value in mx.load(str(folder / "model.safetensors")).items():
+        expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", name)
+        if expert is None:
+            weights[name] = value
+        else:
+            stacks.setdefault((expert[1], expert[3]), {})[int(expert[2])] = value
+    for (experts, layer), pieces in stacks.items():
+        stacks[experts, layer] = mx.stack([pieces[e] for e in sorted(pieces)])
+    for experts in {experts for experts, _ in stacks}:
+        weights[f"{experts}.gate_up_proj"] = mx.concatenate([stacks[experts, "gate_proj"], stacks[experts, "up_proj"]],
+                                                            axis=1)
+        weights[f"{experts}.down_proj"] = stacks[experts, "down_proj"]
+    mx.save_safetensors(str(tmp_path / "hub" / "model.safetensors"), weights, {"format": "pt"})
+    expected = torch_logits(reference, tokens)
+    hub = transformers_class(tmp_path / "hub").from_pretrained(tmp_path / "hub", dtype=torch.float32).eval()
+    assert np.abs(torch_logits(hub, tokens) - expected).max() <= FP32_ATOL
+    model = utils.load(str(tmp_path / "hub"))[0]
+    assert np.abs(logits(model, tokens) - expected).max() <= FP32_ATOL
+    names = [f"model.layers.3.mlp.experts.{layer}.weight" for layer in ("gate_proj", "up_proj", "down_proj")]
+    model.update(tree_unflatten([(name, mx.zeros_like(value)) for name, value in tree_flatten(model.parameters())
+                                 if name in names]))
+    utils.reload_weights(model, str(tmp_path / "hub"), names)
+    assert np.abs(logits(model, tokens) - expected).max() <= FP32_ATOL
