@@ -478,8 +478,7 @@ def gated_delta_fix(config: dict):
     if unknown:
         raise ValueError(f"layer_types has {', '.join(unknown)}: Qwen3-Next's and Qwen3.5's layers are "
                          f"linear_attention or full_attention")
-    keys, values = (config.get(f"linear_num_{kind}_heads") or ModelArgs.__dataclass_fields__[
-        f"linear_num_{kind}_heads"].default for kind in ("key", "value"))
+    keys, values = config.get("linear_num_key_heads"), config.get("linear_num_value_heads")
     if isinstance(keys, int) and isinstance(values, int) and keys > 0 and values % keys:
         raise ValueError(f"linear_num_value_heads {values} is not a multiple of linear_num_key_heads {keys}")
     config["sliding_window"] = None  # no layer slides
@@ -700,9 +699,12 @@ GEMMA4_TARGETS = ("self_attn.q_proj", "self_attn.o_proj")
 OLMO2 = {"block_norms": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"), "qk_norm": "all"}
 MOE = {"mlp": "sparse_moe"}
 # Qwen3-Next's and Qwen3.5's: norms that scale by 1 + weight, queries and keys normed per head, a quarter of each
-# head turned by rope, the attention's output gated; a mixture of experts with a gated shared expert
+# head turned by rope, the attention's output gated; the linear attention's sizes as transformers' defaults. Their
+# mixture of experts has a shared expert, gated.
 QWEN3_NEXT = {"norm": "rms_offset", "qk_norm": "head", "attention_output_gate": True, "partial_rotary_factor": 0.25,
-              "head_dim": 256, "num_key_value_heads": 2, "max_position_embeddings": 32768}
+              "head_dim": 256, "num_key_value_heads": 2, "max_position_embeddings": 32768, "linear_num_key_heads": 16,
+              "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+              "linear_conv_kernel_dim": 4}
 QWEN3_NEXT_MOE = {**MOE, "shared_expert": "shared_expert", "shared_expert_gate": "shared_expert_gate",
                   "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}
 # the reference's q_proj and v_proj, and the linear attention's projection of its queries, keys and values (and z)
@@ -1172,11 +1174,11 @@ class ModelArgs:
     hidden_size_per_layer_input: Optional[int] = None  # Gemma 4's per-layer embeddings: their size per layer
     vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
     # gated delta-rule linear attention (GatedDeltaNet) in the layers of type "linear_attention" (Qwen3-Next, Qwen3.5)
-    linear_num_key_heads: int = 16
-    linear_num_value_heads: int = 32  # each key head's queries and keys serve as many value heads in turn
-    linear_key_head_dim: int = 128
-    linear_value_head_dim: int = 128
-    linear_conv_kernel_dim: int = 4
+    linear_num_key_heads: Optional[int] = None
+    linear_num_value_heads: Optional[int] = None  # each key head's queries and keys serve as many value heads in turn
+    linear_key_head_dim: Optional[int] = None
+    linear_value_head_dim: Optional[int] = None
+    linear_conv_kernel_dim: Optional[int] = None
     linear_fused_projections: bool = False  # q, k, v, z in one in_proj_qkvz, b and a in in_proj_ba, by key head
     attention_output_gate: bool = False  # q_proj gives each head's queries then its gate: output times sigmoid(gate)
 
@@ -2524,7 +2526,7 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk: int):
     decayed = mx.cumsum(g, axis=-1)  # log of the decay from the chunk's start to each position
     causal = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_))
     gaps = decayed[..., :, None] - decayed[..., None, :]
-    decay = mx.where(causal, exp(mx.where(causal, gaps, 0)), 0)  # from position j to i <= j
+    decay = mx.where(causal, exp(mx.where(causal, gaps, 0)), 0)  # from position j to each i >= j
     k_beta = k * beta[..., None]
     solve = unit_lower_inverse(mx.where(mx.tril(causal, -1), (k_beta @ k.swapaxes(-1, -2)) * decay, 0))
     values = solve @ (v * beta[..., None])
@@ -2584,7 +2586,6 @@ class GatedDeltaDecoderLayer(nn.Module):
 
     def make_cache(self):
         return StateCache() if self.mixer == "linear_attn" else KVCache()
-
 
 
 # LoRA and DoRA
