@@ -481,6 +481,9 @@ def gated_delta_fix(config: dict):
     keys, values = config.get("linear_num_key_heads"), config.get("linear_num_value_heads")
     if isinstance(keys, int) and isinstance(values, int) and keys > 0 and values % keys:
         raise ValueError(f"linear_num_value_heads {values} is not a multiple of linear_num_key_heads {keys}")
+    if config.get("hidden_act") in ACTIVATION_MODULES:  # the convolution's too, which holds no parameters for it
+        raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported for linear attention "
+                         f"({', '.join(ACTIVATIONS)})")
     config["sliding_window"] = None  # no layer slides
 
 

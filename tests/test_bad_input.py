@@ -523,6 +523,8 @@ CASES += [
     Case("model-config-qwen3_5-sliding-layer", "lora.py",
          model(config(lambda c: dict(c, model_type="qwen3_5_text", layer_types=["sliding_attention"] * 4))),
          "config.json: layer_types"),
+    Case("model-config-qwen3_5-activation-with-parameters", "lora.py",
+         model(config(lambda c: dict(c, model_type="qwen3_5_text", hidden_act="xielu"))), "config.json: hidden_act"),
     Case("model-config-qwen3_next-value-heads-not-grouped", "lora.py",
          model(config(lambda c: dict(c, model_type="qwen3_next", linear_num_key_heads=2, linear_num_value_heads=3))),
          "config.json: linear_num_value_heads"),
