@@ -41,6 +41,9 @@ MLX_LM_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 TRANSPOSED_IN_STACK = ("lora_a", "lora_b")
 # X.experts.{e}.P: expert e's layer P of a mixture of experts
 EXPERT_PATH = re.compile(r"((?:.*\.)?experts)\.(\d+)\.([^.]+)")
+# X.experts.gate_up_proj, X.experts.down_proj: a mixture of experts' layers stacked as transformers 5 holds them in
+# memory (gate and up in one, [experts, 2 x width, hidden]), as Qwen3.5-MoE's hub checkpoints hold them
+FUSED_EXPERTS = re.compile(r"((?:.*\.)?experts)\.(gate_up_proj|down_proj)")
 
 
 @dataclass(frozen=True)
@@ -111,15 +114,26 @@ class CheckpointNames:
             return None
         return f"{expert[1]}.{expert[3]}.{leaf}", int(expert[2])
 
+    def fused(self, name: str):
+        """Our names of the stacks of experts' layers that a checkpoint's array in transformers 5's stack holds
+        (FUSED_EXPERTS: the gate's and up's, or the down's), in its order; None for another array."""
+        fused = FUSED_EXPERTS.fullmatch(name) if self.experts else None
+        if fused is None:
+            return None
+        return [f"{fused[1]}.{layer}.weight" for layer in (self.experts[:2] if fused[2] == "gate_up_proj" else
+                                                              self.experts[2:])]
+
     def stacked(self, weights: dict, count: Optional[int] = None) -> dict:
         """`weights` (our names) with each expert's arrays of a layer (X.experts.{e}.P.leaf) stacked in one,
-        X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily; with `count` experts, zeros in the
-        place of those absent (adapters of some experts), else all of them. ValueError if their shapes differ, or
-        an expert is missing or past `count`."""
+        X.experts.P.leaf, in the stack's layout (TRANSPOSED_IN_STACK), lazily, and transformers 5's stacks made ours
+        (fused); with `count` experts, zeros in the place of those absent (adapters of some experts), else all of
+        them. ValueError if their shapes differ, or an expert is missing or past `count`."""
         result, stacks = {}, {}
         for name, value in weights.items():
-            expert = self.expert_of(name)
-            if expert is None:
+            expert, fused = self.expert_of(name), self.fused(name)
+            if fused is not None:  # gate and up split apart
+                result.update(zip(fused, mx.split(value, len(fused), axis=-2)))
+            elif expert is None:
                 result[name] = value
             else:
                 transposed = name.rsplit(".", 1)[-1] in TRANSPOSED_IN_STACK
@@ -516,6 +530,44 @@ def hunyuan_v1_moe_fix(config: dict):
     hunyuan_fix(config)
 
 
+def gated_delta_fix(config: dict):
+    """Qwen3-Next's and Qwen3.5's layers: linear attention (GatedDeltaNet) or attention with an output gate, by
+    layer_types, else every full_attention_interval-th layer attention; as many value heads for each key head."""
+    if config.get("layer_types") is None:
+        interval = config.get("full_attention_interval") or 4
+        config["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                 for i in range(config.get("num_hidden_layers", 0))]
+    kinds = set(config["layer_types"]) if isinstance(config["layer_types"], list) else set()
+    unknown = sorted(map(str, kinds - {"linear_attention", "full_attention"}))
+    if unknown:
+        raise ValueError(f"layer_types has {', '.join(unknown)}: Qwen3-Next's and Qwen3.5's layers are "
+                         f"linear_attention or full_attention")
+    keys, values = config.get("linear_num_key_heads"), config.get("linear_num_value_heads")
+    if isinstance(keys, int) and isinstance(values, int) and keys > 0 and values % keys:
+        raise ValueError(f"linear_num_value_heads {values} is not a multiple of linear_num_key_heads {keys}")
+    if config.get("hidden_act") in ACTIVATION_MODULES:  # the convolution's too, which holds no parameters for it
+        raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported for linear attention "
+                         f"({', '.join(ACTIVATIONS)})")
+    config["sliding_window"] = None  # no layer slides
+
+
+def qwen3_next_fix(config: dict):
+    experts_from(config, "num_experts")
+    moe_every_step(config)
+    gated_delta_fix(config)
+
+
+def qwen3_5_moe_fix(config: dict):
+    experts_from(config, "num_experts")
+    config["moe_layers"], config["norm_topk_prob"] = None, True  # every layer's; transformers always normalizes
+    gated_delta_fix(config)
+
+
+def mtp_weight(config: dict, name: str) -> bool:
+    """A weight of the multi-token prediction layers that Qwen3-Next and Qwen3.5 checkpoints hold (mtp.*)."""
+    return name.startswith("mtp.")
+
+
 def mtp_layer(config: dict, name: str) -> bool:
     """A weight of the multi-token prediction layers that GLM-4.5 checkpoints hold after the decoder layers."""
     match = re.match(r"model\.layers\.(\d+)\.", name)
@@ -793,6 +845,20 @@ LFM2 = {"qk_norm": "head", "qk_norm_names": ("q_layernorm", "k_layernorm"), "out
         "norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": True, "max_position_embeddings": 128000}
 # most of LFM2's layers are short convolutions: their in_proj beside attention's q_proj and v_proj
 LFM2_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "conv.in_proj")
+# Qwen3-Next's and Qwen3.5's: norms that scale by 1 + weight, queries and keys normed per head, a quarter of each
+# head turned by rope, the attention's output gated; the linear attention's sizes as transformers' defaults. Their
+# mixture of experts has a shared expert, gated.
+QWEN3_NEXT = {"norm": "rms_offset", "qk_norm": "head", "attention_output_gate": True, "partial_rotary_factor": 0.25,
+              "head_dim": 256, "num_key_value_heads": 2, "max_position_embeddings": 32768, "linear_num_key_heads": 16,
+              "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+              "linear_conv_kernel_dim": 4}
+QWEN3_NEXT_MOE = {**MOE, "shared_expert": "shared_expert", "shared_expert_gate": "shared_expert_gate",
+                  "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}
+# the reference's q_proj and v_proj, and the linear attention's projection of its queries, keys and values (and z)
+QWEN3_NEXT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "linear_attn.in_proj_qkv")
+# Qwen3.5's checkpoints (of the vision-language model) hold the language model at model.language_model, and the
+# image encoder at model.visual
+QWEN3_5_VISION = CheckpointNames(written=(("model.", "model.language_model."),), kept=("model.visual.",))
 
 # model_type: its Family. A family that fits ModelArgs' switches is one entry here.
 FAMILIES = {
@@ -943,6 +1009,23 @@ FAMILIES = {
     "lfm2_vl": Family("LFM2-VL (450M, 1.6B, 3B), text only: the language model trains, the image encoder is kept "
                       "as it is", names=CheckpointNames(written=(("model.", "model.language_model."),), kept=(
                           "model.vision_tower.", "model.multi_modal_projector.")), text_types=("lfm2",)),
+    "qwen3_next": Family("Qwen3-Next-80B-A3B (linear attention, mixture of experts)", {
+        **QWEN3_NEXT, **QWEN3_NEXT_MOE, "num_experts": 512, "num_experts_per_tok": 10,
+        "linear_fused_projections": True}, qwen3_next_fix, QWEN3_NEXT_TARGETS[:2] + ("linear_attn.in_proj_qkvz",),
+        (".mlp.gate", ".mlp.shared_expert_gate"), "GatedDeltaDecoderLayer", mtp_weight, carries_state=True),
+    "qwen3_5_text": Family("Qwen3.5 0.8B, 2B, 4B, 9B, 27B, text model (linear attention)",
+                           {**QWEN3_NEXT, "num_key_value_heads": 4}, gated_delta_fix, QWEN3_NEXT_TARGETS,
+                           layer="GatedDeltaDecoderLayer", dropped=mtp_weight, carries_state=True),
+    "qwen3_5_moe_text": Family(
+        "Qwen3.5 35B-A3B, 122B-A10B, 397B-A17B, text model (linear attention, mixture of experts)",
+        {**QWEN3_NEXT, **QWEN3_NEXT_MOE, "num_experts": 256, "num_experts_per_tok": 8}, qwen3_5_moe_fix,
+        QWEN3_NEXT_TARGETS, (".mlp.gate", ".mlp.shared_expert_gate"), "GatedDeltaDecoderLayer", mtp_weight,
+        carries_state=True),
+    "qwen3_5": Family("Qwen3.5 0.8B, 2B, 4B, 9B, 27B, text only: the language model trains, the image encoder is kept "
+                      "as it is", dropped=mtp_weight, names=QWEN3_5_VISION, text_types=("qwen3_5_text",)),
+    "qwen3_5_moe": Family("Qwen3.5 35B-A3B, 122B-A10B, 397B-A17B, text only: the language model trains, the image "
+                          "encoder is kept as it is", dropped=mtp_weight, names=QWEN3_5_VISION,
+                          text_types=("qwen3_5_moe_text",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -1271,6 +1354,14 @@ class ModelArgs:
     vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
     conv_L_cache: int = 3  # a short convolution's taps: it reads its input's last conv_L_cache positions (LFM2)
     conv_bias: bool = False  # biases in the short convolution and its in_proj and out_proj
+    # gated delta-rule linear attention (GatedDeltaNet) in the layers of type "linear_attention" (Qwen3-Next, Qwen3.5)
+    linear_num_key_heads: Optional[int] = None
+    linear_num_value_heads: Optional[int] = None  # each key head's queries and keys serve as many value heads in turn
+    linear_key_head_dim: Optional[int] = None
+    linear_value_head_dim: Optional[int] = None
+    linear_conv_kernel_dim: Optional[int] = None
+    linear_fused_projections: bool = False  # q, k, v, z in one in_proj_qkvz, b and a in in_proj_ba, by key head
+    attention_output_gate: bool = False  # q_proj gives each head's queries then its gate: output times sigmoid(gate)
 
     @classmethod
     def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
@@ -1625,10 +1716,11 @@ class Attention(nn.Module):
         bias = args.attention_bias or args.qkv_bias
         self.qkv_name = args.qkv_name if args.fused_qkv else None
         self.qkv_grouped = args.qkv_grouped
+        self.output_gate = args.attention_output_gate
         if self.qkv_name is not None:
             self[self.qkv_name] = nn.Linear(dim, q_dims + 2 * kv_dims, bias=bias)
         else:
-            self.q_proj = nn.Linear(dim, q_dims, bias=bias)
+            self.q_proj = nn.Linear(dim, q_dims * (2 if self.output_gate else 1), bias=bias)
             self.k_proj = nn.Linear(dim, kv_dims, bias=bias)
             self.v_proj = nn.Linear(dim, kv_dims, bias=bias)
         self.output_proj = args.output_proj
@@ -1661,11 +1753,16 @@ class Attention(nn.Module):
             q, k, v = self.split_qkv(self[self.qkv_name](x))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = None
+        if self.output_gate:  # each head's queries, then its gate
+            *lead, _ = q.shape
+            q, gate = (y.reshape(*lead, -1) for y in mx.split(q.reshape(*lead, self.n_heads, -1), 2, axis=-1))
         if self.qk_norm == "all":
             q, k = self.normed_qk(q, k)
         if self.clip is not None:
             q, k, v = (mx.clip(y, -self.clip, self.clip) for y in (q, k, v))
-        return self[self.output_proj](self.attend(q, k, v, mask, cache))
+        out = self.attend(q, k, v, mask, cache)
+        return self[self.output_proj](out if gate is None else out * mx.sigmoid(gate))
 
     def split_qkv(self, qkv):
         """q, k and v from the fused layer's output: all queries, then keys, then values; or (qkv_grouped) each
@@ -2640,6 +2737,179 @@ class Lfm2DecoderLayer(nn.Module):
 
     def make_cache(self):
         return StateCache() if self.mixer == "conv" else KVCache()
+# Qwen3-Next and Qwen3.5: gated delta-rule linear attention beside gated softmax attention
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3-Next's and Qwen3.5's linear attention (linear_attn), as transformers' GatedDeltaNet computes it: the
+    input projected to queries, keys and values (q, k, v; in_proj_qkv, or with z in_proj_qkvz grouped by key head),
+    the output gate z (in_proj_z), and per value head beta (in_proj_b) and the decay's input a (in_proj_a; or both in
+    in_proj_ba); q, k and v through a causal depthwise convolution (conv1d, whose last inputs are a state) and the
+    activation; queries and keys normed to length 1 (queries then scaled by 1/sqrt(head size)); then the gated
+    delta rule, a state S [key features, value features] per value head that decays by exp(g), g = -exp(A_log) *
+    softplus(a + dt_bias), and learns each v at its k at the rate sigmoid(b): out = S q (gated_delta_chunked,
+    gated_delta_step); out normed per head (norm), times silu(z), through out_proj. Each value head reads the keys
+    and queries of key head (its number) // (value heads / key heads)."""
+
+    chunk_size = 64  # positions of gated_delta_chunked's chunks: a power of 2 (a test sets it small)
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.key_heads, self.value_heads = args.linear_num_key_heads, args.linear_num_value_heads
+        self.key_dim, self.value_dim = args.linear_key_head_dim, args.linear_value_head_dim
+        dim, keys, values = args.hidden_size, self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        self.fused = args.linear_fused_projections
+        if self.fused:
+            self.in_proj_qkvz = nn.Linear(dim, 2 * keys + 2 * values, bias=False)
+            self.in_proj_ba = nn.Linear(dim, 2 * self.value_heads, bias=False)
+        else:
+            self.in_proj_qkv = nn.Linear(dim, 2 * keys + values, bias=False)
+            self.in_proj_z = nn.Linear(dim, values, bias=False)
+            self.in_proj_b = nn.Linear(dim, self.value_heads, bias=False)
+            self.in_proj_a = nn.Linear(dim, self.value_heads, bias=False)
+        self.conv1d = nn.Module()  # as transformers' Conv1d holds it: [channels, 1, kernel]
+        self.conv1d.weight = mx.zeros((2 * keys + values, 1, args.linear_conv_kernel_dim))
+        self.dt_bias = mx.ones((self.value_heads,))
+        self.A_log = mx.zeros((self.value_heads,))
+        self.norm = nn.RMSNorm(self.value_dim, eps=args.rms_norm_eps)
+        self.out_proj = nn.Linear(values, dim, bias=False)
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        """mask: unused (each position reads the state of those before it); example_rows: a packed row's {"slots",
+        "order"} (packed_layout), for each example's state to start at zero."""
+        if example_rows is not None:
+            return in_example_rows(lambda rows: self(rows, mask, cache), x, example_rows)
+        B, L, _ = x.shape
+        qkv, z, b, a = self.projections(x)
+        states = cache.states if cache is not None else {}
+        kernel = self.conv1d.weight.shape[-1]
+        past = states.get("conv", mx.zeros((B, kernel - 1, qkv.shape[-1]), qkv.dtype))
+        inputs = mx.concatenate([past, qkv], axis=1)
+        qkv = self.act(mx.conv1d(inputs, self.conv1d.weight.swapaxes(1, 2).astype(qkv.dtype), groups=qkv.shape[-1]))
+        keys = self.key_heads * self.key_dim
+        q, k, v = mx.split(qkv, [keys, 2 * keys], axis=-1)
+        repeats = self.value_heads // self.key_heads
+        # normed to length 1: rms_norm over d features is x / sqrt(mean(x^2) + eps / d) = sqrt(d) l2norm(x)
+        q, k = (mx.repeat(mx.fast.rms_norm(y.reshape(B, L, self.key_heads, -1).astype(mx.float32), None,
+                                           1e-6 / self.key_dim), repeats, axis=2) for y in (q, k))
+        q = q / self.key_dim
+        k = k / self.key_dim ** 0.5
+        v = v.reshape(B, L, self.value_heads, -1)
+        beta = mx.sigmoid(b.astype(mx.float32))
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        state = states.get("recurrent")
+        if state is not None and L == 1:
+            out, state = gated_delta_step(q, k, v, g, beta, state)
+        else:
+            out, state = gated_delta_chunked(q, k, v, g, beta, state, self.chunk_size)
+        if cache is not None:
+            cache.states = {"conv": inputs[:, inputs.shape[1] - (kernel - 1):], "recurrent": state}
+            cache.offset += L
+        out = self.norm(out.astype(x.dtype)) * silu(z.reshape(B, L, self.value_heads, -1).astype(mx.float32))
+        return self.out_proj(out.astype(x.dtype).reshape(B, L, -1))
+
+    def projections(self, x):
+        """(q, k and v side by side, z, b, a) of the input."""
+        if not self.fused:
+            return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        # by key head: its queries, keys, values and z, then its value heads' b and a
+        B, L, _ = x.shape
+        groups = self.value_heads // self.key_heads
+        qkvz = self.in_proj_qkvz(x).reshape(B, L, self.key_heads, -1)
+        q, k, v, z = mx.split(qkvz, np.cumsum([self.key_dim, self.key_dim, groups * self.value_dim]).tolist(), axis=-1)
+        b, a = mx.split(self.in_proj_ba(x).reshape(B, L, self.key_heads, -1), 2, axis=-1)
+        return (mx.concatenate([y.reshape(B, L, -1) for y in (q, k, v)], axis=-1), z,
+                b.reshape(B, L, -1), a.reshape(B, L, -1))
+
+
+def gated_delta_step(q, k, v, g, beta, state):
+    """The gated delta rule for one position: q, k [B, 1, H, Dk], v [B, 1, H, Dv], g, beta [B, 1, H], state [B, H,
+    Dk, Dv] -> (out [B, 1, H, Dv], state), in float32. The state decays by exp(g), then learns v at k: S += k (v -
+    S^T k) beta; out = S^T q."""
+    q, k, v = (y[:, 0].astype(mx.float32) for y in (q, k, v))
+    state = state * mx.exp(g[:, 0])[..., None, None]
+    delta = (v - (k[..., None, :] @ state)[..., 0, :]) * beta[:, 0, :, None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return (q[..., None, :] @ state)[:, None, :, 0], state
+
+
+def gated_delta_chunked(q, k, v, g, beta, state, chunk: int):
+    """gated_delta_step over a sequence, a chunk of `chunk` positions (a power of 2) at a time, from `state` (zero
+    if None), as transformers' torch_chunk_gated_delta_rule: within a chunk the updates are one triangular
+    system (the UT transform), solved for all chunks at once (unit_lower_inverse); chunk to chunk, the state alone
+    is carried. -> (out [B, L, H, Dv], state), in float32."""
+    B, L, H, Dk = k.shape
+    Dv = v.shape[-1]
+    pad = -L % chunk  # zeros: no decay and no update
+    q, k, v, g, beta = (mx.pad(y.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (y.ndim - 2))
+                        for y in (q, k, v, g, beta))
+    n = (L + pad) // chunk
+    q, k, v = (y.swapaxes(1, 2).reshape(B, H, n, chunk, -1) for y in (q, k, v))
+    g, beta = (y.swapaxes(1, 2).reshape(B, H, n, chunk) for y in (g, beta))
+    decayed = mx.cumsum(g, axis=-1)  # log of the decay from the chunk's start to each position
+    causal = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_))
+    gaps = decayed[..., :, None] - decayed[..., None, :]
+    decay = mx.where(causal, exp(mx.where(causal, gaps, 0)), 0)  # from position j to each i >= j
+    k_beta = k * beta[..., None]
+    solve = unit_lower_inverse(mx.where(mx.tril(causal, -1), (k_beta @ k.swapaxes(-1, -2)) * decay, 0))
+    values = solve @ (v * beta[..., None])
+    reads = solve @ (k_beta * exp(decayed)[..., None])  # what each position's update reads of the chunk's state
+    within = (q @ k.swapaxes(-1, -2)) * decay
+    q = q * exp(decayed)[..., None]
+    k = k * exp(decayed[..., -1:] - decayed)[..., None]
+    kept = exp(decayed[..., -1])[..., None, None]
+    state = mx.zeros((B, H, Dk, Dv), mx.float32) if state is None else state
+    out = []
+    for i in range(n):
+        new = values[:, :, i] - reads[:, :, i] @ state
+        out.append(q[:, :, i] @ state + within[:, :, i] @ new)
+        state = state * kept[:, :, i] + k[:, :, i].swapaxes(-1, -2) @ new
+    out = mx.stack(out, axis=2).reshape(B, H, n * chunk, Dv)[:, :, :L]
+    return out.swapaxes(1, 2), state
+
+
+def unit_lower_inverse(lower):
+    """(I + lower)^-1 for strictly lower triangular matrices lower [..., C, C] (C a power of 2), by diagonal blocks
+    of doubling size, all blocks of a size at once: [[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]]. Each
+    step's products are parts of the inverse itself, whose size they keep (a power series in lower would not)."""
+    *lead, C, _ = lower.shape
+    axis = len(lead)
+    inverse = mx.ones((*lead, C, 1, 1), lower.dtype)
+    size = 1
+    while size < C:
+        blocks = C // (2 * size)
+        # each 2size x 2size diagonal block of lower, [..., blocks, 2size, 2size]
+        diagonal = mx.diagonal(lower.reshape(*lead, blocks, 2 * size, blocks, 2 * size), axis1=axis, axis2=axis + 2)
+        below = mx.moveaxis(diagonal, -1, axis)[..., size:, :size]
+        pairs = inverse.reshape(*lead, blocks, 2, size, size)
+        first, second = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        zeros = mx.zeros_like(first)
+        inverse = mx.concatenate([mx.concatenate([first, zeros], axis=-1),
+                                  mx.concatenate([-(second @ below @ first), second], axis=-1)], axis=-2)
+        size *= 2
+    return inverse.reshape(*lead, C, C)
+
+
+class GatedDeltaDecoderLayer(nn.Module):
+    """Qwen3-Next's and Qwen3.5's decoder layer: linear attention (linear_attn, GatedDeltaNet) in the layers of
+    type linear_attention, attention (self_attn, its output gated) in the others; then the MLP, or in moe_layers
+    the mixture of experts; each between its norm and the residual stream."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.mixer = "linear_attn" if args.layer_type(layer) == "linear_attention" else "self_attn"
+        self[self.mixer] = GatedDeltaNet(args) if self.mixer == "linear_attn" else Attention(args, layer)
+        moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
+        self.mlp = FEED_FORWARD[args.mlp if moe else "gated"](args)
+        self.input_layernorm, self.post_attention_layernorm = norm(args), norm(args)
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = x + self[self.mixer](self.input_layernorm(x), mask, cache, example_rows)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def make_cache(self):
+        return StateCache() if self.mixer == "linear_attn" else KVCache()
 
 
 # LoRA and DoRA

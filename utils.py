@@ -699,7 +699,8 @@ def read_checkpoint(path_or_repo: str, flag: str = "--model", tokenizer=True, ev
         wanted = names  # (ours: a stack of experts' array stands for each expert's)
         names = {rename(k) for f in files for k in read_arrays(f) if dropped is None or not dropped(config, k)}
         if wanted is not None:
-            names = {k for k in names if (checkpoint.expert_of(k) or (k,))[0] in wanted}
+            names = {k for k in names if any(n in wanted for n in checkpoint.fused(k) or
+                                             [(checkpoint.expert_of(k) or (k,))[0]])}
     if evaluated:
         weights = read_in_threads(files, lambda arrays: in_compute_dtype(config, arrays), names, rename=rename)
     else:

@@ -24,6 +24,12 @@ import utils  # noqa: E402
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
          "bos_token_id": 1, "eos_token_id": 2}
+# Qwen3.5's language models: three linear attention layers to one attention layer
+QWEN3_5 = {"hidden_act": "silu", "num_attention_heads": 16, "head_dim": 256, "linear_num_key_heads": 16,
+           "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+           "linear_conv_kernel_dim": 4, "full_attention_interval": 4, "vocab_size": 248320, "rms_norm_eps": 1e-6,
+           "max_position_embeddings": 32768, "tie_word_embeddings": False,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
 SHAPES = {
     "llama-7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5,
@@ -57,6 +63,18 @@ SHAPES = {
                           moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                           vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
                           max_position_embeddings=40960),
+    # Qwen3.5 as the hub holds it (the vision-language model, its language model in text_config: mlx-lm reads this
+    # model_type, not the text one), without the image encoder; the sizes are transformers' Qwen3_5TextConfig and
+    # Qwen3_5MoeTextConfig defaults, which their docstrings give as Qwen3.5-9B's and Qwen3.5-35B-A3B's
+    "qwen3.5-9b": dict(LLAMA, model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration"],
+                       tie_word_embeddings=False, text_config=dict(QWEN3_5, model_type="qwen3_5_text", hidden_size=4096,
+                                                                   intermediate_size=12288, num_hidden_layers=32,
+                                                                   num_key_value_heads=4)),
+    "qwen3.5-35b-a3b": dict(LLAMA, model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"],
+                            tie_word_embeddings=False, text_config=dict(
+                                QWEN3_5, model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40,
+                                num_key_value_heads=2, num_experts=256, num_experts_per_tok=8,
+                                moe_intermediate_size=512, shared_expert_intermediate_size=512)),
 }
 
 
@@ -111,11 +129,12 @@ def write(path, shape: str, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**
     """The checkpoint, with `tokenizer` (a folder) or else one trained on data/train.jsonl; quantized as convert.py
     -q quantizes by default if `quantize`."""
     config = dict(SHAPES[shape], torch_dtype=dtype)
+    vocab_size = models.ModelArgs.from_config(config).vocab_size  # (a vision-language model's in text_config)
     if tokenizer is None:
         texts = [json.loads(line)["text"] for line in (ROOT / "data" / "train.jsonl").open()]
-        tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, config["vocab_size"]))
+        tokenizer = train_tokenizer(texts, min(TOKENIZER_VOCAB, vocab_size))
     else:  # checked before the weights, which can take minutes
-        tokenizer = fitting_tokenizer(tokenizer, config["vocab_size"])
+        tokenizer = fitting_tokenizer(tokenizer, vocab_size)
 
     flags = convert.build_parser()
     quantization = {"group_size": flags.get_default("q_group_size"), "bits": flags.get_default("q_bits")}

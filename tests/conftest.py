@@ -195,6 +195,10 @@ VISION_LANGUAGE = {
     "gemma3": ("gemma3_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "image_size": 28, "patch_size": 14}),
     # as many layers as the language model's: theirs are not the K/V of its shared layers, which loading drops
+    # the image encoder's output as wide as the language model's hidden states (conftest.TINY's)
+    **{wrapper: (text, {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                        "patch_size": 4, "num_position_embeddings": 16})
+       for wrapper, text in [("qwen3_5", "qwen3_5_text"), ("qwen3_5_moe", "qwen3_5_moe_text")]},
     "gemma4": ("gemma4_text", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4,
                                "position_embedding_size": 64, "pooling_kernel_size": 2}),
@@ -240,6 +244,8 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
                 # about 1: norms' weights (Falcon's ln_attn, ln_mlp, ln_f) and scales (Gemma 4's router's)
                 one = "norm" in name or ".ln_" in name or name.endswith("scale")
                 p.normal_(1.0 if one else 0.0, 0.2 if one else 0.08)
+                if name.endswith(("A_log", "dt_bias")):  # linear attention's decays: slow enough to span chunks
+                    p.uniform_(*(-4.0, 0.0) if name.endswith("A_log") else (-4.0, -2.0))
             for name, b in model.named_buffers():
                 if name.endswith(("e_score_correction_bias", "expert_bias")):  # a router's bias, zero at first
                     b.normal_(0.0, 0.08)

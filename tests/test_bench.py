@@ -115,3 +115,25 @@ def test_wallclock_times_whole_runs(tiny_llama, data_dir, tmp_path):
     assert {"loading", "steps"} <= set(parts) and sum(parts.values()) < result["median_seconds"]["lora.py"]
     assert (tmp_path / "logs" / "lora.py-1.log").read_text().count("Seconds: ") == 1
     assert json.loads(seen.read_text()) == shell
+
+
+@pytest.mark.parametrize("shape", ["qwen3.5-9b", "qwen3.5-35b-a3b"])
+def test_qwen3_5_shapes_load_here_and_in_mlx_lm(shape, tmp_path, monkeypatch):
+    """The Qwen3.5 shapes, shrunk, written quantized (as for the H200's measurements): we load them, and so does
+    mlx-lm (for the comparison), to the same logits."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+
+    import utils
+
+    text = dict(random_checkpoint.SHAPES[shape]["text_config"], hidden_size=128, intermediate_size=256,
+                num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=32, linear_value_head_dim=32, vocab_size=4096)
+    if "num_experts" in text:
+        text.update(num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    monkeypatch.setitem(random_checkpoint.SHAPES, "tiny", dict(random_checkpoint.SHAPES[shape], text_config=text))
+    random_checkpoint.write(tmp_path / "tiny", "tiny", dtype="float32", quantize=True)
+    model, tokenizer, _ = utils.load(str(tmp_path / "tiny"))
+    tokens = mx.array([tokenizer.encode("SELECT name FROM t WHERE year = 7")])
+    assert np.abs(np.array(model(tokens) - mlx_lm.load(str(tmp_path / "tiny"))[0](tokens))).max() < 1e-4

@@ -2,6 +2,7 @@
 fuse.py writes a model that transformers reads with the adapters' logits; the image encoders of Phi-3-vision,
 Mistral 3 and Gemma 3 are kept untouched; --list-targets."""
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -11,7 +12,7 @@ import torch
 from conftest import (ALL_TARGETS, DEEPSEEK, FP32_ATOL, copy_of, logits, random_adapter, run_fuse, run_lora,
                       torch_logits, transformers_class, val_losses)
 from mlx import nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 import convert
 import models
@@ -35,6 +36,13 @@ GEMMA4_TARGETS = ALL_TARGETS + ["per_layer_input_gate", "per_layer_projection", 
 LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
 LFM2_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "conv.in_proj",
                 "conv.out_proj"]
+# Qwen3-Next and Qwen3.5: three linear attention layers, then attention; small heads
+GATED_DELTA = {"head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+               "linear_value_head_dim": 16}
+QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64}
+QWEN_MOE_TARGETS = ["mlp.gate", "experts.*.gate_proj", "experts.*.up_proj", "experts.*.down_proj",
+                    "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
 # model_type: (config, LoRA targets covering each kind of linear layer it has)
 FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -138,6 +146,16 @@ FAMILIES = {
                   "num_dense_layers": 1},
                  LFM2_TARGETS + ["experts.*.w1", "experts.*.w3", "experts.*.w2"]),
     "lfm2_vl": ({"layer_types": LFM2_LAYERS[::-1]}, LFM2_TARGETS + ["w1", "w2", "w3"]),
+    "qwen3_next": ({**GATED_DELTA, **QWEN_MOE},
+                   ATTENTION + ["in_proj_qkvz", "in_proj_ba", "out_proj"] + QWEN_MOE_TARGETS),
+    # the language model of the vision-language model (Qwen3.5's hub checkpoints); attention first and last
+    "qwen3_5": ({**GATED_DELTA, "layer_types": ["full_attention"] + ["linear_attention"] * 2 + ["full_attention"]},
+                ALL_TARGETS + ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]),
+    # every expert for every token (quantized, the router would choose others for some tokens: a jump), and wider
+    # value heads: the random linear attention, its output normed per head, doubles quantization's errors
+    "qwen3_5_moe_text": ({**GATED_DELTA, **QWEN_MOE, "num_experts_per_tok": 4, "linear_value_head_dim": 32},
+                         ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+                         + QWEN_MOE_TARGETS),
 }
 # Families whose adapters, as their row above sets them, PEFT (0.21) does not load as trained, and why.
 # transformers 5 holds each layer's experts stacked in one tensor, which PEFT adapts through target_parameters
@@ -155,6 +173,8 @@ PEFT_LOADS_OTHERWISE = {
     "deepseek_v2": "the shared experts' adapters are not loaded, nor the dense layers' MLP's",
     "deepseek_v3": "the shared experts' adapters are not loaded",
     "lfm2_moe": "no conversion for its experts: their adapters are not loaded (attention's and conv's are)",
+    "qwen3_next": "the shared expert's adapters are not loaded",
+    "qwen3_5_moe_text": "no conversion for its experts, and its router no linear layer: PEFT refuses their adapters",
 }
 # Phi-3-vision's image encoder and projection, as its checkpoint names them (shapes shrunk)
 VISION_SHAPES = {
@@ -275,6 +295,7 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3"],
                          indirect=True)
+@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_next"], indirect=True)
 def test_peft_loads_the_experts_adapters(family, tmp_path):
     """The families whose shared experts' adapters (and dense layers' MLP's) PEFT does not load
     (PEFT_LOADS_OTHERWISE): it loads the others (attention's, the router's, the experts') as they were trained."""
@@ -756,3 +777,57 @@ def test_gemma4_trains_text_only_and_keeps_the_image_and_audio_encoders(family, 
                                               for i in (2, 3) for name in ("o_proj", "q_proj") for ab in "ab"]
     quantization = fused_and_quantized_keep(folder, adapters, source, kept, tmp_path, "model.language_model.")
     assert quantization["bits"] == 4 and quantization["model.language_model.embed_tokens"]["bits"] == 8
+
+
+@pytest.mark.parametrize("family", ["qwen3_5"], indirect=True)
+def test_qwen3_5_trains_text_only_and_keeps_the_image_encoder(family, tmp_path):
+    """Qwen3_5ForConditionalGeneration holds and saves its language model at model.language_model, its image encoder
+    at model.visual: the checkpoint's names come back as they were, the image encoder untouched; PEFT adapts the
+    language model alone. The hub's checkpoints hold multi-token prediction layers (mtp.*), which transformers
+    drops on loading, and so do load and convert."""
+    folder, reference, targets, tokens = family
+    source = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in source.items() if not k.startswith("model.language_model.") and k != "lm_head.weight"}
+    assert kept and all(k.startswith("model.visual.") for k in kept)
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    fused_and_quantized_keep(folder, tmp_path / "adapters.safetensors", source, kept, tmp_path, "model.language_model.")
+    shutil.copytree(folder, tmp_path / "mtp")
+    mx.save_safetensors(str(tmp_path / "mtp" / "mtp.safetensors"), {"mtp.fc.weight": mx.zeros((64, 128))})
+    with_mtp = utils.load(str(tmp_path / "mtp"))[0]
+    assert np.abs(logits(with_mtp, tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
+    convert.convert(convert.build_parser().parse_args(["--hf-path", str(tmp_path / "mtp"), "--mlx-path",
+                                                       str(tmp_path / "converted")]))
+    assert "mtp.fc.weight" not in mx.load(str(tmp_path / "converted" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe_text"], indirect=True)
+def test_experts_stacked_as_transformers_5_holds_them(family, tmp_path):
+    """Qwen3.5-MoE's hub checkpoints hold each layer's experts stacked as transformers 5 holds them in memory: gate and
+    up in one experts.gate_up_proj [experts, 2 x width, hidden], and experts.down_proj. transformers and we read them
+    alike, and a layer's weights reload from them (lora.py's frozen-layer cache)."""
+    folder, reference, _, tokens = family
+    shutil.copytree(folder, tmp_path / "hub")
+    weights, stacks = {}, {}
+    for name, value in mx.load(str(folder / "model.safetensors")).items():
+        expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", name)
+        if expert is None:
+            weights[name] = value
+        else:
+            stacks.setdefault((expert[1], expert[3]), {})[int(expert[2])] = value
+    for (experts, layer), pieces in stacks.items():
+        stacks[experts, layer] = mx.stack([pieces[e] for e in sorted(pieces)])
+    for experts in {experts for experts, _ in stacks}:
+        weights[f"{experts}.gate_up_proj"] = mx.concatenate([stacks[experts, "gate_proj"], stacks[experts, "up_proj"]],
+                                                            axis=1)
+        weights[f"{experts}.down_proj"] = stacks[experts, "down_proj"]
+    mx.save_safetensors(str(tmp_path / "hub" / "model.safetensors"), weights, {"format": "pt"})
+    expected = torch_logits(reference, tokens)
+    hub = transformers_class(tmp_path / "hub").from_pretrained(tmp_path / "hub", dtype=torch.float32).eval()
+    assert np.abs(torch_logits(hub, tokens) - expected).max() <= FP32_ATOL
+    model = utils.load(str(tmp_path / "hub"))[0]
+    assert np.abs(logits(model, tokens) - expected).max() <= FP32_ATOL
+    names = [f"model.layers.3.mlp.experts.{layer}.weight" for layer in ("gate_proj", "up_proj", "down_proj")]
+    model.update(tree_unflatten([(name, mx.zeros_like(value)) for name, value in tree_flatten(model.parameters())
+                                 if name in names]))
+    utils.reload_weights(model, str(tmp_path / "hub"), names)
+    assert np.abs(logits(model, tokens) - expected).max() <= FP32_ATOL

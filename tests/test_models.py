@@ -30,6 +30,11 @@ GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_si
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
                  "beta_fast": 32.0, "beta_slow": 1.0}
 LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
+# Qwen3-Next and Qwen3.5: three linear attention layers, then attention (layer_types' default); small heads
+GATED_DELTA = {"head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+               "linear_value_head_dim": 8}
+QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -172,6 +177,16 @@ CONFIGS = {
     "llama4_text": ("llama4_text", {"head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128,
                                     "num_local_experts": 4, "num_experts_per_tok": 2, "interleave_moe_layer_step": 2,
                                     "no_rope_layer_interval": 2, "attention_chunk_size": 16, "floor_scale": 4}),
+    # a dense layer among the mixtures of experts, weights not renormalized; attention in layers 1 and 3
+    "qwen3_next": ("qwen3_next", {**GATED_DELTA, **QWEN_MOE, "mlp_only_layers": [2], "norm_topk_prob": False,
+                                  "layer_types": ["linear_attention", "full_attention"] * 2}),
+    # as many value heads as key heads; a kernel of 3; biased attention, half of each head turned by rope
+    "qwen3_5_text": ("qwen3_5_text", {**GATED_DELTA, "linear_num_value_heads": 2, "linear_conv_kernel_dim": 3,
+                                      "attention_bias": True, "rope_parameters": {
+                                          "rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}}),
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", {**GATED_DELTA, **QWEN_MOE, "tie_word_embeddings": True}),
+    "qwen3_5": ("qwen3_5", GATED_DELTA),
+    "qwen3_5_moe": ("qwen3_5_moe", {**GATED_DELTA, **QWEN_MOE}),
     "llama4_text-llama3-rope": ("llama4_text", {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
                                                 "use_qk_norm": False, "attention_chunk_size": None,
                                                 "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}),
@@ -206,7 +221,8 @@ def reference_logits(model, tokens, prompt=None):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_forward_matches_transformers(make_checkpoint, name):
+def test_forward_matches_transformers(make_checkpoint, name, monkeypatch):
+    monkeypatch.setattr(models.GatedDeltaNet, "chunk_size", 16)  # linear attention's prompt spans chunks
     model_type, overrides = CONFIGS[name]
     path, reference = make_checkpoint(model_type, **overrides)
     model, _, _ = utils.load(str(path))
@@ -458,6 +474,41 @@ def test_deepseek_refuses_what_it_does_not_compute(model_type, config):
     field."""
     with pytest.raises(ValueError, match=f"^{next(iter(config))}"):
         models.ModelArgs.from_config({**TINY, **DEEPSEEK, "model_type": model_type, "vocab_size": 300, **config})
+@pytest.mark.parametrize("heads", [(2, 2), (2, 4)])
+def test_gated_delta_rule_matches_transformers(heads):
+    """The gated delta rule's chunked form (training, prompts) and step form (generation) against transformers'
+    torch references, from a given state, over more than one chunk (of 16 positions) and part of one; the value
+    heads read their key head's queries and keys."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as reference
+
+    key_heads, value_heads = heads
+    rng = np.random.default_rng(0)
+    q, k = (rng.normal(size=(2, LENGTH, key_heads, 16)).astype(np.float32) for _ in range(2))
+    v = rng.normal(size=(2, LENGTH, value_heads, 8)).astype(np.float32)
+    g = -rng.uniform(0, 0.3, (2, LENGTH, value_heads)).astype(np.float32)  # some decay past a chunk, some not
+    beta = rng.uniform(0, 1, (2, LENGTH, value_heads)).astype(np.float32)
+    state = rng.normal(size=(2, value_heads, 16, 8)).astype(np.float32)
+    tensors = [torch.tensor(x) for x in (q, k, v, g, beta, state)]
+    chunked, chunked_state = reference.torch_chunk_gated_delta_rule(
+        *tensors[:3], g=tensors[3], beta=tensors[4], chunk_size=16, initial_state=tensors[5], output_final_state=True,
+        use_qk_l2norm_in_kernel=True)
+    stepped, stepped_state = reference.torch_recurrent_gated_delta_rule(
+        *tensors[:3], g=tensors[3], beta=tensors[4], initial_state=tensors[5], output_final_state=True,
+        use_qk_l2norm_in_kernel=True)
+    assert np.abs(chunked.numpy() - stepped.numpy()).max() < 1e-4  # the two references agree
+    # normed to length 1 (queries then by 1/sqrt(16)), each key head's for its value heads, as GatedDeltaNet does
+    q, k = (np.repeat(x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6), value_heads // key_heads, axis=2)
+            for x in (q, k))
+    q = q / 4
+    ours, ours_state = models.gated_delta_chunked(*map(mx.array, (q, k, v, g, beta, state)), 16)
+    assert np.abs(np.array(ours) - chunked.numpy()).max() < 1e-4
+    assert np.abs(np.array(ours_state) - chunked_state.numpy()).max() < 1e-4
+    steps, carried = [], mx.array(state)
+    for i in range(LENGTH):
+        out, carried = models.gated_delta_step(*(mx.array(x[:, i:i + 1]) for x in (q, k, v, g, beta)), carried)
+        steps.append(out)
+    assert np.abs(np.array(mx.concatenate(steps, axis=1)) - stepped.numpy()).max() < 1e-4
+    assert np.abs(np.array(carried) - stepped_state.numpy()).max() < 1e-4
 
 
 def test_every_family_is_tested():
