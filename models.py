@@ -619,6 +619,40 @@ def gemma4_shared_kv(config: dict, name: str) -> bool:
     return match is not None and int(match[2]) >= text["num_hidden_layers"] - (text.get("num_kv_shared_layers") or 0)
 
 
+# transformers' defaults for the Mamba-2 layers of Granite 4 and Falcon-H1
+MAMBA2 = {"mamba_n_heads": 128, "mamba_d_head": "auto", "mamba_d_state": 256, "mamba_expand": 2}
+# how transformers writes the numbers that JSON has no literal for: {"__float__": "Infinity"}
+SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def mamba_fix(config: dict):
+    """The Mamba-2 layers' settings as transformers derives them: mamba_d_head "auto" is their inner width
+    (mamba_d_ssm, else mamba_expand * hidden_size) over mamba_n_heads, and must make it whole; time_step_limit as
+    [low, high], high None for no bound (transformers writes infinity as {"__float__": "Infinity"})."""
+    numbers = {key: config.get(key) for key in ("mamba_n_heads", "mamba_expand", "hidden_size")}
+    for key, n in numbers.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{key} is {n!r}, expected a positive integer")
+    heads, groups = numbers["mamba_n_heads"], config.get("mamba_n_groups", 1)
+    inner = config.get("mamba_d_ssm") or numbers["mamba_expand"] * numbers["hidden_size"]
+    head = config.get("mamba_d_head", "auto")
+    if head == "auto":
+        head = config["mamba_d_head"] = inner // heads
+    if not isinstance(head, int) or head * heads != inner:
+        raise ValueError(f"mamba_d_head is {head!r}: mamba_n_heads {heads} heads of it must make the Mamba layers' "
+                         f"width, {inner}")
+    if isinstance(groups, int) and groups > 0 and heads % groups:
+        raise ValueError(f"mamba_n_groups is {groups}: it must divide mamba_n_heads {heads}")
+    limit = config.get("time_step_limit")
+    if limit is not None:
+        bounds = [SPECIAL_FLOATS.get(v["__float__"], v) if isinstance(v, dict) and isinstance(v.get("__float__"), str)
+                  else v for v in limit] if isinstance(limit, list) else []
+        if (len(bounds) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
+                or not 0 <= bounds[0] <= bounds[1]):
+            raise ValueError(f"time_step_limit is {limit!r}, expected [low, high] with 0 <= low <= high")
+        config["time_step_limit"] = [bounds[0], None if bounds[1] == math.inf else bounds[1]]
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -1093,6 +1127,18 @@ class ModelArgs:
     attention_k_eq_v: bool = False  # full-attention layers' values are their keys' projection (no v_proj)
     hidden_size_per_layer_input: Optional[int] = None  # Gemma 4's per-layer embeddings: their size per layer
     vocab_size_per_layer_input: Optional[int] = None  # and their table's rows
+    # Mamba-2 layers (Mamba2Mixer): mamba_n_heads heads of mamba_d_head features, each feature with a state of
+    # mamba_d_state numbers, B and C shared by the heads of each of mamba_n_groups groups; a causal convolution over
+    # mamba_d_conv positions; the scan's parallel form over chunks of mamba_chunk_size positions
+    mamba_n_heads: Optional[int] = None
+    mamba_d_head: Optional[int] = None
+    mamba_d_state: Optional[int] = None
+    mamba_n_groups: int = 1
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: Optional[list] = None  # [low, high]: the time steps clipped to it (high None: no bound)
 
     @classmethod
     def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
@@ -2317,6 +2363,162 @@ class Gemma4Model(Model):
         context = decoder.per_layer_model_projection(h) * self.args.hidden_size ** -0.5
         per_layer = (decoder.per_layer_projection_norm(context.reshape(shape)) + tokens.reshape(shape)) * 2 ** -0.5
         return (h, {"per_layer": per_layer}), 0
+
+
+# Mamba-2 (Granite 4, Falcon-H1)
+
+
+class CausalConv1d(nn.Module):
+    """A causal convolution of each channel alone (depthwise) over its last `kernel` positions, its weight
+    [channels, 1, kernel] as transformers' nn.Conv1d holds it."""
+
+    def __init__(self, channels: int, kernel: int, bias=True):
+        super().__init__()
+        self.weight = mx.zeros((channels, 1, kernel))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def __call__(self, x, state=None):
+        """(output, state) of x [batch, length, channels] after `state`, the inputs before it (zeros if None): the
+        last kernel - 1 inputs, the state after x."""
+        kernel = self.weight.shape[-1]
+        if state is None:
+            state = mx.zeros((x.shape[0], kernel - 1, x.shape[-1]), x.dtype)
+        x = mx.concatenate([state, x], axis=1)
+        y = mx.conv1d(x, self.weight.swapaxes(1, 2), groups=x.shape[-1])
+        return y + self.bias if "bias" in self else y, x[:, x.shape[1] - kernel + 1:]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each of `groups` groups of features, of x gated by silu(gate): the gate applied before the norm
+    (Mamba-2's, Granite 4's) or after it (gate_first False: Falcon-H1's mamba_norm_before_gate); in float32."""
+
+    def __init__(self, dims: int, groups: int, eps: float, gate_first=True):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.groups, self.eps, self.gate_first = groups, eps, gate_first
+
+    def __call__(self, x, gate):
+        gate = silu(gate.astype(mx.float32))
+        x = x.astype(mx.float32) * gate if self.gate_first else x.astype(mx.float32)
+        grouped = x.reshape(*x.shape[:-1], self.groups, -1)
+        x = mx.fast.rms_norm(grouped, None, self.eps).reshape(x.shape) * self.weight
+        return x if self.gate_first else x * gate
+
+
+def segment_sums(x):
+    """[..., T, T]: at [i, j] the sum of x[..., j + 1 .. i] (0 where i == j), -inf where j > i: the log of the
+    decay from position j to position i. Summed within the triangle rather than as a difference of cumulative
+    sums, which loses the small sums of long rows to rounding."""
+    T = x.shape[-1]
+    i, j = mx.arange(T)[:, None], mx.arange(T)[None]
+    sums = mx.cumsum(mx.where(i > j, x[..., None], 0), axis=-2)
+    return mx.where(i >= j, sums, -mx.inf)
+
+
+def mamba2_scan(x, dt, A, B, C, chunk: int, state=None):
+    """Mamba-2's selective scan h[t] = exp(dt[t] A) h[t-1] + dt[t] x[t] B[t], y[t] = h[t] C[t], from `state` (zeros
+    if None), in its chunked form (state space duality): within a chunk of `chunk` positions, the outputs are
+    products of masked matrices, as attention's; the states entering the chunks, one product over the chunks'
+    decays. x [b, L, heads, p]; dt [b, L, heads] (after softplus); A [heads]; B, C [b, L, groups, n], each group's
+    shared by its heads; state [b, heads, p, n]. All in float32; exp the CPU's fast one (exp, below), over the
+    chunks' matrices of decays. (y [b, L, heads, p], the state after x)."""
+    b, L, heads, p = x.shape
+    groups, n = B.shape[-2:]
+    shared = heads // groups
+    pad = -L % chunk
+    chunks = (L + pad) // chunk
+
+    def in_chunks(y, *order):  # [b, chunks, groups, ...] (padding: no input, no decay)
+        y = mx.pad(y, [(0, 0), (0, pad)] + [(0, 0)] * (y.ndim - 2))
+        return y.reshape(b, chunks, chunk, groups, -1, *y.shape[3:]).transpose(0, 1, 3, *order)
+
+    xdt = in_chunks(x * dt[..., None], 4, 2, 5)  # [b, c, g, shared, chunk, p]
+    B, C = (in_chunks(y, 4, 2, 5) for y in (B, C))  # [b, c, g, 1, chunk, n]
+    decays = in_chunks(dt * A, 4, 2)  # [b, c, g, shared, chunk]: the log of each position's decay
+    within = mx.cumsum(decays, axis=-1)  # from the chunk's start
+    # within the chunks: y[i] = sum over j <= i of (C[i] . B[j]) * decay j -> i * x[j] dt[j]
+    y = ((C @ B.swapaxes(-1, -2)) * exp(segment_sums(decays))) @ xdt
+    # each chunk's own contribution to the state at its end, then the states entering each chunk
+    ends = (xdt * exp(within[..., -1:] - within)[..., None]).swapaxes(-1, -2) @ B  # [b, c, g, shared, p, n]
+    first = mx.zeros((b, 1, groups, shared, p, n)) if state is None else state.reshape(b, 1, groups, shared, p, n)
+    ends = mx.concatenate([first, ends], axis=1).transpose(0, 2, 3, 1, 4, 5).reshape(b, groups, shared, chunks + 1, -1)
+    totals = mx.pad(within[..., -1].transpose(0, 2, 3, 1), [(0, 0)] * 3 + [(1, 0)])  # [b, g, shared, c + 1]
+    states = (exp(segment_sums(totals)) @ ends).reshape(b, groups, shared, chunks + 1, p, n)
+    entering = states[:, :, :, :-1].transpose(0, 3, 1, 2, 4, 5)  # [b, c, g, shared, p, n]
+    y = y + (C @ entering.swapaxes(-1, -2)) * exp(within)[..., None]
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, chunks * chunk, heads, p)[:, :L]
+    return y, states[:, :, :, -1].reshape(b, heads, p, n)
+
+
+def mamba2_step(x, dt, A, B, C, state):
+    """One position of mamba2_scan, recurrently: x [b, heads, p], dt [b, heads], B, C [b, groups, n], state
+    [b, heads, p, n]. (y [b, heads, p], the state after x)."""
+    shared = x.shape[1] // B.shape[1]
+    B, C = mx.repeat(B, shared, axis=1), mx.repeat(C, shared, axis=1)
+    state = state * exp(dt * A)[..., None, None] + (x * dt[..., None])[..., None] * B[:, :, None]
+    return (state @ C[..., None])[..., 0], state
+
+
+class Mamba2Mixer(nn.Module):
+    """A Mamba-2 layer, under transformers' names: in_proj's output split into the gate z, the convolution's input
+    (x, B, C) and dt; a causal convolution (conv1d) and the activation over x, B and C; the scan (mamba2_scan, or
+    mamba2_step for one new position with a cache) with dt = softplus(dt + dt_bias) clipped to time_step_limit,
+    A = -exp(A_log), plus D * x; then the gate, with or without a gated norm (`gated_norm`: GatedRMSNorm's
+    "gate_first" or "norm_first", or None for y * silu(z)), and out_proj. Falcon-H1's variant: its inputs times
+    `input_scale` (ssm_in_multiplier), in_proj's five parts (z, x, B, C, dt) times `projection_scales`
+    (ssm_multipliers), out_proj's bias its own (`out_bias`). chunk_size may be set (a test's short chunks)."""
+
+    def __init__(self, args: ModelArgs, gated_norm: Optional[str] = "gate_first", out_bias: Optional[bool] = None,
+                 input_scale: float = 1.0, projection_scales: Optional[tuple] = None):
+        super().__init__()
+        self.heads, self.head_dim, self.groups = args.mamba_n_heads, args.mamba_d_head, args.mamba_n_groups
+        self.state_size, self.chunk_size = args.mamba_d_state, args.mamba_chunk_size
+        inner, grouped = self.heads * self.head_dim, self.groups * self.state_size
+        self.parts = (inner, 2 * inner + 2 * grouped)  # in_proj's output split there: z, x B C, dt
+        self.in_proj = nn.Linear(args.hidden_size, 2 * inner + 2 * grouped + self.heads, bias=args.mamba_proj_bias)
+        self.conv1d = CausalConv1d(inner + 2 * grouped, args.mamba_d_conv, args.mamba_conv_bias)
+        self.act = ACTIVATIONS[args.hidden_act]
+        self.dt_bias = mx.ones((self.heads,))
+        self.A_log = mx.log(mx.arange(1, self.heads + 1, dtype=mx.float32))
+        self.D = mx.ones((self.heads,))
+        if gated_norm is not None:
+            self.norm = GatedRMSNorm(inner, self.groups, args.rms_norm_eps, gated_norm == "gate_first")
+        self.out_proj = nn.Linear(inner, args.hidden_size, bias=args.mamba_proj_bias if out_bias is None else out_bias)
+        self.time_step_limit = tuple(args.time_step_limit or (0.0, None))
+        self.input_scale = input_scale
+        self._projection_scale = None if projection_scales is None else mx.concatenate(
+            [mx.full((size,), scale) for size, scale in zip((inner, inner, grouped, grouped, self.heads),
+                                                           projection_scales)])
+
+    def __call__(self, x, cache=None, example_rows=None):
+        """cache: a StateCache whose states it reads and sets (conv, ssm); the caller advances its offset.
+        example_rows: a packed row's {"slots", "order"} (packed_layout): each example's state starts at zero."""
+        if example_rows is not None:
+            return in_example_rows(lambda rows: self(rows, cache), x, example_rows)
+        batch, length, _ = x.shape
+        projected = self.in_proj(x * self.input_scale if self.input_scale != 1.0 else x)
+        if self._projection_scale is not None:
+            projected = projected * self._projection_scale.astype(projected.dtype)
+        gate, xBC, dt = mx.split(projected, self.parts, axis=-1)
+        states = cache.states if cache is not None else {}
+        xBC, conv_state = self.conv1d(xBC, states.get("conv"))
+        inner, grouped = self.heads * self.head_dim, self.groups * self.state_size
+        h, B, C = mx.split(self.act(xBC).astype(mx.float32), [inner, inner + grouped], axis=-1)
+        h = h.reshape(batch, length, self.heads, self.head_dim)
+        B, C = (y.reshape(batch, length, self.groups, self.state_size) for y in (B, C))
+        dt = mx.clip(nn.softplus(dt.astype(mx.float32) + self.dt_bias.astype(mx.float32)), *self.time_step_limit)
+        A = -mx.exp(self.A_log.astype(mx.float32))
+        if length == 1 and "ssm" in states:
+            y, state = mamba2_step(h[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], states["ssm"])
+            y = y[:, None]
+        else:
+            y, state = mamba2_scan(h, dt, A, B, C, self.chunk_size, states.get("ssm"))
+        if cache is not None:
+            cache.states.update(conv=conv_state, ssm=state)
+        y = (y + h * self.D.astype(mx.float32)[:, None]).reshape(batch, length, -1)
+        y = self.norm(y, gate) if "norm" in self else y * silu(gate.astype(mx.float32))
+        return self.out_proj(y.astype(x.dtype))
 
 
 # LoRA and DoRA

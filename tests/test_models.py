@@ -194,6 +194,30 @@ def test_forward_matches_transformers(make_checkpoint, name):
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
 
 
+# Granite 4's Mamba-2 layers, tiny: 8 heads of 16 features in 2 groups, a state of 16, chunks of 16 (LENGTH: four)
+MAMBA2 = {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16}
+
+
+def test_mamba2_mixer_matches_transformers(make_checkpoint):
+    """Mamba2Mixer against transformers' reference path in torch (GraniteMoeHybridMambaLayer's) over more than a
+    chunk: the whole sequence at once (the chunked scan), and a prompt, two positions, then one at a time with the
+    state in a StateCache (the chunked scan from a state, then the step form)."""
+    _, reference = make_checkpoint("granitemoehybrid", **MAMBA2, layer_types=["mamba"] * 4)
+    theirs = reference.model.layers[0].mamba
+    args = models.ModelArgs("granitemoehybrid", 64, 1, 128, 4, 300, rms_norm_eps=TINY["rms_norm_eps"], mamba_n_heads=8,
+                            mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=16)
+    mixer = models.Mamba2Mixer(args)
+    mixer.load_weights([(k, mx.array(v.numpy())) for k, v in theirs.state_dict().items()])
+    x = np.random.default_rng(0).normal(size=(2, LENGTH, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(x)).numpy()
+    assert np.abs(np.array(mixer(mx.array(x))) - expected).max() <= FP32_ATOL
+    cache = models.StateCache()
+    steps = [mixer(mx.array(x[:, :PROMPT]), cache), mixer(mx.array(x[:, PROMPT:PROMPT + 2]), cache)]
+    steps += [mixer(mx.array(x[:, i:i + 1]), cache) for i in range(PROMPT + 2, LENGTH)]
+    assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
+
+
 @pytest.mark.parametrize("name", ["llama3-rope", "phi-2", "phi3-longrope-partial"])
 def test_config_layouts_read_alike(make_checkpoint, name):
     """transformers 5 writes rope_parameters; transformers 4 (most hub checkpoints) rope_theta,
