@@ -492,6 +492,22 @@ def falcon_fix(config: dict):
         config["rope_layers"] = [False] * config.get("num_hidden_layers", 0)
 
 
+def falcon_h1_fix(config: dict):
+    """Falcon-H1's muP multipliers as transformers applies them: embedding_multiplier to the embeddings,
+    lm_head_multiplier to the logits; the decoder layer's (FalconH1DecoderLayer) read as they are, mlp_multipliers
+    (the gate's, the output's) and ssm_multipliers (of the mixer's in_proj's parts: gate, x, B, C, dt) as many as
+    transformers splits them into."""
+    config["embedding_scale"] = config.get("embedding_multiplier")
+    config["logits_scale"] = config.get("lm_head_multiplier")
+    for key, parts in (("mlp_multipliers", 2), ("ssm_multipliers", 5)):
+        value = config.get(key)
+        if value is None:
+            config[key] = [1.0] * parts
+        elif not (isinstance(value, list) and len(value) == parts
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{key} is {value!r}, expected a list of {parts} numbers")
+
+
 def language_model(config: dict, wrapper: Family) -> dict:
     """The config of a vision-language model's language model, as transformers reads it: text_config, its
     model_type wrapper.text_types' first if absent, with the output layer tied to the embedding as the top level
@@ -810,6 +826,11 @@ FAMILIES = {
         names=CheckpointNames(written=(("model.layers.", "transformer.h."),
                                        ("model.embed_tokens.", "transformer.word_embeddings."),
                                        ("model.ln_f.", "transformer.ln_f.")))),
+    "falcon_h1": Family("Falcon-H1 0.5B, 1.5B, 1.5B-Deep, 3B, 7B, 34B (attention and Mamba-2 side by side)", {
+        **MAMBA2, "mamba_d_ssm": 1024, "final_norm": "final_layernorm", "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192}, both(mamba_fix, falcon_h1_fix),
+        lora_targets=("self_attn.q_proj", "self_attn.v_proj", "mamba.in_proj", "mamba.out_proj"),
+        layer="FalconH1DecoderLayer", carries_state=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -1139,6 +1160,20 @@ class ModelArgs:
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     time_step_limit: Optional[list] = None  # [low, high]: the time steps clipped to it (high None: no bound)
+    # Falcon-H1's muP multipliers (FalconH1DecoderLayer): of the keys; of attention's and the Mamba-2 mixer's inputs
+    # and outputs; of its MLP's gate and output (mlp_multipliers); of the mixer's in_proj's parts (ssm_multipliers)
+    key_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    mlp_multipliers: Optional[list] = None
+    ssm_multipliers: Optional[list] = None
+    # and its Mamba-2 mixers': whether they norm the gated output (over each group), before the gate or after it;
+    # out_proj's bias
+    mamba_rms_norm: bool = False
+    mamba_norm_before_gate: bool = True
+    projectors_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
@@ -2519,6 +2554,64 @@ class Mamba2Mixer(nn.Module):
         y = (y + h * self.D.astype(mx.float32)[:, None]).reshape(batch, length, -1)
         y = self.norm(y, gate) if "norm" in self else y * silu(gate.astype(mx.float32))
         return self.out_proj(y.astype(x.dtype))
+
+
+# Falcon-H1: its own forward path
+
+
+class HybridCache(KVCache):
+    """The cache of a layer whose attention and a layer carrying a state run side by side (Falcon-H1): a KVCache
+    with a StateCache's states, each reading its own part; the positions seen (offset) are the attention's."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = {}
+
+
+class FalconH1MLP(MLP):
+    """Falcon-H1's MLP: its gate's output times mlp_multipliers[0] before the activation, its output times
+    mlp_multipliers[1]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
+
+    def __call__(self, x):
+        gate = (self.act or self.act_fn)(self.gate_proj(x) * self.gate_multiplier)
+        return self.down_proj(gate * self.up_proj(x)) * self.down_multiplier
+
+
+class FalconH1DecoderLayer(nn.Module):
+    """Falcon-H1's parallel hybrid: attention and a Mamba-2 mixer side by side on input_layernorm's output, their
+    sum joining the stream; then the MLP on pre_ff_layernorm's. The muP multipliers scale each one's input and
+    output outside its linear layers, as transformers does, so that adapters see what PEFT's see there; the keys'
+    (key_multiplier) scales every score: the attention's scale."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(replace(args, attention_scale=args.head_dim ** -0.5 * args.key_multiplier), layer)
+        gated_norm = ("norm_first" if args.mamba_norm_before_gate else "gate_first") if args.mamba_rms_norm else None
+        self.mamba = Mamba2Mixer(args, gated_norm, args.projectors_bias, args.ssm_in_multiplier, args.ssm_multipliers)
+        self.feed_forward = FalconH1MLP(args)
+        self.input_layernorm, self.pre_ff_layernorm = norm(args), norm(args)
+        self.attention_in, self.attention_out = args.attention_in_multiplier, args.attention_out_multiplier
+        self.ssm_out = args.ssm_out_multiplier
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = self.input_layernorm(x)
+        if example_rows is None:
+            h = x + self.mixed(h, mask, cache)
+        else:  # both mixers within each example, in one layout of the row
+            h = x + in_example_rows(lambda rows: self.mixed(rows, mask), h, example_rows)
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+    def mixed(self, h, mask, cache=None):
+        """The Mamba-2 mixer's and attention's outputs on the normed stream h, summed."""
+        scanned = self.mamba(h, cache) * self.ssm_out
+        return scanned + self.self_attn(h * self.attention_in, mask, cache) * self.attention_out
+
+    def make_cache(self):
+        return HybridCache()
 
 
 # LoRA and DoRA

@@ -110,6 +110,13 @@ FAMILIES = {
                GEMMA4_TARGETS),
     "falcon": ({"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    "falcon_h1": ({"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
+                   "mamba_chunk_size": 16, "mamba_rms_norm": True, "mamba_norm_before_gate": False,
+                   "embedding_multiplier": 2.0, "key_multiplier": 0.7, "attention_in_multiplier": 1.3,
+                   "attention_out_multiplier": 0.8, "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.6,
+                   "mlp_multipliers": [0.9, 0.6], "ssm_multipliers": [0.35, 0.25, 0.35, 0.5, 0.7]},
+                  ATTENTION + ["mamba.in_proj", "mamba.out_proj", "feed_forward.gate_proj", "feed_forward.up_proj",
+                               "feed_forward.down_proj"]),
     # the stacked experts and the routers are no linear layers: attention is what these two can adapt
     # (logits_scaling, which test_models covers, slows the loss's fall too much for attention's adapters alone)
     "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,

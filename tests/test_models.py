@@ -26,6 +26,12 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
 GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_size_per_layer_input": 300,
           "hidden_size_per_layer_input": 8,
           "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
+# Falcon-H1: every muP multiplier away from 1, heads wider than hidden_size / heads, the Mamba-2 mixer's scan in
+# chunks of 16 (the prompt and LENGTH span several) over two groups of B and C
+FALCON_H1 = {"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
+             "mamba_chunk_size": 16, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5, "key_multiplier": 0.7,
+             "attention_in_multiplier": 1.3, "attention_out_multiplier": 0.8, "ssm_in_multiplier": 1.25,
+             "ssm_out_multiplier": 0.6, "mlp_multipliers": [0.9, 0.6], "ssm_multipliers": [0.35, 0.25, 0.35, 0.5, 0.7]}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -139,6 +145,15 @@ CONFIGS = {
     # 16 heads: slopes that bfloat16 rounds
     "falcon-rw": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
                              "num_attention_heads": 16}),
+    # the gated norm over each group, after the gate (the hub's checkpoints)
+    "falcon_h1": ("falcon_h1", {**FALCON_H1, "mamba_rms_norm": True, "mamba_norm_before_gate": False}),
+    # mamba_d_ssm from mamba_expand, one group, the gated norm before the gate (transformers' default), every bias
+    "falcon_h1-tied-biases": ("falcon_h1", {**FALCON_H1, "mamba_d_ssm": None, "mamba_n_heads": 8, "mamba_n_groups": 1,
+                                            "mamba_rms_norm": True, "tie_word_embeddings": True, "attention_bias": True,
+                                            "mlp_bias": True, "mamba_proj_bias": True, "projectors_bias": True,
+                                            "mamba_conv_bias": False}),
+    "falcon_h1-no-norm": ("falcon_h1", {**FALCON_H1, "mamba_rms_norm": False,
+                                        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
     "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
                                   "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0,
                                   "tie_word_embeddings": True}),
