@@ -173,6 +173,8 @@ class Family:
     # row's examples then each take a row of their own (ModelArgs.packs_by_example), for each state to start
     # anew at its example's first token; in generation such a layer keeps its state in a StateCache.
     carries_state: bool = False
+    # layers (path suffixes) whose adapters PEFT refuses to load on this model_type: fuse.py --export-peft too
+    peft_refused: tuple = ()
 
 
 def sliding_where(slides):
@@ -829,8 +831,8 @@ FAMILIES = {
     "falcon_h1": Family("Falcon-H1 0.5B, 1.5B, 1.5B-Deep, 3B, 7B, 34B (attention and Mamba-2 side by side)", {
         **MAMBA2, "mamba_d_ssm": 1024, "final_norm": "final_layernorm", "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
         "max_position_embeddings": 8192}, both(mamba_fix, falcon_h1_fix),
-        lora_targets=("self_attn.q_proj", "self_attn.v_proj", "mamba.in_proj", "mamba.out_proj"),
-        layer="FalconH1DecoderLayer", carries_state=True),
+        lora_targets=("self_attn.q_proj", "self_attn.v_proj", "mamba.in_proj"), layer="FalconH1DecoderLayer",
+        carries_state=True, peft_refused=(".mamba.out_proj",)),  # PEFT's check for its Mamba kernels
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

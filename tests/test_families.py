@@ -248,11 +248,13 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", targets)
     expected = logits(adapted, tokens)
     assert np.abs(expected - torch_logits(reference, tokens)).max() > 0.1  # the adapters matter
+    # layers whose adapters PEFT refuses (Family.peft_refused): no export (test_export_peft_refuses_what_peft_does)
+    refused = models.FAMILIES[reference.config.model_type].peft_refused
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--save-path", tmp_path / "fused",
-             "--export-peft", tmp_path / "peft")
+             *([] if refused else ["--export-peft", tmp_path / "peft"]))
     fused = transformers_class(tmp_path / "fused").from_pretrained(tmp_path / "fused", dtype=torch.float32)
     assert np.abs(torch_logits(fused, tokens) - expected).max() <= FP32_ATOL
-    if reference.config.model_type not in PEFT_LOADS_OTHERWISE:
+    if reference.config.model_type not in PEFT_LOADS_OTHERWISE and not refused:
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
@@ -268,6 +270,28 @@ def test_peft_loads_the_experts_adapters(family, tmp_path):
     folder, reference, targets, tokens = family
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", [t for t in targets if "shared" not in t])
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-peft", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", ["falcon_h1"], indirect=True)
+def test_export_peft_refuses_what_peft_does(family, tmp_path):
+    """PEFT refuses LoRA on Falcon-H1's Mamba mixers' out_proj (as on every Mamba model's, whose kernels read its
+    weight): --export-peft of adapters there is one error, and writes nothing; without them, PEFT loads the others
+    as they were trained."""
+    from peft import LoraConfig, PeftModel
+
+    folder, reference, targets, tokens = family
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    with pytest.raises(utils.UserError, match=r"^--export-peft: .* adapts model\.layers\.\d\.mamba\.out_proj, whose "):
+        run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-peft",
+                 tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(ValueError, match="out_proj"):  # as PEFT would have it
+        PeftModel(copy_of(reference), LoraConfig(target_modules=["mamba.out_proj"]))
+    accepted = [t for t in targets if t != "mamba.out_proj"]
+    adapted = random_adapter(folder, tmp_path / "accepted.safetensors", accepted)
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "accepted.safetensors", "--export-peft", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
     assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
 
