@@ -646,7 +646,8 @@ SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 def mamba_fix(config: dict):
     """The Mamba-2 layers' settings as transformers derives them: mamba_d_head "auto" is their inner width
     (mamba_d_ssm, else mamba_expand * hidden_size) over mamba_n_heads, and must make it whole; time_step_limit as
-    [low, high], high None for no bound (transformers writes infinity as {"__float__": "Infinity"})."""
+    [low, high], high None for no bound (transformers writes infinity as {"__float__": "Infinity"}); hidden_act one
+    without parameters of its own."""
     numbers = {key: config.get(key) for key in ("mamba_n_heads", "mamba_expand", "hidden_size")}
     for key, n in numbers.items():
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
@@ -669,6 +670,9 @@ def mamba_fix(config: dict):
                 or not 0 <= bounds[0] <= bounds[1]):
             raise ValueError(f"time_step_limit is {limit!r}, expected [low, high] with 0 <= low <= high")
         config["time_step_limit"] = [bounds[0], None if bounds[1] == math.inf else bounds[1]]
+    act = config.get("hidden_act")
+    if isinstance(act, str) and act in ACTIVATION_MODULES:  # also the convolution's, which has no parameters
+        raise ValueError(f"hidden_act {act!r} is not supported with Mamba-2 layers ({', '.join(ACTIVATIONS)})")
 
 
 def both(*fixes):
