@@ -520,6 +520,11 @@ CASES += [
     Case("model-config-olmo3-rope-not-nested", "lora.py",
          model(config(lambda c: dict(c, model_type="olmo3", rope_parameters={"rope_type": "default"}))),
          "config.json"),
+    Case("model-config-falcon-h1-ssm-multipliers-four", "lora.py",
+         model(config(lambda c: dict(c, model_type="falcon_h1", ssm_multipliers=[1.0] * 4))),
+         "config.json: ssm_multipliers"),
+    Case("model-config-falcon-h1-xielu", "lora.py",  # in the Mamba-2 mixers' convolution too
+         model(config(lambda c: dict(c, model_type="falcon_h1", hidden_act="xielu"))), "config.json: hidden_act"),
     Case("model-weights-truncated", "lora.py", model(lambda f, d: truncate(f / "model.safetensors")),
          "model.safetensors"),
     Case("model-weights-empty", "lora.py", model(lambda f, d: (f / "model.safetensors").write_bytes(b"")),
