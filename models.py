@@ -832,11 +832,12 @@ FAMILIES = {
         names=CheckpointNames(written=(("model.layers.", "transformer.h."),
                                        ("model.embed_tokens.", "transformer.word_embeddings."),
                                        ("model.ln_f.", "transformer.ln_f.")))),
+    # PEFT refuses adapters on any layer named out_proj (or conv1d) of the Mamba model_types it lists
     "falcon_h1": Family("Falcon-H1 0.5B, 1.5B, 1.5B-Deep, 3B, 7B, 34B (attention and Mamba-2 side by side)", {
         **MAMBA2, "mamba_d_ssm": 1024, "final_norm": "final_layernorm", "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
         "max_position_embeddings": 8192}, both(mamba_fix, falcon_h1_fix),
         lora_targets=("self_attn.q_proj", "self_attn.v_proj", "mamba.in_proj"), layer="FalconH1DecoderLayer",
-        carries_state=True, peft_refused=(".mamba.out_proj",)),  # PEFT's check for its Mamba kernels
+        carries_state=True, peft_refused=(".mamba.out_proj",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -2583,7 +2584,7 @@ class FalconH1MLP(MLP):
         self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
 
     def __call__(self, x):
-        gate = (self.act or self.act_fn)(self.gate_proj(x) * self.gate_multiplier)
+        gate = self.act(self.gate_proj(x) * self.gate_multiplier)
         return self.down_proj(gate * self.up_proj(x)) * self.down_multiplier
 
 

@@ -276,9 +276,9 @@ def test_peft_loads_the_experts_adapters(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["falcon_h1"], indirect=True)
 def test_export_peft_refuses_what_peft_does(family, tmp_path):
-    """PEFT refuses LoRA on Falcon-H1's Mamba mixers' out_proj (as on every Mamba model's, whose kernels read its
-    weight): --export-peft of adapters there is one error, and writes nothing; without them, PEFT loads the others
-    as they were trained."""
+    """PEFT refuses LoRA on Falcon-H1's Mamba mixers' out_proj (as on the other Mamba model types it lists):
+    --export-peft of adapters there is one error, and writes nothing; without them, PEFT loads the others as they
+    were trained."""
     from peft import LoraConfig, PeftModel
 
     folder, reference, targets, tokens = family
