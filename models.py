@@ -675,6 +675,37 @@ def mamba_fix(config: dict):
         raise ValueError(f"hidden_act {act!r} is not supported with Mamba-2 layers ({', '.join(ACTIVATIONS)})")
 
 
+# transformers 4's names of Granite 4's layer types, which the hub's configs give
+GRANITE4_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def granitemoehybrid_fix(config: dict):
+    """Granite 4 as transformers reads it: Granite's multipliers; layer_types' Mamba-2 layers (linear_attention, or
+    mamba) and attention layers (full_attention, or attention), all Mamba-2 if absent; rope in the attention
+    layers only where position_embedding_type is rope (the hub's H models: nope); mamba_fix."""
+    granite_fix(config)
+    mamba_fix(config)
+    act = config.get("hidden_act")
+    if act is not None and act not in ACTIVATIONS:  # the experts' and the convolution's: no module of their own
+        raise ValueError(f"hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    n, types = config.get("num_hidden_layers"), config.get("layer_types")
+    if types is None and isinstance(n, int):
+        types = ["linear_attention"] * n
+    if not isinstance(types, list):
+        raise ValueError(f"layer_types is {types!r}, expected a list")
+    config["layer_types"] = [GRANITE4_LAYER_TYPES.get(kind, kind) for kind in types]
+    unknown = sorted(set(config["layer_types"]) - {"linear_attention", "full_attention"}, key=str)
+    if unknown:
+        raise ValueError(f"layer_types has {unknown[0]!r}, expected mamba or attention (linear_attention, "
+                         f"full_attention)")
+    position = config.get("position_embedding_type")
+    if position not in (None, "rope", "nope"):
+        raise ValueError(f"position_embedding_type {position!r} is not supported (rope, nope)")
+    if position != "rope":
+        config["rope_layers"] = [False] * len(types)
+    config["shared_expert_intermediate_size"] = config.get("shared_intermediate_size")
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -749,6 +780,13 @@ FAMILIES = {
     "granitemoe": Family("Granite 3.0 MoE: granite-3.0-1b-a400m, granite-3.0-3b-a800m (mixture of experts)",
                          {"mlp": "granite_moe", "moe_module": "block_sparse_moe", "num_local_experts": 8,
                           "attention_multiplier": 1.0}, granite_fix),
+    # the default targets are in every layer, whichever its mixer (a target that no adapted layer has is an error)
+    "granitemoehybrid": Family("Granite 4.0: the H models (Mamba-2 and attention layers; a mixture of experts, or "
+                               "dense), Micro (attention)", {
+                                   **MAMBA2, "num_local_experts": 8, "shared_intermediate_size": 1024,
+                                   "attention_multiplier": 1.0}, granitemoehybrid_fix,
+                               lora_targets=("shared_mlp.input_linear", "shared_mlp.output_linear"),
+                               layer="GraniteMoeHybridDecoderLayer", carries_state=True),
     "gpt_oss": Family("gpt-oss-20b, gpt-oss-120b (mixture of experts)", {
         "mlp": "gpt_oss_moe", "attention_sinks": True, "attention_bias": True, "head_dim": 64, "rms_norm_eps": 1e-5,
         "sliding_window": 128, "num_local_experts": 128, "num_experts_per_tok": 4, "rope_theta": 150000.0,
@@ -1076,7 +1114,8 @@ class ModelArgs:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: Optional[int] = None
-    layer_types: Optional[list] = None  # "full_attention", "sliding_attention" or "chunked_attention", per layer
+    # "full_attention", "sliding_attention", "chunked_attention" or "linear_attention" (Mamba-2), per layer
+    layer_types: Optional[list] = None
     attention_chunk_size: Optional[int] = None  # chunked_attention: only keys of the query's chunk (Llama 4)
     hidden_act: str = "silu"
     num_local_experts: int = 0
@@ -1624,7 +1663,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
+    """down(act(gate(x)) * up(x)), with gate and up in one layer, gate rows first, if fused_gate_up (Phi-3, GLM: as
+    gate_up_proj) or if names give both one name (Granite 4's shared_mlp: input_linear);
     down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down); an
     activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it; hidden and
     bias are the dense layers' (intermediate_size_mlp, else intermediate_size) and mlp_bias unless given (an
@@ -1636,8 +1676,9 @@ class MLP(nn.Module):
         hidden = hidden or args.intermediate_size_mlp or args.intermediate_size
         bias = args.mlp_bias if bias is None else bias
         self.gate, self.up, self.down = names or args.mlp_names
-        if args.fused_gate_up:
-            self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.gate_up = "gate_up_proj" if args.fused_gate_up else self.gate if self.gate == self.up else None
+        if self.gate_up is not None:
+            self[self.gate_up] = nn.Linear(dim, 2 * hidden, bias=bias)
         else:
             if self.gate is not None:
                 self[self.gate] = nn.Linear(dim, hidden, bias=bias)
@@ -1649,8 +1690,8 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         act = self.act or self.act_fn
-        if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        if self.gate_up is not None:
+            gate, up = mx.split(self[self.gate_up](x), 2, axis=-1)
             return self[self.down](act(gate) * up)
         if self.gate is None:
             return self[self.down](act(self[self.up](x)))
@@ -2450,8 +2491,8 @@ class GatedRMSNorm(nn.Module):
 
 def segment_sums(x):
     """[..., T, T]: at [i, j] the sum of x[..., j + 1 .. i] (0 where i == j), -inf where j > i: the log of the
-    decay from position j to position i. Summed within the triangle rather than as a difference of cumulative
-    sums, which loses the small sums of long rows to rounding."""
+    decay from step j to step i. Summed within the triangle rather than as a difference of cumulative sums, which
+    loses the small sums of long rows to rounding."""
     T = x.shape[-1]
     i, j = mx.arange(T)[:, None], mx.arange(T)[None]
     sums = mx.cumsum(mx.where(i > j, x[..., None], 0), axis=-2)
@@ -2468,6 +2509,7 @@ def mamba2_scan(x, dt, A, B, C, chunk: int, state=None):
     b, L, heads, p = x.shape
     groups, n = B.shape[-2:]
     shared = heads // groups
+    chunk = min(chunk, L)  # a shorter row is one chunk, unpadded
     pad = -L % chunk
     chunks = (L + pad) // chunk
 
@@ -2479,8 +2521,12 @@ def mamba2_scan(x, dt, A, B, C, chunk: int, state=None):
     B, C = (in_chunks(y, 4, 2, 5) for y in (B, C))  # [b, c, g, 1, chunk, n]
     decays = in_chunks(dt * A, 4, 2)  # [b, c, g, shared, chunk]: the log of each position's decay
     within = mx.cumsum(decays, axis=-1)  # from the chunk's start
-    # within the chunks: y[i] = sum over j <= i of (C[i] . B[j]) * decay j -> i * x[j] dt[j]
-    y = ((C @ B.swapaxes(-1, -2)) * exp(segment_sums(decays))) @ xdt
+    # within the chunks: y[i] = sum over j <= i of (C[i] . B[j]) * decay j -> i * x[j] dt[j], the decays the
+    # differences of `within` (one fused operation, as mamba_ssm's kernels compute them: over a chunk, their
+    # rounding stays small; over the chunks, segment_sums)
+    causal = mx.arange(chunk)[:, None] >= mx.arange(chunk)[None]
+    decay = exp(mx.where(causal, within[..., :, None] - within[..., None, :], -mx.inf))
+    y = ((C @ B.swapaxes(-1, -2)) * decay) @ xdt
     # each chunk's own contribution to the state at its end, then the states entering each chunk
     ends = (xdt * exp(within[..., -1:] - within)[..., None]).swapaxes(-1, -2) @ B  # [b, c, g, shared, p, n]
     first = mx.zeros((b, 1, groups, shared, p, n)) if state is None else state.reshape(b, 1, groups, shared, p, n)
@@ -2561,6 +2607,42 @@ class Mamba2Mixer(nn.Module):
         y = (y + h * self.D.astype(mx.float32)[:, None]).reshape(batch, length, -1)
         y = self.norm(y, gate) if "norm" in self else y * silu(gate.astype(mx.float32))
         return self.out_proj(y.astype(x.dtype))
+
+
+class GraniteMoeHybridDecoderLayer(nn.Module):
+    """Granite 4's layer: a Mamba-2 mixer (mamba) or attention (self_attn), as layer_types says, then the mixture of
+    experts (block_sparse_moe: Granite MoE's) beside a gated MLP that every token goes through (shared_mlp, its
+    gate and up in input_linear; alone where num_local_experts is 0); each after its norm, joining the residual
+    stream times residual_scale."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = norm(args), norm(args)
+        if args.layer_type(layer) == "linear_attention":
+            self.mamba = Mamba2Mixer(args)
+        else:
+            self.self_attn = Attention(args, layer)
+        if args.num_local_experts:
+            self.block_sparse_moe = GraniteMoE(args)
+        self.shared_mlp = MLP(args, ("input_linear", "input_linear", "output_linear"),
+                              args.shared_expert_intermediate_size, bias=False)
+        self.residual_scale = args.residual_scale
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = self.input_layernorm(x)
+        if "mamba" in self:
+            h = self.mamba(h, cache, example_rows)
+            if cache is not None:
+                cache.offset += x.shape[1]
+        else:
+            h = self.self_attn(h, mask, cache, example_rows)
+        x = x + h * self.residual_scale
+        h = self.post_attention_layernorm(x)
+        out = self.block_sparse_moe(h) + self.shared_mlp(h) if "block_sparse_moe" in self else self.shared_mlp(h)
+        return x + out * self.residual_scale
+
+    def make_cache(self):
+        return StateCache() if "mamba" in self else KVCache()
 
 
 # Falcon-H1: its own forward path

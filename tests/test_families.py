@@ -122,6 +122,13 @@ FAMILIES = {
     "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
                     "residual_multiplier": 0.5, "attention_multiplier": 0.1, "tie_word_embeddings": True},
                    ATTENTION),
+    # Mamba-2 and attention layers, both among the last two; Granite's multipliers but logits_scaling (as above)
+    "granitemoehybrid": ({"layer_types": ["mamba", "mamba", "attention", "mamba"], "position_embedding_type": "rope",
+                          "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16,
+                          "num_local_experts": 4, "shared_intermediate_size": 64, "embedding_multiplier": 2.0,
+                          "residual_multiplier": 0.5, "attention_multiplier": 0.1},
+                         ATTENTION + ["mamba.in_proj", "mamba.out_proj", "shared_mlp.input_linear",
+                                      "shared_mlp.output_linear"]),
     "gpt_oss": ({"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                  "swiglu_limit": 0.6}, ATTENTION),
     "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
@@ -691,6 +698,26 @@ def test_gemma4_hub_layout_reads_as_transformers_reads_it(family, tmp_path):
     # without attention_k_eq_v, num_global_key_value_heads leaves the full layers' K/V heads alone
     del config["attention_k_eq_v"]
     assert models.ModelArgs.from_config(config).layer_kv_heads == [2] * 4
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid"], indirect=True)
+def test_granite4_hub_layout_reads_as_transformers_reads_it(family, tmp_path):
+    """The hub's Granite 4 configs (transformers 4's) name the layer types mamba and attention, leave
+    time_step_limit out, and the H models' attention has no rope (position_embedding_type nope); transformers 5
+    writes infinity in time_step_limit as {"__float__": "Infinity"}, and mamba_d_head may be "auto"."""
+    folder, _, _, tokens = family
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    assert models.ModelArgs.from_config(config).time_step_limit == [0.0, None]
+    hub = {k: v for k, v in config.items() if k != "time_step_limit"}
+    hub.update(layer_types=["mamba", "mamba", "attention", "mamba"], position_embedding_type="nope",
+               mamba_d_head="auto")
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    args = models.ModelArgs.from_config(hub)
+    assert args.layer_types == config["layer_types"] and args.rope_layers == [False] * 4 and args.mamba_d_head == 16
+    reference = transformers_class(tmp_path).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert np.abs(logits(utils.load(str(tmp_path))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
 
 
 @pytest.mark.parametrize("family", ["gemma4"], indirect=True)

@@ -26,6 +26,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
 GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "sliding_window": 24, "vocab_size_per_layer_input": 300,
           "hidden_size_per_layer_input": 8,
           "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
+# Granite 4's Mamba-2 layers, tiny: 8 heads of 16 features in 2 groups, a state of 16, chunks of 16 (LENGTH: four)
+MAMBA2 = {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16}
 # Falcon-H1: every muP multiplier away from 1, heads wider than hidden_size / heads, the Mamba-2 mixer's scan in
 # chunks of 16 (the prompt and LENGTH span several) over two groups of B and C
 FALCON_H1 = {"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
@@ -157,6 +159,16 @@ CONFIGS = {
     "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
                                   "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0,
                                   "tie_word_embeddings": True}),
+    # Mamba-2 and attention layers (rope), the experts beside the shared MLP, Granite's multipliers
+    "granitemoehybrid": ("granitemoehybrid", {
+        **MAMBA2, "layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope",
+        "num_local_experts": 4, "shared_intermediate_size": 48, "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    # dense (the shared MLP alone), attention without rope, as the hub's Granite 4 H models; one group of heads
+    "granitemoehybrid-dense-nope": ("granitemoehybrid", {
+        **MAMBA2, "mamba_n_groups": 1, "layer_types": ["attention", "mamba", "mamba", "attention"],
+        "position_embedding_type": "nope", "num_local_experts": 0, "shared_intermediate_size": 96,
+        "tie_word_embeddings": True}),
     # transformers' YaRN (truncate false), sinks, the experts' clamps biting (swiglu_limit)
     "gpt_oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24,
                             "swiglu_limit": 0.6}),
@@ -207,21 +219,17 @@ def test_forward_matches_transformers(make_checkpoint, name):
     steps += [model(mx.array(tokens)[:, i:i + 1], cache) for i in range(PROMPT, LENGTH)]
     expected = reference_logits(reference, tokens, PROMPT)
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
-
-
-# Granite 4's Mamba-2 layers, tiny: 8 heads of 16 features in 2 groups, a state of 16, chunks of 16 (LENGTH: four)
-MAMBA2 = {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16}
+    assert cache[0].offset == LENGTH  # which Model.run_layers reads, whatever the first layer's kind
 
 
 def test_mamba2_mixer_matches_transformers(make_checkpoint):
     """Mamba2Mixer against transformers' reference path in torch (GraniteMoeHybridMambaLayer's) over more than a
     chunk: the whole sequence at once (the chunked scan), and a prompt, two positions, then one at a time with the
-    state in a StateCache (the chunked scan from a state, then the step form)."""
-    _, reference = make_checkpoint("granitemoehybrid", **MAMBA2, layer_types=["mamba"] * 4)
+    state in a StateCache (the chunked scan from a state, then the step form); time steps clipped to bounds that
+    bite (time_step_limit; transformers clips only in its chunked form)."""
+    path, reference = make_checkpoint("granitemoehybrid", **CONFIGS["granitemoehybrid"][1])
     theirs = reference.model.layers[0].mamba
-    args = models.ModelArgs("granitemoehybrid", 64, 1, 128, 4, 300, rms_norm_eps=TINY["rms_norm_eps"], mamba_n_heads=8,
-                            mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=16)
-    mixer = models.Mamba2Mixer(args)
+    mixer = models.Mamba2Mixer(models.ModelArgs.from_config(json.loads((path / "config.json").read_text())))
     mixer.load_weights([(k, mx.array(v.numpy())) for k, v in theirs.state_dict().items()])
     x = np.random.default_rng(0).normal(size=(2, LENGTH, 64)).astype(np.float32)
     with torch.no_grad():
@@ -231,6 +239,10 @@ def test_mamba2_mixer_matches_transformers(make_checkpoint):
     steps = [mixer(mx.array(x[:, :PROMPT]), cache), mixer(mx.array(x[:, PROMPT:PROMPT + 2]), cache)]
     steps += [mixer(mx.array(x[:, i:i + 1]), cache) for i in range(PROMPT + 2, LENGTH)]
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
+    theirs.time_step_limit = mixer.time_step_limit = (0.005, 0.02)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(x)).numpy()
+    assert np.abs(np.array(mixer(mx.array(x))) - expected).max() <= FP32_ATOL
 
 
 @pytest.mark.parametrize("name", ["llama3-rope", "phi-2", "phi3-longrope-partial"])
@@ -360,6 +372,17 @@ def test_llama4_reads_the_hubs_temperature_tuning():
     args = models.ModelArgs.from_config({"model_type": "llama4_text", **TINY, "vocab_size": 300,
                                          "attn_temperature_tuning": 4})
     assert args.attn_temperature_tuning is True
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mamba_d_head", 24), ("mamba_n_groups", 3), ("mamba_n_heads", "many"), ("time_step_limit", [0.1, 0.01]),
+    ("time_step_limit", [0.0, {"__float__": "Huge"}]), ("layer_types", "mamba"), ("position_embedding_type", "alibi"),
+    ("hidden_act", "xielu")])
+def test_granite4_config_errors_name_the_field(field, value):
+    """Mamba-2 sizes that do not fit together, time step bounds that are no interval, a setting not implemented."""
+    with pytest.raises(ValueError, match=f"^{field} "):
+        models.ModelArgs.from_config({"model_type": "granitemoehybrid", **TINY, "vocab_size": 300, **MAMBA2,
+                                      field: value})
 
 
 def test_gpt_oss_refuses_mxfp4_experts():
