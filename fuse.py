@@ -92,6 +92,10 @@ def write_fused(args, out):
     utils.apply_adapters(model, adapters, args.adapter_file, base=args.model)
     base = args.hf_path or args.model
     if args.export_peft:
+        refused = [path for path in models.lora_layers(model) if path.endswith(model.args.family.peft_refused)]
+        if refused:
+            raise UserError(f"--export-peft: {args.adapter_file} adapts {refused[0]}, whose adapters PEFT refuses "
+                            f"to load on {model.args.model_type}; fuse them with --save-path instead")
         utils.save_peft(args.export_peft, model, base, adapters.config)
         print(f"Wrote the adapters as a PEFT folder to {args.export_peft}", flush=True)
     if out is None and not args.export_gguf:

