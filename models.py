@@ -562,6 +562,8 @@ def qwen3_next_fix(config: dict):
 def qwen3_5_moe_fix(config: dict):
     experts_from(config, "num_experts")
     config["moe_layers"], config["norm_topk_prob"] = None, True  # every layer's; transformers always normalizes
+    # no layer has a dense MLP, so its config has no size for one (the hub's Qwen3.5-35B-A3B's neither)
+    config.setdefault("intermediate_size", config.get("moe_intermediate_size"))
     gated_delta_fix(config)
 
 
