@@ -71,7 +71,7 @@ def test_masked_prompt_tokens_carry_no_loss(tiny_llama):
     for (tokens, start), example, (same, zero) in zip(masked, examples, whole):
         assert tokens == same and zero == 0
         assert start == len(tokenizer.encode(example["prompt"])) - 1  # the target of that input is the completion's first
-    inputs, targets, mask = next(lora.iterate_batches(masked, 4))
+    inputs, targets, mask, _ = next(lora.iterate_batches(masked, 4))
     loss, ntoks = lora.loss_fn(model, inputs, targets, mask)
     assert ntoks.item() == sum(len(t) - 1 - s for t, s in masked)
     rng = np.random.default_rng(0)

@@ -579,7 +579,7 @@ def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
     assert np.abs(token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4)) - plain).max() < 1e-4
     model.grad_checkpoint = False
     if not model.args.family.layer_at_a_time:
-        args = lora.build_parser().parse_args([])
+        args = lora.training_args(lora.build_parser().parse_args([]))
         with lora.frozen_layers_cached(model, [dataset], args, 1000, str(folder)) as (kept,):
             assert model.frozen_prefix is None and kept is dataset
         return

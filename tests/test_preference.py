@@ -28,17 +28,17 @@ def adapted(make_checkpoint, tmp_path_factory):
 
     peft_model = PeftModel.from_pretrained(copy_of(reference), tmp / "peft").eval()
     base, tokenizer, _ = utils.load(str(folder))
-    rows = lora.tokenize(preference_pairs(4, 0), tokenizer, True, 256, "train")
-    return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows)
+    rows = lora.tokenize(preference_pairs(4, 0), tokenizer, True, 256, "train", objective=lora.DPO())
+    return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows).reshape(-1, 2)
 
 
 def ours(model, rows, train_mode, reference):
-    """Our loss and METRICS on the rows' pairs as one batch."""
-    if train_mode == "orpo":
-        reference = np.zeros_like(reference)
-    batch = next(lora.iterate_batches(rows, len(rows) // 2, reference=reference))
-    loss, count, sums = lora.objective(train_mode, BETA)(model, *batch)
-    return loss.item(), dict(zip(lora.METRICS[train_mode], (sums[1:] / count).tolist()))
+    """Our loss and metrics on the rows' pairs as one batch."""
+    objective = lora.OBJECTIVES[train_mode](beta=BETA)
+    given = reference if train_mode == "dpo" else None
+    batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective, given=given))
+    loss, count, sums = objective.loss(model, batch)
+    return loss.item(), objective.metric_values(sums.tolist(), count.item())
 
 
 def trl_examples(rows):
@@ -67,7 +67,7 @@ def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path):
         expected = trainer.compute_loss(peft_model, trainer.data_collator(trl_examples(rows))).item()
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # eval: the model is in eval mode
     assert abs(loss - expected) < 1e-5
-    for name in lora.METRICS["dpo"]:
+    for name in lora.DPO.metrics:
         assert abs(metrics[name] - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
     assert abs(logged["rewards/chosen"]) > 0.01 and abs(logged["rewards/margins"]) > 0.01  # policy is not reference
 
@@ -98,7 +98,7 @@ def test_orpo_loss_and_metrics_equal_trls_functions(adapted):
                 "logps/rejected": rejected.mean(), "nll_loss": nll, "log_odds_ratio": log_odds_ratio,
                 "log_odds_chosen": log_odds_chosen}
     assert abs(loss - (nll - losses.mean()).item()) < 1e-5
-    for name in lora.METRICS["orpo"]:
+    for name in lora.ORPO.metrics:
         assert abs(metrics[name] - expected[name].item()) < 1e-4 * max(1, abs(expected[name].item())), name
 
 
@@ -113,7 +113,8 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
     for record, response_start in ((plain, len(tokenizer.encode(plain["prompt"]))),
                                    (chat, len(tokenizer.encode("<user>the team when year is 4\n<assistant>",
                                                                add_special_tokens=False)))):
-        (chosen, start), (rejected, other) = lora.tokenize([record], tokenizer, True, 256, "train")
+        (chosen, start), (rejected, other) = lora.tokenize([record], tokenizer, True, 256, "train",
+                                                           objective=lora.DPO())
         assert start == other == response_start - 1  # the first scored target is the response's first token
         assert chosen[:response_start] == rejected[:response_start]
         for tokens, answer in ((chosen, "SELECT team"), (rejected, "SELECT year")):
@@ -140,7 +141,7 @@ def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
     lines = [first] if first is line else [first, line]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     with pytest.raises(utils.UserError, match=message):
-        lora.load_dataset(tmp_path, "train", train_mode=mode)
+        lora.load_dataset(tmp_path, "train", objective=lora.OBJECTIVES[mode]())
 
 
 def test_beta_without_a_preference_mode_is_an_error():
@@ -153,9 +154,10 @@ def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted):
 
     model, *_, rows, _ = adapted
     reference = np.random.default_rng(0).normal(-20, 2, (len(rows) // 2, 2)).astype(np.float32)
-    loss_and_grad = nn.value_and_grad(model, lora.objective("dpo", BETA))
-    results = [loss_and_grad(model, *next(lora.iterate_batches(rows, len(rows) // 2, reference=reference, pack=p)))
-               for p in (False, True)]
+    objective = lora.DPO(beta=BETA)
+    loss_and_grad = nn.value_and_grad(model, objective.loss)
+    results = [loss_and_grad(model, next(lora.iterate_batches(rows, len(rows) // 2, objective=objective,
+                                                              given=reference, pack=p))) for p in (False, True)]
     (loss, _, sums), grads = results[0]
     (packed_loss, _, packed_sums), packed_grads = results[1]
     assert abs(loss.item() - packed_loss.item()) < 1e-5
@@ -195,7 +197,7 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
     losses = [float(v) for v in re.findall(r"Train loss ([\d.]+)", out)]
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(f"val_{name}" for name in lora.METRICS[train_mode]) <= set(record)
+    assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode].metrics) <= set(record)
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
     if before is not None:  # ORPO's rewards rank most pairs right before training here: the margin grows
@@ -237,10 +239,9 @@ def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypat
     """The reference pass (a layer at a time, in parts that fit the memory, the output layer in chunks)
     gives the log-probabilities that the model's own forward pass gives each pair."""
     model, *_, rows, _ = adapted
-    inputs, targets, scored, owner, _ = lora.preference_batch(rows[0::2] + rows[1::2], np.zeros((4, 2)), False)
-    logps, _ = lora.sequence_logps(model, inputs, targets, scored, owner, len(rows))
+    logps, _ = lora.sequence_logps(model, lora.sequences(rows[0::2] + rows[1::2], False))
     expected = np.array(logps).reshape(2, -1).T
-    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
+    assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
     monkeypatch.setattr(lora, "memory_size", lambda: 10 * 4 * model.args.hidden_size * 40)  # 40 positions
     monkeypatch.setattr(lora, "LOSS_CHUNK", 7)
-    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
+    assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
