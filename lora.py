@@ -81,11 +81,12 @@ def build_parser():
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
-                      help="What the adapters learn: the examples' text (sft), or to prefer each pair's chosen "
-                           "response to its rejected one (DPO, ORPO: data of {\"prompt\", \"chosen\", "
-                           "\"rejected\"} pairs).")
-    for name, (kind, text) in OBJECTIVE_FLAGS.items():  # each read by the objectives that have it as a field
-        lora.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+                      help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
+                           "response to its rejected one (dpo, orpo: data of {\"prompt\", \"chosen\", "
+                           "\"rejected\"} pairs); or from completions labelled desirable or not (kto: data of "
+                           "{\"prompt\", \"completion\", \"label\"}). data/README.md says more.")
+    for name, spec in OBJECTIVE_FLAGS.items():  # each read by the objectives that have it as a field
+        lora.add_argument("--" + name.replace("_", "-"), **spec)
     lora.add_argument("--adapter-file", type=utils.expanded_path,
                       help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
                            f"folder; default {DEFAULT_ADAPTER_FILE}).")
@@ -336,22 +337,37 @@ def format_keys(record) -> set:
     return {k for keys in FORMAT_KEYS.values() for k in keys if record.get(k) is not None}
 
 
+def is_reply(value):
+    """One assistant message, in a list: a chat's response."""
+    return is_messages(value) and len(value) == 1 and value[0]["role"] == "assistant"
+
+
 def example_format(record):
-    """"text", "completion" ({"prompt", "completion"}), "preference" ({"prompt", "chosen", "rejected"}: three
-    strings, or a chat and one assistant message each) or "chat" ({"messages"[, "tools"]}); None if neither."""
+    """"text", "completion" ({"prompt", "completion"}: two strings, or a chat and one assistant message),
+    "preference" ({"prompt", "chosen", "rejected"}: three strings, or a chat and one assistant message each) or
+    "chat" ({"messages"[, "tools"]}); None if neither."""
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("text"), str):
         return "text"
-    prompt, pair = record.get("prompt"), (record.get("chosen"), record.get("rejected"))
-    if isinstance(prompt, str) and isinstance(record.get("completion"), str):
+    prompt, completion, pair = record.get("prompt"), record.get("completion"), (record.get("chosen"),
+                                                                               record.get("rejected"))
+    if isinstance(prompt, str) and isinstance(completion, str) or is_messages(prompt) and is_reply(completion):
         return "completion"
     if isinstance(prompt, str) and all(isinstance(r, str) for r in pair) or is_messages(prompt) and all(
-            is_messages(r) and len(r) == 1 and r[0]["role"] == "assistant" for r in pair):
+            is_reply(r) for r in pair):
         return "preference"
     if is_messages(record.get("messages")) and isinstance(record.get("tools") or [], list):
         return "chat"
     return None
+
+
+def exchange(prompt, response, tools=None):
+    """What encode() reads of a prompt and a response to it: the two texts, or the chat and its assistant
+    message as one chat."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": response}
+    return {"messages": prompt + response, "tools": tools}
 
 
 class Examples(list):
@@ -486,11 +502,24 @@ def scored_targets(tokens, scored):
     return np.arange(len(tokens) - 1) >= scored if np.isscalar(scored) else scored
 
 
+class Rows(list):
+    """The rows of a tokenized set (tokenize), and `labels`: per example, its record's label where the
+    objective reads one (Objective.label), else None."""
+
+    def __init__(self, rows, labels=None):
+        super().__init__(rows)
+        self.labels = labels
+
+    def head(self, examples, rows_per_example):
+        """The rows and labels of the first `examples` examples."""
+        return Rows(self[:examples * rows_per_example], None if self.labels is None else self.labels[:examples])
+
+
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, objective=None):
-    """The rows (tokens, scored) of the examples (training_row), the objective's (default SFT) rows_per_example
-    an example, one after the other (Objective.responses): an SFT example's every token scored, or with
-    mask_prompt the completion or a chat's assistant messages alone; a preference pair's two rows, its chosen
-    response's then its rejected one's, each scored on the response alone."""
+    """The Rows (tokens, scored) of the examples (training_row), the objective's (default SFT) rows_per_example
+    an example, one after the other (Objective.responses, Objective.rows): an SFT example's every token scored,
+    or with mask_prompt the completion or a chat's assistant messages alone; a preference pair's two rows, its
+    chosen response's then its rejected one's, each scored on the response alone."""
     objective = objective or SFT()
     chat = "messages" in examples[0] or isinstance(examples[0].get("prompt"), list)
     if chat and not tokenizer.chat_template:
@@ -513,6 +542,7 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, 
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
             what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+    groups = objective.rows(groups)
     if unscored:
         print(f"[WARNING] --mask-prompt: in {unscored} {name} chats the chat template renders an earlier assistant "
               f"message otherwise than within the whole chat; only their assistant messages rendered alike are "
@@ -524,11 +554,12 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, 
         print(f"[WARNING] {long} of {len(groups)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
     groups = [[training_row(tokens, spans, max_length) for tokens, spans in group] for group in groups]
-    kept = [group for group in groups if all(scored_targets(*row).any() for row in group)]
+    kept = [i for i, group in enumerate(groups) if all(scored_targets(*row).any() for row in group)]
     if len(kept) < len(groups):
         print(f"[WARNING] {len(groups) - len(kept)} {name} examples have no token to train on (their prompt "
               f"fills --max-seq-length) and were left out.")
-    return [row for group in kept for row in group]
+    labels = [objective.label(record) for record in examples]
+    return Rows([row for i in kept for row in groups[i]], None if None in labels else np.array(labels)[kept])
 
 
 # Batches
@@ -687,7 +718,8 @@ def frozen_prefix(model, datasets):
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
     states = gathered(frozen_states(model, layer, rank_share(rows)), lengths)
     firsts = iter(np.cumsum(lengths) - lengths)
-    return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+    return models.FrozenPrefix(layer, states), [Rows([(*row, int(next(firsts))) for row in dataset],
+                                                     getattr(dataset, "labels", None)) for dataset in datasets]
 
 
 def length_groups(lengths, positions=FORWARD_BATCH_TOKENS):
@@ -866,10 +898,13 @@ def across_ranks(numbers):
 # Objectives: what --train-mode trains on
 
 
-# The flags of the objectives, each read by those that have it as a field: its type and help
+# The flags of the objectives (argparse's keywords), each read by those that have it as a field
 OBJECTIVE_FLAGS = {
-    "beta": (utils.POSITIVE, "DPO's beta (larger keeps the model closer to its reference: the model as training "
-                             "starts), or ORPO's weight of the odds-ratio term (TRL's beta for both; default 0.1)."),
+    "beta": {"type": utils.POSITIVE,
+             "help": "TRL's beta (default 0.1): DPO's and KTO's (larger keeps the model closer to its reference, "
+                     "the model as training starts), ORPO's weight of the odds-ratio term."},
+    "desirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the desirable examples' loss (1)."},
+    "undesirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the undesirable examples' loss (1)."},
 }
 
 
@@ -878,8 +913,8 @@ class Objective:
     (OBJECTIVE_FLAGS) at their defaults, registered in OBJECTIVES by its mode. It says
     - which records it learns from: the formats of example_format (formats), what else it checks of one (check)
       and keeps (record_keys), and its one-line error for another format (refusal) or none (expected);
-    - how a record becomes rows: the rows_per_example examples of it that encode() tokenizes (responses), and
-      which of their tokens count (trained);
+    - how a record becomes rows: the examples of it that encode() tokenizes (responses), which of their tokens
+      count (trained), an example's rows_per_example rows (rows) and its label, if it reads one (label);
     - what it computes before training for every example of a set (prepare: a reference's log-probabilities),
       which each example's batches carry (given);
     - how rows become a batch (batch), what the whole batch gives its loss, summed over the ranks of a
@@ -904,8 +939,15 @@ class Objective:
     def responses(self, record) -> list:
         return [record]
 
+    def rows(self, encoded) -> list:
+        """Each example's rows, from the tokens and spans (encode) of each of its responses: those."""
+        return encoded
+
+    def label(self, record):
+        return None
+
     def answer(self, record):
-        """The example whose completion --generate-eval compares a generated one with."""
+        """The example whose completion --generate-eval compares a generated one with (None: none)."""
         return self.responses(record)[0]
 
     def prepare(self, model, datasets) -> list:
@@ -934,6 +976,10 @@ class SFT(Objective):
     def refusal(self, kind):
         modes = [mode for mode, objective in OBJECTIVES.items() if kind in objective.formats]
         return f"a {KIND_NAMES[kind]}; train on it with --train-mode {either(modes)}"
+
+    def responses(self, record):
+        return [exchange(record["prompt"], record["completion"], record.get("tools")) if "completion" in record
+                else record]
 
     def trained(self, mask_prompt):
         return "assistant" if mask_prompt else "all"
@@ -985,10 +1031,7 @@ class Pairs(Objective):
         return None
 
     def responses(self, record):
-        if isinstance(record["prompt"], str):
-            return [{"prompt": record["prompt"], "completion": record[k]} for k in ("chosen", "rejected")]
-        return [{"messages": record["prompt"] + record[k], "tools": record.get("tools")}
-                for k in ("chosen", "rejected")]
+        return [exchange(record["prompt"], record[k], record.get("tools")) for k in ("chosen", "rejected")]
 
     def trained(self, mask_prompt):
         return "completion"
@@ -1053,7 +1096,117 @@ class ORPO(Pairs):
             -chosen, ratio, log_odds]
 
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO}  # by --train-mode
+class KTOBatch(NamedTuple):
+    """A batch of KTO examples: the Sequences of their completions' rows and of their KL rows, the reference's
+    log-probabilities of both (examples x 2), and their labels (1: desirable, 0: not)."""
+    completions: Sequences
+    kl: Sequences
+    reference: mx.array
+    labels: mx.array
+
+
+@dataclasses.dataclass(frozen=True)
+class KTO(Objective):
+    """KTO (TRL's KTOTrainer), from completions labelled desirable or not: a desirable completion made more
+    likely than the reference (the model as training starts) made it, an undesirable one less, each against
+    the batch's estimate of the KL divergence from the reference: the mean log-ratio of its KL rows (each
+    prompt with another example's completion), at least 0. A completion's reward is beta times its log-ratio
+    to the reference."""
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    batch_size: int = 4  # --batch-size: the groups of examples within which the KL rows swap completions
+    formats = ("completion",)
+    expected = ('an unpaired example: expected {"prompt", "completion", "label"}, two strings or a list of messages '
+                'and one assistant message, and true or false')
+    learns_from = 'unpaired examples {"prompt", "completion", "label": true or false}'
+    record_keys = frozenset({"label"})
+    rows_per_example = 2
+    metrics = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+    sums = ("tokens", "kl", "desirable", "undesirable", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected")
+    shown = ("kl", "rewards/margins")
+
+    def check(self, record):
+        if not isinstance(record.get("label"), bool):
+            return (f'"label" is {json.dumps(record["label"])}, not true or false' if "label" in record else
+                    'no "label": true for a desirable completion, false for an undesirable one')
+        completion = record["completion"]
+        if (completion if isinstance(completion, str) else completion[0]["content"]) == "":
+            return "an empty completion: nothing to learn from"
+        return None
+
+    def responses(self, record):
+        return [exchange(record["prompt"], record["completion"], record.get("tools"))]
+
+    def trained(self, mask_prompt):
+        return "completion"
+
+    def rows(self, encoded):
+        """Each example's row, then its KL row: its prompt with the completion of the example before it in its
+        group of batch_size consecutive examples (the first, the group's last's), as TRL's KTOTrainer pairs
+        them."""
+        rows = []
+        for first in range(0, len(encoded), self.batch_size):
+            group = [response for response, in encoded[first:first + self.batch_size]]
+            for (tokens, spans), (other, ((start, end),)) in zip(group, group[-1:] + group[:-1]):
+                prompt = tokens[:spans[0][0]]
+                rows.append([(tokens, spans), (prompt + other[start:end], [(len(prompt), len(prompt) + end - start)])])
+        return rows
+
+    def label(self, record):
+        return float(record["label"])
+
+    def answer(self, record):
+        return self.responses(record)[0] if record["label"] else None
+
+    def prepare(self, model, datasets):
+        references = reference_pass(model, datasets, self.rows_per_example, "KTO",
+                                    lambda n: f"the completions of {n} examples and of their KL rows")
+        return [np.column_stack([reference, dataset.labels]) if len(dataset) else None  # (no validation set)
+                for reference, dataset in zip(references, datasets)]
+
+    def batch(self, rows, given, pack, by_example):
+        n = len(rows) // 2
+        return KTOBatch(sequences(rows[:n], pack, by_example), sequences(rows[n:], pack, by_example),
+                        mx.array(given[:, :2]), mx.array(given[:, 2]))
+
+    def statistics(self, model, batch):
+        """The KL rows' summed log-ratio to the reference, and their count (zeros: a rank with none)."""
+        if batch is None:
+            return mx.zeros(2)
+        logps, _ = sequence_logps(model, batch.kl)
+        return mx.stack([(logps - batch.reference[:, 1]).sum(), mx.array(batch.kl.count, mx.float32)])
+
+    def loss(self, model, batch, statistics=None):
+        logps, counts = sequence_logps(model, batch.completions)
+        kl = mx.maximum(statistics[0] / statistics[1], 0)
+        ratios = logps - batch.reference[:, 0]
+        desirable = batch.labels.astype(mx.bool_)
+        losses = mx.where(desirable, self.desirable_weight * (1 - mx.sigmoid(self.beta * (ratios - kl))),
+                          self.undesirable_weight * (1 - mx.sigmoid(self.beta * (kl - ratios))))
+        rewards, logps = mx.stop_gradient(self.beta * ratios), mx.stop_gradient(logps)
+        undesirable = 1 - batch.labels
+        sums = mx.stack([counts.sum(), kl * batch.completions.count, batch.labels.sum(), undesirable.sum(),
+                         (rewards * batch.labels).sum(), (rewards * undesirable).sum(), (logps * batch.labels).sum(),
+                         (logps * undesirable).sum()])
+        return losses.mean(), mx.array(batch.completions.count), sums
+
+    def metric_values(self, sums, count):
+        """The KL estimate, a mean over the batches; the rewards and log-probabilities, means over the desirable
+        or the undesirable examples (TRL's: none for a batch of neither)."""
+        _, kl, desirable, undesirable, *totals = sums
+        values = {"kl": kl / count}
+        if desirable:
+            values.update({"rewards/chosen": totals[0] / desirable, "logps/chosen": totals[2] / desirable})
+        if undesirable:
+            values.update({"rewards/rejected": totals[1] / undesirable, "logps/rejected": totals[3] / undesirable})
+        if desirable and undesirable:
+            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        return values
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO}  # by --train-mode
 MODES = {objective: mode for mode, objective in OBJECTIVES.items()}
 
 
@@ -1643,6 +1796,7 @@ def evaluate(model, dataset, batch_size, num_batches, objective=None, given=None
             break
         statistics = across_ranks(objective.statistics(model, batch))  # every rank takes part in the sum
         if batch is None:  # no example of this batch is this rank's
+            mx.eval(statistics)  # its part of the sum, which nothing here reads (lazy, it would not be taken)
             continue
         loss, count, sums = objective.loss(model, batch, statistics)
         totals = totals + mx.concatenate([mx.stack([loss * count, count.astype(loss.dtype)]), sums])
@@ -1779,9 +1933,9 @@ def main(args):
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
     training = training_args(args)
     examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective) for split in splits}
-    generation_tests = [
-        completion_example(record, args.completion_marker, examples["test"].where(i), training.objective)
-        for i, record in enumerate(examples["test"][:args.generate_eval])] if args.test else []
+    answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
+    generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
+                                           training.objective) for i in answered[:args.generate_eval]]
     if args.resume:
         check_resume(args)
     group = distributed(args)
@@ -1791,7 +1945,7 @@ def main(args):
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
         if writes:
             check_outputs(adapter_file)
-        run(args, training, adapter_file, examples, generation_tests)
+        run(args, training, adapter_file, examples, generation_tests, answered)
 
 
 def check_outputs(adapter_file: Path):
@@ -1822,7 +1976,7 @@ def distributed(args):
     return group
 
 
-def run(args, training, adapter_file, examples, generation_tests):
+def run(args, training, adapter_file, examples, generation_tests, answered):
     objective = training.objective
     mx.random.seed(args.seed)
     scale = lora_scale(vars(args))
@@ -1838,7 +1992,7 @@ def run(args, training, adapter_file, examples, generation_tests):
     rows = objective.rows_per_example  # an example's
     for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
         if split in data and batches > 0:
-            data[split] = data[split][:batches * args.batch_size * rows]
+            data[split] = data[split].head(batches * args.batch_size, rows)
     model.freeze()
     adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
@@ -1878,7 +2032,7 @@ def run(args, training, adapter_file, examples, generation_tests):
         if generation_tests and mx.distributed.init().rank() == 0:
             with utils.naming_flag("--generate-eval"):
                 matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token,
-                                              examples["test"].where)
+                                              lambda k: examples["test"].where(answered[k]))
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
     if args.prompt is not None and mx.distributed.init().rank() == 0:

@@ -122,6 +122,18 @@ def assert_scores_the_assistant_mask(row, marked, messages):
     assert (lora.scored_targets(tokens, scored) == mask[1:len(tokens)]).all()  # a target is the next token
 
 
+def test_a_chat_prompt_and_its_completion_are_one_chat(chat_model):
+    """{"prompt": messages, "completion": [an assistant message]} is the chat of both, with --mask-prompt too."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    prompt, completion = MASKED_CHATS[0][:-1], MASKED_CHATS[0][-1:]
+    assert completion[0]["role"] == "assistant"
+    for mask_prompt in (False, True):
+        assert (lora.tokenize([{"prompt": prompt, "completion": completion}], tokenizer, True, 256, "train",
+                              mask_prompt=mask_prompt) ==
+                lora.tokenize([{"messages": prompt + completion}], tokenizer, True, 256, "train",
+                              mask_prompt=mask_prompt))
+
+
 def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path, capsys):
     """A chat without an assistant message is refused. A template that renders a chat's first messages otherwise
     than the whole chat (as Qwen3's drops earlier reasoning) leaves those earlier assistant messages unscored, with

@@ -1,5 +1,5 @@
-"""Preference tuning (--train-mode dpo / orpo): the losses and metrics against TRL's, the data formats, and
-training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
+"""Preference tuning (--train-mode dpo / orpo / kto): the losses and metrics against TRL's, the data formats,
+and training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
 import json
 import re
 from types import SimpleNamespace
@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import copy_of, preference_pairs, random_adapter, run_fuse, run_lora, write_pairs
+from conftest import (copy_of, preference_pairs, random_adapter, run_fuse, run_lora, unpaired, write_pairs,
+                      write_unpaired)
 
 import lora
 import utils
@@ -22,6 +23,7 @@ def adapted(make_checkpoint, tmp_path_factory):
     PyTorch; rows of 4 pairs, with the base model's log-probabilities of their responses (DPO's reference)."""
     folder, reference = make_checkpoint("llama")
     tmp = tmp_path_factory.mktemp("adapted")
+    mx.random.seed(0)  # the same adapters (lora_a), whichever tests ran before
     model = random_adapter(folder, tmp / "adapters.safetensors", rank=4, scale=2.0)
     run_fuse("--model", folder, "--adapter-file", tmp / "adapters.safetensors", "--export-peft", tmp / "peft")
     from peft import PeftModel
@@ -102,6 +104,58 @@ def test_orpo_loss_and_metrics_equal_trls_functions(adapted):
         assert abs(metrics[name] - expected[name].item()) < 1e-4 * max(1, abs(expected[name].item())), name
 
 
+def test_kto_loss_and_metrics_equal_trls_kto_trainer(adapted, tiny_llama, tmp_path):
+    """TRL's KTOTrainer on the PEFT model, the base model its reference, on the same tokens: each example's
+    completion and its KL row (its prompt with another example's completion), desirable and undesirable
+    examples weighted apart."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    model, peft_model, base, tokenizer, _, _ = adapted
+    records = unpaired(preference_pairs(4, 0))  # one batch of 8
+    objective = lora.KTO(beta=BETA, desirable_weight=1.3, undesirable_weight=0.7, batch_size=8)
+    rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=objective)
+    given = np.column_stack([lora.reference_logps(utils.load(str(tiny_llama))[0], rows).reshape(-1, 2), rows.labels])
+    batch = next(lora.iterate_batches(rows, 8, objective=objective, given=given))
+    loss, count, sums = objective.loss(model, batch, objective.statistics(model, batch))
+    metrics = objective.metric_values(sums.tolist(), count.item())
+
+    examples = []
+    for (tokens, start), (kl_tokens, kl_start), record in zip(rows[0::2], rows[1::2], records):
+        assert kl_start == start and kl_tokens[:start + 1] == tokens[:start + 1]  # one prompt, scored after it
+        examples.append({"prompt_ids": tokens[:start + 1], "completion_ids": tokens[start + 1:],
+                         "KL_completion_ids": kl_tokens[start + 1:], "label": record["label"]})
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = KTOConfig(output_dir=str(tmp_path), beta=BETA, desirable_weight=1.3, undesirable_weight=0.7,
+                       per_device_train_batch_size=8, report_to="none", use_cpu=True, bf16=False)
+    trainer = KTOTrainer(peft_model, copy_of(base), args=config, train_dataset=Dataset.from_list(records),
+                         processing_class=tokenizer)
+    with torch.no_grad():
+        expected = trainer.compute_loss(peft_model, trainer.data_collator(examples)).item()
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    assert abs(loss.item() - expected) < 1e-5
+    assert set(metrics) == set(lora.KTO.metrics)
+    for name in lora.KTO.metrics:
+        assert abs(metrics[name] - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
+    assert logged["kl"] > 0.01  # the policy is not the reference, and the KL term is not clamped to 0
+    negative, zero = (objective.loss(model, batch, mx.array([kl, 8.0]))[0].item() for kl in (-5.0, 0.0))
+    assert negative == zero  # a negative estimate counts as 0 (TRL's clamp)
+
+
+def test_kto_rows_pair_each_prompt_with_the_completion_before_it(tiny_llama):
+    """An example's KL row is its prompt and the completion of the example before it, within groups of
+    --batch-size examples in the file's order (the group's first takes its last's), as TRL pairs them."""
+    tokenizer = utils.load(str(tiny_llama))[1]
+    records = unpaired(preference_pairs(3, 0))  # 6: a group of 4 and one of 2
+    rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=lora.KTO(batch_size=4))
+    assert rows.labels.tolist() == [record["label"] for record in records]
+    completions = [tokens[start + 1:] for tokens, start in rows[0::2]]
+    for i, ((tokens, start), (kl_tokens, kl_start)) in enumerate(zip(rows[0::2], rows[1::2])):
+        before = {0: 3, 4: 5}.get(i, i - 1)
+        assert kl_start == start and kl_tokens == tokens[:start + 1] + completions[before]
+        assert tokenizer.decode(completions[i]).startswith(records[i]["completion"])
+
+
 def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp_path):
     tokenizer = utils.load(str(tiny_llama))[1]
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -135,9 +189,19 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "orpo",
      r"train.jsonl:2: the chosen and the rejected response are the same"),
+    ({"prompt": "a", "completion": "b", "label": "yes"}, "kto", r'train.jsonl:2: "label" is "yes", not true or false'),
+    ({"prompt": "a", "completion": "b", "label": None}, "kto", r'train.jsonl:2: "label" is null, not true or false'),
+    ({"prompt": "a", "completion": "b"}, "kto", r'train.jsonl:2: no "label": true for a desirable completion'),
+    ({"prompt": "a", "completion": "", "label": True}, "kto", r"train.jsonl:2: an empty completion"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": ""}],
+      "label": False}, "kto", r"train.jsonl:2: an empty completion"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "kto",
+     r"train.jsonl:2: a preference pair, but --train-mode kto learns from unpaired examples"),
+    ({"prompt": "a", "completion": 5, "label": True}, "kto", r"train.jsonl:2: not an unpaired example"),
 ])
 def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
-    first = line if mode == "dpo" and "text" in line else preference_pairs(1, 0)[0] if mode != "sft" else {"text": "x"}
+    good = {"sft": {"text": "x"}, "kto": {"prompt": "a", "completion": "b", "label": True}}
+    first = line if mode == "dpo" and "text" in line else good.get(mode, preference_pairs(1, 0)[0])
     lines = [first] if first is line else [first, line]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     with pytest.raises(utils.UserError, match=message):
@@ -145,7 +209,7 @@ def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
 
 
 def test_beta_without_a_preference_mode_is_an_error():
-    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo or orpo"):
+    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo or kto"):
         lora.parse_args(["--train", "--beta", "0.2"])
 
 
@@ -173,13 +237,13 @@ def held_out_rewards(out):
 
 @pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
     ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
-    ("orpo", "full", False)])
+    ("orpo", "full", False), ("kto", "lora", False)])
 def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
                                                              fine_tune_type, quantized):
-    """Trained on pairs, the model prefers the chosen response of held-out pairs (test.jsonl): rewards rank
-    it first far more often than before training. QLoRA trains over a 4-bit model."""
+    """Trained on pairs (KTO: the same pairs unpaired), the model prefers the chosen response of held-out pairs
+    (test.jsonl): rewards rank it first far more often than before training. QLoRA trains over a 4-bit model."""
     monkeypatch.chdir(tmp_path)  # adapters.safetensors: none before training
-    data = write_pairs(tmp_path / "pairs")
+    data = write_unpaired(tmp_path / "kto") if train_mode == "kto" else write_pairs(tmp_path / "pairs")
     model = tiny_llama
     if quantized:
         import convert
@@ -198,6 +262,11 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode].metrics) <= set(record)
+    if train_mode == "kto":  # its held-out completions: the desirable ones' rewards above the others'
+        assert float(re.findall(r"Test loss .*rewards/margins (-?\d+\.\d+)", out)[-1]) > 0
+        # and the held-out pairs, as DPO rewards them with the model before the adapters as the reference
+        out = run_lora(capsys, "--model", model, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
+                       "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--test")
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
     if before is not None:  # ORPO's rewards rank most pairs right before training here: the margin grows
@@ -233,6 +302,23 @@ def test_dpo_adapters_resume_fuse_and_export_to_peft(make_checkpoint, tmp_path, 
     for torch_model in (fused, peft_model):
         with torch.no_grad():
             assert np.abs(torch_model(torch.tensor([tokens])).logits.numpy() - expected).max() < 1e-4
+
+
+def test_kto_resumes_exactly_and_refuses_other_mode_flags(tiny_llama, tmp_path, capsys):
+    """A KTO run resumed from its checkpoint ends where the whole run does (its KL rows and reference made
+    again alike); a flag of the mode changed since is refused."""
+    data = write_unpaired(tmp_path / "kto", (("train", 16, 1),))
+    flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", "kto", "--desirable-weight", 1.5,
+             "--batch-size", 4, "--iters", 6, "--save-every", 3, "--learning-rate", 2e-3, "--lora-layers", 2,
+             "--val-batches", 0]
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "whole" / "adapters.safetensors")
+    checkpoint = tmp_path / "whole" / "runs" / "1" / "step-0000003"
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "resumed" / "adapters.safetensors", "--resume", checkpoint)
+    whole, resumed = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "resumed"))
+    assert all(np.array_equal(np.array(whole[k]), np.array(resumed[k])) for k in whole)
+    with pytest.raises(utils.UserError, match=r"trained with other flags: --desirable-weight 1.5 \(now 2.0\)"):
+        run_lora(capsys, *flags, "--desirable-weight", 2, "--adapter-file", tmp_path / "other" / "a.safetensors",
+                 "--resume", checkpoint)
 
 
 def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypatch):
