@@ -82,7 +82,7 @@ def build_parser():
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
                       help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
-                           "response to its rejected one (dpo, orpo: data of {\"prompt\", \"chosen\", "
+                           "response to its rejected one (dpo, orpo, simpo, cpo: data of {\"prompt\", \"chosen\", "
                            "\"rejected\"} pairs); or from completions labelled desirable or not (kto: data of "
                            "{\"prompt\", \"completion\", \"label\"}). data/README.md says more.")
     for name, spec in OBJECTIVE_FLAGS.items():  # each read by the objectives that have it as a field
@@ -902,7 +902,15 @@ def across_ranks(numbers):
 OBJECTIVE_FLAGS = {
     "beta": {"type": utils.POSITIVE,
              "help": "TRL's beta (default 0.1): DPO's and KTO's (larger keeps the model closer to its reference, "
-                     "the model as training starts), ORPO's weight of the odds-ratio term."},
+                     "the model as training starts), ORPO's weight of the odds-ratio term, SimPO's and CPO's "
+                     "scale of the rewards."},
+    "label_smoothing": {"type": utils.flag_type(float, lambda v: 0 <= v < 0.5, "a number from 0 to below 0.5"),
+                        "help": "SimPO, CPO: the probability that a pair's preference is flipped, which the loss "
+                                "allows for (TRL's label_smoothing; default 0)."},
+    "cpo_alpha": {"type": utils.NON_NEGATIVE,
+                  "help": "The weight of the chosen responses' cross-entropy in the loss (CPO: 1; SimPO: 0)."},
+    "simpo_gamma": {"type": utils.NON_NEGATIVE,
+                    "help": "SimPO: the reward margin, over beta, that the chosen response must win by (0.5)."},
     "desirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the desirable examples' loss (1)."},
     "undesirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the undesirable examples' loss (1)."},
 }
@@ -1044,8 +1052,12 @@ class Pairs(Objective):
         logps, counts = sequence_logps(model, batch.sequences)
         losses, metrics = self.pair_losses(logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:],
                                            batch.reference)
-        sums = mx.stack([counts.sum()] + [mx.stop_gradient(m).astype(mx.float32).sum() for m in metrics])
-        return losses.mean(), mx.array(pairs), sums
+        return losses.mean(), mx.array(pairs), pair_sums(counts, metrics)
+
+
+def pair_sums(counts, metrics):
+    """The sums over a batch of pairs of the rows' trained tokens and of each metric."""
+    return mx.stack([counts.sum()] + [mx.stop_gradient(m).astype(mx.float32).sum() for m in metrics])
 
 
 def reference_pass(model, datasets, rows_per_example, name, what):
@@ -1206,7 +1218,67 @@ class KTO(Objective):
         return values
 
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO}  # by --train-mode
+@dataclasses.dataclass(frozen=True)
+class CPO(Pairs):
+    """CPO (TRL's CPOTrainer, loss_type "sigmoid"), without a reference: -log sigmoid(beta times the chosen
+    response's summed log-probability minus the rejected one's), label_smoothing of it taken as if the pair were
+    flipped, plus cpo_alpha times the chosen responses' cross-entropy (a mean over their tokens). A response's
+    reward is beta times its log-probability."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    cpo_alpha: float = 1.0
+    averaged = False  # the rewards of log-probabilities summed over a response's tokens
+
+    @property
+    def metrics(self):  # (TRL's nll_loss is 0 when it is not trained on)
+        return Pairs.metrics + (("nll_loss",) if self.cpo_alpha else ())
+
+    def margin(self):
+        """What the chosen response's log-probability must exceed the rejected one's by."""
+        return 0.0
+
+    def statistics(self, model, batch):
+        """The whole batch's chosen responses' tokens and pairs, which the cross-entropy is a mean over (zeros:
+        a rank with none)."""
+        if batch is None:
+            return mx.zeros(2)
+        rows, owner, count = batch.sequences
+        chosen = rows.scored & (owner < count // 2)
+        return mx.stack([chosen.sum(), mx.array(count // 2)]).astype(mx.float32)
+
+    def loss(self, model, batch, statistics=None):
+        pairs = batch.sequences.count // 2
+        logps, counts = sequence_logps(model, batch.sequences)
+        chosen, rejected = logps[:pairs], logps[pairs:]
+        if self.averaged:
+            chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]
+        logits = self.beta * (chosen - rejected - self.margin())
+        losses = (-(1 - self.label_smoothing) * nn.log_sigmoid(logits)
+                  - self.label_smoothing * nn.log_sigmoid(-logits))
+        metrics = reward_metrics(self.beta * chosen, self.beta * rejected, chosen, rejected)
+        loss = losses.mean()
+        if self.cpo_alpha:
+            tokens, total = statistics
+            # per pair, its chosen response's part of the whole batch's mean cross-entropy, times the pairs
+            nll = -logps[:pairs] * total / tokens
+            loss, metrics = loss + self.cpo_alpha * nll.mean(), metrics + [nll]
+        return loss, mx.array(pairs), pair_sums(counts, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPO(CPO):
+    """SimPO (TRL's CPOTrainer, loss_type "simpo"), without a reference: CPO's loss on the responses' mean
+    log-probabilities, the chosen one's to exceed the rejected one's by simpo_gamma / beta; without CPO's
+    cross-entropy unless cpo_alpha is given (CPO-SimPO)."""
+    cpo_alpha: float = 0.0
+    simpo_gamma: float = 0.5
+    averaged = True
+
+    def margin(self):
+        return self.simpo_gamma / self.beta
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO, "simpo": SimPO, "cpo": CPO}  # by --train-mode
 MODES = {objective: mode for mode, objective in OBJECTIVES.items()}
 
 

@@ -232,6 +232,9 @@ FLAGS = [
     ("beta-negative", train, "--beta", -0.1, False),
     ("desirable-weight-zero", train, "--desirable-weight", 0, True),  # with --train-mode kto, below
     ("undesirable-weight-negative", train, "--undesirable-weight", -1, False),
+    ("simpo-gamma-negative", train, "--simpo-gamma", -1, True),  # with --train-mode simpo, below
+    ("cpo-alpha-negative", train, "--cpo-alpha", -0.5, False),
+    ("label-smoothing-half", train, "--label-smoothing", 0.5, True),
     ("lora-rank-above-the-layers-features", train, "--lora-rank", 65, False),  # q_proj and v_proj have 64 inputs
     ("lora-rank-huge", train, "--lora-rank", 10**8, False),
     ("prompt-empty", prompt, "--prompt", "", True),
@@ -246,11 +249,14 @@ CASES_TOGETHER = [
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
     ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
+    ("simpo-gamma-with-cpo", ["--train-mode", "cpo", "--simpo-gamma", 1], "--simpo-gamma"),
 ]
 # what else the flag needs, so that its value is the only fault
 NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "],
          "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1],
-         "--desirable-weight": ["--train-mode", "kto"], "--undesirable-weight": ["--train-mode", "kto"]}
+         "--desirable-weight": ["--train-mode", "kto"], "--undesirable-weight": ["--train-mode", "kto"],
+         "--simpo-gamma": ["--train-mode", "simpo"], "--cpo-alpha": ["--train-mode", "cpo"],
+         "--label-smoothing": ["--train-mode", "cpo"]}
 
 
 @dataclass

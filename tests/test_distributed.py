@@ -118,7 +118,7 @@ def test_two_ranks_train_as_one_process(recipe, tiny_llama, data_dir, tmp_path):
         assert two.stdout.count("Computing the frozen layers 0-1 once") == 1
 
 
-@pytest.mark.parametrize("train_mode", ["dpo", "orpo", "kto"])
+@pytest.mark.parametrize("train_mode", ["dpo", "orpo", "kto", "simpo", "cpo"])
 def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_path):
     """The reference pass and the frozen-layer pass shared out, validation sharded: as one process. KTO's KL
     estimate is the whole batch's, over the ranks, also in validation's last batch, of which one rank has

@@ -1,5 +1,5 @@
-"""Preference tuning (--train-mode dpo / orpo / kto): the losses and metrics against TRL's, the data formats,
-and training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
+"""Preference tuning (--train-mode dpo / orpo / kto / simpo / cpo): the losses and metrics against TRL's, the
+data formats, and training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
 import json
 import re
 from types import SimpleNamespace
@@ -104,6 +104,42 @@ def test_orpo_loss_and_metrics_equal_trls_functions(adapted):
         assert abs(metrics[name] - expected[name].item()) < 1e-4 * max(1, abs(expected[name].item())), name
 
 
+@pytest.mark.parametrize("train_mode, flags", [("cpo", {"label_smoothing": 0.1}), ("simpo", {"simpo_gamma": 0.7}),
+                                               ("simpo", {"cpo_alpha": 0.5, "label_smoothing": 0.2})])
+def test_simpo_and_cpo_losses_and_metrics_equal_trls_cpo_trainer(adapted, tmp_path, train_mode, flags):
+    """TRL's CPOTrainer (loss_type "simpo" or "sigmoid") on the PEFT model and the same tokens: its NLL term a
+    mean over the chosen responses' tokens (none with cpo_alpha 0, SimPO's default)."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model, peft_model, _, tokenizer, rows, _ = adapted
+    objective = lora.OBJECTIVES[train_mode](beta=BETA, **flags)
+    batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective))
+    loss, count, sums = objective.loss(model, batch, objective.statistics(model, batch))
+    metrics = objective.metric_values(sums.tolist(), count.item())
+    assert ("nll_loss" in metrics) == (objective.cpo_alpha > 0)
+
+    inputs = {}  # CPOTrainer's batch: each side's tokens, padded, its labels the responses' tokens alone
+    for side, part in (("chosen", rows[0::2]), ("rejected", rows[1::2])):
+        width = max(len(tokens) for tokens, _ in part)
+        inputs[f"{side}_input_ids"] = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in part])
+        inputs[f"{side}_attention_mask"] = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens))
+                                                         for tokens, _ in part])
+        inputs[f"{side}_labels"] = torch.tensor([[-100] * (start + 1) + tokens[start + 1:]
+                                                 + [-100] * (width - len(tokens)) for tokens, start in part])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = CPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type="simpo" if train_mode == "simpo" else "sigmoid",
+                       cpo_alpha=objective.cpo_alpha, simpo_gamma=getattr(objective, "simpo_gamma", 0.5),
+                       label_smoothing=objective.label_smoothing, report_to="none", use_cpu=True, bf16=False)
+    trainer = CPOTrainer(peft_model, args=config, train_dataset=Dataset.from_list(preference_pairs(4, 0)),
+                         processing_class=tokenizer)
+    with torch.no_grad():
+        expected, logged = trainer.get_batch_loss_metrics(peft_model, inputs)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    for name, value in metrics.items():
+        assert abs(value - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
+
+
 def test_kto_loss_and_metrics_equal_trls_kto_trainer(adapted, tiny_llama, tmp_path):
     """TRL's KTOTrainer on the PEFT model, the base model its reference, on the same tokens: each example's
     completion and its KL row (its prompt with another example's completion), desirable and undesirable
@@ -178,7 +214,7 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
 
 @pytest.mark.parametrize("line, mode, message", [
     ({"prompt": "a", "chosen": "b", "rejected": "c"}, "sft",
-     r"train.jsonl:2: a preference pair; train on it with --train-mode dpo or orpo"),
+     r"train.jsonl:2: a preference pair; train on it with --train-mode dpo, orpo, simpo or cpo"),
     ({"text": "a"}, "dpo", r"train.jsonl:1: a text example, but --train-mode dpo learns from preference pairs"),
     ({"prompt": "a", "chosen": "b"}, "orpo", r"train.jsonl:2: not a preference pair: expected \{\"prompt\", "
                                              r"\"chosen\", \"rejected\"\}"),
@@ -209,7 +245,7 @@ def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
 
 
 def test_beta_without_a_preference_mode_is_an_error():
-    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo or kto"):
+    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo, kto, simpo or cpo"):
         lora.parse_args(["--train", "--beta", "0.2"])
 
 
@@ -237,7 +273,7 @@ def held_out_rewards(out):
 
 @pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
     ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
-    ("orpo", "full", False), ("kto", "lora", False)])
+    ("orpo", "full", False), ("kto", "lora", False), ("simpo", "lora", False), ("cpo", "lora", False)])
 def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
                                                              fine_tune_type, quantized):
     """Trained on pairs (KTO: the same pairs unpaired), the model prefers the chosen response of held-out pairs
@@ -254,14 +290,15 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
         model = tmp_path / "q"
     flags = ["--model", model, "--data", data, "--train-mode", train_mode, "--beta", BETA, "--batch-size", 8,
              "--max-seq-length", 256]
-    before = run_lora(capsys, *flags, "--test") if train_mode == "orpo" else None  # DPO's rewards are 0 before training: its accuracy 0
+    # DPO's rewards are 0 before training: its accuracy 0; those without a reference rank pairs already
+    before = run_lora(capsys, *flags, "--test") if train_mode in ("orpo", "simpo", "cpo") else None
     out = run_lora(capsys, *flags, "--train", "--test", "--iters", 60, "--steps-per-eval", 30,
                    "--learning-rate", 5e-4 if fine_tune_type == "full" else 2e-3, "--fine-tune-type", fine_tune_type,
                    "--lora-layers", 2 if fine_tune_type == "full" else 4)
     losses = [float(v) for v in re.findall(r"Train loss ([\d.]+)", out)]
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode].metrics) <= set(record)
+    assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode]().metrics) <= set(record)
     if train_mode == "kto":  # its held-out completions: the desirable ones' rewards above the others'
         assert float(re.findall(r"Test loss .*rewards/margins (-?\d+\.\d+)", out)[-1]) > 0
         # and the held-out pairs, as DPO rewards them with the model before the adapters as the reference
@@ -269,7 +306,7 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
                        "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--test")
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
-    if before is not None:  # ORPO's rewards rank most pairs right before training here: the margin grows
+    if before is not None:  # their rewards rank most pairs right before training here: the margin grows
         assert accuracy >= held_out_rewards(before)[0] and margin > held_out_rewards(before)[1] + 0.05
 
 
