@@ -898,15 +898,21 @@ def across_ranks(numbers):
 # Objectives: what --train-mode trains on
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # --loss-type
+
 # The flags of the objectives (argparse's keywords), each read by those that have it as a field
 OBJECTIVE_FLAGS = {
     "beta": {"type": utils.POSITIVE,
              "help": "TRL's beta (default 0.1): DPO's and KTO's (larger keeps the model closer to its reference, "
                      "the model as training starts), ORPO's weight of the odds-ratio term, SimPO's and CPO's "
                      "scale of the rewards."},
+    "loss_type": {"choices": DPO_LOSSES,
+                  "help": "DPO's loss of the reward margin m (TRL's loss_type): sigmoid, -log sigmoid(m) (the "
+                          "default); ipo, IPO's squared distance of the mean log-ratios' margin from 1 / (2 beta); "
+                          "hinge, max(0, 1 - m / beta); robust, sigmoid allowing for --label-smoothing."},
     "label_smoothing": {"type": utils.flag_type(float, lambda v: 0 <= v < 0.5, "a number from 0 to below 0.5"),
-                        "help": "SimPO, CPO: the probability that a pair's preference is flipped, which the loss "
-                                "allows for (TRL's label_smoothing; default 0)."},
+                        "help": "DPO (--loss-type robust), SimPO, CPO: the probability that a pair's preference is "
+                                "flipped, which the loss allows for (TRL's label_smoothing; default 0)."},
     "cpo_alpha": {"type": utils.NON_NEGATIVE,
                   "help": "The weight of the chosen responses' cross-entropy in the loss (CPO: 1; SimPO: 0)."},
     "simpo_gamma": {"type": utils.NON_NEGATIVE,
@@ -1080,14 +1086,31 @@ class DPO(Pairs):
     starts) made it, the rejected one less. A response's reward is beta times how much more likely the model
     makes it than the reference did."""
     beta: float = 0.1
+    loss_type: str = "sigmoid"  # of DPO_LOSSES
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.label_smoothing and self.loss_type != "robust":  # TRL's other losses ignore it
+            raise UserError(f"--label-smoothing goes with --loss-type robust, not {self.loss_type}")
 
     def prepare(self, model, datasets):
         return reference_pass(model, datasets, self.rows_per_example, "DPO", lambda n: f"the responses of {n} pairs")
 
     def pair_losses(self, chosen, rejected, chosen_counts, rejected_counts, reference):
-        chosen_rewards = self.beta * (chosen - reference[:, 0])
-        rejected_rewards = self.beta * (rejected - reference[:, 1])
-        losses = -nn.log_sigmoid(chosen_rewards - rejected_rewards)
+        """The loss of each pair as TRL's DPOTrainer computes its loss_type."""
+        chosen_ratios, rejected_ratios = chosen - reference[:, 0], rejected - reference[:, 1]
+        margins = self.beta * (chosen_ratios - rejected_ratios)
+        if self.loss_type == "ipo":  # beta is IPO's tau; the log-ratios are means over the response's tokens
+            losses = (chosen_ratios / chosen_counts - rejected_ratios / rejected_counts - 1 / (2 * self.beta)) ** 2
+        elif self.loss_type == "hinge":
+            losses = mx.maximum(1 - margins, 0)
+        elif self.loss_type == "robust":  # unbiased where a share label_smoothing of the pairs is flipped
+            smoothing = self.label_smoothing
+            losses = (-(1 - smoothing) * nn.log_sigmoid(margins) + smoothing * nn.log_sigmoid(-margins)) / (
+                1 - 2 * smoothing)
+        else:
+            losses = -nn.log_sigmoid(margins)
+        chosen_rewards, rejected_rewards = self.beta * chosen_ratios, self.beta * rejected_ratios
         return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 

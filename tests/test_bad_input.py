@@ -235,6 +235,7 @@ FLAGS = [
     ("simpo-gamma-negative", train, "--simpo-gamma", -1, True),  # with --train-mode simpo, below
     ("cpo-alpha-negative", train, "--cpo-alpha", -0.5, False),
     ("label-smoothing-half", train, "--label-smoothing", 0.5, True),
+    ("loss-type-unknown", train, "--loss-type", "kto", False),  # with --train-mode dpo, below
     ("lora-rank-above-the-layers-features", train, "--lora-rank", 65, False),  # q_proj and v_proj have 64 inputs
     ("lora-rank-huge", train, "--lora-rank", 10**8, False),
     ("prompt-empty", prompt, "--prompt", "", True),
@@ -250,13 +251,15 @@ CASES_TOGETHER = [
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
     ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
     ("simpo-gamma-with-cpo", ["--train-mode", "cpo", "--simpo-gamma", 1], "--simpo-gamma"),
+    ("loss-type-with-orpo", ["--train-mode", "orpo", "--loss-type", "ipo"], "--loss-type"),
+    ("label-smoothing-with-dpo-sigmoid", ["--train-mode", "dpo", "--label-smoothing", 0.1], "--label-smoothing"),
 ]
 # what else the flag needs, so that its value is the only fault
 NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "],
          "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1],
          "--desirable-weight": ["--train-mode", "kto"], "--undesirable-weight": ["--train-mode", "kto"],
          "--simpo-gamma": ["--train-mode", "simpo"], "--cpo-alpha": ["--train-mode", "cpo"],
-         "--label-smoothing": ["--train-mode", "cpo"]}
+         "--label-smoothing": ["--train-mode", "cpo"], "--loss-type": ["--train-mode", "dpo"]}
 
 
 @dataclass

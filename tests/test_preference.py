@@ -34,9 +34,9 @@ def adapted(make_checkpoint, tmp_path_factory):
     return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows).reshape(-1, 2)
 
 
-def ours(model, rows, train_mode, reference):
+def ours(model, rows, train_mode, reference, **flags):
     """Our loss and metrics on the rows' pairs as one batch."""
-    objective = lora.OBJECTIVES[train_mode](beta=BETA)
+    objective = lora.OBJECTIVES[train_mode](**{"beta": BETA, **flags})
     given = reference if train_mode == "dpo" else None
     batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective, given=given))
     loss, count, sums = objective.loss(model, batch)
@@ -53,16 +53,20 @@ def trl_examples(rows):
     return examples
 
 
-def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path):
-    """TRL's DPOTrainer on the PEFT model, the base model its reference, and the same tokens."""
+@pytest.mark.parametrize("loss_type, label_smoothing, beta", [("sigmoid", 0.0, BETA), ("ipo", 0.0, BETA),
+                                                              ("hinge", 0.0, 30.0), ("robust", 0.2, BETA)])
+def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path, loss_type, label_smoothing, beta):
+    """TRL's DPOTrainer on the PEFT model, the base model its reference, and the same tokens, for each loss
+    type (the hinge's beta puts some margins past its corner, some not)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     model, peft_model, base, tokenizer, rows, reference = adapted
-    loss, metrics = ours(model, rows, "dpo", reference)
+    loss, metrics = ours(model, rows, "dpo", reference, beta=beta, loss_type=loss_type,
+                         label_smoothing=label_smoothing)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    config = DPOConfig(output_dir=str(tmp_path), beta=BETA, report_to="none", use_cpu=True, bf16=False,
-                       precompute_ref_log_probs=False)
+    config = DPOConfig(output_dir=str(tmp_path), beta=beta, report_to="none", use_cpu=True, bf16=False,
+                       precompute_ref_log_probs=False, loss_type=[loss_type], label_smoothing=label_smoothing)
     trainer = DPOTrainer(peft_model, copy_of(base), args=config, train_dataset=Dataset.from_list(preference_pairs(4, 0)),
                          processing_class=tokenizer)
     with torch.no_grad():
@@ -308,6 +312,17 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
     assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
     if before is not None:  # their rewards rank most pairs right before training here: the margin grows
         assert accuracy >= held_out_rewards(before)[0] and margin > held_out_rewards(before)[1] + 0.05
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust"])
+def test_dpo_loss_types_make_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, loss_type):
+    monkeypatch.chdir(tmp_path)
+    out = run_lora(capsys, "--model", tiny_llama, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
+                   "--loss-type", loss_type, *(["--label-smoothing", 0.1] if loss_type == "robust" else []),
+                   "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--train", "--test", "--iters", 60,
+                   "--steps-per-eval", 30, "--learning-rate", 2e-3, "--lora-layers", 4)
+    accuracy, margin = held_out_rewards(out)
+    assert accuracy >= 0.75 and margin > 0
 
 
 def test_dpo_adapters_resume_fuse_and_export_to_peft(make_checkpoint, tmp_path, capsys):
