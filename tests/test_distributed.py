@@ -132,6 +132,8 @@ def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_
     flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", train_mode, "--iters", 4,
              "--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2,
              "--steps-per-report", 1, "--steps-per-eval", 2, "--val-batches", -1]
+    if train_mode in ("kto", "cpo"):  # whose loss reads the whole batch: packed and accumulated too
+        flags += ["--pack", "--grad-accumulation-steps", 2]
     one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")

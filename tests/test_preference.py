@@ -253,15 +253,25 @@ def test_beta_without_a_preference_mode_is_an_error():
         lora.parse_args(["--train", "--beta", "0.2"])
 
 
-def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted):
+@pytest.mark.parametrize("train_mode", ["dpo", "cpo", "kto"])
+def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted, train_mode):
+    """Packed, the batches of each kind (pairs with a reference, pairs whose loss reads the whole batch, KTO's
+    completions and KL rows) give the same loss, sums and gradient."""
     import mlx.nn as nn
 
-    model, *_, rows, _ = adapted
+    model, _, _, tokenizer, rows, _ = adapted
+    objective = lora.OBJECTIVES[train_mode](beta=BETA)
+    if train_mode == "kto":
+        objective = lora.KTO(beta=BETA, batch_size=8)
+        rows = lora.tokenize(unpaired(preference_pairs(4, 0)), tokenizer, True, 256, "train", objective=objective)
     reference = np.random.default_rng(0).normal(-20, 2, (len(rows) // 2, 2)).astype(np.float32)
-    objective = lora.DPO(beta=BETA)
+    given = np.column_stack([reference, rows.labels]) if train_mode == "kto" else None
+    given = reference if train_mode == "dpo" else given
     loss_and_grad = nn.value_and_grad(model, objective.loss)
-    results = [loss_and_grad(model, next(lora.iterate_batches(rows, len(rows) // 2, objective=objective,
-                                                              given=reference, pack=p))) for p in (False, True)]
+    results = []
+    for pack in (False, True):
+        batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective, given=given, pack=pack))
+        results.append(loss_and_grad(model, batch, objective.statistics(model, batch)))
     (loss, _, sums), grads = results[0]
     (packed_loss, _, packed_sums), packed_grads = results[1]
     assert abs(loss.item() - packed_loss.item()) < 1e-5
@@ -277,7 +287,8 @@ def held_out_rewards(out):
 
 @pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
     ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
-    ("orpo", "full", False), ("kto", "lora", False), ("simpo", "lora", False), ("cpo", "lora", False)])
+    ("orpo", "full", False), ("kto", "lora", False), ("kto", "lora", True), ("simpo", "lora", False),
+    ("cpo", "lora", False)])
 def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
                                                              fine_tune_type, quantized):
     """Trained on pairs (KTO: the same pairs unpaired), the model prefers the chosen response of held-out pairs
