@@ -909,7 +909,7 @@ OBJECTIVE_FLAGS = {
     "loss_type": {"choices": DPO_LOSSES,
                   "help": "DPO's loss of the reward margin m (TRL's loss_type): sigmoid, -log sigmoid(m) (the "
                           "default); ipo, IPO's squared distance of the mean log-ratios' margin from 1 / (2 beta); "
-                          "hinge, max(0, 1 - m / beta); robust, sigmoid allowing for --label-smoothing."},
+                          "hinge, max(0, 1 - m); robust, sigmoid allowing for --label-smoothing."},
     "label_smoothing": {"type": utils.flag_type(float, lambda v: 0 <= v < 0.5, "a number from 0 to below 0.5"),
                         "help": "DPO (--loss-type robust), SimPO, CPO: the probability that a pair's preference is "
                                 "flipped, which the loss allows for (TRL's label_smoothing; default 0)."},

@@ -608,9 +608,8 @@ def test_gemma4_layers_read_more_than_the_hidden_states(family, data_dir):
     rows = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:6]
 
     pairs = rows[:4]  # two pairs' rows, chosen then rejected
-    inputs, targets_, scored, owner, _ = lora.preference_batch(pairs[0::2] + pairs[1::2], np.zeros((2, 2)), False)
-    logps, _ = lora.sequence_logps(model, inputs, targets_, scored, owner, len(pairs))
-    assert np.allclose(lora.reference_logps(model, pairs), np.array(logps).reshape(2, -1).T, atol=1e-4)
+    logps, _ = lora.sequence_logps(model, lora.sequences(pairs[0::2] + pairs[1::2], False))
+    assert np.allclose(lora.reference_logps(model, pairs).reshape(-1, 2), np.array(logps).reshape(2, -1).T, atol=1e-4)
 
     def loss_and_grad(batch):
         return nn.value_and_grad(model, lambda m, *b: lora.loss_fn(m, *b)[0])(model, *batch)
