@@ -287,8 +287,7 @@ def held_out_rewards(out):
 
 @pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
     ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
-    ("orpo", "full", False), ("kto", "lora", False), ("kto", "lora", True), ("simpo", "lora", False),
-    ("cpo", "lora", False)])
+    ("orpo", "full", False), ("kto", "lora", True), ("simpo", "lora", False), ("cpo", "lora", False)])
 def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
                                                              fine_tune_type, quantized):
     """Trained on pairs (KTO: the same pairs unpaired), the model prefers the chosen response of held-out pairs
@@ -325,12 +324,11 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
         assert accuracy >= held_out_rewards(before)[0] and margin > held_out_rewards(before)[1] + 0.05
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust"])
-def test_dpo_loss_types_make_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, loss_type):
+def test_dpo_ipo_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch):
+    """IPO, the loss type least like the sigmoid's (the others: equal to TRL's, above)."""
     monkeypatch.chdir(tmp_path)
     out = run_lora(capsys, "--model", tiny_llama, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
-                   "--loss-type", loss_type, *(["--label-smoothing", 0.1] if loss_type == "robust" else []),
-                   "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--train", "--test", "--iters", 60,
+                   "--loss-type", "ipo", "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--train", "--test", "--iters", 60,
                    "--steps-per-eval", 30, "--learning-rate", 2e-3, "--lora-layers", 4)
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0
