@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning (--train), test perplexity (--test) and generation (--prompt)."""
 import argparse
 import contextlib
-import functools
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,12 +28,7 @@ from utils import UserError
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
-DEFAULT_BETA = 0.1  # TRL's, for DPO and ORPO
 TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
-# the numbers that --train-mode reports besides the loss, as TRL names them: means over the pairs
-METRICS = {"sft": [], "dpo": ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                              "logps/chosen", "logps/rejected"]}
-METRICS["orpo"] = METRICS["dpo"] + ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
 
 
 # Arguments
@@ -84,14 +80,13 @@ def build_parser():
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
-    lora.add_argument("--train-mode", choices=("sft", "dpo", "orpo"), default="sft",
-                      help="What the adapters learn: the examples' text (sft), or to prefer each pair's chosen "
-                           "response to its rejected one (DPO, ORPO: data of {\"prompt\", \"chosen\", "
-                           "\"rejected\"} pairs).")
-    lora.add_argument("--beta", type=utils.POSITIVE,
-                      help=f"DPO's beta (larger keeps the model closer to its reference: the model as training "
-                           f"starts), or ORPO's weight of the odds-ratio term (TRL's beta for both; default "
-                           f"{DEFAULT_BETA}).")
+    lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
+                      help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
+                           "response to its rejected one (dpo, orpo, simpo, cpo: data of {\"prompt\", \"chosen\", "
+                           "\"rejected\"} pairs); or from completions labelled desirable or not (kto: data of "
+                           "{\"prompt\", \"completion\", \"label\"}). data/README.md says more.")
+    for name, spec in OBJECTIVE_FLAGS.items():  # each read by the objectives that have it as a field
+        lora.add_argument("--" + name.replace("_", "-"), **spec)
     lora.add_argument("--adapter-file", type=utils.expanded_path,
                       help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
                            f"folder; default {DEFAULT_ADAPTER_FILE}).")
@@ -235,8 +230,11 @@ def check_flags(args):
     if args.train and Path(args.model).exists() and utils.is_within(adapter_file, Path(args.model)):
         raise UserError(f"--adapter-file {adapter_file}: is inside --model {args.model}, which training must not "
                         f"write into; save the adapters elsewhere")
-    if args.beta is not None and args.train_mode == "sft":
-        raise UserError("--beta goes with --train-mode dpo or orpo")
+    read = objective_flags(OBJECTIVES[args.train_mode])
+    for name in OBJECTIVE_FLAGS:
+        if getattr(args, name) is not None and name not in read:
+            modes = [mode for mode, objective in OBJECTIVES.items() if name in objective_flags(objective)]
+            raise UserError(f"--{name.replace('_', '-')} goes with --train-mode {either(modes)}")
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
     if not (args.train or args.test or args.prompt is not None):
@@ -267,9 +265,47 @@ def check_flags(args):
                             f"(pip install {package})") from None
 
 
-def rows_per_example(args) -> int:
-    """A preference pair is two rows of a dataset (tokenize)."""
-    return 1 if args.train_mode == "sft" else 2
+@dataclasses.dataclass(frozen=True)
+class TrainingArgs:
+    """What training reads of the flags, typed (as mlx-lm's TrainingArgs); training_args makes it from the
+    command line, once."""
+    objective: "Objective"  # what --train-mode trains on, with the flags it reads
+    iters: int
+    batch_size: int
+    grad_accumulation_steps: int
+    learning_rate: float
+    optimizer: str  # adam or adamw
+    weight_decay: float
+    lr_schedule: str  # constant, linear or cosine
+    warmup: int
+    max_grad_norm: float | None
+    seed: int
+    pack: bool
+    sort_by_length: bool
+    cache_frozen_layers: bool
+    val_batches: int  # -1: the whole set
+    steps_per_eval: int
+    steps_per_report: int
+    save_every: int
+    keep_checkpoints: int  # 0: all
+    resume: str | None  # the checkpoint that the run goes on from
+    report_to: str | None
+    reload_from: str | None  # where the weights released while training are read back from after it (None: not)
+    flags: dict  # the command line's, as checkpoints and --report-to record them
+
+
+def training_args(args) -> TrainingArgs:
+    """The TrainingArgs of the command line (argparse's namespace)."""
+    flags = dict(vars(args))
+    named = {field.name: flags[field.name] for field in dataclasses.fields(TrainingArgs) if field.name in flags}
+    # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
+    reload_from = args.model if args.test or args.prompt is not None else None
+    return TrainingArgs(**named, objective=objective_of(flags), reload_from=reload_from, flags=flags)
+
+
+def either(names) -> str:
+    """"a", "a or b", "a, b or c"."""
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def lora_scale(flags: dict) -> float:
@@ -301,32 +337,37 @@ def format_keys(record) -> set:
     return {k for keys in FORMAT_KEYS.values() for k in keys if record.get(k) is not None}
 
 
+def is_reply(value):
+    """One assistant message, in a list: a chat's response."""
+    return is_messages(value) and len(value) == 1 and value[0]["role"] == "assistant"
+
+
 def example_format(record):
-    """"text", "completion" ({"prompt", "completion"}), "preference" ({"prompt", "chosen", "rejected"}: three
-    strings, or a chat and one assistant message each) or "chat" ({"messages"[, "tools"]}); None if neither."""
+    """"text", "completion" ({"prompt", "completion"}: two strings, or a chat and one assistant message),
+    "preference" ({"prompt", "chosen", "rejected"}: three strings, or a chat and one assistant message each) or
+    "chat" ({"messages"[, "tools"]}); None if neither."""
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("text"), str):
         return "text"
-    prompt, pair = record.get("prompt"), (record.get("chosen"), record.get("rejected"))
-    if isinstance(prompt, str) and isinstance(record.get("completion"), str):
+    prompt, completion, pair = record.get("prompt"), record.get("completion"), (record.get("chosen"),
+                                                                               record.get("rejected"))
+    if isinstance(prompt, str) and isinstance(completion, str) or is_messages(prompt) and is_reply(completion):
         return "completion"
     if isinstance(prompt, str) and all(isinstance(r, str) for r in pair) or is_messages(prompt) and all(
-            is_messages(r) and len(r) == 1 and r[0]["role"] == "assistant" for r in pair):
+            is_reply(r) for r in pair):
         return "preference"
     if is_messages(record.get("messages")) and isinstance(record.get("tools") or [], list):
         return "chat"
     return None
 
 
-def responses(record):
-    """The example as what encode() reads: a preference pair as two examples, the chosen response's then the
-    rejected one's, each the prompt and that response."""
-    if "chosen" not in record:
-        return [record]
-    if isinstance(record["prompt"], str):
-        return [{"prompt": record["prompt"], "completion": record[k]} for k in ("chosen", "rejected")]
-    return [{"messages": record["prompt"] + record[k], "tools": record.get("tools")} for k in ("chosen", "rejected")]
+def exchange(prompt, response, tools=None):
+    """What encode() reads of a prompt and a response to it: the two texts, or the chat and its assistant
+    message as one chat."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": response}
+    return {"messages": prompt + response, "tools": tools}
 
 
 class Examples(list):
@@ -340,10 +381,16 @@ class Examples(list):
         return f"{self.path}:{self.lines[i]}"
 
 
-def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
+# what example_format's kinds of record are called in errors
+KIND_NAMES = {"text": "text example", "completion": "completion example", "preference": "preference pair",
+              "chat": "chat example"}
+
+
+def load_dataset(data_dir, split, mask_prompt=False, objective=None):
     """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
-    is loaded: preference pairs for --train-mode dpo or orpo, other examples for sft (with mask_prompt, of a
-    format that has a prompt)."""
+    is loaded: records the objective (default SFT) learns from (with mask_prompt, of a format that has a
+    prompt)."""
+    objective = objective or SFT()
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -354,29 +401,24 @@ def load_dataset(data_dir, split, mask_prompt=False, train_mode="sft"):
             raise UserError(f"{path}:{number}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
                             f"give each example in one")
         kind = example_format(record)
-        if kind is None and train_mode != "sft":
-            raise UserError(f'{path}:{number}: not a preference pair: expected {{"prompt", "chosen", "rejected"}}, '
-                            f'three strings, or a list of messages and one assistant message each')
         if kind is None:
-            raise UserError(f'{path}:{number}: not an example: expected {{"text"}}, {{"prompt", "completion"}} '
-                            f'or {{"messages"}} (a list of {{"role", "content"}}, content a string)')
-        if (kind == "preference") != (train_mode != "sft"):
-            raise UserError(f"{path}:{number}: a preference pair; train on it with --train-mode dpo or orpo"
-                            if kind == "preference" else
-                            f'{path}:{number}: a {kind} example, but --train-mode {train_mode} learns from '
-                            f'preference pairs {{"prompt", "chosen", "rejected"}}')
+            raise UserError(f"{path}:{number}: not {objective.expected}")
+        if kind not in objective.formats:
+            raise UserError(f"{path}:{number}: {objective.refusal(kind)}")
         if first is None:
             first = (kind, number)
         elif kind != first[0]:
             raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
                             f"(one format per file)")
-        if kind == "preference" and record["chosen"] == record["rejected"]:
-            raise UserError(f"{path}:{number}: the chosen and the rejected response are the same; a pair needs two "
-                            f"responses to prefer one of")
+        wrong = objective.check(record)
+        if wrong:
+            raise UserError(f"{path}:{number}: {wrong}")
         if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
             raise UserError(f"{path}:{number}: no assistant message, and --mask-prompt trains on those alone")
-        # the example as encode() reads it: the keys of its format alone, and a chat's tools
-        examples.append({k: v for k, v in record.items() if k in FORMAT_KEYS[kind] | {"tools"}})
+        # the example as encode() reads it: the keys of its format alone, a chat's tools, and what the objective
+        # reads besides
+        kept = FORMAT_KEYS[kind] | {"tools"} | objective.record_keys
+        examples.append({k: v for k, v in record.items() if k in kept})
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
@@ -460,10 +502,25 @@ def scored_targets(tokens, scored):
     return np.arange(len(tokens) - 1) >= scored if np.isscalar(scored) else scored
 
 
-def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
-    """(tokens, scored) per example (training_row): every token scored, or with mask_prompt the completion or a
-    chat's assistant messages alone. A preference pair gives two rows, its chosen response's then its rejected
-    one's, each scored on the response alone."""
+class Rows(list):
+    """The rows of a tokenized set (tokenize), and `labels`: per example, its record's label where the
+    objective reads one (Objective.label), else None."""
+
+    def __init__(self, rows, labels=None):
+        super().__init__(rows)
+        self.labels = labels
+
+    def head(self, examples, rows_per_example):
+        """The rows and labels of the first `examples` examples."""
+        return Rows(self[:examples * rows_per_example], None if self.labels is None else self.labels[:examples])
+
+
+def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, objective=None):
+    """The Rows (tokens, scored) of the examples (training_row), the objective's (default SFT) rows_per_example
+    an example, one after the other (Objective.responses, Objective.rows): an SFT example's every token scored,
+    or with mask_prompt the completion or a chat's assistant messages alone; a preference pair's two rows, its
+    chosen response's then its rejected one's, each scored on the response alone."""
+    objective = objective or SFT()
     chat = "messages" in examples[0] or isinstance(examples[0].get("prompt"), list)
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
@@ -472,12 +529,12 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
         raise UserError(f"--add-eos-token: the tokenizer of {tokenizer.name_or_path} has no end-of-sequence token "
                         f"(eos_token); give --add-eos-token 0")
     where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
-    trained = "completion" if "chosen" in examples[0] else "assistant" if mask_prompt else "all"
+    trained = objective.trained(mask_prompt)
     groups, unscored = [], 0
     counted = trained == "assistant" and not GENERATION_MARKER.search(str(tokenizer.chat_template))
     for i, record in enumerate(examples):
         try:
-            groups.append([encode(r, tokenizer, add_eos, trained) for r in responses(record)])
+            groups.append([encode(r, tokenizer, add_eos, trained) for r in objective.responses(record)])
             if counted:
                 unscored += len(groups[-1][0][1]) < sum(m["role"] == "assistant" for m in record.get("messages", ()))
         except UserError as e:
@@ -485,6 +542,7 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
         except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
             what = f"the chat template of {tokenizer.name_or_path} fails on it" if chat else "cannot be tokenized"
             raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+    groups = objective.rows(groups)
     if unscored:
         print(f"[WARNING] --mask-prompt: in {unscored} {name} chats the chat template renders an earlier assistant "
               f"message otherwise than within the whole chat; only their assistant messages rendered alike are "
@@ -496,11 +554,12 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False):
         print(f"[WARNING] {long} of {len(groups)} {name} examples are longer than --max-seq-length "
               f"{max_length} tokens and were truncated.")
     groups = [[training_row(tokens, spans, max_length) for tokens, spans in group] for group in groups]
-    kept = [group for group in groups if all(scored_targets(*row).any() for row in group)]
+    kept = [i for i, group in enumerate(groups) if all(scored_targets(*row).any() for row in group)]
     if len(kept) < len(groups):
         print(f"[WARNING] {len(groups) - len(kept)} {name} examples have no token to train on (their prompt "
               f"fills --max-seq-length) and were left out.")
-    return [row for group in kept for row in group]
+    labels = [objective.label(record) for record in examples]
+    return Rows([row for i in kept for row in groups[i]], None if None in labels else np.array(labels)[kept])
 
 
 # Batches
@@ -524,11 +583,20 @@ def batch_order(dataset, batch_size, train, seed, epoch, sort):
     return [order[i * batch_size:(i + 1) * batch_size].tolist() for i in range(batches)]
 
 
-def make_batch(rows, pack, by_example=None):
-    """(inputs, targets, scored[, packing]) for rows of (tokens, scored[, first state]) (training_row): scored
-    says which targets count. With a first state (frozen_layers_cached), the inputs are the positions' rows in
-    the model's frozen_prefix, not tokens. With pack, the rows are concatenated into one and `packing` says
-    where each example is (models.packed_layout). Rows are padded to a multiple of 8 tokens on the CPU, of 32
+class Batch(NamedTuple):
+    """Rows of tokens as the model reads them (make_batch): the inputs, the targets they predict, which targets
+    count (scored) and, packed, where each example is in the one row (models.packed_layout)."""
+    inputs: mx.array
+    targets: mx.array
+    scored: mx.array
+    packing: dict | None = None
+
+
+def make_batch(rows, pack, by_example=None) -> Batch:
+    """The Batch of rows of (tokens, scored[, first state]) (training_row): scored says which targets count.
+    With a first state (frozen_layers_cached), the inputs are the positions' rows in the model's frozen_prefix,
+    not tokens. With pack, the rows are concatenated into one and `packing` says where each example is
+    (models.packed_layout). Rows are padded to a multiple of 8 tokens on the CPU, of 32
     elsewhere: each new shape is compiled anew, and on a GPU, where a small batch waits on the host, fewer
     shapes gain more than the padding costs (benchmarks/README.md)."""
     pairs = []
@@ -546,43 +614,48 @@ def make_batch(rows, pack, by_example=None):
     for k, row in enumerate(pairs):
         for array, values in zip((inputs, targets, scored), row):
             array[k, :len(values)] = values
-    batch = (mx.array(inputs), mx.array(targets), mx.array(scored.astype(bool)))
-    return (*batch, packing) if pack else batch
+    return Batch(mx.array(inputs), mx.array(targets), mx.array(scored.astype(bool)), packing if pack else None)
 
 
-def preference_batch(rows, reference, pack, by_example=None):
-    """make_batch's arrays for the rows of some preference pairs, the chosen responses' then the rejected
-    ones', with `owner` (which row each position is of) and `reference` (per pair, the reference model's
-    log-probabilities of its two responses) before packing's layout."""
-    inputs, targets, scored, *packing = make_batch(rows, pack, by_example)
+class Sequences(NamedTuple):
+    """Rows whose scored targets' log-probabilities are summed row by row (sequence_logps): their Batch, which
+    row each position is of (owner), and how many rows there are."""
+    rows: Batch
+    owner: mx.array
+    count: int
+
+
+def sequences(rows, pack, by_example=None) -> Sequences:
+    """The Sequences of these rows (make_batch's)."""
+    batch = make_batch(rows, pack, by_example)
     if pack:
         lengths = [len(tokens) - 1 for tokens, *_ in rows]
-        owner = np.zeros(inputs.shape, np.int32)
+        owner = np.zeros(batch.inputs.shape, np.int32)
         owner[0, :sum(lengths)] = np.repeat(np.arange(len(rows)), lengths)
     else:
-        owner = np.broadcast_to(np.arange(len(rows), dtype=np.int32)[:, None], inputs.shape)
-    return (inputs, targets, scored, mx.array(owner), mx.array(reference), *packing)
+        owner = np.broadcast_to(np.arange(len(rows), dtype=np.int32)[:, None], batch.inputs.shape)
+    return Sequences(batch, mx.array(owner), len(rows))
 
 
-def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, reference=None,
-                    by_example=None):
-    """Batches (make_batch, packed as by_example says) of the examples in order (batch_order); training repeats
-    forever from its `start`-th batch, evaluation covers the set once. With a `reference`, the dataset's rows
-    are preference pairs (tokenize) and a batch is of batch_size pairs (preference_batch). In a distributed run each rank
-    makes its share of every global batch (rank_share): None where that is no example (evaluation's last
-    batch)."""
-    examples = dataset if reference is None else dataset[::2]  # a pair's place in the order: its chosen row
+def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=False, sort=False, objective=None,
+                    given=None, by_example=None):
+    """The objective's (default SFT) batches (Objective.batch, packed as by_example says) of the examples in order
+    (batch_order), batch_size examples each: an example is its rows_per_example consecutive rows of the dataset
+    (tokenize), and carries its row of `given` (Objective.prepare). Training repeats forever from its
+    `start`-th batch, evaluation covers the set once. In a distributed run each rank makes its share of every
+    global batch (rank_share): None where that is no example (evaluation's last batch)."""
+    objective = objective or SFT()
+    k = objective.rows_per_example
+    examples = dataset[::k]  # an example's place in the order: its first row's
     epoch, skip = divmod(start, len(examples) // batch_size) if train else (0, 0)
     while True:
         for batch in batch_order(examples, batch_size, train, seed, epoch, sort)[skip:]:
             batch = rank_share(batch)
             if not batch:
                 yield None
-            elif reference is None:
-                yield make_batch([dataset[j] for j in batch], pack, by_example)
-            else:
-                yield preference_batch([dataset[2 * j + k] for k in (0, 1) for j in batch], reference[batch], pack,
-                                       by_example)
+            else:  # the examples' first rows, then their second rows, ...
+                yield objective.batch([dataset[k * j + r] for r in range(k) for j in batch],
+                                      None if given is None else given[batch], pack, by_example)
         if not train:
             return
         epoch, skip = epoch + 1, 0
@@ -645,7 +718,8 @@ def frozen_prefix(model, datasets):
     say(f"Computing the frozen layers 0-{layer - 1} once for {len(rows)} examples ({size / 1e9:.2f} GB)")
     states = gathered(frozen_states(model, layer, rank_share(rows)), lengths)
     firsts = iter(np.cumsum(lengths) - lengths)
-    return models.FrozenPrefix(layer, states), [[(*row, int(next(firsts))) for row in dataset] for dataset in datasets]
+    return models.FrozenPrefix(layer, states), [Rows([(*row, int(next(firsts))) for row in dataset],
+                                                     getattr(dataset, "labels", None)) for dataset in datasets]
 
 
 def length_groups(lengths, positions=FORWARD_BATCH_TOKENS):
@@ -712,18 +786,19 @@ def release_frozen_weights(model, layer):
 
 
 @contextlib.contextmanager
-def frozen_layers_cached(model, datasets, args, iterations, source):
+def frozen_layers_cached(model, datasets, config, iterations, source):
     """Inside, the frozen layers below the first trained one are computed once for every example of `datasets`
     (frozen_prefix), the model holds their output (Model.frozen_prefix) and the weights only they use are
     released (release_frozen_weights); it gives the datasets, their rows reading that output. On the way out,
     however it is left but by a stop signal (the script ends), the weights are read back from `source` (the
     model's checkpoint; None leaves them released, for a caller done with the model). Done if
-    --cache-frozen-layers and a run of `iterations` goes through the training set (datasets[0]) at least once:
-    a shorter run's pass would compute more than its steps save; else it gives the datasets as they are."""
-    prefix, examples = None, len(datasets[0]) // rows_per_example(args)
+    config.cache_frozen_layers (TrainingArgs) and a run of `iterations` goes through the training set
+    (datasets[0]) at least once: a shorter run's pass would compute more than its steps save; else it gives the
+    datasets as they are."""
+    prefix, examples = None, len(datasets[0]) // config.objective.rows_per_example
     # (a prefix holds hidden states alone: not for a family whose layers read more, Family.layer_at_a_time)
-    if (args.cache_frozen_layers and model.args.family.layer_at_a_time
-            and iterations * args.batch_size * args.grad_accumulation_steps >= examples):
+    if (config.cache_frozen_layers and model.args.family.layer_at_a_time
+            and iterations * config.batch_size * config.grad_accumulation_steps >= examples):
         prefix, datasets = frozen_prefix(model, datasets)
     if prefix is None:
         yield datasets
@@ -774,12 +849,12 @@ def loss_fn(model, inputs, targets, scored, packing=None):
     return token_losses(model, inputs, targets, scored, packing).sum() / ntoks, ntoks
 
 
-def sequence_logps(model, inputs, targets, scored, owner, rows, packing=None):
-    """Per row of a preference batch (preference_batch): the summed log-probability of its targets that count,
-    and their count."""
-    rows_of = (owner.reshape(-1, 1) == mx.arange(rows)).astype(mx.float32)  # positions x rows
-    logps = -token_losses(model, inputs, targets, scored, packing) @ rows_of
-    return logps, scored.reshape(-1).astype(mx.float32) @ rows_of
+def sequence_logps(model, sequences: Sequences):
+    """Per row of these Sequences: the summed log-probability of its targets that count, and their count."""
+    rows, owner, count = sequences
+    rows_of = (owner.reshape(-1, 1) == mx.arange(count)).astype(mx.float32)  # positions x rows
+    logps = -token_losses(model, *rows) @ rows_of
+    return logps, rows.scored.reshape(-1).astype(mx.float32) @ rows_of
 
 
 def log1mexp(x):
@@ -787,44 +862,9 @@ def log1mexp(x):
     return mx.where(x < -math.log(2), mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
 
 
-def preference_loss(model, inputs, targets, scored, owner, reference, packing=None, *, dpo, beta):
-    """The mean DPO or ORPO loss of a batch of preference pairs, their count, and the sums over the pairs of
-    the trained tokens and of METRICS, as TRL computes them. DPO's reward of a response is beta times how much
-    more likely the model makes it than the reference did; ORPO's, beta times its mean log-probability."""
-    pairs = reference.shape[0]
-    logps, counts = sequence_logps(model, inputs, targets, scored, owner, 2 * pairs, packing)
-    chosen, rejected = logps[:pairs], logps[pairs:]
-    if dpo:
-        chosen_rewards, rejected_rewards = beta * (chosen - reference[:, 0]), beta * (rejected - reference[:, 1])
-        losses, extra = -nn.log_sigmoid(chosen_rewards - rejected_rewards), []
-    else:
-        chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]
-        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-        ratio = nn.log_sigmoid(log_odds)
-        losses = -chosen - beta * ratio  # the chosen response's NLL, and the odds-ratio term
-        chosen_rewards, rejected_rewards, extra = beta * chosen, beta * rejected, [-chosen, ratio, log_odds]
-    metrics = [chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards, chosen_rewards - rejected_rewards,
-               chosen, rejected, *extra]
-    sums = mx.stack([counts.sum()] + [mx.stop_gradient(m).astype(mx.float32).sum() for m in metrics])
-    return losses.mean(), mx.array(pairs), sums
-
-
-def objective(train_mode, beta):
-    """f(model, *batch) -> (mean loss, the count it is a mean of, sums): the loss that --train-mode trains on,
-    and the sums over the batch of the trained tokens and of METRICS."""
-    if train_mode != "sft":
-        return functools.partial(preference_loss, dpo=train_mode == "dpo", beta=beta or DEFAULT_BETA)
-
-    def sft_loss(model, *batch):
-        loss, ntoks = loss_fn(model, *batch)
-        return loss, ntoks, ntoks.astype(mx.float32)[None]
-
-    return sft_loss
-
-
 def reference_logps(model, rows):
-    """DPO's reference: the model's summed log-probabilities of each pair's two responses (rows as tokenize
-    gives them), float32, pairs x 2. Computed as the frozen layers are (layer_at_a_time), as many rows at a
+    """A reference's log-probabilities: the model's summed log-probability of each row's scored targets (rows as
+    tokenize gives them), float32. Computed as the frozen layers are (layer_at_a_time), as many rows at a
     time as their hidden states fit in a tenth of the memory. In a distributed run each rank computes a share
     of the rows, and all ranks gather all of them."""
     share = rank_share(rows)
@@ -833,72 +873,484 @@ def reference_logps(model, rows):
         groups = [[part[i] for i in group] for group in length_groups(lengths[part])]
         batches = [make_batch([share[i] for i in group], pack=False) for group in groups]
         if model.args.family.layer_at_a_time:
-            first = [model.first_states(inputs) for inputs, _, _ in batches]
+            first = [model.first_states(batch.inputs) for batch in batches]
             states = layer_at_a_time(model, [h for h, _ in first], first[0][1], len(model.layers), "Reference")
         else:  # a batch at a time: the layers read more than the hidden states between them
-            states = [model.hidden(model.run_layers(*model.first_states(inputs), len(model.layers)))
-                      for inputs, _, _ in batches]
+            states = [model.hidden(model.run_layers(*model.first_states(batch.inputs), len(model.layers)))
+                      for batch in batches]
             mx.eval(states)
-        for group, (_, targets, scored), h in zip(groups, batches, states):
+        for group, batch, h in zip(groups, batches, states):
             rows_at_once = max(LOSS_CHUNK // h.shape[1], 1)  # one chunk's logits evaluated at a time, not all
             for k in range(0, len(group), rows_at_once):
                 part_rows = slice(k, k + rows_at_once)
-                losses = state_losses(model, model.normed(h[part_rows]), targets[part_rows], scored[part_rows])
+                losses = state_losses(model, model.normed(h[part_rows]), batch.targets[part_rows],
+                                      batch.scored[part_rows])
                 logps[group[part_rows]] = -np.array(losses.reshape(-1, h.shape[1]).sum(axis=1))
-    return np.array(gathered(mx.array(logps), np.ones(len(rows), int))).reshape(-1, 2)
+    return np.array(gathered(mx.array(logps), np.ones(len(rows), int)))
 
 
-def preference_references(model, datasets, args):
-    """What iterate_batches takes for each dataset: None for SFT; for preference pairs, DPO's reference
-    (reference_logps: the model as it is, before training), or zeros for ORPO, which needs none."""
-    if args.train_mode == "sft":
+def across_ranks(numbers):
+    """These numbers summed over the ranks of a distributed run (None: none)."""
+    group = mx.distributed.init()
+    return numbers if numbers is None or group.size() == 1 else mx.distributed.all_sum(numbers, group=group)
+
+
+# Objectives: what --train-mode trains on
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # --loss-type
+
+# The flags of the objectives (argparse's keywords), each read by those that have it as a field
+OBJECTIVE_FLAGS = {
+    "beta": {"type": utils.POSITIVE,
+             "help": "TRL's beta (default 0.1): DPO's and KTO's (larger keeps the model closer to its reference, "
+                     "the model as training starts), ORPO's weight of the odds-ratio term, SimPO's and CPO's "
+                     "scale of the rewards."},
+    "loss_type": {"choices": DPO_LOSSES,
+                  "help": "DPO's loss of the reward margin m (TRL's loss_type): sigmoid, -log sigmoid(m) (the "
+                          "default); ipo, IPO's squared distance of the mean log-ratios' margin from 1 / (2 beta); "
+                          "hinge, max(0, 1 - m); robust, sigmoid allowing for --label-smoothing."},
+    "label_smoothing": {"type": utils.flag_type(float, lambda v: 0 <= v < 0.5, "a number from 0 to below 0.5"),
+                        "help": "DPO (--loss-type robust), SimPO, CPO: the probability that a pair's preference is "
+                                "flipped, which the loss allows for (TRL's label_smoothing; default 0)."},
+    "cpo_alpha": {"type": utils.NON_NEGATIVE,
+                  "help": "The weight of the chosen responses' cross-entropy in the loss (CPO: 1; SimPO: 0)."},
+    "simpo_gamma": {"type": utils.NON_NEGATIVE,
+                    "help": "SimPO: the reward margin, over beta, that the chosen response must win by (0.5)."},
+    "desirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the desirable examples' loss (1)."},
+    "undesirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the undesirable examples' loss (1)."},
+}
+
+
+class Objective:
+    """What --train-mode trains on, as one unit: a frozen dataclass whose fields are the flags it reads
+    (OBJECTIVE_FLAGS) at their defaults, registered in OBJECTIVES by its mode. It says
+    - which records it learns from: the formats of example_format (formats), what else it checks of one (check)
+      and keeps (record_keys), and its one-line error for another format (refusal) or none (expected);
+    - how a record becomes rows: the examples of it that encode() tokenizes (responses), which of their tokens
+      count (trained), an example's rows_per_example rows (rows) and its label, if it reads one (label);
+    - what it computes before training for every example of a set (prepare: a reference's log-probabilities),
+      which each example's batches carry (given);
+    - how rows become a batch (batch), what the whole batch gives its loss, summed over the ranks of a
+      distributed run (statistics), and the loss: (the mean loss, the count it is a mean of, the sums over the
+      batch of the numbers named in `sums`, the trained tokens first);
+    - the metrics those sums give, named as in TRL (metrics, metric_values), and what the log lines and --test
+      show of them (summary, test_line)."""
+    formats = ("text", "completion", "chat")
+    record_keys = frozenset()
+    rows_per_example = 1
+    metrics = ()
+    sums = ("tokens",)
+    shown = ()  # the metrics that the log lines show
+
+    def refusal(self, kind) -> str:
+        return f"a {KIND_NAMES[kind]}, but --train-mode {MODES[type(self)]} learns from {self.learns_from}"
+
+    def check(self, record):
+        """What is wrong with a record of one of its formats, or None."""
+        return None
+
+    def responses(self, record) -> list:
+        return [record]
+
+    def rows(self, encoded) -> list:
+        """Each example's rows, from the tokens and spans (encode) of each of its responses: those."""
+        return encoded
+
+    def label(self, record):
+        return None
+
+    def answer(self, record):
+        """The example whose completion --generate-eval compares a generated one with (None: none)."""
+        return self.responses(record)[0]
+
+    def prepare(self, model, datasets) -> list:
         return [None for _ in datasets]
-    if args.train_mode == "orpo":
-        return [np.zeros((len(rows) // 2, 2), np.float32) for rows in datasets]
-    say(f"Computing DPO's reference: the log-probabilities of the responses of {sum(map(len, datasets)) // 2} "
-        f"pairs before training")
-    references = [reference_logps(model, rows) for rows in datasets]
+
+    def statistics(self, model, batch):
+        return None
+
+    def metric_values(self, sums, count) -> dict:
+        return dict(zip(self.metrics, (np.asarray(sums[1:]) / count).tolist()))
+
+    def summary(self, metrics) -> str:
+        return "".join(f", {name} {metrics[name]:.3f}" for name in self.shown if name in metrics)
+
+    def test_line(self, loss, metrics) -> str:
+        return self.summary(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT(Objective):
+    """Supervised fine-tuning: the mean cross-entropy of the examples' tokens (with --mask-prompt, of their
+    completions or assistant messages)."""
+    expected = ('an example: expected {"text"}, {"prompt", "completion"} or {"messages"} (a list of {"role", '
+                '"content"}, content a string)')
+
+    def refusal(self, kind):
+        modes = [mode for mode, objective in OBJECTIVES.items() if kind in objective.formats]
+        return f"a {KIND_NAMES[kind]}; train on it with --train-mode {either(modes)}"
+
+    def responses(self, record):
+        return [exchange(record["prompt"], record["completion"], record.get("tools")) if "completion" in record
+                else record]
+
+    def trained(self, mask_prompt):
+        return "assistant" if mask_prompt else "all"
+
+    def batch(self, rows, given, pack, by_example):
+        return make_batch(rows, pack, by_example)
+
+    def loss(self, model, batch, statistics=None):
+        loss, ntoks = loss_fn(model, *batch)
+        return loss, ntoks, ntoks.astype(mx.float32)[None]
+
+    def test_line(self, loss, metrics):
+        ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float beyond
+        return f", Test ppl {ppl:.3f}"
+
+
+class PairBatch(NamedTuple):
+    """A batch of preference pairs: the Sequences of their chosen responses' rows then their rejected ones', and
+    the reference's log-probabilities of each pair's two responses (pairs x 2; None without a reference)."""
+    sequences: Sequences
+    reference: mx.array | None
+
+
+def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> list:
+    """Per pair, the numbers of Pairs.metrics."""
+    return [chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards, chosen_rewards - rejected_rewards,
+            chosen_logps, rejected_logps]
+
+
+class Pairs(Objective):
+    """An objective that learns from preference pairs, scored on the responses alone: a pair is its chosen
+    response's row, then its rejected one's; the loss and the metrics are means over the pairs (pair_losses)."""
+    formats = ("preference",)
+    expected = ('a preference pair: expected {"prompt", "chosen", "rejected"}, three strings, or a list of '
+                'messages and one assistant message each')
+    learns_from = 'preference pairs {"prompt", "chosen", "rejected"}'
+    rows_per_example = 2
+    metrics = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+    shown = ("rewards/accuracies", "rewards/margins")
+
+    @property
+    def sums(self):
+        return ("tokens", *self.metrics)
+
+    def check(self, record):
+        if record["chosen"] == record["rejected"]:
+            return "the chosen and the rejected response are the same; a pair needs two responses to prefer one of"
+        return None
+
+    def responses(self, record):
+        return [exchange(record["prompt"], record[k], record.get("tools")) for k in ("chosen", "rejected")]
+
+    def trained(self, mask_prompt):
+        return "completion"
+
+    def batch(self, rows, given, pack, by_example):
+        return PairBatch(sequences(rows, pack, by_example), None if given is None else mx.array(given))
+
+    def loss(self, model, batch, statistics=None):
+        pairs = batch.sequences.count // 2
+        logps, counts = sequence_logps(model, batch.sequences)
+        losses, metrics = self.pair_losses(logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:],
+                                           batch.reference)
+        return losses.mean(), mx.array(pairs), pair_sums(counts, metrics)
+
+
+def pair_sums(counts, metrics):
+    """The sums over a batch of pairs of the rows' trained tokens and of each metric."""
+    return mx.stack([counts.sum()] + [mx.stop_gradient(m).astype(mx.float32).sum() for m in metrics])
+
+
+def reference_pass(model, datasets, rows_per_example, name, what):
+    """name's reference (DPO's, KTO's), for each dataset: the log-probabilities that the model as it is, before
+    training, gives each example's rows (reference_logps), examples x rows_per_example; what(n) says what they
+    are of, for n examples."""
+    examples = sum(map(len, datasets)) // rows_per_example
+    say(f"Computing {name}'s reference: the log-probabilities of {what(examples)} before training")
+    references = [reference_logps(model, rows).reshape(-1, rows_per_example) for rows in datasets]
     broken = sum(int((~np.isfinite(r)).sum()) for r in references)
-    if broken:  # each would make its pair's DPO loss NaN
-        raise UserError(f"DPO's reference: the model before training gives {broken} of the responses a "
+    if broken:  # each would make its example's loss NaN
+        raise UserError(f"{name}'s reference: the model before training gives {broken} of the responses a "
                         f"log-probability that is not finite; its weights are finite, its computation is not")
     return references
+
+
+@dataclasses.dataclass(frozen=True)
+class DPO(Pairs):
+    """DPO (TRL's DPOTrainer): the chosen response made more likely than the reference (the model as training
+    starts) made it, the rejected one less. A response's reward is beta times how much more likely the model
+    makes it than the reference did."""
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # of DPO_LOSSES
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.label_smoothing and self.loss_type != "robust":  # TRL's other losses ignore it
+            raise UserError(f"--label-smoothing goes with --loss-type robust, not {self.loss_type}")
+
+    def prepare(self, model, datasets):
+        return reference_pass(model, datasets, self.rows_per_example, "DPO", lambda n: f"the responses of {n} pairs")
+
+    def pair_losses(self, chosen, rejected, chosen_counts, rejected_counts, reference):
+        """The loss of each pair as TRL's DPOTrainer computes its loss_type."""
+        chosen_ratios, rejected_ratios = chosen - reference[:, 0], rejected - reference[:, 1]
+        margins = self.beta * (chosen_ratios - rejected_ratios)
+        if self.loss_type == "ipo":  # beta is IPO's tau; the log-ratios are means over the response's tokens
+            losses = (chosen_ratios / chosen_counts - rejected_ratios / rejected_counts - 1 / (2 * self.beta)) ** 2
+        elif self.loss_type == "hinge":
+            losses = mx.maximum(1 - margins, 0)
+        elif self.loss_type == "robust":  # unbiased where a share label_smoothing of the pairs is flipped
+            smoothing = self.label_smoothing
+            losses = (-(1 - smoothing) * nn.log_sigmoid(margins) + smoothing * nn.log_sigmoid(-margins)) / (
+                1 - 2 * smoothing)
+        else:
+            losses = -nn.log_sigmoid(margins)
+        chosen_rewards, rejected_rewards = self.beta * chosen_ratios, self.beta * rejected_ratios
+        return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPO(Pairs):
+    """ORPO (TRL's ORPOTrainer), without a reference: the chosen response's mean cross-entropy minus beta times
+    the log-sigmoid of the log odds ratio of chosen over rejected. A response's reward is beta times its mean
+    log-probability."""
+    beta: float = 0.1
+    metrics = Pairs.metrics + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+    def pair_losses(self, chosen, rejected, chosen_counts, rejected_counts, reference):
+        chosen, rejected = chosen / chosen_counts, rejected / rejected_counts
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = nn.log_sigmoid(log_odds)
+        losses = -chosen - self.beta * ratio  # the chosen response's NLL, and the odds-ratio term
+        return losses, reward_metrics(self.beta * chosen, self.beta * rejected, chosen, rejected) + [
+            -chosen, ratio, log_odds]
+
+
+class KTOBatch(NamedTuple):
+    """A batch of KTO examples: the Sequences of their completions' rows and of their KL rows, the reference's
+    log-probabilities of both (examples x 2), and their labels (1: desirable, 0: not)."""
+    completions: Sequences
+    kl: Sequences
+    reference: mx.array
+    labels: mx.array
+
+
+@dataclasses.dataclass(frozen=True)
+class KTO(Objective):
+    """KTO (TRL's KTOTrainer), from completions labelled desirable or not: a desirable completion made more
+    likely than the reference (the model as training starts) made it, an undesirable one less, each against
+    the batch's estimate of the KL divergence from the reference: the mean log-ratio of its KL rows (each
+    prompt with another example's completion), at least 0. A completion's reward is beta times its log-ratio
+    to the reference."""
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    batch_size: int = 4  # --batch-size: the groups of examples within which the KL rows swap completions
+    formats = ("completion",)
+    expected = ('an unpaired example: expected {"prompt", "completion", "label"}, two strings or a list of messages '
+                'and one assistant message, and true or false')
+    learns_from = 'unpaired examples {"prompt", "completion", "label": true or false}'
+    record_keys = frozenset({"label"})
+    rows_per_example = 2
+    metrics = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+    sums = ("tokens", "kl", "desirable", "undesirable", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected")
+    shown = ("kl", "rewards/margins")
+
+    def check(self, record):
+        if not isinstance(record.get("label"), bool):
+            return (f'"label" is {json.dumps(record["label"])}, not true or false' if "label" in record else
+                    'no "label": true for a desirable completion, false for an undesirable one')
+        completion = record["completion"]
+        if (completion if isinstance(completion, str) else completion[0]["content"]) == "":
+            return "an empty completion: nothing to learn from"
+        return None
+
+    def responses(self, record):
+        return [exchange(record["prompt"], record["completion"], record.get("tools"))]
+
+    def trained(self, mask_prompt):
+        return "completion"
+
+    def rows(self, encoded):
+        """Each example's row, then its KL row: its prompt with the completion of the example before it in its
+        group of batch_size consecutive examples (the first, the group's last's), as TRL's KTOTrainer pairs
+        them."""
+        rows = []
+        for first in range(0, len(encoded), self.batch_size):
+            group = [response for response, in encoded[first:first + self.batch_size]]
+            for (tokens, spans), (other, ((start, end),)) in zip(group, group[-1:] + group[:-1]):
+                prompt = tokens[:spans[0][0]]
+                rows.append([(tokens, spans), (prompt + other[start:end], [(len(prompt), len(prompt) + end - start)])])
+        return rows
+
+    def label(self, record):
+        return float(record["label"])
+
+    def answer(self, record):
+        return self.responses(record)[0] if record["label"] else None
+
+    def prepare(self, model, datasets):
+        references = reference_pass(model, datasets, self.rows_per_example, "KTO",
+                                    lambda n: f"the completions of {n} examples and of their KL rows")
+        return [np.column_stack([reference, dataset.labels]) if len(dataset) else None  # (no validation set)
+                for reference, dataset in zip(references, datasets)]
+
+    def batch(self, rows, given, pack, by_example):
+        n = len(rows) // 2
+        return KTOBatch(sequences(rows[:n], pack, by_example), sequences(rows[n:], pack, by_example),
+                        mx.array(given[:, :2]), mx.array(given[:, 2]))
+
+    def statistics(self, model, batch):
+        """The KL rows' summed log-ratio to the reference, and their count (zeros: a rank with none)."""
+        if batch is None:
+            return mx.zeros(2)
+        logps, _ = sequence_logps(model, batch.kl)
+        return mx.stack([(logps - batch.reference[:, 1]).sum(), mx.array(batch.kl.count, mx.float32)])
+
+    def loss(self, model, batch, statistics=None):
+        logps, counts = sequence_logps(model, batch.completions)
+        kl = mx.maximum(statistics[0] / statistics[1], 0)
+        ratios = logps - batch.reference[:, 0]
+        desirable = batch.labels.astype(mx.bool_)
+        losses = mx.where(desirable, self.desirable_weight * (1 - mx.sigmoid(self.beta * (ratios - kl))),
+                          self.undesirable_weight * (1 - mx.sigmoid(self.beta * (kl - ratios))))
+        rewards, logps = mx.stop_gradient(self.beta * ratios), mx.stop_gradient(logps)
+        undesirable = 1 - batch.labels
+        sums = mx.stack([counts.sum(), kl * batch.completions.count, batch.labels.sum(), undesirable.sum(),
+                         (rewards * batch.labels).sum(), (rewards * undesirable).sum(), (logps * batch.labels).sum(),
+                         (logps * undesirable).sum()])
+        return losses.mean(), mx.array(batch.completions.count), sums
+
+    def metric_values(self, sums, count):
+        """The KL estimate, a mean over the batches; the rewards and log-probabilities, means over the desirable
+        or the undesirable examples (TRL's: none for a batch of neither)."""
+        _, kl, desirable, undesirable, *totals = sums
+        values = {"kl": kl / count}
+        if desirable:
+            values.update({"rewards/chosen": totals[0] / desirable, "logps/chosen": totals[2] / desirable})
+        if undesirable:
+            values.update({"rewards/rejected": totals[1] / undesirable, "logps/rejected": totals[3] / undesirable})
+        if desirable and undesirable:
+            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class CPO(Pairs):
+    """CPO (TRL's CPOTrainer, loss_type "sigmoid"), without a reference: -log sigmoid(beta times the chosen
+    response's summed log-probability minus the rejected one's), label_smoothing of it taken as if the pair were
+    flipped, plus cpo_alpha times the chosen responses' cross-entropy (a mean over their tokens). A response's
+    reward is beta times its log-probability."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    cpo_alpha: float = 1.0
+    averaged = False  # the rewards of log-probabilities summed over a response's tokens
+
+    @property
+    def metrics(self):  # (TRL's nll_loss is 0 when it is not trained on)
+        return Pairs.metrics + (("nll_loss",) if self.cpo_alpha else ())
+
+    def margin(self):
+        """What the chosen response's log-probability must exceed the rejected one's by."""
+        return 0.0
+
+    def statistics(self, model, batch):
+        """The whole batch's chosen responses' tokens and pairs, which the cross-entropy is a mean over (zeros:
+        a rank with none)."""
+        if batch is None:
+            return mx.zeros(2)
+        rows, owner, count = batch.sequences
+        chosen = rows.scored & (owner < count // 2)
+        return mx.stack([chosen.sum(), mx.array(count // 2)]).astype(mx.float32)
+
+    def loss(self, model, batch, statistics=None):
+        pairs = batch.sequences.count // 2
+        logps, counts = sequence_logps(model, batch.sequences)
+        chosen, rejected = logps[:pairs], logps[pairs:]
+        if self.averaged:
+            chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]
+        logits = self.beta * (chosen - rejected - self.margin())
+        losses = (-(1 - self.label_smoothing) * nn.log_sigmoid(logits)
+                  - self.label_smoothing * nn.log_sigmoid(-logits))
+        metrics = reward_metrics(self.beta * chosen, self.beta * rejected, chosen, rejected)
+        loss = losses.mean()
+        if self.cpo_alpha:
+            tokens, total = statistics
+            # per pair, its chosen response's part of the whole batch's mean cross-entropy, times the pairs
+            nll = -logps[:pairs] * total / tokens
+            loss, metrics = loss + self.cpo_alpha * nll.mean(), metrics + [nll]
+        return loss, mx.array(pairs), pair_sums(counts, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPO(CPO):
+    """SimPO (TRL's CPOTrainer, loss_type "simpo"), without a reference: CPO's loss on the responses' mean
+    log-probabilities, the chosen one's to exceed the rejected one's by simpo_gamma / beta; without CPO's
+    cross-entropy unless cpo_alpha is given (CPO-SimPO)."""
+    cpo_alpha: float = 0.0
+    simpo_gamma: float = 0.5
+    averaged = True
+
+    def margin(self):
+        return self.simpo_gamma / self.beta
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO, "simpo": SimPO, "cpo": CPO}  # by --train-mode
+MODES = {objective: mode for mode, objective in OBJECTIVES.items()}
+
+
+def objective_flags(objective) -> set:
+    """The flags an objective (its class) reads: its fields."""
+    return {field.name for field in dataclasses.fields(objective)}
+
+
+def objective_of(flags: dict) -> Objective:
+    """The objective of --train-mode, with the flags it reads (those not given at its defaults)."""
+    kind = OBJECTIVES[flags["train_mode"]]
+    return kind(**{name: flags[name] for name in objective_flags(kind) if flags.get(name) is not None})
 
 
 # Step
 
 
-def learning_rate_schedule(args):
+def learning_rate_schedule(config):
     """The learning rate at each update: a linear warmup from 0, then constant or decaying to 0 at --iters."""
-    rate, warmup = args.learning_rate, min(args.warmup, args.iters)
-    decay = max(args.iters - warmup, 1)
+    rate, warmup = config.learning_rate, min(config.warmup, config.iters)
+    decay = max(config.iters - warmup, 1)
     schedule = {"constant": lambda step: mx.array(rate, mx.float32),
                 "linear": optim.linear_schedule(rate, 0.0, decay),
-                "cosine": optim.cosine_decay(rate, decay, 0.0)}[args.lr_schedule]
+                "cosine": optim.cosine_decay(rate, decay, 0.0)}[config.lr_schedule]
     return optim.join_schedules([optim.linear_schedule(0.0, rate, warmup), schedule], [warmup]) if warmup else schedule
 
 
-def build_optimizer(args):
-    if args.optimizer == "adamw":
-        return optim.AdamW(learning_rate=learning_rate_schedule(args), weight_decay=args.weight_decay)
-    return optim.Adam(learning_rate=learning_rate_schedule(args))
+def build_optimizer(config):
+    if config.optimizer == "adamw":
+        return optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
+    return optim.Adam(learning_rate=learning_rate_schedule(config))
 
 
-def make_step(model, optimizer, args, compiled=True):
+def make_step(model, optimizer, config, compiled=True):
     """step(batches, stop) -> (loss, count, stop, sums), arrays: one update on the mean gradient of
-    --grad-accumulation-steps batches (weighted by the count each batch's loss is a mean of: tokens, or
-    preference pairs; see objective), its model and optimizer state being evaluated (mx.async_eval: the call
-    returns before the device is done); sums are the trained tokens, then METRICS summed over the pairs.
-    Compiled unless told not to. In a distributed run the batches are this rank's shares of the global ones: the
+    config.grad_accumulation_steps batches of config.objective (weighted by the count each batch's loss is a
+    mean of: tokens, or examples; see Objective), its model and optimizer state being evaluated (mx.async_eval:
+    the call returns before the device is done); sums are the objective's, summed over the batches. Compiled
+    unless told not to. In a distributed run the batches are this rank's shares of the global ones: the
     gradient, the loss, the count, the sums and `stop` (a flag any rank may raise) are summed over the ranks, so
     that every rank makes the update one process would make on the global batch."""
-    group = mx.distributed.init()
-    loss_and_grad = nn.value_and_grad(model, objective(args.train_mode, args.beta))
+    group, objective = mx.distributed.init(), config.objective
+    loss_and_grad = nn.value_and_grad(model, objective.loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def gradient(*batch):
+    def gradient(batch):
         """Loss and gradient of the batch, both weighted by the count its loss is a mean of; the count; the sums."""
-        (loss, count, sums), grads = loss_and_grad(model, *batch)
+        statistics = across_ranks(objective.statistics(model, batch))
+        (loss, count, sums), grads = loss_and_grad(model, batch, statistics)
         return loss * count, count, sums, tree_map(lambda g: g * count, grads)
 
     def update(grads, count, loss, sums, stop):
@@ -909,25 +1361,25 @@ def make_step(model, optimizer, args, compiled=True):
             loss, total, stop, sums = mx.split(mx.distributed.all_sum(numbers, group=group), [1, 2, 3])
             loss, count, stop = loss[0], total[0].astype(count.dtype), stop[0]
             grads = tree_map(lambda g: g * (group.size() / total[0]), nn.average_gradients(grads, group=group))
-        if args.max_grad_norm:
-            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
+        if config.max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
         optimizer.update(model, grads)
         return loss / count, count, stop, sums  # no empty array: CUDA's compiled kernels fail on one
 
-    def update_on(stop, *batch):
-        loss, count, sums, grads = gradient(*batch)
+    def update_on(stop, batch):
+        loss, count, sums, grads = gradient(batch)
         return update(grads, count, loss, sums, stop)
 
     if compiled:
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):
-        if args.grad_accumulation_steps == 1:  # one compiled function for the whole step
-            results = update_on(stop, *next(batches))
+        if config.grad_accumulation_steps == 1:  # one compiled function for the whole step
+            results = update_on(stop, next(batches))
         else:
-            loss, count, sums, grads = gradient(*next(batches))
-            for _ in range(args.grad_accumulation_steps - 1):
-                more = gradient(*next(batches))
+            loss, count, sums, grads = gradient(next(batches))
+            for _ in range(config.grad_accumulation_steps - 1):
+                more = gradient(next(batches))
                 loss, count, sums = loss + more[0], count + more[1], sums + more[2]
                 grads = tree_map(mx.add, grads, more[3])
             results = update(grads, count, loss, sums, stop)
@@ -1014,53 +1466,121 @@ def check_lora_rank(model, paths, rank):
                             f"{path}")
 
 
-def train(model, train_set, valid_set, args, adapter_file, adapter_config):
-    """Train, saving the adapters and checkpoints, logging to metrics.jsonl. A stop signal (Ctrl-C, SIGTERM,
-    SIGHUP) in the loop stops it after the step under way (during validation, at once), saving a checkpoint; a
-    second stops it at once; either raises utils.Stopped saying what was kept. In a distributed run, rank 0
-    alone writes. Returns the seconds that each part of training took."""
-    group = mx.distributed.init()
-    writer = group.rank() == 0
-    optimizer = build_optimizer(args)
-    resumed = checkpoint_arrays(args.resume, model) if args.resume else None
+def train(model, train_set, valid_set, config, adapter_file, adapter_config):
+    """Train as config (TrainingArgs) says, saving the adapters and checkpoints, logging to metrics.jsonl. A stop
+    signal (Ctrl-C, SIGTERM, SIGHUP) in the loop stops it after the step under way (during validation, at once),
+    saving a checkpoint; a second stops it at once; either raises utils.Stopped saying what was kept. In a
+    distributed run, rank 0 alone writes. Returns the seconds that each part of training took."""
+    group, objective = mx.distributed.init(), config.objective
+    writer, single = group.rank() == 0, group.size() == 1
+    optimizer = build_optimizer(config)
+    resumed = checkpoint_arrays(config.resume, model) if config.resume else None
     first = resumed[0] + 1 if resumed else 1
     folder = new_run_folder(adapter_file.parent / "runs") if writer else None
     say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
-        + (f"; resuming from {args.resume} at iteration {first}" if args.resume else ""))
-    iterations, seconds, entered = args.iters - first + 1, Counter(), time.perf_counter()
-    # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
-    source = args.model if args.test or args.prompt is not None else None
-    with frozen_layers_cached(model, [train_set, valid_set], args, iterations, source) as (train_set, valid_set):
+        + (f"; resuming from {config.resume} at iteration {first}" if config.resume else ""))
+    seconds, entered = Counter(), time.perf_counter()
+    with frozen_layers_cached(model, [train_set, valid_set], config, config.iters - first + 1,
+                              config.reload_from) as (train_set, valid_set):
         seconds["frozen-layer pass"] = time.perf_counter() - entered
-        references = preference_references(model, [train_set, valid_set], args)  # of the model before training
-        seconds["reference pass"] = time.perf_counter() - entered - seconds["frozen-layer pass"]
+        with timed(seconds, "reference pass"):
+            given = objective.prepare(model, [train_set, valid_set])  # of the model before training
         if resumed:
             model.load_weights(list(resumed[1].items()), strict=False)
             optimizer.state = tree_unflatten(list(resumed[2].items()))
-        step = make_step(model, optimizer, args)
+        step = make_step(model, optimizer, config)
         metrics_path, saved = folder and folder / "metrics.jsonl", []
-        log = metrics_log(metrics_path, resumed_metrics(args, first - 1) if writer else [], args)
-        batches = iterate_batches(train_set, args.batch_size, train=True, seed=args.seed, pack=args.pack,
-                                  start=(first - 1) * args.grad_accumulation_steps, sort=args.sort_by_length,
-                                  reference=references[0], by_example=model.args.packs_by_example or None)
+        log = metrics_log(metrics_path, resumed_metrics(config, first - 1) if writer else [], config)
+        batches = iterate_batches(train_set, config.batch_size, train=True, seed=config.seed, pack=config.pack,
+                                  start=(first - 1) * config.grad_accumulation_steps, sort=config.sort_by_length,
+                                  objective=objective, given=given[0], by_example=model.args.packs_by_example or None)
         # stopping: a stop signal on some rank (the steps' summed flag); stopped: the utils.Stopped training ends with
         stopping, checkpoint, stopped, announced = [], None, None, False
         validated = None  # the iteration of the last validation loss
-        single = group.size() == 1
-        losses, metrics, ntokens, total_tokens = [], [], 0, 0
-        tic = start = began = time.perf_counter()
-        bar = tqdm(range(first, args.iters + 1), initial=first - 1, total=args.iters, disable=None if writer else True,
-                   unit="it", dynamic_ncols=True)
+        window, total_tokens = [], 0  # the (loss, count, sums) of the steps since the last report
+
+        def training_time():  # validation left out of the training speed and the time left
+            return time.perf_counter() - seconds["validation"]
+
+        began = tic = training_time()
+        bar = tqdm(range(first, config.iters + 1), initial=first - 1, total=config.iters,
+                   disable=None if writer else True, unit="it", dynamic_ncols=True)
 
         def launch(it):
-            mx.random.seed((args.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
+            mx.random.seed((config.seed << 32) + it)  # dropout's masks: a function of the seed and the iteration
             return (*step(batches, mx.array(float(bool(interrupted)))), optimizer.learning_rate)
 
+        def reports(it):
+            return it % config.steps_per_report == 0 or it == config.iters
+
         def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
-            return args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0)
+            return config.val_batches != 0 and (it == 1 or it % config.steps_per_eval == 0)
 
         def saves(it):
-            return it % args.save_every == 0 or it == args.iters
+            return it % config.save_every == 0 or it == config.iters
+
+        def stops():  # at the step read: every rank at the same, one process at once
+            return bool(stopping) or single and bool(interrupted)
+
+        def take(it, loss, count, stop, sums):
+            """A step's numbers, read: a stop flag raised on some rank noted, a loss that is not finite stopping
+            training, the rest kept for the next report."""
+            nonlocal announced
+            stopping.extend([True] if stop else [])
+            if interrupted and not announced:
+                say(f"{utils.STOP_SIGNALS[interrupted[0]]}: stopping after the step under way, to save it; a "
+                    f"second signal stops at once")
+                announced = True
+            if it == first:  # the first step's time is mostly compiling it
+                seconds["first step"] = training_time() - began
+            if not math.isfinite(loss):
+                diverged(it, f"the loss is {loss}" + (" before any update" if it == first else ""),
+                         adapter_file, checkpoint, lowering_helps=it > first)
+            window.append((loss, count, sums))
+
+        def report(it, learning_rate):
+            """The steps since the last report: their mean loss, speed and metrics, logged."""
+            nonlocal window, total_tokens, tic
+            losses, counts, sums = zip(*window)
+            sums, elapsed = np.sum(sums, axis=0), training_time() - tic
+            tokens = int(sums[0])
+            total_tokens += tokens
+            record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
+                      "iterations_per_second": len(losses) / elapsed, "tokens_per_second": tokens / elapsed,
+                      "trained_tokens": total_tokens, "peak_memory_gb": peak_memory(group) / 1e9,
+                      **objective.metric_values(sums, sum(counts))}
+            log(record)
+            left = eta_seconds(training_time() - began, seconds["first step"], it - first, config.iters - it)
+            say(f"Iter {it}: Train loss {record['train_loss']:.3f}{objective.summary(record)}, "
+                f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
+                f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
+                f"Peak mem {record['peak_memory_gb']:.2f} GB, ETA {left:.0f}s")
+            bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
+                                f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
+            window, tic = [], training_time()
+
+        def validate(it):
+            """The validation loss and metrics, logged; a loss that is not finite stops training. One process: a
+            stop signal ends validation at once, and training at this step."""
+            nonlocal validated
+            model.eval()
+            before = seconds["validation"]
+            try:
+                with timed(seconds, "validation"), utils.stops_at_once() if single else contextlib.nullcontext():
+                    val_loss, val_metrics = evaluate(model, valid_set, config.batch_size, config.val_batches,
+                                                     objective, given[1])
+            except utils.Stopped as e:
+                if not single:  # a second signal
+                    raise
+                interrupted.append(e.signum)
+            else:
+                if not math.isfinite(val_loss):
+                    diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
+                validated, val_time = it, seconds["validation"] - before
+                log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
+                     "val_time": val_time})
+                say(f"Iter {it}: Val loss {val_loss:.3f}{objective.summary(val_metrics)}, Val took {val_time:.3f}s")
+            model.train()
 
         def check_before_saving(it):
             """Stop rather than save adapters that are not finite, or that give a loss that is not (the update
@@ -1070,16 +1590,23 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
             if validated == it:
                 return
-            probe, reference = (valid_set, references[1]) if len(valid_set) else (train_set, references[0])
+            probe, probe_given = (valid_set, given[1]) if len(valid_set) else (train_set, given[0])
             model.eval()
-            probe_loss, _ = evaluate(model, probe, args.batch_size, 1, args.train_mode, args.beta, reference)
+            probe_loss, _ = evaluate(model, probe, config.batch_size, 1, objective, probe_given)
             model.train()
             if not math.isfinite(probe_loss):
                 diverged(it, f"the adapters give a loss of {probe_loss} on the first "
                              f"{'validation' if probe is valid_set else 'training'} batch", adapter_file, checkpoint)
 
-        def stops():  # at the step read: every rank at the same, one process at once
-            return bool(stopping) or single and bool(interrupted)
+        def save(it):
+            """The adapters and a checkpoint, once checked (check_before_saving); rank 0 writes them."""
+            nonlocal checkpoint
+            with timed(seconds, "saving"):
+                check_before_saving(it)
+                if writer:
+                    utils.save_adapters(adapter_file, model, adapter_config)
+                    checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
+            say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
 
         interrupted = utils.hold_stops()  # a stop signal here
         try:
@@ -1087,68 +1614,14 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             # step was launched already, that one; one process at the step under way
             for it, latest, (loss, count, stop, sums, learning_rate) in pipelined(
                     launch, bar, lambda it: evaluates(it) or saves(it) or stops()):
-                stopping += [True] if stop else []
-                if interrupted and not announced:
-                    say(f"{utils.STOP_SIGNALS[interrupted[0]]}: stopping after the step under way, to save it; a "
-                        f"second signal stops at once")
-                    announced = True
-                if it == first:  # the first step's time is mostly compiling it
-                    seconds["first step"] = time.perf_counter() - began
-                if not math.isfinite(loss):
-                    diverged(it, f"the loss is {loss}" + (" before any update" if it == first else ""),
-                             adapter_file, checkpoint, lowering_helps=it > first)
-                losses.append(loss)
-                metrics.append(np.array(sums[1:]) / count)
-                ntokens += int(sums[0])
-                if it % args.steps_per_report == 0 or it == args.iters:
-                    now = time.perf_counter()
-                    total_tokens += ntokens
-                    record = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": learning_rate,
-                              "iterations_per_second": len(losses) / (now - tic),
-                              "tokens_per_second": ntokens / (now - tic), "trained_tokens": total_tokens,
-                              "peak_memory_gb": peak_memory(group) / 1e9,
-                              **dict(zip(METRICS[args.train_mode], np.mean(metrics, axis=0).tolist()))}
-                    log(record)
-                    say(f"Iter {it}: Train loss {record['train_loss']:.3f}{rewards(record)}, "
-                        f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
-                        f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
-                        f"Peak mem {record['peak_memory_gb']:.2f} GB, "
-                        f"ETA {eta_seconds(now - start, seconds['first step'], it - first, args.iters - it):.0f}s")
-                    bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
-                                        f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
-                    losses, metrics, ntokens, tic = [], [], 0, time.perf_counter()
+                take(it, loss, count, stop, sums)
+                if reports(it):
+                    report(it, learning_rate)
                 if evaluates(it) and not stops():
-                    model.eval()
-                    val_start = time.perf_counter()
-                    try:  # one process: a stop signal ends validation at once, and training at this step
-                        with utils.stops_at_once() if single else contextlib.nullcontext():
-                            val_loss, val_metrics = evaluate(model, valid_set, args.batch_size, args.val_batches,
-                                                             args.train_mode, args.beta, references[1])
-                    except utils.Stopped as e:
-                        if not single:  # a second signal
-                            raise
-                        interrupted.append(e.signum)
-                    else:
-                        if not math.isfinite(val_loss):
-                            diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
-                        validated = it
-                        val_time = time.perf_counter() - val_start
-                        log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
-                             "val_time": val_time})
-                        say(f"Iter {it}: Val loss {val_loss:.3f}{rewards(val_metrics)}, Val took {val_time:.3f}s")
-                        tic += val_time  # keep validation out of the training speed
-                        start += val_time
-                        seconds["validation"] += val_time
-                    model.train()
+                    validate(it)
                 halt = stops() and latest  # a stop signal: stop at the step the model is at
                 if saves(it) or halt:
-                    saving = time.perf_counter()
-                    check_before_saving(it)
-                    if writer:
-                        utils.save_adapters(adapter_file, model, adapter_config)
-                        checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved)
-                    seconds["saving"] += time.perf_counter() - saving
-                    say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
+                    save(it)
                 if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
                     raise utils.Stopped(interrupted[0] if interrupted else signal.SIGINT)  # else another rank's
@@ -1165,7 +1638,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
                 raise utils.Stopped(e.signum, "") from None
             kept = (f"the adapters saved last are in {adapter_file}, the last checkpoint is {checkpoint}"
                     if checkpoint else "this run saved nothing")
-            resume = checkpoint or args.resume
+            resume = checkpoint or config.resume
             go_on = f"; go on with the same flags and --resume {resume}" if resume else ""
             raise utils.Stopped(e.signum, f"{e}: {kept}{go_on}") from None
         finally:
@@ -1174,7 +1647,7 @@ def train(model, train_set, valid_set, args, adapter_file, adapter_config):
             log.close()
             if writer and not stopped:  # stopped: at once (a resumed run plots the whole run)
                 plot_losses(metrics_path, folder / "loss.png")
-        seconds["steps"] = time.perf_counter() - began - sum(seconds[k] for k in ("first step", "validation", "saving"))
+        seconds["steps"] = training_time() - began - seconds["first step"] - seconds["saving"]
         left = time.perf_counter()
     seconds["reloading weights"] = time.perf_counter() - left  # those the frozen layers' pass released
     return seconds
@@ -1191,7 +1664,7 @@ def new_run_folder(runs: Path) -> Path:
     return folder
 
 
-def save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved):
+def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved):
     """FOLDER/step-N: the adapters (an adapter folder, as --adapter-file and fuse.py read it), the optimizer
     state and trainer_state.json; written whole or not at all. `saved` lists this run's checkpoints: only the
     last --keep-checkpoints of them are kept."""
@@ -1201,25 +1674,25 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, args, saved):
         # the data order and the dropout masks are functions of the seed and the position (iterate_batches,
         # train): these numbers are all it takes to go on exactly
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"iteration": it, "batches": it * args.grad_accumulation_steps, "seed": args.seed, "args": vars(args)},
-            indent=2))
+            {"iteration": it, "batches": it * config.grad_accumulation_steps, "seed": config.seed,
+             "args": config.flags}, indent=2))
 
     path = folder / f"step-{it:07d}"
     utils.write_folder(path, write)
     saved.append(path)
-    if args.keep_checkpoints > 0:
-        for old in saved[:-args.keep_checkpoints]:
+    if config.keep_checkpoints > 0:
+        for old in saved[:-config.keep_checkpoints]:
             shutil.rmtree(old)
-        del saved[:-args.keep_checkpoints]
+        del saved[:-config.keep_checkpoints]
     return path
 
 
 # The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
 # decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
-RESULT_FLAGS = ("model", "data", "train_mode", "beta", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
+RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
-                "sort_by_length", "seed")
+                "sort_by_length", "seed", *OBJECTIVE_FLAGS)
 
 
 def changed_flags(saved: dict, args) -> list:
@@ -1294,13 +1767,13 @@ def read_metrics(path: Path) -> list:
     return records
 
 
-def resumed_metrics(args, start) -> list:
+def resumed_metrics(config, start) -> list:
     """The records of the run that --resume continues, up to its checkpoint's iteration `start`."""
-    previous = Path(args.resume).parent / "metrics.jsonl" if args.resume else None
+    previous = Path(config.resume).parent / "metrics.jsonl" if config.resume else None
     return [r for r in read_metrics(previous) if r["iteration"] <= start] if previous and previous.exists() else []
 
 
-def metrics_log(path, kept, args):
+def metrics_log(path, kept, config):
     """log(record): append the record to metrics.jsonl, which starts with the records `kept`, and send it to
     --report-to; and close(). Path None: a log that writes nothing (ranks of a distributed run but 0)."""
     if path is None:
@@ -1309,13 +1782,13 @@ def metrics_log(path, kept, args):
         return log
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     sinks, closers = [], []
-    if args.report_to == "wandb":
+    if config.report_to == "wandb":
         import wandb
 
-        run = wandb.init(project="lora-mlx", config=vars(args), resume="allow")
+        run = wandb.init(project="lora-mlx", config=config.flags, resume="allow")
         sinks.append(lambda record: run.log(record, step=record["iteration"]))
         closers.append(run.finish)
-    elif args.report_to == "tensorboard":
+    elif config.report_to == "tensorboard":
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(path.parent / "tensorboard"))
@@ -1370,16 +1843,20 @@ def eta_seconds(elapsed, first_step, done_after_first, left):
     return (elapsed - first_step) / done_after_first * left
 
 
+@contextlib.contextmanager
+def timed(seconds: Counter, part: str):
+    """Adds the seconds the block takes to seconds[part]."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[part] += time.perf_counter() - began
+
+
 def say(line):
     """A line of the log, printed above the progress bar."""
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
-
-
-def rewards(metrics) -> str:
-    """What the log line shows of a preference run's metrics (none of SFT's)."""
-    return "".join(f", {name} {metrics[name]:.3f}" for name in ("rewards/accuracies", "rewards/margins")
-                   if name in metrics)
 
 
 def peak_memory(group) -> float:
@@ -1403,34 +1880,37 @@ def diverged(it, what, adapter_file, checkpoint, lowering_helps=True):
 # Evaluation
 
 
-def evaluate(model, dataset, batch_size, num_batches, train_mode="sft", beta=None, reference=None):
-    """The mean loss of --train-mode over the first num_batches batches (-1: all), and the means of its METRICS
-    by name; with a reference, the dataset is of preference pairs (iterate_batches). In a distributed run each
-    rank evaluates its share of each batch, and the sums are summed."""
-    loss_of = objective(train_mode, beta)
-    totals = mx.zeros(3 + len(METRICS[train_mode]))  # loss x count, count, tokens, metrics x count
-    for n, batch in enumerate(iterate_batches(dataset, batch_size, reference=reference)):
+def evaluate(model, dataset, batch_size, num_batches, objective=None, given=None):
+    """The mean loss of the objective (default SFT) over the first num_batches batches (-1: all), and its metrics
+    by name; `given`: what the dataset's examples carry (Objective.prepare). In a distributed run each rank
+    evaluates its share of each batch, and the sums are summed."""
+    objective = objective or SFT()
+    totals = mx.zeros(2 + len(objective.sums))  # loss x count, count, sums
+    for n, batch in enumerate(iterate_batches(dataset, batch_size, objective=objective, given=given)):
         if n == num_batches:
             break
+        statistics = across_ranks(objective.statistics(model, batch))  # every rank takes part in the sum
         if batch is None:  # no example of this batch is this rank's
+            mx.eval(statistics)  # its part of the sum, which nothing here reads (lazy, it would not be taken)
             continue
-        loss, count, sums = loss_of(model, *batch)
+        loss, count, sums = objective.loss(model, batch, statistics)
         totals = totals + mx.concatenate([mx.stack([loss * count, count.astype(loss.dtype)]), sums])
         mx.eval(totals)  # one batch's graph at a time, not the whole set's
     group = mx.distributed.init()
     if group.size() > 1:
         totals = mx.distributed.all_sum(totals, group=group)
-    loss, count, _, *metrics = totals.tolist()
-    return loss / count, {name: value / count for name, value in zip(METRICS[train_mode], metrics)}
+    loss, count, *sums = totals.tolist()
+    return loss / count, objective.metric_values(sums, count)
 
 
-def completion_example(record, marker, where):
+def completion_example(record, marker, where, objective):
     """The example as {"prompt", "completion"} (or a chat, whose completion is its last assistant message): a
-    {"text"} example is split after the last `marker`, a preference pair's completion is its chosen response."""
+    {"text"} example is split after the last `marker`, another is the objective's answer (a preference pair's
+    chosen response)."""
     if "messages" in record and not any(m["role"] == "assistant" for m in record["messages"]):
         raise UserError(f"--generate-eval: {where}: no assistant message to compare the generated one with")
     if "text" not in record:
-        example = responses(record)[0]
+        example = objective.answer(record)
         if example.get("prompt") == "":  # (a chat's: generation_length)
             raise UserError(f"--generate-eval: {where} has an empty prompt, nothing to generate from")
         return example
@@ -1546,9 +2026,11 @@ def main(args):
     adapter_file = Path(args.adapter_file or DEFAULT_ADAPTER_FILE)
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
-    examples = {split: load_dataset(args.data, split, args.mask_prompt, args.train_mode) for split in splits}
-    generation_tests = [completion_example(record, args.completion_marker, examples["test"].where(i))
-                        for i, record in enumerate(examples["test"][:args.generate_eval])] if args.test else []
+    training = training_args(args)
+    examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective) for split in splits}
+    answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
+    generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
+                                           training.objective) for i in answered[:args.generate_eval]]
     if args.resume:
         check_resume(args)
     group = distributed(args)
@@ -1558,7 +2040,7 @@ def main(args):
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
         if writes:
             check_outputs(adapter_file)
-        run(args, adapter_file, examples, generation_tests)
+        run(args, training, adapter_file, examples, generation_tests, answered)
 
 
 def check_outputs(adapter_file: Path):
@@ -1589,31 +2071,32 @@ def distributed(args):
     return group
 
 
-def run(args, adapter_file, examples, generation_tests):
+def run(args, training, adapter_file, examples, generation_tests, answered):
+    objective = training.objective
     mx.random.seed(args.seed)
     scale = lora_scale(vars(args))
     print(f"Loading pretrained model {args.model}", flush=True)
     began = time.perf_counter()
     model, tokenizer, config = utils.load(args.model)
     seconds = {"loading": time.perf_counter() - began}
-    data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt)
+    data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt, objective)
             for split, e in examples.items()}
     for split, rows in data.items():
         check_token_ids((max(tokens) for tokens, _ in rows), model, tokenizer, examples[split].path)
     seconds["tokenizing"] = time.perf_counter() - began - seconds["loading"]
+    rows = objective.rows_per_example  # an example's
     for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
         if split in data and batches > 0:
-            data[split] = data[split][:batches * args.batch_size * rows_per_example(args)]
+            data[split] = data[split].head(batches * args.batch_size, rows)
     model.freeze()
     adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
-        if len(data["train"]) < args.batch_size * rows_per_example(args):
-            raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows_per_example(args)} examples, "
-                            f"fewer than --batch-size")
+        if len(data["train"]) < args.batch_size * rows:
+            raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows} examples, fewer than --batch-size")
         adapter_config = set_up_training(model, args, scale)
-    # DPO's reference is the model as training starts (as TRL's: new adapters change nothing yet), else the
-    # model as loaded; train() computes the training and validation sets' own
-    test_reference = preference_references(model, [data["test"]], args)[0] if args.test else None
+    # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
+    # loaded; train() computes the training and validation sets' own
+    test_given = objective.prepare(model, [data["test"]])[0] if args.test else None
     if args.train:
         model.grad_checkpoint = args.grad_checkpoint
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -1624,7 +2107,7 @@ def run(args, adapter_file, examples, generation_tests):
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
         print("Training", flush=True)
-        seconds.update(train(model, data["train"], data.get("valid", []), args, adapter_file, adapter_config))
+        seconds.update(train(model, data["train"], data.get("valid", []), training, adapter_file, adapter_config))
         model.grad_checkpoint = False
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
     elif adapted:
@@ -1635,18 +2118,16 @@ def run(args, adapter_file, examples, generation_tests):
     model.eval()
 
     if args.test:
-        test_loss, test_metrics = evaluate(model, data["test"], args.batch_size, args.test_batches, args.train_mode,
-                                           args.beta, test_reference)
+        test_loss, test_metrics = evaluate(model, data["test"], args.batch_size, args.test_batches, objective,
+                                           test_given)
         if not math.isfinite(test_loss):  # a result no one should read as one
             used = f"with the adapters {adapter_file}" if adapted else "without adapters"
             raise UserError(f"--test: the loss of the model {used} on {Path(args.data) / 'test.jsonl'} is {test_loss}")
-        ppl = math.exp(test_loss) if test_loss < 700 else math.inf  # exp overflows a float beyond
-        print(f"Test loss {test_loss:.3f}" + (f", Test ppl {ppl:.3f}." if args.train_mode == "sft"
-                                              else rewards(test_metrics) + "."), flush=True)
+        print(f"Test loss {test_loss:.3f}{objective.test_line(test_loss, test_metrics)}.", flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
             with utils.naming_flag("--generate-eval"):
                 matches = generation_accuracy(model, tokenizer, config, generation_tests, args.add_eos_token,
-                                              examples["test"].where)
+                                              lambda k: examples["test"].where(answered[k]))
             print(f"Test exact match {matches}/{len(generation_tests)} ({100 * matches / len(generation_tests):.1f}%), "
                   f"greedy.", flush=True)
     if args.prompt is not None and mx.distributed.init().rank() == 0:

@@ -64,21 +64,24 @@ def load_model(args):
     return utils.build_model(config, weights), tokenizer, config
 
 
-def training_set(args, examples, tokenizer, vocab_size):
+def training_set(args, objective, examples, tokenizer, vocab_size):
     """(tokens, first scored target) rows: --data's, tokenized as lora.py does, or rows of --seq-length random
-    tokens (the model reads all of them; all but the last have a target; for --train-mode dpo or orpo, pairs of
-    rows)."""
+    tokens (the model reads all of them; all but the last have a target; objective.rows_per_example rows an
+    example, half of them labelled desirable where the objective reads labels)."""
     if args.seq_length:
-        rows = np.random.default_rng(args.seed).integers(0, vocab_size, (8 * args.batch_size * lora.rows_per_example(
-            args), args.seq_length))
-        return [(row.tolist(), 0) for row in rows]
+        examples = 8 * args.batch_size
+        rows = np.random.default_rng(args.seed).integers(0, vocab_size, (examples * objective.rows_per_example,
+                                                                          args.seq_length))
+        labels = np.arange(examples) % 2.0 if "label" in objective.record_keys else None
+        return lora.Rows([(row.tolist(), 0) for row in rows], labels)
     if args.tokenizer:
         tokenizer = random_checkpoint.fitting_tokenizer(args.tokenizer, vocab_size)
     elif tokenizer is None:
         texts = [e.get("text") or str(e.get("prompt", "")) + e.get("completion", str(e.get("chosen", "")))
                  for e in examples]
         tokenizer = random_checkpoint.train_tokenizer(texts, min(random_checkpoint.TOKENIZER_VOCAB, vocab_size))
-    return lora.tokenize(examples, tokenizer, args.add_eos_token, args.max_seq_length, "train", args.mask_prompt)
+    return lora.tokenize(examples, tokenizer, args.add_eos_token, args.max_seq_length, "train", args.mask_prompt,
+                         objective)
 
 
 def flops_per_token(config, first_trained, length, full, first_computed=0):
@@ -103,24 +106,24 @@ def flops_per_token(config, first_trained, length, full, first_computed=0):
     return forward + backward
 
 
-def timed_steps(model, dataset, args, reference):
-    """(last loss, trained tokens, seconds, peak memory before them) of --steps timed training steps after
-    --warmup-steps untimed ones (preference pairs with a reference: lora.iterate_batches)."""
-    step = lora.make_step(model, lora.build_optimizer(args), args)
-    batches = lora.iterate_batches(dataset, args.batch_size, train=True, seed=args.seed, pack=args.pack,
-                                   sort=args.sort_by_length, reference=reference)
+def timed_steps(model, dataset, training, given, warmup_steps, steps):
+    """(last loss, trained tokens, seconds, peak memory before them) of `steps` timed training steps after
+    `warmup_steps` untimed ones (`given`: what the examples carry, Objective.prepare)."""
+    step = lora.make_step(model, lora.build_optimizer(training), training)
+    batches = lora.iterate_batches(dataset, training.batch_size, train=True, seed=training.seed, pack=training.pack,
+                                   sort=training.sort_by_length, objective=training.objective, given=given)
 
     def launch(i):
         return step(batches)
 
-    for i, _, (loss, *_) in lora.pipelined(launch, range(args.warmup_steps)):
-        print(f"Warm-up step {i + 1}/{args.warmup_steps}: loss {loss:.3f}", flush=True)
+    for i, _, (loss, *_) in lora.pipelined(launch, range(warmup_steps)):
+        print(f"Warm-up step {i + 1}/{warmup_steps}: loss {loss:.3f}", flush=True)
     setup_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
     trained_tokens, start = 0, time.perf_counter()
-    for i, _, (loss, _, _, sums) in lora.pipelined(launch, range(args.steps)):
+    for i, _, (loss, _, _, sums) in lora.pipelined(launch, range(steps)):
         trained_tokens += int(sums[0])
-        print(f"Step {i + 1}/{args.steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
+        print(f"Step {i + 1}/{steps}: loss {loss:.3f}, {trained_tokens / (time.perf_counter() - start):.1f} "
               f"tokens/s", flush=True)
     return loss, trained_tokens, time.perf_counter() - start, setup_peak
 
@@ -130,16 +133,17 @@ def run(args):
         raise UserError("--config is lora.py's alone: give the recipe's flags on the command line")
     args.train = True  # for lora.check_flags: what it checks of a training run holds here
     lora.check_flags(args)
+    training = lora.training_args(args)
+    objective, per_example = training.objective, training.objective.rows_per_example
     group = lora.distributed(args)  # under mlx.launch: data-parallel, as lora.py trains
     examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt,
-                                                              args.train_mode)  # data errors first
+                                                              objective)  # data errors first
 
     print(f"Loading {'random ' + args.shape if args.shape else args.model}", flush=True)
     model, tokenizer, config = load_model(args)
-    dataset = training_set(args, examples, tokenizer, model.args.vocab_size)
-    if len(dataset) < args.batch_size * lora.rows_per_example(args):
-        raise UserError(f"{args.data}/train.jsonl: {len(dataset) // lora.rows_per_example(args)} examples, fewer "
-                        f"than --batch-size")
+    dataset = training_set(args, objective, examples, tokenizer, model.args.vocab_size)
+    if len(dataset) < args.batch_size * per_example:
+        raise UserError(f"{args.data}/train.jsonl: {len(dataset) // per_example} examples, fewer than --batch-size")
     mx.random.seed(args.seed)
     model.freeze()
     adapter_config = lora.set_up_training(
@@ -147,13 +151,14 @@ def run(args):
     model.grad_checkpoint = args.grad_checkpoint
     start = time.perf_counter()
     # the weights released for the frozen layers' pass are not read back: the model is not used after
-    with lora.frozen_layers_cached(model, [dataset], args, args.iters, source=None) as (dataset,):
+    with lora.frozen_layers_cached(model, [dataset], training, args.iters, source=None) as (dataset,):
         prefix, prefix_seconds = model.frozen_prefix, time.perf_counter() - start
-        reference = lora.preference_references(model, [dataset], args)[0]
+        given = objective.prepare(model, [dataset])[0]
         reference_seconds = time.perf_counter() - start - prefix_seconds
-        loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, args, reference)
+        loss, trained_tokens, seconds, setup_peak = timed_steps(model, dataset, training, given, args.warmup_steps,
+                                                                args.steps)
         peak = lora.peak_memory(group)
-    rows = args.steps * args.grad_accumulation_steps * args.batch_size * lora.rows_per_example(args)
+    rows = args.steps * args.grad_accumulation_steps * args.batch_size * per_example
     flops = flops_per_token(config, lora.first_trained_layer(model), trained_tokens / rows,
                             args.fine_tune_type == "full", prefix.layer if prefix else 0)
     info = mx.device_info()
@@ -178,8 +183,8 @@ def run(args):
         "peak_memory_gb": peak / 1e9, "final_loss": loss,
         # the peak before the timed steps: loading, the frozen layers' pass, warm-up
         "setup_peak_memory_gb": setup_peak / 1e9,
-        # DPO's: the model's log-probabilities of every pair's responses, computed once before training
-        "reference_pass_seconds": reference_seconds if args.train_mode == "dpo" else None,
+        # DPO's, KTO's: the model's log-probabilities of every example's rows, computed once before training
+        "reference_pass_seconds": reference_seconds if given is not None else None,
         "frozen_prefix": prefix and {"layers": prefix.layer, "seconds": prefix_seconds,
                                      "gb": prefix.states.nbytes / 1e9},
         # trained tokens/s over a whole run of --iters steps, the frozen layers' pass included

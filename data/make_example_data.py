@@ -2,8 +2,9 @@
 
 Questions are drawn as WikiSQL logical forms over the invented tables below and
 rendered by wikisql.py, so the text matches the WikiSQL data exactly in shape.
-It also writes preference/{train,valid,test}.jsonl for DPO/ORPO: some of the same
-questions, each with its SQL as "chosen" and a wrong SQL as "rejected".
+It also writes preference/{train,valid,test}.jsonl for DPO/ORPO/SimPO/CPO: some of the same
+questions, each with its SQL as "chosen" and a wrong SQL as "rejected"; and kto/ for KTO, the same
+pairs unpaired: each question with its SQL (label true) and with the wrong one (label false).
 
     python data/make_example_data.py
 """
@@ -165,9 +166,15 @@ def main():
     rng = random.Random(1)
     sizes = {"train": 300, "valid": 40, "test": 40}
     (folder / "preference").mkdir(exist_ok=True)
+    (folder / "kto").mkdir(exist_ok=True)
+    shuffle = random.Random(2).shuffle  # so that a batch mixes labels and questions
     for name, lines in splits.items():
         pairs = [preference(rng, t, *examples[t]) for t in lines[:sizes[name]]]
         write(folder / "preference" / f"{name}.jsonl", pairs)
+        unpaired = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                    for p in pairs for k in ("chosen", "rejected")]
+        shuffle(unpaired)
+        write(folder / "kto" / f"{name}.jsonl", unpaired)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,23 @@ def write_pairs(folder, sizes=(("train", 64, 1), ("valid", 16, 2), ("test", 32, 
     return folder
 
 
+def unpaired(pairs, seed=0):
+    """The pairs as KTO's unpaired examples, shuffled: each prompt with its chosen response (label true) and
+    with its rejected one (label false)."""
+    records = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs
+               for k in ("chosen", "rejected")]
+    return [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+
+
+def write_unpaired(folder, sizes=(("train", 64, 1), ("valid", 16, 2), ("test", 32, 3))):
+    """write_pairs' pairs, unpaired."""
+    folder.mkdir(exist_ok=True)
+    for split, n, seed in sizes:
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                       for r in unpaired(preference_pairs(n, seed), seed)))
+    return folder
+
+
 def run_lora(capsys, *flags):
     """lora.py in this process, with these flags; what it printed."""
     import lora

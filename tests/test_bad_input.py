@@ -230,6 +230,12 @@ FLAGS = [
     ("train-mode-unknown", train, "--train-mode", "ppo", False),
     ("beta-zero", train, "--beta", 0, True),  # with --train-mode dpo, below
     ("beta-negative", train, "--beta", -0.1, False),
+    ("desirable-weight-zero", train, "--desirable-weight", 0, True),  # with --train-mode kto, below
+    ("undesirable-weight-negative", train, "--undesirable-weight", -1, False),
+    ("simpo-gamma-negative", train, "--simpo-gamma", -1, True),  # with --train-mode simpo, below
+    ("cpo-alpha-negative", train, "--cpo-alpha", -0.5, False),
+    ("label-smoothing-half", train, "--label-smoothing", 0.5, True),
+    ("loss-type-unknown", train, "--loss-type", "kto", False),  # with --train-mode dpo, below
     ("lora-rank-above-the-layers-features", train, "--lora-rank", 65, False),  # q_proj and v_proj have 64 inputs
     ("lora-rank-huge", train, "--lora-rank", 10**8, False),
     ("prompt-empty", prompt, "--prompt", "", True),
@@ -243,10 +249,17 @@ CASES_TOGETHER = [
     ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
+    ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
+    ("simpo-gamma-with-cpo", ["--train-mode", "cpo", "--simpo-gamma", 1], "--simpo-gamma"),
+    ("loss-type-with-orpo", ["--train-mode", "orpo", "--loss-type", "ipo"], "--loss-type"),
+    ("label-smoothing-with-dpo-sigmoid", ["--train-mode", "dpo", "--label-smoothing", 0.1], "--label-smoothing"),
 ]
 # what else the flag needs, so that its value is the only fault
 NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--completion-marker", "A: "],
-         "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1]}
+         "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1],
+         "--desirable-weight": ["--train-mode", "kto"], "--undesirable-weight": ["--train-mode", "kto"],
+         "--simpo-gamma": ["--train-mode", "simpo"], "--cpo-alpha": ["--train-mode", "cpo"],
+         "--label-smoothing": ["--train-mode", "cpo"], "--loss-type": ["--train-mode", "dpo"]}
 
 
 @dataclass
@@ -337,6 +350,9 @@ def chat_line(messages):
 PAIRS = "".join(json.dumps({"prompt": t.split("A: ")[0] + "A: ", "chosen": t.split("A: ")[1], "rejected": "SELECT"})
                 + "\n" for t in sql_texts(8))
 DPO = ("--train-mode", "dpo", "--val-batches", 0)  # a preference run on train.jsonl alone
+UNPAIRED = "".join(json.dumps({"prompt": t.split("A: ")[0] + "A: ", "completion": t.split("A: ")[1],
+                               "label": i % 2 == 0}) + "\n" for i, t in enumerate(sql_texts(8)))
+KTO = ("--train-mode", "kto", "--val-batches", 0)
 
 
 CASES += [
@@ -396,6 +412,17 @@ CASES += [
     Case("data-train-integer-of-5000-digits-line-9", "lora.py",
          data(GOOD + '{"text": "a", "n": ' + "9" * 5000 + "}\n"), "train.jsonl:9"),
     Case("data-generate-eval-empty-prompt", "lora.py", empty_prompt_test_set, "test.jsonl:1"),
+    Case("data-kto-label-not-a-boolean-line-9", "lora.py",
+         data(UNPAIRED + json.dumps({"prompt": "Q", "completion": "A", "label": "yes"}) + "\n", valid=False,
+              flags=KTO), "train.jsonl:9"),
+    Case("data-kto-without-a-label-line-9", "lora.py",
+         data(UNPAIRED + json.dumps({"prompt": "Q", "completion": "A"}) + "\n", valid=False, flags=KTO),
+         "train.jsonl:9"),
+    Case("data-kto-empty-completion-line-9", "lora.py",
+         data(UNPAIRED + json.dumps({"prompt": "Q", "completion": "", "label": True}) + "\n", valid=False,
+              flags=KTO), "train.jsonl:9"),
+    Case("data-preference-pairs-in-a-kto-run", "lora.py", data(PAIRS, valid=False, flags=KTO), "train.jsonl:1"),
+    Case("data-kto-examples-in-a-dpo-run", "lora.py", data(UNPAIRED, valid=False, flags=DPO), "train.jsonl:1"),
 ]
 
 

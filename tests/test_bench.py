@@ -35,7 +35,7 @@ def test_data(tiny_llama, data_dir):
                             2048, "train")
     batches = lora.iterate_batches(dataset, 4, train=True, seed=0)
     timed = [next(batches) for _ in range(5)][2:]
-    assert result["trained_tokens"] == sum(mask.sum().item() for _, _, mask in timed)
+    assert result["trained_tokens"] == sum(batch.scored.sum().item() for batch in timed)
     assert (result["model"], result["shape"]) == (str(tiny_llama), None)
     assert (result["batch_size"], result["num_layers"]) == (4, 2)
     assert result["lora_parameters"]["rank"] == 4 and result["trainable_parameters"] > 0

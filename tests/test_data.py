@@ -71,7 +71,7 @@ def test_masked_prompt_tokens_carry_no_loss(tiny_llama):
     for (tokens, start), example, (same, zero) in zip(masked, examples, whole):
         assert tokens == same and zero == 0
         assert start == len(tokenizer.encode(example["prompt"])) - 1  # the target of that input is the completion's first
-    inputs, targets, mask = next(lora.iterate_batches(masked, 4))
+    inputs, targets, mask, _ = next(lora.iterate_batches(masked, 4))
     loss, ntoks = lora.loss_fn(model, inputs, targets, mask)
     assert ntoks.item() == sum(len(t) - 1 - s for t, s in masked)
     rng = np.random.default_rng(0)
@@ -120,6 +120,18 @@ def assert_scores_the_assistant_mask(row, marked, messages):
     mask = np.array(expected["assistant_masks"])
     assert tokens == expected["input_ids"][:len(tokens)] and not mask[len(tokens):].any()
     assert (lora.scored_targets(tokens, scored) == mask[1:len(tokens)]).all()  # a target is the next token
+
+
+def test_a_chat_prompt_and_its_completion_are_one_chat(chat_model):
+    """{"prompt": messages, "completion": [an assistant message]} is the chat of both, with --mask-prompt too."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    prompt, completion = MASKED_CHATS[0][:-1], MASKED_CHATS[0][-1:]
+    assert completion[0]["role"] == "assistant"
+    for mask_prompt in (False, True):
+        assert (lora.tokenize([{"prompt": prompt, "completion": completion}], tokenizer, True, 256, "train",
+                              mask_prompt=mask_prompt) ==
+                lora.tokenize([{"messages": prompt + completion}], tokenizer, True, 256, "train",
+                              mask_prompt=mask_prompt))
 
 
 def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path, capsys):

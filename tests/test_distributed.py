@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT, sql_texts, write_jsonl, write_pairs
+from conftest import ROOT, sql_texts, write_jsonl, write_pairs, write_unpaired
 
 LAUNCH = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch (MLX's launcher) is not installed")
@@ -118,22 +118,32 @@ def test_two_ranks_train_as_one_process(recipe, tiny_llama, data_dir, tmp_path):
         assert two.stdout.count("Computing the frozen layers 0-1 once") == 1
 
 
-@pytest.mark.parametrize("train_mode", ["dpo", "orpo"])
+@pytest.mark.parametrize("train_mode", ["dpo", "orpo", "kto", "simpo", "cpo"])
 def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_path):
-    """The reference pass and the frozen-layer pass shared out, validation sharded: as one process."""
-    data = write_pairs(tmp_path / "pairs", (("train", 16, 1), ("valid", 6, 2)))
+    """The reference pass and the frozen-layer pass shared out, validation sharded: as one process. KTO's KL
+    estimate is the whole batch's, over the ranks, also in validation's last batch, of which one rank has
+    none (9 examples)."""
+    if train_mode == "kto":
+        data = write_unpaired(tmp_path / "kto", (("train", 8, 1), ("valid", 5, 2)))  # 16, an epoch in 4 steps
+        valid = data / "valid.jsonl"
+        valid.write_text("".join(valid.read_text().splitlines(keepends=True)[:9]))
+    else:
+        data = write_pairs(tmp_path / "pairs", (("train", 16, 1), ("valid", 6, 2)))
     flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", train_mode, "--iters", 4,
              "--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2,
              "--steps-per-report", 1, "--steps-per-eval", 2, "--val-batches", -1]
+    if train_mode in ("kto", "cpo"):  # whose loss reads the whole batch: packed and accumulated too
+        flags += ["--pack", "--grad-accumulation-steps", 2]
     one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
     assert two.returncode == 0 and "Traceback" not in two.stderr, two.stdout + two.stderr
     assert_same_training(tmp_path / "one", tmp_path / "two", 1e-2)
     assert "Computing the frozen layers 0-1 once" in two.stdout
-    for key in ("rewards/margins", "val_rewards/chosen"):  # accuracies compare rewards that start at 0: noise
+    # (accuracies compare rewards that start at 0: noise; a KTO batch of one label has no margin)
+    for key in ("kl", "val_kl") if train_mode == "kto" else ("rewards/margins", "val_rewards/chosen"):
         x, y = ([r[key] for r in metrics(folder) if key in r] for folder in (tmp_path / "one", tmp_path / "two"))
-        assert len(x) == (4 if key.startswith("rewards") else 3) and np.allclose(x, y, atol=1e-4), (key, x, y)
+        assert len(x) == (3 if key.startswith("val_") else 4) and np.allclose(x, y, atol=1e-4), (key, x, y)
 
 
 def test_two_ranks_of_a_quantized_model_with_masked_prompts(quantized_llama, completions, tmp_path):

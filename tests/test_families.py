@@ -714,7 +714,7 @@ def test_speed_machinery_keeps_each_tokens_loss(family, data_dir):
     assert np.abs(token_losses(lora.make_batch(dataset[i:i + 4], False) for i in (0, 4)) - plain).max() < 1e-4
     model.grad_checkpoint = False
     if not model.args.family.layer_at_a_time:
-        args = lora.build_parser().parse_args([])
+        args = lora.training_args(lora.build_parser().parse_args([]))
         with lora.frozen_layers_cached(model, [dataset], args, 1000, str(folder)) as (kept,):
             assert model.frozen_prefix is None and kept is dataset
         return
@@ -743,9 +743,8 @@ def test_gemma4_layers_read_more_than_the_hidden_states(family, data_dir):
     rows = lora.tokenize(lora.load_dataset(data_dir, "train"), tokenizer, 1, 2048, "train")[:6]
 
     pairs = rows[:4]  # two pairs' rows, chosen then rejected
-    inputs, targets_, scored, owner, _ = lora.preference_batch(pairs[0::2] + pairs[1::2], np.zeros((2, 2)), False)
-    logps, _ = lora.sequence_logps(model, inputs, targets_, scored, owner, len(pairs))
-    assert np.allclose(lora.reference_logps(model, pairs), np.array(logps).reshape(2, -1).T, atol=1e-4)
+    logps, _ = lora.sequence_logps(model, lora.sequences(pairs[0::2] + pairs[1::2], False))
+    assert np.allclose(lora.reference_logps(model, pairs).reshape(-1, 2), np.array(logps).reshape(2, -1).T, atol=1e-4)
 
     def loss_and_grad(batch):
         return nn.value_and_grad(model, lambda m, *b: lora.loss_fn(m, *b)[0])(model, *batch)

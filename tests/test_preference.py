@@ -1,5 +1,5 @@
-"""Preference tuning (--train-mode dpo / orpo): the losses and metrics against TRL's, the data formats, and
-training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
+"""Preference tuning (--train-mode dpo / orpo / kto / simpo / cpo): the losses and metrics against TRL's, the
+data formats, and training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
 import json
 import re
 from types import SimpleNamespace
@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import copy_of, preference_pairs, random_adapter, run_fuse, run_lora, write_pairs
+from conftest import (copy_of, preference_pairs, random_adapter, run_fuse, run_lora, unpaired, write_pairs,
+                      write_unpaired)
 
 import lora
 import utils
@@ -22,23 +23,24 @@ def adapted(make_checkpoint, tmp_path_factory):
     PyTorch; rows of 4 pairs, with the base model's log-probabilities of their responses (DPO's reference)."""
     folder, reference = make_checkpoint("llama")
     tmp = tmp_path_factory.mktemp("adapted")
+    mx.random.seed(0)  # the same adapters (lora_a), whichever tests ran before
     model = random_adapter(folder, tmp / "adapters.safetensors", rank=4, scale=2.0)
     run_fuse("--model", folder, "--adapter-file", tmp / "adapters.safetensors", "--export-peft", tmp / "peft")
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(copy_of(reference), tmp / "peft").eval()
     base, tokenizer, _ = utils.load(str(folder))
-    rows = lora.tokenize(preference_pairs(4, 0), tokenizer, True, 256, "train")
-    return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows)
+    rows = lora.tokenize(preference_pairs(4, 0), tokenizer, True, 256, "train", objective=lora.DPO())
+    return model, peft_model, reference, tokenizer, rows, lora.reference_logps(base, rows).reshape(-1, 2)
 
 
-def ours(model, rows, train_mode, reference):
-    """Our loss and METRICS on the rows' pairs as one batch."""
-    if train_mode == "orpo":
-        reference = np.zeros_like(reference)
-    batch = next(lora.iterate_batches(rows, len(rows) // 2, reference=reference))
-    loss, count, sums = lora.objective(train_mode, BETA)(model, *batch)
-    return loss.item(), dict(zip(lora.METRICS[train_mode], (sums[1:] / count).tolist()))
+def ours(model, rows, train_mode, reference, **flags):
+    """Our loss and metrics on the rows' pairs as one batch."""
+    objective = lora.OBJECTIVES[train_mode](**{"beta": BETA, **flags})
+    given = reference if train_mode == "dpo" else None
+    batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective, given=given))
+    loss, count, sums = objective.loss(model, batch)
+    return loss.item(), objective.metric_values(sums.tolist(), count.item())
 
 
 def trl_examples(rows):
@@ -51,23 +53,27 @@ def trl_examples(rows):
     return examples
 
 
-def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path):
-    """TRL's DPOTrainer on the PEFT model, the base model its reference, and the same tokens."""
+@pytest.mark.parametrize("loss_type, label_smoothing, beta", [("sigmoid", 0.0, BETA), ("ipo", 0.0, BETA),
+                                                              ("hinge", 0.0, 30.0), ("robust", 0.2, BETA)])
+def test_dpo_loss_and_metrics_equal_trls_dpo_trainer(adapted, tmp_path, loss_type, label_smoothing, beta):
+    """TRL's DPOTrainer on the PEFT model, the base model its reference, and the same tokens, for each loss
+    type (the hinge's beta puts some margins past its corner, some not)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     model, peft_model, base, tokenizer, rows, reference = adapted
-    loss, metrics = ours(model, rows, "dpo", reference)
+    loss, metrics = ours(model, rows, "dpo", reference, beta=beta, loss_type=loss_type,
+                         label_smoothing=label_smoothing)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    config = DPOConfig(output_dir=str(tmp_path), beta=BETA, report_to="none", use_cpu=True, bf16=False,
-                       precompute_ref_log_probs=False)
+    config = DPOConfig(output_dir=str(tmp_path), beta=beta, report_to="none", use_cpu=True, bf16=False,
+                       precompute_ref_log_probs=False, loss_type=[loss_type], label_smoothing=label_smoothing)
     trainer = DPOTrainer(peft_model, copy_of(base), args=config, train_dataset=Dataset.from_list(preference_pairs(4, 0)),
                          processing_class=tokenizer)
     with torch.no_grad():
         expected = trainer.compute_loss(peft_model, trainer.data_collator(trl_examples(rows))).item()
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # eval: the model is in eval mode
     assert abs(loss - expected) < 1e-5
-    for name in lora.METRICS["dpo"]:
+    for name in lora.DPO.metrics:
         assert abs(metrics[name] - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
     assert abs(logged["rewards/chosen"]) > 0.01 and abs(logged["rewards/margins"]) > 0.01  # policy is not reference
 
@@ -98,8 +104,96 @@ def test_orpo_loss_and_metrics_equal_trls_functions(adapted):
                 "logps/rejected": rejected.mean(), "nll_loss": nll, "log_odds_ratio": log_odds_ratio,
                 "log_odds_chosen": log_odds_chosen}
     assert abs(loss - (nll - losses.mean()).item()) < 1e-5
-    for name in lora.METRICS["orpo"]:
+    for name in lora.ORPO.metrics:
         assert abs(metrics[name] - expected[name].item()) < 1e-4 * max(1, abs(expected[name].item())), name
+
+
+@pytest.mark.parametrize("train_mode, flags", [("cpo", {"label_smoothing": 0.1}), ("simpo", {"simpo_gamma": 0.7}),
+                                               ("simpo", {"cpo_alpha": 0.5, "label_smoothing": 0.2})])
+def test_simpo_and_cpo_losses_and_metrics_equal_trls_cpo_trainer(adapted, tmp_path, train_mode, flags):
+    """TRL's CPOTrainer (loss_type "simpo" or "sigmoid") on the PEFT model and the same tokens: its NLL term a
+    mean over the chosen responses' tokens (none with cpo_alpha 0, SimPO's default)."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model, peft_model, _, tokenizer, rows, _ = adapted
+    objective = lora.OBJECTIVES[train_mode](beta=BETA, **flags)
+    batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective))
+    loss, count, sums = objective.loss(model, batch, objective.statistics(model, batch))
+    metrics = objective.metric_values(sums.tolist(), count.item())
+    assert ("nll_loss" in metrics) == (objective.cpo_alpha > 0)
+
+    inputs = {}  # CPOTrainer's batch: each side's tokens, padded, its labels the responses' tokens alone
+    for side, part in (("chosen", rows[0::2]), ("rejected", rows[1::2])):
+        width = max(len(tokens) for tokens, _ in part)
+        inputs[f"{side}_input_ids"] = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in part])
+        inputs[f"{side}_attention_mask"] = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens))
+                                                         for tokens, _ in part])
+        inputs[f"{side}_labels"] = torch.tensor([[-100] * (start + 1) + tokens[start + 1:]
+                                                 + [-100] * (width - len(tokens)) for tokens, start in part])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = CPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type="simpo" if train_mode == "simpo" else "sigmoid",
+                       cpo_alpha=objective.cpo_alpha, simpo_gamma=getattr(objective, "simpo_gamma", 0.5),
+                       label_smoothing=objective.label_smoothing, report_to="none", use_cpu=True, bf16=False)
+    trainer = CPOTrainer(peft_model, args=config, train_dataset=Dataset.from_list(preference_pairs(4, 0)),
+                         processing_class=tokenizer)
+    with torch.no_grad():
+        expected, logged = trainer.get_batch_loss_metrics(peft_model, inputs)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    for name, value in metrics.items():
+        assert abs(value - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
+
+
+def test_kto_loss_and_metrics_equal_trls_kto_trainer(adapted, tiny_llama, tmp_path):
+    """TRL's KTOTrainer on the PEFT model, the base model its reference, on the same tokens: each example's
+    completion and its KL row (its prompt with another example's completion), desirable and undesirable
+    examples weighted apart."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    model, peft_model, base, tokenizer, _, _ = adapted
+    records = unpaired(preference_pairs(4, 0))  # one batch of 8
+    objective = lora.KTO(beta=BETA, desirable_weight=1.3, undesirable_weight=0.7, batch_size=8)
+    rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=objective)
+    given = np.column_stack([lora.reference_logps(utils.load(str(tiny_llama))[0], rows).reshape(-1, 2), rows.labels])
+    batch = next(lora.iterate_batches(rows, 8, objective=objective, given=given))
+    loss, count, sums = objective.loss(model, batch, objective.statistics(model, batch))
+    metrics = objective.metric_values(sums.tolist(), count.item())
+
+    examples = []
+    for (tokens, start), (kl_tokens, kl_start), record in zip(rows[0::2], rows[1::2], records):
+        assert kl_start == start and kl_tokens[:start + 1] == tokens[:start + 1]  # one prompt, scored after it
+        examples.append({"prompt_ids": tokens[:start + 1], "completion_ids": tokens[start + 1:],
+                         "KL_completion_ids": kl_tokens[start + 1:], "label": record["label"]})
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = KTOConfig(output_dir=str(tmp_path), beta=BETA, desirable_weight=1.3, undesirable_weight=0.7,
+                       per_device_train_batch_size=8, report_to="none", use_cpu=True, bf16=False)
+    trainer = KTOTrainer(peft_model, copy_of(base), args=config, train_dataset=Dataset.from_list(records),
+                         processing_class=tokenizer)
+    with torch.no_grad():
+        expected = trainer.compute_loss(peft_model, trainer.data_collator(examples)).item()
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    assert abs(loss.item() - expected) < 1e-5
+    assert set(metrics) == set(lora.KTO.metrics)
+    for name in lora.KTO.metrics:
+        assert abs(metrics[name] - logged[name]) < 1e-4 * max(1, abs(logged[name])), name
+    assert logged["kl"] > 0.01  # the policy is not the reference, and the KL term is not clamped to 0
+    negative, zero = (objective.loss(model, batch, mx.array([kl, 8.0]))[0].item() for kl in (-5.0, 0.0))
+    assert negative == zero  # a negative estimate counts as 0 (TRL's clamp)
+
+
+def test_kto_rows_pair_each_prompt_with_the_completion_before_it(tiny_llama):
+    """An example's KL row is its prompt and the completion of the example before it, within groups of
+    --batch-size examples in the file's order (the group's first takes its last's), as TRL pairs them."""
+    tokenizer = utils.load(str(tiny_llama))[1]
+    records = unpaired(preference_pairs(3, 0))  # 6: a group of 4 and one of 2
+    rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=lora.KTO(batch_size=4))
+    assert rows.labels.tolist() == [record["label"] for record in records]
+    completions = [tokens[start + 1:] for tokens, start in rows[0::2]]
+    for i, ((tokens, start), (kl_tokens, kl_start)) in enumerate(zip(rows[0::2], rows[1::2])):
+        before = {0: 3, 4: 5}.get(i, i - 1)
+        assert kl_start == start and kl_tokens == tokens[:start + 1] + completions[before]
+        assert tokenizer.decode(completions[i]).startswith(records[i]["completion"])
 
 
 def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp_path):
@@ -113,7 +207,8 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
     for record, response_start in ((plain, len(tokenizer.encode(plain["prompt"]))),
                                    (chat, len(tokenizer.encode("<user>the team when year is 4\n<assistant>",
                                                                add_special_tokens=False)))):
-        (chosen, start), (rejected, other) = lora.tokenize([record], tokenizer, True, 256, "train")
+        (chosen, start), (rejected, other) = lora.tokenize([record], tokenizer, True, 256, "train",
+                                                           objective=lora.DPO())
         assert start == other == response_start - 1  # the first scored target is the response's first token
         assert chosen[:response_start] == rejected[:response_start]
         for tokens, answer in ((chosen, "SELECT team"), (rejected, "SELECT year")):
@@ -123,7 +218,7 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
 
 @pytest.mark.parametrize("line, mode, message", [
     ({"prompt": "a", "chosen": "b", "rejected": "c"}, "sft",
-     r"train.jsonl:2: a preference pair; train on it with --train-mode dpo or orpo"),
+     r"train.jsonl:2: a preference pair; train on it with --train-mode dpo, orpo, simpo or cpo"),
     ({"text": "a"}, "dpo", r"train.jsonl:1: a text example, but --train-mode dpo learns from preference pairs"),
     ({"prompt": "a", "chosen": "b"}, "orpo", r"train.jsonl:2: not a preference pair: expected \{\"prompt\", "
                                              r"\"chosen\", \"rejected\"\}"),
@@ -134,28 +229,49 @@ def test_preference_rows_score_the_responses_alone_in_both_forms(tiny_llama, tmp
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "orpo",
      r"train.jsonl:2: the chosen and the rejected response are the same"),
+    ({"prompt": "a", "completion": "b", "label": "yes"}, "kto", r'train.jsonl:2: "label" is "yes", not true or false'),
+    ({"prompt": "a", "completion": "b", "label": None}, "kto", r'train.jsonl:2: "label" is null, not true or false'),
+    ({"prompt": "a", "completion": "b"}, "kto", r'train.jsonl:2: no "label": true for a desirable completion'),
+    ({"prompt": "a", "completion": "", "label": True}, "kto", r"train.jsonl:2: an empty completion"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": ""}],
+      "label": False}, "kto", r"train.jsonl:2: an empty completion"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "kto",
+     r"train.jsonl:2: a preference pair, but --train-mode kto learns from unpaired examples"),
+    ({"prompt": "a", "completion": 5, "label": True}, "kto", r"train.jsonl:2: not an unpaired example"),
 ])
 def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
-    first = line if mode == "dpo" and "text" in line else preference_pairs(1, 0)[0] if mode != "sft" else {"text": "x"}
+    good = {"sft": {"text": "x"}, "kto": {"prompt": "a", "completion": "b", "label": True}}
+    first = line if mode == "dpo" and "text" in line else good.get(mode, preference_pairs(1, 0)[0])
     lines = [first] if first is line else [first, line]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     with pytest.raises(utils.UserError, match=message):
-        lora.load_dataset(tmp_path, "train", train_mode=mode)
+        lora.load_dataset(tmp_path, "train", objective=lora.OBJECTIVES[mode]())
 
 
 def test_beta_without_a_preference_mode_is_an_error():
-    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo or orpo"):
+    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo, kto, simpo or cpo"):
         lora.parse_args(["--train", "--beta", "0.2"])
 
 
-def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted):
+@pytest.mark.parametrize("train_mode", ["dpo", "cpo", "kto"])
+def test_packed_preference_batches_give_the_same_loss_and_gradient(adapted, train_mode):
+    """Packed, the batches of each kind (pairs with a reference, pairs whose loss reads the whole batch, KTO's
+    completions and KL rows) give the same loss, sums and gradient."""
     import mlx.nn as nn
 
-    model, *_, rows, _ = adapted
+    model, _, _, tokenizer, rows, _ = adapted
+    objective = lora.OBJECTIVES[train_mode](beta=BETA)
+    if train_mode == "kto":
+        objective = lora.KTO(beta=BETA, batch_size=8)
+        rows = lora.tokenize(unpaired(preference_pairs(4, 0)), tokenizer, True, 256, "train", objective=objective)
     reference = np.random.default_rng(0).normal(-20, 2, (len(rows) // 2, 2)).astype(np.float32)
-    loss_and_grad = nn.value_and_grad(model, lora.objective("dpo", BETA))
-    results = [loss_and_grad(model, *next(lora.iterate_batches(rows, len(rows) // 2, reference=reference, pack=p)))
-               for p in (False, True)]
+    given = np.column_stack([reference, rows.labels]) if train_mode == "kto" else None
+    given = reference if train_mode == "dpo" else given
+    loss_and_grad = nn.value_and_grad(model, objective.loss)
+    results = []
+    for pack in (False, True):
+        batch = next(lora.iterate_batches(rows, len(rows) // 2, objective=objective, given=given, pack=pack))
+        results.append(loss_and_grad(model, batch, objective.statistics(model, batch)))
     (loss, _, sums), grads = results[0]
     (packed_loss, _, packed_sums), packed_grads = results[1]
     assert abs(loss.item() - packed_loss.item()) < 1e-5
@@ -171,13 +287,13 @@ def held_out_rewards(out):
 
 @pytest.mark.parametrize("train_mode, fine_tune_type, quantized", [
     ("dpo", "lora", False), ("orpo", "lora", False), ("dpo", "dora", False), ("dpo", "lora", True),
-    ("orpo", "full", False)])
+    ("orpo", "full", False), ("kto", "lora", True), ("simpo", "lora", False), ("cpo", "lora", False)])
 def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch, train_mode,
                                                              fine_tune_type, quantized):
-    """Trained on pairs, the model prefers the chosen response of held-out pairs (test.jsonl): rewards rank
-    it first far more often than before training. QLoRA trains over a 4-bit model."""
+    """Trained on pairs (KTO: the same pairs unpaired), the model prefers the chosen response of held-out pairs
+    (test.jsonl): rewards rank it first far more often than before training. QLoRA trains over a 4-bit model."""
     monkeypatch.chdir(tmp_path)  # adapters.safetensors: none before training
-    data = write_pairs(tmp_path / "pairs")
+    data = write_unpaired(tmp_path / "kto") if train_mode == "kto" else write_pairs(tmp_path / "pairs")
     model = tiny_llama
     if quantized:
         import convert
@@ -188,18 +304,34 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
         model = tmp_path / "q"
     flags = ["--model", model, "--data", data, "--train-mode", train_mode, "--beta", BETA, "--batch-size", 8,
              "--max-seq-length", 256]
-    before = run_lora(capsys, *flags, "--test") if train_mode == "orpo" else None  # DPO's rewards are 0 before training: its accuracy 0
+    # DPO's rewards are 0 before training: its accuracy 0; those without a reference rank pairs already
+    before = run_lora(capsys, *flags, "--test") if train_mode in ("orpo", "simpo", "cpo") else None
     out = run_lora(capsys, *flags, "--train", "--test", "--iters", 60, "--steps-per-eval", 30,
                    "--learning-rate", 5e-4 if fine_tune_type == "full" else 2e-3, "--fine-tune-type", fine_tune_type,
                    "--lora-layers", 2 if fine_tune_type == "full" else 4)
     losses = [float(v) for v in re.findall(r"Train loss ([\d.]+)", out)]
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(f"val_{name}" for name in lora.METRICS[train_mode]) <= set(record)
+    assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode]().metrics) <= set(record)
+    if train_mode == "kto":  # its held-out completions: the desirable ones' rewards above the others'
+        assert float(re.findall(r"Test loss .*rewards/margins (-?\d+\.\d+)", out)[-1]) > 0
+        # and the held-out pairs, as DPO rewards them with the model before the adapters as the reference
+        out = run_lora(capsys, "--model", model, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
+                       "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--test")
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0  # the COUNT half is easy; the swapped half needs the question read
-    if before is not None:  # ORPO's rewards rank most pairs right before training here: the margin grows
+    if before is not None:  # their rewards rank most pairs right before training here: the margin grows
         assert accuracy >= held_out_rewards(before)[0] and margin > held_out_rewards(before)[1] + 0.05
+
+
+def test_dpo_ipo_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, monkeypatch):
+    """IPO, the loss type least like the sigmoid's (the others: equal to TRL's, above)."""
+    monkeypatch.chdir(tmp_path)
+    out = run_lora(capsys, "--model", tiny_llama, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
+                   "--loss-type", "ipo", "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--train", "--test", "--iters", 60,
+                   "--steps-per-eval", 30, "--learning-rate", 2e-3, "--lora-layers", 4)
+    accuracy, margin = held_out_rewards(out)
+    assert accuracy >= 0.75 and margin > 0
 
 
 def test_dpo_adapters_resume_fuse_and_export_to_peft(make_checkpoint, tmp_path, capsys):
@@ -233,14 +365,30 @@ def test_dpo_adapters_resume_fuse_and_export_to_peft(make_checkpoint, tmp_path, 
             assert np.abs(torch_model(torch.tensor([tokens])).logits.numpy() - expected).max() < 1e-4
 
 
+def test_kto_resumes_exactly_and_refuses_other_mode_flags(tiny_llama, tmp_path, capsys):
+    """A KTO run resumed from its checkpoint ends where the whole run does (its KL rows and reference made
+    again alike); a flag of the mode changed since is refused."""
+    data = write_unpaired(tmp_path / "kto", (("train", 16, 1),))
+    flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", "kto", "--desirable-weight", 1.5,
+             "--batch-size", 4, "--iters", 6, "--save-every", 3, "--learning-rate", 2e-3, "--lora-layers", 2,
+             "--val-batches", 0]
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "whole" / "adapters.safetensors")
+    checkpoint = tmp_path / "whole" / "runs" / "1" / "step-0000003"
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "resumed" / "adapters.safetensors", "--resume", checkpoint)
+    whole, resumed = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "resumed"))
+    assert all(np.array_equal(np.array(whole[k]), np.array(resumed[k])) for k in whole)
+    with pytest.raises(utils.UserError, match=r"trained with other flags: --desirable-weight 1.5 \(now 2.0\)"):
+        run_lora(capsys, *flags, "--desirable-weight", 2, "--adapter-file", tmp_path / "other" / "a.safetensors",
+                 "--resume", checkpoint)
+
+
 def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypatch):
     """The reference pass (a layer at a time, in parts that fit the memory, the output layer in chunks)
     gives the log-probabilities that the model's own forward pass gives each pair."""
     model, *_, rows, _ = adapted
-    inputs, targets, scored, owner, _ = lora.preference_batch(rows[0::2] + rows[1::2], np.zeros((4, 2)), False)
-    logps, _ = lora.sequence_logps(model, inputs, targets, scored, owner, len(rows))
+    logps, _ = lora.sequence_logps(model, lora.sequences(rows[0::2] + rows[1::2], False))
     expected = np.array(logps).reshape(2, -1).T
-    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
+    assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
     monkeypatch.setattr(lora, "memory_size", lambda: 10 * 4 * model.args.hidden_size * 40)  # 40 positions
     monkeypatch.setattr(lora, "LOSS_CHUNK", 7)
-    assert np.allclose(lora.reference_logps(model, rows), expected, atol=1e-4)
+    assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
