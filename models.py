@@ -2811,20 +2811,16 @@ class Gemma4Model(Model):
 
 class ShortConv(nn.Module):
     """LFM2's short convolution: in_proj's output in three parts B, C and x; C times the causal depthwise
-    convolution (causal_conv) of B * x over its last conv_L_cache positions (conv: weight [hidden, 1, taps], the
-    checkpoint's layout); then out_proj. What it carries along the row is the convolution's last taps - 1 inputs:
-    zeros at the start of a row (of each packed example: example_rows) and of a generation, whose StateCache keeps
-    them."""
+    convolution (conv, a CausalConv1d) of B * x over its last conv_L_cache positions; then out_proj. What it
+    carries along the row is the convolution's last taps - 1 inputs: zeros at the start of a row (of each packed
+    example: example_rows) and of a generation, whose StateCache keeps them."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         dims, bias = args.hidden_size, args.conv_bias
         self.in_proj = nn.Linear(dims, 3 * dims, bias=bias)
         self.out_proj = nn.Linear(dims, dims, bias=bias)
-        self.conv = nn.Module()
-        self.conv.weight = mx.zeros((dims, 1, args.conv_L_cache))
-        if bias:
-            self.conv.bias = mx.zeros((dims,))
+        self.conv = CausalConv1d(dims, args.conv_L_cache, bias)
 
     def __call__(self, x, mask, cache=None, example_rows=None):
         b, c, x = mx.split(self.in_proj(x), 3, axis=-1)
@@ -2833,16 +2829,11 @@ class ShortConv(nn.Module):
         return self.out_proj(c * self.convolved(b * x, cache))
 
     def convolved(self, x, cache=None):
-        taps = self.conv.weight.shape[-1]
-        state = cache.states.get("conv") if cache is not None else None
-        if state is None:
-            state = mx.zeros((x.shape[0], taps - 1, x.shape[-1]), x.dtype)
-        window = mx.concatenate([state, x], axis=1)
+        out, state = self.conv(x, cache.states.get("conv") if cache is not None else None)
         if cache is not None:
-            cache.states["conv"] = window[:, x.shape[1]:]
+            cache.states["conv"] = state
             cache.offset += x.shape[1]
-        out = causal_conv(window, self.conv.weight)
-        return out + self.conv.bias if "bias" in self.conv else out
+        return out
 
 
 class Lfm2DecoderLayer(nn.Module):
@@ -2896,8 +2887,7 @@ class GatedDeltaNet(nn.Module):
             self.in_proj_z = nn.Linear(dim, values, bias=False)
             self.in_proj_b = nn.Linear(dim, self.value_heads, bias=False)
             self.in_proj_a = nn.Linear(dim, self.value_heads, bias=False)
-        self.conv1d = nn.Module()  # as transformers' Conv1d holds it: [channels, 1, kernel]
-        self.conv1d.weight = mx.zeros((2 * keys + values, 1, args.linear_conv_kernel_dim))
+        self.conv1d = CausalConv1d(2 * keys + values, args.linear_conv_kernel_dim, bias=False)
         self.dt_bias = mx.ones((self.value_heads,))
         self.A_log = mx.zeros((self.value_heads,))
         self.norm = nn.RMSNorm(self.value_dim, eps=args.rms_norm_eps)
@@ -2912,10 +2902,8 @@ class GatedDeltaNet(nn.Module):
         B, L, _ = x.shape
         qkv, z, b, a = self.projections(x)
         states = cache.states if cache is not None else {}
-        kernel = self.conv1d.weight.shape[-1]
-        past = states.get("conv", mx.zeros((B, kernel - 1, qkv.shape[-1]), qkv.dtype))
-        inputs = mx.concatenate([past, qkv], axis=1)
-        qkv = self.act(mx.conv1d(inputs, self.conv1d.weight.swapaxes(1, 2).astype(qkv.dtype), groups=qkv.shape[-1]))
+        qkv, conv_state = self.conv1d(qkv, states.get("conv"))
+        qkv = self.act(qkv)
         keys = self.key_heads * self.key_dim
         q, k, v = mx.split(qkv, [keys, 2 * keys], axis=-1)
         repeats = self.value_heads // self.key_heads
@@ -2933,7 +2921,7 @@ class GatedDeltaNet(nn.Module):
         else:
             out, state = gated_delta_chunked(q, k, v, g, beta, state, self.chunk_size)
         if cache is not None:
-            cache.states = {"conv": inputs[:, inputs.shape[1] - (kernel - 1):], "recurrent": state}
+            cache.states = {"conv": conv_state, "recurrent": state}
             cache.offset += L
         out = self.norm(out.astype(x.dtype)) * silu(z.reshape(B, L, self.value_heads, -1).astype(mx.float32))
         return self.out_proj(out.astype(x.dtype).reshape(B, L, -1))
@@ -3059,7 +3047,7 @@ class CausalConv1d(nn.Module):
         if state is None:
             state = mx.zeros((x.shape[0], kernel - 1, x.shape[-1]), x.dtype)
         x = mx.concatenate([state, x], axis=1)
-        y = mx.conv1d(x, self.weight.swapaxes(1, 2), groups=x.shape[-1])
+        y = causal_conv(x, self.weight.astype(x.dtype))
         return y + self.bias if "bias" in self else y, x[:, x.shape[1] - kernel + 1:]
 
 

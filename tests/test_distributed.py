@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT, sql_texts, write_jsonl, write_pairs, write_unpaired
+from conftest import ROOT, sql_texts, write_pairs, write_unpaired
 
 LAUNCH = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch (MLX's launcher) is not installed")

@@ -309,9 +309,8 @@ def test_fused_model_loads_in_transformers(family, tmp_path):
         assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3"],
-                         indirect=True)
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_next"], indirect=True)
+@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
+                                    "qwen3_next"], indirect=True)
 def test_peft_loads_the_experts_adapters(family, tmp_path):
     """The families whose shared experts' adapters (and dense layers' MLP's) PEFT does not load
     (PEFT_LOADS_OTHERWISE): it loads the others (attention's, the router's, the experts') as they were trained."""
