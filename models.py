@@ -2857,6 +2857,8 @@ class Lfm2DecoderLayer(nn.Module):
 
     def make_cache(self):
         return StateCache() if self.mixer == "conv" else KVCache()
+
+
 # Qwen3-Next and Qwen3.5: gated delta-rule linear attention beside gated softmax attention
 
 
@@ -3027,6 +3029,8 @@ class GatedDeltaDecoderLayer(nn.Module):
 
     def make_cache(self):
         return StateCache() if self.mixer == "linear_attn" else KVCache()
+
+
 # Mamba-2 (Granite 4, Falcon-H1)
 
 

@@ -121,6 +121,7 @@ FAMILIES = {
                     ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts.*.gate_proj",
                      "experts.*.up_proj", "experts.*.down_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
                      "shared_experts.down_proj"]),
+    "mistral3": ({"head_dim": 32}, ALL_TARGETS),
     "gemma3": ({"head_dim": 32, "sliding_window": 16, "sliding_window_pattern": 2}, ALL_TARGETS),
     # the last layer (full attention) attends to layer 1's K/V and has no k_proj and v_proj; layer 1 none of v_proj
     # (attention_k_eq_v); per-layer embeddings; experts beside the MLP (stacked: their router alone is a target)
