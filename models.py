@@ -928,7 +928,7 @@ DEEPSEEK_V3 = {**DEEPSEEK, "routing": "sigmoid", "router_bias": ("gate.e_score_c
 DEEPSEEK_TARGETS = ("self_attn.kv_b_proj", "self_attn.o_proj")
 # LFM2's attention (its norms and output layer's names), feed-forward block and final norm, transformers' defaults
 LFM2 = {"qk_norm": "head", "qk_norm_names": ("q_layernorm", "k_layernorm"), "output_proj": "out_proj",
-        "mlp_module": "feed_forward", "mlp_names": ("w1", "w3", "w2"), "final_norm": "embedding_norm",
+        "block_norms": ("operator_norm", None, "ffn_norm", None), "mlp_module": "feed_forward", "mlp_names": ("w1", "w3", "w2"), "final_norm": "embedding_norm",
         "norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": True, "max_position_embeddings": 128000}
 # most of LFM2's layers are short convolutions: their in_proj beside attention's q_proj and v_proj
 LFM2_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "conv.in_proj")
@@ -2395,6 +2395,24 @@ class DecoderLayer(nn.Module):
         return x if self.residual_scale == 1.0 else x * self.residual_scale
 
 
+class StateMixerLayer(DecoderLayer):
+    """DecoderLayer whose attention block is, in the layers of type `state_type`, a block that carries a state
+    along the row (of class `mixer`, under the checkpoint's name `mixer_name`), kept in a StateCache in generation;
+    attention, with its KVCache, in the others."""
+    state_type: str
+    mixer_name: str
+    mixer: type
+
+    def __init__(self, args: ModelArgs, layer: int):
+        if args.layer_type(layer) != self.state_type:
+            super().__init__(args, layer)
+        else:
+            super().__init__(replace(args, attention_module=self.mixer_name), layer, lambda args, _: self.mixer(args))
+
+    def make_cache(self):
+        return StateCache() if self.attention_name == self.mixer_name else KVCache()
+
+
 # ModelArgs.mlp: the feed-forward block's class
 FEED_FORWARD = {"gated": MLP, "sparse_moe": SparseMoE, "granite_moe": GraniteMoE, "gpt_oss_moe": GptOssMoE,
                 "llama4_moe": Llama4MoE}
@@ -2836,27 +2854,17 @@ class ShortConv(nn.Module):
         return out
 
 
-class Lfm2DecoderLayer(nn.Module):
+class Lfm2DecoderLayer(StateMixerLayer):
     """LFM2's decoder layer: a short convolution (conv) where layer_types says conv, else attention (self_attn);
     then the feed-forward block (feed_forward: the MLP, or in the layers of moe_layers the mixture of experts),
     each after its norm (operator_norm, ffn_norm) and joining the residual stream."""
+    state_type, mixer_name, mixer = "conv", "conv", ShortConv
 
     def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.mixer = "conv" if args.layer_type(layer) == "conv" else "self_attn"
-        self[self.mixer] = ShortConv(args) if self.mixer == "conv" else Attention(args, layer)
-        moe = args.mlp != "gated" and args.moe_layers[layer]
-        self.feed_forward = FEED_FORWARD[args.mlp if moe else "gated"](args)
-        if moe:  # transformers' router is no linear layer, which PEFT cannot adapt: nor is it a LoRA target here
-            self.feed_forward.gate = Router(args.hidden_size, args.num_local_experts)
-        self.operator_norm, self.ffn_norm = norm(args), norm(args)
-
-    def __call__(self, x, mask, cache=None, example_rows=None):
-        h = x + self[self.mixer](self.operator_norm(x), mask, cache, example_rows)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def make_cache(self):
-        return StateCache() if self.mixer == "conv" else KVCache()
+        super().__init__(args, layer)
+        if args.mlp != "gated" and args.moe_layers[layer]:
+            # transformers' router is no linear layer, which PEFT cannot adapt: nor is it a LoRA target here
+            self[self.feed_forward_name].gate = Router(args.hidden_size, args.num_local_experts)
 
 
 # Qwen3-Next and Qwen3.5: gated delta-rule linear attention beside gated softmax attention
@@ -3010,25 +3018,11 @@ def unit_lower_inverse(lower):
     return inverse.reshape(*lead, C, C)
 
 
-class GatedDeltaDecoderLayer(nn.Module):
+class GatedDeltaDecoderLayer(StateMixerLayer):
     """Qwen3-Next's and Qwen3.5's decoder layer: linear attention (linear_attn, GatedDeltaNet) in the layers of
     type linear_attention, attention (self_attn, its output gated) in the others; then the MLP, or in moe_layers
     the mixture of experts; each between its norm and the residual stream."""
-
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.mixer = "linear_attn" if args.layer_type(layer) == "linear_attention" else "self_attn"
-        self[self.mixer] = GatedDeltaNet(args) if self.mixer == "linear_attn" else Attention(args, layer)
-        moe = args.mlp != "gated" and (args.moe_layers is None or args.moe_layers[layer])
-        self.mlp = FEED_FORWARD[args.mlp if moe else "gated"](args)
-        self.input_layernorm, self.post_attention_layernorm = norm(args), norm(args)
-
-    def __call__(self, x, mask, cache=None, example_rows=None):
-        h = x + self[self.mixer](self.input_layernorm(x), mask, cache, example_rows)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-    def make_cache(self):
-        return StateCache() if self.mixer == "linear_attn" else KVCache()
+    state_type, mixer_name, mixer = "linear_attention", "linear_attn", GatedDeltaNet
 
 
 # Mamba-2 (Granite 4, Falcon-H1)
