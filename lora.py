@@ -1606,6 +1606,9 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 if writer:
                     utils.save_adapters(adapter_file, model, adapter_config)
                     checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
+                # every rank waits for rank 0's files: a rank that stopped and left first would have the
+                # launcher end rank 0 mid-write
+                mx.eval(across_ranks(mx.array(0.0)))
             say(f"Iter {it}: Saved adapter weights to {adapter_file} and checkpoint {checkpoint}.")
 
         interrupted = utils.hold_stops()  # a stop signal here
