@@ -1649,7 +1649,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             utils.release_stops()
             log.close()
             if writer and not stopped:  # stopped: at once (a resumed run plots the whole run)
-                plot_losses(metrics_path, folder / "loss.png")
+                plot_losses(metrics_path, folder / "loss.png", objective.shown)
         seconds["steps"] = training_time() - began - seconds["first step"] - seconds["saving"]
         left = time.perf_counter()
     seconds["reloading weights"] = time.perf_counter() - left  # those the frozen layers' pass released
@@ -1812,27 +1812,29 @@ def metrics_log(path, kept, config):
     return log
 
 
-def plot_losses(metrics_path, png_path):
-    """The training and validation loss curves of metrics.jsonl, as a PNG (if matplotlib is installed)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"[INFO] pip install matplotlib to get the loss curves in {png_path}.")
-        return
+def plot_losses(metrics_path, png_path, metrics=()):
+    """The training and validation curves of metrics.jsonl as a PNG: the loss, and beside it each of `metrics`
+    (those the objective's log lines show: a preference objective's rewards/accuracies and rewards/margins)."""
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
     if not records:  # a run stopped before its first report
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        points = [(r["iteration"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
-    ax.set(xlabel="iteration", ylabel="loss", title="Loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    names = ["loss", *metrics]
+    fig, axes = plt.subplots(1, len(names), figsize=(2 + 5 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for key, label in (("train_loss" if name == "loss" else name, "train"), (f"val_{name}", "validation")):
+            points = [(r["iteration"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if label == "validation" else None, label=label)
+        ax.set(xlabel="iteration", ylabel=name, title=name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
     utils.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 

@@ -4,6 +4,7 @@ import json
 import re
 from types import SimpleNamespace
 
+import matplotlib.image
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -313,6 +314,9 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
     assert losses[-1] < losses[0]
     record = json.loads((tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(f"val_{name}" for name in lora.OBJECTIVES[train_mode]().metrics) <= set(record)
+    # the plot: the loss, and a panel of each metric the log shows (rewards/margins, ...), 5 inches of 100 dots
+    panels = matplotlib.image.imread(tmp_path / "runs" / "1" / "loss.png").shape[1] // 500
+    assert panels == 3
     if train_mode == "kto":  # its held-out completions: the desirable ones' rewards above the others'
         assert float(re.findall(r"Test loss .*rewards/margins (-?\d+\.\d+)", out)[-1]) > 0
         # and the held-out pairs, as DPO rewards them with the model before the adapters as the reference
