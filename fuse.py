@@ -24,7 +24,8 @@ def build_parser():
                    help="Base model: folder (Hugging Face layout), Hugging Face repo id, or .gguf file.")
     p.add_argument("--adapter-file", type=utils.expanded_path,
                    help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT folder (default "
-                        "adapters.safetensors, else adapters.npz).")
+                        "adapters.safetensors, else adapters.npz: a training run's last adapters; its best are in "
+                        "adapters.best.safetensors).")
     p.add_argument("--save-path", type=utils.expanded_path,
                    help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; with --export-peft, none unless "
                         f"given).")

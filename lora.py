@@ -89,18 +89,27 @@ def build_parser():
         lora.add_argument("--" + name.replace("_", "-"), **spec)
     lora.add_argument("--adapter-file", type=utils.expanded_path,
                       help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
-                           f"folder; default {DEFAULT_ADAPTER_FILE}).")
+                           f"folder; default {DEFAULT_ADAPTER_FILE}: training's last adapters, its best beside them "
+                           f"as adapters.best.safetensors: see --early-stopping-patience).")
     lora.add_argument("--resume-adapter-file", type=utils.expanded_path,
                       help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
-    optimisation.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
+    length = optimisation.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
+    length.add_argument("--epochs", type=utils.POSITIVE_INT,
+                        help="Train for N passes over train.jsonl instead: --iters becomes N times its batches "
+                             "(examples // --batch-size, the last partial batch left out, as mlx-lm and the data "
+                             "order here count them) over --grad-accumulation-steps, rounded up.")
     optimisation.add_argument("--learning-rate", type=utils.POSITIVE, default=1e-5, help="Peak learning rate.")
-    optimisation.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
-                              help="Adam, or AdamW (weight decay).")
+    optimisation.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam",
+                              help="MLX's Adam, AdamW, Adafactor (here with --learning-rate and its schedule as the "
+                                   "step size, not its own relative step), SGD (no momentum), Muon or Lion, at "
+                                   "MLX's defaults otherwise.")
     optimisation.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0,
-                              help="AdamW's decoupled weight decay.")
+                              help="Weight decay of every optimizer but Adam: decoupled (AdamW, Adafactor, Lion), or "
+                                   "an L2 penalty in the gradient (SGD, Muon).")
     optimisation.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                               help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a "
                                    "cosine.")
@@ -141,6 +150,17 @@ def build_parser():
                                                                   "an integer of at least 0, or -1 for all"),
                             default=25, help="Validation batches (-1: the whole set; 0: no validation, no "
                                              "valid.jsonl).")
+    evaluation.add_argument("--early-stopping-patience", type=utils.POSITIVE_INT, metavar="K",
+                            help="Stop training once K validations in a row bring the validation loss no lower than "
+                                 "the best so far (less the threshold). Whether or not it is given, each validation "
+                                 "that lowers it saves the adapters as the best: ADAPTER.best.safetensors beside "
+                                 "--adapter-file, and the run's best/ folder. --test, --prompt and fuse.py read the "
+                                 "--adapter-file they are given, the last adapters by default (those --resume goes "
+                                 "on from, and never a best file an earlier run left): pass "
+                                 "--adapter-file adapters.best.safetensors for the best.")
+    evaluation.add_argument("--early-stopping-threshold", type=utils.NON_NEGATIVE, metavar="DELTA",
+                            help="With --early-stopping-patience: how much lower than the best the validation loss "
+                                 "must be to count as better (default 0).")
     evaluation.add_argument("--test", action="store_true", help="Report loss and perplexity on test.jsonl.")
     evaluation.add_argument("--test-batches", type=utils.POSITIVE_INT_OR_ALL, default=500,
                             help="Test batches (-1: the whole set).")
@@ -235,8 +255,12 @@ def check_flags(args):
         if getattr(args, name) is not None and name not in read:
             modes = [mode for mode, objective in OBJECTIVES.items() if name in objective_flags(objective)]
             raise UserError(f"--{name.replace('_', '-')} goes with --train-mode {either(modes)}")
-    if args.weight_decay and args.optimizer != "adamw":
-        raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
+    if args.weight_decay and args.optimizer == "adam":
+        raise UserError("--weight-decay needs --optimizer adamw, or another with weight decay (Adam has none)")
+    if args.early_stopping_threshold is not None and args.early_stopping_patience is None:
+        raise UserError("--early-stopping-threshold goes with --early-stopping-patience")
+    if args.early_stopping_patience and args.val_batches == 0:
+        raise UserError("--early-stopping-patience stops on the validation loss: it needs --val-batches above 0")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     if args.generate_eval and not args.test:
@@ -285,6 +309,8 @@ class TrainingArgs:
     cache_frozen_layers: bool
     val_batches: int  # -1: the whole set
     steps_per_eval: int
+    early_stopping_patience: int | None  # None: no early stopping
+    early_stopping_threshold: float | None
     steps_per_report: int
     save_every: int
     keep_checkpoints: int  # 0: all
@@ -1329,10 +1355,22 @@ def learning_rate_schedule(config):
     return optim.join_schedules([optim.linear_schedule(0.0, rate, warmup), schedule], [warmup]) if warmup else schedule
 
 
+# --optimizer's choices, MLX's optimizers made from the learning-rate schedule and --weight-decay
+OPTIMIZERS = {
+    "adam": lambda schedule, weight_decay: optim.Adam(schedule),
+    "adamw": optim.AdamW,
+    # the schedule's step size, as Hugging Face advises for fine-tuning, not scaled by the weight's size: a LoRA B
+    # starts at 0, which would make its steps 1e-3 times smaller
+    "adafactor": lambda schedule, weight_decay: optim.Adafactor(schedule, weight_decay=weight_decay,
+                                                                relative_step=False, scale_parameter=False),
+    "sgd": optim.SGD,
+    "muon": optim.Muon,
+    "lion": optim.Lion,
+}
+
+
 def build_optimizer(config):
-    if config.optimizer == "adamw":
-        return optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
-    return optim.Adam(learning_rate=learning_rate_schedule(config))
+    return OPTIMIZERS[config.optimizer](learning_rate_schedule(config), weight_decay=config.weight_decay)
 
 
 def make_step(model, optimizer, config, compiled=True):
@@ -1474,7 +1512,12 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
     group, objective = mx.distributed.init(), config.objective
     writer, single = group.rank() == 0, group.size() == 1
     optimizer = build_optimizer(config)
-    resumed = checkpoint_arrays(config.resume, model) if config.resume else None
+    resumed = checkpoint_arrays(config.resume, model, optimizer) if config.resume else None
+    # the best validation loss so far, its iteration and the validations since that were not better by the
+    # threshold (TRL's names), which checkpoints keep; the best adapters are saved beside the last
+    best = resumed[3] if resumed else {"best_metric": None, "best_global_step": None,
+                                       "early_stopping_patience_counter": 0}
+    best_file = best_adapter_file(adapter_file)
     first = resumed[0] + 1 if resumed else 1
     folder = new_run_folder(adapter_file.parent / "runs") if writer else None
     say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
@@ -1535,7 +1578,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 seconds["first step"] = training_time() - began
             if not math.isfinite(loss):
                 diverged(it, f"the loss is {loss}" + (" before any update" if it == first else ""),
-                         adapter_file, checkpoint, lowering_helps=it > first)
+                         adapter_file, checkpoint, lowering_helps=it > first, best=best_kept())
             window.append((loss, count, sums))
 
         def report(it, learning_rate):
@@ -1575,11 +1618,12 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 interrupted.append(e.signum)
             else:
                 if not math.isfinite(val_loss):
-                    diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint)
+                    diverged(it, f"the validation loss is {val_loss}", adapter_file, checkpoint, best=best_kept())
                 validated, val_time = it, seconds["validation"] - before
                 log({"iteration": it, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
                      "val_time": val_time})
                 say(f"Iter {it}: Val loss {val_loss:.3f}{objective.summary(val_metrics)}, Val took {val_time:.3f}s")
+                keep_if_best(it, val_loss)
             model.train()
 
         def check_before_saving(it):
@@ -1587,7 +1631,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             after a finite loss can overflow): a save never replaces good adapters by broken ones. Their loss is
             the validation loss of this iteration, else that of the first validation (or training) batch."""
             if utils.first_not_finite(dict(tree_flatten(model.trainable_parameters()))) is not None:
-                diverged(it, "the adapter weights are not finite", adapter_file, checkpoint)
+                diverged(it, "the adapter weights are not finite", adapter_file, checkpoint, best=best_kept())
             if validated == it:
                 return
             probe, probe_given = (valid_set, given[1]) if len(valid_set) else (train_set, given[0])
@@ -1596,7 +1640,35 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             model.train()
             if not math.isfinite(probe_loss):
                 diverged(it, f"the adapters give a loss of {probe_loss} on the first "
-                             f"{'validation' if probe is valid_set else 'training'} batch", adapter_file, checkpoint)
+                             f"{'validation' if probe is valid_set else 'training'} batch", adapter_file, checkpoint,
+                         best=best_kept())
+
+        def keep_if_best(it, val_loss):
+            """A validation loss below the best so far: the adapters saved as the best. Not below it by the
+            threshold: one more validation towards the patience."""
+            previous = math.inf if best["best_metric"] is None else best["best_metric"]
+            better = val_loss < previous - (config.early_stopping_threshold or 0.0)
+            best["early_stopping_patience_counter"] = 0 if better else best["early_stopping_patience_counter"] + 1
+            if val_loss >= previous:
+                return
+            best.update(best_metric=val_loss, best_global_step=it)
+            with timed(seconds, "saving"):
+                if writer:
+                    utils.save_adapters(best_file, model, adapter_config)
+                    utils.write_folder(folder / "best", lambda tmp: utils.save_adapters(
+                        tmp / "adapters.safetensors", model, adapter_config))
+                mx.eval(across_ranks(mx.array(0.0)))  # as save() does
+
+        def best_kept():
+            """Where the best adapters are, as a sentence of the error that ends training ("": none yet)."""
+            if best["best_global_step"] is None or not best_file.exists():
+                return ""
+            return (f" The best adapters, of iteration {best['best_global_step']} (validation loss "
+                    f"{best['best_metric']:.3f}), are in {best_file}.")
+
+        def plateaued():
+            return bool(config.early_stopping_patience) and (
+                best["early_stopping_patience_counter"] >= config.early_stopping_patience)
 
         def save(it):
             """The adapters and a checkpoint, once checked (check_before_saving); rank 0 writes them."""
@@ -1605,7 +1677,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 check_before_saving(it)
                 if writer:
                     utils.save_adapters(adapter_file, model, adapter_config)
-                    checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
+                    checkpoint = save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved, best)
                 # every rank waits for rank 0's files: a rank that stopped and left first would have the
                 # launcher end rank 0 mid-write
                 mx.eval(across_ranks(mx.array(0.0)))
@@ -1623,11 +1695,16 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 if evaluates(it) and not stops():
                     validate(it)
                 halt = stops() and latest  # a stop signal: stop at the step the model is at
-                if saves(it) or halt:
+                plateau = evaluates(it) and plateaued()  # (validation syncs: no later step was launched)
+                if saves(it) or halt or plateau:
                     save(it)
                 if halt:
                     say(f"Interrupted at iteration {it}. Go on with the same flags and --resume {checkpoint}")
                     raise utils.Stopped(interrupted[0] if interrupted else signal.SIGINT)  # else another rank's
+                if plateau:
+                    say(f"Iter {it}: Early stopping: {config.early_stopping_patience} validations without a lower "
+                        f"validation loss.{best_kept()}")
+                    break
             if interrupted:  # during the last save
                 raise utils.Stopped(interrupted[0])
         except RuntimeError as e:
@@ -1643,7 +1720,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                     if checkpoint else "this run saved nothing")
             resume = checkpoint or config.resume
             go_on = f"; go on with the same flags and --resume {resume}" if resume else ""
-            raise utils.Stopped(e.signum, f"{e}: {kept}{go_on}") from None
+            raise utils.Stopped(e.signum, f"{e}: {kept}{go_on}" + (f".{best_kept()}" if best_kept() else "")) from None
         finally:
             bar.close()
             utils.release_stops()
@@ -1667,17 +1744,17 @@ def new_run_folder(runs: Path) -> Path:
     return folder
 
 
-def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved):
+def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved, best):
     """FOLDER/step-N: the adapters (an adapter folder, as --adapter-file and fuse.py read it), the optimizer
-    state and trainer_state.json; written whole or not at all. `saved` lists this run's checkpoints: only the
-    last --keep-checkpoints of them are kept."""
+    state and trainer_state.json (with `best`, the early stopping's state: train); written whole or not at all.
+    `saved` lists this run's checkpoints: only the last --keep-checkpoints of them are kept."""
     def write(tmp):
         utils.save_adapters(tmp / "adapters.safetensors", model, adapter_config)
         utils.save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)), {})
         # the data order and the dropout masks are functions of the seed and the position (iterate_batches,
         # train): these numbers are all it takes to go on exactly
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"iteration": it, "batches": it * config.grad_accumulation_steps, "seed": config.seed,
+            {"iteration": it, "batches": it * config.grad_accumulation_steps, "seed": config.seed, **best,
              "args": config.flags}, indent=2))
 
     path = folder / f"step-{it:07d}"
@@ -1717,6 +1794,12 @@ def checkpoint_state(path) -> dict:
     it = state.get("iteration")
     if not isinstance(it, int) or isinstance(it, bool) or it < 0 or not isinstance(state.get("args"), dict):
         raise UserError(f"{state_file}: expected the iteration (a whole number) and the run's flags (args)")
+    metric, step, counter = (state.get(key) for key in ("best_metric", "best_global_step",
+                                                         "early_stopping_patience_counter"))
+    if not (metric is None or utils.is_number(metric)) or not all(
+            n is None or isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (step, counter)):
+        raise UserError(f"{state_file}: best_metric, best_global_step and early_stopping_patience_counter must be "
+                        f"numbers (or null)")
     return state
 
 
@@ -1735,11 +1818,14 @@ def check_resume(args):
         print(f"[WARNING] --resume {args.resume}: going on with other flags than the run's: {', '.join(changed)}.")
 
 
-def checkpoint_arrays(path, model):
-    """The iteration, adapter weights and optimizer state of a checkpoint (save_checkpoint), checked against the
-    model as the flags set it up."""
+def checkpoint_arrays(path, model, optimizer):
+    """The iteration, adapter weights, optimizer state and early stopping's state of a checkpoint
+    (save_checkpoint), checked against the model and the optimizer as the flags set them up."""
     path = Path(path)
-    it = checkpoint_state(path)["iteration"]
+    state = checkpoint_state(path)
+    it = state["iteration"]
+    best = {"best_metric": state.get("best_metric"), "best_global_step": state.get("best_global_step"),
+            "early_stopping_patience_counter": state.get("early_stopping_patience_counter") or 0}
     if (path / "adapter_config.json").exists():  # of the run's base (check_resume compares --model)
         utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
@@ -1753,11 +1839,12 @@ def checkpoint_arrays(path, model):
         raise UserError(f"--resume {path}: its weights do not fit the model that --fine-tune-type, --lora-layers, "
                         f"--lora-targets and --lora-rank set up; resume with the flags of the run that saved it")
     moments = utils.read_arrays(path / "optimizer.safetensors")
-    if "step" not in moments or any(moments.get(f"{k}.{m}") is None or moments[f"{k}.{m}"].shape != shape
-                                    for k, shape in expected.items() for m in ("m", "v")):
-        raise UserError(f"{path / 'optimizer.safetensors'}: does not hold Adam's state for these adapters")
+    optimizer.init(model.trainable_parameters())  # the state it keeps, which the file replaces
+    if {k: v.shape for k, v in moments.items()} != {k: v.shape for k, v in tree_flatten(optimizer.state)}:
+        raise UserError(f"{path / 'optimizer.safetensors'}: does not hold the state of --optimizer "
+                        f"{type(optimizer).__name__} for these adapters")
     utils.check_finite(moments, path / "optimizer.safetensors")
-    return it, weights, moments
+    return it, weights, moments, best
 
 
 def read_metrics(path: Path) -> list:
@@ -1870,16 +1957,16 @@ def peak_memory(group) -> float:
     return peak if group.size() == 1 else mx.distributed.all_max(mx.array(float(peak)), group=group).item()
 
 
-def diverged(it, what, adapter_file, checkpoint, lowering_helps=True):
+def diverged(it, what, adapter_file, checkpoint, lowering_helps=True, best=""):
     """Stop training. Every save was checked to give a finite loss (train's check_before_saving): the last one,
-    if this run saved any, holds the last adapters known to be good."""
+    if this run saved any, holds the last adapters known to be good; `best` says where the best are."""
     if checkpoint is not None:
         kept = f"{adapter_file} and {checkpoint} hold the adapters saved last, whose loss was finite"
     else:
         kept = "this run saved nothing" + (f"; {adapter_file} is as it was" if adapter_file.exists() else "")
     advice = ("Try a lower --learning-rate." if lowering_helps else
               "Not the learning rate: the weights and adapters are finite, the model's computation is not.")
-    raise UserError(f"iteration {it}: {what}; training stopped ({kept}). {advice}")
+    raise UserError(f"iteration {it}: {what}; training stopped ({kept}).{best} {advice}")
 
 
 # Evaluation
@@ -2033,6 +2120,9 @@ def main(args):
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
     training = training_args(args)
     examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective) for split in splits}
+    if args.epochs and args.train:  # the schedule's length and the checkpoints' flags follow
+        args.iters = epoch_iterations(len(examples["train"]), args)
+        training = training_args(args)
     answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
     generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
                                            training.objective) for i in answered[:args.generate_eval]]
@@ -2048,10 +2138,23 @@ def main(args):
         run(args, training, adapter_file, examples, generation_tests, answered)
 
 
+def epoch_iterations(examples, args) -> int:
+    """The iterations of --epochs passes over `examples` training examples, as batch_order forms the batches."""
+    batches = args.epochs * max(examples // args.batch_size, 1)  # fewer examples than a batch: an error in run()
+    return math.ceil(batches / args.grad_accumulation_steps)
+
+
+def best_adapter_file(adapter_file: Path) -> Path:
+    """Where training keeps the adapters of the lowest validation loss: adapters.best.safetensors beside
+    adapters.safetensors."""
+    return adapter_file.with_name(f"{adapter_file.stem}.best{adapter_file.suffix}")
+
+
 def check_outputs(adapter_file: Path):
-    """That each file training writes can be written (utils.check_writable): the adapters, adapter_config.json
-    beside them, and the runs/ folder that holds the checkpoints and metrics."""
+    """That each file training writes can be written (utils.check_writable): the adapters, the best adapters and
+    adapter_config.json beside them, and the runs/ folder that holds the checkpoints and metrics."""
     utils.check_writable(adapter_file, "--adapter-file")
+    utils.check_writable(best_adapter_file(adapter_file), "--adapter-file")
     utils.check_writable(utils.adapter_config_path(adapter_file), "--adapter-file")
     utils.check_writable(adapter_file.parent / "runs", "--adapter-file", folder=True)
 

@@ -197,6 +197,10 @@ FLAGS = [
     ("batch-size-not-a-number", train, "--batch-size", "four", True),
     ("iters-zero", train, "--iters", 0, False),
     ("iters-negative", train, "--iters", -5, True),
+    ("epochs-zero", train, "--epochs", 0, False),
+    ("optimizer-unknown", train, "--optimizer", "rmsprop", True),
+    ("early-stopping-patience-zero", train, "--early-stopping-patience", 0, False),
+    ("early-stopping-threshold-negative", train, "--early-stopping-threshold", -0.1, True),  # with a patience
     ("lora-rank-zero", train, "--lora-rank", 0, False),
     ("lora-layers-zero", train, "--lora-layers", 0, True),
     ("lora-layers-negative", train, "--lora-layers", -2, False),
@@ -247,6 +251,10 @@ FLAGS = [
 CASES_TOGETHER = [
     ("accept-flag-changes-without-resume", ["--accept-flag-changes"], "--accept-flag-changes"),
     ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
+    ("epochs-with-iters", ["--epochs", 2], "--epochs"),  # train() gives --iters
+    ("early-stopping-threshold-without-patience", ["--early-stopping-threshold", 0.1], "--early-stopping-threshold"),
+    ("early-stopping-without-validation", ["--early-stopping-patience", 2, "--val-batches", 0],
+     "--early-stopping-patience"),
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
     ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
@@ -259,7 +267,8 @@ NEEDS = {"--weight-decay": ["--optimizer", "adamw"], "--generate-eval": ["--comp
          "--beta": ["--train-mode", "dpo"], "--completion-marker": ["--generate-eval", 1],
          "--desirable-weight": ["--train-mode", "kto"], "--undesirable-weight": ["--train-mode", "kto"],
          "--simpo-gamma": ["--train-mode", "simpo"], "--cpo-alpha": ["--train-mode", "cpo"],
-         "--label-smoothing": ["--train-mode", "cpo"], "--loss-type": ["--train-mode", "dpo"]}
+         "--label-smoothing": ["--train-mode", "cpo"], "--loss-type": ["--train-mode", "dpo"],
+         "--early-stopping-threshold": ["--early-stopping-patience", 2]}
 
 
 @dataclass
@@ -824,10 +833,14 @@ CASES += [
     Case("resume-trainer-state-iteration-a-string", "lora.py", resume(state(lambda s: dict(s, iteration="ten"))),
          "trainer_state.json"),
     Case("resume-trainer-state-without-args", "lora.py", resume(state(without("args"))), "trainer_state.json"),
+    Case("resume-trainer-state-best-metric-a-string", "lora.py", resume(state(lambda s: dict(s, best_metric="low"))),
+         "trainer_state.json"),
     Case("resume-optimizer-truncated", "lora.py", resume(in_checkpoint("optimizer.safetensors", truncate)),
          "optimizer.safetensors"),
     Case("resume-optimizer-missing", "lora.py", resume(in_checkpoint("optimizer.safetensors", Path.unlink)),
          "optimizer.safetensors"),
+    Case("resume-with-another-optimizer", "lora.py", resume(as_saved, "--optimizer", "lion", "--accept-flag-changes"),
+         "optimizer.safetensors"),  # Adam's state: not Lion's
     Case("resume-adapters-truncated", "lora.py", resume(in_checkpoint("adapters.safetensors", truncate)),
          "adapters.safetensors"),
     Case("resume-other-learning-rate", "lora.py", resume(as_saved, "--learning-rate", 1e-3),

@@ -68,6 +68,65 @@ def test_resume_from_a_checkpoint_is_exact(tiny_llama, data_dir, tmp_path, capsy
         run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "other", 10, "--resume", tmp_path))
 
 
+@pytest.mark.parametrize("optimizer, state", [("adafactor", "exp_avg_sq_row"), ("sgd", "v"), ("muon", "v"),
+                                              ("lion", "m")])
+def test_each_optimizer_resumes_exactly(tiny_llama, data_dir, tmp_path, capsys, optimizer, state):
+    """A run resumed from a checkpoint makes the losses of the uninterrupted run: the optimizer's own state, and
+    its step (the warmup's), come back from optimizer.safetensors."""
+    flags = ["--optimizer", optimizer, "--weight-decay", 0.01, "--save-every", 3]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, whole, 6, *flags))
+    checkpoint = whole / "runs" / "1" / "step-0000003"
+    assert any(k.endswith(f"lora_b.{state}") for k in mx.load(str(checkpoint / "optimizer.safetensors")))
+    run_lora(capsys, *train_flags(tiny_llama, data_dir, resumed, 6, *flags, "--resume", checkpoint))
+
+    def losses(folder):
+        return {r["iteration"]: r["train_loss"] for r in lora.read_metrics(folder / "runs" / "1" / "metrics.jsonl")
+                if "train_loss" in r}
+
+    assert list(losses(resumed)) == list(range(1, 7))
+    assert losses(resumed) == pytest.approx(losses(whole), abs=1e-6)
+    assert_same(weights(resumed / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
+
+
+def test_early_stopping_keeps_the_best_adapters_and_resumes_its_patience(tiny_llama, data_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Validation losses 3, 2, 2.5, 1.99, 2.1, 2.2 (scripted: validation reads 2 batches, the check before a save
+    1): with a patience of 2 the run stops at iteration 6, and the best adapters, of iteration 4, are beside the
+    last and in the run's best/ folder. Resumed from iteration 5, the run has one validation of patience left and
+    the best loss to beat; with a threshold of 0.05, 1.99 is the best but no improvement."""
+    evaluate = lora.evaluate
+
+    def scripted(*losses):
+        left = iter(losses)
+        monkeypatch.setattr(lora, "evaluate", lambda model, data, size, batches, *more: (
+            (next(left), {}) if batches == 2 else evaluate(model, data, size, batches, *more)))
+
+    folder = tmp_path / "run"
+    flags = ["--val-batches", 2, "--steps-per-eval", 1, "--save-every", 1, "--keep-checkpoints", 0,
+             "--early-stopping-patience", 2]
+    scripted(3.0, 2.0, 2.5, 1.99, 2.1, 2.2)
+    out = run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, *flags))
+    assert "Iter 6: Early stopping: 2 validations" in out and "Iter 7" not in out
+    run = folder / "runs" / "1"
+    for best in (folder / "adapters.best.safetensors", run / "best" / "adapters.safetensors"):
+        assert_same(weights(best), weights(run / "step-0000004" / "adapters.safetensors"))
+    assert_same(weights(folder / "adapters.safetensors"), weights(run / "step-0000006" / "adapters.safetensors"))
+    state = json.loads((run / "step-0000006" / "trainer_state.json").read_text())
+    assert (state["best_metric"], state["best_global_step"], state["early_stopping_patience_counter"]) == (1.99, 4, 2)
+    assert (run / "loss.png").exists()
+
+    scripted(2.2, 2.3)  # (a resumed run that forgot the patience count would stop at 7, the best loss: save 2.2)
+    out = run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, *flags, "--resume", run / "step-0000005"))
+    assert "Iter 6: Early stopping" in out and "Iter 7" not in out
+    assert_same(weights(folder / "adapters.best.safetensors"), weights(run / "step-0000004" / "adapters.safetensors"))
+
+    scripted(3.0, 2.0, 2.5, 1.99)
+    out = run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path / "threshold", 10, *flags,
+                                        "--early-stopping-threshold", 0.05))
+    assert "Iter 4: Early stopping" in out and "of iteration 4 (validation loss 1.990)" in out
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_llama, data_dir, tmp_path, capsys):
     whole = tmp_path / "whole"
     run_lora(capsys, *train_flags(tiny_llama, data_dir, whole, 200, "--save-every", 1000))
@@ -87,6 +146,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_llama, data_dir, tm
     assert 3 <= interrupted < 200
     checkpoint = stopped / "runs" / "1" / f"step-{interrupted:07d}"
     assert f"--resume {checkpoint}" in out and (stopped / "adapters.safetensors").exists()
+    assert "The best adapters, of iteration 1 (validation loss" in err  # validated at iteration 1
 
     run_lora(capsys, *train_flags(tiny_llama, data_dir, stopped, 200, "--save-every", 1000, "--resume", checkpoint))
     assert_same(weights(stopped / "adapters.safetensors"), weights(whole / "adapters.safetensors"))
@@ -103,9 +163,11 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny_llama, data_dir, tmp_pat
                         lambda args: lambda step: mx.where(step < 2, schedule(args)(step), mx.nan))
     folder = tmp_path / "run"
     with pytest.raises(UserError, match=r"iteration 4: the loss is nan; training stopped \(.*adapters.safetensors "
-                                        r"and .*step-0000002 hold the adapters saved last, whose loss was finite\)"):
+                                        r"and .*step-0000002 hold the adapters saved last, whose loss was finite\)\. "
+                                        r"The best adapters, of iteration 1 .* are in .*adapters.best.safetensors"):
         run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, "--save-every", 2))
-    for path in (folder / "adapters.safetensors", folder / "runs" / "1" / "step-0000002" / "adapters.safetensors"):
+    for path in (folder / "adapters.safetensors", folder / "runs" / "1" / "step-0000002" / "adapters.safetensors",
+                 folder / "adapters.best.safetensors"):
         assert all(np.isfinite(v).all() for v in weights(path).values())
     assert not (folder / "runs" / "1" / "step-0000004").exists()
 

@@ -66,6 +66,17 @@ def test_clipping_and_weight_decay(tiny_llama, data_dir, tmp_path, capsys):
         run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--weight-decay", 0.1)
 
 
+def test_epochs_set_the_iterations_and_the_schedule(tiny_llama, data_dir, tmp_path, capsys):
+    """--epochs 2 over 64 examples in batches of 4, 3 batches an update: 2 * 16 / 3, rounded up, 11 iterations,
+    along which the cosine schedule decays to 0."""
+    out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", *COMMON, "--epochs", 2,
+                   "--grad-accumulation-steps", 3, "--lr-schedule", "cosine", "--learning-rate", 1e-3,
+                   "--steps-per-report", 1, "--adapter-file", tmp_path / "a.safetensors")
+    rates = [float(rate) for rate in re.findall(r"Learning rate ([\d.e+-]+)", out)]
+    assert len(rates) == 11 and "Iter 11: Train loss" in out
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] < 0.05 * rates[0]
+
+
 def test_no_validation(tiny_llama, data_dir, tmp_path, capsys):
     """--val-batches 0 trains without valid.jsonl and validates nothing; validation needs the file."""
     (data_dir / "valid.jsonl").unlink()
