@@ -2214,7 +2214,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
                     if isinstance(v, mx.array) and k not in ("scales", "biases"))
         print(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
               f"({100 * trainable / total:.3f}%)", flush=True)
-        print("Training", flush=True)
+        print("Training" + (f" for {args.epochs} epochs: {args.iters} iterations" if args.epochs else ""), flush=True)
         seconds.update(train(model, data["train"], data.get("valid", []), training, adapter_file, adapter_config))
         model.grad_checkpoint = False
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)

@@ -73,7 +73,7 @@ def test_epochs_set_the_iterations_and_the_schedule(tiny_llama, data_dir, tmp_pa
                    "--grad-accumulation-steps", 3, "--lr-schedule", "cosine", "--learning-rate", 1e-3,
                    "--steps-per-report", 1, "--adapter-file", tmp_path / "a.safetensors")
     rates = [float(rate) for rate in re.findall(r"Learning rate ([\d.e+-]+)", out)]
-    assert len(rates) == 11 and "Iter 11: Train loss" in out
+    assert len(rates) == 11 and "Iter 11: Train loss" in out and "Training for 2 epochs: 11 iterations" in out
     assert rates[0] == pytest.approx(1e-3) and rates[-1] < 0.05 * rates[0]
 
 
