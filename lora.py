@@ -66,7 +66,7 @@ def build_parser():
 
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--train", action="store_true", help="Train the adapters.")
-    lora.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
+    lora.add_argument("--fine-tune-type", choices=(*models.ADAPTER_KINDS, "full"), default="lora",
                       help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
                            "fine-tuning of every weight of the last --lora-layers layers.")
     lora.add_argument("--lora-layers", type=utils.POSITIVE_INT_OR_ALL, default=16,
@@ -1440,7 +1440,7 @@ def set_up_training(model, args, scale):
                 paths = models.target_paths(model, args.lora_targets or models.default_lora_targets(model),
                                             args.lora_layers)
             check_lora_rank(model, paths, args.lora_rank)
-            models.wrap_lora_layers(model, paths, **params, dora=kind == "dora")
+            models.wrap_lora_layers(model, paths, **params, kind=kind)
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     # the base as a path from anywhere (check_base_model), or the hub repo id
     base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model

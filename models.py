@@ -3530,11 +3530,41 @@ def target_paths(model: Model, targets, num_layers: int) -> list:
             for path in reversed(linear_layers(layer)) if any(target_matches(path, t) for t in targets)]
 
 
-def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, dora=False):
-    """Wrap the linear layers at these paths in LoRALinear (DoRALinear if dora), the experts' layers of a stack
-    in one ExpertsLoRA (ExpertsDoRA): for training new adapters and for loading saved ones alike."""
+@dataclass(frozen=True)
+class AdapterKind:
+    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer
+    and the one that wraps a stack of experts' layers (each fuses itself: to_linear); the arrays each adapted layer
+    holds, named here (the first [input, rank]: it says the rank) and in PEFT's files
+    (base_model.model.<layer>.<PEFT's name>, transposed); the fields of PEFT's adapter_config.json that say this
+    kind; the arrays that LoRA+ trains at its higher learning rate (PEFT's create_loraplus_optimizer: lora_B and the
+    vectors); and what fuse.py's model card calls it."""
+    layer: type
+    experts_layer: type
+    peft_names: dict  # our name: PEFT's
+    peft_config: dict
+    lora_plus: tuple
+    described: str
+
+    @property
+    def weights(self) -> tuple:
+        return tuple(self.peft_names)
+
+
+ADAPTER_KINDS = {
+    "lora": AdapterKind(LoRALinear, ExpertsLoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+                        {"use_dora": False}, ("lora_b",), "LoRA adapters"),
+    "dora": AdapterKind(DoRALinear, ExpertsDoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
+                                                  "m": "lora_magnitude_vector"},
+                        {"use_dora": True}, ("lora_b", "m"), "DoRA adapters"),
+}
+
+
+def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, kind="lora"):
+    """Wrap the linear layers at these paths in the layer of ADAPTER_KINDS[kind] (LoRALinear, ...), the experts'
+    layers of a stack in one of its experts_layer (ExpertsLoRA, ...): for training new adapters and for loading
+    saved ones alike."""
     modules = dict(model.named_modules())
-    kind, stack_kind = (DoRALinear, ExpertsDoRA) if dora else (LoRALinear, ExpertsLoRA)
+    kind, stack_kind = ADAPTER_KINDS[kind].layer, ADAPTER_KINDS[kind].experts_layer
     wrapped, stacks = [], {}
     for path in paths:
         expert = EXPERT_PATH.fullmatch(path)
@@ -3549,14 +3579,15 @@ def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: 
     model.update_modules(tree_unflatten(wrapped))
 
 
-def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, kind="lora"):
     """New adapters on the `targets` of the last `num_layers` decoder layers (target_paths)."""
-    wrap_lora_layers(model, target_paths(model, targets, num_layers), rank, scale, dropout, dora)
+    wrap_lora_layers(model, target_paths(model, targets, num_layers), rank, scale, dropout, kind)
 
 
 def lora_layers(model: nn.Module) -> dict:
-    """The LoRALinear layers (DoRALinear too) by path, and the ExpertsLoRA ones by their stack's."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, (LoRALinear, ExpertsLoRA))}
+    """The adapted layers (of every ADAPTER_KINDS) by path, a stack of experts' by the stack's."""
+    kinds = tuple(k.layer for k in ADAPTER_KINDS.values()) + tuple(k.experts_layer for k in ADAPTER_KINDS.values())
+    return {path: m for path, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def per_expert(model: Model, weights: dict) -> dict:

@@ -764,6 +764,8 @@ CASES += [
          adapters(adapter_config(lambda c: dict(c, r=8)), lora_test, source="peft"), "adapter_config.json"),
     Case("adapters-peft-r-disagrees-with-weights-fuse", "fuse.py",
          adapters(adapter_config(lambda c: dict(c, r=8)), fuse_into, source="peft"), "adapter_config.json"),
+    Case("adapters-peft-use-dora-not-a-boolean", "lora.py",
+         adapters(adapter_config(lambda c: dict(c, use_dora="yes")), lora_test, source="peft"), "use_dora"),
     Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
          "adapters.npz"),
     # made for a model of other layers, whose shapes this one's fit
