@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from tqdm import tqdm
 
 import models
@@ -79,6 +79,9 @@ def build_parser():
     scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
+    lora.add_argument("--use-rslora", action="store_true",
+                      help="rsLoRA (PEFT's use_rslora): scale = --lora-alpha / sqrt(rank), which stays fit for "
+                           "large ranks.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
                       help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
@@ -101,6 +104,9 @@ def build_parser():
                               help="Adam, or AdamW (weight decay).")
     optimisation.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0,
                               help="AdamW's decoupled weight decay.")
+    optimisation.add_argument("--lora-plus-ratio", type=utils.POSITIVE,
+                              help="LoRA+ (PEFT's create_loraplus_optimizer): the adapters' B matrices (and DoRA's "
+                                   "magnitudes) learn at this many times the learning rate (the paper uses 16).")
     optimisation.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                               help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a "
                                    "cosine.")
@@ -237,6 +243,10 @@ def check_flags(args):
             raise UserError(f"--{name.replace('_', '-')} goes with --train-mode {either(modes)}")
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
+    if args.use_rslora and args.lora_alpha is None:
+        raise UserError("--use-rslora: give --lora-alpha (rsLoRA's scale is alpha / sqrt(rank), not --lora-scale)")
+    if args.lora_plus_ratio is not None and args.fine_tune_type == "full":
+        raise UserError("--lora-plus-ratio: sets the adapters' B learning rate; --fine-tune-type full has none")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     if args.generate_eval and not args.test:
@@ -276,6 +286,7 @@ class TrainingArgs:
     learning_rate: float
     optimizer: str  # adam or adamw
     weight_decay: float
+    lora_plus_ratio: float | None  # LoRA+: the learning rate of the adapters' B over the others'
     lr_schedule: str  # constant, linear or cosine
     warmup: int
     max_grad_norm: float | None
@@ -309,8 +320,11 @@ def either(names) -> str:
 
 
 def lora_scale(flags: dict) -> float:
-    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
-    return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
+    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank (rsLoRA:
+    / sqrt(--lora-rank))."""
+    if flags.get("lora_alpha") is None:
+        return flags["lora_scale"]
+    return flags["lora_alpha"] / (math.sqrt(flags["lora_rank"]) if flags.get("use_rslora") else flags["lora_rank"])
 
 
 # Data
@@ -1331,8 +1345,27 @@ def learning_rate_schedule(config):
 
 def build_optimizer(config):
     if config.optimizer == "adamw":
-        return optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
-    return optim.Adam(learning_rate=learning_rate_schedule(config))
+        optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
+    else:
+        optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
+    return lora_plus(optimizer, config.lora_plus_ratio) if config.lora_plus_ratio else optimizer
+
+
+def lora_plus(optimizer, ratio: float):
+    """LoRA+ (Hayou et al. 2024) as PEFT's create_loraplus_optimizer makes it: the arrays that
+    models.AdapterKind.lora_plus names (lora_b, DoRA's m) learn at `ratio` times the learning rate. Adam's and
+    AdamW's step (weight decay included) is the learning rate times the rest, so theirs is the optimizer's times
+    `ratio`, and its state is the optimizer's own (checkpoints resume alike)."""
+    faster = {name for kind in models.ADAPTER_KINDS.values() for name in kind.lora_plus}
+    apply_gradients = optimizer.apply_gradients
+
+    def apply_with_ratio(gradients, parameters):
+        updated = apply_gradients(gradients, parameters)
+        return tree_map_with_path(lambda path, new, old: old + ratio * (new - old)
+                                  if path.rsplit(".", 1)[-1] in faster else new, updated, parameters)
+
+    optimizer.apply_gradients = apply_with_ratio
+    return optimizer
 
 
 def make_step(model, optimizer, config, compiled=True):
@@ -1419,6 +1452,7 @@ def set_up_training(model, args, scale):
     """Make the model's trainable part (adapters or, with --fine-tune-type full, whole layers); the
     adapter_config.json that describes it."""
     kind, params = args.fine_tune_type, {"rank": args.lora_rank, "scale": scale, "dropout": args.lora_dropout}
+    rslora = args.use_rslora
     if args.resume_adapter_file:
         print(f"Resuming from {args.resume_adapter_file}", flush=True)
         with utils.naming_flag("--resume-adapter-file"):
@@ -1426,6 +1460,7 @@ def set_up_training(model, args, scale):
             utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout, base=args.model)
         kind = adapters.fine_tune_type
         params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
+        rslora = params.get("use_rslora", False)
     else:
         with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
             trained = models.last_layers(model, args.lora_layers)
@@ -1451,7 +1486,8 @@ def set_up_training(model, args, scale):
     adapted = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))  # each expert's apart
     keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
-                                          "dropout": params["dropout"], "keys": keys}}
+                                          "dropout": params["dropout"], **({"use_rslora": True} if rslora else {}),
+                                          "keys": keys}}
 
 
 def check_lora_rank(model, paths, rank):
@@ -1693,6 +1729,7 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
 # The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
 # decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
 RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
+                "use_rslora", "lora_plus_ratio",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
                 "sort_by_length", "seed", *OBJECTIVE_FLAGS)

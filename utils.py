@@ -1609,6 +1609,9 @@ def read_adapters(adapter_path, scale=20.0) -> Adapters:
     for key in ("scale", "dropout"):
         if not is_number(params[key]):
             raise UserError(f"{config_path}: lora_parameters.{key} is {params[key]!r}, expected a number")
+    if not isinstance(params.get("use_rslora", False), bool):
+        raise UserError(f"{config_path}: lora_parameters.use_rslora is {params['use_rslora']!r}, expected true or "
+                        f"false")
     return Adapters(weights, {**config, "lora_parameters": params})
 
 
@@ -1669,8 +1672,9 @@ def read_peft(folder: Path, config: dict) -> Adapters:
         raise UserError(f"{config_path}: r is {rank!r}, lora_alpha {alpha!r} and lora_dropout {dropout!r}; "
                         f"expected a rank of at least 1 and numbers")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    rslora = {"use_rslora": True} if config.get("use_rslora") else {}
     return Adapters(weights, {"base_model": config.get("base_model_name_or_path"), "fine_tune_type": kind,
-                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout}})
+                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, **rslora}})
 
 
 def load_adapters(model: nn.Module, adapter_path, scale=20.0, base=None):
@@ -1793,7 +1797,7 @@ def check_fits(adapter_path, name: str, stored, expected: mx.array):
 def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
     """The model's adapters, which adapter_config describes, as a PEFT folder (adapter_model.safetensors,
     adapter_config.json) that peft.PeftModel.from_pretrained loads on the transformers model of the same base, where
-    its layers' paths are theirs (models.CheckpointNames.module_path)."""
+    its layers' paths are theirs (models.CheckpointNames.module_path). rsLoRA's alpha is scale * sqrt(rank)."""
     kind = models.ADAPTER_KINDS[adapter_config["fine_tune_type"]]
     adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
                                          for name in kind.weights})
@@ -1803,10 +1807,11 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
         layers.add(model.args.names.module_path(path))
         weights[f"base_model.model.{model.args.names.module_path(path)}.{kind.peft_names[name]}"] = value.T
     params = adapter_config["lora_parameters"]
+    rslora = bool(params.get("use_rslora"))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": params["rank"], "lora_alpha": params["scale"] * params["rank"], "lora_dropout": params["dropout"],
-        "use_rslora": False,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": params["rank"],
+        "lora_alpha": params["scale"] * (math.sqrt(params["rank"]) if rslora else params["rank"]),
+        "lora_dropout": params["dropout"], "use_rslora": rslora,
         # the exact layers, listed: PEFT matches a listed name as the whole path or its end, and converts
         # listed experts (experts.N.gate_proj) to transformers 5's stacked ones where it can (not a pattern's)
         "target_modules": sorted(layers),

@@ -223,6 +223,8 @@ FLAGS = [
     ("max-grad-norm-zero", train, "--max-grad-norm", 0, True),
     ("keep-checkpoints-negative", train, "--keep-checkpoints", -1, False),
     ("weight-decay-negative", train, "--weight-decay", -1, True),  # with --optimizer adamw, below
+    ("lora-plus-ratio-zero", train, "--lora-plus-ratio", 0, True),
+    ("lora-plus-ratio-nan", train, "--lora-plus-ratio", "nan", False),
     ("seed-negative", train, "--seed", -1, False),
     ("generate-eval-negative", on_test_set, "--generate-eval", -1, True),  # with --completion-marker, below
     ("add-eos-token-two", train, "--add-eos-token", 2, False),
@@ -247,6 +249,8 @@ FLAGS = [
 CASES_TOGETHER = [
     ("accept-flag-changes-without-resume", ["--accept-flag-changes"], "--accept-flag-changes"),
     ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
+    ("use-rslora-without-lora-alpha", ["--use-rslora"], "--use-rslora"),
+    ("lora-plus-ratio-with-full", ["--fine-tune-type", "full", "--lora-plus-ratio", 16], "--lora-plus-ratio"),
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
     ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
@@ -757,6 +761,8 @@ CASES += [
     Case("adapter-config-scale-a-string", "fuse.py", adapters(lora_parameters(rank=4, scale="big"), fuse_into),
          "adapter_config.json"),
     Case("adapter-config-rank-disagrees-with-weights", "lora.py", adapters(lora_parameters(rank=8), lora_test),
+         "adapter_config.json"),
+    Case("adapter-config-use-rslora-a-string", "fuse.py", adapters(lora_parameters(use_rslora="yes"), fuse_into),
          "adapter_config.json"),
     Case("adapter-config-fine-tune-type-weird", "fuse.py",
          adapters(adapter_config(lambda c: dict(c, fine_tune_type="weird")), fuse_into), "adapter_config.json"),

@@ -223,3 +223,41 @@ def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
     ours, _, _ = utils.load(str(folder))
     utils.load_adapters(ours, tmp_path / "theirs")
     assert np.abs(logits(ours, tokens) - logits(theirs, tokens)).max() <= FP32_ATOL
+
+
+def test_rslora_scale_export_and_resume_are_peft_s(base, tmp_path, data_dir, capsys):
+    """--use-rslora: the scale is alpha / sqrt(rank), PEFT's scaling for use_rslora; adapter_config.json records
+    it, and the PEFT export carries use_rslora and the same alpha, whose adapters give PEFT our logits and read back
+    as rsLoRA; --resume refuses a run that changes it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import lora
+
+    folder, reference, tokens = base
+    theirs = get_peft_model(copy_of(reference), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"],
+                                                           use_rslora=True, task_type="CAUSAL_LM"))
+    scaling = theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    flags = ["--model", folder, "--data", data_dir, "--train", "--iters", 2, "--lora-layers", 2, "--lora-rank", 4,
+             "--lora-alpha", 16, "--learning-rate", 1e-2, "--val-batches", 1, "--steps-per-eval", 1000,
+             "--adapter-file", tmp_path / "adapters.safetensors"]
+    run_lora(capsys, *flags, "--use-rslora")
+    params = json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]
+    assert params["scale"] == pytest.approx(scaling) == 8.0 and params["use_rslora"] is True
+    adapted = utils.load(str(folder))[0]
+    utils.load_adapters(adapted, tmp_path / "adapters.safetensors")
+    expected = logits(adapted, tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
+
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
+             "--export-peft", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["lora_alpha"] == pytest.approx(16)
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "peft", "--export-peft", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["use_rslora"] is True and again["lora_alpha"] == pytest.approx(16)
+
+    saved = vars(lora.parse_args([str(f) for f in flags + ["--use-rslora"]]))
+    assert lora.changed_flags(saved, lora.parse_args([str(f) for f in flags])) == [
+        "--use-rslora True (now False)", "the LoRA scale 8.0 (now 4.0)"]
