@@ -83,6 +83,11 @@ def build_parser():
                       help="rsLoRA (PEFT's use_rslora): scale = --lora-alpha / sqrt(rank), which stays fit for "
                            "large ranks.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
+    lora.add_argument("--init-lora-weights", type=init_lora_weights, default="default",
+                      help="How new LoRA adapters start, as PEFT's init_lora_weights: default (B zero), gaussian, "
+                           "pissa, pissa_niter_N (PiSSA: the weights' principal components, the exact SVD) or olora "
+                           "(QR); PiSSA and OLoRA train on a residual base (a float one) and save adapters of the "
+                           "original, of twice the rank.")
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
                       help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
                            "response to its rejected one (dpo, orpo, simpo, cpo: data of {\"prompt\", \"chosen\", "
@@ -166,6 +171,13 @@ def build_parser():
     return p
 
 
+def init_lora_weights(text: str) -> str:
+    """The type of --init-lora-weights."""
+    if not re.fullmatch(r"default|gaussian|olora|pissa(_niter_[1-9][0-9]{0,5})?", text):
+        raise argparse.ArgumentTypeError(f"must be default, gaussian, pissa, pissa_niter_N or olora, not {text!r}")
+    return text
+
+
 def parse_args(argv=None):
     """The command line, over the flags of --config's YAML file."""
     parser = build_parser()
@@ -245,6 +257,9 @@ def check_flags(args):
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
     if args.use_rslora and args.lora_alpha is None:
         raise UserError("--use-rslora: give --lora-alpha (rsLoRA's scale is alpha / sqrt(rank), not --lora-scale)")
+    if args.init_lora_weights != "default" and (args.fine_tune_type != "lora" or args.resume_adapter_file):
+        raise UserError(f"--init-lora-weights {args.init_lora_weights}: starts new LoRA adapters (--fine-tune-type "
+                        f"lora, no --resume-adapter-file)")
     if args.lora_plus_ratio is not None and args.fine_tune_type == "full":
         raise UserError("--lora-plus-ratio: sets the adapters' B learning rate; --fine-tune-type full has none")
     if not (args.train or args.test or args.prompt is not None):
@@ -1476,6 +1491,10 @@ def set_up_training(model, args, scale):
                                             args.lora_layers)
             check_lora_rank(model, paths, args.lora_rank)
             models.wrap_lora_layers(model, paths, **params, kind=kind)
+            with utils.naming_flag(f"--init-lora-weights {args.init_lora_weights}"):
+                models.initialise_adapters(models.lora_layers(model), args.init_lora_weights)
+            if args.init_lora_weights.startswith(("pissa", "olora")):  # saved as adapters of the original weights
+                params["rank"] *= 2
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     # the base as a path from anywhere (check_base_model), or the hub repo id
     base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
@@ -1729,7 +1748,7 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
 # The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
 # decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
 RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
-                "use_rslora", "lora_plus_ratio",
+                "use_rslora", "lora_plus_ratio", "init_lora_weights",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
                 "sort_by_length", "seed", *OBJECTIVE_FLAGS)
@@ -1781,8 +1800,8 @@ def checkpoint_arrays(path, model):
         utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
     utils.check_finite(weights, path / "adapters.safetensors")
-    try:  # the file holds a stack of experts' adapters per expert
-        weights = model.args.names.stacked(weights, model.args.num_local_experts)
+    try:  # the file holds a stack of experts' adapters per expert, PiSSA's as adapters of the original weights
+        weights = models.trained_adapters(model, model.args.names.stacked(weights, model.args.num_local_experts))
     except ValueError:
         weights = {}  # an error below
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}

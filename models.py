@@ -3590,6 +3590,63 @@ def lora_layers(model: nn.Module) -> dict:
     return {path: m for path, m in model.named_modules() if isinstance(m, kinds)}
 
 
+def initialise_adapters(layers: dict, init: str):
+    """Start the adapters of `layers` (LoRALinear by path, just made) as PEFT's init_lora_weights `init` does:
+    "default" as made (A uniform in +-1/sqrt(inputs), as PEFT's, B zero); "gaussian" A normal with a standard deviation
+    of 1/rank; "pissa" A and B the principal singular vectors, each times the root of its singular value over the
+    scale ("pissa_niter_N", PEFT's faster randomized SVD, the exact one here); "olora" B and A the first rank columns
+    and rows of W's QR factors. PiSSA and OLoRA move that product out of the base weight, which becomes the residual
+    W - scale * (A B)^T, so that the layer starts as it was, and keep their start (initial_a, initial_b, frozen) for
+    saving adapters of the original weight (saved_adapters). ValueError for a layer they cannot start: a quantized
+    one (its residual would be quantized again; PEFT too asks for a float base), a stack of experts'."""
+    for path, layer in layers.items():
+        if init == "default":
+            continue
+        if type(layer) is not LoRALinear:
+            raise ValueError(f"{init} starts LoRA adapters of linear layers, not {path}'s ({type(layer).__name__})")
+        rank = layer.lora_a.shape[1]
+        if init == "gaussian":
+            layer.lora_a = mx.random.normal(layer.lora_a.shape) / rank
+            continue
+        if isinstance(layer.linear, nn.QuantizedLinear):
+            raise ValueError(f"{path} is quantized; PiSSA and OLoRA make its weight a residual, which needs a float "
+                             f"base: train on the float model (convert without -q)")
+        weight = layer.linear.weight.astype(mx.float32)  # [output, input]
+        if init == "olora":
+            q, r = mx.linalg.qr(weight, stream=mx.cpu)
+            a, b = r[:rank].T, q[:, :rank].T
+        else:
+            u, singular, vt = mx.linalg.svd(weight, stream=mx.cpu)
+            root = mx.sqrt(singular[:rank] / layer.scale)
+            a, b = (root[:, None] * vt[:rank]).T, (u[:, :rank] * root).T
+        layer.linear.weight = (weight - layer.scale * (a @ b).T).astype(layer.linear.weight.dtype)
+        layer.lora_a, layer.lora_b, layer.initial_a, layer.initial_b = a, b, a, b
+        layer.freeze(recurse=False, keys=["initial_a", "initial_b"])
+
+
+def saved_adapters(model: nn.Module, weights: dict) -> dict:
+    """The adapters' `weights` (by name) as files hold them: a PiSSA or OLoRA layer's (initialise_adapters) as
+    adapters of its original weight, W + scale * (A B - A0 B0)^T = W + scale * ([A A0] [B; -B0])^T, of twice the
+    rank, as PEFT converts them (save_pretrained's path_initial_model_for_weight_conversion)."""
+    weights = dict(weights)
+    for path, layer in lora_layers(model).items():
+        if "initial_a" in layer and f"{path}.lora_a" in weights:
+            weights[f"{path}.lora_a"] = mx.concatenate([weights[f"{path}.lora_a"], layer.initial_a], axis=1)
+            weights[f"{path}.lora_b"] = mx.concatenate([weights[f"{path}.lora_b"], -layer.initial_b], axis=0)
+    return weights
+
+
+def trained_adapters(model: nn.Module, weights: dict) -> dict:
+    """saved_adapters undone: a PiSSA or OLoRA layer's trained A and B, the first half of the saved rank."""
+    weights = dict(weights)
+    for path, layer in lora_layers(model).items():
+        if "initial_a" in layer and f"{path}.lora_a" in weights:
+            rank = layer.lora_a.shape[1]
+            weights[f"{path}.lora_a"] = weights[f"{path}.lora_a"][:, :rank]
+            weights[f"{path}.lora_b"] = weights[f"{path}.lora_b"][:rank]
+    return weights
+
+
 def per_expert(model: Model, weights: dict) -> dict:
     """The model's `weights` (of its trained layers: adapters, or whole layers) as adapter files hold them: a
     stack of experts' (ExpertsLinear's, ExpertsLoRA's) as each expert's, an adapter's of its adapted experts

@@ -1538,9 +1538,10 @@ def adapter_config_path(adapter_file) -> Path:
 
 def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
     """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside; a
-    stack of experts' per expert (models.per_expert)."""
+    stack of experts' per expert (models.per_expert), PiSSA's and OLoRA's of the original weight
+    (models.saved_adapters)."""
     adapter_file = Path(adapter_file)
-    weights = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))
+    weights = models.per_expert(model, models.saved_adapters(model, dict(tree_flatten(model.trainable_parameters()))))
     if adapter_file.suffix == ".npz":
         atomic_write(adapter_file, lambda f: mx.savez(f, **weights))
     else:
@@ -1650,6 +1651,10 @@ def read_peft(folder: Path, config: dict) -> Adapters:
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
         if config.get(key):
             raise UserError(f"{config_path}: {key} is not supported")
+    if str(config.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "loftq")):  # a changed base
+        raise UserError(f"{config_path}: init_lora_weights {config['init_lora_weights']!r}: these adapters apply to "
+                        f"the residual of its start, not to the base model; save them as PEFT converts them "
+                        f"(path_initial_model_for_weight_conversion)")
     path = folder / "adapter_model.safetensors"
     if not path.exists():
         raise UserError(f"{folder}: no adapter_model.safetensors (an adapter_model.bin is not read: "

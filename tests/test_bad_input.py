@@ -225,6 +225,8 @@ FLAGS = [
     ("weight-decay-negative", train, "--weight-decay", -1, True),  # with --optimizer adamw, below
     ("lora-plus-ratio-zero", train, "--lora-plus-ratio", 0, True),
     ("lora-plus-ratio-nan", train, "--lora-plus-ratio", "nan", False),
+    ("init-lora-weights-unknown", train, "--init-lora-weights", "svd", True),
+    ("init-lora-weights-niter-zero", train, "--init-lora-weights", "pissa_niter_0", False),
     ("seed-negative", train, "--seed", -1, False),
     ("generate-eval-negative", on_test_set, "--generate-eval", -1, True),  # with --completion-marker, below
     ("add-eos-token-two", train, "--add-eos-token", 2, False),
@@ -251,6 +253,8 @@ CASES_TOGETHER = [
     ("weight-decay-with-adam", ["--weight-decay", 0.1], "--weight-decay"),
     ("use-rslora-without-lora-alpha", ["--use-rslora"], "--use-rslora"),
     ("lora-plus-ratio-with-full", ["--fine-tune-type", "full", "--lora-plus-ratio", 16], "--lora-plus-ratio"),
+    ("init-lora-weights-with-dora", ["--fine-tune-type", "dora", "--init-lora-weights", "pissa"],
+     "--init-lora-weights"),
     ("resume-with-resume-adapter-file", ["--resume", "x", "--resume-adapter-file", "y"], "--resume"),
     ("beta-without-a-preference-mode", ["--beta", 0.1], "--beta"),
     ("desirable-weight-with-dpo", ["--train-mode", "dpo", "--desirable-weight", 2], "--desirable-weight"),
@@ -772,6 +776,12 @@ CASES += [
          adapters(adapter_config(lambda c: dict(c, r=8)), fuse_into, source="peft"), "adapter_config.json"),
     Case("adapters-peft-use-dora-not-a-boolean", "lora.py",
          adapters(adapter_config(lambda c: dict(c, use_dora="yes")), lora_test, source="peft"), "use_dora"),
+    Case("adapters-peft-pissa-unconverted", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, init_lora_weights="pissa")), fuse_into, source="peft"),
+         "init_lora_weights"),
+    Case("init-lora-weights-olora-on-experts", "lora.py",
+         lambda w, d: train(w, d, "--init-lora-weights", "olora", "--lora-targets", "experts.*.w1", model=w.moe),
+         "--init-lora-weights"),
     Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
          "adapters.npz"),
     # made for a model of other layers, whose shapes this one's fit
