@@ -782,6 +782,9 @@ CASES += [
     Case("init-lora-weights-olora-on-experts", "lora.py",
          lambda w, d: train(w, d, "--init-lora-weights", "olora", "--lora-targets", "experts.*.w1", model=w.moe),
          "--init-lora-weights"),
+    Case("init-lora-weights-pissa-on-a-quantized-layer", "lora.py",
+         lambda w, d: train(w, d, "--init-lora-weights", "pissa", "--lora-targets", "mlp.down_proj", "--lora-layers",
+                            -1, model=numbers_model(quantized(DOWN))(w, d)), "down_proj is quantized"),
     Case("adapters-npz-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.npz"), lora_test, "npz"),
          "adapters.npz"),
     # made for a model of other layers, whose shapes this one's fit
