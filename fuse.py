@@ -14,7 +14,7 @@ from utils import UserError
 
 DEFAULT_SAVE_PATH = "lora_fused_model"
 # what the model card and upload say was fused in, by fine_tune_type
-FUSED = {"lora": "LoRA adapters", "dora": "DoRA adapters", "full": "fine-tuned weights"}
+FUSED = {**{name: kind.described for name, kind in models.ADAPTER_KINDS.items()}, "full": "fine-tuned weights"}
 
 
 def build_parser():

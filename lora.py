@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from tqdm import tqdm
 
 import models
@@ -66,7 +66,7 @@ def build_parser():
 
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--train", action="store_true", help="Train the adapters.")
-    lora.add_argument("--fine-tune-type", choices=("lora", "dora", "full"), default="lora",
+    lora.add_argument("--fine-tune-type", choices=(*models.ADAPTER_KINDS, "full"), default="lora",
                       help="LoRA adapters, DoRA adapters (LoRA plus a trained magnitude per output feature), or full "
                            "fine-tuning of every weight of the last --lora-layers layers.")
     lora.add_argument("--lora-layers", type=utils.POSITIVE_INT_OR_ALL, default=16,
@@ -79,7 +79,15 @@ def build_parser():
     scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
     scale.add_argument("--lora-alpha", type=utils.POSITIVE, help="Alternatively alpha, as in PEFT: scale = alpha / rank.")
+    lora.add_argument("--use-rslora", action="store_true",
+                      help="rsLoRA (PEFT's use_rslora): scale = --lora-alpha / sqrt(rank), which stays fit for "
+                           "large ranks.")
     lora.add_argument("--lora-dropout", type=utils.DROPOUT, default=0.0, help="Dropout on the adapters' input.")
+    lora.add_argument("--init-lora-weights", type=init_lora_weights, default="default",
+                      help="How new LoRA adapters start, as PEFT's init_lora_weights: default (B zero), gaussian, "
+                           "pissa, pissa_niter_N (PiSSA: the weights' principal components, the exact SVD) or olora "
+                           "(QR); PiSSA and OLoRA train on a residual base (a float one) and save adapters of the "
+                           "original, of twice the rank.")
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
                       help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
                            "response to its rejected one (dpo, orpo, simpo, cpo: data of {\"prompt\", \"chosen\", "
@@ -110,6 +118,9 @@ def build_parser():
     optimisation.add_argument("--weight-decay", type=utils.NON_NEGATIVE, default=0.0,
                               help="Weight decay of every optimizer but Adam: decoupled (AdamW, Adafactor, Lion), or "
                                    "an L2 penalty in the gradient (SGD, Muon).")
+    optimisation.add_argument("--lora-plus-ratio", type=utils.POSITIVE,
+                              help="LoRA+ (PEFT's create_loraplus_optimizer): the adapters' B matrices (and DoRA's "
+                                   "magnitudes) learn at this many times the learning rate (the paper uses 16).")
     optimisation.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                               help="After the warmup: constant, or decaying to 0 at --iters, linearly or along a "
                                    "cosine.")
@@ -178,6 +189,13 @@ def build_parser():
     generation.add_argument("--top-p", type=utils.TOP_P, default=1.0,
                             help="Nucleus sampling: keep this probability mass.")
     return p
+
+
+def init_lora_weights(text: str) -> str:
+    """The type of --init-lora-weights."""
+    if not re.fullmatch(r"default|gaussian|olora|pissa(_niter_[1-9][0-9]{0,5})?", text):
+        raise argparse.ArgumentTypeError(f"must be default, gaussian, pissa, pissa_niter_N or olora, not {text!r}")
+    return text
 
 
 def parse_args(argv=None):
@@ -261,6 +279,13 @@ def check_flags(args):
         raise UserError("--early-stopping-threshold goes with --early-stopping-patience")
     if args.early_stopping_patience and args.val_batches == 0:
         raise UserError("--early-stopping-patience stops on the validation loss: it needs --val-batches above 0")
+    if args.use_rslora and args.lora_alpha is None:
+        raise UserError("--use-rslora: give --lora-alpha (rsLoRA's scale is alpha / sqrt(rank), not --lora-scale)")
+    if args.init_lora_weights != "default" and (args.fine_tune_type != "lora" or args.resume_adapter_file):
+        raise UserError(f"--init-lora-weights {args.init_lora_weights}: starts new LoRA adapters (--fine-tune-type "
+                        f"lora, no --resume-adapter-file)")
+    if args.lora_plus_ratio is not None and args.fine_tune_type == "full":
+        raise UserError("--lora-plus-ratio: sets the adapters' B learning rate; --fine-tune-type full has none")
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     if args.generate_eval and not args.test:
@@ -300,6 +325,7 @@ class TrainingArgs:
     learning_rate: float
     optimizer: str  # adam or adamw
     weight_decay: float
+    lora_plus_ratio: float | None  # LoRA+: the learning rate of the adapters' B over the others'
     lr_schedule: str  # constant, linear or cosine
     warmup: int
     max_grad_norm: float | None
@@ -335,8 +361,11 @@ def either(names) -> str:
 
 
 def lora_scale(flags: dict) -> float:
-    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank."""
-    return flags["lora_scale"] if flags.get("lora_alpha") is None else flags["lora_alpha"] / flags["lora_rank"]
+    """The adapters' scale that the flags (vars(args)) set: --lora-scale, or --lora-alpha / --lora-rank (rsLoRA:
+    / sqrt(--lora-rank))."""
+    if flags.get("lora_alpha") is None:
+        return flags["lora_scale"]
+    return flags["lora_alpha"] / (math.sqrt(flags["lora_rank"]) if flags.get("use_rslora") else flags["lora_rank"])
 
 
 # Data
@@ -1370,7 +1399,26 @@ OPTIMIZERS = {
 
 
 def build_optimizer(config):
-    return OPTIMIZERS[config.optimizer](learning_rate_schedule(config), weight_decay=config.weight_decay)
+    optimizer = OPTIMIZERS[config.optimizer](learning_rate_schedule(config), weight_decay=config.weight_decay)
+    return lora_plus(optimizer, config.lora_plus_ratio) if config.lora_plus_ratio else optimizer
+
+
+def lora_plus(optimizer, ratio: float):
+    """LoRA+ (Hayou et al. 2024) as PEFT's create_loraplus_optimizer makes it: the arrays that
+    models.AdapterKind.lora_plus names (lora_b, DoRA's m) learn at `ratio` times the learning rate. The step of
+    every optimizer of OPTIMIZERS (weight decay included; Adafactor's as built there) is the learning rate times
+    the rest, so theirs is the optimizer's times `ratio`, and its state is the optimizer's own (checkpoints resume
+    alike)."""
+    faster = {name for kind in models.ADAPTER_KINDS.values() for name in kind.lora_plus}
+    apply_gradients = optimizer.apply_gradients
+
+    def apply_with_ratio(gradients, parameters):
+        updated = apply_gradients(gradients, parameters)
+        return tree_map_with_path(lambda path, new, old: old + ratio * (new - old)
+                                  if path.rsplit(".", 1)[-1] in faster else new, updated, parameters)
+
+    optimizer.apply_gradients = apply_with_ratio
+    return optimizer
 
 
 def make_step(model, optimizer, config, compiled=True):
@@ -1457,6 +1505,7 @@ def set_up_training(model, args, scale):
     """Make the model's trainable part (adapters or, with --fine-tune-type full, whole layers); the
     adapter_config.json that describes it."""
     kind, params = args.fine_tune_type, {"rank": args.lora_rank, "scale": scale, "dropout": args.lora_dropout}
+    rslora = args.use_rslora
     if args.resume_adapter_file:
         print(f"Resuming from {args.resume_adapter_file}", flush=True)
         with utils.naming_flag("--resume-adapter-file"):
@@ -1464,6 +1513,7 @@ def set_up_training(model, args, scale):
             utils.apply_adapters(model, adapters, args.resume_adapter_file, args.lora_dropout, base=args.model)
         kind = adapters.fine_tune_type
         params = {**adapters.config.get("lora_parameters", {}), "dropout": args.lora_dropout}
+        rslora = params.get("use_rslora", False)
     else:
         with utils.naming_flag(f"--lora-layers {args.lora_layers}"):
             trained = models.last_layers(model, args.lora_layers)
@@ -1478,7 +1528,11 @@ def set_up_training(model, args, scale):
                 paths = models.target_paths(model, args.lora_targets or models.default_lora_targets(model),
                                             args.lora_layers)
             check_lora_rank(model, paths, args.lora_rank)
-            models.wrap_lora_layers(model, paths, **params, dora=kind == "dora")
+            models.wrap_lora_layers(model, paths, **params, kind=kind)
+            with utils.naming_flag(f"--init-lora-weights {args.init_lora_weights}"):
+                models.initialise_adapters(models.lora_layers(model), args.init_lora_weights)
+            if args.init_lora_weights.startswith(("pissa", "olora")):  # saved as adapters of the original weights
+                params["rank"] *= 2
     layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
     # the base as a path from anywhere (check_base_model), or the hub repo id
     base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
@@ -1489,7 +1543,8 @@ def set_up_training(model, args, scale):
     adapted = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))  # each expert's apart
     keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
-                                          "dropout": params["dropout"], "keys": keys}}
+                                          "dropout": params["dropout"], **({"use_rslora": True} if rslora else {}),
+                                          "keys": keys}}
 
 
 def check_lora_rank(model, paths, rank):
@@ -1770,6 +1825,7 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved,
 # The flags that make a resumed run differ from the run it continues (--iters too, where the learning rate
 # decays to 0 at --iters). --pack is not one: packed batches give the same losses and gradients.
 RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
+                "use_rslora", "lora_plus_ratio", "init_lora_weights",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
                 "sort_by_length", "seed", *OBJECTIVE_FLAGS)
@@ -1830,8 +1886,8 @@ def checkpoint_arrays(path, model, optimizer):
         utils.check_base_model(model, utils.read_json(path / "adapter_config.json"), path)
     weights = utils.read_arrays(path / "adapters.safetensors")
     utils.check_finite(weights, path / "adapters.safetensors")
-    try:  # the file holds a stack of experts' adapters per expert
-        weights = model.args.names.stacked(weights, model.args.num_local_experts)
+    try:  # the file holds a stack of experts' adapters per expert, PiSSA's as adapters of the original weights
+        weights = models.trained_adapters(model, model.args.names.stacked(weights, model.args.num_local_experts))
     except ValueError:
         weights = {}  # an error below
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}

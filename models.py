@@ -3530,11 +3530,41 @@ def target_paths(model: Model, targets, num_layers: int) -> list:
             for path in reversed(linear_layers(layer)) if any(target_matches(path, t) for t in targets)]
 
 
-def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, dora=False):
-    """Wrap the linear layers at these paths in LoRALinear (DoRALinear if dora), the experts' layers of a stack
-    in one ExpertsLoRA (ExpertsDoRA): for training new adapters and for loading saved ones alike."""
+@dataclass(frozen=True)
+class AdapterKind:
+    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer
+    and the one that wraps a stack of experts' layers (each fuses itself: to_linear); the arrays each adapted layer
+    holds, named here (the first [input, rank]: it says the rank) and in PEFT's files
+    (base_model.model.<layer>.<PEFT's name>, transposed); the fields of PEFT's adapter_config.json that say this
+    kind; the arrays that LoRA+ trains at its higher learning rate (PEFT's create_loraplus_optimizer: lora_B and the
+    vectors); and what fuse.py's model card calls it."""
+    layer: type
+    experts_layer: type
+    peft_names: dict  # our name: PEFT's
+    peft_config: dict
+    lora_plus: tuple
+    described: str
+
+    @property
+    def weights(self) -> tuple:
+        return tuple(self.peft_names)
+
+
+ADAPTER_KINDS = {
+    "lora": AdapterKind(LoRALinear, ExpertsLoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+                        {"use_dora": False}, ("lora_b",), "LoRA adapters"),
+    "dora": AdapterKind(DoRALinear, ExpertsDoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
+                                                  "m": "lora_magnitude_vector"},
+                        {"use_dora": True}, ("lora_b", "m"), "DoRA adapters"),
+}
+
+
+def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: float = 0.0, kind="lora"):
+    """Wrap the linear layers at these paths in the layer of ADAPTER_KINDS[kind] (LoRALinear, ...), the experts'
+    layers of a stack in one of its experts_layer (ExpertsLoRA, ...): for training new adapters and for loading
+    saved ones alike."""
     modules = dict(model.named_modules())
-    kind, stack_kind = (DoRALinear, ExpertsDoRA) if dora else (LoRALinear, ExpertsLoRA)
+    kind, stack_kind = ADAPTER_KINDS[kind].layer, ADAPTER_KINDS[kind].experts_layer
     wrapped, stacks = [], {}
     for path in paths:
         expert = EXPERT_PATH.fullmatch(path)
@@ -3549,14 +3579,72 @@ def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: 
     model.update_modules(tree_unflatten(wrapped))
 
 
-def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, dora=False):
+def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=20.0, dropout=0.0, kind="lora"):
     """New adapters on the `targets` of the last `num_layers` decoder layers (target_paths)."""
-    wrap_lora_layers(model, target_paths(model, targets, num_layers), rank, scale, dropout, dora)
+    wrap_lora_layers(model, target_paths(model, targets, num_layers), rank, scale, dropout, kind)
 
 
 def lora_layers(model: nn.Module) -> dict:
-    """The LoRALinear layers (DoRALinear too) by path, and the ExpertsLoRA ones by their stack's."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, (LoRALinear, ExpertsLoRA))}
+    """The adapted layers (of every ADAPTER_KINDS) by path, a stack of experts' by the stack's."""
+    kinds = tuple(k.layer for k in ADAPTER_KINDS.values()) + tuple(k.experts_layer for k in ADAPTER_KINDS.values())
+    return {path: m for path, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def initialise_adapters(layers: dict, init: str):
+    """Start the adapters of `layers` (LoRALinear by path, just made) as PEFT's init_lora_weights `init` does:
+    "default" as made (A uniform in +-1/sqrt(inputs), as PEFT's, B zero); "gaussian" A normal with a standard deviation
+    of 1/rank; "pissa" A and B the principal singular vectors, each times the root of its singular value over the
+    scale ("pissa_niter_N", PEFT's faster randomized SVD, the exact one here); "olora" B and A the first rank columns
+    and rows of W's QR factors. PiSSA and OLoRA move that product out of the base weight, which becomes the residual
+    W - scale * (A B)^T, so that the layer starts as it was, and keep their start (initial_a, initial_b, frozen) for
+    saving adapters of the original weight (saved_adapters). ValueError for a layer they cannot start: a quantized
+    one (its residual would be quantized again; PEFT too asks for a float base), a stack of experts'."""
+    for path, layer in layers.items():
+        if init == "default":
+            continue
+        if type(layer) is not LoRALinear:
+            raise ValueError(f"{init} starts LoRA adapters of linear layers, not {path}'s ({type(layer).__name__})")
+        rank = layer.lora_a.shape[1]
+        if init == "gaussian":
+            layer.lora_a = mx.random.normal(layer.lora_a.shape) / rank
+            continue
+        if isinstance(layer.linear, nn.QuantizedLinear):
+            raise ValueError(f"{path} is quantized; PiSSA and OLoRA make its weight a residual, which needs a float "
+                             f"base: train on the float model (convert without -q)")
+        weight = layer.linear.weight.astype(mx.float32)  # [output, input]
+        if init == "olora":
+            q, r = mx.linalg.qr(weight, stream=mx.cpu)
+            a, b = r[:rank].T, q[:, :rank].T
+        else:
+            u, singular, vt = mx.linalg.svd(weight, stream=mx.cpu)
+            root = mx.sqrt(singular[:rank] / layer.scale)
+            a, b = (root[:, None] * vt[:rank]).T, (u[:, :rank] * root).T
+        layer.linear.weight = (weight - layer.scale * (a @ b).T).astype(layer.linear.weight.dtype)
+        layer.lora_a, layer.lora_b, layer.initial_a, layer.initial_b = a, b, a, b
+        layer.freeze(recurse=False, keys=["initial_a", "initial_b"])
+
+
+def saved_adapters(model: nn.Module, weights: dict) -> dict:
+    """The adapters' `weights` (by name) as files hold them: a PiSSA or OLoRA layer's (initialise_adapters) as
+    adapters of its original weight, W + scale * (A B - A0 B0)^T = W + scale * ([A A0] [B; -B0])^T, of twice the
+    rank, as PEFT converts them (save_pretrained's path_initial_model_for_weight_conversion)."""
+    weights = dict(weights)
+    for path, layer in lora_layers(model).items():
+        if "initial_a" in layer and f"{path}.lora_a" in weights:
+            weights[f"{path}.lora_a"] = mx.concatenate([weights[f"{path}.lora_a"], layer.initial_a], axis=1)
+            weights[f"{path}.lora_b"] = mx.concatenate([weights[f"{path}.lora_b"], -layer.initial_b], axis=0)
+    return weights
+
+
+def trained_adapters(model: nn.Module, weights: dict) -> dict:
+    """saved_adapters undone: a PiSSA or OLoRA layer's trained A and B, the first half of the saved rank."""
+    weights = dict(weights)
+    for path, layer in lora_layers(model).items():
+        if "initial_a" in layer and f"{path}.lora_a" in weights:
+            rank = layer.lora_a.shape[1]
+            weights[f"{path}.lora_a"] = weights[f"{path}.lora_a"][:, :rank]
+            weights[f"{path}.lora_b"] = weights[f"{path}.lora_b"][:rank]
+    return weights
 
 
 def per_expert(model: Model, weights: dict) -> dict:

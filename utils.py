@@ -1538,9 +1538,10 @@ def adapter_config_path(adapter_file) -> Path:
 
 def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
     """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside; a
-    stack of experts' per expert (models.per_expert)."""
+    stack of experts' per expert (models.per_expert), PiSSA's and OLoRA's of the original weight
+    (models.saved_adapters)."""
     adapter_file = Path(adapter_file)
-    weights = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))
+    weights = models.per_expert(model, models.saved_adapters(model, dict(tree_flatten(model.trainable_parameters()))))
     if adapter_file.suffix == ".npz":
         atomic_write(adapter_file, lambda f: mx.savez(f, **weights))
     else:
@@ -1548,16 +1549,16 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
     write_json(adapter_config_path(adapter_file), adapter_config)
 
 
-# PEFT's names for a layer's adapter weights, base_model.model.<layer>.<name>: lora_A (rank x input) and
-# lora_B (output x rank) are lora_a and lora_b transposed; DoRA's magnitude vector is m (.T leaves it as it is).
-PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "m": "lora_magnitude_vector"}
+# PEFT's names for a layer's adapter weights, base_model.model.<layer>.<name>, of every adapter kind
+# (models.AdapterKind.peft_names): lora_A (rank x input) is lora_a transposed, ...
+PEFT_NAMES = {ours: theirs for kind in models.ADAPTER_KINDS.values() for ours, theirs in kind.peft_names.items()}
 
 
 PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\.({'|'.join(map(re.escape, PEFT_NAMES.values()))})")
 
 
 # mlx-lm's adapter_config.json "fine_tune_type": the weights each kind holds, per layer (none: full weights)
-ADAPTER_WEIGHTS = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m"), "full": ()}
+ADAPTER_WEIGHTS = {**{name: kind.weights for name, kind in models.ADAPTER_KINDS.items()}, "full": ()}
 
 
 class Adapters(NamedTuple):
@@ -1605,10 +1606,13 @@ def read_adapters(adapter_path, scale=20.0) -> Adapters:
     if not isinstance(params, dict):
         raise UserError(f"{config_path}: lora_parameters is {params!r}, expected an object")
     params = {**params, "scale": params.get("scale", scale), "dropout": params.get("dropout", 0.0),
-              "rank": check_rank(weights, params.get("rank"), config_path)}
+              "rank": check_rank(weights, params.get("rank"), config_path, fine_tune_type)}
     for key in ("scale", "dropout"):
         if not is_number(params[key]):
             raise UserError(f"{config_path}: lora_parameters.{key} is {params[key]!r}, expected a number")
+    if not isinstance(params.get("use_rslora", False), bool):
+        raise UserError(f"{config_path}: lora_parameters.use_rslora is {params['use_rslora']!r}, expected true or "
+                        f"false")
     return Adapters(weights, {**config, "lora_parameters": params})
 
 
@@ -1622,11 +1626,12 @@ def adapter_weights(path: Path) -> dict:
     return weights
 
 
-def check_rank(weights: dict, rank, config_path) -> int:
+def check_rank(weights: dict, rank, config_path, kind: str) -> int:
     """The adapters' rank: the one adapter_config.json records (None: not recorded), which must be the
-    weights' own, as the scale derived from it (PEFT's alpha / r) and the layers built from it would be
-    wrong."""
-    found = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 2})
+    weights' own (those of the kind's first array, [input, rank]), as the scale derived from it (PEFT's alpha / r)
+    and the layers built from it would be wrong."""
+    ranked = "." + ADAPTER_WEIGHTS[kind][0]
+    found = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(ranked) and v.ndim == 2})
     if rank is None and len(found) > 1:
         raise UserError(f"{config_path}: the adapters' ranks differ ({', '.join(map(str, found))}); one is supported")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or found and found != [rank]):
@@ -1646,6 +1651,10 @@ def read_peft(folder: Path, config: dict) -> Adapters:
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
         if config.get(key):
             raise UserError(f"{config_path}: {key} is not supported")
+    if str(config.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "loftq")):  # a changed base
+        raise UserError(f"{config_path}: init_lora_weights {config['init_lora_weights']!r}: these adapters apply to "
+                        f"the residual of its start, not to the base model; save them as PEFT converts them "
+                        f"(path_initial_model_for_weight_conversion)")
     path = folder / "adapter_model.safetensors"
     if not path.exists():
         raise UserError(f"{folder}: no adapter_model.safetensors (an adapter_model.bin is not read: "
@@ -1657,14 +1666,20 @@ def read_peft(folder: Path, config: dict) -> Adapters:
         if match is None:
             raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer")
         weights[f"{match[1]}.{ours[match[2]]}"] = value.T
-    check_rank(weights, rank, config_path)
+    kind = next((name for name, kind in models.ADAPTER_KINDS.items()
+                 if all((config.get(key) or False) == value for key, value in kind.peft_config.items())), None)
+    if kind is None:
+        fields = sorted({key for kind in models.ADAPTER_KINDS.values() for key in kind.peft_config})
+        raise UserError(f"{config_path}: " + ", ".join(f"{key} = {config.get(key)!r}" for key in fields) +
+                        " is not a supported kind of adapter")
+    check_rank(weights, rank, config_path, kind)
     if rank is None or rank < 1 or not is_number(alpha) or not is_number(dropout):
         raise UserError(f"{config_path}: r is {rank!r}, lora_alpha {alpha!r} and lora_dropout {dropout!r}; "
                         f"expected a rank of at least 1 and numbers")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return Adapters(weights, {"base_model": config.get("base_model_name_or_path"),
-                              "fine_tune_type": "dora" if config.get("use_dora") else "lora",
-                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout}})
+    rslora = {"use_rslora": True} if config.get("use_rslora") else {}
+    return Adapters(weights, {"base_model": config.get("base_model_name_or_path"), "fine_tune_type": kind,
+                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, **rslora}})
 
 
 def load_adapters(model: nn.Module, adapter_path, scale=20.0, base=None):
@@ -1724,20 +1739,21 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
         if key.rsplit(".", 1)[-1] not in names:
             raise UserError(f"{adapter_path}: {key} is not a weight of {kind} adapters "
                             f"({', '.join(names)}); is adapter_config.json's fine_tune_type right?")
-    paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_a")})
+    ranked = names[0]  # [input, rank]; every adapted layer has it
+    paths = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith("." + ranked)})
     if not paths:
-        raise UserError(f"{adapter_path}: holds no LoRA weights (*.lora_a / *.lora_b)")
+        raise UserError(f"{adapter_path}: holds no {kind} weights ({' / '.join('*.' + n for n in names)})")
     modules = dict(model.named_modules())
     for path in paths:
         if models.linear_layer(modules, path) is None:
             raise UserError(f"{adapter_path}: layer {path} " + ("is not a linear layer" if path in modules else
                                                                "does not exist in this model (made for another base?)"))
-        if weights[f"{path}.lora_a"].ndim != 2:
-            raise UserError(f"{adapter_path}: {path}.lora_a has shape {tuple(weights[f'{path}.lora_a'].shape)}, "
+        if weights[f"{path}.{ranked}"].ndim != 2:
+            raise UserError(f"{adapter_path}: {path}.{ranked} has shape {tuple(weights[f'{path}.{ranked}'].shape)}, "
                             f"not (inputs, rank)")
     params = adapters.config["lora_parameters"]
     models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
-                            params["dropout"] if dropout is None else dropout, dora=kind == "dora")
+                            params["dropout"] if dropout is None else dropout, kind)
     # the adapters as the files hold them: an expert's apart from its stack's
     expected = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
                                          for name in names})
@@ -1784,25 +1800,27 @@ def check_fits(adapter_path, name: str, stored, expected: mx.array):
 
 
 def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
-    """The model's LoRA or DoRA adapters, which adapter_config describes, as a PEFT folder
-    (adapter_model.safetensors, adapter_config.json) that peft.PeftModel.from_pretrained loads on the
-    transformers model of the same base, where its layers' paths are theirs (models.CheckpointNames.module_path)."""
+    """The model's adapters, which adapter_config describes, as a PEFT folder (adapter_model.safetensors,
+    adapter_config.json) that peft.PeftModel.from_pretrained loads on the transformers model of the same base, where
+    its layers' paths are theirs (models.CheckpointNames.module_path). rsLoRA's alpha is scale * sqrt(rank)."""
+    kind = models.ADAPTER_KINDS[adapter_config["fine_tune_type"]]
     adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
-                                         for name in PEFT_NAMES if name in m})
+                                         for name in kind.weights})
     weights, layers = {}, set()
     for key, value in adapters.items():
         path, name = key.rsplit(".", 1)
         layers.add(model.args.names.module_path(path))
-        weights[f"base_model.model.{model.args.names.module_path(path)}.{PEFT_NAMES[name]}"] = value.T
+        weights[f"base_model.model.{model.args.names.module_path(path)}.{kind.peft_names[name]}"] = value.T
     params = adapter_config["lora_parameters"]
+    rslora = bool(params.get("use_rslora"))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": params["rank"], "lora_alpha": params["scale"] * params["rank"], "lora_dropout": params["dropout"],
-        "use_rslora": False,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": params["rank"],
+        "lora_alpha": params["scale"] * (math.sqrt(params["rank"]) if rslora else params["rank"]),
+        "lora_dropout": params["dropout"], "use_rslora": rslora,
         # the exact layers, listed: PEFT matches a listed name as the whole path or its end, and converts
         # listed experts (experts.N.gate_proj) to transformers 5's stacked ones where it can (not a pattern's)
         "target_modules": sorted(layers),
-        "bias": "none", "fan_in_fan_out": False, "use_dora": adapter_config["fine_tune_type"] == "dora",
+        "bias": "none", "fan_in_fan_out": False, **kind.peft_config,
         "inference_mode": True,
     }
 

@@ -117,7 +117,7 @@ def random_adapter(base, adapter_file, targets=ALL_TARGETS, layers=2, rank=4, sc
     saved as lora.py saves them, with a config mlx-lm reads too; the adapted model."""
     model, _, _ = utils.load(str(base))
     model.freeze()
-    models.linear_to_lora_layers(model, targets, layers, rank, scale, dora=dora)
+    models.linear_to_lora_layers(model, targets, layers, rank, scale, kind="dora" if dora else "lora")
     mx.random.seed(1)
     for lora in models.lora_layers(model).values():
         lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)

@@ -336,7 +336,7 @@ def test_latent_attention_generates_through_the_layer_as_it_is(family, kind):
     if kind == "quantized":
         models.quantize(model, lambda path, m: {"group_size": 32, "bits": 4} if path.endswith("kv_b_proj") else None)
     else:
-        models.linear_to_lora_layers(model, ["kv_b_proj"], -1, rank=4, dora=kind == "dora")
+        models.linear_to_lora_layers(model, ["kv_b_proj"], -1, rank=4, kind=kind)
         mx.random.seed(0)
         for layer in models.lora_layers(model).values():
             layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)

@@ -1,6 +1,7 @@
 """fuse.py and adapter interoperability: fused models in transformers, adapters to and from PEFT, mlx-lm
 adapter folders, and bad adapters."""
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -223,3 +224,104 @@ def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
     ours, _, _ = utils.load(str(folder))
     utils.load_adapters(ours, tmp_path / "theirs")
     assert np.abs(logits(ours, tokens) - logits(theirs, tokens)).max() <= FP32_ATOL
+
+
+def test_rslora_scale_export_and_resume_are_peft_s(base, tmp_path, data_dir, capsys):
+    """--use-rslora: the scale is alpha / sqrt(rank), PEFT's scaling for use_rslora; adapter_config.json records
+    it, and the PEFT export carries use_rslora and the same alpha, whose adapters give PEFT our logits and read back
+    as rsLoRA; --resume refuses a run that changes it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import lora
+
+    folder, reference, tokens = base
+    theirs = get_peft_model(copy_of(reference), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"],
+                                                           use_rslora=True, task_type="CAUSAL_LM"))
+    scaling = theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    flags = ["--model", folder, "--data", data_dir, "--train", "--iters", 2, "--lora-layers", 2, "--lora-rank", 4,
+             "--lora-alpha", 16, "--learning-rate", 1e-2, "--val-batches", 1, "--steps-per-eval", 1000,
+             "--adapter-file", tmp_path / "adapters.safetensors"]
+    run_lora(capsys, *flags, "--use-rslora")
+    params = json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]
+    assert params["scale"] == pytest.approx(scaling) == 8.0 and params["use_rslora"] is True
+    adapted = utils.load(str(folder))[0]
+    utils.load_adapters(adapted, tmp_path / "adapters.safetensors")
+    expected = logits(adapted, tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
+
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
+             "--export-peft", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["lora_alpha"] == pytest.approx(16)
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "peft", "--export-peft", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["use_rslora"] is True and again["lora_alpha"] == pytest.approx(16)
+
+    saved = vars(lora.parse_args([str(f) for f in flags + ["--use-rslora"]]))
+    assert lora.changed_flags(saved, lora.parse_args([str(f) for f in flags])) == [
+        "--use-rslora True (now False)", "the LoRA scale 8.0 (now 4.0)"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_as_peft_s_and_save_adapters_of_the_original_base(base, tmp_path, data_dir, capsys,
+                                                                                 init):
+    """--init-lora-weights pissa / olora: the adapters' start and the residual base weight are PEFT's; training
+    saves adapters of the original weights (twice the rank, as PEFT converts them), which test as the trained model
+    did, load in PEFT on the original model with our logits, and resume from a checkpoint exactly."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folder, reference, tokens = base
+    theirs = get_peft_model(copy_of(reference), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=init, task_type="CAUSAL_LM"))
+    ours = utils.load(str(folder))[0]
+    ours.freeze()
+    models.linear_to_lora_layers(ours, ["q_proj", "v_proj"], -1, rank=4, scale=2.0)
+    models.initialise_adapters(models.lora_layers(ours), init)
+    for path, layer in models.lora_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(path)
+        start = (peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight).detach().numpy()
+        assert np.abs(np.array(layer.linear.weight) - peft_layer.base_layer.weight.detach().numpy()).max() < 1e-5
+        assert np.abs(np.array((layer.lora_a @ layer.lora_b).T) - start).max() < 1e-5
+        assert np.abs(start).max() > 0.05  # a share of the weight moved into the adapters
+    assert np.abs(logits(ours, tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL  # starts as the base
+
+    flags = ["--model", folder, "--data", data_dir, "--train", "--iters", 4, "--save-every", 2, "--lora-layers", -1,
+             "--lora-rank", 4, "--lora-alpha", 8, "--learning-rate", 1e-2, "--val-batches", 1, "--steps-per-eval",
+             1000, "--test", "--test-batches", 2, "--init-lora-weights", init]
+    out = run_lora(capsys, *flags, "--adapter-file", tmp_path / "adapters.safetensors")
+    trained_loss = float(re.search(r"Test loss ([\d.]+)", out)[1])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]
+    assert (config["rank"], config["scale"]) == (8, 2.0)
+    out = run_lora(capsys, "--model", folder, "--data", data_dir, "--test", "--test-batches", 2,
+                   "--adapter-file", tmp_path / "adapters.safetensors")
+    assert float(re.search(r"Test loss ([\d.]+)", out)[1]) == pytest.approx(trained_loss, abs=2e-3)
+    adapted = utils.load(str(folder))[0]
+    utils.load_adapters(adapted, tmp_path / "adapters.safetensors")
+    expected = logits(adapted, tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
+             "--export-peft", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
+
+    run_lora(capsys, *flags, "--adapter-file", tmp_path / "resumed.safetensors",
+             "--resume", tmp_path / "runs" / "1" / "step-0000002")
+    resumed, whole = mx.load(str(tmp_path / "resumed.safetensors")), mx.load(str(tmp_path / "adapters.safetensors"))
+    assert all(np.abs(np.array(resumed[k] - whole[k])).max() < 1e-6 for k in whole)
+
+
+def test_init_lora_weights_gaussian_and_on_a_quantized_base(base):
+    """gaussian: A drawn with PEFT's standard deviation, 1/rank; PiSSA and OLoRA refuse a quantized layer."""
+    folder, _, _ = base
+    model = utils.load(str(folder))[0]
+    models.quantize(model, lambda path, m: {"group_size": 32, "bits": 4} if path.endswith("v_proj") else None)
+    models.linear_to_lora_layers(model, ["q_proj"], -1, rank=4)
+    layers = models.lora_layers(model)
+    models.initialise_adapters(layers, "gaussian")
+    assert abs(np.std(np.concatenate([np.array(layer.lora_a) for layer in layers.values()])) - 0.25) < 0.02
+    models.linear_to_lora_layers(model, ["v_proj"], 1, rank=4)
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match="model.layers.3.self_attn.v_proj is quantized"):
+            models.initialise_adapters(models.lora_layers(model), init)

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import run_lora
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 import lora
 import models
@@ -439,3 +439,41 @@ def test_dequantized_is_mx_dequantize(bits):
                 expected = mx.dequantize(*quantized, group_size, bits, dtype=out)
                 got = models.dequantized(*quantized, group_size, bits, out)
                 assert got.dtype == out and mx.array_equal(got, expected).item(), (dtype, group_size, out)
+
+
+def test_lora_plus_steps_peft_s_b_group_at_ratio_times_the_learning_rate(make_checkpoint):
+    """--lora-plus-ratio: the arrays that PEFT's create_loraplus_optimizer gives ratio x lr (DoRA's lora_B and
+    magnitudes) take AdamW's step at that learning rate, weight decay included; the others (lora_A) at lr."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    import utils
+
+    folder, reference = make_checkpoint()
+    peft_model = get_peft_model(reference, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    optimizer = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    peft_lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    ours_of = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "m"}
+    faster = {next(ours for theirs, ours in ours_of.items() if theirs in name)
+              for name, p in peft_model.named_parameters() if p.requires_grad and peft_lr[id(p)] == 16e-3}
+    assert faster == {"lora_b", "m"}
+
+    model = utils.load(str(folder))[0]
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["q_proj"], 1, rank=4, kind="dora")
+    params = model.trainable_parameters()
+    grads = tree_map(lambda p: mx.random.normal(p.shape), params)
+
+    def stepped(learning_rate, *flags):
+        args = lora.training_args(lora.build_parser().parse_args(
+            ["--learning-rate", str(learning_rate), "--optimizer", "adamw", "--weight-decay", "0.1", *flags]))
+        return dict(tree_flatten(lora.build_optimizer(args).apply_gradients(grads, params)))
+
+    plus, slow, fast = stepped(1e-3, "--lora-plus-ratio", "16"), stepped(1e-3), stepped(16e-3)
+    assert set(plus) == {f"model.layers.3.self_attn.q_proj.{name}" for name in ("lora_a", "lora_b", "m")}
+    for name, value in plus.items():
+        expected = fast[name] if name.rsplit(".", 1)[-1] in faster else slow[name]
+        assert np.abs(np.array(value - expected)).max() < 1e-6, name
+    b = "model.layers.3.self_attn.q_proj.lora_b"
+    assert np.abs(np.array(fast[b] - slow[b])).max() > 1e-4  # the two rates differ
