@@ -49,7 +49,16 @@ def build_parser():
 
     data = p.add_argument_group("data")
     data.add_argument("--data", type=utils.expanded_path, default="data/",
-                      help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+                      help="Folder with train.jsonl, valid.jsonl, test.jsonl; or a Hugging Face dataset: a hub id, "
+                           "or a .parquet, .arrow, .csv, .json or .jsonl file, or a folder of them.")
+    for split, default in DATASET_SPLITS.items():
+        data.add_argument(f"--{split}-split", metavar="SPLIT",
+                          help=f"The split of a Hugging Face dataset that is the {split} set (default "
+                               f"{' or '.join(default)}); a slice such as train[:90%%] too.")
+    for flag, key in FEATURE_FLAGS.items():
+        data.add_argument("--" + flag.replace("_", "-"), metavar="COLUMN",
+                          help=f"The column (key) of the data that holds the examples' {key!r} (as mlx-lm's "
+                               f"{flag}).")
     data.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
                       default=2048, help="Longer examples are truncated.")
     data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
@@ -371,50 +380,171 @@ def exchange(prompt, response, tools=None):
 
 
 class Examples(list):
-    """The records of a .jsonl file, and the line each came from (for errors found later)."""
+    """The records of a data set, its name (`path`: the .jsonl file, or the dataset and split) and the line or
+    row each came from (for errors found later)."""
 
-    def __init__(self, records, path, lines):
+    def __init__(self, records, path, lines, unit="line"):
         super().__init__(records)
-        self.path, self.lines = path, lines
+        self.path, self.lines, self.unit = path, lines, unit
 
     def where(self, i):
-        return f"{self.path}:{self.lines[i]}"
+        return record_place(self.path, self.unit, self.lines[i])
+
+
+def record_place(name, unit, number) -> str:
+    """A line of a .jsonl file (unit "line"), or a row of a dataset's split (unit "row"), as errors name it."""
+    return f"{name}:{number}" if unit == "line" else f"{name} row {number}"
 
 
 # what example_format's kinds of record are called in errors
 KIND_NAMES = {"text": "text example", "completion": "completion example", "preference": "preference pair",
               "chat": "chat example"}
 
+# the splits of a Hugging Face dataset that are the train, valid and test sets where --train-split, ... give none:
+# the names that datasets gives files named so, then those of mlx-lm's datasets on the hub ("valid")
+DATASET_SPLITS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
+# the flags that name the column holding a format's key (mlx-lm's *_feature), and that key
+FEATURE_FLAGS = {"text_feature": "text", "prompt_feature": "prompt", "completion_feature": "completion",
+                 "chat_feature": "messages", "chosen_feature": "chosen", "rejected_feature": "rejected"}
+# the files that --data reads as a Hugging Face dataset, by the datasets builder that reads them
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
-def load_dataset(data_dir, split, mask_prompt=False, objective=None):
-    """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
-    is loaded: records the objective (default SFT) learns from (with mask_prompt, of a format that has a
-    prompt)."""
+
+def dataset_source(data):
+    """What datasets.load_dataset reads --data as (its keywords): a folder of data files (DATA_FILE_BUILDERS) but
+    no train.jsonl, valid.jsonl or test.jsonl, such a file, or else, where the name can be one, a Hugging Face
+    hub id; None for a folder of .jsonl files (or none, which is an error later)."""
+    path = Path(data)
+    if path.is_dir():
+        jsonl = any((path / f"{split}.jsonl").exists() for split in DATASET_SPLITS)
+        data_files = any(p.suffix in DATA_FILE_BUILDERS for p in path.rglob("*") if p.is_file())
+        return {"path": str(path)} if data_files and not jsonl else None
+    if path.is_file():
+        if path.suffix not in DATA_FILE_BUILDERS:
+            raise UserError(f"--data {data}: a file, but not {either(list(DATA_FILE_BUILDERS))} data; give a folder "
+                            f"of train.jsonl, valid.jsonl and test.jsonl, or a Hugging Face dataset")
+        return {"path": DATA_FILE_BUILDERS[path.suffix], "data_files": str(path)}
+    if re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", str(data)):
+        return {"path": str(data)}
+    return None
+
+
+def without_nulls(value):
+    """A value of a dataset's row less its null keys: a table gives each of its structs (a chat's message, a
+    tool) every field that any of them has, null where it has none, which a chat template reads as given."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def torch_unhidden():
+    """Within: PyTorch not hidden as utils.set_up_process hides it (None in sys.modules), which datasets' hashing
+    reads as imported, and imports (datasets goes without PyTorch, as it found none when it was imported)."""
+    hidden = "torch" in sys.modules and sys.modules["torch"] is None
+    if hidden:
+        del sys.modules["torch"]
+    try:
+        yield
+    finally:
+        if hidden:
+            sys.modules.setdefault("torch", None)
+
+
+def dataset_rows(data, source, split, given):
+    """(the split's name, its rows) of a Hugging Face dataset: the split `given` (--train-split, ...), else the
+    first of DATASET_SPLITS[split] that the dataset has."""
+    import datasets
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors logged are those raised: one line here
+    datasets.disable_progress_bars()  # its bars of the splits it writes to its cache, each a line of its own
+    flag = f"--{split}-split"
+    names = [given] if given else DATASET_SPLITS[split]
+    for name in names:
+        try:
+            datasets.ReadInstruction.from_spec(name)
+        except ValueError as e:  # a slice it cannot read
+            raise UserError(f"{flag} {name}: {utils.first_line(e)}") from None
+        try:
+            with torch_unhidden():
+                return name, datasets.load_dataset(**source, split=name)
+        except Exception as e:  # what the hub, the network, a file's reader or the split's name raise
+            message = utils.first_line(e)
+            if isinstance(e, ValueError) and message.startswith("Unknown split"):
+                missing = message
+            elif "data_files" not in source and not Path(data).exists():
+                raise UserError(f"--data {data}: no such folder or file, and the Hugging Face dataset {data} could "
+                                f"not be reached or found ({type(e).__name__}: {message})") from None
+            else:
+                raise UserError(f"--data {data}: cannot be read as a Hugging Face dataset ({type(e).__name__}: "
+                                f"{message})") from None
+    raise UserError(f"{flag}: {data} has no split {either(names)} ({missing}); name the {split} set's with {flag} "
+                    f"(a slice such as train[:10%] too)")
+
+
+def read_records(data, split, dataset_splits=None):
+    """(name, [(number, record)], unit): the records of --data's train, valid or test set: the lines of
+    DATA/split.jsonl (unit "line"), or the rows of a Hugging Face dataset's split (unit "row"; dataset_splits
+    gives the --*-split flags by set). `name` names the set in errors."""
+    dataset_splits = dataset_splits or {}
+    source = dataset_source(data)
+    if source is None:
+        given = [f"--{s}-split" for s, name in dataset_splits.items() if name]
+        if given:
+            raise UserError(f"{given[0]}: chooses a split of a Hugging Face dataset, and --data {data} is read as "
+                            f"train.jsonl, valid.jsonl and test.jsonl")
+        path = Path(data) / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return path, utils.read_jsonl(path), "line"
+    name, rows = dataset_rows(data, source, split, dataset_splits.get(split))
+    return f"{data} (split {name})", [(i, without_nulls(row)) for i, row in enumerate(rows)], "row"
+
+
+def load_dataset(data_dir, split, mask_prompt=False, objective=None, columns=None, dataset_splits=None):
+    """The examples of --data's train, valid or test set (read_records), all of one format (see example_format),
+    checked before any model is loaded: records the objective (default SFT) learns from (with mask_prompt, of a
+    format that has a prompt). `columns` maps a format's keys to the columns that hold them (--*-feature)."""
     objective = objective or SFT()
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    examples, lines, first = [], [], None
-    for number, record in utils.read_jsonl(path):
+    path, records, unit = read_records(data_dir, split, dataset_splits)
+    columns = {key: column for key, column in (columns or {}).items() if column not in (None, key)}
+    flags = {key: "--" + flag.replace("_", "-") for flag, key in FEATURE_FLAGS.items()}
+    mapped = "".join(f" ({flags[key]} {column})" for key, column in columns.items())
+    # the keys of the formats that the columns named are keys of: the others are other columns here (a chat's
+    # --chat-feature chosen beside the prompt and rejected columns of a preference pair)
+    wanted = set().union(*(keys for keys in FORMAT_KEYS.values() if keys & columns.keys())) - columns.keys()
+    other = set().union(*FORMAT_KEYS.values()) - wanted
+    examples, lines, first, unread = [], [], None, dict(columns)
+    for number, record in records:
+        where = record_place(path, unit, number)
+        if isinstance(record, dict) and columns:  # the columns named, under their keys, in place of the keys'
+            unread = {key: column for key, column in unread.items() if column not in record}
+            record = {**{k: v for k, v in record.items() if k not in other},
+                      **{key: record[column] for key, column in columns.items() if column in record}}
         keys = format_keys(record) if isinstance(record, dict) else set()
         if not any(keys <= format for format in FORMAT_KEYS.values()):
-            raise UserError(f"{path}:{number}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
+            raise UserError(f"{where}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
                             f"give each example in one")
         kind = example_format(record)
+        if kind is None and unread:
+            key, column = next(iter(unread.items()))
+            raise UserError(f"{flags[key]} {column}: {where} has no such column, nor has a {unit} before it")
         if kind is None:
-            raise UserError(f"{path}:{number}: not {objective.expected}")
+            raise UserError(f"{where}: not {objective.expected}{mapped}")
         if kind not in objective.formats:
-            raise UserError(f"{path}:{number}: {objective.refusal(kind)}")
+            raise UserError(f"{where}: {objective.refusal(kind)}")
         if first is None:
             first = (kind, number)
         elif kind != first[0]:
-            raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
+            raise UserError(f"{where}: a {kind} example, but {unit} {first[1]} is a {first[0]} example "
                             f"(one format per file)")
         wrong = objective.check(record)
         if wrong:
-            raise UserError(f"{path}:{number}: {wrong}")
+            raise UserError(f"{where}: {wrong}")
         if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
-            raise UserError(f"{path}:{number}: no assistant message, and --mask-prompt trains on those alone")
+            raise UserError(f"{where}: no assistant message, and --mask-prompt trains on those alone")
         # the example as encode() reads it: the keys of its format alone, a chat's tools, and what the objective
         # reads besides
         kept = FORMAT_KEYS[kind] | {"tools"} | objective.record_keys
@@ -422,10 +552,13 @@ def load_dataset(data_dir, split, mask_prompt=False, objective=None):
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
+    if unread:
+        key, column = next(iter(unread.items()))
+        raise UserError(f"{flags[key]} {column}: no {unit} of {path} has that column")
     if mask_prompt and first[0] == "text":
         raise UserError(f'--mask-prompt: {path} holds plain text examples; it needs {{"prompt", "completion"}} '
                         f'or {{"messages"}} examples')
-    return Examples(examples, path, lines)
+    return Examples(examples, path, lines, unit)
 
 
 def encode(record, tokenizer, add_eos, trained="completion"):
@@ -1695,7 +1828,7 @@ def save_checkpoint(folder, it, model, optimizer, adapter_config, config, saved)
 RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", "lora_targets", "lora_rank",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
-                "sort_by_length", "seed", *OBJECTIVE_FLAGS)
+                "sort_by_length", "seed", *OBJECTIVE_FLAGS, "train_split", *FEATURE_FLAGS)
 
 
 def changed_flags(saved: dict, args) -> list:
@@ -2030,7 +2163,10 @@ def main(args):
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
     training = training_args(args)
-    examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective) for split in splits}
+    columns = {key: getattr(args, flag) for flag, key in FEATURE_FLAGS.items()}
+    dataset_splits = {split: getattr(args, f"{split}_split") for split in DATASET_SPLITS}
+    examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective, columns, dataset_splits)
+                for split in splits}
     answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
     generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
                                            training.objective) for i in answered[:args.generate_eval]]
@@ -2095,7 +2231,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
     adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
         if len(data["train"]) < args.batch_size * rows:
-            raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows} examples, fewer than --batch-size")
+            raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than --batch-size")
         adapter_config = set_up_training(model, args, scale)
     # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
     # loaded; train() computes the training and validation sets' own
@@ -2125,7 +2261,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
                                            test_given)
         if not math.isfinite(test_loss):  # a result no one should read as one
             used = f"with the adapters {adapter_file}" if adapted else "without adapters"
-            raise UserError(f"--test: the loss of the model {used} on {Path(args.data) / 'test.jsonl'} is {test_loss}")
+            raise UserError(f"--test: the loss of the model {used} on {examples['test'].path} is {test_loss}")
         print(f"Test loss {test_loss:.3f}{objective.test_line(test_loss, test_metrics)}.", flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
             with utils.naming_flag("--generate-eval"):

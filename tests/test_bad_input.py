@@ -426,6 +426,56 @@ CASES += [
 ]
 
 
+def parquet(records, splits=("train", "validation"), flags=()):
+    """A short training run on --data d/data, a folder of a parquet file for each split: the train split's rows
+    the records, the others' good."""
+    def args(w, d):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = d / "data"
+        folder.mkdir()
+        for split in splits:
+            rows = records if split == "train" else [{"text": t} for t in sql_texts(8, 5)]
+            pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}.parquet")
+        return train(w, d, *flags, data=folder)
+
+    return args
+
+
+def damaged_parquet(w, d):
+    (d / "data").mkdir()
+    random_bytes(d / "data" / "train.parquet")
+    return train(w, d, data=d / "data")
+
+
+def text_file(w, d):
+    (d / "notes.txt").write_text("Q: a\nA: b\n")
+    return train(w, d, data=d / "notes.txt")
+
+
+HUB_ID = "no-such-user/no-such-dataset"
+TEXTS = [{"text": t} for t in sql_texts(8)]
+CASES += [
+    Case("data-hub-id-offline", "lora.py", lambda w, d: train(w, d, data=HUB_ID),
+         f"--data {HUB_ID}: no such folder or file, and the Hugging Face dataset {HUB_ID} could not be reached",
+         env=lambda w, d: {"HF_HUB_OFFLINE": "1"}),
+    Case("data-parquet-row-5-not-an-example", "lora.py", parquet(TEXTS[:5] + [{"text": None}] + TEXTS),
+         "data (split train) row 5: not an example"),
+    Case("data-parquet-without-a-valid-split", "lora.py", parquet(TEXTS, splits=("train",)), "--valid-split: "),
+    Case("data-parquet-train-split-unknown", "lora.py", parquet(TEXTS, flags=["--train-split", "training"]),
+         "--train-split: "),
+    Case("data-parquet-train-split-bad-slice", "lora.py", parquet(TEXTS, flags=["--train-split", "train[:x%]"]),
+         "--train-split train[:x%]: "),
+    Case("data-parquet-feature-not-a-column", "lora.py", parquet(TEXTS, flags=["--text-feature", "body"]),
+         "--text-feature body: "),
+    Case("data-parquet-damaged", "lora.py", damaged_parquet, "--data"),
+    Case("data-split-flag-on-jsonl-files", "lora.py", lambda w, d: train(w, d, "--train-split", "train[:50%]"),
+         "--train-split: "),
+    Case("data-a-text-file", "lora.py", text_file, "--data"),
+]
+
+
 # --- C. model folders ---------------------------------------------------------------------------------------
 
 def damaged(w, d, damage, source="model"):
