@@ -43,8 +43,8 @@ def build_parser():
     model.add_argument("--list-targets", type=utils.expanded_path, metavar="MODEL",
                        help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
     model.add_argument("--config", type=utils.expanded_path,
-                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...); "
-                            "flags given on the command line win.")
+                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...), or "
+                            "mlx-lm's lora_config.yaml; flags given on the command line win.")
     model.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
 
     data = p.add_argument_group("data")
@@ -186,10 +186,10 @@ def parse_args(argv=None):
         raise UserError(f"--config {args.config}: expected a mapping of flags to values")
     actions = {a.dest: a for a in parser._actions}
     flags = []
-    for key, value in config.items():
-        action = actions.get(str(key).replace("-", "_"))
+    for key, dest, value in config_flags(config, args.config):
+        action = actions.get(dest.replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
-            raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
+            raise UserError(f"--config {args.config}: {key} is not a flag of lora.py, nor a key of mlx-lm's config")
         with utils.naming_flag(f"--config {args.config}: {key}"):
             flags += yaml_flag(action, value)
     args = parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
@@ -225,6 +225,104 @@ def yaml_flag(action, value) -> list:
         if action.choices is not None and typed not in action.choices:
             raise UserError(f"{flag}: must be one of {', '.join(map(str, action.choices))}, not {shown}")
     return [flag, *map(str, values)]
+
+
+# mlx-lm's config keys (mlx_lm.lora's CONFIG_DEFAULTS and lora_config.yaml) that are lora.py's flags by other names
+MLX_LM_KEYS = {"num_layers": "lora_layers", "training_mode": "train_mode"}
+MLX_LM_LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "dropout": "lora_dropout", "keys": "lora_targets"}
+MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}  # as --lr-schedule
+MLX_LM_DATASET_KEYS = {"path": "data", "name": "data", "train_split": "train_split", "valid_split": "valid_split",
+                       "test_split": "test_split"}  # and the *_feature flags
+# mlx-lm's keys that change nothing at this value (mlx-lm's default), and why lora.py cannot honour another
+MLX_LM_FIXED = {"clear_cache_threshold": (0, "lora.py does not clear MLX's cache between steps"),
+                "trust_remote_code": (False, "lora.py runs no code from a model's repository"),
+                "project_name": (None, "lora.py reports to the project lora-mlx")}
+MLX_LM_UNSET = {"resume_adapter_file", "lr_schedule", "report_to", "hf_dataset"}  # where mlx-lm reads null as unset
+
+
+def config_flags(config: dict, source) -> list:
+    """(key, flag, value) of each flag that a --config file sets: a key of lora.py's flags as it is, or mlx-lm's
+    key (its lora_config.yaml) as the flags that do the same; `key` names it as the file does. A key of mlx-lm's
+    that no flag does alike is an error naming it and why."""
+    def refused(key, why):
+        return UserError(f"--config {source}: {key}: {why}")
+
+    def mapping(key, value, names):
+        if not isinstance(value, dict):
+            raise refused(key, f"expected a mapping of {', '.join(sorted(set(names)))} to values")
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise refused(f"{key}: {unknown[0]}", f"lora.py reads no other key of {key} than {', '.join(names)}")
+        return [(f"{key}: {k}", names[k], v) for k, v in value.items()]
+
+    flags = []
+    for key, value in config.items():
+        key = str(key)
+        if key in MLX_LM_FIXED:
+            if value != MLX_LM_FIXED[key][0]:
+                raise refused(key, f"{MLX_LM_FIXED[key][1]} (only {json.dumps(MLX_LM_FIXED[key][0])} is read)")
+        elif value is None and key in MLX_LM_UNSET:
+            continue
+        elif key == "learning_rate" and isinstance(config.get("lr_schedule"), dict):
+            continue  # mlx-lm ignores it: the schedule's first argument is the learning rate
+        elif key == "lora_parameters":
+            flags += mapping(key, value, MLX_LM_LORA_PARAMETERS)
+        elif key == "lr_schedule" and isinstance(value, dict):
+            flags += mlx_lm_schedule(value, config.get("iters", 1000), refused)
+        elif key == "optimizer_config":
+            optimizer = str(config.get("optimizer", "adam"))
+            flags += mapping(f"{key}: {optimizer}", (value or {}).get(optimizer) or {} if isinstance(value, dict)
+                             else value, {"weight_decay": "weight_decay"})
+        elif key == "adapter_path":  # a folder, which mlx-lm writes adapters.safetensors in
+            flags.append((key, "adapter_file", os.path.join(value, DEFAULT_ADAPTER_FILE) if isinstance(value, str)
+                          else value))
+        elif key == "hf_dataset":
+            entries = value if isinstance(value, list) else [value]
+            if len(entries) != 1:
+                raise refused(key, f"{len(entries)} datasets: lora.py trains on one")
+            dataset = mapping(key, entries[0], {**MLX_LM_DATASET_KEYS, **{flag: flag for flag in FEATURE_FLAGS}})
+            # mlx-lm's splits where the file gives none
+            flags += [(key, "train_split", "train[:80%]"), (key, "valid_split", "train[-10%:]"), *dataset]
+        else:
+            flags.append((key, MLX_LM_KEYS.get(key, key), "sft" if key == "training_mode" and value == "normal"
+                          else value))
+    return flags
+
+
+def mlx_lm_schedule(schedule: dict, iters, refused) -> list:
+    """The flags of mlx-lm's lr_schedule (mlx_lm.tuner.utils.build_schedule): its name, an MLX schedule, with
+    its arguments, after a linear warmup from warmup_init. lora.py's schedules decay to 0 at --iters after a
+    warmup from 0: a schedule of mlx-lm's that does not is an error."""
+    known = ("name", "arguments", "warmup", "warmup_init")
+    unknown = [k for k in schedule if k not in known]
+    if unknown:
+        raise refused(f"lr_schedule: {unknown[0]}",
+                      f"lora.py reads no other key of lr_schedule than {', '.join(known)}")
+    name, arguments = schedule.get("name"), schedule.get("arguments")
+    if name not in MLX_LM_SCHEDULES:
+        raise refused("lr_schedule: name", f"{json.dumps(name, default=str)}: lora.py's schedules are those of "
+                                           f"mlx-lm's {either(list(MLX_LM_SCHEDULES))} alone")
+    try:  # YAML reads 1e-5 (no dot) as text
+        numbers = [float(a) for a in arguments]
+        warmup, warmup_init = float(schedule.get("warmup", 0)), float(schedule.get("warmup_init", 0))
+        iters = int(iters)
+    except (TypeError, ValueError):
+        raise refused("lr_schedule", "expected numbers: arguments (a list of them), warmup, warmup_init and "
+                                     "iters") from None
+    if len(numbers) not in ((2, 3) if name == "cosine_decay" else (3,)):
+        raise refused("lr_schedule: arguments", f"expected {name}'s " + ("[initial rate, decay steps, final rate]"
+                      if name == "cosine_decay" else "[initial rate, final rate, steps]"))
+    steps, end = (numbers[1], (numbers + [0.0])[2]) if name == "cosine_decay" else (numbers[2], numbers[1])
+    if warmup_init:
+        raise refused("lr_schedule: warmup_init", f"{schedule['warmup_init']}: lora.py's warmup starts from 0")
+    if end:
+        raise refused("lr_schedule: arguments", f"the schedule ends at {end}: lora.py's decays to 0")
+    if steps != iters - warmup:
+        raise refused("lr_schedule: arguments", f"the decay takes {steps:g} steps: lora.py's takes those after the "
+                                                f"warmup, iters - warmup = {iters - warmup:g}")
+    return [("lr_schedule: name", "lr_schedule", MLX_LM_SCHEDULES[name]),
+            ("lr_schedule: warmup", "warmup", schedule.get("warmup", 0)),
+            ("lr_schedule: arguments", "learning_rate", arguments[0])]
 
 
 def check_flags(args):

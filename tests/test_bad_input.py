@@ -931,6 +931,16 @@ CASES += [
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: four\n"), "--batch-size"),
     Case("yaml-switch-the-string-false", "lora.py", yaml_file('mask_prompt: "false"\n'), "flags.yaml: mask_prompt"),
     Case("yaml-a-list-for-one-value", "lora.py", yaml_file("lora_layers: [1, 2]\n"), "flags.yaml: lora_layers"),
+    # mlx-lm's keys
+    Case("yaml-mlx-lm-schedule-ending-above-zero", "lora.py",
+         yaml_file("iters: 2\nlr_schedule:\n  name: cosine_decay\n  arguments: [1e-5, 2, 1e-7]\n"),
+         "flags.yaml: lr_schedule: arguments"),
+    Case("yaml-mlx-lm-lora-parameter-unknown", "lora.py", yaml_file("lora_parameters:\n  rank: 4\n  alpha: 16\n"),
+         "flags.yaml: lora_parameters: alpha"),
+    Case("yaml-mlx-lm-two-datasets", "lora.py", yaml_file("hf_dataset:\n  - path: a\n  - path: b\n"),
+         "flags.yaml: hf_dataset"),
+    Case("yaml-mlx-lm-lora-rank-zero", "lora.py", yaml_file("lora_parameters:\n  rank: 0\n"),
+         "flags.yaml: lora_parameters: rank: --lora-rank"),
 ]
 
 
