@@ -555,8 +555,10 @@ def dataset_rows(data, source, split, given):
     """(the split's name, its rows) of a Hugging Face dataset: the split `given` (--train-split, ...), else the
     first of DATASET_SPLITS[split] that the dataset has."""
     import datasets
+    import huggingface_hub
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors logged are those raised: one line here
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries where the hub is out of reach
     datasets.disable_progress_bars()  # its bars of the splits it writes to its cache, each a line of its own
     flag = f"--{split}-split"
     names = [given] if given else DATASET_SPLITS[split]
