@@ -240,6 +240,13 @@ def test_a_hugging_face_dataset_is_read_as_its_records(tiny_llama, tmp_path, cap
     assert examples.where(2) == f"{tmp_path / 'jsonl' / 'train.jsonl'}:3"
     assert lora.load_dataset(folder, "train", columns=columns).where(2) == f"{folder} (split train) row 2"
     assert lora.load_dataset(folder, "valid", columns=columns) == expected[:4]
+    hub = tmp_path / "hub"  # splits named in its README, as mlx-lm's datasets on the hub name them: "valid"
+    hub.mkdir()
+    table.to_parquet(hub / "a.parquet")
+    table.select(range(2)).to_parquet(hub / "b.parquet")
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                   "    path: a.parquet\n  - split: valid\n    path: b.parquet\n---\n")
+    assert lora.load_dataset(hub, "valid", columns=columns) == expected[:2]
     with pytest.raises(utils.UserError, match=r"^--valid-split: .*qa.csv has no split validation or valid \("):
         lora.load_dataset(tmp_path / "qa.csv", "valid", columns=columns)
     valid = lora.load_dataset(tmp_path / "qa.csv", "valid", columns=columns, dataset_splits={"valid": "train[-3:]"})
