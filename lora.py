@@ -43,13 +43,22 @@ def build_parser():
     model.add_argument("--list-targets", type=utils.expanded_path, metavar="MODEL",
                        help="Print the linear layers of MODEL's decoder layers that --lora-targets may name, and exit.")
     model.add_argument("--config", type=utils.expanded_path,
-                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...); "
-                            "flags given on the command line win.")
+                       help="YAML file of flags (lora_layers: 8, lora_targets: [q_proj, v_proj], train: true, ...), or "
+                            "mlx-lm's lora_config.yaml; flags given on the command line win.")
     model.add_argument("--seed", type=utils.SEED, default=0, help="Seed of the random number generators.")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", type=utils.expanded_path, default="data/",
-                      help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+                      help="Folder with train.jsonl, valid.jsonl, test.jsonl; or a Hugging Face dataset: a hub id, "
+                           "or a .parquet, .arrow, .csv, .json or .jsonl file, or a folder of them.")
+    for split, default in DATASET_SPLITS.items():
+        data.add_argument(f"--{split}-split", metavar="SPLIT",
+                          help=f"The split of a Hugging Face dataset that is the {split} set (default "
+                               f"{' or '.join(default)}); a slice such as train[:90%%] too.")
+    for flag, key in FEATURE_FLAGS.items():
+        data.add_argument("--" + flag.replace("_", "-"), metavar="COLUMN",
+                          help=f"The column (key) of the data that holds the examples' {key!r} (as mlx-lm's "
+                               f"{flag}).")
     data.add_argument("--max-seq-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
                       default=2048, help="Longer examples are truncated.")
     data.add_argument("--add-eos-token", type=int, choices=(0, 1), default=1,
@@ -215,10 +224,10 @@ def parse_args(argv=None):
         raise UserError(f"--config {args.config}: expected a mapping of flags to values")
     actions = {a.dest: a for a in parser._actions}
     flags = []
-    for key, value in config.items():
-        action = actions.get(str(key).replace("-", "_"))
+    for key, dest, value in config_flags(config, args.config):
+        action = actions.get(dest.replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
-            raise UserError(f"--config {args.config}: {key} is not a flag of lora.py")
+            raise UserError(f"--config {args.config}: {key} is not a flag of lora.py, nor a key of mlx-lm's config")
         with utils.naming_flag(f"--config {args.config}: {key}"):
             flags += yaml_flag(action, value)
     args = parser.parse_args(flags + list(sys.argv[1:] if argv is None else argv))
@@ -254,6 +263,104 @@ def yaml_flag(action, value) -> list:
         if action.choices is not None and typed not in action.choices:
             raise UserError(f"{flag}: must be one of {', '.join(map(str, action.choices))}, not {shown}")
     return [flag, *map(str, values)]
+
+
+# mlx-lm's config keys (mlx_lm.lora's CONFIG_DEFAULTS and lora_config.yaml) that are lora.py's flags by other names
+MLX_LM_KEYS = {"num_layers": "lora_layers", "training_mode": "train_mode"}
+MLX_LM_LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "dropout": "lora_dropout", "keys": "lora_targets"}
+MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}  # as --lr-schedule
+MLX_LM_DATASET_KEYS = {"path": "data", "name": "data", "train_split": "train_split", "valid_split": "valid_split",
+                       "test_split": "test_split"}  # and the *_feature flags
+# mlx-lm's keys that change nothing at this value (mlx-lm's default), and why lora.py cannot honour another
+MLX_LM_FIXED = {"clear_cache_threshold": (0, "lora.py does not clear MLX's cache between steps"),
+                "trust_remote_code": (False, "lora.py runs no code from a model's repository"),
+                "project_name": (None, "lora.py reports to the project lora-mlx")}
+MLX_LM_UNSET = {"resume_adapter_file", "lr_schedule", "report_to", "hf_dataset"}  # where mlx-lm reads null as unset
+
+
+def config_flags(config: dict, source) -> list:
+    """(key, flag, value) of each flag that a --config file sets: a key of lora.py's flags as it is, or mlx-lm's
+    key (its lora_config.yaml) as the flags that do the same; `key` names it as the file does. A key of mlx-lm's
+    that no flag does alike is an error naming it and why."""
+    def refused(key, why):
+        return UserError(f"--config {source}: {key}: {why}")
+
+    def mapping(key, value, names):
+        if not isinstance(value, dict):
+            raise refused(key, f"expected a mapping of {', '.join(sorted(set(names)))} to values")
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise refused(f"{key}: {unknown[0]}", f"lora.py reads no other key of {key} than {', '.join(names)}")
+        return [(f"{key}: {k}", names[k], v) for k, v in value.items()]
+
+    flags = []
+    for key, value in config.items():
+        key = str(key)
+        if key in MLX_LM_FIXED:
+            if value != MLX_LM_FIXED[key][0]:
+                raise refused(key, f"{MLX_LM_FIXED[key][1]} (only {json.dumps(MLX_LM_FIXED[key][0])} is read)")
+        elif value is None and key in MLX_LM_UNSET:
+            continue
+        elif key == "learning_rate" and isinstance(config.get("lr_schedule"), dict):
+            continue  # mlx-lm ignores it: the schedule's first argument is the learning rate
+        elif key == "lora_parameters":
+            flags += mapping(key, value, MLX_LM_LORA_PARAMETERS)
+        elif key == "lr_schedule" and isinstance(value, dict):
+            flags += mlx_lm_schedule(value, config.get("iters", 1000), refused)
+        elif key == "optimizer_config":
+            optimizer = str(config.get("optimizer", "adam"))
+            flags += mapping(f"{key}: {optimizer}", (value or {}).get(optimizer) or {} if isinstance(value, dict)
+                             else value, {"weight_decay": "weight_decay"})
+        elif key == "adapter_path":  # a folder, which mlx-lm writes adapters.safetensors in
+            flags.append((key, "adapter_file", os.path.join(value, DEFAULT_ADAPTER_FILE) if isinstance(value, str)
+                          else value))
+        elif key == "hf_dataset":
+            entries = value if isinstance(value, list) else [value]
+            if len(entries) != 1:
+                raise refused(key, f"{len(entries)} datasets: lora.py trains on one")
+            dataset = mapping(key, entries[0], {**MLX_LM_DATASET_KEYS, **{flag: flag for flag in FEATURE_FLAGS}})
+            # mlx-lm's splits where the file gives none
+            flags += [(key, "train_split", "train[:80%]"), (key, "valid_split", "train[-10%:]"), *dataset]
+        else:
+            flags.append((key, MLX_LM_KEYS.get(key, key), "sft" if key == "training_mode" and value == "normal"
+                          else value))
+    return flags
+
+
+def mlx_lm_schedule(schedule: dict, iters, refused) -> list:
+    """The flags of mlx-lm's lr_schedule (mlx_lm.tuner.utils.build_schedule): its name, an MLX schedule, with
+    its arguments, after a linear warmup from warmup_init. lora.py's schedules decay to 0 at --iters after a
+    warmup from 0: a schedule of mlx-lm's that does not is an error."""
+    known = ("name", "arguments", "warmup", "warmup_init")
+    unknown = [k for k in schedule if k not in known]
+    if unknown:
+        raise refused(f"lr_schedule: {unknown[0]}",
+                      f"lora.py reads no other key of lr_schedule than {', '.join(known)}")
+    name, arguments = schedule.get("name"), schedule.get("arguments")
+    if name not in MLX_LM_SCHEDULES:
+        raise refused("lr_schedule: name", f"{json.dumps(name, default=str)}: lora.py's schedules are those of "
+                                           f"mlx-lm's {either(list(MLX_LM_SCHEDULES))} alone")
+    try:  # YAML reads 1e-5 (no dot) as text
+        numbers = [float(a) for a in arguments]
+        warmup, warmup_init = float(schedule.get("warmup", 0)), float(schedule.get("warmup_init", 0))
+        iters = int(iters)
+    except (TypeError, ValueError):
+        raise refused("lr_schedule", "expected numbers: arguments (a list of them), warmup, warmup_init and "
+                                     "iters") from None
+    if len(numbers) not in ((2, 3) if name == "cosine_decay" else (3,)):
+        raise refused("lr_schedule: arguments", f"expected {name}'s " + ("[initial rate, decay steps, final rate]"
+                      if name == "cosine_decay" else "[initial rate, final rate, steps]"))
+    steps, end = (numbers[1], (numbers + [0.0])[2]) if name == "cosine_decay" else (numbers[2], numbers[1])
+    if warmup_init:
+        raise refused("lr_schedule: warmup_init", f"{schedule['warmup_init']}: lora.py's warmup starts from 0")
+    if end:
+        raise refused("lr_schedule: arguments", f"the schedule ends at {end}: lora.py's decays to 0")
+    if steps != iters - warmup:
+        raise refused("lr_schedule: arguments", f"the decay takes {steps:g} steps: lora.py's takes those after the "
+                                                f"warmup, iters - warmup = {iters - warmup:g}")
+    return [("lr_schedule: name", "lr_schedule", MLX_LM_SCHEDULES[name]),
+            ("lr_schedule: warmup", "warmup", schedule.get("warmup", 0)),
+            ("lr_schedule: arguments", "learning_rate", arguments[0])]
 
 
 def check_flags(args):
@@ -426,50 +533,173 @@ def exchange(prompt, response, tools=None):
 
 
 class Examples(list):
-    """The records of a .jsonl file, and the line each came from (for errors found later)."""
+    """The records of a data set, its name (`path`: the .jsonl file, or the dataset and split) and the line or
+    row each came from (for errors found later)."""
 
-    def __init__(self, records, path, lines):
+    def __init__(self, records, path, lines, unit="line"):
         super().__init__(records)
-        self.path, self.lines = path, lines
+        self.path, self.lines, self.unit = path, lines, unit
 
     def where(self, i):
-        return f"{self.path}:{self.lines[i]}"
+        return record_place(self.path, self.unit, self.lines[i])
+
+
+def record_place(name, unit, number) -> str:
+    """A line of a .jsonl file (unit "line"), or a row of a dataset's split (unit "row"), as errors name it."""
+    return f"{name}:{number}" if unit == "line" else f"{name} row {number}"
 
 
 # what example_format's kinds of record are called in errors
 KIND_NAMES = {"text": "text example", "completion": "completion example", "preference": "preference pair",
               "chat": "chat example"}
 
+# the splits of a Hugging Face dataset that are the train, valid and test sets where --train-split, ... give none:
+# the names that datasets gives files named so, then those of mlx-lm's datasets on the hub ("valid")
+DATASET_SPLITS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
+# the flags that name the column holding a format's key (mlx-lm's *_feature), and that key
+FEATURE_FLAGS = {"text_feature": "text", "prompt_feature": "prompt", "completion_feature": "completion",
+                 "chat_feature": "messages", "chosen_feature": "chosen", "rejected_feature": "rejected"}
+# the files that --data reads as a Hugging Face dataset, by the datasets builder that reads them
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
-def load_dataset(data_dir, split, mask_prompt=False, objective=None):
-    """The examples of DIR/split.jsonl, all of one format (see example_format), checked before any model
-    is loaded: records the objective (default SFT) learns from (with mask_prompt, of a format that has a
-    prompt)."""
+
+def dataset_source(data):
+    """What datasets.load_dataset reads --data as (its keywords): a folder of data files (DATA_FILE_BUILDERS) but
+    no train.jsonl, valid.jsonl or test.jsonl, such a file, or else, where the name can be one, a Hugging Face
+    hub id; None for a folder of .jsonl files (or none, which is an error later)."""
+    path = Path(data)
+    if path.is_dir():
+        jsonl = any((path / f"{split}.jsonl").exists() for split in DATASET_SPLITS)
+        data_files = any(p.suffix in DATA_FILE_BUILDERS for p in path.rglob("*") if p.is_file())
+        return {"path": str(path)} if data_files and not jsonl else None
+    if path.is_file():
+        if path.suffix not in DATA_FILE_BUILDERS:
+            raise UserError(f"--data {data}: a file, but not {either(list(DATA_FILE_BUILDERS))} data; give a folder "
+                            f"of train.jsonl, valid.jsonl and test.jsonl, or a Hugging Face dataset")
+        return {"path": DATA_FILE_BUILDERS[path.suffix], "data_files": str(path)}
+    if re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", str(data)):
+        return {"path": str(data)}
+    return None
+
+
+def without_nulls(value):
+    """A value of a dataset's row less its null keys: a table gives each of its structs (a chat's message, a
+    tool) every field that any of them has, null where it has none, which a chat template reads as given."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def torch_unhidden():
+    """Within: PyTorch not hidden as utils.set_up_process hides it (None in sys.modules), which datasets' hashing
+    reads as imported, and imports (datasets goes without PyTorch, as it found none when it was imported)."""
+    hidden = "torch" in sys.modules and sys.modules["torch"] is None
+    if hidden:
+        del sys.modules["torch"]
+    try:
+        yield
+    finally:
+        if hidden:
+            sys.modules.setdefault("torch", None)
+
+
+def dataset_rows(data, source, split, given):
+    """(the split's name, its rows) of a Hugging Face dataset: the split `given` (--train-split, ...), else the
+    first of DATASET_SPLITS[split] that the dataset has."""
+    import datasets
+    import huggingface_hub
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors logged are those raised: one line here
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries where the hub is out of reach
+    datasets.disable_progress_bars()  # its bars of the splits it writes to its cache, each a line of its own
+    flag = f"--{split}-split"
+    names = [given] if given else DATASET_SPLITS[split]
+    for name in names:
+        try:
+            datasets.ReadInstruction.from_spec(name)
+        except ValueError as e:  # a slice it cannot read
+            raise UserError(f"{flag} {name}: {utils.first_line(e)}") from None
+        try:
+            with torch_unhidden():
+                return name, datasets.load_dataset(**source, split=name)
+        except Exception as e:  # what the hub, the network, a file's reader or the split's name raise
+            message = utils.first_line(e)
+            if isinstance(e, ValueError) and message.startswith("Unknown split"):
+                missing = message
+            elif "data_files" not in source and not Path(data).exists():
+                raise UserError(f"--data {data}: no such folder or file, and the Hugging Face dataset {data} could "
+                                f"not be reached or found ({type(e).__name__}: {message})") from None
+            else:
+                raise UserError(f"--data {data}: cannot be read as a Hugging Face dataset ({type(e).__name__}: "
+                                f"{message})") from None
+    raise UserError(f"{flag}: {data} has no split {either(names)} ({missing}); name the {split} set's with {flag} "
+                    f"(a slice such as train[:10%] too)")
+
+
+def read_records(data, split, dataset_splits=None):
+    """(name, [(number, record)], unit): the records of --data's train, valid or test set: the lines of
+    DATA/split.jsonl (unit "line"), or the rows of a Hugging Face dataset's split (unit "row"; dataset_splits
+    gives the --*-split flags by set). `name` names the set in errors."""
+    dataset_splits = dataset_splits or {}
+    source = dataset_source(data)
+    if source is None:
+        given = [f"--{s}-split" for s, name in dataset_splits.items() if name]
+        if given:
+            raise UserError(f"{given[0]}: chooses a split of a Hugging Face dataset, and --data {data} is read as "
+                            f"train.jsonl, valid.jsonl and test.jsonl")
+        path = Path(data) / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return path, utils.read_jsonl(path), "line"
+    name, rows = dataset_rows(data, source, split, dataset_splits.get(split))
+    return f"{data} (split {name})", [(i, without_nulls(row)) for i, row in enumerate(rows)], "row"
+
+
+def load_dataset(data_dir, split, mask_prompt=False, objective=None, columns=None, dataset_splits=None):
+    """The examples of --data's train, valid or test set (read_records), all of one format (see example_format),
+    checked before any model is loaded: records the objective (default SFT) learns from (with mask_prompt, of a
+    format that has a prompt). `columns` maps a format's keys to the columns that hold them (--*-feature)."""
     objective = objective or SFT()
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    examples, lines, first = [], [], None
-    for number, record in utils.read_jsonl(path):
+    path, records, unit = read_records(data_dir, split, dataset_splits)
+    columns = {key: column for key, column in (columns or {}).items() if column not in (None, key)}
+    flags = {key: "--" + flag.replace("_", "-") for flag, key in FEATURE_FLAGS.items()}
+    mapped = "".join(f" ({flags[key]} {column})" for key, column in columns.items())
+    # the keys of the formats that the columns named are keys of: the others are other columns here (a chat's
+    # --chat-feature chosen beside the prompt and rejected columns of a preference pair)
+    wanted = set().union(*(keys for keys in FORMAT_KEYS.values() if keys & columns.keys())) - columns.keys()
+    other = set().union(*FORMAT_KEYS.values()) - wanted
+    examples, lines, first, unread = [], [], None, dict(columns)
+    for number, record in records:
+        where = record_place(path, unit, number)
+        if isinstance(record, dict) and columns:  # the columns named, under their keys, in place of the keys'
+            unread = {key: column for key, column in unread.items() if column not in record}
+            record = {**{k: v for k, v in record.items() if k not in other},
+                      **{key: record[column] for key, column in columns.items() if column in record}}
         keys = format_keys(record) if isinstance(record, dict) else set()
         if not any(keys <= format for format in FORMAT_KEYS.values()):
-            raise UserError(f"{path}:{number}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
+            raise UserError(f"{where}: holds the keys of more than one format ({', '.join(sorted(keys))}); "
                             f"give each example in one")
         kind = example_format(record)
+        if kind is None and unread:
+            key, column = next(iter(unread.items()))
+            raise UserError(f"{flags[key]} {column}: {where} has no such column, nor has a {unit} before it")
         if kind is None:
-            raise UserError(f"{path}:{number}: not {objective.expected}")
+            raise UserError(f"{where}: not {objective.expected}{mapped}")
         if kind not in objective.formats:
-            raise UserError(f"{path}:{number}: {objective.refusal(kind)}")
+            raise UserError(f"{where}: {objective.refusal(kind)}")
         if first is None:
             first = (kind, number)
         elif kind != first[0]:
-            raise UserError(f"{path}:{number}: a {kind} example, but line {first[1]} is a {first[0]} example "
+            raise UserError(f"{where}: a {kind} example, but {unit} {first[1]} is a {first[0]} example "
                             f"(one format per file)")
         wrong = objective.check(record)
         if wrong:
-            raise UserError(f"{path}:{number}: {wrong}")
+            raise UserError(f"{where}: {wrong}")
         if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
-            raise UserError(f"{path}:{number}: no assistant message, and --mask-prompt trains on those alone")
+            raise UserError(f"{where}: no assistant message, and --mask-prompt trains on those alone")
         # the example as encode() reads it: the keys of its format alone, a chat's tools, and what the objective
         # reads besides
         kept = FORMAT_KEYS[kind] | {"tools"} | objective.record_keys
@@ -477,10 +707,13 @@ def load_dataset(data_dir, split, mask_prompt=False, objective=None):
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
+    if unread:
+        key, column = next(iter(unread.items()))
+        raise UserError(f"{flags[key]} {column}: no {unit} of {path} has that column")
     if mask_prompt and first[0] == "text":
         raise UserError(f'--mask-prompt: {path} holds plain text examples; it needs {{"prompt", "completion"}} '
                         f'or {{"messages"}} examples')
-    return Examples(examples, path, lines)
+    return Examples(examples, path, lines, unit)
 
 
 def encode(record, tokenizer, add_eos, trained="completion"):
@@ -1828,7 +2061,7 @@ RESULT_FLAGS = ("model", "data", "train_mode", "fine_tune_type", "lora_layers", 
                 "use_rslora", "lora_plus_ratio", "init_lora_weights",
                 "lora_dropout", "max_seq_length", "add_eos_token", "mask_prompt", "batch_size", "grad_accumulation_steps",
                 "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup", "max_grad_norm",
-                "sort_by_length", "seed", *OBJECTIVE_FLAGS)
+                "sort_by_length", "seed", *OBJECTIVE_FLAGS, "train_split", *FEATURE_FLAGS)
 
 
 def changed_flags(saved: dict, args) -> list:
@@ -2175,7 +2408,10 @@ def main(args):
     # Data errors come before the model is loaded, which can take minutes.
     splits = (["train"] + (["valid"] if args.val_batches else []) if args.train else []) + (["test"] if args.test else [])
     training = training_args(args)
-    examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective) for split in splits}
+    columns = {key: getattr(args, flag) for flag, key in FEATURE_FLAGS.items()}
+    dataset_splits = {split: getattr(args, f"{split}_split") for split in DATASET_SPLITS}
+    examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective, columns, dataset_splits)
+                for split in splits}
     if args.epochs and args.train:  # the schedule's length and the checkpoints' flags follow
         args.iters = epoch_iterations(len(examples["train"]), args)
         training = training_args(args)
@@ -2256,7 +2492,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
     adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
         if len(data["train"]) < args.batch_size * rows:
-            raise UserError(f"{args.data}/train.jsonl: {len(data['train']) // rows} examples, fewer than --batch-size")
+            raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than --batch-size")
         adapter_config = set_up_training(model, args, scale)
     # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
     # loaded; train() computes the training and validation sets' own
@@ -2286,7 +2522,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
                                            test_given)
         if not math.isfinite(test_loss):  # a result no one should read as one
             used = f"with the adapters {adapter_file}" if adapted else "without adapters"
-            raise UserError(f"--test: the loss of the model {used} on {Path(args.data) / 'test.jsonl'} is {test_loss}")
+            raise UserError(f"--test: the loss of the model {used} on {examples['test'].path} is {test_loss}")
         print(f"Test loss {test_loss:.3f}{objective.test_line(test_loss, test_metrics)}.", flush=True)
         if generation_tests and mx.distributed.init().rank() == 0:
             with utils.naming_flag("--generate-eval"):

@@ -443,6 +443,56 @@ CASES += [
 ]
 
 
+def parquet(records, splits=("train", "validation"), flags=()):
+    """A short training run on --data d/data, a folder of a parquet file for each split: the train split's rows
+    the records, the others' good."""
+    def args(w, d):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = d / "data"
+        folder.mkdir()
+        for split in splits:
+            rows = records if split == "train" else [{"text": t} for t in sql_texts(8, 5)]
+            pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}.parquet")
+        return train(w, d, *flags, data=folder)
+
+    return args
+
+
+def damaged_parquet(w, d):
+    (d / "data").mkdir()
+    random_bytes(d / "data" / "train.parquet")
+    return train(w, d, data=d / "data")
+
+
+def text_file(w, d):
+    (d / "notes.txt").write_text("Q: a\nA: b\n")
+    return train(w, d, data=d / "notes.txt")
+
+
+HUB_ID = "no-such-user/no-such-dataset"
+TEXTS = [{"text": t} for t in sql_texts(8)]
+CASES += [
+    Case("data-hub-id-offline", "lora.py", lambda w, d: train(w, d, data=HUB_ID),
+         f"--data {HUB_ID}: no such folder or file, and the Hugging Face dataset {HUB_ID} could not be reached",
+         env=lambda w, d: {"HF_HUB_OFFLINE": "1"}),
+    Case("data-parquet-row-5-not-an-example", "lora.py", parquet(TEXTS[:5] + [{"text": None}] + TEXTS),
+         "data (split train) row 5: not an example"),
+    Case("data-parquet-without-a-valid-split", "lora.py", parquet(TEXTS, splits=("train",)), "--valid-split: "),
+    Case("data-parquet-train-split-unknown", "lora.py", parquet(TEXTS, flags=["--train-split", "training"]),
+         "--train-split: "),
+    Case("data-parquet-train-split-bad-slice", "lora.py", parquet(TEXTS, flags=["--train-split", "train[:x%]"]),
+         "--train-split train[:x%]: "),
+    Case("data-parquet-feature-not-a-column", "lora.py", parquet(TEXTS, flags=["--text-feature", "body"]),
+         "--text-feature body: "),
+    Case("data-parquet-damaged", "lora.py", damaged_parquet, "--data"),
+    Case("data-split-flag-on-jsonl-files", "lora.py", lambda w, d: train(w, d, "--train-split", "train[:50%]"),
+         "--train-split: "),
+    Case("data-a-text-file", "lora.py", text_file, "--data"),
+]
+
+
 # --- C. model folders ---------------------------------------------------------------------------------------
 
 def damaged(w, d, damage, source="model"):
@@ -915,6 +965,16 @@ CASES += [
          yaml_without_batch_size("train: true\niters: 2\nlora_layers: 2\nbatch_size: four\n"), "--batch-size"),
     Case("yaml-switch-the-string-false", "lora.py", yaml_file('mask_prompt: "false"\n'), "flags.yaml: mask_prompt"),
     Case("yaml-a-list-for-one-value", "lora.py", yaml_file("lora_layers: [1, 2]\n"), "flags.yaml: lora_layers"),
+    # mlx-lm's keys
+    Case("yaml-mlx-lm-schedule-ending-above-zero", "lora.py",
+         yaml_file("iters: 2\nlr_schedule:\n  name: cosine_decay\n  arguments: [1e-5, 2, 1e-7]\n"),
+         "flags.yaml: lr_schedule: arguments"),
+    Case("yaml-mlx-lm-lora-parameter-unknown", "lora.py", yaml_file("lora_parameters:\n  rank: 4\n  alpha: 16\n"),
+         "flags.yaml: lora_parameters: alpha"),
+    Case("yaml-mlx-lm-two-datasets", "lora.py", yaml_file("hf_dataset:\n  - path: a\n  - path: b\n"),
+         "flags.yaml: hf_dataset"),
+    Case("yaml-mlx-lm-lora-rank-zero", "lora.py", yaml_file("lora_parameters:\n  rank: 0\n"),
+         "flags.yaml: lora_parameters: rank: --lora-rank"),
 ]
 
 

@@ -112,11 +112,11 @@ def test_mask_prompt_scores_the_assistant_messages_alone(chat_model):
             assert_scores_the_assistant_mask(row, marked, example["messages"])
 
 
-def assert_scores_the_assistant_mask(row, marked, messages):
+def assert_scores_the_assistant_mask(row, marked, messages, tools=None):
     """The row (tokens, scored) scores the tokens that transformers' assistant mask marks, with the template of
     `marked`; the tokens are the chat's, those after the last marked one left out."""
     tokens, scored = row
-    expected = marked.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    expected = marked.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
     mask = np.array(expected["assistant_masks"])
     assert tokens == expected["input_ids"][:len(tokens)] and not mask[len(tokens):].any()
     assert (lora.scored_targets(tokens, scored) == mask[1:len(tokens)]).all()  # a target is the next token
@@ -162,6 +162,117 @@ def test_mask_prompt_refuses_what_it_cannot_mask(chat_model, tmp_path, capsys):
     with pytest.raises(utils.UserError, match=r"train.jsonl:1: the chat template of .* renders the messages up to "
                                               r"the assistant's message 2 otherwise than within the whole chat"):
         lora.tokenize(examples, tokenizer, True, 256, "train", mask_prompt=True)
+
+
+def tool_template(marked):
+    """ChatML whose assistant messages may call tools (as Qwen2.5's), with TRL's markers of the assistant's tokens
+    if `marked`."""
+    body = ("{% if m.content %}{{ m.content }}{% endif %}{% for call in m.tool_calls or [] %}<tool_call>"
+            "{{ call.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n")
+    if marked:
+        body = ("{% if m['role'] == 'assistant' %}{% generation %}" + body + "{% endgeneration %}{% else %}" + body
+                + "{% endif %}")
+    return ("{% if tools %}<|im_start|>system\nYou may call: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + body + "{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def function(name, **fields):
+    return {"type": "function", "function": {"name": name, **fields}}
+
+
+# mlx-lm's tools format: chats whose assistant messages call tools (without content, or with), of tools whose
+# definitions, calls and messages have other fields each (which a table gives all of them, null where absent)
+TOOL_CHATS = [
+    {"messages": [message("user", "the team when year is 4"),
+                  {"role": "assistant", "tool_calls": [function("run_sql", arguments={"query": "SELECT team"})]},
+                  message("tool", "Lions"), message("assistant", "The Lions.")],
+     "tools": [function("run_sql", parameters={"type": "object", "properties": {"query": {"type": "string"}}})]},
+    {"messages": [message("user", "the year"),
+                  {"role": "assistant", "content": "Looking.",
+                   "tool_calls": [function("lookup", arguments={"table": "t", "limit": 1})]},
+                  message("tool", "4"), message("assistant", "4."), message("user", "thanks")],
+     "tools": [function("lookup", description="reads a table", parameters={"type": "object"})]},
+]
+
+
+def test_tool_calls_are_scored_with_every_assistant_message(chat_model, tmp_path):
+    """Chats with tools (mlx-lm's format), read from a .jsonl file or a parquet file, render as the chat template
+    renders them; --mask-prompt scores each assistant message, tool calls and all, and nothing else: the tokens
+    of transformers' assistant mask, with the template with markers and without."""
+    import datasets
+
+    tokenizer, marked = AutoTokenizer.from_pretrained(chat_model), AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template, marked.chat_template = tool_template(False), tool_template(True)
+    write(tmp_path / "jsonl", "train", TOOL_CHATS)
+    datasets.Dataset.from_list(TOOL_CHATS).to_parquet(tmp_path / "chats.parquet")
+    for data in (tmp_path / "jsonl", tmp_path / "chats.parquet"):
+        examples = lora.load_dataset(data, "train", mask_prompt=True)
+        assert examples == TOOL_CHATS
+        for template in (tokenizer, marked):
+            rows = lora.tokenize(examples, template, True, 2048, "train", mask_prompt=True)
+            for row, example in zip(rows, examples):  # (a table orders a struct's keys its own way)
+                assert_scores_the_assistant_mask(row, marked, example["messages"], example["tools"])
+                text = tokenizer.decode(row[0])
+                assert "<tool_call>" in text and example["tools"][0]["function"]["name"] in text
+
+
+def test_a_hugging_face_dataset_is_read_as_its_records(tiny_llama, tmp_path, capsys):
+    """--data reads parquet, CSV and JSON lines files with datasets: a folder of them (its splits by the files'
+    names) or one (a train split alone: the others are slices of it); its columns are the formats' keys that the
+    --*-feature flags map them to (in .jsonl files too), and a row is checked as a line is."""
+    import datasets
+
+    rows = [{"question": p["prompt"], "answer": p["completion"], "id": i} for i, p in enumerate(pairs(8, 0))]
+    expected = [{"prompt": r["question"], "completion": r["answer"]} for r in rows]
+    table = datasets.Dataset.from_list(rows)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    table.to_parquet(folder / "train.parquet")
+    table.select(range(4)).to_parquet(folder / "validation.parquet")
+    table.to_csv(tmp_path / "qa.csv", index=False)
+    table.to_json(tmp_path / "qa.jsonl")
+    write(tmp_path / "jsonl", "train", rows)
+    columns = {"prompt": "question", "completion": "answer"}
+    for data in (folder, tmp_path / "qa.csv", tmp_path / "qa.jsonl", tmp_path / "jsonl"):
+        examples = lora.load_dataset(data, "train", columns=columns)
+        assert examples == expected
+    assert examples.where(2) == f"{tmp_path / 'jsonl' / 'train.jsonl'}:3"
+    assert lora.load_dataset(folder, "train", columns=columns).where(2) == f"{folder} (split train) row 2"
+    assert lora.load_dataset(folder, "valid", columns=columns) == expected[:4]
+    hub = tmp_path / "hub"  # splits named in its README, as mlx-lm's datasets on the hub name them: "valid"
+    hub.mkdir()
+    table.to_parquet(hub / "a.parquet")
+    table.select(range(2)).to_parquet(hub / "b.parquet")
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                   "    path: a.parquet\n  - split: valid\n    path: b.parquet\n---\n")
+    assert lora.load_dataset(hub, "valid", columns=columns) == expected[:2]
+    with pytest.raises(utils.UserError, match=r"^--valid-split: .*qa.csv has no split validation or valid \("):
+        lora.load_dataset(tmp_path / "qa.csv", "valid", columns=columns)
+    valid = lora.load_dataset(tmp_path / "qa.csv", "valid", columns=columns, dataset_splits={"valid": "train[-3:]"})
+    assert valid == expected[-3:]
+    with pytest.raises(utils.UserError, match=r"^--train-split: chooses a split of a Hugging Face dataset"):
+        lora.load_dataset(tmp_path / "jsonl", "train", dataset_splits={"train": "train[:2]"})
+    with pytest.raises(utils.UserError, match=r"^--text-feature body: no row of .*qa.csv \(split train\) has that "):
+        lora.load_dataset(tmp_path / "qa.csv", "train", columns={**columns, "text": "body"})
+
+    # a chat from a pair's chosen column: the pair's other columns are no format's keys then
+    chat = [message("user", "q"), message("assistant", "a")]
+    write(tmp_path / "pairs", "train", [{"prompt": chat[:1], "chosen": chat[1:], "rejected": chat[1:], "messages": chat,
+                                         "text": "t"}])
+    assert lora.load_dataset(tmp_path / "pairs", "train", columns={"messages": "rejected"}) == [{"messages": chat[1:]}]
+
+    bad = rows[:3] + [{"question": "q", "answer": None, "id": 3}]
+    datasets.Dataset.from_list(bad).to_parquet(tmp_path / "a.parquet")
+    with pytest.raises(utils.UserError, match=r"a.parquet \(split train\) row 3: not an example: .* \(--prompt-feature "
+                                              r"question\) \(--completion-feature answer\)$"):
+        lora.load_dataset(tmp_path / "a.parquet", "train", columns=columns)
+
+    out = run_lora(capsys, "--model", tiny_llama, "--data", folder, "--prompt-feature", "question",
+                   "--completion-feature", "answer", "--train", "--mask-prompt", "--iters", 2, "--batch-size", 4,
+                   "--lora-layers", 1, "--steps-per-eval", 2, "--val-batches", 1,
+                   "--adapter-file", tmp_path / "a.safetensors")
+    assert "Iter 2: Val loss" in out
 
 
 @pytest.mark.parametrize("record", [

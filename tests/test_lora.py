@@ -187,6 +187,24 @@ def test_command_line_errors_are_one_line(tmp_path):
     ("mask_prompt: true", {"mask_prompt": True}), ("mask_prompt: false", {"mask_prompt": False}),
     ("cache_frozen_layers: off", {"cache_frozen_layers": False}), ("learning_rate: 1e-4", {"learning_rate": 1e-4}),
     ("lora_targets: q_proj", {"lora_targets": ["q_proj"]}), ("iters: '5'", {"iters": 5}),
+    # mlx-lm's keys (its lora_config.yaml)
+    ("num_layers: 4", {"lora_layers": 4}), ("training_mode: normal", {"train_mode": "sft"}),
+    ("lora_parameters: {rank: 4, scale: 2.0, dropout: 0.1, keys: [self_attn.q_proj]}",
+     {"lora_rank": 4, "lora_scale": 2.0, "lora_dropout": 0.1, "lora_targets": ["self_attn.q_proj"]}),
+    ("adapter_path: out", {"adapter_file": os.path.join("out", "adapters.safetensors")}),
+    ("resume_adapter_file: null", {"resume_adapter_file": None}),
+    ("{optimizer: adamw, optimizer_config: {adamw: {weight_decay: 0.05}, sgd: {momentum: 0.9}}}",
+     {"optimizer": "adamw", "weight_decay": 0.05}),
+    ("{learning_rate: 1, lr_schedule: {name: cosine_decay, warmup: 10, arguments: [1e-5, 990, 0]}}",
+     {"lr_schedule": "cosine", "warmup": 10, "learning_rate": 1e-5}),
+    ("{iters: 20, lr_schedule: {name: linear_schedule, arguments: [1e-4, 0, 20]}}",
+     {"lr_schedule": "linear", "warmup": 0, "learning_rate": 1e-4}),
+    ("hf_dataset: {path: me/qa, prompt_feature: question, completion_feature: answer}",
+     {"data": "me/qa", "train_split": "train[:80%]", "valid_split": "train[-10%:]", "test_split": None,
+      "prompt_feature": "question", "completion_feature": "answer"}),
+    ("hf_dataset: [{name: billsum, train_split: 'train[:1000]', text_feature: text}]",
+     {"data": "billsum", "train_split": "train[:1000]", "text_feature": "text"}),
+    ("{clear_cache_threshold: 0, trust_remote_code: false, project_name: null}", {}),
 ])
 def test_yaml_values_are_the_flags_values(tmp_path, line, flags):
     (tmp_path / "run.yaml").write_text(line + "\n")
@@ -205,6 +223,28 @@ def test_yaml_values_are_the_flags_values(tmp_path, line, flags):
     ("lora_targets: {q_proj: 1}", r"lora_targets: --lora-targets: expected text, or a list of them, not "),
     ("lora_targets: []", r"lora_targets: --lora-targets: expected text, or a list of them, not \[\]"),
     ("add_eos_token: 2", r"add_eos_token: --add-eos-token: must be one of 0, 1, not 2"),
+    # mlx-lm's keys that lora.py cannot honour
+    ("lora_parameters: {rank: 4, alpha: 16}",
+     r"lora_parameters: alpha: lora.py reads no other key of lora_parameters than rank, scale, dropout, keys"),
+    ("lora_parameters: 8", r"lora_parameters: expected a mapping of dropout, keys, rank, scale to values"),
+    ("lr_schedule: {name: exponential_decay, arguments: [1e-5, 0.9]}",
+     r"lr_schedule: name: \"exponential_decay\": lora.py's schedules are those of mlx-lm's cosine_decay or "),
+    ("lr_schedule: {name: cosine_decay, warmup: 100, arguments: [1e-5, 900, 1e-7]}",
+     r"lr_schedule: arguments: the schedule ends at 1e-07: lora.py's decays to 0"),
+    ("lr_schedule: {name: cosine_decay, warmup: 100, arguments: [1e-5, 1000]}",
+     r"lr_schedule: arguments: the decay takes 1000 steps: lora.py's takes those after the warmup, iters - warmup "
+     r"= 900"),
+    ("lr_schedule: {name: cosine_decay, warmup_init: 1e-7, warmup: 10, arguments: [1e-5, 990]}",
+     r"lr_schedule: warmup_init: 1e-7: lora.py's warmup starts from 0"),
+    ("lr_schedule: {name: linear_schedule, arguments: [1e-5]}",
+     r"lr_schedule: arguments: expected linear_schedule's \[initial rate, final rate, steps\]"),
+    ("optimizer_config: {adam: {betas: [0.9, 0.98]}}",
+     r"optimizer_config: adam: betas: lora.py reads no other key of optimizer_config: adam than weight_decay"),
+    ("hf_dataset: [{path: a}, {path: b}]", r"hf_dataset: 2 datasets: lora.py trains on one"),
+    ("hf_dataset: {path: a, config: {name: b}}", r"hf_dataset: config: lora.py reads no other key of hf_dataset "),
+    ("trust_remote_code: true", r"trust_remote_code: lora.py runs no code from a model's repository"),
+    ("clear_cache_threshold: 1", r"clear_cache_threshold: lora.py does not clear MLX's cache between steps"),
+    ("wandb: project", r"wandb is not a flag of lora.py, nor a key of mlx-lm's config"),
 ])
 def test_yaml_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, error):
     (tmp_path / "run.yaml").write_text(line + "\n")

@@ -128,6 +128,66 @@ def test_config_file(tiny_llama, data_dir, tmp_path, capsys):
         run_lora(capsys, "--config", config)
 
 
+# mlx-lm's examples/lora_config.yaml, its sizes made tiny (and its commented-out schedule and optimizer settings
+# on, with values lora.py does alike)
+MLX_LM_CONFIG = """\
+model: "{model}"
+train: true
+fine_tune_type: lora
+training_mode: normal
+optimizer: adamw
+optimizer_config:
+  adamw:
+    weight_decay: 0.05
+data: "{data}"
+seed: 0
+num_layers: 2
+batch_size: 4
+iters: 4
+val_batches: 1
+learning_rate: 1e-5
+steps_per_report: 2
+steps_per_eval: 200
+resume_adapter_file: null
+adapter_path: "{adapters}"
+save_every: 100
+test: true
+test_batches: 1
+max_seq_length: 2048
+grad_checkpoint: false
+lora_parameters:
+  keys: ["self_attn.q_proj", "self_attn.v_proj"]
+  rank: 4
+  scale: 20.0
+  dropout: 0.0
+lr_schedule:
+  name: cosine_decay
+  warmup: 1
+  warmup_init: 0
+  arguments: [1e-3, 3, 0]
+"""
+
+
+def test_an_mlx_lm_config_runs(tiny_llama, data_dir, tmp_path, capsys):
+    """mlx-lm's example config runs unchanged: its keys as the flags that do the same, the adapters and
+    adapter_config.json in the adapter_path folder, as mlx-lm writes them."""
+    config = tmp_path / "lora_config.yaml"
+    config.write_text(MLX_LM_CONFIG.format(model=tiny_llama, data=data_dir, adapters=tmp_path / "adapters"))
+    args = vars(lora.parse_args(["--config", str(config)]))
+    assert {k: args[k] for k in ("lora_layers", "lora_rank", "lora_scale", "lora_targets", "optimizer", "weight_decay",
+                                 "lr_schedule", "warmup", "learning_rate", "adapter_file", "train_mode")} == {
+        "lora_layers": 2, "lora_rank": 4, "lora_scale": 20.0, "lora_targets": ["self_attn.q_proj", "self_attn.v_proj"],
+        "optimizer": "adamw", "weight_decay": 0.05, "lr_schedule": "cosine", "warmup": 1, "learning_rate": 1e-3,
+        "adapter_file": str(tmp_path / "adapters" / "adapters.safetensors"), "train_mode": "sft"}
+    out = run_lora(capsys, "--config", config)
+    assert "Iter 4: Train loss" in out and "Test loss" in out
+    saved = mx.load(str(tmp_path / "adapters" / "adapters.safetensors"))
+    assert sorted({k.rsplit(".", 1)[0] for k in saved}) == [
+        f"model.layers.{i}.self_attn.{p}_proj" for i in (2, 3) for p in "qv"]
+    assert all(v.shape[-1] == 4 or v.shape[0] == 4 for v in saved.values())  # rank 4
+    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
 def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
     """Attention on the CPU keeps a (heads x length x length) array per layer for the backward pass:
     recomputing the layers instead keeps only their inputs."""
