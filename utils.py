@@ -1427,6 +1427,16 @@ def gguf_parameters(model: models.Model) -> dict:
     return {k: v for k, v in model.parameters().items() if k != models.KEPT}
 
 
+def gguf_rows(value: mx.array, base: str, args: models.ModelArgs, arch: models.GGUFArch) -> mx.array:
+    """The rows (outputs, the first axis) of the weight or bias of llama.cpp's tensor `base` (blk.N.attn_q), or
+    of its LoRA's lora_b [output, rank], in llama.cpp's order: q and k permuted for its rope (permutes_qk)."""
+    if not (base.endswith(("attn_q", "attn_k")) and permutes_qk(args, arch)):
+        return value
+    heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
+    rows, rest = value.shape[0], value.shape[1:]
+    return value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
 def gguf_tensors(model: models.Model, arch: models.GGUFArch, path):
     """(name, numpy array) of each tensor of the GGUF file, as llama.cpp's converter writes them: q/k rows
     permuted for its rope (permutes_qk), norms plus one where the family's scale by 1 + weight, rope factors
@@ -1438,10 +1448,7 @@ def gguf_tensors(model: models.Model, arch: models.GGUFArch, path):
     for name, value in tree_flatten(gguf_parameters(model)):
         target = gguf_name(name, arch)
         base = target.rsplit(".", 1)[0]
-        if base.endswith(("attn_q", "attn_k")) and permutes_qk(args, arch):
-            heads = args.num_attention_heads if base.endswith("attn_q") else args.num_key_value_heads
-            rows, rest = value.shape[0], value.shape[1:]
-            value = value.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+        value = gguf_rows(value, base, args, arch)
         wide = (value.ndim == 1 or base.endswith(("norm", "ffn_gate_inp", "ffn_gate_inp_shexp"))
                 or target.endswith(".bias"))
         value = narrowed(value, mx.float32 if wide else mx.float16, f"{path}: tensor {target}")
@@ -1467,8 +1474,7 @@ def write_gguf(path, model: models.Model, tokenizer):
     keys = gguf_keys(args, arch)
     vocabulary = gguf_vocabulary(args, tokenizer)
 
-    def write(tmp):
-        writer = gguf.GGUFWriter(tmp, arch.arch)
+    def fill(writer):
         for key, value in keys.items():
             getattr(writer, f"add_{key}")(value)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -1482,15 +1488,74 @@ def write_gguf(path, model: models.Model, tokenizer):
             writer.add_chat_template(tokenizer.chat_template)
         for name, value in gguf_tensors(model, arch, path):
             writer.add_tensor(name, value)
+
+    save_gguf(path, arch, fill)
+
+
+def save_gguf(path, arch: models.GGUFArch, fill):
+    """A GGUF file of llama.cpp's architecture `arch`, whose metadata and tensors fill(writer) adds to gguf's
+    GGUFWriter, written beside `path` and renamed to it once complete (staged)."""
+    import gguf
+
+    path = Path(path)
+    with staged(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp / path.name), arch.arch)
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-    path = Path(path)
-    with staged(path) as tmp:
-        write(str(tmp / path.name))
         os.replace(tmp / path.name, path)
+
+
+def check_gguf_adapter_export(model: models.Model, adapter_config: dict) -> float:
+    """What write_gguf_adapter would refuse, refused now: a family llama.cpp has no architecture for, a layer its
+    architecture has no tensor for, a scale of 0 (llama.cpp reads an alpha of 0 as no scaling). The alpha of the
+    adapters that adapter_config describes: llama.cpp scales them by alpha / rank, so our scale times the rank."""
+    arch = gguf_arch(model.args)
+    for path in models.lora_layers(model):
+        gguf_name(f"{path}.weight", arch)
+    params = adapter_config["lora_parameters"]
+    if params["scale"] == 0:
+        raise UserError("the adapters' scale is 0: llama.cpp reads their alpha, 0, as none, and scales them by 1")
+    return params["scale"] * params["rank"]
+
+
+def gguf_adapter_tensors(model: models.Model, arch: models.GGUFArch):
+    """(name, numpy array) of each tensor of the model's LoRA adapters as llama.cpp's convert_lora_to_gguf.py
+    writes them: for the base's tensor X, X.lora_a [rank, input] and X.lora_b [output, rank] (PEFT's lora_A and
+    lora_B; for a stack of experts [experts, ...], the experts not adapted with zeros), lora_b's rows in the
+    order of the base's (gguf_rows), in float32."""
+    import numpy as np
+
+    for path, layer in models.lora_layers(model).items():
+        target = gguf_name(f"{path}.weight", arch)
+        if isinstance(layer, models.ExpertsLoRA):
+            lora_a, lora_b = layer.lora_a, layer.adapted_b()
+        else:
+            lora_a, lora_b = layer.lora_a.T, gguf_rows(layer.lora_b.T, target.rsplit(".", 1)[0], model.args, arch)
+        yield f"{target}.lora_a", np.array(lora_a.astype(mx.float32))
+        yield f"{target}.lora_b", np.array(lora_b.astype(mx.float32))
+
+
+def write_gguf_adapter(path, model: models.Model, adapter_config: dict):
+    """The model's LoRA adapters, which adapter_config describes, unfused, as a GGUF file that llama.cpp loads
+    beside the base model's GGUF file (llama-cli -m base.gguf --lora PATH), as its convert_lora_to_gguf.py
+    writes them: general.type "adapter", adapter.type "lora", adapter.lora.alpha, and gguf_adapter_tensors."""
+    import gguf
+
+    alpha = check_gguf_adapter_export(model, adapter_config)
+    arch = gguf_arch(model.args)
+
+    def fill(writer):
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        for name, value in gguf_adapter_tensors(model, arch):
+            writer.add_tensor(name, value)
+
+    save_gguf(path, arch, fill)
 
 
 def model_card(name: str, source: str, what: str) -> str:

@@ -757,6 +757,10 @@ def fuse_into(w, d, adapter):
     return ["--model", w.model, "--adapter-file", adapter, "--save-path", d / "fused"]
 
 
+def export_gguf_adapter(w, d, adapter, model=None):
+    return ["--model", model or w.model, "--adapter-file", adapter, "--export-gguf-adapter", d / "adapter.gguf"]
+
+
 def lora_resume_adapters(w, d, adapter):
     return train(w, d, "--resume-adapter-file", adapter)
 
@@ -853,6 +857,17 @@ CASES += [
          DEEPER),
     Case("adapter-config-base-model-config-a-list", "lora.py",
          adapters(adapter_config(lambda c: dict(c, base_model_config=[8])), lora_prompt), "adapters.safetensors"),
+    Case("adapters-dora-export-gguf-adapter", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, fine_tune_type="dora")), export_gguf_adapter),
+         "--export-gguf-adapter"),
+    Case("adapters-full-export-gguf-adapter", "fuse.py",
+         adapters(adapter_config(lambda c: dict(c, fine_tune_type="full")), export_gguf_adapter),
+         "--export-gguf-adapter"),
+    Case("adapter-config-scale-zero-export-gguf-adapter", "fuse.py",
+         adapters(lora_parameters(scale=0), export_gguf_adapter), "--export-gguf-adapter"),
+    Case("model-export-gguf-adapter-family-llama-cpp-lacks", "fuse.py",  # the model's config says Ministral 8B
+         lambda w, d: export_gguf_adapter(w, d, w.adapters, model=numbers_model(
+             config_change=lambda c: dict(c, model_type="ministral"))(w, d)), "--export-gguf-adapter"),
 ]
 
 
@@ -1109,6 +1124,17 @@ CASES += [
     Case("out-fuse-save-path-holds-the-adapters-force", "fuse.py", fuse_into_the_adapters_folder, "--save-path"),
     Case("out-fuse-export-gguf-onto-the-source-force", "fuse.py", gguf_onto_itself, "--export-gguf"),
     Case("out-fuse-export-peft-onto-the-adapters-force", "fuse.py", peft_onto_itself, "--export-peft"),
+    Case("out-fuse-export-gguf-adapter-onto-the-adapters-force", "fuse.py",
+         adapters(lambda f: None, lambda w, d, a: export_gguf_adapter(w, d, a)[:-1] + [a, "--force"]),
+         "--export-gguf-adapter"),
+    Case("out-fuse-export-gguf-adapter-onto-a-folder", "fuse.py",
+         lambda w, d: export_gguf_adapter(w, d, w.adapters)[:-1] + [folder_at(d / "x.gguf")], "x.gguf: is a folder"),
+    Case("out-fuse-export-gguf-adapter-inside-save-path", "fuse.py",
+         lambda w, d: export_gguf_adapter(w, d, w.adapters)[:-1] + [d / "fused" / "x.gguf", "--save-path", d / "fused"],
+         "--export-gguf-adapter"),
+    Case("out-fuse-export-gguf-adapter-is-export-gguf", "fuse.py",
+         lambda w, d: export_gguf_adapter(w, d, w.adapters) + ["--export-gguf", d / "adapter.gguf"],
+         "adapter.gguf: is --export-gguf"),
 ]
 
 

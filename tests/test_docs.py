@@ -9,9 +9,10 @@ import convert
 import fuse
 import lora
 
-# flags of other programs that the READMEs show (pip, NVIDIA's ncu, mlx.launch, the PEFT anchor's --batch and --lr)
+# flags of other programs that the READMEs show (pip, NVIDIA's ncu, mlx.launch, the PEFT anchor's --batch and --lr,
+# llama-cli's --lora)
 OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start", "--backend", "--hostfile", "--starting-port",
-          "--batch", "--lr"}
+          "--batch", "--lr", "--lora"}
 
 
 def script_flags():

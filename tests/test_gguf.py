@@ -1,7 +1,8 @@
 """fuse.py --export-gguf for each family llama.cpp has an architecture for (models.GGUF_ARCHS): the tensors are
 those gguf's constants list for the architecture; llama.cpp itself (llama-cpp-python, where installed) computes
-the adapted model's logits from the file, and splits texts into the tokenizer's tokens (byte-level BPE with each
-pre-tokenizer written, SentencePiece); what it would compute otherwise is refused in one line."""
+the adapted model's logits from the file (and from the base's file with the adapters' LoRA file,
+--export-gguf-adapter), and splits texts into the tokenizer's tokens (byte-level BPE with each pre-tokenizer
+written, SentencePiece); what it would compute otherwise is refused in one line."""
 import json
 import re
 
@@ -203,14 +204,69 @@ def test_llama_cpp_computes_the_adapted_models_logits(row, make_checkpoint, tmp_
     adapted = random_adapter(folder, tmp_path / "adapters.safetensors", models.FAMILIES[model_type(row)].lora_targets)
     run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf",
              tmp_path / "fused.gguf")
-    tokens = utils.load(str(folder))[1].encode(PROMPT)
+    check_llama_cpp_logits(llama_cpp.Llama(str(tmp_path / "fused.gguf"), n_ctx=64, logits_all=True, verbose=False),
+                           adapted, utils.load(str(folder))[1].encode(PROMPT))
+
+
+def check_llama_cpp_logits(llm, adapted, tokens):
+    """llama.cpp's logits (llm: llama_cpp.Llama) are the adapted model's, to test_llama_cpp_computes_the_adapted_
+    models_logits' measure."""
     expected = logits(adapted, tokens)[0]
-    llm = llama_cpp.Llama(str(tmp_path / "fused.gguf"), n_ctx=64, logits_all=True, verbose=False)
     llm.eval(tokens)
     error = np.abs(np.array(llm.scores[:len(tokens)]) - expected)
     rerouted = 1 if adapted.args.num_local_experts else 0
     assert (error.max(axis=-1) >= 0.1 * expected.std()).sum() <= rerouted, error.max(axis=-1) / expected.std()
     assert error.mean() < 0.01 * expected.std(), error.mean()
+
+
+def test_adapter_file_is_llama_cpps_lora_layout(make_checkpoint, tmp_path):
+    """--export-gguf-adapter writes what llama.cpp's convert_lora_to_gguf.py writes: general.type "adapter",
+    adapter.type "lora", adapter.lora.alpha (the scale times the rank), and for each adapted layer, under its
+    tensor's name in the base's GGUF file, .lora_a [rank, input] and .lora_b [output, rank] in float32. Applied to
+    the base's GGUF tensors as llama.cpp applies them, W + alpha / rank * lora_b @ lora_a (in the file's layout:
+    q and k rows permuted for llama.cpp's rope), they give the fused model's GGUF tensors."""
+    folder, _ = make_checkpoint("llama")
+    random_adapter(folder, tmp_path / "adapters.safetensors")  # every linear layer of the last 2, rank 4, scale 2
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf-adapter",
+             tmp_path / "adapter.gguf", "--export-gguf", tmp_path / "fused.gguf")
+    assert not (tmp_path / "lora_fused_model").exists()
+    base, tokenizer, _ = utils.load(str(folder))
+    utils.write_gguf(tmp_path / "base.gguf", base, tokenizer)
+    reader = gguf.GGUFReader(tmp_path / "adapter.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora" and fields["adapter.lora.alpha"] == 8.0
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+    lora = {t.name: t.data for t in reader.tensors}
+    kinds = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(lora) == {f"blk.{i}.{kind}.weight.lora_{ab}" for i in (2, 3) for kind in kinds for ab in "ab"}
+    weights = {name: {t.name: t.data.astype(np.float32) for t in gguf.GGUFReader(tmp_path / name).tensors}
+               for name in ("base.gguf", "fused.gguf")}
+    for name in {key.rsplit(".", 1)[0] for key in lora}:
+        lora_a, lora_b, base = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"], weights["base.gguf"][name]
+        assert lora_a.shape == (4, base.shape[1]) and lora_b.shape == (base.shape[0], 4), name
+        assert np.abs(base + 8.0 / 4 * lora_b @ lora_a - weights["fused.gguf"][name]).max() < 1e-3, name
+
+
+# rows of CONFIGS whose adapters llama.cpp applies here: q and k rows permuted (llama), not (qwen2), experts and a
+# shared expert (mixtral, qwen2_moe), q, k and v in one tensor (phi3), a vision-language model's language model
+ADAPTER_ROWS = ["llama", "qwen2", "mixtral", "qwen2_moe", "phi3", "gemma3"]
+
+
+@pytest.mark.parametrize("row", ADAPTER_ROWS)
+def test_llama_cpp_applies_the_adapter_file(row, make_checkpoint, tmp_path):
+    """llama.cpp, given the base model's GGUF file and the adapters' (on every linear layer of the last 2, each
+    expert's too), computes the adapted model's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    config = dict(CONFIGS[row])
+    folder, _ = make_checkpoint(config.pop("model_type", row), **config)
+    adapted = random_adapter(folder, tmp_path / "adapters.safetensors", ["*"])
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-gguf-adapter",
+             tmp_path / "adapter.gguf")
+    base, tokenizer, _ = utils.load(str(folder))
+    utils.write_gguf(tmp_path / "base.gguf", base, tokenizer)
+    check_llama_cpp_logits(llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter.gguf"),
+                                           n_ctx=64, logits_all=True, verbose=False), adapted, tokenizer.encode(PROMPT))
 
 
 @pytest.fixture(scope="module", params=["first", "never"])
