@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -1393,12 +1394,10 @@ def reward_functions(spec):
         path = Path(__file__).parent / path
     if not path.is_file():
         raise UserError(f"--reward-functions {spec}: no such file {file}")
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
+    source, module = utils.read_text(path), types.ModuleType(path.stem)
+    module.__file__ = str(path)
+    try:  # run as import would, but without writing its bytecode beside it
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as e:
         raise UserError(f"--reward-functions {spec}: {file} fails to load ({type(e).__name__}: "
                         f"{utils.first_line(e)})") from None

@@ -425,6 +425,58 @@ CASES += [
     Case("data-kto-examples-in-a-dpo-run", "lora.py", data(UNPAIRED, valid=False, flags=DPO), "train.jsonl:1"),
 ]
 
+PROMPTS = "".join(json.dumps({"prompt": t.split("A: ")[0] + "A:", "answer": t.split("A: ")[1]}) + "\n"
+                  for t in sql_texts(8))
+REWARD = "def reward(completions, **columns):\n    return [1.0] * len(completions)\n"
+
+
+def grpo(reward_code=REWARD, functions="reward", flags=(), train_content=PROMPTS):
+    """A short GRPO run on train.jsonl alone (PROMPTS), of the reward functions `functions` of a file d/rewards.py
+    that holds reward_code (None: no file)."""
+    def args(w, d):
+        if reward_code is not None:
+            (d / "rewards.py").write_text(reward_code)
+        folder = d / "data"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(train_content)
+        return train(w, d, "--train-mode", "grpo", "--reward-functions", f"{d / 'rewards.py'}:{functions}",
+                     "--num-generations", 2, "--max-completion-length", 4, "--val-batches", 0, *flags, data=folder)
+
+    return args
+
+
+def returning(value):
+    """A reward function that returns `value` (Python source, of the completions)."""
+    return f"def reward(completions, **columns):\n    return {value}\n"
+
+
+CASES += [
+    Case("grpo-without-reward-functions", "lora.py",
+         lambda w, d: train(w, d, "--train-mode", "grpo", "--num-generations", 2, model=nowhere(d)),
+         "--reward-functions"),
+    Case("grpo-reward-file-missing", "lora.py", grpo(reward_code=None), "no such file"),
+    Case("grpo-reward-function-missing", "lora.py", grpo(functions="reward,format"), "has no function format"),
+    Case("grpo-reward-file-fails-to-load", "lora.py", grpo("def reward(:\n"), "rewards.py fails to load"),
+    Case("grpo-reward-weights-for-other-functions", "lora.py", grpo(flags=["--reward-weights", 1, 2]),
+         "--reward-weights"),
+    Case("grpo-batch-size-not-a-multiple-of-the-generations", "lora.py", grpo(flags=["--batch-size", 3]),
+         "--batch-size"),
+    Case("grpo-loss-type-of-dpo", "lora.py", grpo(flags=["--loss-type", "sigmoid"]), "--loss-type"),
+    Case("grpo-one-generation", "lora.py", grpo(flags=["--num-generations", 1]), "--num-generations"),
+    Case("grpo-empty-prompt-line-9", "lora.py", grpo(train_content=PROMPTS + '{"prompt": ""}\n'), "train.jsonl:9"),
+    Case("grpo-completions-in-a-grpo-run", "lora.py", grpo(train_content=UNPAIRED), "train.jsonl:1"),
+    Case("grpo-prompt-longer-than-the-limits-line-9", "lora.py",
+         grpo(train_content=PROMPTS + json.dumps({"prompt": "Q " * 40}) + "\n",
+              flags=["--max-completion-length", 200, "--max-seq-length", 256]), "train.jsonl:9"),
+    Case("grpo-reward-raises", "lora.py", grpo("def reward(**columns):\n    raise KeyError('score')\n"),
+         "reward raised KeyError"),
+    Case("grpo-reward-wrong-length", "lora.py", grpo(returning("[1.0]")), "reward returned 1 rewards"),
+    Case("grpo-reward-not-a-list", "lora.py", grpo(returning("1.0")), "reward returned 1.0"),
+    Case("grpo-reward-nan", "lora.py", grpo(returning("[float('nan')] * len(completions)")), "reward returned nan"),
+    Case("grpo-reward-not-a-number", "lora.py", grpo(returning("['good'] * len(completions)")),
+         "reward returned 'good'"),
+]
+
 
 # --- C. model folders ---------------------------------------------------------------------------------------
 
