@@ -28,6 +28,7 @@ from utils import UserError
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
+GENERATION_BATCH = 32  # prompts generated together (--generate-eval)
 TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
 
 
@@ -1932,18 +1933,19 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
     """Exact matches among the greedy completions of these examples (completion_example; where(i) names the
     i-th in errors). A completion matches if its text is the expected one's, end-of-sequence (or a chat
     template's end of turn) included: a model that goes on past the answer has not given it."""
-    eos, matches = eos_ids(tokenizer, config), 0
-    for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
+    prompts, expected, lengths = [], [], []
+    for i, record in enumerate(examples):
         tokens, spans = encode(record, tokenizer, add_eos)
         start, end = spans[-1]
-        expected = tokens[start:end]
-        length = generation_length(model, tokenizer, tokens[:start], len(expected), f"{where(i)}'s prompt")
-        generated = []
-        for token, _ in zip(utils.generate(model, tokens[:start]), expected[:length]):
-            generated.append(token)
-            if token in eos:
-                break
-        matches += tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
+        prompts.append(tokens[:start])
+        expected.append(tokens[start:end])
+        lengths.append(generation_length(model, tokenizer, prompts[-1], len(expected[-1]), f"{where(i)}'s prompt"))
+    matches = 0
+    for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
+        batch = slice(first, first + GENERATION_BATCH)
+        completions = utils.generate_batch(model, prompts[batch], lengths[batch], eos_ids=eos_ids(tokenizer, config))
+        matches += sum(tokenizer.decode(completion.tokens).strip() == tokenizer.decode(answer).strip()
+                       for completion, answer in zip(completions, expected[batch]))
     return matches
 
 
@@ -1996,15 +1998,19 @@ def generate(model, tokenizer, config, args):
     length = generation_length(model, tokenizer, prompt, args.max_tokens, "--prompt")
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
+
+    def show(_, token):
+        nonlocal printed
+        if token in eos:
+            return
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+
     try:
-        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(length)):
-            if token in eos:
-                break
-            tokens.append(token)
-            text = tokenizer.decode(tokens)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text[len(printed):], end="", flush=True)
-                printed = text
+        utils.generate_batch(model, [prompt], length, temp=args.temp, top_p=args.top_p, eos_ids=eos, on_token=show)
     finally:  # the line ends, however generation ends
         print(tokenizer.decode(tokens)[len(printed):], flush=True)
 
