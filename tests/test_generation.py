@@ -1,14 +1,18 @@
 """Batched generation (utils.generate_batch): prompts of different lengths generated together give, row by row,
 what each gives alone and what the model's whole-sequence logits give, in every kind of layer; ends per row;
 sampling's filters and seed."""
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import random_adapter
+from conftest import random_adapter, run_lora
 from mlx import nn
+from test_data import chat_model  # noqa: F401 (a fixture)
 from test_families import FAMILIES
 
+import lora
 import models
 import utils
 
@@ -148,3 +152,25 @@ def test_filters_keep_the_right_tokens():
     draws = {utils.sample(mx.array(logits), 1.0, top_k=2, key=mx.random.key(k)).item() for k in range(100)}
     assert draws == {1, 2}
 
+
+def test_prompt_file_answers_each_line_and_record(chat_model, tmp_path, capsys):  # noqa: F811
+    """lora.py --prompt-file: a text file's lines, or a .jsonl file's prompts and chats (other keys kept), each
+    answered as generate_batch answers it, in the file's order."""
+    model, tokenizer, config = utils.load(str(chat_model))
+    texts = ["Q: the team", "Q: when year is 7", "Q: the team"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
+    chat = [{"role": "user", "content": "the team"}]
+    records = [{"prompt": "Q: the year", "id": 1}, {"messages": chat, "id": 2}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_lora(capsys, "--model", chat_model, "--prompt-file", tmp_path / "prompts.txt", "--max-tokens", 6, "--temp", 0)
+    run_lora(capsys, "--model", chat_model, "--prompt-file", tmp_path / "prompts.jsonl", "--max-tokens", 6,
+             "--temp", 0, "--output", tmp_path / "chat.jsonl")
+    chat_prompt = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                                   add_special_tokens=False)
+    for answers, records, prompts in [
+            ("prompts.answers.jsonl", [{"prompt": t} for t in texts], [tokenizer.encode(t) for t in texts]),
+            ("chat.jsonl", records, [tokenizer.encode("Q: the year"), chat_prompt])]:
+        expected = utils.generate_batch(model, prompts, 6, eos_ids=lora.eos_ids(tokenizer, config))
+        lines = (tmp_path / answers).read_text().splitlines()
+        assert [json.loads(line) for line in lines] == [
+            {**r, "answer": utils.completion_text(c, tokenizer), "finish": c.finish} for r, c in zip(records, expected)]
