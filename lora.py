@@ -32,6 +32,7 @@ from utils import UserError
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
+GENERATION_BATCH = 32  # prompts generated together (--generate-eval, --prompt-file)
 TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
 
 
@@ -160,6 +161,15 @@ def build_parser():
 
     generation = p.add_argument_group("generation")
     generation.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
+    generation.add_argument("--prompt-file", type=utils.expanded_path, metavar="FILE",
+                            help='Answer each prompt of FILE, generated together: one a line, or in a .jsonl file '
+                                 'one {"prompt"} or {"messages"} a line (a chat: its template\'s generation prompt '
+                                 'after it). The answers go to --output.')
+    generation.add_argument("--output", type=utils.expanded_path, metavar="FILE",
+                            help="With --prompt-file: the JSONL file to write the answers to, one "
+                                 '{"prompt" or "messages", "answer", "finish"} a line, finish "eos", or "length" '
+                                 "where --max-tokens cut it (default: FILE's name without its suffix, plus "
+                                 ".answers.jsonl).")
     generation.add_argument("--max-tokens", "-m", type=utils.POSITIVE_INT, default=100, help="Tokens to generate.")
     generation.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
     generation.add_argument("--top-p", type=utils.TOP_P, default=1.0,
@@ -247,8 +257,10 @@ def check_flags(args):
         raise UserError(f"--loss-type {args.loss_type}: --train-mode {args.train_mode} takes {either(loss_types)}")
     if args.weight_decay and args.optimizer != "adamw":
         raise UserError("--weight-decay needs --optimizer adamw (Adam has no decoupled weight decay)")
-    if not (args.train or args.test or args.prompt is not None):
-        raise UserError("nothing to do: give --train, --test and/or --prompt")
+    if not (args.train or args.test or args.prompt is not None or args.prompt_file):
+        raise UserError("nothing to do: give --train, --test, --prompt and/or --prompt-file")
+    if args.output and not args.prompt_file:
+        raise UserError("--output is where --prompt-file's answers go: give --prompt-file too")
     if args.generate_eval and not args.test:
         raise UserError("--generate-eval evaluates the test set: give --test too")
     if args.resume and args.resume_adapter_file:
@@ -309,7 +321,7 @@ def training_args(args) -> TrainingArgs:
     flags = dict(vars(args))
     named = {field.name: flags[field.name] for field in dataclasses.fields(TrainingArgs) if field.name in flags}
     # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
-    reload_from = args.model if args.test or args.prompt is not None else None
+    reload_from = args.model if args.test or args.prompt is not None or args.prompt_file else None
     return TrainingArgs(**named, objective=objective_of(flags), reload_from=reload_from, flags=flags)
 
 
@@ -2366,18 +2378,19 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
     """Exact matches among the greedy completions of these examples (completion_example; where(i) names the
     i-th in errors). A completion matches if its text is the expected one's, end-of-sequence (or a chat
     template's end of turn) included: a model that goes on past the answer has not given it."""
-    eos, matches = eos_ids(tokenizer, config), 0
-    for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
+    prompts, expected, lengths = [], [], []
+    for i, record in enumerate(examples):
         tokens, spans = encode(record, tokenizer, add_eos)
         start, end = spans[-1]
-        expected = tokens[start:end]
-        length = generation_length(model, tokenizer, tokens[:start], len(expected), f"{where(i)}'s prompt")
-        generated = []
-        for token, _ in zip(utils.generate(model, tokens[:start]), expected[:length]):
-            generated.append(token)
-            if token in eos:
-                break
-        matches += tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
+        prompts.append(tokens[:start])
+        expected.append(tokens[start:end])
+        lengths.append(generation_length(model, tokenizer, prompts[-1], len(expected[-1]), f"{where(i)}'s prompt"))
+    matches = 0
+    for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
+        batch = slice(first, first + GENERATION_BATCH)
+        completions = utils.generate_batch(model, prompts[batch], lengths[batch], eos_ids=eos_ids(tokenizer, config))
+        matches += sum(tokenizer.decode(completion.tokens).strip() == tokenizer.decode(answer).strip()
+                       for completion, answer in zip(completions, expected[batch]))
     return matches
 
 
@@ -2430,17 +2443,93 @@ def generate(model, tokenizer, config, args):
     length = generation_length(model, tokenizer, prompt, args.max_tokens, "--prompt")
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
+
+    def show(_, token):
+        nonlocal printed
+        if token in eos:
+            return
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+
     try:
-        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(length)):
-            if token in eos:
-                break
-            tokens.append(token)
-            text = tokenizer.decode(tokens)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text[len(printed):], end="", flush=True)
-                printed = text
+        utils.generate_batch(model, [prompt], length, temp=args.temp, top_p=args.top_p, eos_ids=eos, on_token=show)
     finally:  # the line ends, however generation ends
         print(tokenizer.decode(tokens)[len(printed):], flush=True)
+
+
+def read_prompt_file(path) -> list:
+    """(line number, record) of each prompt of --prompt-file: in a .jsonl file, {"prompt": text or a chat} or
+    {"messages": a chat}, other keys kept; else each line of the text as {"prompt": line}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompt-file {path}: no such file")
+    if path.suffix == ".jsonl":
+        records = utils.read_jsonl(path)
+        for number, record in records:
+            prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+            if not (isinstance(prompt, str) and prompt or is_messages(prompt)):
+                raise UserError(f'--prompt-file {path}:{number}: not {{"prompt": text}} or {{"messages": a chat}}, '
+                                f'with a non-empty prompt')
+    else:
+        lines = utils.read_text(path).split("\n")
+        if lines[-1] == "":  # the newline that ends the last line
+            lines.pop()
+        records = [(number, {"prompt": line.removesuffix("\r")}) for number, line in enumerate(lines, 1)]
+        empty = next((number for number, record in records if not record["prompt"].strip()), None)
+        if empty is not None:
+            raise UserError(f"--prompt-file {path}:{empty}: an empty line; give one prompt a line")
+    if not records:
+        raise UserError(f"--prompt-file {path}: no prompts")
+    return records
+
+
+def answers_path(args) -> Path:
+    """Where --prompt-file's answers go: --output, or beside it as NAME.answers.jsonl."""
+    path = Path(args.prompt_file)
+    return Path(args.output) if args.output else path.with_name(f"{path.stem}.answers.jsonl")
+
+
+def prompt_tokens(record, tokenizer) -> list:
+    """The token ids of a --prompt-file record's prompt: its text, or its chat with the generation prompt."""
+    chat = record["messages"] if "messages" in record else record["prompt"]
+    if isinstance(chat, str):
+        return tokenizer.encode(chat)
+    if not tokenizer.chat_template:
+        raise UserError(f"a chat, and the tokenizer of {tokenizer.name_or_path} has no chat template")
+    try:
+        with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
+            text = tokenizer.apply_chat_template(chat, tools=record.get("tools"), tokenize=False,
+                                                 add_generation_prompt=True)
+    except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
+        raise UserError(f"the chat template of {tokenizer.name_or_path} fails on it "
+                        f"({type(e).__name__}: {utils.first_line(e)})") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def answer_prompt_file(model, tokenizer, config, args, records):
+    """Generate the answers to --prompt-file's prompts, GENERATION_BATCH at a time, and write them (answers_path)."""
+    prompts, lengths = [], []
+    for number, record in records:
+        where = f"{args.prompt_file}:{number}"
+        try:
+            prompts.append(prompt_tokens(record, tokenizer))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        lengths.append(generation_length(model, tokenizer, prompts[-1], args.max_tokens, where))
+    answers = []
+    for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
+        batch = slice(first, first + GENERATION_BATCH)
+        completions = utils.generate_batch(model, prompts[batch], lengths[batch], temp=args.temp, top_p=args.top_p,
+                                           eos_ids=eos_ids(tokenizer, config))
+        answers += [{**record, "answer": utils.completion_text(completion, tokenizer), "finish": completion.finish}
+                    for (_, record), completion in zip(records[batch], completions)]
+    out = answers_path(args)
+    utils.atomic_write(out, lambda f: f.write("".join(json.dumps(a, ensure_ascii=False) + "\n"
+                                                      for a in answers).encode()))
+    print(f"Wrote {len(answers)} answers to {out}", flush=True)
 
 
 # Main
@@ -2468,6 +2557,11 @@ def main(args):
     answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
     generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
                                            training.objective) for i in answered[:args.generate_eval]]
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
+    if prompts:
+        if answers_path(args).resolve() == Path(args.prompt_file).resolve():
+            raise UserError(f"--output {answers_path(args)}: is --prompt-file itself; write the answers elsewhere")
+        utils.check_writable(answers_path(args), "--output")
     if args.resume:
         check_resume(args)
     group = distributed(args, training.objective)
@@ -2477,7 +2571,7 @@ def main(args):
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
         if writes:
             check_outputs(adapter_file)
-        run(args, training, adapter_file, examples, generation_tests, answered)
+        run(args, training, adapter_file, examples, generation_tests, answered, prompts)
 
 
 def check_outputs(adapter_file: Path):
@@ -2509,7 +2603,7 @@ def distributed(args, objective):
     return group
 
 
-def run(args, training, adapter_file, examples, generation_tests, answered):
+def run(args, training, adapter_file, examples, generation_tests, answered, prompts=None):
     objective = training.objective
     mx.random.seed(args.seed)
     scale = lora_scale(vars(args))
@@ -2573,6 +2667,9 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
     if args.prompt is not None and mx.distributed.init().rank() == 0:
         with utils.naming_flag("--prompt"):
             generate(model, tokenizer, config, args)
+    if prompts and mx.distributed.init().rank() == 0:
+        with utils.naming_flag("--prompt-file"):
+            answer_prompt_file(model, tokenizer, config, args, prompts)
 
 
 if __name__ == "__main__":

@@ -1207,6 +1207,41 @@ CASES += [
 ]
 
 
+def prompt_file(content, name="prompts.txt", *more, model_needed=False):
+    """--prompt-file d/name holding `content` (None: no such file); the model missing where the error must come
+    before it is read."""
+    def args(w, d):
+        if content is not None:
+            (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return ["--model", w.model if model_needed else nowhere(d), "--prompt-file", d / name, "--max-tokens", 4,
+                *more]
+
+    return args
+
+
+CASES += [
+    Case("prompt-file-missing", "lora.py", prompt_file(None), "--prompt-file"),
+    Case("prompt-file-empty", "lora.py", prompt_file(""), "prompts.txt: no prompts"),
+    Case("prompt-file-empty-line-3", "lora.py", prompt_file("Q: a\nQ: b\n  \nQ: c\n"), "prompts.txt:3"),
+    Case("prompt-file-not-utf8", "lora.py", prompt_file(b"Q: caf\xff\n"), "prompts.txt"),
+    Case("prompt-file-jsonl-no-prompt-line-2", "lora.py",
+         prompt_file('{"prompt": "Q: a"}\n{"text": "Q: b"}\n', "prompts.jsonl"), "prompts.jsonl:2"),
+    Case("prompt-file-jsonl-invalid-line-1", "lora.py", prompt_file('{"prompt": \n', "prompts.jsonl"),
+         "prompts.jsonl:1"),
+    Case("prompt-file-longer-than-the-context-line-2", "lora.py",
+         prompt_file("Q: a\n" + "Q " * 200 + "\n", model_needed=True), "prompts.txt:2"),  # the context is 256
+    Case("prompt-file-chat-without-template-line-1", "lora.py",
+         prompt_file(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n", "chats.jsonl",
+                     model_needed=True), "chats.jsonl:1"),
+    Case("prompt-file-output-is-a-folder", "lora.py", prompt_file("Q: a\n", "prompts.txt", "--output", "."),
+         "--output"),
+    Case("prompt-file-output-is-the-prompt-file", "lora.py",
+         lambda w, d: prompt_file("Q: a\n")(w, d) + ["--output", d / "prompts.txt"], "--output"),
+    Case("output-without-prompt-file", "lora.py", lambda w, d: prompt(w, d, "--output", d / "a.jsonl",
+                                                                        model=nowhere(d)), "--output"),
+]
+
+
 # --- J. environment ---------------------------------------------------------------------------------------
 
 CASES += [
