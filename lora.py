@@ -1048,6 +1048,10 @@ class Objective:
     def summary(self, metrics) -> str:
         return "".join(f", {name} {metrics[name]:.3f}" for name in self.shown if name in metrics)
 
+    def warning(self, metrics):
+        """What a report of these training metrics warns of (None: nothing)."""
+        return None
+
     def test_line(self, loss, metrics) -> str:
         return self.summary(metrics)
 
@@ -1735,13 +1739,12 @@ class GRPO(Objective):
             values["kl"] = kl / tokens
         return {**values, **dict(zip(self.generation_metrics, (np.asarray(numbers) / batches).tolist()))}
 
-    def summary(self, metrics):
-        line = super().summary(metrics)
-        if metrics.get("frac_reward_zero_std", 0) > 1 - 1e-6:  # (a sum of the ranks' shares)
-            line += ("\n[WARNING] every group's completions got the same reward: their advantages are 0, and "
-                     "nothing is learnt from them; give reward functions that tell a prompt's completions apart, "
-                     "or more --num-generations or a higher --temp")
-        return line
+    def warning(self, metrics):
+        if metrics["frac_reward_zero_std"] > 1 - 1e-6:  # (a sum of the ranks' shares)
+            return ("every group's completions since the last report got the same reward: their advantages are 0, "
+                    "and nothing is learnt from them; give reward functions that tell a prompt's completions "
+                    "apart, or more --num-generations, or a higher --temp")
+        return None
 
 
 # by --train-mode
@@ -2001,6 +2004,8 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
                 f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
                 f"Peak mem {record['peak_memory_gb']:.2f} GB, ETA {left:.0f}s")
+            if objective.warning(record):
+                say(f"[WARNING] {objective.warning(record)}")
             bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                 f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
             window, tic = [], training_time()

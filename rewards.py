@@ -21,8 +21,10 @@ def completion_text(completion) -> str:
 
 
 def answer_of(completion) -> str:
-    """What follows the last ANSWER_MARKER of a completion (all of it where there is none), stripped."""
-    return completion_text(completion).rpartition(ANSWER_MARKER)[2].strip()
+    """The first line of what follows the last ANSWER_MARKER of a completion (of all of it where there is none),
+    stripped: a model that goes on after its answer (a base model writes the next question) has still given it."""
+    after = completion_text(completion).rpartition(ANSWER_MARKER)[2].strip()
+    return after.split("\n", 1)[0].strip()
 
 
 def exact_answer(completions, answer, **columns):

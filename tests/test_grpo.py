@@ -242,4 +242,16 @@ def test_grpo_says_when_no_group_has_a_reward_spread(tiny_llama, tmp_path, capsy
     out = run_lora(capsys, "--model", tiny_llama, "--data", write_prompts(tmp_path / "prompts", (("train", 8),)),
                    "--train", "--reward-functions", f"{tmp_path / 'constant.py'}:constant", *GRPO_RUN, "--iters", 2,
                    "--steps-per-report", 1, "--adapter-file", tmp_path / "adapters.safetensors")
-    assert out.count("[WARNING] every group's completions got the same reward") == 2
+    assert out.count("[WARNING] every group's completions since the last report got the same reward") == 2
+
+
+def test_ready_reward_functions_read_the_answer_after_the_marker():
+    """rewards.py: the first line after the last "Answer:" (or of the whole completion), text or a chat's
+    message, against the answer column; its shape as a query."""
+    import rewards
+
+    sql = "SELECT Line FROM 1-7100412-3 WHERE Station = 'Old Mill'"
+    completions = [f" {sql}\nQ: the next question", f"Answer: no\nSo, Answer: {sql}", "SELECT Line", f"{sql}.",
+                   [{"role": "assistant", "content": f"Answer: {sql}"}]]
+    assert rewards.exact_answer(completions, answer=[sql] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert rewards.sql_format(completions) == [1.0, 1.0, 0.0, 1.0, 1.0]
