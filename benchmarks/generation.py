@@ -16,12 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import convert  # noqa: E402
+import models  # noqa: E402
 import random_checkpoint  # noqa: E402
 import utils  # noqa: E402
 
@@ -37,6 +39,8 @@ def build_parser():
     p.add_argument("--prompt-length", type=utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
                    default=64, help="The longest prompt's tokens.")
     p.add_argument("--seed", type=int, default=0, help="Of the prompts' random tokens.")
+    p.add_argument("--de-quantize", action="store_true",
+                   help="De-quantize a quantized --model first (on the CPU, MLX's quantized products are slow).")
     flags = {a.dest: a for a in convert.build_parser()._actions}  # -q quantizes in memory, as bench.py's
     for dest in ("quantize", "q_bits", "q_group_size", "q_embedding_bits"):
         p._add_action(flags[dest])
@@ -50,8 +54,11 @@ def mlx_lm_model(args, model, config):
 
     if args.model and Path(args.model).is_dir() and not args.quantize:
         return load_model(Path(args.model))[0]
+    quantized = {path: {"group_size": m.group_size, "bits": m.bits} for path, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, models.QuantizedExpertsLinear))}
     with tempfile.TemporaryDirectory() as folder:
-        utils.save_model(folder, model, SimpleNamespace(save_pretrained=lambda path: None), config)
+        utils.save_model(folder, model, SimpleNamespace(save_pretrained=lambda path: None),
+                         utils.output_config(config, quantized=quantized))
         loaded = load_model(Path(folder))[0]
         mx.eval(loaded.parameters())  # read before the folder goes
         return loaded
@@ -69,10 +76,13 @@ def main(args):
     args.train = False  # bench.load_model's --shape case reads no training flags
     print(f"Loading {'random ' + args.shape if args.shape else args.model}", file=sys.stderr, flush=True)
     model, _, config = bench.load_model(args)
+    if args.de_quantize:
+        models.dequantize(model, utils.compute_dtype(config))
     model.eval()
     from mlx_lm.generate import batch_generate
 
     theirs = mlx_lm_model(args, model, config)
+    theirs.set_dtype(utils.compute_dtype(config))  # the type ours computes in (float32 on the CPU)
     rng = np.random.default_rng(args.seed)
     vocab = model.args.vocab_size
     lengths = rng.integers(args.prompt_length // 2, args.prompt_length + 1, args.batch_size)
@@ -93,7 +103,8 @@ def main(args):
                          "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3), "tokens": generated}
     ours, mlx_lm = (results[k].pop("tokens") for k in ("generate_batch", "mlx_lm_batch_generate"))
     print(json.dumps({
-        "model": args.model, "shape": args.shape, "quantize": args.quantize, "device": str(mx.default_device()),
+        "model": args.model, "shape": args.shape, "quantize": args.quantize, "de_quantize": args.de_quantize,
+        "device": str(mx.default_device()),
         "batch_size": args.batch_size, "max_tokens": args.max_tokens, "prompt_lengths": lengths.tolist(),
         **results, "speedup": round(results["mlx_lm_batch_generate"]["seconds"]
                                     / results["generate_batch"]["seconds"], 2),
