@@ -2,14 +2,18 @@
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
+import numbers
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+import types
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +32,7 @@ from utils import UserError
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
+GENERATION_BATCH = 32  # prompts generated together (--generate-eval, --prompt-file)
 TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
 
 
@@ -100,8 +105,9 @@ def build_parser():
     lora.add_argument("--train-mode", choices=tuple(OBJECTIVES), default="sft",
                       help="What the adapters learn: the examples' text (sft); to prefer each pair's chosen "
                            "response to its rejected one (dpo, orpo, simpo, cpo: data of {\"prompt\", \"chosen\", "
-                           "\"rejected\"} pairs); or from completions labelled desirable or not (kto: data of "
-                           "{\"prompt\", \"completion\", \"label\"}). data/README.md says more.")
+                           "\"rejected\"} pairs); from completions labelled desirable or not (kto: data of "
+                           "{\"prompt\", \"completion\", \"label\"}); or from the rewards of its own "
+                           "completions (grpo: data of {\"prompt\", other columns}). data/README.md says more.")
     for name, spec in OBJECTIVE_FLAGS.items():  # each read by the objectives that have it as a field
         lora.add_argument("--" + name.replace("_", "-"), **spec)
     lora.add_argument("--adapter-file", type=utils.expanded_path,
@@ -112,7 +118,9 @@ def build_parser():
                       help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
     optimisation = p.add_argument_group("optimisation")
-    optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4, help="Minibatch size.")
+    optimisation.add_argument("--batch-size", type=utils.POSITIVE_INT, default=4,
+                              help="Minibatch size: examples, pairs, or (grpo, as TRL's) completions, "
+                                   "--num-generations of each prompt.")
     length = optimisation.add_mutually_exclusive_group()
     length.add_argument("--iters", type=utils.POSITIVE_INT, default=1000, help="Iterations to train for.")
     length.add_argument("--epochs", type=utils.POSITIVE_INT,
@@ -193,6 +201,15 @@ def build_parser():
 
     generation = p.add_argument_group("generation")
     generation.add_argument("--prompt", "-p", help="Generate a continuation of this prompt.")
+    generation.add_argument("--prompt-file", type=utils.expanded_path, metavar="FILE",
+                            help='Answer each prompt of FILE, generated together: one a line, or in a .jsonl file '
+                                 'one {"prompt"} or {"messages"} a line (a chat: its template\'s generation prompt '
+                                 'after it). The answers go to --output.')
+    generation.add_argument("--output", type=utils.expanded_path, metavar="FILE",
+                            help="With --prompt-file: the JSONL file to write the answers to, one "
+                                 '{"prompt" or "messages", "answer", "finish"} a line, finish "eos", or "length" '
+                                 "where --max-tokens cut it (default: FILE's name without its suffix, plus "
+                                 ".answers.jsonl).")
     generation.add_argument("--max-tokens", "-m", type=utils.POSITIVE_INT, default=100, help="Tokens to generate.")
     generation.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
     generation.add_argument("--top-p", type=utils.TOP_P, default=1.0,
@@ -380,6 +397,9 @@ def check_flags(args):
         if getattr(args, name) is not None and name not in read:
             modes = [mode for mode, objective in OBJECTIVES.items() if name in objective_flags(objective)]
             raise UserError(f"--{name.replace('_', '-')} goes with --train-mode {either(modes)}")
+    loss_types = getattr(OBJECTIVES[args.train_mode], "loss_types", ())
+    if args.loss_type is not None and args.loss_type not in loss_types:
+        raise UserError(f"--loss-type {args.loss_type}: --train-mode {args.train_mode} takes {either(loss_types)}")
     if args.weight_decay and args.optimizer == "adam":
         raise UserError("--weight-decay needs --optimizer adamw, or another with weight decay (Adam has none)")
     if args.early_stopping_threshold is not None and args.early_stopping_patience is None:
@@ -393,8 +413,10 @@ def check_flags(args):
                         f"lora, no --resume-adapter-file)")
     if args.lora_plus_ratio is not None and args.fine_tune_type == "full":
         raise UserError("--lora-plus-ratio: sets the adapters' B learning rate; --fine-tune-type full has none")
-    if not (args.train or args.test or args.prompt is not None):
-        raise UserError("nothing to do: give --train, --test and/or --prompt")
+    if not (args.train or args.test or args.prompt is not None or args.prompt_file):
+        raise UserError("nothing to do: give --train, --test, --prompt and/or --prompt-file")
+    if args.output and not args.prompt_file:
+        raise UserError("--output is where --prompt-file's answers go: give --prompt-file too")
     if args.generate_eval and not args.test:
         raise UserError("--generate-eval evaluates the test set: give --test too")
     if args.resume and args.resume_adapter_file:
@@ -458,7 +480,7 @@ def training_args(args) -> TrainingArgs:
     flags = dict(vars(args))
     named = {field.name: flags[field.name] for field in dataclasses.fields(TrainingArgs) if field.name in flags}
     # the released weights are read back (seconds, for a large model) where --test or --prompt use the model next
-    reload_from = args.model if args.test or args.prompt is not None else None
+    reload_from = args.model if args.test or args.prompt is not None or args.prompt_file else None
     return TrainingArgs(**named, objective=objective_of(flags), reload_from=reload_from, flags=flags)
 
 
@@ -490,7 +512,7 @@ def is_messages(value):
 # The keys that make each format (example_format); a record with keys of two formats is refused, as no
 # reading of it is sure, and other keys are ignored
 FORMAT_KEYS = {"text": {"text"}, "completion": {"prompt", "completion"}, "preference": {"prompt", "chosen", "rejected"},
-               "chat": {"messages"}}
+               "chat": {"messages"}, "prompt": {"prompt"}}
 
 
 def format_keys(record) -> set:
@@ -506,8 +528,8 @@ def is_reply(value):
 
 def example_format(record):
     """"text", "completion" ({"prompt", "completion"}: two strings, or a chat and one assistant message),
-    "preference" ({"prompt", "chosen", "rejected"}: three strings, or a chat and one assistant message each) or
-    "chat" ({"messages"[, "tools"]}); None if neither."""
+    "preference" ({"prompt", "chosen", "rejected"}: three strings, or a chat and one assistant message each),
+    "chat" ({"messages"[, "tools"]}) or "prompt" ({"prompt"} alone, a string or a chat); None if neither."""
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("text"), str):
@@ -521,6 +543,8 @@ def example_format(record):
         return "preference"
     if is_messages(record.get("messages")) and isinstance(record.get("tools") or [], list):
         return "chat"
+    if (isinstance(prompt, str) or is_messages(prompt)) and completion is None and pair == (None, None):
+        return "prompt"
     return None
 
 
@@ -551,7 +575,7 @@ def record_place(name, unit, number) -> str:
 
 # what example_format's kinds of record are called in errors
 KIND_NAMES = {"text": "text example", "completion": "completion example", "preference": "preference pair",
-              "chat": "chat example"}
+              "chat": "chat example", "prompt": "prompt-only example"}
 
 # the splits of a Hugging Face dataset that are the train, valid and test sets where --train-split, ... give none:
 # the names that datasets gives files named so, then those of mlx-lm's datasets on the hub ("valid")
@@ -701,9 +725,9 @@ def load_dataset(data_dir, split, mask_prompt=False, objective=None, columns=Non
         if mask_prompt and kind == "chat" and not any(m["role"] == "assistant" for m in record["messages"]):
             raise UserError(f"{where}: no assistant message, and --mask-prompt trains on those alone")
         # the example as encode() reads it: the keys of its format alone, a chat's tools, and what the objective
-        # reads besides
+        # reads besides (GRPO: every column, for its reward functions)
         kept = FORMAT_KEYS[kind] | {"tools"} | objective.record_keys
-        examples.append({k: v for k, v in record.items() if k in kept})
+        examples.append({k: v for k, v in record.items() if k in kept or objective.generates})
         lines.append(number)
     if not examples:
         raise UserError(f"{path}: no examples")
@@ -813,6 +837,8 @@ def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, 
     if chat and not tokenizer.chat_template:
         raise UserError(f"{getattr(examples, 'path', f'the {name} set')}: chat examples, and the tokenizer of "
                         f"{tokenizer.name_or_path} has no chat template")
+    if objective.generates:  # prompts alone: the completions are the model's own
+        return objective.prompt_rows(examples, tokenizer, max_length, name)
     if add_eos and not chat and tokenizer.eos_token_id is None:
         raise UserError(f"--add-eos-token: the tokenizer of {tokenizer.name_or_path} has no end-of-sequence token "
                         f"(eos_token); give --add-eos-token 0")
@@ -1084,8 +1110,9 @@ def frozen_layers_cached(model, datasets, config, iterations, source):
     (datasets[0]) at least once: a shorter run's pass would compute more than its steps save; else it gives the
     datasets as they are."""
     prefix, examples = None, len(datasets[0]) // config.objective.rows_per_example
-    # (a prefix holds hidden states alone: not for a family whose layers read more, Family.layer_at_a_time)
-    if (config.cache_frozen_layers and model.args.family.layer_at_a_time
+    # (a prefix holds hidden states alone: not for a family whose layers read more, Family.layer_at_a_time; nor
+    # for the rows of an objective that generates them)
+    if (config.cache_frozen_layers and model.args.family.layer_at_a_time and not config.objective.generates
             and iterations * config.batch_size * config.grad_accumulation_steps >= examples):
         prefix, datasets = frozen_prefix(model, datasets)
     if prefix is None:
@@ -1187,17 +1214,22 @@ def across_ranks(numbers):
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # --loss-type
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 # The flags of the objectives (argparse's keywords), each read by those that have it as a field
 OBJECTIVE_FLAGS = {
     "beta": {"type": utils.POSITIVE,
              "help": "TRL's beta (default 0.1): DPO's and KTO's (larger keeps the model closer to its reference, "
                      "the model as training starts), ORPO's weight of the odds-ratio term, SimPO's and CPO's "
-                     "scale of the rewards."},
-    "loss_type": {"choices": DPO_LOSSES,
+                     "scale of the rewards; GRPO's weight of the KL divergence from the reference (default 0: "
+                     "none, and no reference pass)."},
+    "loss_type": {"choices": DPO_LOSSES + GRPO_LOSSES,
                   "help": "DPO's loss of the reward margin m (TRL's loss_type): sigmoid, -log sigmoid(m) (the "
                           "default); ipo, IPO's squared distance of the mean log-ratios' margin from 1 / (2 beta); "
-                          "hinge, max(0, 1 - m); robust, sigmoid allowing for --label-smoothing."},
+                          "hinge, max(0, 1 - m); robust, sigmoid allowing for --label-smoothing. GRPO's mean of the "
+                          "tokens' losses: dapo, over the batch's completion tokens (the default); grpo, over each "
+                          "completion's, then the completions; dr_grpo, the batch's sum over (its completions "
+                          "times --max-completion-length); bnpo, over each process's batch's tokens."},
     "label_smoothing": {"type": utils.flag_type(float, lambda v: 0 <= v < 0.5, "a number from 0 to below 0.5"),
                         "help": "DPO (--loss-type robust), SimPO, CPO: the probability that a pair's preference is "
                                 "flipped, which the loss allows for (TRL's label_smoothing; default 0)."},
@@ -1207,6 +1239,29 @@ OBJECTIVE_FLAGS = {
                     "help": "SimPO: the reward margin, over beta, that the chosen response must win by (0.5)."},
     "desirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the desirable examples' loss (1)."},
     "undesirable_weight": {"type": utils.POSITIVE, "help": "KTO: the weight of the undesirable examples' loss (1)."},
+    "reward_functions": {"metavar": "FILE.py:NAME[,NAME...]",
+                         "help": "GRPO: the reward functions, Python functions in a file, called as TRL calls them: "
+                                 "fn(prompts=, completions=, completion_ids=, **the data's other columns) -> a "
+                                 "list of numbers (None: not scored); e.g. rewards.py:exact_answer,sql_format."},
+    "reward_weights": {"type": float, "nargs": "+", "metavar": "WEIGHT",
+                       "help": "GRPO: the weight of each reward function in the reward (default 1 each)."},
+    "num_generations": {"type": utils.flag_type(int, lambda v: v >= 2, "an integer of at least 2"),
+                        "help": "GRPO: the completions generated for each prompt, a group (8); --batch-size "
+                                "counts completions and must be a multiple of it."},
+    "max_completion_length": {"type": utils.POSITIVE_INT,
+                              "help": "GRPO: the most tokens a completion has (512); longer ones are cut there."},
+    "mask_truncated_completions": {"action": "store_true", "default": None,
+                                   "help": "GRPO: leave the completions cut at --max-completion-length out of the "
+                                           "loss."},
+    "scale_rewards": {"choices": ("group", "batch", "none"),
+                      "help": "GRPO: divide each completion's advantage (its reward less its group's mean) by the "
+                              "standard deviation of its group's rewards (group, the default), of the batch's "
+                              "(batch), or not (none)."},
+    "epsilon": {"type": utils.POSITIVE, "help": "GRPO: the ratio to the old policy is clipped at 1 - epsilon (0.2)."},
+    "epsilon_high": {"type": utils.POSITIVE, "help": "GRPO: ... and at 1 + epsilon_high (default: --epsilon)."},
+    "num_iterations": {"type": utils.POSITIVE_INT,
+                       "help": "GRPO: updates on each batch of completions (1), the log-probabilities of the model "
+                               "that generated them kept for the ratio."},
 }
 
 
@@ -1223,13 +1278,17 @@ class Objective:
       distributed run (statistics), and the loss: (the mean loss, the count it is a mean of, the sums over the
       batch of the numbers named in `sums`, the trained tokens first);
     - the metrics those sums give, named as in TRL (metrics, metric_values), and what the log lines and --test
-      show of them (summary, test_line)."""
+      show of them (summary, test_line).
+    An objective that generates its completions (generates: GRPO) reads prompts alone (prompt_rows), and turns
+    each batch of them into the batch it trains on (generated), where batches are made.
+    """
     formats = ("text", "completion", "chat")
     record_keys = frozenset()
     rows_per_example = 1
     metrics = ()
     sums = ("tokens",)
     shown = ()  # the metrics that the log lines show
+    generates = False
 
     def refusal(self, kind) -> str:
         return f"a {KIND_NAMES[kind]}, but --train-mode {MODES[type(self)]} learns from {self.learns_from}"
@@ -1255,6 +1314,19 @@ class Objective:
     def prepare(self, model, datasets) -> list:
         return [None for _ in datasets]
 
+    def examples_per_batch(self, batch_size) -> int:
+        """The examples of a batch of --batch-size (GRPO: prompts)."""
+        return batch_size
+
+    def data_steps(self, steps) -> int:
+        """The steps' worth of batches that `steps` iterations of training read (GRPO: fewer, reused)."""
+        return steps
+
+    def generated(self, model, batches, train, samples=None):
+        """The batches the loss reads, from iterate_batches' (train: the training loop's; samples: a file to append
+        a few completions to): those."""
+        return batches
+
     def statistics(self, model, batch):
         return None
 
@@ -1263,6 +1335,10 @@ class Objective:
 
     def summary(self, metrics) -> str:
         return "".join(f", {name} {metrics[name]:.3f}" for name in self.shown if name in metrics)
+
+    def warning(self, metrics):
+        """What a report of these training metrics warns of (None: nothing)."""
+        return None
 
     def test_line(self, loss, metrics) -> str:
         return self.summary(metrics)
@@ -1374,8 +1450,9 @@ class DPO(Pairs):
     starts) made it, the rejected one less. A response's reward is beta times how much more likely the model
     makes it than the reference did."""
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # of DPO_LOSSES
+    loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    loss_types = DPO_LOSSES
 
     def __post_init__(self):
         if self.label_smoothing and self.loss_type != "robust":  # TRL's other losses ignore it
@@ -1589,7 +1666,377 @@ class SimPO(CPO):
         return self.simpo_gamma / self.beta
 
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO, "simpo": SimPO, "cpo": CPO}  # by --train-mode
+def completion_logps(model, rows: Batch, temperature):
+    """Per position of the rows, flat: the log-probability of its target under the model's logits over the
+    temperature (as TRL scores completions sampled at that temperature), and the entropy there (no gradient).
+    The logits never exist whole: LOSS_CHUNK rows at a time, as in state_losses."""
+    h = model.hidden_states(rows.inputs, packing=rows.packing)
+    h, targets = h.reshape(-1, h.shape[-1]), rows.targets.reshape(-1)
+
+    def chunk(i):
+        def logps_and_entropies(h):
+            logits = model.logits(h).astype(mx.float32) / temperature
+            normalizer = models.logsumexp(logits)
+            picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
+            probabilities = mx.exp(logits - normalizer[:, None])
+            return picked - normalizer, mx.stop_gradient(normalizer - (probabilities * logits).sum(axis=-1))
+        return logps_and_entropies if i == chunks[-1] else mx.checkpoint(logps_and_entropies)
+
+    chunks = range(0, h.shape[0], LOSS_CHUNK)
+    logps, entropies = zip(*[chunk(i)(h[i:i + LOSS_CHUNK]) for i in chunks])
+    return mx.concatenate(logps), mx.concatenate(entropies)
+
+
+def reward_functions(spec):
+    """The functions that --reward-functions names, "FILE.py:NAME[,NAME...]": the file run as a module (a
+    relative path not found here is looked for beside lora.py, where rewards.py is)."""
+    file, colon, names = spec.rpartition(":")
+    if not colon or not file or not names.strip(","):
+        raise UserError(f"--reward-functions {spec}: expected FILE.py:NAME[,NAME...]")
+    path = Path(utils.expanded_path(file))
+    if not path.is_file() and not path.is_absolute():
+        path = Path(__file__).parent / path
+    if not path.is_file():
+        raise UserError(f"--reward-functions {spec}: no such file {file}")
+    source, module = utils.read_text(path), types.ModuleType(path.stem)
+    module.__file__ = str(path)
+    try:  # run as import would, but without writing its bytecode beside it
+        exec(compile(source, str(path), "exec"), module.__dict__)
+    except Exception as e:
+        raise UserError(f"--reward-functions {spec}: {file} fails to load ({type(e).__name__}: "
+                        f"{utils.first_line(e)})") from None
+    functions = []
+    for name in filter(None, names.split(",")):
+        if not callable(getattr(module, name, None)):
+            raise UserError(f"--reward-functions {spec}: {file} has no function {name}")
+        functions.append(getattr(module, name))
+    return functions
+
+
+def nanstd(x, axis=None):
+    """TRL's nanstd: the standard deviation of the numbers that are not NaN, with Bessel's correction (NaN for
+    fewer than two)."""
+    with warnings.catch_warnings():  # (a group of one number, or none)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(x, axis=axis, ddof=1)
+
+
+def group_advantages(table, weights, generations, scale):
+    """TRL's GRPOTrainer's advantages (its sum_then_normalize) of completions in groups of `generations`, each
+    prompt's, from their rewards (table: completions x reward functions, NaN where one did not score): the
+    weighted reward less its group's mean, over the standard deviation of its group's rewards or the batch's
+    (scale: group, batch or none), 0 where no function scored it; and the completions' weighted rewards, and
+    which groups' rewards have no spread."""
+    table = np.asarray(table, np.float32)
+    unscored = np.isnan(table).all(axis=1)
+    rewards = np.nansum(table * np.asarray(weights, np.float32), axis=1)
+    rewards[unscored] = np.nan
+    grouped = rewards.reshape(-1, generations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.repeat(np.nanmean(grouped, axis=1), generations)
+    std = np.full_like(rewards, nanstd(rewards)) if scale == "batch" else np.repeat(nanstd(grouped, 1), generations)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return np.nan_to_num(advantages, nan=0.0), rewards, np.isclose(std, 0)
+
+
+class PromptBatch(NamedTuple):
+    """A batch of prompts that GRPO generates from (GRPO.generated): their tokens, their records, and how the
+    batch of their completions is laid out (make_batch)."""
+    prompts: list
+    records: list
+    pack: bool
+    by_example: object
+
+
+class GRPOBatch(NamedTuple):
+    """A batch of GRPO's completions: the Sequences of their rows (prompt and completion, the completion scored),
+    each completion's advantage, the log-probabilities of its tokens (per position of the rows, flat) by the
+    model that generated it (None: the model trained on them, once) and by the reference (None: beta 0), and
+    this rank's share of the numbers of the generation (GRPO.generation_metrics)."""
+    sequences: Sequences
+    advantages: mx.array
+    old: mx.array | None
+    reference: mx.array | None
+    numbers: mx.array
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPO(Objective):
+    """GRPO (TRL's GRPOTrainer): from each prompt, num_generations completions sampled from the model being
+    trained, a group, each scored by the reward functions; a completion's advantage is its reward less its
+    group's mean (scaled, scale_rewards), and the loss makes each of its tokens more likely in proportion, the
+    ratio to the model that generated it clipped to [1 - epsilon, 1 + epsilon_high], plus beta times an estimate
+    of the KL divergence from the reference (the model as training starts), per token, averaged as loss_type
+    says. --batch-size counts completions, as TRL's."""
+    reward_functions: str | None = None
+    reward_weights: list | None = None
+    num_generations: int = 8
+    max_completion_length: int = 512
+    mask_truncated_completions: bool = False
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    temp: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+    grad_accumulation_steps: int = 1
+    formats = ("prompt",)
+    expected = 'a prompt: expected {"prompt", other columns}, a string or a list of messages'
+    learns_from = 'prompts {"prompt", other columns for the reward functions}'
+    loss_types = GRPO_LOSSES
+    generates = True
+    shown = ("reward", "reward_std", "frac_reward_zero_std", "kl")
+
+    def __post_init__(self):
+        if self.reward_functions is None:
+            raise UserError("--train-mode grpo needs --reward-functions FILE.py:NAME[,NAME...] (e.g. "
+                            "rewards.py:exact_answer)")
+        functions = reward_functions(self.reward_functions)
+        if self.reward_weights is not None and len(self.reward_weights) != len(functions):
+            raise UserError(f"--reward-weights: {len(self.reward_weights)} weights for the {len(functions)} "
+                            f"--reward-functions")
+        if self.batch_size % self.num_generations:
+            raise UserError(f"--batch-size {self.batch_size}: must be a multiple of --num-generations "
+                            f"{self.num_generations} (it counts completions, as TRL's)")
+        object.__setattr__(self, "functions", functions)  # (a frozen dataclass's attribute, not a flag)
+
+    @property
+    def generation_metrics(self):
+        """The metrics of a batch's generation, which its every rank knows."""
+        names = [f"rewards/{function.__name__}/{kind}" for function in self.functions for kind in ("mean", "std")]
+        return ("reward", "reward_std", *names, "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "seconds/generation", "seconds/reward", "seconds/reference")
+
+    @property
+    def sums(self):
+        return ("tokens", "kl", "entropy", "clip_ratio/region_mean", "batches", *self.generation_metrics)
+
+    @property
+    def metrics(self):
+        return ("entropy", "clip_ratio/region_mean", *(("kl",) if self.beta else ()), *self.generation_metrics)
+
+    def check(self, record):
+        if record["prompt"] == "":
+            return "an empty prompt: nothing to generate from"
+        return None
+
+    def answer(self, record):
+        return None
+
+    def prompt_rows(self, examples, tokenizer, max_length, name):
+        """The Rows of the examples' prompts, (tokens, 0), a chat's rendered with the generation prompt, each
+        example's record its label; the tokenizer kept, to decode the completions. A prompt that leaves less
+        than --max-completion-length tokens of --max-seq-length is an error naming it."""
+        where = getattr(examples, "where", lambda i: f"the {name} set's example {i + 1}")
+        object.__setattr__(self, "tokenizer", tokenizer)
+        rows = []
+        for i, record in enumerate(examples):
+            prompt = record["prompt"]
+            try:
+                if isinstance(prompt, str):
+                    tokens = tokenizer.encode(prompt)
+                else:
+                    with utils.bounded(*TEMPLATE_LIMITS):
+                        text = tokenizer.apply_chat_template(prompt, tools=record.get("tools"), tokenize=False,
+                                                             add_generation_prompt=True)
+                    tokens = tokenizer.encode(text, add_special_tokens=False)
+            except UserError as e:
+                raise UserError(f"{where(i)}: {e}") from None
+            except Exception as e:  # a chat template raises what its Jinja code raises
+                what = "cannot be tokenized" if isinstance(prompt, str) else \
+                    f"the chat template of {tokenizer.name_or_path} fails on it"
+                raise UserError(f"{where(i)}: {what} ({type(e).__name__}: {utils.first_line(e)})") from None
+            if len(tokens) + self.max_completion_length > max_length:
+                raise UserError(f"{where(i)}: its prompt is {len(tokens)} tokens, which with --max-completion-length "
+                                f"{self.max_completion_length} pass --max-seq-length {max_length}; shorten it, or "
+                                f"raise --max-seq-length")
+            rows.append((tokens, 0))
+        records = np.empty(len(examples), object)
+        records[:] = list(examples)
+        return Rows(rows, records)
+
+    def prepare(self, model, datasets):
+        """Each set's records, which its batches carry; with beta, the trained weights as they are now, before
+        training, as the reference (the base with new adapters, or --resume-adapter-file's): no copy of the
+        model, and of adapters none but the arrays that training replaces."""
+        if self.beta:
+            object.__setattr__(self, "reference_weights", tree_flatten(model.trainable_parameters()))
+        return [getattr(dataset, "labels", None) for dataset in datasets]
+
+    def batch(self, rows, given, pack, by_example):
+        return PromptBatch([tokens for tokens, _ in rows], list(given), pack, by_example)
+
+    def examples_per_batch(self, batch_size):
+        return batch_size // self.num_generations
+
+    def data_steps(self, steps):
+        """Each batch of prompts is trained on num_iterations times: a run resumed within those goes on with
+        the next batch (the completions' old log-probabilities are gone)."""
+        return -(-steps // self.num_iterations)
+
+    def generated(self, model, batches, train, samples=None):
+        """Each batch of prompts (PromptBatch; None: none of it this rank's) as the GRPOBatch of its completions
+        (rollout). In training, the completions of grad_accumulation_steps batches (a step's) are generated at
+        once and trained on num_iterations times."""
+        steps = self.num_iterations if train else 1
+        while True:
+            cycle = [self.rollout(model, batch, steps > 1, samples)
+                     for batch in itertools.islice(batches, self.grad_accumulation_steps if train else 1)]
+            if not cycle:
+                return
+            for _ in range(steps):
+                yield from cycle
+
+    def rollout(self, model, batch, keeps_old, samples):
+        """The GRPOBatch of a batch of prompts: num_generations completions of each (sampled with a seed of the
+        random state, which training sets from --seed and the iteration, and the prompt's place in the global
+        batch: the same on any number of processes), their rewards, advantages and metrics, computed from every
+        rank's rewards as one process computes them; the log-probabilities of the model as it is (keeps_old)
+        and of the reference (beta). samples: a file that the first prompt's completions are appended to."""
+        generations, local = self.num_generations, 0 if batch is None else len(batch.prompts)
+        seed = mx.random.randint(0, 2**31 - 1, ()).item()
+        total = int(across_ranks(mx.array(local)).item())
+        first = rank_slices(total)[mx.distributed.init().rank()].start  # this rank's first prompt in the batch
+        began = time.perf_counter()
+        completions = [completion for k, prompt in enumerate(batch.prompts if batch else [])
+                       for completion in utils.generate_batch(
+                           model, [prompt] * generations, self.max_completion_length, temp=self.temp,
+                           top_p=self.top_p, top_k=0, min_p=0.0, eos_ids={self.tokenizer.eos_token_id}, stop=(),
+                           tokenizer=self.tokenizer, seed=(seed + first + k) % 2**31)]
+        generated = time.perf_counter()
+        texts = [self.tokenizer.decode(completion.tokens, skip_special_tokens=True) for completion in completions]
+        table = self.rewards(batch, texts, [list(completion.tokens) for completion in completions])
+        truncated = np.array([completion.finish != "eos" for completion in completions], np.float32)
+        lengths = np.array([len(completion.tokens) for completion in completions], np.float32)
+        rewarded = time.perf_counter()
+        everyone = np.array(gathered(mx.array(np.column_stack([table, lengths, truncated]).reshape(-1, len(
+            self.functions) + 2)), np.full(total, generations)))  # every rank's completions, in order
+        table, lengths, truncated = everyone[:, :-2], everyone[:, -2], everyone[:, -1]
+        advantages, rewards, zero_std = group_advantages(table, self.reward_weights or [1.0] * len(self.functions),
+                                                         generations, self.scale_rewards)
+        mine = slice(first * generations, (first + local) * generations)
+        if samples is not None and local:
+            with open(samples, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"prompt": batch.records[0]["prompt"], "completion": text,
+                                         "reward": float(reward), "advantage": float(advantage)}) + "\n"
+                             for text, reward, advantage in zip(texts[:generations], rewards[mine],
+                                                                advantages[mine]))
+        if not local:
+            return None
+        rows = []
+        for k, completion in enumerate(completions):
+            prompt = batch.prompts[k // generations]
+            tokens = prompt + list(completion.tokens)
+            masked = self.mask_truncated_completions and completion.finish != "eos"
+            rows.append((tokens, np.zeros(len(tokens) - 1, bool) if masked else len(prompt) - 1))
+        completions = sequences(rows, batch.pack, batch.by_example)
+        old = reference = None
+        if keeps_old:
+            old, _ = completion_logps(model, completions.rows, self.temp)
+        if self.beta:
+            trained = tree_flatten(model.trainable_parameters())
+            model.update(tree_unflatten(self.reference_weights))
+            reference, _ = completion_logps(model, completions.rows, self.temp)
+            model.update(tree_unflatten(trained))
+        mx.eval([logps for logps in (old, reference) if logps is not None])
+        with warnings.catch_warnings():  # (a function that scored none)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            numbers = [np.nanmean(rewards), nanstd(rewards)]
+            numbers += [value for column in table.T for value in (np.nanmean(column), nanstd(column))]
+        numbers += [zero_std.mean(), lengths.mean(), truncated.mean(), generated - began, rewarded - generated,
+                    time.perf_counter() - rewarded]
+        share = 1 / mx.distributed.init().size()  # the ranks' shares add up to the batch's numbers
+        return GRPOBatch(completions, mx.array(advantages[mine]), old, reference,
+                         mx.array(np.array([1.0, *numbers], np.float32) * share))
+
+    def rewards(self, batch, completions, completion_ids):
+        """Each reward function's rewards for the completions (texts; a chat prompt's as one assistant message),
+        called as TRL calls it: completions x functions, NaN where it gave None. What it raises, or a reward
+        that is neither None nor a finite number, or a list of another length is an error naming it."""
+        generations = self.num_generations
+        records = [record for record in (batch.records if batch else []) for _ in range(generations)]
+        prompts = [record["prompt"] for record in records]
+        if prompts and not isinstance(prompts[0], str):
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        columns = {key: [record.get(key) for record in records] for key in (records[0] if records else ())
+                   if key != "prompt"}
+        table = np.full((len(completions), len(self.functions)), np.nan, np.float32)
+        for j, function in enumerate(self.functions if completions else ()):
+            culprit = f"--reward-functions: {function.__name__}"
+            try:
+                values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            except Exception as e:
+                raise UserError(f"{culprit} raised {type(e).__name__}: {utils.first_line(e)}") from None
+            if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != len(completions):
+                got = f"{len(values)} rewards" if isinstance(values, (list, tuple, np.ndarray)) else repr(values)[:60]
+                raise UserError(f"{culprit} returned {got} for {len(completions)} completions; it must return a "
+                                f"list of one reward for each")
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise UserError(f"{culprit} returned {repr(value)[:60]} for completion {i + 1}: a reward is a "
+                                    f"finite number, or None for a completion it does not score")
+                table[i, j] = value
+        return table
+
+    def loss(self, model, batch, statistics=None):
+        """The loss as TRL's GRPOTrainer computes its loss_type, the count it is a mean of (dapo: the tokens; grpo,
+        dr_grpo: the completions; bnpo: the batch), and the sums of the metrics (kl, entropy and clipped tokens)
+        and of the generation's numbers."""
+        rows, owner, count = batch.sequences
+        logps, entropies = completion_logps(model, rows, self.temp)
+        scored, owner = rows.scored.reshape(-1).astype(mx.float32), owner.reshape(-1)
+        advantages = batch.advantages[owner]
+        ratio = mx.exp(logps - (mx.stop_gradient(logps) if batch.old is None else batch.old))
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        losses = -mx.minimum(ratio * advantages, mx.clip(ratio, 1 - self.epsilon, 1 + high) * advantages)
+        kl = mx.zeros_like(logps)
+        if self.beta:  # times the ratio (TRL's use_bias_correction_kl): the gradient of the reverse KL, unbiased
+            log_ratio = batch.reference - logps
+            kl = (mx.exp(log_ratio) - log_ratio - 1) * ratio
+            losses = losses + self.beta * kl
+        tokens, total = scored.sum(), (losses * scored).sum()
+        if self.loss_type == "grpo":  # each completion's mean, then their mean
+            rows_of = (owner[:, None] == mx.arange(count)).astype(mx.float32)
+            loss, n = ((losses * scored) @ rows_of / mx.maximum(scored @ rows_of, 1)).mean(), mx.array(count)
+        elif self.loss_type == "dr_grpo":
+            loss, n = total / (count * self.max_completion_length), mx.array(count)
+        elif self.loss_type == "bnpo":  # this rank's batch's tokens
+            loss, n = total / mx.maximum(tokens, 1), mx.array(1)
+        else:  # dapo: weighed by its tokens, the whole batch's
+            n = mx.maximum(tokens, 1)
+            loss = total / n
+        clipped = (ratio < 1 - self.epsilon) & (advantages < 0) | (ratio > 1 + high) & (advantages > 0)
+        sums = mx.stack([tokens, (kl * scored).sum(), (entropies * scored).sum(), (clipped * scored).sum()])
+        return loss, n, mx.concatenate([mx.stop_gradient(sums), batch.numbers])
+
+    def metric_values(self, sums, count):
+        """The means over the completions' tokens (TRL's global_masked_mean), and the generations' numbers, means
+        over the batches."""
+        tokens, kl, entropy, clipped, batches, *numbers = sums
+        tokens = max(tokens, 1)
+        values = {"entropy": entropy / tokens, "clip_ratio/region_mean": clipped / tokens}
+        if self.beta:
+            values["kl"] = kl / tokens
+        return {**values, **dict(zip(self.generation_metrics, (np.asarray(numbers) / batches).tolist()))}
+
+    def warning(self, metrics):
+        if metrics["frac_reward_zero_std"] > 1 - 1e-6:  # (a sum of the ranks' shares)
+            return ("every group's completions since the last report got the same reward: their advantages are 0, "
+                    "and nothing is learnt from them; give reward functions that tell a prompt's completions "
+                    "apart, or more --num-generations, or a higher --temp")
+        return None
+
+
+# by --train-mode
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO, "simpo": SimPO, "cpo": CPO, "grpo": GRPO}
 MODES = {objective: mode for mode, objective in OBJECTIVES.items()}
 
 
@@ -1822,9 +2269,11 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
         step = make_step(model, optimizer, config)
         metrics_path, saved = folder and folder / "metrics.jsonl", []
         log = metrics_log(metrics_path, resumed_metrics(config, first - 1) if writer else [], config)
-        batches = iterate_batches(train_set, config.batch_size, train=True, seed=config.seed, pack=config.pack,
-                                  start=(first - 1) * config.grad_accumulation_steps, sort=config.sort_by_length,
+        batches = iterate_batches(train_set, objective.examples_per_batch(config.batch_size), train=True,
+                                  seed=config.seed, pack=config.pack, sort=config.sort_by_length,
+                                  start=objective.data_steps(first - 1) * config.grad_accumulation_steps,
                                   objective=objective, given=given[0], by_example=model.args.packs_by_example or None)
+        batches = objective.generated(model, batches, True, folder and folder / "completions.jsonl")
         # stopping: a stop signal on some rank (the steps' summed flag); stopped: the utils.Stopped training ends with
         stopping, checkpoint, stopped, announced = [], None, None, False
         validated = None  # the iteration of the last validation loss
@@ -1886,6 +2335,8 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
                 f"It/sec {record['iterations_per_second']:.3f}, Tokens/sec {record['tokens_per_second']:.1f}, "
                 f"Trained tokens {total_tokens}, Learning rate {record['learning_rate']:.2e}, "
                 f"Peak mem {record['peak_memory_gb']:.2f} GB, ETA {left:.0f}s")
+            if objective.warning(record):
+                say(f"[WARNING] {objective.warning(record)}")
             bar.set_postfix_str(f"loss {record['train_loss']:.3f}, {record['tokens_per_second']:.0f} tok/s, "
                                 f"peak {record['peak_memory_gb']:.2f} GB", refresh=False)
             window, tic = [], training_time()
@@ -2267,9 +2718,9 @@ def evaluate(model, dataset, batch_size, num_batches, objective=None, given=None
     evaluates its share of each batch, and the sums are summed."""
     objective = objective or SFT()
     totals = mx.zeros(2 + len(objective.sums))  # loss x count, count, sums
-    for n, batch in enumerate(iterate_batches(dataset, batch_size, objective=objective, given=given)):
-        if n == num_batches:
-            break
+    batches = iterate_batches(dataset, objective.examples_per_batch(batch_size), objective=objective, given=given)
+    batches = itertools.islice(batches, None if num_batches < 0 else num_batches)  # (before generated() makes them)
+    for batch in objective.generated(model, batches, False):
         statistics = across_ranks(objective.statistics(model, batch))  # every rank takes part in the sum
         if batch is None:  # no example of this batch is this rank's
             mx.eval(statistics)  # its part of the sum, which nothing here reads (lazy, it would not be taken)
@@ -2310,18 +2761,19 @@ def generation_accuracy(model, tokenizer, config, examples, add_eos, where):
     """Exact matches among the greedy completions of these examples (completion_example; where(i) names the
     i-th in errors). A completion matches if its text is the expected one's, end-of-sequence (or a chat
     template's end of turn) included: a model that goes on past the answer has not given it."""
-    eos, matches = eos_ids(tokenizer, config), 0
-    for i, record in enumerate(tqdm(examples, desc="Generating", disable=None)):
+    prompts, expected, lengths = [], [], []
+    for i, record in enumerate(examples):
         tokens, spans = encode(record, tokenizer, add_eos)
         start, end = spans[-1]
-        expected = tokens[start:end]
-        length = generation_length(model, tokenizer, tokens[:start], len(expected), f"{where(i)}'s prompt")
-        generated = []
-        for token, _ in zip(utils.generate(model, tokens[:start]), expected[:length]):
-            generated.append(token)
-            if token in eos:
-                break
-        matches += tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
+        prompts.append(tokens[:start])
+        expected.append(tokens[start:end])
+        lengths.append(generation_length(model, tokenizer, prompts[-1], len(expected[-1]), f"{where(i)}'s prompt"))
+    matches = 0
+    for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
+        batch = slice(first, first + GENERATION_BATCH)
+        completions = utils.generate_batch(model, prompts[batch], lengths[batch], eos_ids=eos_ids(tokenizer, config))
+        matches += sum(tokenizer.decode(completion.tokens).strip() == tokenizer.decode(answer).strip()
+                       for completion, answer in zip(completions, expected[batch]))
     return matches
 
 
@@ -2374,17 +2826,93 @@ def generate(model, tokenizer, config, args):
     length = generation_length(model, tokenizer, prompt, args.max_tokens, "--prompt")
     print(args.prompt, end="", flush=True)
     tokens, printed = [], ""
+
+    def show(_, token):
+        nonlocal printed
+        if token in eos:
+            return
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+
     try:
-        for token, _ in zip(utils.generate(model, prompt, args.temp, args.top_p), range(length)):
-            if token in eos:
-                break
-            tokens.append(token)
-            text = tokenizer.decode(tokens)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text[len(printed):], end="", flush=True)
-                printed = text
+        utils.generate_batch(model, [prompt], length, temp=args.temp, top_p=args.top_p, eos_ids=eos, on_token=show)
     finally:  # the line ends, however generation ends
         print(tokenizer.decode(tokens)[len(printed):], flush=True)
+
+
+def read_prompt_file(path) -> list:
+    """(line number, record) of each prompt of --prompt-file: in a .jsonl file, {"prompt": text or a chat} or
+    {"messages": a chat}, other keys kept; else each line of the text as {"prompt": line}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompt-file {path}: no such file")
+    if path.suffix == ".jsonl":
+        records = utils.read_jsonl(path)
+        for number, record in records:
+            prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+            if not (isinstance(prompt, str) and prompt or is_messages(prompt)):
+                raise UserError(f'--prompt-file {path}:{number}: not {{"prompt": text}} or {{"messages": a chat}}, '
+                                f'with a non-empty prompt')
+    else:
+        lines = utils.read_text(path).split("\n")
+        if lines[-1] == "":  # the newline that ends the last line
+            lines.pop()
+        records = [(number, {"prompt": line.removesuffix("\r")}) for number, line in enumerate(lines, 1)]
+        empty = next((number for number, record in records if not record["prompt"].strip()), None)
+        if empty is not None:
+            raise UserError(f"--prompt-file {path}:{empty}: an empty line; give one prompt a line")
+    if not records:
+        raise UserError(f"--prompt-file {path}: no prompts")
+    return records
+
+
+def answers_path(args) -> Path:
+    """Where --prompt-file's answers go: --output, or beside it as NAME.answers.jsonl."""
+    path = Path(args.prompt_file)
+    return Path(args.output) if args.output else path.with_name(f"{path.stem}.answers.jsonl")
+
+
+def prompt_tokens(record, tokenizer) -> list:
+    """The token ids of a --prompt-file record's prompt: its text, or its chat with the generation prompt."""
+    chat = record["messages"] if "messages" in record else record["prompt"]
+    if isinstance(chat, str):
+        return tokenizer.encode(chat)
+    if not tokenizer.chat_template:
+        raise UserError(f"a chat, and the tokenizer of {tokenizer.name_or_path} has no chat template")
+    try:
+        with utils.bounded(*TEMPLATE_LIMITS):  # the sandbox lets a template loop without end
+            text = tokenizer.apply_chat_template(chat, tools=record.get("tools"), tokenize=False,
+                                                 add_generation_prompt=True)
+    except Exception as e:  # a chat template raises what its Jinja code raises, or refuses (sandboxed)
+        raise UserError(f"the chat template of {tokenizer.name_or_path} fails on it "
+                        f"({type(e).__name__}: {utils.first_line(e)})") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def answer_prompt_file(model, tokenizer, config, args, records):
+    """Generate the answers to --prompt-file's prompts, GENERATION_BATCH at a time, and write them (answers_path)."""
+    prompts, lengths = [], []
+    for number, record in records:
+        where = f"{args.prompt_file}:{number}"
+        try:
+            prompts.append(prompt_tokens(record, tokenizer))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        lengths.append(generation_length(model, tokenizer, prompts[-1], args.max_tokens, where))
+    answers = []
+    for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
+        batch = slice(first, first + GENERATION_BATCH)
+        completions = utils.generate_batch(model, prompts[batch], lengths[batch], temp=args.temp, top_p=args.top_p,
+                                           eos_ids=eos_ids(tokenizer, config))
+        answers += [{**record, "answer": utils.completion_text(completion, tokenizer), "finish": completion.finish}
+                    for (_, record), completion in zip(records[batch], completions)]
+    out = answers_path(args)
+    utils.atomic_write(out, lambda f: f.write("".join(json.dumps(a, ensure_ascii=False) + "\n"
+                                                      for a in answers).encode()))
+    print(f"Wrote {len(answers)} answers to {out}", flush=True)
 
 
 # Main
@@ -2413,27 +2941,35 @@ def main(args):
     examples = {split: load_dataset(args.data, split, args.mask_prompt, training.objective, columns, dataset_splits)
                 for split in splits}
     if args.epochs and args.train:  # the schedule's length and the checkpoints' flags follow
-        args.iters = epoch_iterations(len(examples["train"]), args)
+        args.iters = epoch_iterations(len(examples["train"]), args, training.objective)
         training = training_args(args)
     answered = [i for i, record in enumerate(examples.get("test", [])) if training.objective.answer(record)]
     generation_tests = [completion_example(examples["test"][i], args.completion_marker, examples["test"].where(i),
                                            training.objective) for i in answered[:args.generate_eval]]
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
+    if prompts:
+        if answers_path(args).resolve() == Path(args.prompt_file).resolve():
+            raise UserError(f"--output {answers_path(args)}: is --prompt-file itself; write the answers elsewhere")
+        utils.check_writable(answers_path(args), "--output")
     if args.resume:
         check_resume(args)
-    group = distributed(args)
+    group = distributed(args, training.objective)
     # So is an output folder that cannot be written, or that another run is writing.
     out = adapter_file.parent
     writes = args.train and group.rank() == 0
     with utils.exclusive(out, "--adapter-file", out / ".lora.lock") if writes else contextlib.nullcontext():
         if writes:
             check_outputs(adapter_file)
-        run(args, training, adapter_file, examples, generation_tests, answered)
+        run(args, training, adapter_file, examples, generation_tests, answered, prompts)
 
 
-def epoch_iterations(examples, args) -> int:
-    """The iterations of --epochs passes over `examples` training examples, as batch_order forms the batches."""
-    batches = args.epochs * max(examples // args.batch_size, 1)  # fewer examples than a batch: an error in run()
-    return math.ceil(batches / args.grad_accumulation_steps)
+def epoch_iterations(examples, args, objective) -> int:
+    """The iterations of --epochs passes over `examples` training examples, as batch_order forms the batches: up
+    to the last that trains on the last batch (GRPO trains on each --num-iterations times)."""
+    # fewer examples than a batch: an error in run()
+    batches = args.epochs * max(examples // objective.examples_per_batch(args.batch_size), 1)
+    steps = math.ceil(batches / args.grad_accumulation_steps)
+    return next(n for n in itertools.count(steps) if objective.data_steps(n + 1) > steps)
 
 
 def best_adapter_file(adapter_file: Path) -> Path:
@@ -2451,16 +2987,17 @@ def check_outputs(adapter_file: Path):
     utils.check_writable(adapter_file.parent / "runs", "--adapter-file", folder=True)
 
 
-def distributed(args):
+def distributed(args, objective):
     """The group of processes that mlx.launch (or mpirun) started, each of them checked to make an equal share
     of every batch; all but rank 0 print nothing."""
     group = utils.distributed_group("lora.py")
     n = group.size()
     if n == 1:
         return group
-    if args.train and args.batch_size % n:
-        raise UserError(f"--batch-size {args.batch_size}: must divide by the {n} processes of the distributed run "
-                        f"(each makes an equal share of every batch)")
+    examples = objective.examples_per_batch(args.batch_size)
+    if args.train and examples % n:
+        raise UserError(f"--batch-size {args.batch_size}: its {examples} examples must divide by the {n} processes of "
+                        f"the distributed run (each makes an equal share of every batch)")
 
     # mlx.launch ends the other ranks so when one ends
     utils.stop_on_sigterm("lora.py", "stopped by the launcher: another process of the distributed run ended")
@@ -2471,7 +3008,7 @@ def distributed(args):
     return group
 
 
-def run(args, training, adapter_file, examples, generation_tests, answered):
+def run(args, training, adapter_file, examples, generation_tests, answered, prompts=None):
     objective = training.objective
     mx.random.seed(args.seed)
     scale = lora_scale(vars(args))
@@ -2487,12 +3024,14 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
     rows = objective.rows_per_example  # an example's
     for split, batches in (("valid", args.val_batches), ("test", args.test_batches)):  # what evaluate() reads
         if split in data and batches > 0:
-            data[split] = data[split].head(batches * args.batch_size, rows)
+            data[split] = data[split].head(batches * objective.examples_per_batch(args.batch_size), rows)
     model.freeze()
     adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
-        if len(data["train"]) < args.batch_size * rows:
-            raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than --batch-size")
+        needed = objective.examples_per_batch(args.batch_size)
+        if len(data["train"]) < needed * rows:
+            raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than a batch of "
+                            f"--batch-size {args.batch_size} ({needed})")
         adapter_config = set_up_training(model, args, scale)
     # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
     # loaded; train() computes the training and validation sets' own
@@ -2533,6 +3072,9 @@ def run(args, training, adapter_file, examples, generation_tests, answered):
     if args.prompt is not None and mx.distributed.init().rank() == 0:
         with utils.naming_flag("--prompt"):
             generate(model, tokenizer, config, args)
+    if prompts and mx.distributed.init().rank() == 0:
+        with utils.naming_flag("--prompt-file"):
+            answer_prompt_file(model, tokenizer, config, args, prompts)
 
 
 if __name__ == "__main__":

@@ -1745,6 +1745,10 @@ class KVCache:
         self.offset = 0
 
     def update(self, keys, values):
+        if self.keys is None and self.offset:
+            # started at an offset: that many empty (masked) positions first, a row's left padding (utils.prefilled)
+            self.keys, self.values = (mx.zeros((*y.shape[:2], self.offset, *y.shape[3:]), y.dtype)
+                                      for y in (keys, values))
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)
             values = mx.concatenate([self.values, values], axis=2)
@@ -1766,7 +1770,8 @@ class StateCache:
 def attention_mask(length: int, offset: int, window: Optional[int], examples=None, chunk: Optional[int] = None):
     """Causal mask for `length` queries after `offset` cached positions, limited to a sliding window, or to the
     query's chunk of `chunk` positions (chunked attention, counted from the row's first position); for rows
-    packing several examples, also to each query's own example (`examples`: each position's, batch x length)."""
+    packing several examples, also to each query's own example (`examples`: each position's, batch x (offset +
+    length); -1 marks padding, which attends to padding alone)."""
     if examples is None and all(n is None or offset + length <= n for n in (window, chunk)):
         return "causal" if length > 1 else None
     query = mx.arange(offset, offset + length)[:, None]
@@ -1776,7 +1781,7 @@ def attention_mask(length: int, offset: int, window: Optional[int], examples=Non
         mask = mask & (key // chunk == query // chunk)
     if examples is None:
         return mask
-    return mask & (examples[:, None, :, None] == examples[:, None, None, :])
+    return mask & (examples[:, None, -length:, None] == examples[:, None, None, :])
 
 
 def alibi_slopes(heads: int) -> mx.array:

@@ -2,6 +2,7 @@
 (Hugging Face folders, hub repos, GGUF files), writing files safely, saving models, adapters, generation."""
 import argparse
 import contextlib
+import copy
 import glob
 import itertools
 import json
@@ -1899,32 +1900,156 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
 # Generation
 
 
-def sample(logits: mx.array, temp: float, top_p: float) -> mx.array:
-    if temp == 0:
-        return mx.argmax(logits, axis=-1)
+def filtered_logits(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+    """The logits divided by the temperature, those of the tokens that top-k, top-p (nucleus) and min-p leave out
+    at -inf: in this order, each on what the one before left, as transformers' samplers (TRL's) do. (mlx-lm filters
+    before the temperature.)"""
     logits = logits / temp
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
+        logits = mx.where(logits < kth, -mx.inf, logits)
     if top_p < 1.0:
         order = mx.argsort(-logits, axis=-1)
         sorted_logits = mx.take_along_axis(logits, order, axis=-1)
         probs = mx.softmax(sorted_logits, axis=-1)
         # keep the smallest prefix whose probability reaches top_p (the first token always)
         outside = (mx.cumsum(probs, axis=-1) - probs) >= top_p
-        choice = mx.random.categorical(mx.where(outside, -mx.inf, sorted_logits))
-        return mx.take_along_axis(order, choice[..., None], axis=-1)[..., 0]
-    return mx.random.categorical(logits)
+        logits = mx.put_along_axis(logits, order, mx.where(outside, -mx.inf, sorted_logits), axis=-1)
+    if min_p > 0.0:
+        probs = mx.softmax(logits, axis=-1)
+        logits = mx.where(probs < min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+    return logits
 
 
-def generate(model: models.Model, prompt: list, temp: float = 0.0, top_p: float = 1.0):
-    """Yield token ids one at a time, without end; the caller stops at EOS or a length. Logits that are not
-    finite are an error: a token picked from them would be noise."""
-    cache = model.make_cache()
-    tokens = mx.array(prompt)[None]
-    for n in itertools.count(1):
+def sample(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, key=None):
+    """A token for each row of logits: the likeliest if temp is 0, else drawn (with `key`, or MLX's global random
+    state) from filtered_logits."""
+    if temp == 0:
+        return mx.argmax(logits, axis=-1)
+    return mx.random.categorical(filtered_logits(logits, temp, top_p, top_k, min_p), key=key)
+
+
+class Completion(NamedTuple):
+    """A generated sequence: its tokens, and why it ended: "eos" (its last token is an end-of-sequence one),
+    "stop" (a stop string appeared: the tokens go on to the one that completed it; completion_text cuts the text
+    before it) or "length" (max_tokens generated: truncated)."""
+    tokens: list
+    finish: str
+
+
+def completion_text(completion: Completion, tokenizer, stop=None) -> str:
+    """A completion's text, without its end-of-sequence token, cut before the first of the stop strings."""
+    text = tokenizer.decode(completion.tokens[:-1] if completion.finish == "eos" else completion.tokens)
+    return text[:min([text.find(s) for s in stop_strings(stop) if s in text], default=len(text))]
+
+
+def stop_strings(stop) -> list:
+    return [stop] if isinstance(stop, str) else list(stop or ())
+
+
+def cache_rows(caches: list, rows: mx.array):
+    """One layer's cache holding the rows `rows` of these caches of the layer (their rows one after another):
+    each array of theirs (keys, values, states) joined along the batch, then those rows taken."""
+    def take(arrays):
+        return (mx.concatenate(arrays) if len(arrays) > 1 else arrays[0])[rows]
+
+    merged = copy.copy(caches[0])
+    for name, value in vars(merged).items():
+        if isinstance(value, mx.array):
+            setattr(merged, name, take([vars(c)[name] for c in caches]))
+        elif isinstance(value, dict):
+            setattr(merged, name, {k: take([vars(c)[name][k] for c in caches]) for k in value})
+    return merged
+
+
+def prefilled(model: models.Model, prompts: list):
+    """(cache, logits): the model's caches after the prompts, left-padded to the longest (each row's positions
+    start after its padding), and each one's next-token logits. The prompts of one length go through the model
+    together, unpadded, each cache started at the padding's length (KVCache.update): so a layer that carries a
+    state never reads a pad, attention masks the pads, and rotary positions are relative. A prompt given more than
+    once (a group of completions) goes through once."""
+    width = max(map(len, prompts))
+    by_length = {}
+    for prompt in dict.fromkeys(map(tuple, prompts)):
+        by_length.setdefault(len(prompt), []).append(prompt)
+    caches, logits, order = [], [], []
+    for length, group in by_length.items():
+        cache = model.make_cache()
+        for layer_cache in cache:
+            layer_cache.offset = width - length
+        padding = None if length == width else {"examples": mx.array([[-1] * (width - length) + [0] * length])}
         # the last position's logits alone: a long prompt's would take its length times the vocabulary
-        logits = model.logits(model.hidden_states(tokens, cache)[:, -1, :]).astype(mx.float32)
-        token, finite = sample(logits, temp, top_p), mx.isfinite(logits).all()
-        mx.eval(token, finite)
-        if not finite.item():
+        logits.append(model.logits(model.hidden_states(mx.array(group), cache, padding)[:, -1]))
+        caches.append(cache)
+        order += group
+    row = {prompt: i for i, prompt in enumerate(order)}
+    rows = mx.array([row[tuple(prompt)] for prompt in prompts])
+    cache = [cache_rows(list(layer_caches), rows) for layer_caches in zip(*caches)]
+    return cache, mx.concatenate(logits)[rows]
+
+
+def generate_batch(model: models.Model, prompts: list, max_tokens, *, temp=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                   eos_ids=(), stop=None, tokenizer=None, seed=None, on_token=None) -> list:
+    """A Completion of each prompt (token ids; of different lengths), generated together: one pass of the model
+    for each new token of every row, on the model as it is (adapters applied, quantized or not), with a cache.
+    Each row ends at its first token in eos_ids (kept), once its text holds a stop string (`stop`: one or a
+    list; needs the tokenizer) or after max_tokens (a number, or one per prompt; 0 generates none). Sampling:
+    `sample`, from mx.random.key(seed) if a seed is given (the same completions again), else from MLX's global
+    random state. on_token(row, token) is called with each token as it comes. Finished rows leave the batch.
+    Logits that are not finite are an error: a token picked from them would be noise."""
+    if not prompts:
+        return []
+    stops = stop_strings(stop)
+    if stops and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer")
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    eos_ids = set(eos_ids)
+    key = None if seed is None else mx.random.key(seed)
+
+    def next_token(logits):
+        """Each row's next token, and whether its logits are finite, computing while the caller goes on."""
+        nonlocal key
+        subkey = None
+        if key is not None:
+            key, subkey = mx.random.split(key)
+        logits = logits.astype(mx.float32)
+        token, finite = sample(logits, temp, top_p, top_k, min_p, subkey), mx.isfinite(logits).all(axis=-1)
+        mx.async_eval(token, finite)
+        return token, finite
+
+    cache, logits = prefilled(model, prompts)
+    token, finite = next_token(logits)
+    width = max(map(len, prompts))
+    # each position of each row: -1 where padding, which attention leaves out
+    examples = mx.array([[-1] * (width - len(p)) + [0] * len(p) for p in prompts])
+    completions, finish = [[] for _ in prompts], [None] * len(prompts)
+    live = list(range(len(prompts)))  # the rows of the batch: those not finished
+    for n in itertools.count(1):
+        if any(limits[row] > n for row in live):  # the next step goes on while this one's tokens are read
+            examples = mx.concatenate([examples, mx.zeros((len(live), 1), examples.dtype)], axis=1)
+            hidden = model.hidden_states(token[:, None], cache, {"examples": examples})
+            following = next_token(model.logits(hidden[:, -1]))
+        if not finite.all().item():
             raise UserError(f"the model's output (its logits) for token {n} of the generation is not finite")
-        yield token.item()
-        tokens = token[None]
+        for row, value in zip(live, token.tolist()):
+            if limits[row] == 0:
+                finish[row] = "length"
+                continue
+            completions[row].append(value)
+            if on_token is not None:
+                on_token(row, value)
+            if value in eos_ids:
+                finish[row] = "eos"
+            elif stops and any(s in tokenizer.decode(completions[row]) for s in stops):
+                finish[row] = "stop"
+            elif len(completions[row]) == limits[row]:
+                finish[row] = "length"
+        kept = [k for k, row in enumerate(live) if finish[row] is None]
+        if not kept:
+            return [Completion(tokens, reason) for tokens, reason in zip(completions, finish)]
+        token, finite = following
+        if len(kept) < len(live):  # finished rows leave the batch
+            rows = mx.array(kept)
+            cache = [cache_rows([layer_cache], rows) for layer_cache in cache]
+            token, finite, examples = token[rows], finite[rows], examples[rows]
+            live = [live[k] for k in kept]

@@ -148,6 +148,12 @@ def preference(rng, text, query, table):
     return {"prompt": text[:-len(chosen)], "chosen": chosen, "rejected": rejected}
 
 
+def question(text):
+    """The SFT example `text` as a GRPO prompt that asks for the SQL (up to "A:"), and the SQL as its answer."""
+    prompt, _, answer = text.rpartition("\nA: ")
+    return {"prompt": prompt + "\nA:", "answer": answer}
+
+
 def main():
     rng = random.Random(0)
     examples = {}  # text -> (query, table); a dict keeps first-seen order and drops repeats
@@ -175,6 +181,12 @@ def main():
                     for p in pairs for k in ("chosen", "rejected")]
         shuffle(unpaired)
         write(folder / "kto" / f"{name}.jsonl", unpaired)
+
+    # GRPO's prompts: questions of each SFT split, whose SQL the reward functions check (rewards.py)
+    (folder / "grpo").mkdir(exist_ok=True)
+    sizes = {"train": 200, "valid": 20, "test": 20}
+    for name, lines in splits.items():
+        write(folder / "grpo" / f"{name}.jsonl", (question(t) for t in lines[:sizes[name]]))
 
 
 if __name__ == "__main__":

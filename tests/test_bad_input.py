@@ -287,6 +287,7 @@ class Case:
     expect: str  # the error line names this: the flag or file at fault
     never: tuple = ()  # files (in the case folder) that must never appear
     env: Callable = lambda w, d: {}  # (world, case folder) -> environment variables the script runs with
+    in_training: bool = False  # the fault shows while training: the run's folder (out/runs/) may be made
 
 
 def flag_case(name, mode, flag, value, missing):
@@ -440,6 +441,61 @@ CASES += [
               flags=KTO), "train.jsonl:9"),
     Case("data-preference-pairs-in-a-kto-run", "lora.py", data(PAIRS, valid=False, flags=KTO), "train.jsonl:1"),
     Case("data-kto-examples-in-a-dpo-run", "lora.py", data(UNPAIRED, valid=False, flags=DPO), "train.jsonl:1"),
+]
+
+PROMPTS = "".join(json.dumps({"prompt": t.split("A: ")[0] + "A:", "answer": t.split("A: ")[1]}) + "\n"
+                  for t in sql_texts(8))
+REWARD = "def reward(completions, **columns):\n    return [1.0] * len(completions)\n"
+
+
+def grpo(reward_code=REWARD, functions="reward", flags=(), train_content=PROMPTS):
+    """A short GRPO run on train.jsonl alone (PROMPTS), of the reward functions `functions` of a file d/rewards.py
+    that holds reward_code (None: no file)."""
+    def args(w, d):
+        if reward_code is not None:
+            (d / "rewards.py").write_text(reward_code)
+        folder = d / "data"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(train_content)
+        return train(w, d, "--train-mode", "grpo", "--reward-functions", f"{d / 'rewards.py'}:{functions}",
+                     "--num-generations", 2, "--max-completion-length", 4, "--val-batches", 0, *flags, data=folder)
+
+    return args
+
+
+def returning(value):
+    """A reward function that returns `value` (Python source, of the completions)."""
+    return f"def reward(completions, **columns):\n    return {value}\n"
+
+
+CASES += [
+    Case("grpo-without-reward-functions", "lora.py",
+         lambda w, d: train(w, d, "--train-mode", "grpo", "--num-generations", 2, model=nowhere(d)),
+         "--reward-functions"),
+    Case("grpo-reward-file-missing", "lora.py", grpo(reward_code=None), "no such file"),
+    Case("grpo-reward-function-missing", "lora.py", grpo(functions="reward,format"), "has no function format"),
+    Case("grpo-reward-file-fails-to-load", "lora.py", grpo("def reward(:\n"), "rewards.py fails to load"),
+    Case("grpo-reward-weights-for-other-functions", "lora.py", grpo(flags=["--reward-weights", 1, 2]),
+         "--reward-weights"),
+    Case("grpo-batch-size-not-a-multiple-of-the-generations", "lora.py", grpo(flags=["--batch-size", 3]),
+         "--batch-size"),
+    Case("grpo-loss-type-of-dpo", "lora.py", grpo(flags=["--loss-type", "sigmoid"]), "--loss-type"),
+    Case("grpo-one-generation", "lora.py", grpo(flags=["--num-generations", 1]), "--num-generations"),
+    Case("grpo-empty-prompt-line-9", "lora.py", grpo(train_content=PROMPTS + '{"prompt": ""}\n'), "train.jsonl:9"),
+    Case("grpo-completions-in-a-grpo-run", "lora.py", grpo(train_content=UNPAIRED), "train.jsonl:1"),
+    Case("grpo-prompt-longer-than-the-limits-line-9", "lora.py",
+         grpo(train_content=PROMPTS + json.dumps({"prompt": "Q " * 40}) + "\n",
+              flags=["--max-completion-length", 200, "--max-seq-length", 256]), "train.jsonl:9"),
+    # (found at the first batch's rewards, in training)
+    Case("grpo-reward-raises", "lora.py", grpo("def reward(**columns):\n    raise KeyError('score')\n"),
+         "reward raised KeyError", in_training=True),
+    Case("grpo-reward-wrong-length", "lora.py", grpo(returning("[1.0]")), "reward returned 1 rewards",
+         in_training=True),
+    Case("grpo-reward-not-a-list", "lora.py", grpo(returning("1.0")), "reward returned 1.0", in_training=True),
+    Case("grpo-reward-nan", "lora.py", grpo(returning("[float('nan')] * len(completions)")), "reward returned nan",
+         in_training=True),
+    Case("grpo-reward-not-a-number", "lora.py", grpo(returning("['good'] * len(completions)")),
+         "reward returned 'good'", in_training=True),
 ]
 
 
@@ -1275,6 +1331,41 @@ CASES += [
 ]
 
 
+def prompt_file(content, name="prompts.txt", *more, model_needed=False):
+    """--prompt-file d/name holding `content` (None: no such file); the model missing where the error must come
+    before it is read."""
+    def args(w, d):
+        if content is not None:
+            (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return ["--model", w.model if model_needed else nowhere(d), "--prompt-file", d / name, "--max-tokens", 4,
+                *more]
+
+    return args
+
+
+CASES += [
+    Case("prompt-file-missing", "lora.py", prompt_file(None), "--prompt-file"),
+    Case("prompt-file-empty", "lora.py", prompt_file(""), "prompts.txt: no prompts"),
+    Case("prompt-file-empty-line-3", "lora.py", prompt_file("Q: a\nQ: b\n  \nQ: c\n"), "prompts.txt:3"),
+    Case("prompt-file-not-utf8", "lora.py", prompt_file(b"Q: caf\xff\n"), "prompts.txt"),
+    Case("prompt-file-jsonl-no-prompt-line-2", "lora.py",
+         prompt_file('{"prompt": "Q: a"}\n{"text": "Q: b"}\n', "prompts.jsonl"), "prompts.jsonl:2"),
+    Case("prompt-file-jsonl-invalid-line-1", "lora.py", prompt_file('{"prompt": \n', "prompts.jsonl"),
+         "prompts.jsonl:1"),
+    Case("prompt-file-longer-than-the-context-line-2", "lora.py",
+         prompt_file("Q: a\n" + "Q " * 200 + "\n", model_needed=True), "prompts.txt:2"),  # the context is 256
+    Case("prompt-file-chat-without-template-line-1", "lora.py",
+         prompt_file(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n", "chats.jsonl",
+                     model_needed=True), "chats.jsonl:1"),
+    Case("prompt-file-output-is-a-folder", "lora.py", prompt_file("Q: a\n", "prompts.txt", "--output", "."),
+         "--output"),
+    Case("prompt-file-output-is-the-prompt-file", "lora.py",
+         lambda w, d: prompt_file("Q: a\n")(w, d) + ["--output", d / "prompts.txt"], "--output"),
+    Case("output-without-prompt-file", "lora.py", lambda w, d: prompt(w, d, "--output", d / "a.jsonl",
+                                                                        model=nowhere(d)), "--output"),
+]
+
+
 # --- J. environment ---------------------------------------------------------------------------------------
 
 CASES += [
@@ -1339,7 +1430,9 @@ def test_bad_input(case, world, tmp_path):
         problems.append("3: a traceback")
     if not lines or case.expect not in lines[-1]:
         problems.append(f"4: the error line does not name {case.expect!r}")
-    problems += [f"5: files {change}" for change in compare(before, snapshot(d, world.root))]
+    after = {path: digest for path, digest in snapshot(d, world.root).items()
+             if not (case.in_training and Path(path).is_relative_to(d / "out" / "runs"))}
+    problems += [f"5: files {change}" for change in compare(before, after)]
     problems += [f"marker: {name} appeared" for name in case.never if (d / name).exists()]
     assert not problems, (f"{case.script} exit {result.returncode} after {took:.1f} s\n" + "\n".join(problems)
                           + "\n--- stderr (last lines) ---\n" + "\n".join(result.stderr.splitlines()[-8:]))

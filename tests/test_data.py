@@ -350,7 +350,7 @@ def test_generate_eval_counts_exact_completions(kind, chat_model, tmp_path, caps
             prompt = list(getattr(prompt, "input_ids", prompt))
         else:
             prompt = tokenizer.encode(pair["prompt"] + ("A:" if kind == "text" else ""))
-        generated = tokenizer.decode([t for t, _ in zip(utils.generate(model, prompt), range(40))])
+        generated = tokenizer.decode(utils.generate_batch(model, [prompt], 40)[0].tokens)
         assert tokenizer.eos_token in generated, generated  # trained: it ends its answers
         completion = generated.split(tokenizer.eos_token)[0] + ("" if i % 2 else " WHERE")
         tests.append({"text": pair["prompt"] + "A:" + completion} if kind == "text" else

@@ -146,6 +146,33 @@ def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_
         assert len(x) == (3 if key.startswith("val_") else 4) and np.allclose(x, y, atol=1e-4), (key, x, y)
 
 
+def test_two_ranks_train_grpo_as_one_process(tiny_llama, tmp_path):
+    """Each rank generates its share of the groups, the completions one process generates (a prompt's seed is
+    its place in the batch); the rewards, advantages and metrics are the whole batch's; with the KL term's
+    reference pass, two updates a generation, and validation's batch shared out: as one process."""
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def low_ids(completion_ids, **kwargs):\n"
+                       "    return [sum(i < 150 for i in ids) / len(ids) for ids in completion_ids]\n")
+    data = tmp_path / "prompts"
+    data.mkdir()
+    for split, n in (("train", 8), ("valid", 4)):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": t.split("A: ")[0] + "A:"}) + "\n"
+                                                     for t in sql_texts(n)))
+    flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", "grpo", "--reward-functions",
+             f"{rewards}:low_ids", "--num-generations", 2, "--batch-size", 8, "--max-completion-length", 6,
+             "--max-seq-length", 64, "--beta", 0.05, "--num-iterations", 2, "--scale-rewards", "batch", "--iters", 4,
+             "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2, "--steps-per-report", 1,
+             "--steps-per-eval", 2, "--val-batches", -1]
+    one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
+    assert one.returncode == 0, one.stderr
+    two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
+    assert two.returncode == 0 and "Traceback" not in two.stderr, two.stdout + two.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two", 1e-2)
+    for key in ("reward", "kl", "completions/mean_length", "val_reward"):
+        x, y = ([r[key] for r in metrics(folder) if key in r] for folder in (tmp_path / "one", tmp_path / "two"))
+        assert len(x) == (3 if key.startswith("val_") else 4) and np.allclose(x, y, atol=1e-4), (key, x, y)
+
+
 def test_two_ranks_of_a_quantized_model_with_masked_prompts(quantized_llama, completions, tmp_path):
     flags = ["--model", quantized_llama, "--data", completions, "--train", "--iters", 4, "--batch-size", 4,
              "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2, "--mask-prompt", "--val-batches", 1,

@@ -250,7 +250,7 @@ def test_bad_preference_lines_name_the_line(tmp_path, line, mode, message):
 
 
 def test_beta_without_a_preference_mode_is_an_error():
-    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo, kto, simpo or cpo"):
+    with pytest.raises(utils.UserError, match="--beta goes with --train-mode dpo, orpo, kto, simpo, cpo or grpo"):
         lora.parse_args(["--train", "--beta", "0.2"])
 
 

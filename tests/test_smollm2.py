@@ -19,12 +19,8 @@ def france(model, tokenizer):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          add_generation_prompt=True, tokenize=False)
     prompt = tokenizer.encode(chat, add_special_tokens=False)
-    answer = []
-    for token, _ in zip(utils.generate(model, prompt, temp=0.0), range(30)):
-        if token == tokenizer.eos_token_id:
-            break
-        answer.append(token)
-    return tokenizer.decode(answer)
+    answer = utils.generate_batch(model, [prompt], 30, eos_ids=[tokenizer.eos_token_id])[0]
+    return utils.completion_text(answer, tokenizer)
 
 
 def test_greedy_answer_names_paris(smollm2):
