@@ -1740,21 +1740,26 @@ ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "ntk
 
 
 class KVCache:
+    step = 256  # positions the buffers grow by: each token's keys and values are written in place, not copied whole
+
     def __init__(self):
         self.keys = self.values = None
         self.offset = 0
 
     def update(self, keys, values):
-        if self.keys is None and self.offset:
-            # started at an offset: that many empty (masked) positions first, a row's left padding (utils.prefilled)
-            self.keys, self.values = (mx.zeros((*y.shape[:2], self.offset, *y.shape[3:]), y.dtype)
-                                      for y in (keys, values))
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = keys, values
-        self.offset = keys.shape[2]
-        return keys, values
+        """The keys and values of every position so far: those cached, then these. A cache started at an offset
+        holds that many zeros first, which attention masks: a row's left padding (utils.prefilled)."""
+        start, end = self.offset, self.offset + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            def grown(cached, new):  # room for `step` positions after these
+                room = mx.zeros((*new.shape[:2], end + self.step, *new.shape[3:]), new.dtype)
+                return room if cached is None else mx.concatenate([cached[:, :, :start], room[:, :, start:]], axis=2)
+
+            self.keys, self.values = grown(self.keys, keys), grown(self.values, values)
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.offset = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class StateCache:

@@ -1964,22 +1964,25 @@ def cache_rows(caches: list, rows: mx.array):
 
 def prefilled(model: models.Model, prompts: list):
     """(cache, logits): the model's caches after the prompts, left-padded to the longest (each row's positions
-    start after its padding), and each one's next-token logits. The prompts of one length go through the model
-    together, unpadded, each cache started at the padding's length (KVCache.update): so a layer that carries a
-    state never reads a pad, attention masks the pads, and rotary positions are relative. A prompt given more than
-    once (a group of completions) goes through once."""
+    start after its padding), and each one's next-token logits. Attention masks the pads, and rotary positions
+    are relative. Where layers carry a state (Family.carries_state), which would read the pads, the prompts of
+    one length go through the model together, unpadded, each cache started at the padding's length
+    (KVCache.update); else all at once, padded. A prompt given more than once (a group of completions) goes
+    through once."""
     width = max(map(len, prompts))
     by_length = {}
     for prompt in dict.fromkeys(map(tuple, prompts)):
-        by_length.setdefault(len(prompt), []).append(prompt)
+        by_length.setdefault(len(prompt) if model.args.family.carries_state else width, []).append(prompt)
     caches, logits, order = [], [], []
     for length, group in by_length.items():
         cache = model.make_cache()
         for layer_cache in cache:
             layer_cache.offset = width - length
-        padding = None if length == width else {"examples": mx.array([[-1] * (width - length) + [0] * length])}
+        examples = [[-1] * (width - len(prompt)) + [0] * len(prompt) for prompt in group]
+        padding = {"examples": mx.array(examples)} if min(map(len, group)) < width else None
+        tokens = mx.array([[0] * (length - len(prompt)) + list(prompt) for prompt in group])
         # the last position's logits alone: a long prompt's would take its length times the vocabulary
-        logits.append(model.logits(model.hidden_states(mx.array(group), cache, padding)[:, -1]))
+        logits.append(model.logits(model.hidden_states(tokens, cache, padding)[:, -1]))
         caches.append(cache)
         order += group
     row = {prompt: i for i, prompt in enumerate(order)}
