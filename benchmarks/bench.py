@@ -135,7 +135,7 @@ def run(args):
     lora.check_flags(args)
     training = lora.training_args(args)
     objective, per_example = training.objective, training.objective.rows_per_example
-    group = lora.distributed(args)  # under mlx.launch: data-parallel, as lora.py trains
+    group = lora.distributed(args, objective)  # under mlx.launch: data-parallel, as lora.py trains
     examples = None if args.seq_length else lora.load_dataset(args.data, "train", args.mask_prompt,
                                                               objective)  # data errors first
 
