@@ -226,11 +226,26 @@ def test_adapters_both_ways_with_mlx_lm(base, tmp_path, data_dir, capsys):
     assert np.abs(logits(ours, tokens) - logits(theirs, tokens)).max() <= FP32_ATOL
 
 
+def peft_export_gives_our_logits(base, adapter_file, peft_folder):
+    """The base model with these adapters computes logits that differ from the base's, and fuse.py's PEFT export
+    of them (into peft_folder) gives PEFT the same logits."""
+    from peft import PeftModel
+
+    folder, reference, tokens = base
+    adapted = utils.load(str(folder))[0]
+    utils.load_adapters(adapted, adapter_file)
+    expected = logits(adapted, tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
+    run_fuse("--model", folder, "--adapter-file", adapter_file, "--export-peft", peft_folder)
+    peft_model = PeftModel.from_pretrained(copy_of(reference), peft_folder).eval()
+    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
+
+
 def test_rslora_scale_export_and_resume_are_peft_s(base, tmp_path, data_dir, capsys):
     """--use-rslora: the scale is alpha / sqrt(rank), PEFT's scaling for use_rslora; adapter_config.json records
     it, and the PEFT export carries use_rslora and the same alpha, whose adapters give PEFT our logits and read back
     as rsLoRA; --resume refuses a run that changes it."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     import lora
 
@@ -244,17 +259,9 @@ def test_rslora_scale_export_and_resume_are_peft_s(base, tmp_path, data_dir, cap
     run_lora(capsys, *flags, "--use-rslora")
     params = json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]
     assert params["scale"] == pytest.approx(scaling) == 8.0 and params["use_rslora"] is True
-    adapted = utils.load(str(folder))[0]
-    utils.load_adapters(adapted, tmp_path / "adapters.safetensors")
-    expected = logits(adapted, tokens)
-    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
-
-    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
-             "--export-peft", tmp_path / "peft")
+    peft_export_gives_our_logits(base, tmp_path / "adapters.safetensors", tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["lora_alpha"] == pytest.approx(16)
-    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
-    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
     run_fuse("--model", folder, "--adapter-file", tmp_path / "peft", "--export-peft", tmp_path / "again")
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert again["use_rslora"] is True and again["lora_alpha"] == pytest.approx(16)
@@ -270,7 +277,7 @@ def test_pissa_and_olora_start_as_peft_s_and_save_adapters_of_the_original_base(
     """--init-lora-weights pissa / olora: the adapters' start and the residual base weight are PEFT's; training
     saves adapters of the original weights (twice the rank, as PEFT converts them), which test as the trained model
     did, load in PEFT on the original model with our logits, and resume from a checkpoint exactly."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     folder, reference, tokens = base
     theirs = get_peft_model(copy_of(reference), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -297,14 +304,7 @@ def test_pissa_and_olora_start_as_peft_s_and_save_adapters_of_the_original_base(
     out = run_lora(capsys, "--model", folder, "--data", data_dir, "--test", "--test-batches", 2,
                    "--adapter-file", tmp_path / "adapters.safetensors")
     assert float(re.search(r"Test loss ([\d.]+)", out)[1]) == pytest.approx(trained_loss, abs=2e-3)
-    adapted = utils.load(str(folder))[0]
-    utils.load_adapters(adapted, tmp_path / "adapters.safetensors")
-    expected = logits(adapted, tokens)
-    assert np.abs(expected - torch_logits(reference, tokens)).max() > 1e-3  # the adapters matter
-    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors",
-             "--export-peft", tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
-    assert np.abs(torch_logits(peft_model, tokens) - expected).max() <= FP32_ATOL
+    peft_export_gives_our_logits(base, tmp_path / "adapters.safetensors", tmp_path / "peft")
 
     run_lora(capsys, *flags, "--adapter-file", tmp_path / "resumed.safetensors",
              "--resume", tmp_path / "runs" / "1" / "step-0000002")
