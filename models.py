@@ -3805,10 +3805,13 @@ def unpacked(w, scales, biases, group_size, bits):
 
 # On the CPU and CUDA, MLX's quantized matmul is slower than dequantizing the weight and a float product, for
 # products over many rows (training, prompts): a quantized layer then dequantizes its weight, keeping the model
-# 4-bit at rest. For a few rows (generating one token) the quantized matmul is the faster of the two. Metal
-# keeps its quantized matmul: not measured against this. Figures: benchmarks/README.md, "QLoRA against LoRA".
+# 4-bit at rest. On CUDA, for a few rows (generating one token) the quantized matmul is the faster of the two; on
+# the CPU its time grows with each row, and from two rows on (a batch generating) it is the slower. Metal keeps
+# its quantized matmul: not measured against this. Figures: benchmarks/README.md, "QLoRA against LoRA" and "GRPO
+# and batched generation on the CPU".
 def dequantizes(x):
-    return (mx.default_device() == mx.cpu or mx.cuda.is_available()) and x.size // x.shape[-1] > 8
+    rows = x.size // x.shape[-1]
+    return rows > 1 if mx.default_device() == mx.cpu else mx.cuda.is_available() and rows > 8
 
 
 def dequantized_product(layer, x):
