@@ -1353,6 +1353,8 @@ class SFT(Objective):
 
     def refusal(self, kind):
         modes = [mode for mode, objective in OBJECTIVES.items() if kind in objective.formats]
+        if kind == "prompt":  # more often an example whose completion is missing than one meant for GRPO
+            return f"not {self.expected} (a prompt alone is what --train-mode {either(modes)} learns from)"
         return f"a {KIND_NAMES[kind]}; train on it with --train-mode {either(modes)}"
 
     def responses(self, record):
@@ -2458,8 +2460,10 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             kept = (f"the adapters saved last are in {adapter_file}, the last checkpoint is {checkpoint}"
                     if checkpoint else "this run saved nothing")
             resume = checkpoint or config.resume
-            go_on = f"; go on with the same flags and --resume {resume}" if resume else ""
-            raise utils.Stopped(e.signum, f"{e}: {kept}{go_on}" + (f".{best_kept()}" if best_kept() else "")) from None
+            # the --resume to go on with last: the line's end, which a user copies
+            go_on = f" Go on with the same flags and --resume {resume}" if resume else ""
+            ending = best_kept() + go_on
+            raise utils.Stopped(e.signum, f"{e}: {kept}" + (f".{ending}" if ending else "")) from None
         finally:
             bar.close()
             utils.release_stops()

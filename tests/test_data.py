@@ -264,7 +264,7 @@ def test_a_hugging_face_dataset_is_read_as_its_records(tiny_llama, tmp_path, cap
 
     bad = rows[:3] + [{"question": "q", "answer": None, "id": 3}]
     datasets.Dataset.from_list(bad).to_parquet(tmp_path / "a.parquet")
-    with pytest.raises(utils.UserError, match=r"a.parquet \(split train\) row 3: a prompt-only example; .* \(--prompt-feature "
+    with pytest.raises(utils.UserError, match=r"a.parquet \(split train\) row 3: not an example: .* \(--prompt-feature "
                                               r"question\) \(--completion-feature answer\)$"):
         lora.load_dataset(tmp_path / "a.parquet", "train", columns=columns)
 
