@@ -36,7 +36,8 @@ def timed(command, log):
     seconds = time.perf_counter() - start
     text = Path(log).read_text()
     if status:
-        raise utils.UserError(f"{shlex.join(command)} failed (status {status}); its output is in {log}")
+        raise utils.UserError(f"{shlex.join(command)} failed (exit status {os.waitstatus_to_exitcode(status)}); "
+                              f"its output is in {log}")
     return seconds, usage.ru_maxrss / 1e6, text
 
 

@@ -116,6 +116,15 @@ def test_wallclock_times_whole_runs(tiny_llama, data_dir, tmp_path):
     assert (tmp_path / "logs" / "lora.py-1.log").read_text().count("Seconds: ") == 1
     assert json.loads(seen.read_text()) == shell
 
+def test_wallclock_names_a_failed_runs_exit_status(tmp_path):
+    """A run that fails stops wallclock.py with one line: its exit status (not the raw wait status, 256 for 1)."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wallclock.py"), "--model", str(tmp_path / "none"),
+                          "--data", str(tmp_path), "--iters", "1", "--repeats", "1", "--logs", str(tmp_path / "logs")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("wallclock.py: error: ") and "failed (exit status 1); its output is in" in run.stderr
+
+
 
 @pytest.mark.parametrize("shape", ["qwen3.5-9b", "qwen3.5-35b-a3b"])
 def test_qwen3_5_shapes_load_here_and_in_mlx_lm(shape, tmp_path, monkeypatch):
