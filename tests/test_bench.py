@@ -126,6 +126,30 @@ def test_wallclock_names_a_failed_runs_exit_status(tmp_path):
 
 
 
+def test_mlx_lm_lora_grpo_anchor(tiny_llama):
+    """benchmarks/mlxlm_lora_grpo.sh, the GRPO anchor: mlx-lm-lora trains adapters on lora.py's targets alone
+    (q_proj and v_proj: it would adapt every linear layer) and prints the peak that wallclock.py reads; a batch of
+    completions that the group does not divide, or a group of 0, is a one-line error."""
+    pytest.importorskip("mlx_lm_lora")
+    import wallclock
+
+    def anchor(batch_size, group):
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "mlxlm_lora_grpo.sh"), str(tiny_llama),
+                               str(ROOT / "data" / "grpo"), "2", str(batch_size), str(group), "8"],
+                              capture_output=True, text=True, timeout=300)
+
+    run = anchor(4, 2)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert wallclock.mlx_peak(run.stdout) > 0
+    # rank 8 on 4 layers' q_proj (64 -> 64) and v_proj (64 -> 32): 4 * (8 * (64 + 64) + 8 * (64 + 32)) = 7168
+    assert "(0.007M/" in run.stdout, run.stdout
+    for batch_size, group, error in [(5, 2, "BATCH_SIZE 5 must be a multiple of GROUP 2"),
+                                     (4, 0, "GROUP must be a positive integer, not '0'")]:
+        wrong = anchor(batch_size, group)
+        assert (wrong.returncode, wrong.stdout) == (2, "") and wrong.stderr.count("\n") == 1
+        assert wrong.stderr.startswith(f"mlxlm_lora_grpo.sh: error: {error}")
+
+
 @pytest.mark.parametrize("shape", ["qwen3.5-9b", "qwen3.5-35b-a3b"])
 def test_qwen3_5_shapes_load_here_and_in_mlx_lm(shape, tmp_path, monkeypatch):
     """The Qwen3.5 shapes, shrunk, written quantized (as for the H200's measurements): we load them, and so does
