@@ -1896,9 +1896,9 @@ class GRPO(Objective):
                 yield from cycle
 
     def rollout(self, model, batch, keeps_old, samples):
-        """The GRPOBatch of a batch of prompts: num_generations completions of each (sampled with a seed of the
-        random state, which training sets from --seed and the iteration, and the prompt's place in the global
-        batch: the same on any number of processes), their rewards, advantages and metrics, computed from every
+        """The GRPOBatch of a batch of prompts: num_generations completions of each, all generated at once
+        (each sampled with a seed of the random state, which training sets from --seed and the iteration, and
+        its place in the global batch: the same on any number of processes), their rewards, advantages and metrics, computed from every
         rank's rewards as one process computes them; the log-probabilities of the model as it is (keeps_old)
         and of the reference (beta). samples: a file that the first prompt's completions are appended to."""
         generations, local = self.num_generations, 0 if batch is None else len(batch.prompts)
@@ -1906,11 +1906,11 @@ class GRPO(Objective):
         total = int(across_ranks(mx.array(local)).item())
         first = rank_slices(total)[mx.distributed.init().rank()].start  # this rank's first prompt in the batch
         began = time.perf_counter()
-        completions = [completion for k, prompt in enumerate(batch.prompts if batch else [])
-                       for completion in utils.generate_batch(
-                           model, [prompt] * generations, self.max_completion_length, temp=self.temp,
-                           top_p=self.top_p, top_k=0, min_p=0.0, eos_ids={self.tokenizer.eos_token_id}, stop=(),
-                           tokenizer=self.tokenizer, seed=(seed + first + k) % 2**31)]
+        prompts = [prompt for prompt in (batch.prompts if batch else []) for _ in range(generations)]
+        completions = utils.generate_batch(  # each row its own seed: a completion is the same whatever rank makes it
+            model, prompts, self.max_completion_length, temp=self.temp, top_p=self.top_p, top_k=0, min_p=0.0,
+            eos_ids={self.tokenizer.eos_token_id}, stop=(), tokenizer=self.tokenizer,
+            seed=[(seed + first * generations + row) % 2**31 for row in range(len(prompts))])
         generated = time.perf_counter()
         texts = [self.tokenizer.decode(completion.tokens, skip_special_tokens=True) for completion in completions]
         table = self.rewards(batch, texts, [list(completion.tokens) for completion in completions])

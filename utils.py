@@ -1997,8 +1997,10 @@ def generate_batch(model: models.Model, prompts: list, max_tokens, *, temp=0.0, 
     for each new token of every row, on the model as it is (adapters applied, quantized or not), with a cache.
     Each row ends at its first token in eos_ids (kept), once its text holds a stop string (`stop`: one or a
     list; needs the tokenizer) or after max_tokens (a number, or one per prompt; 0 generates none). Sampling:
-    `sample`, from mx.random.key(seed) if a seed is given (the same completions again), else from MLX's global
-    random state. on_token(row, token) is called with each token as it comes. Finished rows leave the batch.
+    `sample`, from mx.random.key(seed) if a seed is given (the same completions again), from each row's own
+    mx.random.key if seed is a list of one per prompt (a row's completion then depends on its prompt and seed
+    alone, not on the others in the batch), else from MLX's global random state. on_token(row, token) is called
+    with each token as it comes. Finished rows leave the batch.
     Logits that are not finite are an error: a token picked from them would be noise."""
     if not prompts:
         return []
@@ -2007,16 +2009,25 @@ def generate_batch(model: models.Model, prompts: list, max_tokens, *, temp=0.0, 
         raise ValueError("stop strings need the tokenizer")
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     eos_ids = set(eos_ids)
-    key = None if seed is None else mx.random.key(seed)
+    rows_seeded = isinstance(seed, (list, tuple))
+    key = (None if seed is None else mx.stack([mx.random.key(s) for s in seed]) if rows_seeded
+           else mx.random.key(seed))
 
     def next_token(logits):
         """Each row's next token, and whether its logits are finite, computing while the caller goes on."""
         nonlocal key
-        subkey = None
-        if key is not None:
-            key, subkey = mx.random.split(key)
         logits = logits.astype(mx.float32)
-        token, finite = sample(logits, temp, top_p, top_k, min_p, subkey), mx.isfinite(logits).all(axis=-1)
+        if rows_seeded:
+            key, subkeys = mx.split(mx.vmap(mx.random.split)(key), 2, axis=1)
+            key = key[:, 0]
+            token = (mx.argmax(logits, axis=-1) if temp == 0 else mx.vmap(lambda row, k: mx.random.categorical(row, key=k))(
+                filtered_logits(logits, temp, top_p, top_k, min_p), subkeys[:, 0]))
+        else:
+            subkey = None
+            if key is not None:
+                key, subkey = mx.random.split(key)
+            token = sample(logits, temp, top_p, top_k, min_p, subkey)
+        finite = mx.isfinite(logits).all(axis=-1)
         mx.async_eval(token, finite)
         return token, finite
 
@@ -2055,4 +2066,5 @@ def generate_batch(model: models.Model, prompts: list, max_tokens, *, temp=0.0, 
             rows = mx.array(kept)
             cache = [cache_rows([layer_cache], rows) for layer_cache in cache]
             token, finite, examples = token[rows], finite[rows], examples[rows]
+            key = key[rows] if rows_seeded else key
             live = [live[k] for k in kept]

@@ -125,6 +125,19 @@ def test_seed_repeats_the_sampled_completions(llama):
     assert utils.generate_batch(model, prompts, 12, temp=1.0, top_k=1, seed=5) == greedy
 
 
+def test_a_seed_per_row_gives_each_row_its_completion_whatever_the_batch(llama):
+    """With a seed a prompt, a row's sampled completion is the one it gets alone (GRPO generates every group of
+    a batch at once, on any number of ranks, and each completion must not depend on its batch-mates)."""
+    model = utils.load(str(llama[0]))[0]
+    prompts = prompts_of()
+    together = utils.generate_batch(model, prompts, 12, temp=1.0, top_p=0.9, seed=list(range(10, 10 + len(prompts))))
+    alone = [utils.generate_batch(model, [prompt], 12, temp=1.0, top_p=0.9, seed=[10 + k])[0]
+             for k, prompt in enumerate(prompts)]
+    assert together == alone
+    assert len({tuple(c.tokens) for c in together}) > 1
+    assert utils.generate_batch(model, prompts[:2], 12, temp=1.0, seed=[10, 12]) != together[:2]
+
+
 def kept(logits, **filters):
     """The tokens whose filtered logits are finite."""
     out = utils.filtered_logits(mx.array(logits), **filters)

@@ -88,8 +88,8 @@ def test_grpo_advantages_loss_and_metrics_equal_trls_grpo_trainer(adapted, tmp_p
                           temp=0.7, batch_size=len(records) * GENERATIONS, **flags)
     rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=objective)
     completions = given_completions([tokens for tokens, _ in rows])
-    monkeypatch.setattr(utils, "generate_batch", lambda model, prompts, *args, **kwargs: completions[tuple(prompts[0])],
-                        raising=False)
+    monkeypatch.setattr(utils, "generate_batch", lambda model, prompts, *args, **kwargs: [
+        completion for prompt in prompts[::GENERATIONS] for completion in completions[tuple(prompt)]])
     ordered = [completion for tokens, _ in rows for completion in completions[tuple(tokens)]]
     given = objective.prepare(model, [rows])[0]
     adapters = tree_flatten(model.trainable_parameters())
@@ -181,9 +181,9 @@ def test_grpo_training_raises_a_reward_the_model_can_learn(tiny_llama, tmp_path,
     monkeypatch.chdir(tmp_path)
     out = run_lora(capsys, "--model", tiny_llama, "--data", write_prompts(tmp_path / "prompts"), "--train",
                    "--train-mode", "grpo", "--reward-functions", learnable_rewards(tmp_path), "--num-generations", 4,
-                   "--batch-size", 16, "--max-completion-length", 8, "--max-seq-length", 64, "--iters", 30,
+                   "--batch-size", 16, "--max-completion-length", 8, "--max-seq-length", 64, "--iters", 45,
                    "--learning-rate", 2e-2, "--lora-layers", 4, "--lora-targets", *ALL_TARGETS,
-                   "--steps-per-report", 5, "--steps-per-eval", 30, "--val-batches", 1, "--temp", 1.0)
+                   "--steps-per-report", 5, "--steps-per-eval", 45, "--val-batches", 1, "--temp", 1.0)
     records = [json.loads(line) for line in (tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()]
     reports = [r for r in records if "train_loss" in r]
     rewards = [r["reward"] for r in reports]
@@ -193,7 +193,7 @@ def test_grpo_training_raises_a_reward_the_model_can_learn(tiny_llama, tmp_path,
             "completions/clipped_ratio", "entropy", "clip_ratio/region_mean", "seconds/generation"} <= set(reports[0])
     assert "val_reward" in records[-1] and "reward" in out
     samples = [json.loads(line) for line in (tmp_path / "runs" / "1" / "completions.jsonl").read_text().splitlines()]
-    assert len(samples) == 30 * 4 and {"prompt", "completion", "reward", "advantage"} <= set(samples[0])
+    assert len(samples) == 45 * 4 and {"prompt", "completion", "reward", "advantage"} <= set(samples[0])
 
 
 GRPO_RUN = ["--train-mode", "grpo", "--num-generations", 2, "--batch-size", 4, "--max-completion-length", 6,
