@@ -154,6 +154,11 @@ def build_parser():
                                    "and validation example once, rather than at every step of every epoch, if the "
                                    "run goes through the training set at least once and that takes under a tenth "
                                    "of the memory: the same results, faster (default: on).")
+    optimisation.add_argument("--compile", action="store_true",
+                              help="Compile the training step into fused kernels: faster steps once this machine "
+                                   "holds those kernels, but the first compiled run on a machine spends half a "
+                                   "minute (CPU) to over a minute (GPU) building them, more than a run of a "
+                                   "few thousand steps gains (benchmarks/README.md).")
 
     checkpoints = p.add_argument_group("checkpoints and reports")
     checkpoints.add_argument("--save-every", type=utils.POSITIVE_INT, default=100,
@@ -174,6 +179,9 @@ def build_parser():
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--steps-per-eval", type=utils.POSITIVE_INT, default=200,
                             help="Iterations between validations.")
+    evaluation.add_argument("--eval-on-start", action="store_true",
+                            help="Also validate after the first step, before the rest of training (TRL's "
+                                 "eval_on_start; the reference validates there).")
     evaluation.add_argument("--val-batches", type=utils.flag_type(int, lambda v: v >= -1,
                                                                   "an integer of at least 0, or -1 for all"),
                             default=25, help="Validation batches (-1: the whole set; 0: no validation, no "
@@ -462,8 +470,10 @@ class TrainingArgs:
     pack: bool
     sort_by_length: bool
     cache_frozen_layers: bool
+    compile: bool  # the training step (make_step)
     val_batches: int  # -1: the whole set
     steps_per_eval: int
+    eval_on_start: bool
     early_stopping_patience: int | None  # None: no early stopping
     early_stopping_threshold: float | None
     steps_per_report: int
@@ -1097,6 +1107,28 @@ def release_frozen_weights(model, layer):
     del params  # the last references to the weights
     mx.clear_cache()
     return names
+
+
+def float_copies_on_the_cpu(model):
+    """On the CPU, the quantized layers a training step computes (those from the first trained layer on, and
+    the output layer) replaced by float copies where these take under a tenth of the memory: MLX's CPU
+    dequantizes a quantized weight for each product over many rows (models.dequantizes), single-threaded,
+    which a step then does twice for every such layer (forward, backward). The same numbers; the adapters and
+    the files written are unchanged. On a GPU, QLoRA keeps its weights quantized: memory is what it is for."""
+    if mx.default_device() != mx.cpu:
+        return
+    computed = tuple(f"model.layers.{i}." for i in range(first_trained_layer(model), len(model.layers)))
+    head = "model.embed_tokens" if model.args.tie_word_embeddings else "lm_head"
+
+    def where(path):
+        return path.startswith(computed) or path == head
+
+    dtype = model.model[model.args.final_norm].weight.dtype
+    size = sum(m.scales.size * m.group_size * dtype.size for path, m in model.named_modules()
+               if where(path) and hasattr(m, "scales"))
+    if 0 < size <= memory_size() / 10:
+        models.dequantize(model, dtype, where)
+        mx.eval(model.parameters())  # the quantized weights freed
 
 
 @contextlib.contextmanager
@@ -2103,14 +2135,14 @@ def lora_plus(optimizer, ratio: float):
     return optimizer
 
 
-def make_step(model, optimizer, config, compiled=True):
+def make_step(model, optimizer, config, compiled=None):
     """step(batches, stop) -> (loss, count, stop, sums), arrays: one update on the mean gradient of
     config.grad_accumulation_steps batches of config.objective (weighted by the count each batch's loss is a
     mean of: tokens, or examples; see Objective), its model and optimizer state being evaluated (mx.async_eval:
     the call returns before the device is done); sums are the objective's, summed over the batches. Compiled
-    unless told not to. In a distributed run the batches are this rank's shares of the global ones: the
-    gradient, the loss, the count, the sums and `stop` (a flag any rank may raise) are summed over the ranks, so
-    that every rank makes the update one process would make on the global batch."""
+    if config.compile, unless `compiled` says otherwise. In a distributed run the batches are this rank's shares
+    of the global ones: the gradient, the loss, the count, the sums and `stop` (a flag any rank may raise) are
+    summed over the ranks, so that every rank makes the update one process would make on the global batch."""
     group, objective = mx.distributed.init(), config.objective
     loss_and_grad = nn.value_and_grad(model, objective.loss)
     state = [model.state, optimizer.state, mx.random.state]
@@ -2138,7 +2170,7 @@ def make_step(model, optimizer, config, compiled=True):
         loss, count, sums, grads = gradient(batch)
         return update(grads, count, loss, sums, stop)
 
-    if compiled:
+    if config.compile if compiled is None else compiled:
         gradient, update, update_on = (mx.compile(f, inputs=state, outputs=state) for f in (gradient, update, update_on))
 
     def step(batches, stop=mx.array(0.0)):
@@ -2259,6 +2291,11 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
     folder = new_run_folder(adapter_file.parent / "runs") if writer else None
     say(f"Run {folder}: its checkpoints, metrics.jsonl and loss.png"
         + (f"; resuming from {config.resume} at iteration {first}" if config.resume else ""))
+    evaluations = config.iters // config.steps_per_eval - (first - 1) // config.steps_per_eval
+    if valid_set and not (config.eval_on_start and first == 1 or evaluations):
+        # no validation in this run: the first batch alone is used, the probe before a save (check_before_saving)
+        valid_set = valid_set.head(objective.examples_per_batch(config.batch_size), objective.rows_per_example)
+    float_copies_on_the_cpu(model)
     seconds, entered = Counter(), time.perf_counter()
     with frozen_layers_cached(model, [train_set, valid_set], config, config.iters - first + 1,
                               config.reload_from) as (train_set, valid_set):
@@ -2296,7 +2333,7 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             return it % config.steps_per_report == 0 or it == config.iters
 
         def evaluates(it):  # after the update, as the reference does: iteration 1 has taken one step
-            return config.val_batches != 0 and (it == 1 or it % config.steps_per_eval == 0)
+            return config.val_batches != 0 and (it == 1 and config.eval_on_start or it % config.steps_per_eval == 0)
 
         def saves(it):
             return it % config.save_every == 0 or it == config.iters

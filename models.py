@@ -3878,10 +3878,13 @@ def quantize(model: nn.Module, layer_params):
     model.update_modules(tree_unflatten(replaced))
 
 
-def dequantize(model: nn.Module, dtype=mx.float32):
-    """Replace every quantized layer by its float equivalent (for export, or a float reference)."""
+def dequantize(model: nn.Module, dtype=mx.float32, where=lambda path: True):
+    """Replace every quantized layer (whose path `where` accepts) by its float equivalent (for export, a float
+    reference, or speed)."""
     replaced = []
     for path, module in model.named_modules():
+        if not where(path):
+            continue
         if isinstance(module, nn.QuantizedLinear):
             output_dims = module.weight.shape[0]
             linear = nn.Linear(module.scales.shape[-1] * module.group_size, output_dims, bias="bias" in module)
@@ -3899,4 +3902,6 @@ def dequantize(model: nn.Module, dtype=mx.float32):
             embedding = nn.Embedding(*weight.shape)
             embedding.weight = weight
             replaced.append((path, embedding))
+    for _, module in replaced:  # frozen, as the quantized layers were
+        module.freeze()
     model.update_modules(tree_unflatten(replaced))
