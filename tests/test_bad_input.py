@@ -30,7 +30,7 @@ from conftest import ROOT, sql_texts, write_gguf, write_jsonl
 TIMEOUT = 120  # s per script run; a hang fails the case
 # one short training run, whose adapters, checkpoints and metrics.jsonl the adapter and resume cases damage
 TRAIN_RUN = ["--train", "--iters", 4, "--save-every", 2, "--lora-layers", 2, "--batch-size", 4, "--lora-rank", 4,
-             "--steps-per-eval", 1000, "--val-batches", 1]
+             "--eval-on-start", "--steps-per-eval", 1000, "--val-batches", 1]
 RUN_ADAPTERS = "run/adapters.safetensors"  # relative to the cwd: a copied run is resumed with the same flags
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -168,7 +168,7 @@ def rewrite_weights(folder, change):
 def train(w, d, *more, model=None, data=None):
     """A short training run into d/out; `more` comes last, so that a flag given there wins."""
     return ["--model", model or w.model, "--data", data or w.data, "--train", "--iters", 2, "--batch-size", 4,
-            "--lora-layers", 2, "--lora-rank", 4, "--steps-per-eval", 1000, "--val-batches", 1,
+            "--lora-layers", 2, "--lora-rank", 4, "--eval-on-start", "--steps-per-eval", 1000, "--val-batches", 1,
             "--adapter-file", d / "out" / "adapters.safetensors", *more]
 
 

@@ -16,7 +16,8 @@ from utils import UserError
 # dropout, a schedule with warmup and accumulation over an epoch's end (64 examples: 16 batches of 4) all
 # carry state that an exact resume must restore
 RECIPE = ["--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--lora-dropout", 0.1, "--learning-rate", 3e-3,
-          "--lr-schedule", "cosine", "--warmup", 3, "--grad-accumulation-steps", 3, "--steps-per-eval", 1000,
+          "--lr-schedule", "cosine", "--warmup", 3, "--grad-accumulation-steps", 3, "--eval-on-start",
+          "--steps-per-eval", 1000,
           "--val-batches", 1, "--steps-per-report", 1, "--seed", 7]
 
 
@@ -103,7 +104,7 @@ def test_early_stopping_keeps_the_best_adapters_and_resumes_its_patience(tiny_ll
             (next(left), {}) if batches == 2 else evaluate(model, data, size, batches, *more)))
 
     folder = tmp_path / "run"
-    flags = ["--val-batches", 2, "--steps-per-eval", 1, "--save-every", 1, "--keep-checkpoints", 0,
+    flags = ["--val-batches", 2, "--eval-on-start", "--steps-per-eval", 1, "--save-every", 1, "--keep-checkpoints", 0,
              "--early-stopping-patience", 2]
     scripted(3.0, 2.0, 2.5, 1.99, 2.1, 2.2)
     out = run_lora(capsys, *train_flags(tiny_llama, data_dir, folder, 10, *flags))
@@ -191,7 +192,7 @@ def test_metrics_plot_and_kept_checkpoints(tiny_llama, data_dir, tmp_path, capsy
     import matplotlib.image
 
     run_lora(capsys, *train_flags(tiny_llama, data_dir, tmp_path, 12, "--save-every", 2, "--keep-checkpoints", 2,
-                                  "--steps-per-report", 4, "--steps-per-eval", 6))
+                                  "--steps-per-report", 4, "--eval-on-start", "--steps-per-eval", 6))
     folder = tmp_path / "runs" / "1"
     records = lora.read_metrics(folder / "metrics.jsonl")
     train = [r for r in records if "train_loss" in r]

@@ -171,7 +171,8 @@ def test_qlora_on_a_converted_model_trains_adapters_only(sharded, tmp_path, caps
     models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=8, scale=20.0)
     base = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if "lora_" not in k}
     args = lora.training_args(lora.build_parser().parse_args(["--train", "--iters", "40", "--learning-rate", "1e-3",
-                                                              "--steps-per-eval", "40", "--steps-per-report", "40"]))
+                                                              "--eval-on-start", "--steps-per-eval", "40",
+                                                              "--steps-per-report", "40"]))
     data = [lora.tokenize([{"text": t} for t in sql_texts(n, seed)], tokenizer, True, 256, "")
             for n, seed in ((64, 1), (16, 2))]
     lora.train(model, *data, args, tmp_path / "adapters.safetensors", {})

@@ -270,7 +270,7 @@ def test_a_hugging_face_dataset_is_read_as_its_records(tiny_llama, tmp_path, cap
 
     out = run_lora(capsys, "--model", tiny_llama, "--data", folder, "--prompt-feature", "question",
                    "--completion-feature", "answer", "--train", "--mask-prompt", "--iters", 2, "--batch-size", 4,
-                   "--lora-layers", 1, "--steps-per-eval", 2, "--val-batches", 1,
+                   "--lora-layers", 1, "--eval-on-start", "--steps-per-eval", 2, "--val-batches", 1,
                    "--adapter-file", tmp_path / "a.safetensors")
     assert "Iter 2: Val loss" in out
 
@@ -307,7 +307,8 @@ def test_training_on_completions_lowers_their_loss(kind, chat_model, tmp_path, c
         write(data, split, make(n, seed))
     out = run_lora(capsys, "--model", chat_model, "--data", data, "--train", "--mask-prompt", "--iters", 30,
                    "--learning-rate", 1e-2, "--lora-layers", -1, "--lora-alpha", 16, "--lora-rank", 4,
-                   "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file", tmp_path / "a.safetensors")
+                   "--eval-on-start", "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file",
+                   tmp_path / "a.safetensors")
     losses = val_losses(out)
     assert losses[30] < losses[1] - 0.5, out
 
@@ -338,7 +339,8 @@ def test_generate_eval_counts_exact_completions(kind, chat_model, tmp_path, caps
         write(data, split, make(n, seed))
     adapters = tmp_path / "a.safetensors"
     run_lora(capsys, "--model", chat_model, "--data", data, "--train", "--iters", 200 if kind == "chat" else 100, "--learning-rate", 3e-3,
-             "--fine-tune-type", "full", "--lora-layers", -1, "--steps-per-eval", 100, "--val-batches", 1,
+             "--fine-tune-type", "full", "--lora-layers", -1, "--eval-on-start", "--steps-per-eval", 100,
+             "--val-batches", 1,
              "--adapter-file", adapters)
     model, tokenizer, config = utils.load(str(chat_model))
     utils.load_adapters(model, adapters)

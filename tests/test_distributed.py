@@ -89,12 +89,14 @@ def quantized_llama(tiny_llama, tmp_path_factory):
 
 
 RECIPES = {
-    "validation-clipping-schedule": ["--val-batches", 2, "--steps-per-eval", 2, "--max-grad-norm", 0.05,
+    "validation-clipping-schedule": ["--val-batches", 2, "--eval-on-start", "--steps-per-eval", 2, "--max-grad-norm",
+                                     0.05,
                                      "--lr-schedule", "cosine", "--warmup", 1, "--optimizer", "adamw",
                                      "--weight-decay", 0.01],
     "pack-sort-accumulate": ["--pack", "--sort-by-length", "--grad-accumulation-steps", 2],
     # 4 updates of 4 batches go through the 64 examples: the frozen layers are computed once
-    "frozen-layers-cached": ["--grad-accumulation-steps", 4, "--steps-per-eval", 2, "--val-batches", -1],
+    "frozen-layers-cached": ["--grad-accumulation-steps", 4, "--eval-on-start", "--steps-per-eval", 2,
+                             "--val-batches", -1],
     "dora": ["--fine-tune-type", "dora"],
     "full": ["--fine-tune-type", "full", "--lora-layers", 1, "--learning-rate", 1e-3],
 }
@@ -131,7 +133,7 @@ def test_two_ranks_train_preferences_as_one_process(train_mode, tiny_llama, tmp_
         data = write_pairs(tmp_path / "pairs", (("train", 16, 1), ("valid", 6, 2)))
     flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", train_mode, "--iters", 4,
              "--batch-size", 4, "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2,
-             "--steps-per-report", 1, "--steps-per-eval", 2, "--val-batches", -1]
+             "--steps-per-report", 1, "--eval-on-start", "--steps-per-eval", 2, "--val-batches", -1]
     if train_mode in ("kto", "cpo"):  # whose loss reads the whole batch: packed and accumulated too
         flags += ["--pack", "--grad-accumulation-steps", 2]
     one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
@@ -162,7 +164,7 @@ def test_two_ranks_train_grpo_as_one_process(tiny_llama, tmp_path):
              f"{rewards}:low_ids", "--num-generations", 2, "--batch-size", 8, "--max-completion-length", 6,
              "--max-seq-length", 64, "--beta", 0.05, "--num-iterations", 2, "--scale-rewards", "batch", "--iters", 4,
              "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2, "--steps-per-report", 1,
-             "--steps-per-eval", 2, "--val-batches", -1]
+             "--eval-on-start", "--steps-per-eval", 2, "--val-batches", -1]
     one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")
@@ -176,7 +178,7 @@ def test_two_ranks_train_grpo_as_one_process(tiny_llama, tmp_path):
 def test_two_ranks_of_a_quantized_model_with_masked_prompts(quantized_llama, completions, tmp_path):
     flags = ["--model", quantized_llama, "--data", completions, "--train", "--iters", 4, "--batch-size", 4,
              "--lora-layers", 2, "--lora-rank", 4, "--learning-rate", 1e-2, "--mask-prompt", "--val-batches", 1,
-             "--steps-per-eval", 2]
+             "--eval-on-start", "--steps-per-eval", 2]
     one = single(*flags, "--adapter-file", tmp_path / "one" / "adapters.safetensors")
     assert one.returncode == 0, one.stderr
     two = launch(2, *flags, "--adapter-file", tmp_path / "two" / "adapters.safetensors")

@@ -218,7 +218,8 @@ def test_bad_full_and_dora_files_are_one_line_errors(base, tmp_path):
 def test_dora_training_lowers_the_loss(tiny_llama, data_dir, tmp_path, capsys):
     out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--fine-tune-type", "dora",
                    "--iters", 30, "--learning-rate", 1e-2, "--lora-layers", -1, "--lora-rank", 4, "--lora-alpha", 16,
-                   "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file", tmp_path / "a.safetensors")
+                   "--eval-on-start", "--steps-per-eval", 30, "--val-batches", -1, "--adapter-file",
+                   tmp_path / "a.safetensors")
     losses = val_losses(out)
     assert losses[30] < losses[1] - 0.5, out
     saved = mx.load(str(tmp_path / "a.safetensors"))
@@ -231,7 +232,7 @@ def test_dora_training_lowers_the_loss(tiny_llama, data_dir, tmp_path, capsys):
 
 def test_full_fine_tuning_trains_the_last_layers_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
     flags = ["--model", tiny_llama, "--data", data_dir, "--train", "--iters", 4, "--lora-layers", 2,
-             "--learning-rate", 1e-3, "--steps-per-eval", 100, "--val-batches", 1]
+             "--learning-rate", 1e-3, "--eval-on-start", "--steps-per-eval", 100, "--val-batches", 1]
     run_lora(capsys, *flags, "--fine-tune-type", "full", "--adapter-file", tmp_path / "full.safetensors")
     saved = mx.load(str(tmp_path / "full.safetensors"))
     base = dict(tree_flatten(utils.load(str(tiny_llama))[0].parameters()))

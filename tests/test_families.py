@@ -266,7 +266,7 @@ def test_lora_lowers_the_loss(family, data_dir, tmp_path, capsys):
     # 5e-3: at 1e-2 the validation loss of one family's random model (Qwen2, tied embeddings) stalls
     out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 10, "--batch-size", 4,
                    "--learning-rate", 5e-3, "--lora-layers", 2, "--lora-rank", 4, "--lora-alpha", 8,
-                   "--steps-per-eval", 10, "--val-batches", -1, "--adapter-file", adapters,
+                   "--eval-on-start", "--steps-per-eval", 10, "--val-batches", -1, "--adapter-file", adapters,
                    "--lora-targets", *targets)
     losses = val_losses(out)
     assert losses[10] < losses[1] - 0.3, out
@@ -283,7 +283,8 @@ def test_dora_and_full_fine_tuning_lower_the_loss(family, kind, data_dir, tmp_pa
     folder, _, targets, _ = family
     out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 10, "--batch-size", 4,
                    "--learning-rate", 2e-2 if kind == "dora" else 1e-3, "--lora-layers", 2, "--fine-tune-type", kind,
-                   "--steps-per-eval", 10, "--val-batches", -1, "--adapter-file", tmp_path / "adapters.safetensors",
+                   "--eval-on-start", "--steps-per-eval", 10, "--val-batches", -1, "--adapter-file",
+                   tmp_path / "adapters.safetensors",
                    *(["--lora-targets", *targets] if kind == "dora" else []))
     losses = val_losses(out)
     # 0.05: Granite's logits, divided by logits_scaling, move the least (0.07 in 10 DoRA steps)
@@ -508,7 +509,8 @@ def test_phi3_vision_trains_text_only_and_keeps_the_image_encoder(phi3_vision, d
     # the tutorial's recipe: LoRA on self_attn.qkv_proj (the default for Phi-3)
     adapters = tmp_path / "adapters.safetensors"
     out = run_lora(capsys, "--model", folder, "--data", data_dir, "--train", "--iters", 30, "--lora-layers", 2,
-                   "--lora-rank", 16, "--lora-alpha", 32, "--learning-rate", 1e-2, "--steps-per-eval", 30, "--val-batches", -1,
+                   "--lora-rank", 16, "--lora-alpha", 32, "--learning-rate", 1e-2, "--eval-on-start",
+                   "--steps-per-eval", 30, "--val-batches", -1,
                    "--adapter-file", adapters)
     losses = val_losses(out)
     assert losses[30] < losses[1] - 0.3, out

@@ -31,7 +31,7 @@ ADAPTER_KEYS = {f"model.layers.{layer}.self_attn.{proj}.lora_{ab}"
                 for layer in (2, 3) for proj in ("q_proj", "v_proj") for ab in "ab"}
 OPTIMIZER_KEYS = {"step", "learning_rate"} | {f"{key}.{moment}" for key in ADAPTER_KEYS for moment in "mv"}
 CHECKPOINT_FILES = ["adapter_config.json", "adapters.safetensors", "optimizer.safetensors", "trainer_state.json"]
-COMMON = ["--lora-layers", 2, "--batch-size", 4, "--steps-per-eval", 1000, "--val-batches", 1]
+COMMON = ["--lora-layers", 2, "--batch-size", 4, "--eval-on-start", "--steps-per-eval", 1000, "--val-batches", 1]
 
 START_TIMEOUT = 180  # seconds for a run to reach its first iteration (the first one compiles MLX's kernels)
 RUN_TIMEOUT = 300  # for a short run to finish
@@ -507,7 +507,7 @@ def test_divergence_keeps_the_earlier_adapters(tiny_llama, data_dir, tmp_path):
     assert good.returncode == 0, good.stderr[-3000:]
     saved = hashes(out)
     kept = f"this run saved nothing; {out / 'adapters.safetensors'} is as it was"
-    for flags, what in ((["--steps-per-eval", 1], "the validation loss is nan"),
+    for flags, what in ((["--eval-on-start", "--steps-per-eval", 1], "the validation loss is nan"),
                         (["--val-batches", 0], "the adapters give a loss of nan on the first training batch")):
         result = run(lora_cmd(tiny_llama, data_dir, out, 4, "--save-every", 1, *DIVERGING, *flags), tmp_path)
         after = hashes(out)
@@ -555,7 +555,7 @@ def test_stop_signals_at_random_moments(tiny_llama, data_dir, tmp_path, backgrou
     temporary or locked. A last resume runs to its end."""
     rng = random.Random(20250611)
     out = tmp_path / "out"
-    flags = ["--save-every", 3, "--steps-per-eval", 4, "--val-batches", 4, "--steps-per-report", 1]
+    flags = ["--save-every", 3, "--eval-on-start", "--steps-per-eval", 4, "--val-batches", 4, "--steps-per-report", 1]
     resume, in_training = None, 0
     for stop in range(STOPS + 1):
         signum = signal.SIGHUP if stop == STOPS else signal.SIGTERM

@@ -254,7 +254,8 @@ def test_rslora_scale_export_and_resume_are_peft_s(base, tmp_path, data_dir, cap
                                                            use_rslora=True, task_type="CAUSAL_LM"))
     scaling = theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
     flags = ["--model", folder, "--data", data_dir, "--train", "--iters", 2, "--lora-layers", 2, "--lora-rank", 4,
-             "--lora-alpha", 16, "--learning-rate", 1e-2, "--val-batches", 1, "--steps-per-eval", 1000,
+             "--lora-alpha", 16, "--learning-rate", 1e-2, "--val-batches", 1, "--eval-on-start", "--steps-per-eval",
+             1000,
              "--adapter-file", tmp_path / "adapters.safetensors"]
     run_lora(capsys, *flags, "--use-rslora")
     params = json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]
@@ -295,7 +296,8 @@ def test_pissa_and_olora_start_as_peft_s_and_save_adapters_of_the_original_base(
     assert np.abs(logits(ours, tokens) - torch_logits(reference, tokens)).max() <= FP32_ATOL  # starts as the base
 
     flags = ["--model", folder, "--data", data_dir, "--train", "--iters", 4, "--save-every", 2, "--lora-layers", -1,
-             "--lora-rank", 4, "--lora-alpha", 8, "--learning-rate", 1e-2, "--val-batches", 1, "--steps-per-eval",
+             "--lora-rank", 4, "--lora-alpha", 8, "--learning-rate", 1e-2, "--val-batches", 1, "--eval-on-start",
+             "--steps-per-eval",
              1000, "--test", "--test-batches", 2, "--init-lora-weights", init]
     out = run_lora(capsys, *flags, "--adapter-file", tmp_path / "adapters.safetensors")
     trained_loss = float(re.search(r"Test loss ([\d.]+)", out)[1])

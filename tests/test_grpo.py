@@ -183,7 +183,8 @@ def test_grpo_training_raises_a_reward_the_model_can_learn(tiny_llama, tmp_path,
                    "--train-mode", "grpo", "--reward-functions", learnable_rewards(tmp_path), "--num-generations", 4,
                    "--batch-size", 16, "--max-completion-length", 8, "--max-seq-length", 64, "--iters", 45,
                    "--learning-rate", 2e-2, "--lora-layers", 4, "--lora-targets", *ALL_TARGETS,
-                   "--steps-per-report", 5, "--steps-per-eval", 45, "--val-batches", 1, "--temp", 1.0)
+                   "--steps-per-report", 5, "--eval-on-start", "--steps-per-eval", 45, "--val-batches", 1, "--temp",
+                   1.0)
     records = [json.loads(line) for line in (tmp_path / "runs" / "1" / "metrics.jsonl").read_text().splitlines()]
     reports = [r for r in records if "train_loss" in r]
     rewards = [r["reward"] for r in reports]

@@ -96,7 +96,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_llama, make_checkpoint, data_
     adapters = tmp_path / "run" / "adapters.safetensors"
     common = ["--model", tiny_llama, "--data", data_dir, "--batch-size", 4, "--learning-rate", 1e-2,
               "--lora-layers", -1, "--lora-rank", 4, "--steps-per-report", 10, "--val-batches", -1]
-    out = run_lora(capsys, *common, "--train", "--iters", 40, "--steps-per-eval", 40,
+    out = run_lora(capsys, *common, "--train", "--iters", 40, "--eval-on-start", "--steps-per-eval", 40,
                    "--adapter-file", adapters, "--lora-alpha", 16,
                    "--lora-targets", "self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
     losses = val_losses(out)
@@ -109,7 +109,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_llama, make_checkpoint, data_
 
     # resuming starts where the first run ended, and goes on lowering the loss
     resumed = tmp_path / "resumed.npz"
-    out = run_lora(capsys, *common, "--train", "--iters", 40, "--steps-per-eval", 40,
+    out = run_lora(capsys, *common, "--train", "--iters", 40, "--eval-on-start", "--steps-per-eval", 40,
                    "--resume-adapter-file", adapters, "--adapter-file", resumed)
     again = val_losses(out)
     assert again[1] < losses[1] - 0.3 and again[40] < losses[40], out

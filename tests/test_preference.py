@@ -307,7 +307,7 @@ def test_preference_training_makes_held_out_pairs_preferred(tiny_llama, tmp_path
              "--max-seq-length", 256]
     # DPO's rewards are 0 before training: its accuracy 0; those without a reference rank pairs already
     before = run_lora(capsys, *flags, "--test") if train_mode in ("orpo", "simpo", "cpo") else None
-    out = run_lora(capsys, *flags, "--train", "--test", "--iters", 60, "--steps-per-eval", 30,
+    out = run_lora(capsys, *flags, "--train", "--test", "--iters", 60, "--eval-on-start", "--steps-per-eval", 30,
                    "--learning-rate", 5e-4 if fine_tune_type == "full" else 2e-3, "--fine-tune-type", fine_tune_type,
                    "--lora-layers", 2 if fine_tune_type == "full" else 4)
     losses = [float(v) for v in re.findall(r"Train loss ([\d.]+)", out)]
@@ -333,7 +333,7 @@ def test_dpo_ipo_makes_held_out_pairs_preferred(tiny_llama, tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     out = run_lora(capsys, "--model", tiny_llama, "--data", write_pairs(tmp_path / "pairs"), "--train-mode", "dpo",
                    "--loss-type", "ipo", "--beta", BETA, "--batch-size", 8, "--max-seq-length", 256, "--train", "--test", "--iters", 60,
-                   "--steps-per-eval", 30, "--learning-rate", 2e-3, "--lora-layers", 4)
+                   "--eval-on-start", "--steps-per-eval", 30, "--learning-rate", 2e-3, "--lora-layers", 4)
     accuracy, margin = held_out_rewards(out)
     assert accuracy >= 0.75 and margin > 0
 

@@ -47,7 +47,8 @@ def test_logits_match_transformers_on_the_dequantized_weights(smollm2, tmp_path)
 
 def test_short_lora_run_lowers_the_validation_loss(smollm2_gguf, tmp_path, capsys):
     out = run_lora(capsys, "--model", smollm2_gguf, "--data", ROOT / "data", "--train", "--iters", 16,
-                   "--learning-rate", 2e-4, "--steps-per-eval", 16, "--val-batches", 4, "--steps-per-report", 8,
+                   "--learning-rate", 2e-4, "--eval-on-start", "--steps-per-eval", 16, "--val-batches", 4,
+                   "--steps-per-report", 8,
                    "--adapter-file", tmp_path / "adapters.safetensors")
     val = val_losses(out)
     assert val[16] < val[1] - 0.2, out

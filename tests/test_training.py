@@ -6,14 +6,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import run_lora
+from conftest import run_lora, val_losses
 from mlx.utils import tree_flatten, tree_map
 
 import lora
 import models
 from utils import UserError
 
-COMMON = ["--batch-size", 4, "--lora-layers", -1, "--lora-rank", 4, "--lora-alpha", 8, "--steps-per-eval", 1000,
+COMMON = ["--batch-size", 4, "--lora-layers", -1, "--lora-rank", 4, "--lora-alpha", 8, "--eval-on-start",
+          "--steps-per-eval", 1000,
           "--val-batches", 1]
 
 
@@ -456,6 +457,48 @@ def test_frozen_layers_come_back_however_the_cache_is_left(tiny_llama, data_dir)
             pass
         assert model.frozen_prefix is None
         assert np.array_equal(np.array(model(tokens)), np.array(expected))
+
+
+def test_validation_after_the_first_step_only_when_asked(tiny_llama, data_dir, tmp_path, capsys):
+    """Validation runs every --steps-per-eval iterations, and after the first step only with --eval-on-start; a
+    run that validates nowhere computes the frozen layers for the training set and the one validation batch that
+    checks the adapters before a save, not for the whole validation set."""
+    def run(*flags):
+        return run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--batch-size", 4,
+                        "--lora-layers", 1, "--adapter-file", tmp_path / "a.safetensors", *flags)
+
+    assert sorted(val_losses(run("--iters", 4, "--steps-per-eval", 2))) == [2, 4]
+    assert sorted(val_losses(run("--iters", 4, "--steps-per-eval", 2, "--eval-on-start"))) == [1, 2, 4]
+    out = run("--iters", 100)
+    train = len(lora.load_dataset(data_dir, "train"))
+    assert not val_losses(out) and f"once for {train + 4} examples" in out
+
+
+def test_the_cpu_trains_a_quantized_model_on_float_copies_with_the_same_numbers(tiny_llama, data_dir, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """On the CPU the quantized layers a step computes become float copies (frozen, as they were), the layers
+    below stay quantized, and training gives the adapters and losses it gives on the quantized layers."""
+    import convert
+    import utils
+
+    convert.convert(convert.build_parser().parse_args(["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "q"),
+                                                       "-q", "--q-group-size", "32"]))
+    flags = ["--iters", 3, "--learning-rate", 1e-2, "--lora-layers", 1, "--steps-per-eval", 3]
+    copies, out = adapters_after(capsys, tmp_path / "q", data_dir, tmp_path / "a.safetensors", *flags)
+    monkeypatch.setattr(lora, "float_copies_on_the_cpu", lambda model: None)
+    quantized, again = adapters_after(capsys, tmp_path / "q", data_dir, tmp_path / "b.safetensors", *flags)
+    assert all(np.allclose(copies[k], quantized[k], atol=1e-6) for k in copies) and copies.keys() == quantized.keys()
+    assert val_losses(out) == pytest.approx(val_losses(again), abs=1e-6)
+    model = utils.load(str(tmp_path / "q"))[0]
+    model.freeze()
+    lora.models.linear_to_lora_layers(model, ["self_attn.q_proj"], 1)
+    monkeypatch.undo()
+    lora.float_copies_on_the_cpu(model)
+    last, first = model.layers[-1], model.layers[0]
+    assert isinstance(last.self_attn.q_proj.linear, nn.Linear) and isinstance(last.mlp.up_proj, nn.Linear)
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in last.named_modules())
+    assert isinstance(first.mlp.up_proj, nn.QuantizedLinear)
+    assert {k.rsplit(".", 1)[-1] for k, _ in tree_flatten(model.trainable_parameters())} == {"lora_a", "lora_b"}
 
 
 def test_frozen_prefix_of_a_quantized_model(tiny_llama, data_dir):
