@@ -1917,32 +1917,48 @@ class GRPO(Objective):
     def generated(self, model, batches, train, samples=None):
         """Each batch of prompts (PromptBatch; None: none of it this rank's) as the GRPOBatch of its completions
         (rollout). In training, the completions of grad_accumulation_steps batches (a step's) are generated at
-        once and trained on num_iterations times."""
+        once, in one call (TRL's steps_per_generation: the gradient is then taken a batch at a time, so that
+        --grad-accumulation-steps bounds the memory of a large group), and trained on num_iterations times."""
         steps = self.num_iterations if train else 1
         while True:
-            cycle = [self.rollout(model, batch, steps > 1, samples)
-                     for batch in itertools.islice(batches, self.grad_accumulation_steps if train else 1)]
+            cycle = list(itertools.islice(batches, self.grad_accumulation_steps if train else 1))
             if not cycle:
                 return
+            began = time.perf_counter()
+            completions = self.completions(model, cycle)
+            seconds = (time.perf_counter() - began) / len(cycle)  # each batch's share of the generation
+            rolled = [self.rollout(model, batch, made, seconds, steps > 1, samples)
+                      for batch, made in zip(cycle, completions)]
             for _ in range(steps):
-                yield from cycle
+                yield from rolled
 
-    def rollout(self, model, batch, keeps_old, samples):
-        """The GRPOBatch of a batch of prompts: num_generations completions of each, all generated at once
-        (each sampled with a seed of the random state, which training sets from --seed and the iteration, and
-        its place in the global batch: the same on any number of processes), their rewards, advantages and metrics, computed from every
-        rank's rewards as one process computes them; the log-probabilities of the model as it is (keeps_old)
-        and of the reference (beta). samples: a file that the first prompt's completions are appended to."""
+    def completions(self, model, cycle):
+        """Each batch's Completions, num_generations of each of its prompts, all generated in one call. Each row
+        is sampled with its own seed: the batch's seed (drawn from the random state, which training sets from
+        --seed and the iteration) and the row's place in the global batch, so that a completion is the same
+        whatever rank makes it and whichever rows are generated beside it."""
+        generations, rank, prompts, seeds, sizes = self.num_generations, mx.distributed.init().rank(), [], [], []
+        for batch in cycle:
+            seed = mx.random.randint(0, 2**31 - 1, ()).item()
+            local = 0 if batch is None else len(batch.prompts)
+            first = rank_slices(int(across_ranks(mx.array(local)).item()))[rank].start  # its first prompt's place
+            rows = [prompt for prompt in (batch.prompts if batch else []) for _ in range(generations)]
+            prompts += rows
+            seeds += [(seed + first * generations + row) % 2**31 for row in range(len(rows))]
+            sizes.append(len(rows))
+        made = utils.generate_batch(model, prompts, self.max_completion_length, temp=self.temp, top_p=self.top_p,
+                                    top_k=0, min_p=0.0, eos_ids={self.tokenizer.eos_token_id}, stop=(),
+                                    tokenizer=self.tokenizer, seed=seeds)
+        return [made[end - size:end] for size, end in zip(sizes, itertools.accumulate(sizes))]
+
+    def rollout(self, model, batch, completions, generation_seconds, keeps_old, samples):
+        """The GRPOBatch of a batch of prompts and their completions (generated in generation_seconds): their
+        rewards, advantages and metrics, computed from every rank's rewards as one process computes them; the
+        log-probabilities of the model as it is (keeps_old) and of the reference (beta). samples: a file that
+        the first prompt's completions are appended to."""
         generations, local = self.num_generations, 0 if batch is None else len(batch.prompts)
-        seed = mx.random.randint(0, 2**31 - 1, ()).item()
         total = int(across_ranks(mx.array(local)).item())
         first = rank_slices(total)[mx.distributed.init().rank()].start  # this rank's first prompt in the batch
-        began = time.perf_counter()
-        prompts = [prompt for prompt in (batch.prompts if batch else []) for _ in range(generations)]
-        completions = utils.generate_batch(  # each row its own seed: a completion is the same whatever rank makes it
-            model, prompts, self.max_completion_length, temp=self.temp, top_p=self.top_p, top_k=0, min_p=0.0,
-            eos_ids={self.tokenizer.eos_token_id}, stop=(), tokenizer=self.tokenizer,
-            seed=[(seed + first * generations + row) % 2**31 for row in range(len(prompts))])
         generated = time.perf_counter()
         texts = [self.tokenizer.decode(completion.tokens, skip_special_tokens=True) for completion in completions]
         table = self.rewards(batch, texts, [list(completion.tokens) for completion in completions])
@@ -1983,7 +1999,7 @@ class GRPO(Objective):
             warnings.simplefilter("ignore", RuntimeWarning)
             numbers = [np.nanmean(rewards), nanstd(rewards)]
             numbers += [value for column in table.T for value in (np.nanmean(column), nanstd(column))]
-        numbers += [zero_std.mean(), lengths.mean(), truncated.mean(), generated - began, rewarded - generated,
+        numbers += [zero_std.mean(), lengths.mean(), truncated.mean(), generation_seconds, rewarded - generated,
                     time.perf_counter() - rewarded]
         share = 1 / mx.distributed.init().size()  # the ranks' shares add up to the batch's numbers
         return GRPOBatch(completions, mx.array(advantages[mine]), old, reference,

@@ -95,8 +95,8 @@ def test_grpo_advantages_loss_and_metrics_equal_trls_grpo_trainer(adapted, tmp_p
     adapters = tree_flatten(model.trainable_parameters())
     model.update(tree_map(lambda weights: 1.5 * weights, model.trainable_parameters()))
     try:
-        batch = objective.rollout(model, next(lora.iterate_batches(rows, len(records), objective=objective,
-                                                                   given=given)), iterations > 1, None)
+        prompts = next(lora.iterate_batches(rows, len(records), objective=objective, given=given))
+        batch = objective.rollout(model, prompts, objective.completions(model, [prompts])[0], 0.0, iterations > 1, None)
         width, longest = batch.sequences.rows.targets.shape[1], max(len(c.tokens) for c in ordered)
         shift, trl_shift = np.zeros(batch.sequences.rows.targets.size, np.float32), np.zeros((len(ordered), longest))
         for r, completion in enumerate(ordered):
@@ -199,6 +199,25 @@ def test_grpo_training_raises_a_reward_the_model_can_learn(tiny_llama, tmp_path,
 
 GRPO_RUN = ["--train-mode", "grpo", "--num-generations", 2, "--batch-size", 4, "--max-completion-length", 6,
             "--max-seq-length", 64, "--lora-layers", 2, "--lora-rank", 4, "--val-batches", 0]
+
+
+def test_a_step_generates_its_accumulated_batches_in_one_call(tiny_llama, tmp_path, capsys, monkeypatch):
+    """With --grad-accumulation-steps, the completions of a step's batches are generated together (TRL's
+    steps_per_generation), and each batch is trained on its own completions."""
+    calls, generate = [], utils.generate_batch
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "generate_batch", counted)
+    monkeypatch.chdir(tmp_path)
+    run_lora(capsys, "--model", tiny_llama, "--data", write_prompts(tmp_path / "prompts", (("train", 8),)), "--train",
+             "--reward-functions", learnable_rewards(tmp_path), *GRPO_RUN, "--grad-accumulation-steps", 3,
+             "--iters", 2, "--learning-rate", 1e-2)
+    assert calls[:2] == [12, 12]  # (then the batch of 4 that checks the adapters before they are saved)
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "1" / "completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 3 * 2 and len({s["prompt"] for s in samples[:6:2]}) == 3
 
 
 @pytest.mark.skipif(not hasattr(utils, "generate_batch"), reason="needs utils.generate_batch")
