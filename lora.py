@@ -222,6 +222,10 @@ def build_parser():
     generation.add_argument("--temp", type=utils.NON_NEGATIVE, default=0.8, help="Sampling temperature (0: greedy).")
     generation.add_argument("--top-p", type=utils.TOP_P, default=1.0,
                             help="Nucleus sampling: keep this probability mass.")
+    generation.add_argument("--top-k", type=utils.NON_NEGATIVE_INT, default=0,
+                            help="Keep the k likeliest tokens (0: all).")
+    generation.add_argument("--min-p", type=utils.flag_type(float, lambda v: 0 <= v < 1, "a number from 0, below 1"),
+                            default=0.0, help="Keep the tokens at least this times as likely as the likeliest (0: all).")
     return p
 
 
@@ -1818,6 +1822,8 @@ class GRPO(Objective):
     num_iterations: int = 1
     temp: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     batch_size: int = 8
     grad_accumulation_steps: int = 1
     formats = ("prompt",)
@@ -1947,7 +1953,7 @@ class GRPO(Objective):
             seeds += [(seed + first * generations + row) % 2**31 for row in range(len(rows))]
             sizes.append(len(rows))
         made = utils.generate_batch(model, prompts, self.max_completion_length, temp=self.temp, top_p=self.top_p,
-                                    top_k=0, min_p=0.0, eos_ids={self.tokenizer.eos_token_id}, stop=(),
+                                    top_k=self.top_k, min_p=self.min_p, eos_ids={self.tokenizer.eos_token_id}, stop=(),
                                     tokenizer=self.tokenizer, seed=seeds)
         return [made[end - size:end] for size, end in zip(sizes, itertools.accumulate(sizes))]
 
@@ -2895,7 +2901,8 @@ def generate(model, tokenizer, config, args):
             printed = text
 
     try:
-        utils.generate_batch(model, [prompt], length, temp=args.temp, top_p=args.top_p, eos_ids=eos, on_token=show)
+        utils.generate_batch(model, [prompt], length, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+                             min_p=args.min_p, eos_ids=eos, on_token=show)
     finally:  # the line ends, however generation ends
         print(tokenizer.decode(tokens)[len(printed):], flush=True)
 
@@ -2963,7 +2970,7 @@ def answer_prompt_file(model, tokenizer, config, args, records):
     for first in tqdm(range(0, len(prompts), GENERATION_BATCH), desc="Generating", disable=None):
         batch = slice(first, first + GENERATION_BATCH)
         completions = utils.generate_batch(model, prompts[batch], lengths[batch], temp=args.temp, top_p=args.top_p,
-                                           eos_ids=eos_ids(tokenizer, config))
+                                           top_k=args.top_k, min_p=args.min_p, eos_ids=eos_ids(tokenizer, config))
         answers += [{**record, "answer": utils.completion_text(completion, tokenizer), "finish": completion.finish}
                     for (_, record), completion in zip(records[batch], completions)]
     out = answers_path(args)

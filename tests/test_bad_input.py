@@ -221,6 +221,8 @@ FLAGS = [
     ("temp-negative", prompt, "--temp", -1, False),
     ("top-p-zero", prompt, "--top-p", 0, True),
     ("top-p-above-one", prompt, "--top-p", 1.5, False),
+    ("top-k-negative", prompt, "--top-k", -1, True),
+    ("min-p-one", prompt, "--min-p", 1, False),
     ("max-tokens-zero", prompt, "--max-tokens", 0, False),
     ("warmup-negative", train, "--warmup", -1, True),
     ("grad-accumulation-steps-zero", train, "--grad-accumulation-steps", 0, False),

@@ -187,3 +187,8 @@ def test_prompt_file_answers_each_line_and_record(chat_model, tmp_path, capsys):
         lines = (tmp_path / answers).read_text().splitlines()
         assert [json.loads(line) for line in lines] == [
             {**r, "answer": utils.completion_text(c, tokenizer), "finish": c.finish} for r, c in zip(records, expected)]
+    greedy = (tmp_path / "prompts.answers.jsonl").read_text()
+    for kept_alone in (["--top-k", 1], ["--min-p", 0.999]):  # sampling that can only pick the likeliest token
+        run_lora(capsys, "--model", chat_model, "--prompt-file", tmp_path / "prompts.txt", "--max-tokens", 6,
+                 "--temp", 1.0, *kept_alone, "--output", tmp_path / "sampled.jsonl")
+        assert (tmp_path / "sampled.jsonl").read_text() == greedy
