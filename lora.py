@@ -225,7 +225,8 @@ def build_parser():
     generation.add_argument("--top-k", type=utils.NON_NEGATIVE_INT, default=0,
                             help="Keep the k likeliest tokens (0: all).")
     generation.add_argument("--min-p", type=utils.flag_type(float, lambda v: 0 <= v < 1, "a number from 0, below 1"),
-                            default=0.0, help="Keep the tokens at least this times as likely as the likeliest (0: all).")
+                            default=0.0,
+                            help="Keep the tokens at least this times as likely as the likeliest (0: all).")
     return p
 
 
