@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -199,6 +200,30 @@ def test_grpo_training_raises_a_reward_the_model_can_learn(tiny_llama, tmp_path,
 
 GRPO_RUN = ["--train-mode", "grpo", "--num-generations", 2, "--batch-size", 4, "--max-completion-length", 6,
             "--max-seq-length", 64, "--lora-layers", 2, "--lora-rank", 4, "--val-batches", 0]
+
+
+def test_packed_completions_give_the_loss_and_gradient_of_padded_ones(adapted, monkeypatch):
+    """--pack lays a batch's completions (prompt and completion each) in one row, attention kept within each:
+    GRPO's loss, its gradient and its metrics are those of the padded rows."""
+    model, _, tokenizer, rewards_file = adapted
+    records = prompt_records(3)
+    objective = lora.GRPO(reward_functions=f"{rewards_file}:by_length,by_first_token", num_generations=GENERATIONS,
+                          max_completion_length=LONGEST, beta=0.0, batch_size=len(records) * GENERATIONS)
+    rows = lora.tokenize(records, tokenizer, True, 256, "train", objective=objective)
+    completions = given_completions([tokens for tokens, _ in rows])
+    monkeypatch.setattr(utils, "generate_batch", lambda model, prompts, *args, **kwargs: [
+        completion for prompt in prompts[::GENERATIONS] for completion in completions[tuple(prompt)]])
+    given = objective.prepare(model, [rows])[0]
+    results = []
+    for pack in (False, True):
+        prompts = next(lora.iterate_batches(rows, len(records), objective=objective, given=given, pack=pack))
+        batch = objective.rollout(model, prompts, objective.completions(model, [prompts])[0], 0.0, False, None)
+        assert (batch.sequences.rows.packing is not None) == pack
+        (loss, _, sums), grads = nn.value_and_grad(model, objective.loss)(model, batch)
+        results.append((loss.item(), np.array(sums), tree_flatten(grads)))
+    (loss, sums, grads), (packed_loss, packed_sums, packed_grads) = results
+    assert packed_loss == pytest.approx(loss, abs=1e-5) and np.allclose(packed_sums, sums, atol=1e-4)
+    assert all(np.allclose(np.array(g), np.array(p), atol=1e-5) for (_, g), (_, p) in zip(grads, packed_grads))
 
 
 def test_a_step_generates_its_accumulated_batches_in_one_call(tiny_llama, tmp_path, capsys, monkeypatch):
