@@ -1114,14 +1114,13 @@ def release_frozen_weights(model, layer):
     return names
 
 
+@contextlib.contextmanager
 def float_copies_on_the_cpu(model):
-    """On the CPU, the quantized layers a training step computes (those from the first trained layer on, and
-    the output layer) replaced by float copies where these take under a tenth of the memory: MLX's CPU
-    dequantizes a quantized weight for each product over many rows (models.dequantizes), single-threaded,
-    which a step then does twice for every such layer (forward, backward). The same numbers; the adapters and
-    the files written are unchanged. On a GPU, QLoRA keeps its weights quantized: memory is what it is for."""
-    if mx.default_device() != mx.cpu:
-        return
+    """Inside, on the CPU, the quantized layers a training step computes (those from the first trained layer on,
+    and the output layer) are float copies, where these take under a tenth of the memory: MLX's CPU dequantizes
+    a quantized weight for each product over many rows (models.dequantizes), single-threaded, which a step then
+    does twice for every such layer (forward, backward). The same numbers; on the way out the quantized layers
+    are back. On a GPU, QLoRA keeps its weights quantized: memory is what it is for."""
     computed = tuple(f"model.layers.{i}." for i in range(first_trained_layer(model), len(model.layers)))
     head = "model.embed_tokens" if model.args.tie_word_embeddings else "lm_head"
 
@@ -1129,11 +1128,17 @@ def float_copies_on_the_cpu(model):
         return path.startswith(computed) or path == head
 
     dtype = model.model[model.args.final_norm].weight.dtype
-    size = sum(m.scales.size * m.group_size * dtype.size for path, m in model.named_modules()
-               if where(path) and hasattr(m, "scales"))
-    if 0 < size <= memory_size() / 10:
-        models.dequantize(model, dtype, where)
-        mx.eval(model.parameters())  # the quantized weights freed
+    quantized = [(path, m) for path, m in model.named_modules() if where(path) and hasattr(m, "scales")]
+    size = sum(m.scales.size * m.group_size * dtype.size for _, m in quantized)
+    if mx.default_device() != mx.cpu or not 0 < size <= memory_size() / 10:
+        yield
+        return
+    models.dequantize(model, dtype, where)
+    mx.eval(model.parameters())
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(quantized))
 
 
 @contextlib.contextmanager
@@ -2318,10 +2323,10 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
     if valid_set and not (config.eval_on_start and first == 1 or evaluations):
         # no validation in this run: the first batch alone is used, the probe before a save (check_before_saving)
         valid_set = valid_set.head(objective.examples_per_batch(config.batch_size), objective.rows_per_example)
-    float_copies_on_the_cpu(model)
     seconds, entered = Counter(), time.perf_counter()
-    with frozen_layers_cached(model, [train_set, valid_set], config, config.iters - first + 1,
-                              config.reload_from) as (train_set, valid_set):
+    copies = float_copies_on_the_cpu(model)
+    with copies, frozen_layers_cached(model, [train_set, valid_set], config, config.iters - first + 1,
+                                      config.reload_from) as (train_set, valid_set):
         seconds["frozen-layer pass"] = time.perf_counter() - entered
         with timed(seconds, "reference pass"):
             given = objective.prepare(model, [train_set, valid_set])  # of the model before training

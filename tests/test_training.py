@@ -1,4 +1,5 @@
 """Optimisation flags (optimizer, schedule, warmup, accumulation, clipping) and --config."""
+import contextlib
 import re
 import time
 
@@ -476,8 +477,9 @@ def test_validation_after_the_first_step_only_when_asked(tiny_llama, data_dir, t
 
 def test_the_cpu_trains_a_quantized_model_on_float_copies_with_the_same_numbers(tiny_llama, data_dir, tmp_path,
                                                                                  capsys, monkeypatch):
-    """On the CPU the quantized layers a step computes become float copies (frozen, as they were), the layers
-    below stay quantized, and training gives the adapters and losses it gives on the quantized layers."""
+    """On the CPU the quantized layers a step computes become float copies while training (frozen, as they were;
+    quantized again after), the layers below stay quantized, and training gives the adapters and losses it gives
+    on the quantized layers."""
     import convert
     import utils
 
@@ -485,7 +487,7 @@ def test_the_cpu_trains_a_quantized_model_on_float_copies_with_the_same_numbers(
                                                        "-q", "--q-group-size", "32"]))
     flags = ["--iters", 3, "--learning-rate", 1e-2, "--lora-layers", 1, "--steps-per-eval", 3]
     copies, out = adapters_after(capsys, tmp_path / "q", data_dir, tmp_path / "a.safetensors", *flags)
-    monkeypatch.setattr(lora, "float_copies_on_the_cpu", lambda model: None)
+    monkeypatch.setattr(lora, "float_copies_on_the_cpu", lambda model: contextlib.nullcontext())
     quantized, again = adapters_after(capsys, tmp_path / "q", data_dir, tmp_path / "b.safetensors", *flags)
     assert all(np.allclose(copies[k], quantized[k], atol=1e-6) for k in copies) and copies.keys() == quantized.keys()
     assert val_losses(out) == pytest.approx(val_losses(again), abs=1e-6)
@@ -493,12 +495,14 @@ def test_the_cpu_trains_a_quantized_model_on_float_copies_with_the_same_numbers(
     model.freeze()
     lora.models.linear_to_lora_layers(model, ["self_attn.q_proj"], 1)
     monkeypatch.undo()
-    lora.float_copies_on_the_cpu(model)
-    last, first = model.layers[-1], model.layers[0]
-    assert isinstance(last.self_attn.q_proj.linear, nn.Linear) and isinstance(last.mlp.up_proj, nn.Linear)
-    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in last.named_modules())
-    assert isinstance(first.mlp.up_proj, nn.QuantizedLinear)
-    assert {k.rsplit(".", 1)[-1] for k, _ in tree_flatten(model.trainable_parameters())} == {"lora_a", "lora_b"}
+    with lora.float_copies_on_the_cpu(model):
+        last, first = model.layers[-1], model.layers[0]
+        assert isinstance(last.self_attn.q_proj.linear, nn.Linear) and isinstance(last.mlp.up_proj, nn.Linear)
+        assert not any(isinstance(m, nn.QuantizedLinear) for _, m in last.named_modules())
+        assert isinstance(first.mlp.up_proj, nn.QuantizedLinear)
+        assert {k.rsplit(".", 1)[-1] for k, _ in tree_flatten(model.trainable_parameters())} == {"lora_a", "lora_b"}
+    assert isinstance(model.layers[-1].self_attn.q_proj.linear, nn.QuantizedLinear)  # back as it was
+    assert isinstance(model.layers[-1].mlp.up_proj, nn.QuantizedLinear)
 
 
 def test_frozen_prefix_of_a_quantized_model(tiny_llama, data_dir):
