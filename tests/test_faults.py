@@ -540,7 +540,10 @@ STOPS = 20  # SIGTERMs at random moments, and a SIGHUP after them
 def the_error_line(running, signum):
     """The one line a run stopped by a signal ends with, "lora.py: error: stopped ...", on its merged output;
     no traceback, the exit status 128 + the signal's number."""
-    status, output = running.finish(timeout=60), running.output()
+    try:  # (generous: on a loaded 2-core machine a run's steps and saves slow down several times)
+        status, output = running.finish(timeout=120), running.output()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 120 s after the signal:\n{running.output()[-3000:]}")
     assert status == 128 + signum, f"status {status}:\n{output[-3000:]}"
     errors = [line for line in output.splitlines() if line.startswith("lora.py: error: ")]
     assert "Traceback" not in output and len(errors) == 1 and output.rstrip().endswith(errors[0]), output[-3000:]
