@@ -1193,10 +1193,9 @@ def state_losses(model, h, targets, scored):
             logits = model.logits(h).astype(mx.float32)
             picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
             return (models.logsumexp(logits) - picked) * scored[i:i + LOSS_CHUNK]
-        return losses if i == chunks[-1] else mx.checkpoint(losses)
+        return losses
 
-    chunks = range(0, h.shape[0], LOSS_CHUNK)
-    return mx.concatenate([chunk_losses(i)(h[i:i + LOSS_CHUNK]) for i in chunks])
+    return models.in_chunks(chunk_losses, h, LOSS_CHUNK)
 
 
 def loss_fn(model, inputs, targets, scored, packing=None):
@@ -1724,11 +1723,9 @@ def completion_logps(model, rows: Batch, temperature):
             picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
             probabilities = mx.exp(logits - normalizer[:, None])
             return picked - normalizer, mx.stop_gradient(normalizer - (probabilities * logits).sum(axis=-1))
-        return logps_and_entropies if i == chunks[-1] else mx.checkpoint(logps_and_entropies)
+        return logps_and_entropies
 
-    chunks = range(0, h.shape[0], LOSS_CHUNK)
-    logps, entropies = zip(*[chunk(i)(h[i:i + LOSS_CHUNK]) for i in chunks])
-    return mx.concatenate(logps), mx.concatenate(entropies)
+    return models.in_chunks(chunk, h, LOSS_CHUNK)
 
 
 def reward_functions(spec):

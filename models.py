@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 # Configuration
@@ -2437,14 +2437,51 @@ class DecoderStack(nn.Module):
         self[args.final_norm] = norm(args)
 
 
+def recomputed(fun):
+    """fun(*arrays) (an array or a tuple of them), keeping none of its activations for the backward pass, where
+    they are computed again once the cotangents reach it: memory for compute. mx.checkpoint's recomputation waits
+    only for the forward's outputs, so that MLX runs every checkpointed function's at the start of the backward
+    pass, all of their activations (and a quantized model's dequantized weights) held at once."""
+    @mx.custom_function
+    def run(*arrays):
+        return fun(*arrays)
+
+    @run.vjp
+    def run_vjp(primals, cotangents, outputs):
+        primals, cotangents = ([*a] if isinstance(a, (list, tuple)) else [a] for a in (primals, cotangents))
+        vjps = mx.vjp(fun, mx.depends(primals, cotangents), cotangents)[1]
+        return tuple(vjps) if len(vjps) > 1 else vjps[0]
+
+    return run
+
+
+def in_chunks(chunk, x, size: int):
+    """x's rows `size` at a time through chunk(i) (a function of the rows from row i on, giving an array, or a
+    tuple of them, of a value a row), each output concatenated; each chunk but the last recomputed in the backward
+    pass (recomputed). A chunk starts once the previous one's output exists, and is recomputed once the next one's
+    gradient does, through a term times zero (so an output that is not finite reaches the next ones): MLX would
+    otherwise run every chunk's largest step (a chunk of logits) at once, and hold them all."""
+    outputs, starts = [], range(0, x.shape[0], size)
+    for i in starts:
+        part = x[i:i + size]
+        if outputs:
+            part = part + (0 * outputs[-1][0][:1]).astype(part.dtype)
+        out = (chunk(i) if i == starts[-1] else recomputed(chunk(i)))(part)
+        outputs.append(out if isinstance(out, tuple) else (out,))
+    joined = tuple(mx.concatenate(parts) for parts in zip(*outputs))
+    return joined if len(joined) > 1 else joined[0]
+
+
 def checkpointed(layer: nn.Module, mask, example_rows):
-    """layer(h, ...) as a function of (its trainable parameters, h) that keeps none of its activations for the
-    backward pass, where they are computed again: memory for compute."""
-    def call(parameters, h):
-        layer.update(parameters)
+    """layer(h, ...) as a function of (h, its trainable parameters' values, in tree_flatten's order) that keeps
+    none of its activations for the backward pass (recomputed)."""
+    names = [name for name, _ in tree_flatten(layer.trainable_parameters())]
+
+    def call(h, *values):
+        layer.update(tree_unflatten(list(zip(names, values))))
         return layer(h, mask, None, example_rows)
 
-    return mx.checkpoint(call)
+    return recomputed(call)
 
 
 @dataclass
@@ -2543,7 +2580,8 @@ class Model(nn.Module):
         caches = cache[start:stop] if cache else [None] * len(kinds)
         for layer, kind, layer_cache in zip(self.layers[start:stop], kinds, caches):
             if self.grad_checkpoint and cache is None:
-                h = checkpointed(layer, masks[kind], example_rows)(layer.trainable_parameters(), h)
+                h = checkpointed(layer, masks[kind], example_rows)(h, *(v for _, v in tree_flatten(
+                    layer.trainable_parameters())))
             else:
                 h = layer(h, masks[kind], layer_cache, example_rows)
         return h
