@@ -107,6 +107,8 @@ def write_fused(args, out):
                         f"adapters alone; fuse them into a GGUF file with --export-gguf instead")
 
     model, tokenizer, config = utils.load(args.model)
+    with utils.naming_flag("--adapter-file"):
+        tokenizer = utils.adapters_tokenizer(adapters, args.adapter_file, model) or tokenizer
     model.freeze()
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):
