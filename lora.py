@@ -3115,7 +3115,8 @@ def run(args, training, adapter_file, examples, generation_tests, answered, prom
             raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than a batch of "
                             f"--batch-size {args.batch_size} ({needed})")
         adapter_config = set_up_training(model, args, scale)
-        if utils.adapts_embeddings(dict(tree_flatten(model.trainable_parameters()))) and mx.distributed.init().rank() == 0:
+        trained = dict(tree_flatten(model.trainable_parameters()))
+        if utils.adapts_embeddings(trained) and mx.distributed.init().rank() == 0:
             utils.save_tokenizer(adapter_file.parent, tokenizer)  # (adapters_tokenizer)
     # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
     # loaded; train() computes the training and validation sets' own

@@ -1958,8 +1958,12 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
         layers.add(model.args.names.module_path(path))
         names = PEFT_EMBEDDING_NAMES if isinstance(lora_layers.get(path), models.LoRAEmbedding) else kind.peft_names
         weights[f"base_model.model.{model.args.names.module_path(path)}.{names[name]}"] = value.T
-    # a tied output layer shares the embedding's adapter: PEFT ties it so (tied_paths)
-    tied = model.args.tie_word_embeddings and any(isinstance(m, models.LoRAEmbedding) for m in lora_layers.values())
+    # a tied output layer shares the embedding's adapter: PEFT ties it so, and saves its lm_head's copy (tied_paths)
+    tied = model.args.tie_word_embeddings and isinstance(lora_layers.get("model.embed_tokens"), models.LoRAEmbedding)
+    if tied:
+        embedding, head = lora_layers["model.embed_tokens"], model.args.names.module_path("lm_head")
+        weights[f"base_model.model.{head}.lora_A.weight"] = embedding.lora_b
+        weights[f"base_model.model.{head}.lora_B.weight"] = embedding.lora_a
     params = adapter_config["lora_parameters"]
     rslora = bool(params.get("use_rslora"))
     config = {
