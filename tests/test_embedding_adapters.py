@@ -75,6 +75,25 @@ def test_our_adapters_give_peft_our_logits_read_back_and_fuse(base, tmp_path):
     assert np.abs(logits(utils.load(str(tmp_path / "fused"))[0], tokens) - expected).max() <= FP32_ATOL
 
 
+@pytest.mark.parametrize("model_type, config", [
+    ("gemma3_text", {"head_dim": 32, "sliding_window": 16}),  # tied; its embedding scaled inside the layer
+    ("mistral3", {"head_dim": 32}),  # a vision-language model: the language model's paths in PEFT's names
+    ("falcon_h1", {"head_dim": 32, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 2,
+                   "mamba_d_conv": 4, "mamba_chunk_size": 16, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5}),
+])
+def test_families_embeddings_give_peft_our_logits(make_checkpoint, tmp_path, model_type, config):
+    """Families whose embedding or output layer is scaled, or named otherwise in transformers."""
+    from peft import PeftModel
+
+    folder, reference = make_checkpoint(model_type, **config)
+    tokens = utils.load(str(folder))[1].encode(PROMPT)
+    expected = logits(random_adapters(folder, tmp_path / "adapters.safetensors"), tokens)
+    assert np.abs(expected - torch_logits(reference, tokens)).max() > 0.1
+    run_fuse("--model", folder, "--adapter-file", tmp_path / "adapters.safetensors", "--export-peft", tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy_of(reference), tmp_path / "peft").eval()
+    assert np.abs(torch_logits(theirs, tokens) - expected).max() <= FP32_ATOL
+
+
 def test_peft_s_own_adapters_load_here(base, tmp_path):
     """Adapters PEFT made (its base_layer copies of the weights saved beside, as save_pretrained does for
     embeddings) give our model PEFT's logits; on a tied model, those PEFT made without ensure_weight_tying (the
