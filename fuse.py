@@ -25,7 +25,8 @@ def build_parser():
     p.add_argument("--adapter-file", type=utils.expanded_path,
                    help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT folder (default "
                         "adapters.safetensors, else adapters.npz: a training run's last adapters; its best are in "
-                        "adapters.best.safetensors).")
+                        "adapters.best.safetensors); adapters of embed_tokens or lm_head bring the tokenizer saved "
+                        "beside them, if any, rather than --model's.")
     p.add_argument("--save-path", type=utils.expanded_path,
                    help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; with an --export flag, none unless "
                         f"given).")

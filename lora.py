@@ -88,7 +88,10 @@ def build_parser():
     lora.add_argument("--lora-targets", nargs="+",
                       help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
                            "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
-                           "Phi-3: self_attn.qkv_proj; Falcon: self_attention.query_key_value). See --list-targets.")
+                           "Phi-3: self_attn.qkv_proj; Falcon: self_attention.query_key_value); also embed_tokens "
+                           "and lm_head, the embedding and output layer (PEFT's names; a tied output layer shares "
+                           "the embedding's adapter, as PEFT's ensure_weight_tying), whose adapters save the "
+                           "tokenizer beside them. See --list-targets.")
     lora.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
     scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
@@ -113,7 +116,8 @@ def build_parser():
     lora.add_argument("--adapter-file", type=utils.expanded_path,
                       help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
                            f"folder; default {DEFAULT_ADAPTER_FILE}: training's last adapters, its best beside them "
-                           f"as adapters.best.safetensors: see --early-stopping-patience).")
+                           f"as adapters.best.safetensors: see --early-stopping-patience). Adapters of embed_tokens "
+                           f"or lm_head use the tokenizer saved beside them, if any, rather than --model's.")
     lora.add_argument("--resume-adapter-file", type=utils.expanded_path,
                       help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
@@ -2999,8 +3003,10 @@ def list_targets(path):
     config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
     model = utils.model_skeleton(config, weights)
     default = models.default_lora_targets(model)
+    tied = ", tied: one adapter adapts both" if model.args.tie_word_embeddings else ""
     print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, with these linear layers "
-          f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
+          f"(input -> output features); --lora-targets takes their paths, last parts or patterns, and embed_tokens "
+          f"and lm_head, the embedding and output layer{tied}:")
     for target, module in models.every_linear_layer(model.layers).items():
         output_dims, input_dims = module.weight.shape[-2:]  # (an expert's, of a stack)
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
