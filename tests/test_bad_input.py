@@ -879,7 +879,8 @@ def embedding_adapters(w, d, new_tokens=0):
     folder = d / "adapters"
     folder.mkdir()
     mx.save_safetensors(str(folder / "adapters.safetensors"),
-                        {"model.embed_tokens.lora_a": mx.zeros((300, 4)), "model.embed_tokens.lora_b": mx.ones((4, 64))})
+                        {"model.embed_tokens.lora_a": mx.zeros((300, 4)),
+                         "model.embed_tokens.lora_b": mx.ones((4, 64))})
     (folder / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 2.0}}))
     tokenizer = AutoTokenizer.from_pretrained(w.model)
     tokenizer.add_tokens([f"<new{i}>" for i in range(new_tokens)])
