@@ -3428,6 +3428,30 @@ class LoRAEmbedding(nn.Module):
         return QuantizedEmbedding.from_embedding(fused, embedding.group_size, embedding.bits) if quantized else fused
 
 
+class DoRAEmbedding(LoRAEmbedding):
+    """PEFT's DoRA of an embedding (DoraEmbeddingLayer): LoRAEmbedding's merged weight W + scale * lora_a @ lora_b
+    with each column (an embedding dimension, over the vocabulary) rescaled to a trainable magnitude m [dims], which
+    starts at ||W||_column, so that an untrained adapter changes nothing; the norm a constant to the gradient, as
+    DoRALinear's. Not for a tied output layer (PEFT gives it magnitudes of its own)."""
+    peft_names = {**LoRAEmbedding.peft_names, "m": "lora_magnitude_vector"}
+
+    @classmethod
+    def from_linear(cls, embedding, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        dora = super().from_linear(embedding, rank, scale, dropout)
+        dora.m = mx.linalg.norm(LoRAEmbedding.merged_weight(dora), axis=0)  # (lora_a zero: the base weight's)
+        return dora
+
+    def __call__(self, ids):
+        h = super().__call__(ids)
+        norm = mx.stop_gradient(mx.linalg.norm(super().merged_weight(), axis=0))
+        return (self.m / norm).astype(h.dtype) * h
+
+    def merged_weight(self):
+        """m / ||W + ΔW||_column * (W + ΔW), in float32."""
+        weight = super().merged_weight()
+        return (self.m / mx.linalg.norm(weight, axis=0)) * weight
+
+
 class ExpertsLoRA(nn.Module):
     """LoRALinear for each expert of an ExpertsLinear (or QuantizedExpertsLinear), the adapters stacked as mlx-lm's
     LoRASwitchLinear stacks them: lora_a [experts, rank, input], lora_b [experts, output, rank]; each row through
@@ -3616,20 +3640,20 @@ def target_paths(model: Model, targets, num_layers: int) -> list:
 
 @dataclass(frozen=True)
 class AdapterKind:
-    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer
-    and the one that wraps a stack of experts' layers and an embedding (None: none; each fuses itself: to_linear); the
-    arrays each adapted layer
-    holds, named here (the first [input, rank]: it says the rank) and in PEFT's files
-    (base_model.model.<layer>.<PEFT's name>, transposed); the fields of PEFT's adapter_config.json that say this
+    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer,
+    the one that wraps a stack of experts' layers and the one that wraps an embedding (each fuses itself:
+    to_linear); the arrays each adapted layer holds, named here (the first [input, rank]: it says the rank) and in
+    PEFT's files (base_model.model.<layer>.<PEFT's name>, transposed; an embedding's, its class's peft_names); the
+    fields of PEFT's adapter_config.json that say this
     kind; the arrays that LoRA+ trains at its higher learning rate (PEFT's create_loraplus_optimizer: lora_B and the
     vectors); and what fuse.py's model card calls it."""
     layer: type
     experts_layer: type
+    embedding_layer: type
     peft_names: dict  # our name: PEFT's
     peft_config: dict
     lora_plus: tuple
     described: str
-    embedding_layer: Optional[type] = None
 
     @property
     def weights(self) -> tuple:
@@ -3637,10 +3661,11 @@ class AdapterKind:
 
 
 ADAPTER_KINDS = {
-    "lora": AdapterKind(LoRALinear, ExpertsLoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
-                        {"use_dora": False}, ("lora_b",), "LoRA adapters", LoRAEmbedding),
-    "dora": AdapterKind(DoRALinear, ExpertsDoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
-                                                  "m": "lora_magnitude_vector"},
+    "lora": AdapterKind(LoRALinear, ExpertsLoRA, LoRAEmbedding, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+                        {"use_dora": False}, ("lora_b",), "LoRA adapters"),
+    "dora": AdapterKind(DoRALinear, ExpertsDoRA, DoRAEmbedding, {"lora_a": "lora_A.weight",
+                                                                 "lora_b": "lora_B.weight",
+                                                                 "m": "lora_magnitude_vector"},
                         {"use_dora": True}, ("lora_b", "m"), "DoRA adapters"),
 }
 
@@ -3650,7 +3675,7 @@ def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: 
     layers of a stack in one of its experts_layer (ExpertsLoRA, ...): for training new adapters and for loading
     saved ones alike."""
     modules = dict(model.named_modules())
-    name, kind, stack_kind = kind, ADAPTER_KINDS[kind].layer, ADAPTER_KINDS[kind].experts_layer
+    adapter = ADAPTER_KINDS[kind]
     wrapped, stacks = [], {}
     for path in paths:
         expert = EXPERT_PATH.fullmatch(path)
@@ -3658,14 +3683,15 @@ def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: 
         if isinstance(modules.get(stack), EXPERT_LAYERS):
             stacks.setdefault(stack, set()).add(int(expert[2]))
         elif isinstance(modules[path], EMBEDDINGS):
-            if ADAPTER_KINDS[name].embedding_layer is None:
-                raise ValueError(f"{path}: {name} adapters of an embedding are not supported here (LoRA's are)")
-            wrapped.append((path, ADAPTER_KINDS[name].embedding_layer.from_linear(modules[path], rank, scale)))
+            if adapter.embedding_layer is DoRAEmbedding and model.args.tie_word_embeddings:
+                raise ValueError(f"{path}: DoRA of an embedding that is the output layer too (tie_word_embeddings) is "
+                                 f"not supported (PEFT gives the output layer magnitudes of its own); use LoRA")
+            wrapped.append((path, adapter.embedding_layer.from_linear(modules[path], rank, scale)))
         else:
-            wrapped.append((path, kind.from_linear(modules[path], rank, scale, dropout)))
+            wrapped.append((path, adapter.layer.from_linear(modules[path], rank, scale, dropout)))
     for stack, experts in stacks.items():
         adapted = None if len(experts) == modules[stack].weight.shape[0] else tuple(sorted(experts))
-        wrapped.append((stack, stack_kind.from_linear(modules[stack], rank, scale, dropout, adapted)))
+        wrapped.append((stack, adapter.experts_layer.from_linear(modules[stack], rank, scale, dropout, adapted)))
     model.update_modules(tree_unflatten(wrapped))
 
 
@@ -3676,8 +3702,7 @@ def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=
 
 def lora_layers(model: nn.Module) -> dict:
     """The adapted layers (of every ADAPTER_KINDS) by path, a stack of experts' by the stack's."""
-    kinds = tuple(layer for k in ADAPTER_KINDS.values() for layer in (k.layer, k.experts_layer, k.embedding_layer)
-                  if layer)
+    kinds = tuple(layer for k in ADAPTER_KINDS.values() for layer in (k.layer, k.experts_layer, k.embedding_layer))
     return {path: m for path, m in model.named_modules() if isinstance(m, kinds)}
 
 

@@ -1655,8 +1655,9 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
 PEFT_NAMES = {ours: theirs for kind in models.ADAPTER_KINDS.values() for ours, theirs in kind.peft_names.items()}
 
 
-# and an embedding's (models.LoRAEmbedding): lora_embedding_A, ...
-PEFT_EMBEDDING_NAMES = models.LoRAEmbedding.peft_names
+# and an embedding's (models.LoRAEmbedding, ...): lora_embedding_A, ...
+PEFT_EMBEDDING_NAMES = {ours: theirs for kind in models.ADAPTER_KINDS.values()
+                        for ours, theirs in kind.embedding_layer.peft_names.items()}
 PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\."
                       rf"({'|'.join(map(re.escape, [*PEFT_NAMES.values(), *PEFT_EMBEDDING_NAMES.values()]))})")
 # the copy of the embedding's and output layer's weights that PEFT saves with their adapters (save_embedding_layers)
@@ -1861,15 +1862,13 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
         if models.adaptable_layer(modules, path) is None:
             raise UserError(f"{adapter_path}: layer {path} " + ("is not a linear layer" if path in modules else
                                                                "does not exist in this model (made for another base?)"))
-        if isinstance(modules[path], models.EMBEDDINGS) and models.ADAPTER_KINDS[kind].embedding_layer is None:
-            raise UserError(f"{adapter_path}: holds {kind} adapters of the embedding {path}, which are not supported "
-                            f"here (LoRA's are)")
         if weights[f"{path}.{ranked}"].ndim != 2:
             raise UserError(f"{adapter_path}: {path}.{ranked} has shape {tuple(weights[f'{path}.{ranked}'].shape)}, "
                             f"not (inputs, rank)")
     params = adapters.config["lora_parameters"]
-    models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
-                            params["dropout"] if dropout is None else dropout, kind)
+    with naming_flag(str(adapter_path)):
+        models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
+                                params["dropout"] if dropout is None else dropout, kind)
     # the adapters as the files hold them: an expert's apart from its stack's
     expected = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
                                          for name in names})

@@ -891,8 +891,9 @@ def embedding_adapters(w, d, new_tokens=0):
 CASES += [
     Case("lora-targets-lm-head-alone-on-a-tied-model", "lora.py",
          lambda w, d: train(w, d, "--lora-targets", "lm_head", model=tied_model(w, d)), "--lora-targets"),
-    Case("fine-tune-type-dora-on-embed-tokens", "lora.py",
-         lambda w, d: train(w, d, "--fine-tune-type", "dora", "--lora-targets", "embed_tokens"), "--fine-tune-type"),
+    Case("fine-tune-type-dora-on-a-tied-embedding", "lora.py",
+         lambda w, d: train(w, d, "--fine-tune-type", "dora", "--lora-targets", "embed_tokens", model=tied_model(w, d)),
+         "--fine-tune-type"),
     Case("adapters-tokenizer-beside-with-new-tokens", "lora.py",
          lambda w, d: lora_test(w, d, embedding_adapters(w, d, new_tokens=400)), "its tokenizer has"),
     Case("adapters-tied-embedding-export-gguf-adapter", "fuse.py",
