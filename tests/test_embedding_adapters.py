@@ -157,13 +157,24 @@ def test_training_lowers_the_loss_saves_the_tokenizer_and_resumes(base, tmp_path
                  tmp_path / "adapters.safetensors")
 
 
-def test_frozen_layers_cached_below_an_output_layer_adapter_alone(tiny_llama):
+def test_frozen_layers_cached_below_an_output_layer_adapter_alone(tiny_llama, data_dir, tmp_path, capsys):
+    """Every decoder layer is frozen below an adapter of the output layer alone: computed once, they train it as
+    computing them at every step does; an adapter of the embedding leaves none frozen."""
     model = utils.load(str(tiny_llama))[0]
     model.freeze()
     models.linear_to_lora_layers(model, ["lm_head"], 1, rank=4)
     assert lora.first_trained_layer(model) == len(model.layers)
     models.linear_to_lora_layers(model, ["embed_tokens"], 1, rank=4)
     assert lora.first_trained_layer(model) == 0
+
+    trained = []
+    for cached in ("--cache-frozen-layers", "--no-cache-frozen-layers"):
+        out = run_lora(capsys, "--model", tiny_llama, "--data", data_dir, "--train", "--iters", 16, "--lora-layers", 2,
+                       "--lora-targets", "lm_head", "--learning-rate", 1e-3, cached,
+                       "--adapter-file", tmp_path / f"{cached}.safetensors")
+        assert ("Computing the frozen layers 0-3 once" in out) == (cached == "--cache-frozen-layers")
+        trained.append(mx.load(str(tmp_path / f"{cached}.safetensors")))
+    assert all(np.allclose(trained[0][k], trained[1][k], atol=1e-5) for k in trained[0])
 
 
 def test_qlora_on_a_quantized_embedding_and_output_layer(tiny_llama, tmp_path, data_dir, capsys):
