@@ -1769,10 +1769,11 @@ def read_peft(folder: Path, config: dict) -> Adapters:
     ours = {theirs: name for names in (PEFT_NAMES, PEFT_EMBEDDING_NAMES) for name, theirs in names.items()}
     weights, base_rows = {}, {}
     for key, value in adapter_weights(path).items():
-        match = PEFT_KEY.fullmatch(key)
-        if PEFT_BASE_KEY.fullmatch(key):  # the base's own, unless the vocabulary was resized (apply_adapters)
-            base_rows[PEFT_BASE_KEY.fullmatch(key)[1]] = value.shape[0]
+        base = PEFT_BASE_KEY.fullmatch(key)
+        if base:  # the base's own, unless the vocabulary was resized (tied_paths)
+            base_rows[base[1]] = value.shape[0]
             continue
+        match = PEFT_KEY.fullmatch(key)
         if match is None:
             raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer or embedding")
         weights[f"{match[1]}.{ours[match[2]]}"] = value.T
@@ -1788,7 +1789,7 @@ def read_peft(folder: Path, config: dict) -> Adapters:
                         f"expected a rank of at least 1 and numbers")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     rslora = {"use_rslora": True} if config.get("use_rslora") else {}
-    # whether an adapter of a tied embedding adapts the output layer too (apply_adapters)
+    # whether an adapter of a tied embedding adapts the output layer too (tied_paths)
     tying = {"ensure_weight_tying": bool(config.get("ensure_weight_tying"))}
     return Adapters(weights, {"base_model": config.get("base_model_name_or_path"), "fine_tune_type": kind,
                               "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, **rslora},
