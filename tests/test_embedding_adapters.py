@@ -115,7 +115,14 @@ def test_peft_s_own_adapters_load_here(base, tmp_path):
     utils.load_adapters(ours, tmp_path / "peft")
     assert isinstance(ours.model.embed_tokens, models.LoRAEmbedding)
     assert np.abs(logits(ours, tokens) - torch_logits(theirs, tokens)).max() <= FP32_ATOL
-    if not tied:
+    if not tied:  # PEFT's copy of a resized embedding (new tokens): refused
+        from safetensors.torch import load_file, save_file
+
+        saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+        saved["base_model.model.model.embed_tokens.base_layer.weight"] = torch.zeros(308, 64)
+        save_file(saved, tmp_path / "peft" / "adapter_model.safetensors")
+        with pytest.raises(UserError, match="made for a vocabulary of 308 tokens"):
+            utils.load_adapters(utils.load(str(folder))[0], tmp_path / "peft")
         return
     for targets, error in ((TARGETS, "without ensure_weight_tying"), (["lm_head"], "adapts lm_head apart")):
         untied = get_peft_model(copy_of(reference), LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
