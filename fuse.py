@@ -25,7 +25,8 @@ def build_parser():
     p.add_argument("--adapter-file", type=utils.expanded_path,
                    help="Adapters: a .safetensors/.npz file, an mlx-lm adapter folder or a PEFT folder (default "
                         "adapters.safetensors, else adapters.npz: a training run's last adapters; its best are in "
-                        "adapters.best.safetensors).")
+                        "adapters.best.safetensors); adapters of embed_tokens or lm_head bring the tokenizer saved "
+                        "beside them, if any, rather than --model's.")
     p.add_argument("--save-path", type=utils.expanded_path,
                    help=f"Folder for the fused model (default {DEFAULT_SAVE_PATH}; with an --export flag, none unless "
                         f"given).")
@@ -107,6 +108,8 @@ def write_fused(args, out):
                         f"adapters alone; fuse them into a GGUF file with --export-gguf instead")
 
     model, tokenizer, config = utils.load(args.model)
+    with utils.naming_flag("--adapter-file"):
+        tokenizer = utils.adapters_tokenizer(adapters, args.adapter_file, model) or tokenizer
     model.freeze()
     if args.export_gguf:
         with utils.naming_flag("--export-gguf"):

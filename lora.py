@@ -88,7 +88,10 @@ def build_parser():
     lora.add_argument("--lora-targets", nargs="+",
                       help="Linear layers inside a decoder layer to adapt: paths, their last parts or patterns, "
                            "e.g. self_attn.q_proj mlp.down_proj 'experts.*.w1' (default: q_proj and v_proj; "
-                           "Phi-3: self_attn.qkv_proj; Falcon: self_attention.query_key_value). See --list-targets.")
+                           "Phi-3: self_attn.qkv_proj; Falcon: self_attention.query_key_value); also embed_tokens "
+                           "and lm_head, the embedding and output layer (PEFT's names; a tied output layer shares "
+                           "the embedding's adapter, as PEFT's ensure_weight_tying), whose adapters save the "
+                           "tokenizer beside them. See --list-targets.")
     lora.add_argument("--lora-rank", type=utils.POSITIVE_INT, default=8, help="Rank of the adapters.")
     scale = lora.add_mutually_exclusive_group()
     scale.add_argument("--lora-scale", type=utils.POSITIVE, default=20.0, help="Scale of the adapter's output.")
@@ -113,7 +116,8 @@ def build_parser():
     lora.add_argument("--adapter-file", type=utils.expanded_path,
                       help=f"Adapter weights to save (.safetensors or .npz) or load (also an mlx-lm or PEFT adapter "
                            f"folder; default {DEFAULT_ADAPTER_FILE}: training's last adapters, its best beside them "
-                           f"as adapters.best.safetensors: see --early-stopping-patience).")
+                           f"as adapters.best.safetensors: see --early-stopping-patience). Adapters of embed_tokens "
+                           f"or lm_head use the tokenizer saved beside them, if any, rather than --model's.")
     lora.add_argument("--resume-adapter-file", type=utils.expanded_path,
                       help="Continue training these adapters (file, mlx-lm or PEFT folder).")
 
@@ -1020,7 +1024,10 @@ def gathered(share, sizes):
 
 
 def first_trained_layer(model):
-    return min(int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+    """The first decoder layer that trains: 0 where the embedding does, past the last where the output layer alone
+    does (the frozen prefix then holds the last layer's output)."""
+    return min(int(name.split(".")[2]) if name.startswith("model.layers.") else
+               len(model.layers) if name.startswith("lm_head.") else 0
                for name, _ in tree_flatten(model.trainable_parameters()))
 
 
@@ -1124,8 +1131,8 @@ def float_copies_on_the_cpu(model):
     computed = tuple(f"model.layers.{i}." for i in range(first_trained_layer(model), len(model.layers)))
     head = "model.embed_tokens" if model.args.tie_word_embeddings else "lm_head"
 
-    def where(path):
-        return path.startswith(computed) or path == head
+    def where(path):  # (the head's base layer where it is adapted: head.linear, head.embedding)
+        return path.startswith(computed) or path == head or path.startswith(head + ".")
 
     dtype = model.model[model.args.final_norm].weight.dtype
     quantized = [(path, m) for path, m in model.named_modules() if where(path) and hasattr(m, "scales")]
@@ -2267,12 +2274,14 @@ def set_up_training(model, args, scale):
                 paths = models.target_paths(model, args.lora_targets or models.default_lora_targets(model),
                                             args.lora_layers)
             check_lora_rank(model, paths, args.lora_rank)
-            models.wrap_lora_layers(model, paths, **params, kind=kind)
+            with utils.naming_flag(f"--fine-tune-type {kind}"):
+                models.wrap_lora_layers(model, paths, **params, kind=kind)
             with utils.naming_flag(f"--init-lora-weights {args.init_lora_weights}"):
                 models.initialise_adapters(models.lora_layers(model), args.init_lora_weights)
             if args.init_lora_weights.startswith(("pissa", "olora")):  # saved as adapters of the original weights
                 params["rank"] *= 2
-    layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())}
+    layers = {name.split(".")[2] for name, _ in tree_flatten(model.trainable_parameters())
+              if name.startswith("model.layers.")}
     # the base as a path from anywhere (check_base_model), or the hub repo id
     base = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
     config = {"base_model": base, "base_model_config": utils.base_model_config(model), "fine_tune_type": kind,
@@ -2280,7 +2289,9 @@ def set_up_training(model, args, scale):
     if kind == "full":
         return config
     adapted = models.per_expert(model, dict(tree_flatten(model.trainable_parameters())))  # each expert's apart
-    keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name in adapted})
+    # a decoder layer's by its path inside the layer, the embedding's and output layer's by PEFT's names
+    keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] if name.startswith("model.layers.") else
+                   name.rsplit(".", 1)[0].removeprefix("model.") for name in adapted})
     return {**config, "lora_parameters": {"rank": params["rank"], "scale": params["scale"],
                                           "dropout": params["dropout"], **({"use_rslora": True} if rslora else {}),
                                           "keys": keys}}
@@ -2291,7 +2302,7 @@ def check_lora_rank(model, paths, rank):
     the layer itself, and a huge one arrays that MLX cannot make (a segfault): refused, naming the layer."""
     modules = dict(model.named_modules())
     for path in paths:
-        layer = models.linear_layer(modules, path)
+        layer = models.adaptable_layer(modules, path)
         outputs, inputs = models.features(layer)
         if rank > max(inputs, outputs):
             raise UserError(f"--lora-rank {rank}: more than both the {inputs} inputs and the {outputs} outputs of "
@@ -2989,8 +3000,10 @@ def list_targets(path):
     config, weights, _ = utils.read_checkpoint(path, "--list-targets", tokenizer=False)
     model = utils.model_skeleton(config, weights)
     default = models.default_lora_targets(model)
+    tied = ", tied: one adapter adapts both" if model.args.tie_word_embeddings else ""
     print(f"{path}: {config['model_type']}, {len(model.layers)} decoder layers, with these linear layers "
-          f"(input -> output features); --lora-targets takes their paths, last parts or patterns:")
+          f"(input -> output features); --lora-targets takes their paths, last parts or patterns, and embed_tokens "
+          f"and lm_head, the embedding and output layer{tied}:")
     for target, module in models.every_linear_layer(model.layers).items():
         output_dims, input_dims = module.weight.shape[-2:]  # (an expert's, of a stack)
         print(f"  {target:40} {input_dims:6} -> {output_dims:<6} {'(default)' if target in default else ''}".rstrip())
@@ -3082,6 +3095,12 @@ def run(args, training, adapter_file, examples, generation_tests, answered, prom
     print(f"Loading pretrained model {args.model}", flush=True)
     began = time.perf_counter()
     model, tokenizer, config = utils.load(args.model)
+    adapted = args.train or adapter_file.exists() or args.adapter_file
+    adapters = None
+    if adapted and not args.train:
+        with utils.naming_flag("--adapter-file"):
+            adapters = utils.read_adapters(adapter_file, scale)
+            tokenizer = utils.adapters_tokenizer(adapters, adapter_file, model) or tokenizer
     seconds = {"loading": time.perf_counter() - began}
     data = {split: tokenize(e, tokenizer, args.add_eos_token, args.max_seq_length, split, args.mask_prompt, objective)
             for split, e in examples.items()}
@@ -3093,13 +3112,15 @@ def run(args, training, adapter_file, examples, generation_tests, answered, prom
         if split in data and batches > 0:
             data[split] = data[split].head(batches * objective.examples_per_batch(args.batch_size), rows)
     model.freeze()
-    adapted = args.train or adapter_file.exists() or args.adapter_file
     if args.train:
         needed = objective.examples_per_batch(args.batch_size)
         if len(data["train"]) < needed * rows:
             raise UserError(f"{examples['train'].path}: {len(data['train']) // rows} examples, fewer than a batch of "
                             f"--batch-size {args.batch_size} ({needed})")
         adapter_config = set_up_training(model, args, scale)
+        trained = dict(tree_flatten(model.trainable_parameters()))
+        if utils.adapts_embeddings(trained) and mx.distributed.init().rank() == 0:
+            utils.save_tokenizer(adapter_file.parent, tokenizer)  # (adapters_tokenizer)
     # a reference is the model as training starts (as TRL's: new adapters change nothing yet), else the model as
     # loaded; train() computes the training and validation sets' own
     test_given = objective.prepare(model, [data["test"]])[0] if args.test else None
@@ -3118,7 +3139,7 @@ def run(args, training, adapter_file, examples, generation_tests, answered, prom
         print("Seconds: " + ", ".join(f"{part} {s:.2f}" for part, s in seconds.items() if s >= 0.005), flush=True)
     elif adapted:
         with utils.naming_flag("--adapter-file"):
-            utils.load_adapters(model, adapter_file, scale, base=args.model)
+            utils.apply_adapters(model, adapters, adapter_file, base=args.model)
     else:
         print(f"No adapter file ({adapter_file}): using the base model.", flush=True)
     model.eval()

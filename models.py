@@ -3331,11 +3331,16 @@ class FalconH1DecoderLayer(nn.Module):
 # LoRA and DoRA
 
 
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
 def features(layer) -> tuple:
     """(output, input) features of a linear layer, or of each expert of a stack, quantized or not (a quantized
-    weight's rows hold their values packed in 32-bit words)."""
+    weight's rows hold their values packed in 32-bit words); of an embedding (a weight of a row a token), its
+    dimensions and its vocabulary."""
     outputs, inputs = layer.weight.shape[-2:]
-    return outputs, inputs * 32 // layer.bits if "scales" in layer else inputs
+    inputs = inputs * 32 // layer.bits if "scales" in layer else inputs
+    return (inputs, outputs) if isinstance(layer, EMBEDDINGS) else (outputs, inputs)
 
 
 class LoRALinear(nn.Module):
@@ -3416,6 +3421,73 @@ class DoRALinear(LoRALinear):
         """m / ||W + ΔW||_row * (W + ΔW), in float32."""
         weight = super().merged_weight()
         return (self.m / mx.linalg.norm(weight, axis=1))[:, None] * weight
+
+
+class LoRAEmbedding(nn.Module):
+    """PEFT's LoRA of an embedding (lora.Embedding): y = embedding(ids) + scale * lora_a[ids] @ lora_b, over a
+    frozen nn.Embedding or nn.QuantizedEmbedding. lora_a [vocabulary, rank] starts at zero and lora_b [rank, dims]
+    normal, as PEFT starts them, so an untrained adapter changes nothing; no dropout, as PEFT's has none. An output
+    layer tied to the embedding (as_linear) uses the adapted weight too, as PEFT's ensure_weight_tying does."""
+    peft_names = {"lora_a": "lora_embedding_A", "lora_b": "lora_embedding_B"}  # PEFT's, transposed
+
+    @classmethod
+    def from_linear(cls, embedding, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        """(named as LoRALinear's, for wrap_lora_layers)"""
+        dims, vocabulary = features(embedding)
+        lora = cls()
+        lora.embedding, lora.scale = embedding, scale
+        lora.lora_a = mx.zeros((vocabulary, rank))
+        lora.lora_b = mx.random.normal((rank, dims))
+        return lora
+
+    def __call__(self, ids):
+        h = self.embedding(ids)
+        return h + self.scale * (self.lora_a[ids] @ self.lora_b).astype(h.dtype)
+
+    def as_linear(self, x):
+        return self.embedding.as_linear(x) + self.scale * ((x @ self.lora_b.T.astype(x.dtype)) @
+                                                           self.lora_a.T.astype(x.dtype))
+
+    def merged_weight(self):
+        """W + scale * lora_a @ lora_b, in float32."""
+        embedding = self.embedding
+        weight = (dequantized_weight(embedding, embedding.scales.dtype) if "scales" in embedding
+                  else embedding.weight)
+        return weight.astype(mx.float32) + self.scale * (self.lora_a @ self.lora_b)
+
+    def to_linear(self):
+        """The merged embedding (merged_weight), re-quantized like the base if it was (named as LoRALinear's, for
+        fuse.py)."""
+        embedding = self.embedding
+        quantized = "scales" in embedding
+        weight = self.merged_weight()
+        fused = nn.Embedding(*weight.shape)
+        fused.weight = weight.astype(embedding.scales.dtype if quantized else embedding.weight.dtype)
+        return QuantizedEmbedding.from_embedding(fused, embedding.group_size, embedding.bits) if quantized else fused
+
+
+class DoRAEmbedding(LoRAEmbedding):
+    """PEFT's DoRA of an embedding (DoraEmbeddingLayer): LoRAEmbedding's merged weight W + scale * lora_a @ lora_b
+    with each column (an embedding dimension, over the vocabulary) rescaled to a trainable magnitude m [dims], which
+    starts at ||W||_column, so that an untrained adapter changes nothing; the norm a constant to the gradient, as
+    DoRALinear's. Not for a tied output layer (PEFT gives it magnitudes of its own)."""
+    peft_names = {**LoRAEmbedding.peft_names, "m": "lora_magnitude_vector"}
+
+    @classmethod
+    def from_linear(cls, embedding, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        dora = super().from_linear(embedding, rank, scale, dropout)
+        dora.m = mx.linalg.norm(LoRAEmbedding.merged_weight(dora), axis=0)  # (lora_a zero: the base weight's)
+        return dora
+
+    def __call__(self, ids):
+        h = super().__call__(ids)
+        norm = mx.stop_gradient(mx.linalg.norm(super().merged_weight(), axis=0))
+        return (self.m / norm).astype(h.dtype) * h
+
+    def merged_weight(self):
+        """m / ||W + ΔW||_column * (W + ΔW), in float32."""
+        weight = super().merged_weight()
+        return (self.m / mx.linalg.norm(weight, axis=0)) * weight
 
 
 class ExpertsLoRA(nn.Module):
@@ -3532,6 +3604,12 @@ def linear_layer(modules: dict, path: str):
     return layer if isinstance(layer, (nn.Linear, nn.QuantizedLinear)) else None
 
 
+def adaptable_layer(modules: dict, path: str):
+    """The layer at `path` among `modules` (named_modules' dict) that adapters can wrap: a linear layer (linear_layer)
+    or an embedding; None if there is none."""
+    return modules[path] if isinstance(modules.get(path), EMBEDDINGS) else linear_layer(modules, path)
+
+
 def default_lora_targets(model: Model) -> list:
     """The family's (Family.lora_targets): the reference's q_proj and v_proj for most."""
     return list(model.args.family.lora_targets)
@@ -3564,30 +3642,52 @@ def every_linear_layer(layers) -> dict:
     return found
 
 
+# The layers outside the decoder layers that take adapters, by the names that target them (PEFT's module names)
+OUTER_TARGETS = {"embed_tokens": "model.embed_tokens", "model.embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+
+
+def outer_paths(model: Model, targets) -> list:
+    """The paths of the embedding and output layer that `targets` name (OUTER_TARGETS), by their exact names. Where
+    the output layer is the embedding's (tie_word_embeddings), an adapter of the embedding is the output layer's too
+    (LoRAEmbedding.as_linear, PEFT's ensure_weight_tying), and lm_head alone, which would adapt the output layer
+    apart, is a ValueError."""
+    paths = sorted({OUTER_TARGETS[t] for t in targets if t in OUTER_TARGETS})
+    if model.args.tie_word_embeddings and "lm_head" in paths:
+        if "model.embed_tokens" not in paths:
+            raise ValueError("lm_head: the model's output layer is its embedding (tie_word_embeddings), which an "
+                             "adapter adapts in both places: target embed_tokens (as PEFT's ensure_weight_tying)")
+        paths.remove("lm_head")
+    return paths
+
+
 def target_paths(model: Model, targets, num_layers: int) -> list:
     """The paths (model.layers.N....) of the linear layers that `targets` name (target_matches) in the last
-    `num_layers` decoder layers (-1: all)."""
+    `num_layers` decoder layers (-1: all), after those of the embedding and output layer they name (outer_paths)."""
     layers = last_layers(model, num_layers)
     choices = list(every_linear_layer(layers))
-    for target in targets:
+    layer_targets = [t for t in targets if t not in OUTER_TARGETS]
+    for target in layer_targets:
         if not any(target_matches(path, target) for path in choices):
-            raise ValueError(f"{target} matches no layer; choices: {', '.join(choices)}")
+            raise ValueError(f"{target} matches no layer; choices: {', '.join(choices + ['embed_tokens', 'lm_head'])}")
     first = len(model.layers) - len(layers)
     # in named_modules' order, the last defined first: the order the adapters draw their random starts in
-    return [f"model.layers.{first + i}.{path}" for i, layer in enumerate(layers)
-            for path in reversed(linear_layers(layer)) if any(target_matches(path, t) for t in targets)]
+    return outer_paths(model, targets) + [
+        f"model.layers.{first + i}.{path}" for i, layer in enumerate(layers)
+        for path in reversed(linear_layers(layer)) if any(target_matches(path, t) for t in layer_targets)]
 
 
 @dataclass(frozen=True)
 class AdapterKind:
-    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer
-    and the one that wraps a stack of experts' layers (each fuses itself: to_linear); the arrays each adapted layer
-    holds, named here (the first [input, rank]: it says the rank) and in PEFT's files
-    (base_model.model.<layer>.<PEFT's name>, transposed); the fields of PEFT's adapter_config.json that say this
+    """An adapter kind (adapter_config.json's fine_tune_type) in one place: the layer that wraps a linear layer,
+    the one that wraps a stack of experts' layers and the one that wraps an embedding (each fuses itself:
+    to_linear); the arrays each adapted layer holds, named here (the first [input, rank]: it says the rank) and in
+    PEFT's files (base_model.model.<layer>.<PEFT's name>, transposed; an embedding's, its class's peft_names); the
+    fields of PEFT's adapter_config.json that say this
     kind; the arrays that LoRA+ trains at its higher learning rate (PEFT's create_loraplus_optimizer: lora_B and the
     vectors); and what fuse.py's model card calls it."""
     layer: type
     experts_layer: type
+    embedding_layer: type
     peft_names: dict  # our name: PEFT's
     peft_config: dict
     lora_plus: tuple
@@ -3599,10 +3699,11 @@ class AdapterKind:
 
 
 ADAPTER_KINDS = {
-    "lora": AdapterKind(LoRALinear, ExpertsLoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+    "lora": AdapterKind(LoRALinear, ExpertsLoRA, LoRAEmbedding, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
                         {"use_dora": False}, ("lora_b",), "LoRA adapters"),
-    "dora": AdapterKind(DoRALinear, ExpertsDoRA, {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
-                                                  "m": "lora_magnitude_vector"},
+    "dora": AdapterKind(DoRALinear, ExpertsDoRA, DoRAEmbedding, {"lora_a": "lora_A.weight",
+                                                                 "lora_b": "lora_B.weight",
+                                                                 "m": "lora_magnitude_vector"},
                         {"use_dora": True}, ("lora_b", "m"), "DoRA adapters"),
 }
 
@@ -3612,18 +3713,23 @@ def wrap_lora_layers(model: nn.Module, paths, rank: int, scale: float, dropout: 
     layers of a stack in one of its experts_layer (ExpertsLoRA, ...): for training new adapters and for loading
     saved ones alike."""
     modules = dict(model.named_modules())
-    kind, stack_kind = ADAPTER_KINDS[kind].layer, ADAPTER_KINDS[kind].experts_layer
+    adapter = ADAPTER_KINDS[kind]
     wrapped, stacks = [], {}
     for path in paths:
         expert = EXPERT_PATH.fullmatch(path)
         stack = f"{expert[1]}.{expert[3]}" if expert else None
         if isinstance(modules.get(stack), EXPERT_LAYERS):
             stacks.setdefault(stack, set()).add(int(expert[2]))
+        elif isinstance(modules[path], EMBEDDINGS):
+            if adapter.embedding_layer is DoRAEmbedding and model.args.tie_word_embeddings:
+                raise ValueError(f"{path}: DoRA of an embedding that is the output layer too (tie_word_embeddings) is "
+                                 f"not supported (PEFT gives the output layer magnitudes of its own); use LoRA")
+            wrapped.append((path, adapter.embedding_layer.from_linear(modules[path], rank, scale)))
         else:
-            wrapped.append((path, kind.from_linear(modules[path], rank, scale, dropout)))
+            wrapped.append((path, adapter.layer.from_linear(modules[path], rank, scale, dropout)))
     for stack, experts in stacks.items():
         adapted = None if len(experts) == modules[stack].weight.shape[0] else tuple(sorted(experts))
-        wrapped.append((stack, stack_kind.from_linear(modules[stack], rank, scale, dropout, adapted)))
+        wrapped.append((stack, adapter.experts_layer.from_linear(modules[stack], rank, scale, dropout, adapted)))
     model.update_modules(tree_unflatten(wrapped))
 
 
@@ -3634,7 +3740,7 @@ def linear_to_lora_layers(model: Model, targets, num_layers: int, rank=8, scale=
 
 def lora_layers(model: nn.Module) -> dict:
     """The adapted layers (of every ADAPTER_KINDS) by path, a stack of experts' by the stack's."""
-    kinds = tuple(k.layer for k in ADAPTER_KINDS.values()) + tuple(k.experts_layer for k in ADAPTER_KINDS.values())
+    kinds = tuple(layer for k in ADAPTER_KINDS.values() for layer in (k.layer, k.experts_layer, k.embedding_layer))
     return {path: m for path, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -3648,7 +3754,7 @@ def initialise_adapters(layers: dict, init: str):
     saving adapters of the original weight (saved_adapters). ValueError for a layer they cannot start: a quantized
     one (its residual would be quantized again; PEFT too asks for a float base), a stack of experts'."""
     for path, layer in layers.items():
-        if init == "default":
+        if init == "default" or init == "gaussian" and isinstance(layer, LoRAEmbedding):  # PEFT's start for both
             continue
         if type(layer) is not LoRALinear:
             raise ValueError(f"{init} starts LoRA adapters of linear layers, not {path}'s ({type(layer).__name__})")

@@ -1514,8 +1514,11 @@ def check_gguf_adapter_export(model: models.Model, adapter_config: dict) -> floa
     architecture has no tensor for, a scale of 0 (llama.cpp reads an alpha of 0 as no scaling). The alpha of the
     adapters that adapter_config describes: llama.cpp scales them by alpha / rank, so our scale times the rank."""
     arch = gguf_arch(model.args)
-    for path in models.lora_layers(model):
+    for path, layer in models.lora_layers(model).items():
         gguf_name(f"{path}.weight", arch)
+        if isinstance(layer, models.LoRAEmbedding) and model.args.tie_word_embeddings:
+            raise UserError(f"{path}: llama.cpp applies an adapter of token_embd to the input alone, not to the output "
+                            f"layer that shares its weight here (tie_word_embeddings): fuse with --export-gguf instead")
     params = adapter_config["lora_parameters"]
     if params["scale"] == 0:
         raise UserError("the adapters' scale is 0: llama.cpp reads their alpha, 0, as none, and scales them by 1")
@@ -1525,7 +1528,8 @@ def check_gguf_adapter_export(model: models.Model, adapter_config: dict) -> floa
 def gguf_adapter_tensors(model: models.Model, arch: models.GGUFArch):
     """(name, numpy array) of each tensor of the model's LoRA adapters as llama.cpp's convert_lora_to_gguf.py
     writes them: for the base's tensor X, X.lora_a [rank, input] and X.lora_b [output, rank] (PEFT's lora_A and
-    lora_B; for a stack of experts [experts, ...], the experts not adapted with zeros), lora_b's rows in the
+    lora_B; for a stack of experts [experts, ...], the experts not adapted with zeros; for token_embd, lora_a
+    [vocabulary, rank], PEFT's lora_embedding_A transposed, as the converter writes it), lora_b's rows in the
     order of the base's (gguf_rows), in float32."""
     import numpy as np
 
@@ -1533,6 +1537,8 @@ def gguf_adapter_tensors(model: models.Model, arch: models.GGUFArch):
         target = gguf_name(f"{path}.weight", arch)
         if isinstance(layer, models.ExpertsLoRA):
             lora_a, lora_b = layer.lora_a, layer.adapted_b()
+        elif isinstance(layer, models.LoRAEmbedding):  # token_embd.lora_a [vocabulary, rank]: llama.cpp takes its rows
+            lora_a, lora_b = layer.lora_a, layer.lora_b.T
         else:
             lora_a, lora_b = layer.lora_a.T, gguf_rows(layer.lora_b.T, target.rsplit(".", 1)[0], model.args, arch)
         yield f"{target}.lora_a", np.array(lora_a.astype(mx.float32))
@@ -1602,6 +1608,35 @@ def adapter_config_path(adapter_file) -> Path:
     return Path(adapter_file).with_name("adapter_config.json")
 
 
+def adapts_embeddings(names) -> bool:
+    """Whether adapters of these weights' names (any model's, PEFT's too) adapt the embedding or the output layer,
+    whose training goes with the tokenizer's tokens: training saves the tokenizer beside them (save_tokenizer)."""
+    return any(name.rsplit(".", 1)[0].endswith(("embed_tokens", "lm_head")) for name in names)
+
+
+def save_tokenizer(folder: Path, tokenizer):
+    """The tokenizer's files, as save_pretrained writes them (tokenizer.json, tokenizer_config.json, the chat
+    template), into `folder`, each replacing its old one whole (staged)."""
+    with staged(folder / "tokenizer.json") as tmp:
+        for path in tokenizer.save_pretrained(tmp):
+            os.replace(path, folder / Path(path).name)
+
+
+def adapters_tokenizer(adapters, adapter_path, model: models.Model):
+    """The tokenizer saved beside adapters of the embedding or output layer (adapts_embeddings: a file's folder, or
+    the adapter folder), used rather than the model's, so that the tokens and chat template they were trained with
+    go with them; None where there is none."""
+    folder = Path(adapter_path) if Path(adapter_path).is_dir() else Path(adapter_path).parent
+    if not adapts_embeddings(adapters.weights) or not (folder / "tokenizer_config.json").exists():
+        return None
+    tokenizer = read_tokenizer(folder)
+    if len(tokenizer) > model.args.vocab_size:
+        raise UserError(f"{folder}: its tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
+                        f"{model.args.vocab_size} (new tokens are not supported)")
+    print(f"Using the tokenizer beside the adapters, in {folder}", flush=True)
+    return tokenizer
+
+
 def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
     """The trainable (LoRA) weights as .safetensors or .npz (by extension), with adapter_config.json beside; a
     stack of experts' per expert (models.per_expert), PiSSA's and OLoRA's of the original weight
@@ -1620,7 +1655,13 @@ def save_adapters(adapter_file, model: nn.Module, adapter_config: dict):
 PEFT_NAMES = {ours: theirs for kind in models.ADAPTER_KINDS.values() for ours, theirs in kind.peft_names.items()}
 
 
-PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\.({'|'.join(map(re.escape, PEFT_NAMES.values()))})")
+# and an embedding's (models.LoRAEmbedding, ...): lora_embedding_A, ...
+PEFT_EMBEDDING_NAMES = {ours: theirs for kind in models.ADAPTER_KINDS.values()
+                        for ours, theirs in kind.embedding_layer.peft_names.items()}
+PEFT_KEY = re.compile(rf"base_model\.model\.(.+)\."
+                      rf"({'|'.join(map(re.escape, [*PEFT_NAMES.values(), *PEFT_EMBEDDING_NAMES.values()]))})")
+# the copy of the embedding's and output layer's weights that PEFT saves with their adapters (save_embedding_layers)
+PEFT_BASE_KEY = re.compile(r"base_model\.model\.(.*(?:embed_tokens|lm_head))\.base_layer\.weight")
 
 
 # mlx-lm's adapter_config.json "fine_tune_type": the weights each kind holds, per layer (none: full weights)
@@ -1725,12 +1766,16 @@ def read_peft(folder: Path, config: dict) -> Adapters:
     if not path.exists():
         raise UserError(f"{folder}: no adapter_model.safetensors (an adapter_model.bin is not read: "
                         f"save it with safe_serialization=True)")
-    ours = {theirs: name for name, theirs in PEFT_NAMES.items()}
-    weights = {}
+    ours = {theirs: name for names in (PEFT_NAMES, PEFT_EMBEDDING_NAMES) for name, theirs in names.items()}
+    weights, base_rows = {}, {}
     for key, value in adapter_weights(path).items():
+        base = PEFT_BASE_KEY.fullmatch(key)
+        if base:  # the base's own, unless the vocabulary was resized (tied_paths)
+            base_rows[base[1]] = value.shape[0]
+            continue
         match = PEFT_KEY.fullmatch(key)
         if match is None:
-            raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer")
+            raise UserError(f"{path}: {key} is not a LoRA or DoRA weight of a linear layer or embedding")
         weights[f"{match[1]}.{ours[match[2]]}"] = value.T
     kind = next((name for name, kind in models.ADAPTER_KINDS.items()
                  if all((config.get(key) or False) == value for key, value in kind.peft_config.items())), None)
@@ -1744,8 +1789,11 @@ def read_peft(folder: Path, config: dict) -> Adapters:
                         f"expected a rank of at least 1 and numbers")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     rslora = {"use_rslora": True} if config.get("use_rslora") else {}
+    # whether an adapter of a tied embedding adapts the output layer too (tied_paths)
+    tying = {"ensure_weight_tying": bool(config.get("ensure_weight_tying"))}
     return Adapters(weights, {"base_model": config.get("base_model_name_or_path"), "fine_tune_type": kind,
-                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, **rslora}})
+                              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, **rslora},
+                              "peft_base_rows": base_rows, **tying})
 
 
 def load_adapters(model: nn.Module, adapter_path, scale=20.0, base=None):
@@ -1810,16 +1858,18 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
     if not paths:
         raise UserError(f"{adapter_path}: holds no {kind} weights ({' / '.join('*.' + n for n in names)})")
     modules = dict(model.named_modules())
+    paths = tied_paths(model, adapters, weights, paths, adapter_path)
     for path in paths:
-        if models.linear_layer(modules, path) is None:
+        if models.adaptable_layer(modules, path) is None:
             raise UserError(f"{adapter_path}: layer {path} " + ("is not a linear layer" if path in modules else
                                                                "does not exist in this model (made for another base?)"))
         if weights[f"{path}.{ranked}"].ndim != 2:
             raise UserError(f"{adapter_path}: {path}.{ranked} has shape {tuple(weights[f'{path}.{ranked}'].shape)}, "
                             f"not (inputs, rank)")
     params = adapters.config["lora_parameters"]
-    models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
-                            params["dropout"] if dropout is None else dropout, kind)
+    with naming_flag(str(adapter_path)):
+        models.wrap_lora_layers(model, paths, params["rank"], params["scale"],
+                                params["dropout"] if dropout is None else dropout, kind)
     # the adapters as the files hold them: an expert's apart from its stack's
     expected = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
                                          for name in names})
@@ -1829,6 +1879,35 @@ def apply_adapters(model: nn.Module, adapters: Adapters, adapter_path, dropout=N
     model.load_weights(list(model.args.names.stacked(weights, model.args.num_local_experts).items()), strict=False)
     mx.eval(model.parameters())
     return model
+
+
+def tied_paths(model: models.Model, adapters: Adapters, weights: dict, paths: list, adapter_path) -> list:
+    """The adapted layers' paths, checked against the model's embedding and output layer: a vocabulary that PEFT
+    saved resized (peft_base_rows) is refused; where the output layer is the embedding (tie_word_embeddings), an
+    adapter of the embedding adapts both (models.LoRAEmbedding): PEFT's without ensure_weight_tying, which adapts
+    the input alone, is refused, and an output layer's adapter is dropped where it is PEFT's tied copy of the
+    embedding's (ensure_weight_tying saves it), else refused."""
+    for path, rows in adapters.config.get("peft_base_rows", {}).items():
+        if rows != model.args.vocab_size:
+            raise UserError(f"{adapter_path}: made for a vocabulary of {rows} tokens (resized), this model's has "
+                            f"{model.args.vocab_size}; new tokens are not supported")
+    if not model.args.tie_word_embeddings:
+        return paths
+    embedding = "model.embed_tokens"
+    if embedding in paths and adapters.config.get("ensure_weight_tying") is False:
+        raise UserError(f"{adapter_path}: PEFT adapted the embedding without ensure_weight_tying on a model whose "
+                        f"output layer is its embedding (tie_word_embeddings), adapting the input alone; here an "
+                        f"embedding's adapter adapts both: save them with ensure_weight_tying=True")
+    if "lm_head" in paths:
+        copied = embedding in paths and all(
+            mx.array_equal(weights[f"lm_head.{a}"], weights[f"{embedding}.{b}"].T).item()
+            for a, b in (("lora_a", "lora_b"), ("lora_b", "lora_a")))
+        if not copied:
+            raise UserError(f"{adapter_path}: adapts lm_head apart from the embedding, but this model's output layer "
+                            f"is its embedding (tie_word_embeddings)")
+        del weights["lm_head.lora_a"], weights["lm_head.lora_b"]
+        paths = [path for path in paths if path != "lm_head"]
+    return paths
 
 
 def load_full_weights(model: nn.Module, weights: dict, adapter_path):
@@ -1870,13 +1949,21 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
     adapter_config.json) that peft.PeftModel.from_pretrained loads on the transformers model of the same base, where
     its layers' paths are theirs (models.CheckpointNames.module_path). rsLoRA's alpha is scale * sqrt(rank)."""
     kind = models.ADAPTER_KINDS[adapter_config["fine_tune_type"]]
-    adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in models.lora_layers(model).items()
+    lora_layers = models.lora_layers(model)
+    adapters = models.per_expert(model, {f"{path}.{name}": m[name] for path, m in lora_layers.items()
                                          for name in kind.weights})
     weights, layers = {}, set()
     for key, value in adapters.items():
         path, name = key.rsplit(".", 1)
         layers.add(model.args.names.module_path(path))
-        weights[f"base_model.model.{model.args.names.module_path(path)}.{kind.peft_names[name]}"] = value.T
+        names = PEFT_EMBEDDING_NAMES if isinstance(lora_layers.get(path), models.LoRAEmbedding) else kind.peft_names
+        weights[f"base_model.model.{model.args.names.module_path(path)}.{names[name]}"] = value.T
+    # a tied output layer shares the embedding's adapter: PEFT ties it so, and saves its lm_head's copy (tied_paths)
+    tied = model.args.tie_word_embeddings and isinstance(lora_layers.get("model.embed_tokens"), models.LoRAEmbedding)
+    if tied:
+        embedding, head = lora_layers["model.embed_tokens"], model.args.names.module_path("lm_head")
+        weights[f"base_model.model.{head}.lora_A.weight"] = embedding.lora_b
+        weights[f"base_model.model.{head}.lora_B.weight"] = embedding.lora_a
     params = adapter_config["lora_parameters"]
     rslora = bool(params.get("use_rslora"))
     config = {
@@ -1886,7 +1973,7 @@ def save_peft(folder, model: nn.Module, base_model: str, adapter_config: dict):
         # the exact layers, listed: PEFT matches a listed name as the whole path or its end, and converts
         # listed experts (experts.N.gate_proj) to transformers 5's stacked ones where it can (not a pattern's)
         "target_modules": sorted(layers),
-        "bias": "none", "fan_in_fan_out": False, **kind.peft_config,
+        "bias": "none", "fan_in_fan_out": False, **kind.peft_config, "ensure_weight_tying": tied,
         "inference_mode": True,
     }
 

@@ -864,7 +864,41 @@ def adapters_of_a_missing_expert(w, d):
     return on_test_set(w, d, model=w.moe, adapter=d / "adapters" / "adapters.safetensors")
 
 
+def tied_model(w, d):
+    """The tiny llama with its output layer tied to its embedding (tie_word_embeddings, its lm_head.weight gone)."""
+    folder = copy(w.model, d / "tied")
+    edit_json(folder / "config.json", lambda c: dict(c, tie_word_embeddings=True))
+    rewrite_weights(folder, lambda weights: weights.pop("lm_head.weight"))
+    return folder
+
+
+def embedding_adapters(w, d, new_tokens=0):
+    """LoRA adapters of the tiny llama's embedding in d/adapters, its tokenizer beside them with new_tokens more."""
+    from transformers import AutoTokenizer
+
+    folder = d / "adapters"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"),
+                        {"model.embed_tokens.lora_a": mx.zeros((300, 4)),
+                         "model.embed_tokens.lora_b": mx.ones((4, 64))})
+    (folder / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 2.0}}))
+    tokenizer = AutoTokenizer.from_pretrained(w.model)
+    tokenizer.add_tokens([f"<new{i}>" for i in range(new_tokens)])
+    tokenizer.save_pretrained(folder)
+    return folder / "adapters.safetensors"
+
+
 CASES += [
+    Case("lora-targets-lm-head-alone-on-a-tied-model", "lora.py",
+         lambda w, d: train(w, d, "--lora-targets", "lm_head", model=tied_model(w, d)), "--lora-targets"),
+    Case("fine-tune-type-dora-on-a-tied-embedding", "lora.py",
+         lambda w, d: train(w, d, "--fine-tune-type", "dora", "--lora-targets", "embed_tokens", model=tied_model(w, d)),
+         "--fine-tune-type"),
+    Case("adapters-tokenizer-beside-with-new-tokens", "lora.py",
+         lambda w, d: lora_test(w, d, embedding_adapters(w, d, new_tokens=400)), "its tokenizer has"),
+    Case("adapters-tied-embedding-export-gguf-adapter", "fuse.py",
+         lambda w, d: export_gguf_adapter(w, d, embedding_adapters(w, d), model=tied_model(w, d)),
+         "--export-gguf-adapter"),
     Case("adapters-of-a-missing-expert", "lora.py", adapters_of_a_missing_expert, "experts.9.w1"),
     Case("adapters-truncated", "lora.py", adapters(lambda f: truncate(f / "adapters.safetensors"), lora_test),
          "adapters.safetensors"),

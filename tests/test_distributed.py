@@ -98,6 +98,8 @@ RECIPES = {
     "frozen-layers-cached": ["--grad-accumulation-steps", 4, "--eval-on-start", "--steps-per-eval", 2,
                              "--val-batches", -1],
     "dora": ["--fine-tune-type", "dora"],
+    # the embedding's adapter's gradient a whole [vocabulary, rank]; the tokenizer saved once, by rank 0
+    "embedding-and-output-layer": ["--lora-targets", "embed_tokens", "lm_head", "q_proj", "--learning-rate", 1e-3],
     "full": ["--fine-tune-type", "full", "--lora-layers", 1, "--learning-rate", 1e-3],
 }
 
