@@ -1,5 +1,5 @@
 """The longest single example a recipe trains on within a memory budget: lora.py's trainer, or with --mlx-lm
-mlx-lm's on the same recipe (LoRA rank 8, scale 20 on q_proj and v_proj of the last 16 layers), trained for three
+mlx-lm's on the same recipe (LoRA rank 8, scale 20 on q_proj and v_proj of the last --num-layers layers), trained for three
 steps at batch 1 on one example of L tokens. L doubles from --start while MLX's peak memory (the trainer's own
 report) stays within --budget-gb, then --bisect probes halve the gap between the longest that fit and the
 shortest that did not. Prints each probe (length, peak memory, tokens/s of the steps after the first, seconds)
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
 
-LAYERS, TARGETS, RANK, SCALE = 16, ["self_attn.q_proj", "self_attn.v_proj"], 8, 20.0
+TARGETS, RANK, SCALE = ["self_attn.q_proj", "self_attn.v_proj"], 8, 20.0
 # mlx_lm.lora with its report in lora.py's words: mlx-lm prints neither the peak memory nor exact tokens/s
 MLX_LM = """import sys
 import mlx_lm.lora as lora
@@ -56,13 +56,13 @@ def command(args, data: Path, length: int, work: Path) -> list:
     both = ["--model", args.model, "--data", str(data), "--train", "--iters", "3", "--batch-size", "1",
             "--max-seq-length", str(length), "--steps-per-report", "1", *args.flags]
     if not args.mlx_lm:
-        return [sys.executable, str(ROOT / "lora.py"), *both, "--lora-layers", str(LAYERS), "--lora-rank", str(RANK),
+        return [sys.executable, str(ROOT / "lora.py"), *both, "--lora-layers", str(args.num_layers), "--lora-rank", str(RANK),
                 "--lora-scale", str(SCALE), "--lora-targets", *TARGETS, "--val-batches", "0",
                 "--adapter-file", str(work / "adapters" / "adapters.safetensors")]
     config = work / "mlx_lm.yaml"
     config.write_text(json.dumps({"lora_parameters": {"keys": TARGETS, "rank": RANK, "scale": SCALE,
                                                       "dropout": 0.0}}))  # JSON is YAML
-    return [sys.executable, "-c", MLX_LM, *both, "-c", str(config), "--num-layers", str(LAYERS),
+    return [sys.executable, "-c", MLX_LM, *both, "-c", str(config), "--num-layers", str(args.num_layers),
             "--steps-per-eval", "100000", "--val-batches", "1", "--save-every", "100000",
             "--adapter-path", str(work / "adapters")]
 
@@ -90,6 +90,7 @@ def build_parser():
     p = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", default=str(ROOT / "data"), help="Its train.jsonl's texts make the long example.")
+    p.add_argument("--num-layers", type=utils.POSITIVE_INT, default=16, help="Layers adapted (the last ones).")
     p.add_argument("--budget-gb", type=utils.POSITIVE, default=24.0)
     p.add_argument("--start", type=utils.POSITIVE_INT, default=4096, help="The first length probed.")
     p.add_argument("--max-length", type=utils.POSITIVE_INT, default=262144, help="No probe beyond it.")

@@ -170,3 +170,37 @@ def test_qwen3_5_shapes_load_here_and_in_mlx_lm(shape, tmp_path, monkeypatch):
     model, tokenizer, _ = utils.load(str(tmp_path / "tiny"))
     tokens = mx.array([tokenizer.encode("SELECT name FROM t WHERE year = 7")])
     assert np.abs(np.array(model(tokens) - mlx_lm.load(str(tmp_path / "tiny"))[0](tokens))).max() < 1e-4
+
+
+@pytest.mark.parametrize("trainer", ["lora.py", "mlx-lm"])
+def test_longest_reads_each_trainers_report(trainer, tiny_llama, tmp_path):
+    """benchmarks/longest.py probes a trainer on one example of the length asked for, reading the peak and the
+    speed from the trainer's own report."""
+    pytest.importorskip("mlx_lm")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "longest.py"), "--model", str(tiny_llama),
+                          "--num-layers", "2", "--start", "32", "--max-length", "32", "--logs", str(tmp_path),
+                          *(["--mlx-lm"] if trainer == "mlx-lm" else [])], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr + run.stdout
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["trainer"] == trainer and (result["longest"], result["shortest_over_budget"]) == (32, None)
+    probe = result["probes"]["32"]
+    assert probe["peak_memory_gb"] >= 0 and probe["tokens_per_second"] > 0
+
+
+def test_longest_searches_the_budget(tiny_llama, monkeypatch, capsys):
+    """Lengths double from --start until a peak passes the budget, then --bisect probes halve the gap (to a
+    multiple of 256)."""
+    import longest
+
+    def probe(command, log):  # a peak of 1 GB per 4096 tokens
+        length = int(command[command.index("--max-seq-length") + 1])
+        return {"peak_memory_gb": length / 4096, "tokens_per_second": 1.0, "seconds": 0.0}
+
+    monkeypatch.setattr(longest, "probe", probe)
+    monkeypatch.setattr(sys, "argv", ["longest.py", "--model", str(tiny_llama), "--start", "4096", "--budget-gb", "5",
+                                      "--bisect", "2"])
+    longest.main()
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # 4096, 8192, 16384 (4 GB), 32768 (8 GB: over); then 24576 (over), 20480 (5 GB: fits)
+    assert list(map(int, result["probes"])) == [4096, 8192, 16384, 20480, 24576, 32768]
+    assert (result["longest"], result["shortest_over_budget"]) == (20480, 24576)

@@ -349,6 +349,31 @@ def test_chunked_loss_is_the_whole_loss(tiny_llama, monkeypatch):
     assert all(np.allclose(grads[k], grads_chunked[k], atol=1e-6) for k in grads)
 
 
+def test_chunks_of_logits_are_held_one_at_a_time():
+    """models.in_chunks runs the loss's chunks of logits one after another, forward and backward: the peak memory
+    of the gradient does not grow with the number of chunks (MLX would otherwise compute every chunk's at once)."""
+    head, vocab, rows = nn.Linear(64, 20_000, bias=False), 20_000, 512
+    mx.eval(head.parameters())
+
+    def peak(chunks):
+        h, targets = mx.random.normal((chunks * rows, 64)), mx.random.randint(0, vocab, (chunks * rows,))
+
+        def chunk(i):
+            def losses(x):
+                logits = head(x).astype(mx.float32)
+                return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[i:i + rows, None], -1)[:, 0]
+            return losses
+
+        mx.eval(h, targets)
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(mx.grad(lambda h: models.in_chunks(chunk, h, rows).sum())(h))
+        return (mx.get_peak_memory() - before) / (rows * vocab * 4)  # in chunks of float32 logits
+
+    assert peak(16) < peak(4) + 1
+
+
 def test_dequantized_products_give_the_quantized_layers_gradient():
     """On the CPU a quantized layer multiplies by its dequantized weight, dequantized again for the backward
     pass: the gradient is that of the float layer with the dequantized weight."""
