@@ -17,11 +17,12 @@ OTHERS = {"--no-deps", "--help", "--metrics", "--profile-from-start", "--backend
 
 def script_flags():
     import bench
+    import longest
     import wallclock
 
     flags = {"--size", "--repeats"}  # benchmarks/blas.py
     for parser in (lora.build_parser(), convert.build_parser(), fuse.build_parser(), bench.build_parser(),
-                   wallclock.build_parser()):
+                   wallclock.build_parser(), longest.build_parser()):
         flags |= {s for action in parser._actions for s in action.option_strings}
     # random_checkpoint.py's and data/wikisql.py's, whose parsers live in their __main__ blocks
     return flags | {"--dtype", "--max-shard-size", "--tokenizer", "--out", "--source", "--num-train", "--num-valid",
