@@ -1202,7 +1202,7 @@ def state_losses(model, h, targets, scored):
             return (models.logsumexp(logits) - picked) * scored[i:i + LOSS_CHUNK]
         return losses
 
-    return models.in_chunks(chunk_losses, h, LOSS_CHUNK)
+    return models.in_chunks(chunk_losses, h, LOSS_CHUNK, model)
 
 
 def loss_fn(model, inputs, targets, scored, packing=None):
@@ -1732,7 +1732,7 @@ def completion_logps(model, rows: Batch, temperature):
             return picked - normalizer, mx.stop_gradient(normalizer - (probabilities * logits).sum(axis=-1))
         return logps_and_entropies
 
-    return models.in_chunks(chunk, h, LOSS_CHUNK)
+    return models.in_chunks(chunk, h, LOSS_CHUNK, model)
 
 
 def reward_functions(spec):

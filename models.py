@@ -2455,18 +2455,28 @@ def recomputed(fun):
     return run
 
 
-def in_chunks(chunk, x, size: int):
+def in_chunks(chunk, x, size: int, model=None):
     """x's rows `size` at a time through chunk(i) (a function of the rows from row i on, giving an array, or a
     tuple of them, of a value a row), each output concatenated; each chunk but the last recomputed in the backward
     pass (recomputed). A chunk starts once the previous one's output exists, and is recomputed once the next one's
     gradient does, through a term times zero (so an output that is not finite reaches the next ones): MLX would
-    otherwise run every chunk's largest step (a chunk of logits) at once, and hold them all."""
+    otherwise run every chunk's largest step (a chunk of logits) at once, and hold them all. The trainable
+    parameters of `model`'s output layer (Model.output_layers), which the chunks read, go through the
+    recomputation as its inputs: a recomputed function gives no gradient to the arrays it reads otherwise."""
+    found = dict(tree_flatten(model.trainable_parameters())) if model is not None else {}
+    names = [name for name in found if name.startswith(model.output_layers())]
     outputs, starts = [], range(0, x.shape[0], size)
     for i in starts:
         part = x[i:i + size]
         if outputs:
             part = part + (0 * outputs[-1][0][:1]).astype(part.dtype)
-        out = (chunk(i) if i == starts[-1] else recomputed(chunk(i)))(part)
+
+        def call(rows, *values, losses=chunk(i)):
+            if values:
+                model.update(tree_unflatten(list(zip(names, values))))
+            return losses(rows)
+
+        out = (call if i == starts[-1] else recomputed(call))(part, *(found[name] for name in names))
         outputs.append(out if isinstance(out, tuple) else (out,))
     joined = tuple(mx.concatenate(parts) for parts in zip(*outputs))
     return joined if len(joined) > 1 else joined[0]
@@ -2585,6 +2595,11 @@ class Model(nn.Module):
             else:
                 h = layer(h, masks[kind], layer_cache, example_rows)
         return h
+
+    def output_layers(self) -> tuple:
+        """The paths (as prefixes of parameter names) of what logits() computes with: the output layer, or the
+        embedding it is tied to and its own bias."""
+        return ("model.embed_tokens.", "lm_head.") if self.args.tie_word_embeddings else ("lm_head.",)
 
     def logits(self, h):
         if self.args.tie_word_embeddings:

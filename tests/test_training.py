@@ -324,14 +324,18 @@ def test_packing_and_sorting_keep_each_tokens_loss(make_checkpoint, model_type, 
     assert padding[0] < padding[1]
 
 
-def test_chunked_loss_is_the_whole_loss(tiny_llama, monkeypatch):
-    """The loss and its gradient from logits computed a chunk of tokens at a time are those of the whole."""
+@pytest.mark.parametrize("tied, targets", [(False, ["q_proj", "v_proj"]), (False, ["v_proj", "lm_head"]),
+                                           (True, ["v_proj", "embed_tokens"])])
+def test_chunked_loss_is_the_whole_loss(tied, targets, make_checkpoint, monkeypatch):
+    """The loss and its gradient from logits computed a chunk of tokens at a time are those of the whole, the
+    gradient of adapters on the output layer (or on the embedding tied to it) too."""
     import utils
 
-    model, _, _ = utils.load(str(tiny_llama))
+    model, _, _ = utils.load(str(make_checkpoint("llama", tie_word_embeddings=tied)[0]))
     model.freeze()
-    lora.models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+    lora.models.linear_to_lora_layers(model, targets, -1, rank=4)
     for layer in models.lora_layers(model).values():
+        layer.lora_a = 0.1 * mx.random.normal(layer.lora_a.shape)
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
     tokens = mx.random.randint(3, 300, (3, 41))
     mask = mx.random.uniform(shape=(3, 40)) > 0.3
