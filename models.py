@@ -2439,9 +2439,9 @@ class DecoderStack(nn.Module):
 
 def recomputed(fun):
     """fun(*arrays) (an array or a tuple of them), keeping none of its activations for the backward pass, where
-    they are computed again once the cotangents reach it: memory for compute. mx.checkpoint's recomputation waits
-    only for the forward's outputs, so that MLX runs every checkpointed function's at the start of the backward
-    pass, all of their activations (and a quantized model's dequantized weights) held at once."""
+    they are computed again once the cotangents reach it (in_chunks: in turn). mx.checkpoint's recomputation waits
+    only for the forward's outputs, so that MLX may run every checkpointed function's at the start of the backward
+    pass, all of their activations held at once."""
     @mx.custom_function
     def run(*arrays):
         return fun(*arrays)
@@ -2483,15 +2483,14 @@ def in_chunks(chunk, x, size: int, model=None):
 
 
 def checkpointed(layer: nn.Module, mask, example_rows):
-    """layer(h, ...) as a function of (h, its trainable parameters' values, in tree_flatten's order) that keeps
-    none of its activations for the backward pass (recomputed)."""
-    names = [name for name, _ in tree_flatten(layer.trainable_parameters())]
-
-    def call(h, *values):
-        layer.update(tree_unflatten(list(zip(names, values))))
+    """layer(h, ...) as a function of (its trainable parameters, h) that keeps none of its activations for the
+    backward pass, where they are computed again: memory for compute. (mx.checkpoint, not recomputed: what flows
+    between some families' layers is more than an array, Gemma 4's.)"""
+    def call(parameters, h):
+        layer.update(parameters)
         return layer(h, mask, None, example_rows)
 
-    return recomputed(call)
+    return mx.checkpoint(call)
 
 
 @dataclass
@@ -2590,8 +2589,7 @@ class Model(nn.Module):
         caches = cache[start:stop] if cache else [None] * len(kinds)
         for layer, kind, layer_cache in zip(self.layers[start:stop], kinds, caches):
             if self.grad_checkpoint and cache is None:
-                h = checkpointed(layer, masks[kind], example_rows)(h, *(v for _, v in tree_flatten(
-                    layer.trainable_parameters())))
+                h = checkpointed(layer, masks[kind], example_rows)(layer.trainable_parameters(), h)
             else:
                 h = layer(h, masks[kind], layer_cache, example_rows)
         return h

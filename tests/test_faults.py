@@ -57,8 +57,11 @@ class Running:
     can wait for a line with a deadline instead of blocking on the pipe."""
 
     def __init__(self, args, cwd):
+        # SIGHUP as a terminal leaves it: under nohup (the tests run in the background) it would stay ignored,
+        # as the scripts leave a signal ignored when they start
         self.proc = subprocess.Popen([str(a) for a in args], cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         self.lines, self.ended = [], threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
