@@ -1129,10 +1129,9 @@ def float_copies_on_the_cpu(model):
     does twice for every such layer (forward, backward). The same numbers; on the way out the quantized layers
     are back. On a GPU, QLoRA keeps its weights quantized: memory is what it is for."""
     computed = tuple(f"model.layers.{i}." for i in range(first_trained_layer(model), len(model.layers)))
-    head = "model.embed_tokens" if model.args.tie_word_embeddings else "lm_head"
 
-    def where(path):  # (the head's base layer where it is adapted: head.linear, head.embedding)
-        return path.startswith(computed) or path == head or path.startswith(head + ".")
+    def where(path):  # (an adapted output layer's base layer too: lm_head.linear, model.embed_tokens.embedding)
+        return path.startswith(computed) or (path + ".").startswith(model.output_layers())
 
     dtype = model.model[model.args.final_norm].weight.dtype
     quantized = [(path, m) for path, m in model.named_modules() if where(path) and hasattr(m, "scales")]
