@@ -165,6 +165,17 @@ def torch_logits(model, tokens):
         return model(torch.tensor([tokens])).logits.float().numpy()
 
 
+def randomized(peft_model, names=("lora_B",)):
+    """peft_model with its parameters whose names hold one of `names` drawn at random (normal, 0.1, seeded):
+    PEFT's untrained adapters change nothing, which a comparison could not tell from adapters ignored."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(n in name for n in names):
+                p.normal_(0, 0.1)
+    return peft_model
+
+
 def copy_of(reference):
     """PEFT wraps the model it is given in place: give it a copy of the shared one (copied whole: building one
     from reference.config fails for Apertus, whose activation reads the config's dtype, a name by then)."""

@@ -5,7 +5,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FP32_ATOL, copy_of, logits, run_fuse, run_lora, torch_logits, val_losses
+from conftest import FP32_ATOL, copy_of, logits, randomized, run_fuse, run_lora, torch_logits, val_losses
 
 import convert
 import lora
@@ -103,13 +103,8 @@ def test_peft_s_own_adapters_load_here(base, tmp_path):
 
     folder, reference, tokens = base
     tied = reference.config.tie_word_embeddings
-    theirs = get_peft_model(copy_of(reference), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                           ensure_weight_tying=tied, task_type="CAUSAL_LM")).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
+    theirs = randomized(get_peft_model(copy_of(reference), LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, ensure_weight_tying=tied, task_type="CAUSAL_LM")).eval(), ["lora_"])
     theirs.save_pretrained(tmp_path / "peft")
     ours = utils.load(str(folder))[0]
     utils.load_adapters(ours, tmp_path / "peft")

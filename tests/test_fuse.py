@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import (ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, mlx_lm_adapter, random_adapter, run_fuse,
-                      run_lora, torch_logits)
+from conftest import (ALL_TARGETS, FP32_ATOL, FakeHub, copy_of, logits, mlx_lm_adapter, random_adapter, randomized,
+                      run_fuse, run_lora, torch_logits)
 from mlx import nn
 
 import convert
@@ -98,12 +98,7 @@ def test_peft_adapters_load_here(base, tmp_path, data_dir, capsys, rslora):
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                               "up_proj", "down_proj"],
                         layers_to_transform=[1, 3], use_rslora=rslora, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    peft_model = randomized(get_peft_model(model, config).eval())
     peft_model.save_pretrained(tmp_path / "peft")
     expected = torch_logits(peft_model, tokens)
 
