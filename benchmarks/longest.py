@@ -104,9 +104,8 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     args.flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with utils.naming_flag("--model"):
+        tokenizer = utils.read_tokenizer(Path(args.model))
     texts = [json.loads(line)["text"] for line in (Path(args.data) / "train.jsonl").open()]
     work = Path(args.logs or tempfile.mkdtemp(prefix="longest-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,11 @@ def test_longest_searches_the_budget(tiny_llama, monkeypatch, capsys):
     # 4096, 8192, 16384 (4 GB), 32768 (8 GB: over); then 24576 (over), 20480 (5 GB: fits)
     assert list(map(int, result["probes"])) == [4096, 8192, 16384, 20480, 24576, 32768]
     assert (result["longest"], result["shortest_over_budget"]) == (20480, 24576)
+
+
+def test_longest_names_a_model_it_cannot_read(tmp_path):
+    """A --model without a tokenizer stops longest.py with one line naming the flag and the folder."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "longest.py"), "--model", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"longest.py: error: --model: {tmp_path / 'none'}: cannot load its tokenizer")
