@@ -148,7 +148,8 @@ def build_parser():
     optimisation.add_argument("--warmup", type=utils.NON_NEGATIVE_INT, default=0,
                               help="Iterations of linear warmup from 0.")
     optimisation.add_argument("--grad-accumulation-steps", type=utils.POSITIVE_INT, default=1,
-                              help="Batches per update: the effective batch is this times --batch-size.")
+                              help="Batches per update: the effective batch is this times --batch-size, in the "
+                                   "memory of one batch.")
     optimisation.add_argument("--max-grad-norm", type=utils.POSITIVE, help="Clip the gradient to this global L2 norm.")
     optimisation.add_argument("--grad-checkpoint", action="store_true",
                               help="Recompute each layer's activations in the backward pass instead of keeping "
@@ -2210,6 +2211,9 @@ def make_step(model, optimizer, config, compiled=None):
         else:
             loss, count, sums, grads = gradient(next(batches))
             for _ in range(config.grad_accumulation_steps - 1):
+                # each batch's gradient computed before the next batch's: MLX would otherwise compute the
+                # batches side by side, and hold all their activations at once
+                mx.async_eval(loss, count, sums, grads)
                 more = gradient(next(batches))
                 loss, count, sums = loss + more[0], count + more[1], sums + more[2]
                 grads = tree_map(mx.add, grads, more[3])

@@ -222,6 +222,35 @@ def test_grad_checkpoint_same_gradients_in_less_memory(make_checkpoint):
     assert peaks[1] < 0.5 * peaks[0], peaks
 
 
+def test_accumulated_batches_take_their_memory_in_turn(make_checkpoint):
+    """--grad-accumulation-steps 4 of 2 rows: the update and loss of one batch of 8, with the activations of 2
+    rows at a time (the batches' gradients computed one after another, not side by side)."""
+    import models
+    import utils
+
+    folder, _ = make_checkpoint("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=12,
+                                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    rows = [(tokens, 0) for tokens in np.random.default_rng(0).integers(3, 300, (8, 257)).tolist()]
+    results = []
+    for accumulated in (1, 4):
+        model, _, _ = utils.load(str(folder))
+        model.freeze()
+        mx.random.seed(0)
+        models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
+        args = lora.training_args(lora.build_parser().parse_args([
+            "--grad-accumulation-steps", str(accumulated), "--batch-size", str(8 // accumulated)]))
+        step = lora.make_step(model, lora.build_optimizer(args), args)
+        size = 8 // accumulated
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        loss = step(lora.make_batch(rows[i:i + size], False) for i in range(0, 8, size))[0].item()
+        results.append((loss, mx.get_peak_memory(), dict(tree_flatten(model.trainable_parameters()))))
+    (loss, peak, weights), (accumulated_loss, accumulated_peak, accumulated_weights) = results
+    assert abs(loss - accumulated_loss) < 1e-5
+    assert all(np.allclose(weights[k], accumulated_weights[k], atol=1e-6) for k in weights)
+    assert accumulated_peak < 0.5 * peak, (accumulated_peak, peak)
+
+
 def test_grad_checkpoint_flag_trains_alike(tiny_llama, data_dir, tmp_path, capsys):
     plain, _ = adapters_after(capsys, tiny_llama, data_dir, tmp_path / "plain.safetensors", "--iters", 4,
                               "--learning-rate", 1e-3)
