@@ -30,7 +30,9 @@ import utils
 from utils import UserError
 
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
-LOSS_CHUNK = 1024  # tokens whose logits exist at once (loss_fn)
+# logits (tokens x vocabulary) computed at once, in float32 128 MiB: a chunk of a 128k vocabulary's is 256 tokens,
+# and a chunk's several float32 arrays of logits (its log-softmax and gradient) stay near a GB whatever the vocabulary
+LOSS_LOGITS = 2**25
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
 GENERATION_BATCH = 32  # prompts generated together (--generate-eval, --prompt-file)
 TEMPLATE_LIMITS = (10.0, 2**28)  # the seconds and bytes of memory a chat template may take for one example
@@ -1190,19 +1192,25 @@ def token_losses(model, inputs, targets, scored, packing=None):
 
 def state_losses(model, h, targets, scored):
     """The cross-entropy of each target (0 where it does not count) from the final normed hidden states h,
-    through float32 logits, flat. The logits (batch x length x vocabulary) never exist whole: LOSS_CHUNK rows
+    through float32 logits, flat. The logits (batch x length x vocabulary) never exist whole: chunk_rows(model)
     at a time, each but the last computed again in the backward pass rather than kept (a batch of one chunk
     computes its logits once)."""
     h, targets, scored = h.reshape(-1, h.shape[-1]), targets.reshape(-1), scored.reshape(-1)
+    size = chunk_rows(model)
 
     def chunk_losses(i):  # of the hidden states alone: the targets are not differentiated
         def losses(h):
             logits = model.logits(h).astype(mx.float32)
-            picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
-            return (models.logsumexp(logits) - picked) * scored[i:i + LOSS_CHUNK]
+            picked = mx.take_along_axis(logits, targets[i:i + size, None], axis=-1)[..., 0]
+            return (models.logsumexp(logits) - picked) * scored[i:i + size]
         return losses
 
-    return models.in_chunks(chunk_losses, h, LOSS_CHUNK, model)
+    return models.in_chunks(chunk_losses, h, size, model)
+
+
+def chunk_rows(model):
+    """The tokens whose logits the loss computes at once (LOSS_LOGITS)."""
+    return max(1, LOSS_LOGITS // model.args.vocab_size)
 
 
 def loss_fn(model, inputs, targets, scored, packing=None):
@@ -1243,7 +1251,7 @@ def reference_logps(model, rows):
                       for batch in batches]
             mx.eval(states)
         for group, batch, h in zip(groups, batches, states):
-            rows_at_once = max(LOSS_CHUNK // h.shape[1], 1)  # one chunk's logits evaluated at a time, not all
+            rows_at_once = max(chunk_rows(model) // h.shape[1], 1)  # one chunk's logits evaluated at a time, not all
             for k in range(0, len(group), rows_at_once):
                 part_rows = slice(k, k + rows_at_once)
                 losses = state_losses(model, model.normed(h[part_rows]), batch.targets[part_rows],
@@ -1719,20 +1727,20 @@ class SimPO(CPO):
 def completion_logps(model, rows: Batch, temperature):
     """Per position of the rows, flat: the log-probability of its target under the model's logits over the
     temperature (as TRL scores completions sampled at that temperature), and the entropy there (no gradient).
-    The logits never exist whole: LOSS_CHUNK rows at a time, as in state_losses."""
+    The logits never exist whole: chunk_rows(model) at a time, as in state_losses."""
     h = model.hidden_states(rows.inputs, packing=rows.packing)
-    h, targets = h.reshape(-1, h.shape[-1]), rows.targets.reshape(-1)
+    h, targets, size = h.reshape(-1, h.shape[-1]), rows.targets.reshape(-1), chunk_rows(model)
 
     def chunk(i):
         def logps_and_entropies(h):
             logits = model.logits(h).astype(mx.float32) / temperature
             normalizer = models.logsumexp(logits)
-            picked = mx.take_along_axis(logits, targets[i:i + LOSS_CHUNK, None], axis=-1)[..., 0]
+            picked = mx.take_along_axis(logits, targets[i:i + size, None], axis=-1)[..., 0]
             probabilities = mx.exp(logits - normalizer[:, None])
             return picked - normalizer, mx.stop_gradient(normalizer - (probabilities * logits).sum(axis=-1))
         return logps_and_entropies
 
-    return models.in_chunks(chunk, h, LOSS_CHUNK, model)
+    return models.in_chunks(chunk, h, size, model)
 
 
 def reward_functions(spec):

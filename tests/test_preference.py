@@ -394,5 +394,5 @@ def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypat
     expected = np.array(logps).reshape(2, -1).T
     assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
     monkeypatch.setattr(lora, "memory_size", lambda: 10 * 4 * model.args.hidden_size * 40)  # 40 positions
-    monkeypatch.setattr(lora, "LOSS_CHUNK", 7)
+    monkeypatch.setattr(lora, "LOSS_LOGITS", 7 * model.args.vocab_size)
     assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
