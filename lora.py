@@ -2460,8 +2460,11 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
             if validated == it:
                 return
             probe, probe_given = (valid_set, given[1]) if len(valid_set) else (train_set, given[0])
+            # an objective that generates probes with its prompts' own loss: adapters that overflow show there
+            # too, and generating a batch's completions can take longer than the run's steps
+            probe_objective = SFT() if objective.generates else objective
             model.eval()
-            probe_loss, _ = evaluate(model, probe, config.batch_size, 1, objective, probe_given)
+            probe_loss, _ = evaluate(model, probe, config.batch_size, 1, probe_objective, probe_given)
             model.train()
             if not math.isfinite(probe_loss):
                 diverged(it, f"the adapters give a loss of {probe_loss} on the first "
