@@ -30,8 +30,9 @@ import utils
 from utils import UserError
 
 DEFAULT_ADAPTER_FILE = "adapters.safetensors"
-# logits (tokens x vocabulary) computed at once, in float32 128 MiB: a chunk of a 128k vocabulary's is 256 tokens,
-# and a chunk's several float32 arrays of logits (its log-softmax and gradient) stay near a GB whatever the vocabulary
+# logits (tokens x vocabulary) computed at once, in float32 128 MiB: a chunk of a 128k vocabulary is 261 tokens, of a
+# 32k one 1,024, so that a chunk's several float32 arrays of logits (its log-softmax, its gradient) take about the
+# same memory whatever the vocabulary
 LOSS_LOGITS = 2**25
 FORWARD_BATCH_TOKENS = 8192  # positions the passes without a gradient compute at once (length_groups)
 GENERATION_BATCH = 32  # prompts generated together (--generate-eval, --prompt-file)
