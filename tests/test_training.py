@@ -233,14 +233,14 @@ def test_accumulated_batches_take_their_memory_in_turn(make_checkpoint):
     rows = [(tokens, 0) for tokens in np.random.default_rng(0).integers(3, 300, (8, 257)).tolist()]
     results = []
     for accumulated in (1, 4):
+        size = 8 // accumulated
         model, _, _ = utils.load(str(folder))
         model.freeze()
         mx.random.seed(0)
         models.linear_to_lora_layers(model, ["q_proj", "v_proj"], -1, rank=4)
         args = lora.training_args(lora.build_parser().parse_args([
-            "--grad-accumulation-steps", str(accumulated), "--batch-size", str(8 // accumulated)]))
+            "--grad-accumulation-steps", str(accumulated), "--batch-size", str(size)]))
         step = lora.make_step(model, lora.build_optimizer(args), args)
-        size = 8 // accumulated
         mx.clear_cache()
         mx.reset_peak_memory()
         loss = step(lora.make_batch(rows[i:i + size], False) for i in range(0, 8, size))[0].item()
