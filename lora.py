@@ -1865,6 +1865,12 @@ class GRPO(Objective):
                             f"{self.num_generations} (it counts completions, as TRL's)")
         object.__setattr__(self, "functions", functions)  # (a frozen dataclass's attribute, not a flag)
 
+    def test_line(self, loss, metrics):
+        """Reported once: each reward function's mean and the completions' lengths beside the usual."""
+        means = [f"rewards/{function.__name__}/mean" for function in self.functions]
+        return "".join(f", {name} {metrics[name]:.3f}" for name in (*self.shown, *means, "completions/mean_length",
+                                                                    "completions/clipped_ratio") if name in metrics)
+
     @property
     def generation_metrics(self):
         """The metrics of a batch's generation, which its every rank knows."""

@@ -3905,15 +3905,31 @@ def permuted(x, index, inverse):
     return gather(x)
 
 
+# The most queries attended at once. MLX 0.32's fused attention on CUDA runs out of memory for 65,536 queries at
+# once, and takes 16,384 against up to 65,536 keys (benchmarks/README.md, "The longest example within 24 GB"); on
+# the CPU a chunk's scores are all that is held.
+ATTENTION_QUERIES = 16384
+
+
 def attention(q, k, v, scale, mask, softcap=None, sinks=None):
     """Scaled dot-product attention with grouped K/V heads; mask: None, "causal", a boolean array, or one added to
     the scaled scores for each head (alibi_mask); the scores soft-capped to softcap * tanh(scores / softcap) if
     softcap (a path MLX has no fused kernel for); sinks: a logit per head that joins each softmax with no value,
-    so that the weights sum to less than 1."""
+    so that the weights sum to less than 1. Queries beyond ATTENTION_QUERIES attend in chunks of that many,
+    causal ones to the keys up to their last."""
+    L, length = q.shape[2], k.shape[2]
+    if L > ATTENTION_QUERIES:
+        parts = []
+        for start in range(0, L, ATTENTION_QUERIES):
+            end = min(start + ATTENTION_QUERIES, L)
+            keys = length - L + end if isinstance(mask, str) else length
+            rows = mask if mask is None or isinstance(mask, str) or mask.shape[-2] == 1 else mask[..., start:end, :]
+            parts.append(attention(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], scale, rows, softcap, sinks))
+        return mx.concatenate(parts, axis=2)
     if mx.default_device() != mx.cpu and softcap is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
-    B, H, L, D = q.shape
-    k_heads, length = k.shape[1], k.shape[2]
+    B, H, _, D = q.shape
+    k_heads = k.shape[1]
     scores = (q.reshape(B, k_heads, H // k_heads, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap

@@ -1,6 +1,7 @@
 """GRPO (--train-mode grpo): the advantages, loss and metrics of given completions against TRL's GRPOTrainer's
 own code, the prompts' rows, and training that raises a reward a tiny model can learn."""
 import json
+import re
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -302,3 +303,18 @@ def test_ready_reward_functions_read_the_answer_after_the_marker():
                    [{"role": "assistant", "content": f"Answer: {sql}"}]]
     assert rewards.exact_answer(completions, answer=[sql] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert rewards.sql_format(completions) == [1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.skipif(not hasattr(utils, "generate_batch"), reason="needs utils.generate_batch")
+def test_grpo_test_reports_each_reward_functions_mean(tiny_llama, tmp_path, capsys):
+    """--test of GRPO prompts samples their completions and reports the reward, each function's mean (the reward
+    their weighted sum) and the completions' lengths."""
+    functions = learnable_rewards(tmp_path)
+    with open(functions.split(":")[0], "a") as file:
+        file.write("def half(completions, **kwargs):\n    return [0.5] * len(completions)\n")
+    out = run_lora(capsys, "--model", tiny_llama, "--data", write_prompts(tmp_path / "prompts", (("test", 4),)),
+                   "--test", "--reward-functions", functions + ",half", "--reward-weights", 1, 2, *GRPO_RUN)
+    numbers = {name: float(value) for name, value in re.findall(r"([\w/]+) (-?\d+\.\d+)", out)}
+    assert numbers["rewards/half/mean"] == 0.5 and 0 < numbers["rewards/low_ids/mean"] < 1, out
+    assert numbers["reward"] == pytest.approx(numbers["rewards/low_ids/mean"] + 1.0, abs=2e-3), out
+    assert 0 < numbers["completions/mean_length"] <= 6, out

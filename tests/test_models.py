@@ -634,3 +634,31 @@ def test_family_config_names_and_defaults_read_as_transformers_reads_them():
         models.ModelArgs.from_config({**tiny, "model_type": "internlm3", "qkv_bias": True, "bias": False})
     with pytest.raises(ValueError, match="sliding_window_pattern"):
         models.ModelArgs.from_config({**tiny, "model_type": "exaone4", "sliding_window_pattern": "LLLG"})
+
+
+@pytest.mark.parametrize("mask", ["causal", None, "boolean", "additive", "padding"])
+def test_attention_in_chunks_of_queries_is_attention_whole(mask, monkeypatch):
+    """Queries beyond models.ATTENTION_QUERIES attend in chunks (causal ones to the keys up to their last): the
+    output and the gradients are those of all the queries at once, on the device and on the CPU, with sinks and
+    a soft cap too; more keys than queries (a cache) too."""
+    B, H, KH, L, KL, D = 2, 4, 2, 11, 14, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.normal(size=(B, h, n, D)).astype(np.float32)) for h, n in ((H, L), (KH, KL), (KH, KL)))
+    masks = {"boolean": mx.array(rng.random((B, 1, L, KL)) < 0.7) | (mx.arange(KL) == 0),
+             "additive": mx.array(rng.normal(size=(B, H, L, KL)).astype(np.float32)),
+             "padding": mx.array(rng.random((B, 1, 1, KL)) < 0.8) | (mx.arange(KL) == 0)}
+    mask = masks.get(mask, mask)
+    sinks = mx.array(rng.normal(size=(H,)).astype(np.float32))
+    for device, softcap in ((mx.default_device(), None), (mx.cpu, 5.0)):
+        def loss(q, k, v):
+            with mx.stream(device):
+                out = models.attention(q, k, v, D ** -0.5, mask, softcap, sinks)
+            return (out * mx.arange(out.size).reshape(out.shape) / out.size).sum(), out
+
+        results = []
+        for queries in (L, 4):
+            monkeypatch.setattr(models, "ATTENTION_QUERIES", queries)
+            (_, out), grads = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+            results.append((out, *grads))
+        for whole, chunked in zip(*results):
+            assert np.allclose(np.array(whole), np.array(chunked), atol=1e-5)
