@@ -1390,8 +1390,9 @@ class Objective:
     def metric_values(self, sums, count) -> dict:
         return dict(zip(self.metrics, (np.asarray(sums[1:]) / count).tolist()))
 
-    def summary(self, metrics) -> str:
-        return "".join(f", {name} {metrics[name]:.3f}" for name in self.shown if name in metrics)
+    def summary(self, metrics, names=None) -> str:
+        """`names` (default: those shown) of the metrics, as a log line shows them."""
+        return "".join(f", {name} {metrics[name]:.3f}" for name in names or self.shown if name in metrics)
 
     def warning(self, metrics):
         """What a report of these training metrics warns of (None: nothing)."""
@@ -1868,8 +1869,7 @@ class GRPO(Objective):
     def test_line(self, loss, metrics):
         """Reported once: each reward function's mean and the completions' lengths beside the usual."""
         means = [f"rewards/{function.__name__}/mean" for function in self.functions]
-        return "".join(f", {name} {metrics[name]:.3f}" for name in (*self.shown, *means, "completions/mean_length",
-                                                                    "completions/clipped_ratio") if name in metrics)
+        return self.summary(metrics, (*self.shown, *means, "completions/mean_length", "completions/clipped_ratio"))
 
     @property
     def generation_metrics(self):
