@@ -33,7 +33,8 @@ import models
 
 def blas_libraries() -> dict:
     """{name: path} of the fast BLAS libraries here that can stand in, preloaded, for the reference BLAS that
-    MLX's Linux wheel links: Intel's MKL from its pip wheel (requirements.txt), Debian's OpenBLAS."""
+    MLX's Linux wheel links: Intel's MKL from its pip wheel (requirements.txt); OpenBLAS, Debian's or else pip's
+    (requirements.txt, through pip_openblas)."""
     import site
 
     found = {}
@@ -41,10 +42,69 @@ def blas_libraries() -> dict:
                  + glob.glob(os.path.join(site.getuserbase(), "lib", "libmkl_rt.so.*")))
     if mkl:
         found["mkl"] = mkl[0]
-    openblas = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
-    if openblas:
+    openblas = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3")) or [pip_openblas()]
+    if openblas[0]:
         found["openblas"] = openblas[0]
     return found
+
+
+# pip's OpenBLAS (the scipy-openblas32 wheel) prefixes its functions' names with scipy_, under which MLX does not
+# find them: it is preloaded through a library of the unprefixed names that MLX calls (its only BLAS calls are
+# these products) and that blas_settings reads, built once with the system's C compiler.
+OPENBLAS_NAMES = r"""
+void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
+void scipy_cblas_dgemm(int, int, int, int, int, int, double, const double *, int, const double *, int, double,
+                       double *, int);
+void scipy_cblas_cgemm(int, int, int, int, int, int, const void *, const void *, int, const void *, int, const void *,
+                       void *, int);
+char *scipy_openblas_get_corename(void);
+
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+    scipy_cblas_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
+                 const double *b, int ldb, double beta, double *c, int ldc) {
+    scipy_cblas_dgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void cblas_cgemm(int order, int ta, int tb, int m, int n, int k, const void *alpha, const void *a, int lda,
+                 const void *b, int ldb, const void *beta, void *c, int ldc) {
+    scipy_cblas_cgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+char *openblas_get_corename(void) { return scipy_openblas_get_corename(); }
+"""
+
+
+def pip_openblas():
+    """The path of a library that gives scipy-openblas32's functions their unprefixed names (OPENBLAS_NAMES),
+    built into the user's cache the first time; None without that wheel, or where it cannot be built."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0]) / "lib"
+    library = folder / "libscipy_openblas.so"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if not library.exists() or compiler is None:
+        return None
+    stat = library.stat()
+    key = hashlib.sha1(f"{library} {stat.st_size} {stat.st_mtime_ns} {OPENBLAS_NAMES}".encode()).hexdigest()[:16]
+    built = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-mlx" / f"openblas-{key}.so"
+    if built.exists():
+        return str(built)
+    try:
+        built.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
+            source, output = Path(tmp) / "names.c", Path(tmp) / built.name
+            source.write_text(OPENBLAS_NAMES)
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(output), f"-L{folder}",
+                            "-lscipy_openblas", f"-Wl,-rpath,{folder}"], check=True, capture_output=True)
+            os.replace(output, built)  # whole or not at all, should another process build it too
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return str(built)
 
 
 def cpu_info() -> tuple:
@@ -114,7 +174,8 @@ def cpu_environment():
     if name is None:
         if not found:
             print("[WARNING] No fast BLAS found: MLX's own runs the CPU's products at a few GFLOP/s, and training "
-                  "is tens of times slower. pip install mkl (or apt-get install libopenblas0-pthread).", flush=True)
+                  "is tens of times slower. pip install mkl scipy-openblas32 (or apt-get install "
+                  "libopenblas0-pthread).", flush=True)
         return env
     return dict(env, LD_PRELOAD=" ".join(filter(None, [found[name], os.environ.get("LD_PRELOAD")])),
                 **blas_settings(name, found[name]))

@@ -4,8 +4,8 @@ competing CPU-bound process, as GFLOP/s: which BLAS lora.py should preload (util
     python benchmarks/blas.py [--size 1024 2048 2048] [--repeats 10]
 
 Each candidate runs in a process of its own (a BLAS is chosen when the process starts): MLX's bundled BLAS,
-Debian's OpenBLAS (apt-get install libopenblas0-pthread) with the kernels it picks itself and with those
-set for it, and Intel's MKL from its pip wheel (pip install mkl).
+OpenBLAS (Debian's, apt-get install libopenblas0-pthread, or else pip's, pip install scipy-openblas32) with the
+kernels it picks itself and with those set for it, and Intel's MKL from its pip wheel (pip install mkl).
 """
 import json
 import multiprocessing

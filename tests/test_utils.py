@@ -1,8 +1,13 @@
 """utils.py: reading weights in threads, loading without PyTorch, GGUF files of each tensor type, the hub,
 sampling."""
 
+import glob
+import importlib.util
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -103,6 +108,30 @@ def test_blas_choice(monkeypatch):
     assert utils.preferred_blas({"openblas": "libblas.so.3"}) == "openblas"
     monkeypatch.setenv("LORA_BLAS", "none")
     assert utils.preferred_blas(found) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy_openblas32") is None or shutil.which("cc") is None
+                    or glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"),
+                    reason="pip's OpenBLAS (scipy-openblas32) or a C compiler missing, or Debian's OpenBLAS first")
+def test_pips_openblas_serves_mlxs_products(tmp_path):
+    """pip's OpenBLAS prefixes its names: the library pip_openblas builds (into the cache, once) gives MLX the
+    unprefixed ones, and a process that chose OpenBLAS computes MLX's products through it, as numpy does."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), LORA_BLAS="openblas")
+    for key in ("LORA_CPU_ENVIRONMENT", "LD_PRELOAD"):
+        env.pop(key, None)
+    code = ("import os, sys, numpy as np, utils; utils.set_up_process(); import mlx.core as mx\n"
+            "a, b = np.random.rand(3, 64, 96).astype(np.float32), np.random.rand(96, 80).astype(np.float32)\n"
+            "product = np.array(mx.array(a) @ mx.array(b))\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(os.environ['LORA_CPU_ENVIRONMENT'], os.environ['LD_PRELOAD'].split()[0],\n"
+            "      'libscipy_openblas' in maps, np.allclose(product, a @ b, rtol=1e-4, atol=1e-4))")
+    for run in range(2):  # built, then found built
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        name, preloaded, mapped, equal = out.stdout.split()
+        assert (name, mapped, equal) == ("openblas", "True", "True")
+        assert Path(preloaded).parent == tmp_path / "lora-mlx" and Path(preloaded).exists()
+    assert len(list((tmp_path / "lora-mlx").iterdir())) == 1  # no second build, nothing left over
 
 
 def test_weights_read_in_threads_are_mx_load_s(tiny_llama, tmp_path):
