@@ -25,7 +25,13 @@ import utils  # noqa: E402
 
 
 def pytest_configure(config):
-    """Re-execute pytest in the environment the scripts use (a fast BLAS), once its output capture is undone."""
+    """Re-execute pytest in the environment the scripts use (a fast BLAS), once its output capture is undone.
+    MKL where it is there, unless LORA_BLAS says otherwise: the tolerances of the comparisons below (two ranks
+    against one process, cached frozen layers against none, PiSSA against PEFT) hold its float32 rounding, and
+    OpenBLAS's differs by up to a few times them (benchmarks/README.md, "Which BLAS"); the preloaded OpenBLAS has
+    a test of its own (test_pips_openblas_serves_mlxs_products)."""
+    if "LORA_BLAS" not in os.environ and "mkl" in utils.blas_libraries():
+        os.environ["LORA_BLAS"] = "mkl"
     utils.set_up_process(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
 
 # On a GPU, MLX runs fp32 matrix products as TF32 (10-bit mantissa): parity there is to about 1e-3 relative,
