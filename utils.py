@@ -48,36 +48,13 @@ def blas_libraries() -> dict:
     return found
 
 
-# pip's OpenBLAS (the scipy-openblas32 wheel) prefixes its functions' names with scipy_, under which MLX does not
-# find them: it is preloaded through a library of the unprefixed names that MLX calls (its only BLAS calls are
-# these products) and that blas_settings reads, built once with the system's C compiler.
-OPENBLAS_NAMES = r"""
-void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
-void scipy_cblas_dgemm(int, int, int, int, int, int, double, const double *, int, const double *, int, double,
-                       double *, int);
-void scipy_cblas_cgemm(int, int, int, int, int, int, const void *, const void *, int, const void *, int, const void *,
-                       void *, int);
-char *scipy_openblas_get_corename(void);
-
-void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
-                 const float *b, int ldb, float beta, float *c, int ldc) {
-    scipy_cblas_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
-                 const double *b, int ldb, double beta, double *c, int ldc) {
-    scipy_cblas_dgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void cblas_cgemm(int order, int ta, int tb, int m, int n, int k, const void *alpha, const void *a, int lda,
-                 const void *b, int ldb, const void *beta, void *c, int ldc) {
-    scipy_cblas_cgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-char *openblas_get_corename(void) { return scipy_openblas_get_corename(); }
-"""
-
-
+# pip's OpenBLAS (the scipy-openblas32 wheel) prefixes its functions' names with scipy_, under which MLX and the
+# LAPACK it links (its SVD, QR, ...) do not find them: it is preloaded through a library that gives every one of
+# them its own name, each a jump to the prefixed one, built once with the system's compiler (x86-64, as pip
+# installs the wheel there alone).
 def pip_openblas():
-    """The path of a library that gives scipy-openblas32's functions their unprefixed names (OPENBLAS_NAMES),
-    built into the user's cache the first time; None without that wheel, or where it cannot be built."""
+    """The path of a library that gives scipy-openblas32's functions their unprefixed names, built into the
+    user's cache the first time; None without that wheel, or where it cannot be built."""
     import hashlib
     import importlib.util
 
@@ -86,20 +63,25 @@ def pip_openblas():
         return None
     folder = Path(spec.submodule_search_locations[0]) / "lib"
     library = folder / "libscipy_openblas.so"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if not library.exists() or compiler is None:
+    compiler, nm = shutil.which(os.environ.get("CC", "cc")), shutil.which("nm")
+    if not library.exists() or compiler is None or nm is None:
         return None
     stat = library.stat()
-    key = hashlib.sha1(f"{library} {stat.st_size} {stat.st_mtime_ns} {OPENBLAS_NAMES}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{library} {stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
     built = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-mlx" / f"openblas-{key}.so"
     if built.exists():
         return str(built)
     try:
+        symbols = subprocess.run([nm, "-D", "--defined-only", str(library)], check=True, capture_output=True,
+                                 text=True).stdout.split("\n")
+        names = [line.split()[2] for line in symbols if line.count(" ") == 2 and line.split()[1] == "T"
+                 and line.split()[2].startswith("scipy_")]
         built.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
-            source, output = Path(tmp) / "names.c", Path(tmp) / built.name
-            source.write_text(OPENBLAS_NAMES)
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(output), f"-L{folder}",
+            source, output = Path(tmp) / "names.s", Path(tmp) / built.name
+            source.write_text("".join(f".globl {name[6:]}\n.type {name[6:]}, @function\n{name[6:]}: jmp {name}@PLT\n"
+                                      for name in names))
+            subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(output), f"-L{folder}",
                             "-lscipy_openblas", f"-Wl,-rpath,{folder}"], check=True, capture_output=True)
             os.replace(output, built)  # whole or not at all, should another process build it too
     except (OSError, subprocess.CalledProcessError):
