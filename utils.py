@@ -68,21 +68,30 @@ def pip_openblas():
         return None
     stat = library.stat()
     key = hashlib.sha1(f"{library} {stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    built = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-mlx" / f"openblas-{key}.so"
-    if built.exists():
-        return str(built)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-mlx"
+
+    def digest(path):
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+
     try:
+        # named by its own digest too: a damaged copy (preloaded, it ended the process with a bus error) is built
+        # again
+        for built in cache.glob(f"openblas-{key}-*.so"):
+            if built.stem.rsplit("-", 1)[1] == digest(built):
+                return str(built)
+            built.unlink(missing_ok=True)
         symbols = subprocess.run([nm, "-D", "--defined-only", str(library)], check=True, capture_output=True,
-                                 text=True).stdout.split("\n")
-        names = [line.split()[2] for line in symbols if line.count(" ") == 2 and line.split()[1] == "T"
-                 and line.split()[2].startswith("scipy_")]
-        built.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
-            source, output = Path(tmp) / "names.s", Path(tmp) / built.name
-            source.write_text("".join(f".globl {name[6:]}\n.type {name[6:]}, @function\n{name[6:]}: jmp {name}@PLT\n"
+                                 text=True).stdout.splitlines()
+        names = [fields[2].removeprefix("scipy_") for fields in map(str.split, symbols)
+                 if len(fields) == 3 and fields[1] == "T" and fields[2].startswith("scipy_")]
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            source, output = Path(tmp) / "names.s", Path(tmp) / "names.so"
+            source.write_text("".join(f".globl {name}\n.type {name}, @function\n{name}: jmp scipy_{name}@PLT\n"
                                       for name in names))
             subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(output), f"-L{folder}",
                             "-lscipy_openblas", f"-Wl,-rpath,{folder}"], check=True, capture_output=True)
+            built = cache / f"openblas-{key}-{digest(output)}.so"
             os.replace(output, built)  # whole or not at all, should another process build it too
     except (OSError, subprocess.CalledProcessError):
         return None
