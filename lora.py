@@ -846,8 +846,13 @@ class Rows(list):
         self.labels = labels
 
     def head(self, examples, rows_per_example):
-        """The rows and labels of the first `examples` examples."""
-        return Rows(self[:examples * rows_per_example], None if self.labels is None else self.labels[:examples])
+        """The rows and labels of the first `examples` examples (all, where there are fewer)."""
+        return self.of(range(min(examples, len(self) // rows_per_example)), rows_per_example)
+
+    def of(self, examples, rows_per_example):
+        """The rows and labels of these examples (their indices)."""
+        return Rows([self[rows_per_example * i + r] for i in examples for r in range(rows_per_example)],
+                    None if self.labels is None else self.labels[np.asarray(examples, int)])
 
 
 def tokenize(examples, tokenizer, add_eos, max_length, name, mask_prompt=False, objective=None):
@@ -996,6 +1001,18 @@ def iterate_batches(dataset, batch_size, train=False, seed=0, start=0, pack=Fals
         if not train:
             return
         epoch, skip = epoch + 1, 0
+
+
+def examples_read(dataset, batch_size, seed, sort, batches, rows_per_example=1):
+    """The examples (their indices, in order) of the first `batches` training batches that iterate_batches
+    gives; None where that is every example."""
+    examples = dataset[::rows_per_example]
+    read, epoch = set(), 0
+    while batches > 0 and len(read) < len(examples):
+        order = batch_order(examples, batch_size, True, seed, epoch, sort)[:batches]
+        read.update(i for batch in order for i in batch)
+        batches, epoch = batches - len(order), epoch + 1
+    return None if len(read) == len(examples) else np.array(sorted(read))
 
 
 def rank_slices(count):
@@ -2354,8 +2371,8 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
     with copies, frozen_layers_cached(model, [train_set, valid_set], config, config.iters - first + 1,
                                       config.reload_from) as (train_set, valid_set):
         seconds["frozen-layer pass"] = time.perf_counter() - entered
-        with timed(seconds, "reference pass"):
-            given = objective.prepare(model, [train_set, valid_set])  # of the model before training
+        with timed(seconds, "reference pass"):  # of the model before training
+            given = prepared(model, objective, train_set, valid_set, config)
         if resumed:
             model.load_weights(list(resumed[1].items()), strict=False)
             optimizer.state = tree_unflatten(list(resumed[2].items()))
@@ -2568,6 +2585,26 @@ def train(model, train_set, valid_set, config, adapter_file, adapter_config):
         left = time.perf_counter()
     seconds["reloading weights"] = time.perf_counter() - left  # those the frozen layers' pass released
     return seconds
+
+
+def prepared(model, objective, train_set, valid_set, config):
+    """What the objective computes before training (Objective.prepare) for the validation set and for the
+    training examples that the run's steps read: a run shorter than an epoch reads fewer, and from iteration 1
+    on even when resumed, so that a resumed run's are the whole run's. Also for the first batch of the file,
+    which a run that validates nothing evaluates before saving (train's check_before_saving). The examples
+    nothing reads get NaN."""
+    k, batch_size = objective.rows_per_example, objective.examples_per_batch(config.batch_size)
+    read = examples_read(train_set, batch_size, config.seed, config.sort_by_length,
+                         objective.data_steps(config.iters) * config.grad_accumulation_steps, k)
+    if read is not None:
+        read = np.union1d(read, np.arange(batch_size))
+    if read is None or len(read) == len(train_set) // k:
+        return objective.prepare(model, [train_set, valid_set])
+    given, valid_given = objective.prepare(model, [train_set.of(read, k), valid_set])
+    if given is not None:
+        given, read_given = np.full((len(train_set) // k, *given.shape[1:]), np.nan, given.dtype), given
+        given[read] = read_given
+    return [given, valid_given]
 
 
 def new_run_folder(runs: Path) -> Path:

@@ -1,5 +1,6 @@
 """Preference tuning (--train-mode dpo / orpo / kto / simpo / cpo): the losses and metrics against TRL's, the
 data formats, and training that makes held-out pairs preferred, over LoRA, DoRA, QLoRA and full fine-tuning."""
+import itertools
 import json
 import re
 from types import SimpleNamespace
@@ -396,3 +397,36 @@ def test_reference_pass_equals_the_model_forward_in_any_parts(adapted, monkeypat
     monkeypatch.setattr(lora, "memory_size", lambda: 10 * 4 * model.args.hidden_size * 40)  # 40 positions
     monkeypatch.setattr(lora, "LOSS_LOGITS", 7 * model.args.vocab_size)
     assert np.allclose(lora.reference_logps(model, rows).reshape(-1, 2), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_examples_read_are_those_of_the_training_batches(sort):
+    """examples_read names the examples of the first N training batches, within an epoch and across epochs
+    (then every one: None); pairs read as one example."""
+    rows = lora.Rows([([i // 2] * (2 + i % 7), 0) for i in range(2 * 30)])  # 30 pairs; a row holds its pair's index
+    for batches in (1, 5, 7, 8, 40):
+        read = lora.examples_read(rows, 4, 3, sort, batches, 2)
+        taken = itertools.islice(lora.iterate_batches(rows, 4, train=True, seed=3, sort=sort,
+                                                      objective=lora.DPO(), given=np.zeros((30, 2))), batches)
+        expected = sorted({int(i) for batch in taken for i in np.array(batch.sequences.rows.inputs[:, 0])})
+        assert (read is None and len(expected) == 30) or read.tolist() == expected
+
+
+@pytest.mark.parametrize("train_mode", ["dpo", "kto"])
+def test_a_run_shorter_than_an_epoch_computes_the_reference_of_its_examples_alone(tiny_llama, tmp_path, capsys,
+                                                                                 monkeypatch, train_mode):
+    """A run that reads fewer examples than the training set holds computes their reference alone (and the
+    first batch's, which it evaluates before saving), and trains as with every example's reference."""
+    data = write_unpaired(tmp_path / "kto") if train_mode == "kto" else write_pairs(tmp_path / "pairs")
+    flags = ["--model", tiny_llama, "--data", data, "--train", "--train-mode", train_mode, "--batch-size", 4,
+             "--iters", 5, "--steps-per-report", 1, "--learning-rate", 2e-3, "--lora-layers", 2, "--val-batches", 0]
+    out = run_lora(capsys, *flags, "--adapter-file", tmp_path / "some" / "adapters.safetensors")
+    computed = int(re.search(r"reference: the log-probabilities of \D+ (\d+)", out).group(1))
+    examples = 128 if train_mode == "kto" else 64  # (write_unpaired: each pair's two responses)
+    assert computed == len(np.union1d(lora.examples_read(list(range(examples)), 4, 0, False, 5), np.arange(4)))
+    assert computed < examples
+    monkeypatch.setattr(lora, "examples_read", lambda *args: None)  # every example's
+    every = run_lora(capsys, *flags, "--adapter-file", tmp_path / "every" / "adapters.safetensors")
+    assert re.search(rf"of \D+ {examples} ", every)
+    losses = [[float(v) for v in re.findall(r"Train loss ([\d.]+)", o)] for o in (out, every)]
+    assert len(losses[0]) == 5 and np.allclose(*losses, atol=1e-5)
