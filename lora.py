@@ -2594,17 +2594,18 @@ def prepared(model, objective, train_set, valid_set, config):
     which a run that validates nothing evaluates before saving (train's check_before_saving). The examples
     nothing reads get NaN."""
     k, batch_size = objective.rows_per_example, objective.examples_per_batch(config.batch_size)
+    examples = len(train_set) // k
     read = examples_read(train_set, batch_size, config.seed, config.sort_by_length,
                          objective.data_steps(config.iters) * config.grad_accumulation_steps, k)
-    if read is not None:
-        read = np.union1d(read, np.arange(batch_size))
-    if read is None or len(read) == len(train_set) // k:
+    read = np.arange(examples) if read is None else np.union1d(read, np.arange(batch_size))
+    if len(read) == examples:
         return objective.prepare(model, [train_set, valid_set])
     given, valid_given = objective.prepare(model, [train_set.of(read, k), valid_set])
-    if given is not None:
-        given, read_given = np.full((len(train_set) // k, *given.shape[1:]), np.nan, given.dtype), given
-        given[read] = read_given
-    return [given, valid_given]
+    if given is None:
+        return [given, valid_given]
+    every = np.full((examples, *given.shape[1:]), np.nan, given.dtype)
+    every[read] = given
+    return [every, valid_given]
 
 
 def new_run_folder(runs: Path) -> Path:
